@@ -1,0 +1,286 @@
+"""Test-only helper: run the official ``sam3==0.1.4`` package on a CPU machine.
+
+The official code is the numerical ground truth for sam3fast. On a machine without a GPU it needs
+three things handled (see ../shared/reference/environment-facts.md):
+
+* PyPI's torchvision is a CUDA build whose ``_C`` fails to load beside CPU torch, so
+  ``import torchvision`` fails with "operator torchvision::nms does not exist". Defining the
+  ``torchvision::nms``/``qnms`` schemas (with a CPU nms kernel) before the first import fixes it;
+  ``roi_align`` then runs its pure-PyTorch fallback.
+* The official code allocates on ``device="cuda"`` in a few places and pins memory on every prompt:
+  :func:`cpu_mode` maps cuda devices to cpu and makes ``.cuda()``/``.pin_memory()`` no-ops.
+* Random init leaves the text encoder's ``positional_embedding``/``text_projection`` uninitialised
+  and makes most heads degenerate: :func:`redraw_` re-draws every parameter with scales that keep
+  the detector numerically stable but make every branch matter.
+
+Nothing here is imported by the ``sam3fast`` package itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Dict
+
+import torch
+import torch.nn as nn
+
+_OFFICIAL = None
+
+
+def _shim_torchvision() -> None:
+    lib = torch.library.Library("torchvision", "FRAGMENT")
+    try:
+        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    except RuntimeError:  # already defined (e.g. a working torchvision build)
+        return
+
+    def _nms_cpu(dets, scores, iou_threshold):
+        order = scores.argsort(descending=True)
+        keep = []
+        suppressed = torch.zeros(len(order), dtype=torch.bool)
+        x1, y1, x2, y2 = dets.unbind(1)
+        areas = (x2 - x1) * (y2 - y1)
+        for i_, i in enumerate(order.tolist()):
+            if suppressed[i_]:
+                continue
+            keep.append(i)
+            rest = order[i_ + 1 :]
+            xx1 = torch.maximum(x1[i], x1[rest])
+            yy1 = torch.maximum(y1[i], y1[rest])
+            xx2 = torch.minimum(x2[i], x2[rest])
+            yy2 = torch.minimum(y2[i], y2[rest])
+            inter = (xx2 - xx1).clamp(min=0) * (yy2 - yy1).clamp(min=0)
+            iou = inter / (areas[i] + areas[rest] - inter)
+            suppressed[i_ + 1 :] |= iou > iou_threshold
+        return torch.tensor(keep, dtype=torch.long)
+
+    lib.impl("nms", _nms_cpu, "CPU")
+    _shim_torchvision.lib = lib  # keep the library object alive
+
+
+def official():
+    """Import and return the official ``sam3`` package (CPU-ready)."""
+    global _OFFICIAL
+    if _OFFICIAL is None:
+        _shim_torchvision()
+        import sam3  # noqa: F401
+        import sam3.model_builder  # noqa: F401
+
+        _OFFICIAL = sam3
+    return _OFFICIAL
+
+
+def _to_cpu_device(dev):
+    if isinstance(dev, torch.device) and dev.type == "cuda":
+        return torch.device("cpu")
+    if isinstance(dev, str) and dev.startswith("cuda"):
+        return "cpu"
+    return dev
+
+
+class _CpuMode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        name = getattr(func, "__name__", "")
+        if name in ("cuda", "pin_memory"):
+            return args[0]
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        if name == "to":
+            args = tuple(_to_cpu_device(a) for a in args)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def cpu_mode():
+    """Run official code that hard-codes CUDA on the CPU (and without torch.compile: torchvision's
+    pure-PyTorch ``roi_align`` fallback compiles itself on first call otherwise, 5-12 s)."""
+    import torch._dynamo
+
+    with _CpuMode(), torch._dynamo.config.patch(disable=True):
+        yield
+
+
+# ----------------------------------------------------------------------------------------------
+# Re-drawn random weights
+
+
+def redraw_(module: nn.Module, seed: int = 0, score_gain: float = 6.0, presence_shift: float = 3.0):
+    """Re-draw every parameter so that every branch of the detector matters, stably.
+
+    Matrices that multiply activations: std 1/sqrt(fan_in); embeddings, queries, tokens and position
+    tables: std 1; norm weights 1 + 0.2 N(0,1); biases and other vectors 0.2 N(0,1). Then spread the
+    query scores (gain on the scoring projection, shift of the presence head's last bias) and smooth
+    transposed-conv kernels (averaging each 2x2 kernel over its taps) so masks are not speckle.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(shape):
+        return torch.randn(shape, generator=g)
+
+    mods = dict(module.named_modules())
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            owner_name, _, leaf = name.rpartition(".")
+            owner = mods.get(owner_name)
+            if p.is_complex():
+                continue
+            if isinstance(owner, (nn.LayerNorm, nn.GroupNorm)) or "norm" in owner_name.split(".")[-1]:
+                if leaf == "weight":
+                    p.copy_(1 + 0.2 * randn(p.shape))
+                else:
+                    p.copy_(0.2 * randn(p.shape))
+            elif p.dim() >= 2 and (
+                isinstance(owner, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.MultiheadAttention))
+                or leaf in ("text_projection", "in_proj_weight")
+            ):
+                if isinstance(owner, nn.ConvTranspose2d):
+                    fan_in = p.shape[0] * p.shape[2] * p.shape[3] // 4  # stride-2 taps: each output sees 1/4
+                    w = randn(p.shape) / math.sqrt(max(fan_in, 1))
+                    w = w.mean(dim=(2, 3), keepdim=True).expand_as(w) * 2.0
+                    p.copy_(w)
+                elif leaf == "text_projection":
+                    p.copy_(randn(p.shape) / math.sqrt(p.shape[0]))
+                else:
+                    fan_in = p[0].numel()
+                    p.copy_(randn(p.shape) / math.sqrt(fan_in))
+            elif p.dim() >= 2:
+                p.copy_(randn(p.shape))
+            else:
+                p.copy_(0.2 * randn(p.shape))
+        for name, p in module.named_parameters():
+            if name.endswith("dot_prod_scoring.hs_proj.weight"):
+                p.mul_(score_gain)
+            if name.endswith("presence_token_head.layers.2.bias"):
+                p.add_(presence_shift)
+    return module
+
+
+def state_dict_cpu(module: nn.Module) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# The official image model at any config size (same constructors as sam3/model_builder.py)
+
+
+def bpe_path() -> str:
+    from sam3fast.model.tokenizer import DEFAULT_BPE_PATH
+
+    return DEFAULT_BPE_PATH
+
+
+def build_official_image_model(cfg, enable_segmentation: bool = True):
+    """Build ``sam3.model.sam3_image.Sam3Image`` exactly as ``model_builder.build_sam3_image_model``
+    does, with the sizes of ``cfg`` (a :class:`sam3fast.config.Sam3Config`). Random weights."""
+    official()
+    from sam3.model.decoder import TransformerDecoder, TransformerDecoderLayer
+    from sam3.model.encoder import TransformerEncoderFusion, TransformerEncoderLayer
+    from sam3.model.geometry_encoders import SequenceGeometryEncoder
+    from sam3.model.maskformer_segmentation import PixelDecoder, UniversalSegmentationHead
+    from sam3.model.model_misc import MLP, DotProductScoring, TransformerWrapper
+    from sam3.model.model_misc import MultiheadAttentionWrapper as MHA
+    from sam3.model.necks import Sam3DualViTDetNeck
+    from sam3.model.position_encoding import PositionEmbeddingSine
+    from sam3.model.sam3_image import Sam3Image
+    from sam3.model.text_encoder_ve import VETextEncoder
+    from sam3.model.tokenizer_ve import SimpleTokenizer
+    from sam3.model.vitdet import ViT
+    from sam3.model.vl_combiner import SAM3VLBackbone
+
+    d, h, ff, v = cfg.d_model, cfg.num_heads, cfg.dim_feedforward, cfg.vit
+
+    def pos_enc(precompute_resolution=None):
+        return PositionEmbeddingSine(
+            num_pos_feats=d, normalize=True, scale=None, temperature=10000,
+            precompute_resolution=precompute_resolution,
+        )
+
+    with cpu_mode():
+        vit = ViT(
+            img_size=v.img_size, pretrain_img_size=v.pretrain_img_size, patch_size=v.patch_size,
+            embed_dim=v.embed_dim, depth=v.depth, num_heads=v.num_heads, mlp_ratio=v.mlp_ratio,
+            norm_layer="LayerNorm", drop_path_rate=0.1, qkv_bias=True, use_abs_pos=True,
+            tile_abs_pos=True, global_att_blocks=v.global_att_blocks, rel_pos_blocks=(),
+            use_rope=True, use_interp_rope=True, window_size=v.window_size,
+            pretrain_use_cls_token=True, retain_cls_token=False, ln_pre=True, ln_post=False,
+            return_interm_layers=False, bias_patch_embed=False, compile_mode=None,
+        )
+        neck = Sam3DualViTDetNeck(
+            position_encoding=pos_enc(precompute_resolution=v.img_size), d_model=d,
+            scale_factors=list(cfg.scale_factors), trunk=vit, add_sam2_neck=False,
+        )
+        t = cfg.text
+        text = VETextEncoder(
+            tokenizer=SimpleTokenizer(bpe_path=bpe_path()), d_model=d, width=t.width,
+            heads=t.heads, layers=t.layers, context_length=t.context_length, vocab_size=t.vocab_size,
+        )
+        backbone = SAM3VLBackbone(visual=neck, text=text, scalp=1)
+        enc_layer = TransformerEncoderLayer(
+            activation="relu", d_model=d, dim_feedforward=ff, dropout=0.1, pos_enc_at_attn=True,
+            pos_enc_at_cross_attn_keys=False, pos_enc_at_cross_attn_queries=False, pre_norm=True,
+            self_attention=MHA(num_heads=h, dropout=0.1, embed_dim=d, batch_first=True),
+            cross_attention=MHA(num_heads=h, dropout=0.1, embed_dim=d, batch_first=True),
+        )
+        encoder = TransformerEncoderFusion(
+            layer=enc_layer, num_layers=cfg.enc_layers, d_model=d, num_feature_levels=1,
+            frozen=False, use_act_checkpoint=True, add_pooled_text_to_img_feat=False,
+            pool_text_with_mask=True,
+        )
+        dec_layer = TransformerDecoderLayer(
+            activation="relu", d_model=d, dim_feedforward=ff, dropout=0.1,
+            cross_attention=MHA(num_heads=h, dropout=0.1, embed_dim=d), n_heads=h,
+            use_text_cross_attention=True,
+        )
+        decoder = TransformerDecoder(
+            layer=dec_layer, num_layers=cfg.dec_layers, num_queries=cfg.num_queries,
+            return_intermediate=True, box_refine=True, num_o2m_queries=0, dac=True, boxRPB="log",
+            d_model=d, frozen=False, interaction_layer=None, dac_use_selfatt_ln=True,
+            resolution=v.img_size, stride=v.patch_size, use_act_checkpoint=True, presence_token=True,
+        )
+        transformer = TransformerWrapper(encoder=encoder, decoder=decoder, d_model=d)
+        scoring = DotProductScoring(
+            d_model=d, d_proj=d,
+            prompt_mlp=MLP(
+                input_dim=d, hidden_dim=cfg.scoring_hidden, output_dim=d, num_layers=2,
+                dropout=0.1, residual=True, out_norm=nn.LayerNorm(d),
+            ),
+        )
+        seg = None
+        if enable_segmentation:
+            seg = UniversalSegmentationHead(
+                hidden_dim=d, upsampling_stages=cfg.seg_upsampling_stages, aux_masks=False,
+                presence_head=False, dot_product_scorer=None, act_ckpt=True,
+                cross_attend_prompt=MHA(num_heads=h, dropout=0, embed_dim=d),
+                pixel_decoder=PixelDecoder(
+                    num_upsampling_stages=cfg.seg_upsampling_stages, interpolation_mode="nearest",
+                    hidden_dim=d, compile_mode=None,
+                ),
+            )
+        geo_layer = TransformerEncoderLayer(
+            activation="relu", d_model=d, dim_feedforward=ff, dropout=0.1, pos_enc_at_attn=False,
+            pre_norm=True,
+            self_attention=MHA(num_heads=h, dropout=0.1, embed_dim=d, batch_first=False),
+            pos_enc_at_cross_attn_queries=False, pos_enc_at_cross_attn_keys=True,
+            cross_attention=MHA(num_heads=h, dropout=0.1, embed_dim=d, batch_first=False),
+        )
+        geo = SequenceGeometryEncoder(
+            pos_enc=pos_enc(), encode_boxes_as_points=False, points_direct_project=True,
+            points_pool=True, points_pos_enc=True, boxes_direct_project=True, boxes_pool=True,
+            boxes_pos_enc=True, d_model=d, num_layers=cfg.geo_layers, layer=geo_layer,
+            use_act_ckpt=True, add_cls=True, add_post_encode_proj=True, roi_size=cfg.roi_size,
+        )
+        model = Sam3Image(
+            backbone=backbone, transformer=transformer, input_geometry_encoder=geo,
+            segmentation_head=seg, num_feature_levels=1, o2m_mask_predict=True,
+            dot_prod_scoring=scoring, use_instance_query=False, multimask_output=True,
+            inst_interactive_predictor=None, matcher=None,
+        )
+    return model.eval()
+
+
+def official_checkpoint_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The image model's state dict in the released ``sam3.pt`` layout (``detector.*`` keys)."""
+    return {"detector." + k: v.detach().clone() for k, v in model.state_dict().items()}
