@@ -19,7 +19,6 @@ Nothing here is imported by the ``sam3fast`` package itself.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Dict
 
 import torch
@@ -108,54 +107,11 @@ def cpu_mode():
 
 
 def redraw_(module: nn.Module, seed: int = 0, score_gain: float = 6.0, presence_shift: float = 3.0):
-    """Re-draw every parameter so that every branch of the detector matters, stably.
+    """Re-draw every parameter of an official (or sam3fast) module: see
+    :func:`sam3fast.model.init.stable_random_init_`."""
+    from sam3fast.model.init import stable_random_init_
 
-    Matrices that multiply activations: std 1/sqrt(fan_in); embeddings, queries, tokens and position
-    tables: std 1; norm weights 1 + 0.2 N(0,1); biases and other vectors 0.2 N(0,1). Then spread the
-    query scores (gain on the scoring projection, shift of the presence head's last bias) and smooth
-    transposed-conv kernels (averaging each 2x2 kernel over its taps) so masks are not speckle.
-    """
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(shape):
-        return torch.randn(shape, generator=g)
-
-    mods = dict(module.named_modules())
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            owner_name, _, leaf = name.rpartition(".")
-            owner = mods.get(owner_name)
-            if p.is_complex():
-                continue
-            if isinstance(owner, (nn.LayerNorm, nn.GroupNorm)) or "norm" in owner_name.split(".")[-1]:
-                if leaf == "weight":
-                    p.copy_(1 + 0.2 * randn(p.shape))
-                else:
-                    p.copy_(0.2 * randn(p.shape))
-            elif p.dim() >= 2 and (
-                isinstance(owner, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.MultiheadAttention))
-                or leaf in ("text_projection", "in_proj_weight")
-            ):
-                if isinstance(owner, nn.ConvTranspose2d):
-                    fan_in = p.shape[0] * p.shape[2] * p.shape[3] // 4  # stride-2 taps: each output sees 1/4
-                    w = randn(p.shape) / math.sqrt(max(fan_in, 1))
-                    w = w.mean(dim=(2, 3), keepdim=True).expand_as(w) * 2.0
-                    p.copy_(w)
-                elif leaf == "text_projection":
-                    p.copy_(randn(p.shape) / math.sqrt(p.shape[0]))
-                else:
-                    fan_in = p[0].numel()
-                    p.copy_(randn(p.shape) / math.sqrt(fan_in))
-            elif p.dim() >= 2:
-                p.copy_(randn(p.shape))
-            else:
-                p.copy_(0.2 * randn(p.shape))
-        for name, p in module.named_parameters():
-            if name.endswith("dot_prod_scoring.hs_proj.weight"):
-                p.mul_(score_gain)
-            if name.endswith("presence_token_head.layers.2.bias"):
-                p.add_(presence_shift)
-    return module
+    return stable_random_init_(module, seed=seed, score_gain=score_gain, presence_shift=presence_shift)
 
 
 def state_dict_cpu(module: nn.Module) -> Dict[str, torch.Tensor]:

@@ -1,0 +1,234 @@
+"""ViT trunk of SAM 3: the official ``sam3.model.vitdet.ViT`` with the settings SAM 3 builds it with.
+
+Letters: B batch, S image side, P patch size, g = S // P token grid side, C embed width, nH heads,
+hd = C // nH head width, w window side, T = pretrain_img_size // P side of the abs-pos table.
+
+    images (B, 3, S, S)
+      -> patch embed: Conv2d(3, C, P, stride P, no bias)                    -> (B, g, g, C)
+      -> + abs pos: table (1, 1 + T*T, C), cls entry dropped, (T, T) tiled to (g, g)
+      -> ln_pre
+      -> blocks 0 .. last global block:  x += attn(norm1(x));  x += fc2(gelu(fc1(norm2(x))))
+         window blocks: norm1(x) zero-padded to a multiple of w and split into (B * n_win, w*w, C)
+         global blocks (``global_att_blocks``): all g*g tokens attend to each other
+      -> (B, C, g, g): a permuted view of a contiguous (B, g, g, C) tensor (channels-last memory)
+
+Attention: qkv Linear -> 2D axial RoPE on q and k (in float32) -> SDPA (scale hd^-0.5) -> proj.
+RoPE: ``freqs_cis`` (N, hd/2) complex64 buffers (in the checkpoint), N = w*w (window blocks) or g*g
+(global blocks), row n = token n of the attended grid in row-major order. The channel pair
+(x[2j], x[2j+1]) of token n is rotated by angle(freqs_cis[n, j]); for j < hd/4 the angle is
+col * scale * theta^(-4j/hd), for j >= hd/4 it is row * scale * theta^(-4(j - hd/4)/hd), theta 1e4.
+scale = 1 in window blocks and w / g in global blocks (the official "interp" rope: a global grid is
+squeezed into the position range of the window RoPE was trained on).
+
+Blocks after the last global block are built (their weights are in the checkpoint) but not run:
+the official trunk runs them and then discards their output.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def compute_axial_cis(
+    dim: int, end_x: int, end_y: int, theta: float = 10000.0, scale_pos: float = 1.0
+) -> torch.Tensor:
+    """The official RoPE table: (end_x * end_y, dim // 2) complex64, x frequencies then y."""
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 4)[: (dim // 4)].float() / dim))
+    t = torch.arange(end_x * end_y, dtype=torch.float32)
+    t_x = (t % end_x).float() * scale_pos
+    t_y = torch.div(t, end_x, rounding_mode="floor").float() * scale_pos
+    freqs_x = torch.outer(t_x, freqs)
+    freqs_y = torch.outer(t_y, freqs)
+    cis_x = torch.polar(torch.ones_like(freqs_x), freqs_x)
+    cis_y = torch.polar(torch.ones_like(freqs_y), freqs_y)
+    return torch.cat([cis_x, cis_y], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs of ``x`` (B, L, ..., hd) by ``freqs_cis`` (L, hd/2) complex.
+
+    Real cos/sin form of the official complex product, in float32 like the official (which casts
+    to float32 even under autocast); the result has ``x``'s dtype. ``view_as_real`` reads the
+    complex buffer in place, so ``module.half()`` (which leaves complex buffers alone) cannot
+    round the table.
+    """
+    L = x.shape[1]
+    cs = torch.view_as_real(freqs_cis).view((L,) + (1,) * (x.dim() - 3) + freqs_cis.shape[-1:] + (2,))
+    cos, sin = cs.unbind(-1)
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    return out.to(x.dtype)
+
+
+def window_partition(x: torch.Tensor, w: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """(B, H, W, C) -> (B * n_win, w, w, C), zero padding bottom/right to multiples of w."""
+    B, H, W, C = x.shape
+    pad_h, pad_w = (w - H % w) % w, (w - W % w) % w
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    Hp, Wp = H + pad_h, W + pad_w
+    x = x.view(B, Hp // w, w, Wp // w, w, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, w, w, C), (Hp, Wp)
+
+
+def window_unpartition(x: torch.Tensor, w: int, pad_hw: Tuple[int, int], hw: Tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: (B * n_win, w, w, C) -> (B, H, W, C)."""
+    Hp, Wp = pad_hw
+    H, W = hw
+    B = x.shape[0] // ((Hp // w) * (Wp // w))
+    x = x.view(B, Hp // w, Wp // w, w, w, -1).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, -1)
+    if Hp > H or Wp > W:
+        x = x[:, :H, :W, :]
+    return x
+
+
+class PatchEmbed(nn.Module):
+    """Conv2d(3, C, P, stride P) without bias; (B, 3, S, S) -> (B, g, g, C)."""
+
+    def __init__(self, patch_size: int, embed_dim: int, in_chans: int = 3):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).permute(0, 2, 3, 1)
+
+
+class Mlp(nn.Module):
+    """timm ``Mlp`` names: fc1 -> exact GELU -> fc2."""
+
+    def __init__(self, in_features: int, hidden_features: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    """Self-attention over (B, L, C) with 2D axial RoPE on q, k; L must equal side * side."""
+
+    def __init__(self, dim: int, num_heads: int, side: int, rope_scale: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.register_buffer(
+            "freqs_cis", compute_axial_cis(self.head_dim, side, side, scale_pos=rope_scale)
+        )
+
+    def _apply(self, fn, recurse=True):
+        # module.to(bfloat16) casts complex buffers to real, silently dropping the sin half of
+        # the table; keep the complex64 table and let only device moves through.
+        freqs = self.freqs_cis
+        super()._apply(fn, recurse)
+        if self.freqs_cis.dtype != freqs.dtype:
+            self.freqs_cis = freqs.to(self.freqs_cis.device)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, C = x.shape
+        qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim)
+        qk = apply_rope(qkv[:, :, :2], self.freqs_cis)  # q and k in one pass: (B, L, 2, nH, hd)
+        q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)
+        v = qkv[:, :, 2].transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(B, L, C))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block on (B, H, W, C); ``window_size`` 0 means global attention."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, window_size: int, grid: int, rope_scale: float):
+        super().__init__()
+        self.window_size = window_size
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn = Attention(dim, num_heads, window_size if window_size > 0 else grid, rope_scale)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.norm1(x)
+        H, W = x.shape[1], x.shape[2]
+        if self.window_size > 0:
+            # Partition before qkv (C wide, not 3C); the official zero-pads *normed* tokens, so
+            # padded keys carry qkv's bias and are attended to: keep that order for parity.
+            x, pad_hw = window_partition(x, self.window_size)
+        n, h, w, C = x.shape
+        x = self.attn(x.reshape(n, h * w, C)).view(n, h, w, C)
+        if self.window_size > 0:
+            x = window_unpartition(x, self.window_size, pad_hw, (H, W))
+        x = shortcut + x
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """SAM 3 ViT trunk. ``forward(images (B, 3, S, S)) -> (B, C, g, g)`` (channels-last memory).
+
+    Assumes the SAM 3 settings: pos table with a cls entry (dropped), tiled (not interpolated),
+    ln_pre, no ln_post, RoPE with interpolation, qkv bias, patch conv without bias.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 1008,
+        pretrain_img_size: int = 336,
+        patch_size: int = 14,
+        embed_dim: int = 1024,
+        depth: int = 32,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.625,
+        window_size: int = 24,
+        global_att_blocks: Sequence[int] = (7, 15, 23, 31),
+    ):
+        super().__init__()
+        if not global_att_blocks:
+            raise ValueError("the trunk returns the output of the last global block: give at least one")
+        if embed_dim % num_heads or (embed_dim // num_heads) % 4:
+            raise ValueError("head width must be a multiple of 4 for 2D axial RoPE")
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.grid = img_size // patch_size
+        self.global_att_blocks = tuple(global_att_blocks)
+        self.num_run_blocks = max(self.global_att_blocks) + 1
+        self.channel_list = [embed_dim]
+
+        self.patch_embed = PatchEmbed(patch_size, embed_dim)
+        self.pretrain_grid = pretrain_img_size // patch_size
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.pretrain_grid**2 + 1, embed_dim))
+        self.blocks = nn.ModuleList(
+            Block(
+                embed_dim,
+                num_heads,
+                mlp_ratio,
+                window_size=0 if i in self.global_att_blocks else window_size,
+                grid=self.grid,
+                rope_scale=window_size / self.grid if i in self.global_att_blocks else 1.0,
+            )
+            for i in range(depth)
+        )
+        self.ln_pre = nn.LayerNorm(embed_dim, eps=1e-5)
+
+    def abs_pos(self, h: int, w: int) -> torch.Tensor:
+        """(1, h, w, C): the pretrain table without its cls entry, tiled (exact copies, no resampling)."""
+        T = self.pretrain_grid
+        pos = self.pos_embed[:, 1:].view(1, T, T, -1)
+        if T != h or T != w:
+            pos = pos.repeat(1, h // T + 1, w // T + 1, 1)[:, :h, :w]
+        return pos
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(images)
+        x = x + self.abs_pos(x.shape[1], x.shape[2])
+        x = self.ln_pre(x)
+        for blk in self.blocks[: self.num_run_blocks]:
+            x = blk(x)
+        return x.permute(0, 3, 1, 2)

@@ -1,0 +1,130 @@
+"""Checkpoint loading: the official sam3.pt layout, plain and bf16 state dicts, strict errors."""
+
+import os
+
+import pytest
+import torch
+
+import sam3fast
+from sam3fast import CheckpointError
+from sam3fast.config import get_config
+from official_ref import build_official_image_model, official_checkpoint_state, redraw_
+
+CFG = get_config("tiny")
+
+
+@pytest.fixture(scope="module")
+def official_sd():
+    m = build_official_image_model(CFG)
+    redraw_(m, seed=1)
+    return official_checkpoint_state(m)
+
+
+def _save(tmp_path, obj, name="ckpt.pt"):
+    p = os.path.join(tmp_path, name)
+    torch.save(obj, p)
+    return p
+
+
+def _build(path, **kw):
+    return sam3fast.build_sam3_image_model(checkpoint_path=path, device="cpu", config="tiny", **kw)
+
+
+def test_official_layout_loads_exactly(tmp_path, official_sd):
+    # the released file wraps the state dict under "model" and carries tracker.* keys and the
+    # SAM 2 neck, neither of which the plain image model builds: they are set aside.
+    extra = {
+        "tracker.maskmem_tpos_enc": torch.zeros(7, 1, 1, 64),
+        "tracker.no_obj_ptr": torch.zeros(1, 256),
+        "detector.backbone.vision_backbone.sam2_convs.2.conv_1x1.weight": torch.zeros(
+            CFG.d_model, CFG.vit.embed_dim, 1, 1),
+    }
+    path = _save(tmp_path, {"model": {**official_sd, **extra}})
+    model = _build(path)
+    ours = model.state_dict()
+    for k, v in official_sd.items():
+        kk = k[len("detector."):]
+        assert kk in ours, kk
+        assert torch.equal(ours[kk], v), kk
+    assert not any(t.is_meta for t in ours.values())
+    assert not model.training
+
+
+def test_plain_and_bf16_state_dicts(tmp_path, official_sd):
+    model = _build(_save(tmp_path, {"model": official_sd}))
+    plain = _save(tmp_path, model.state_dict(), "plain.pt")
+    m2 = _build(plain)
+    for k, v in model.state_dict().items():
+        assert torch.equal(m2.state_dict()[k], v), k
+    bf16 = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in official_sd.items()}
+    m3 = _build(_save(tmp_path, bf16, "bf16.pt"))
+    for k, v in bf16.items():
+        got = m3.state_dict()[k[len("detector."):]]
+        assert got.dtype == (torch.float32 if v.is_floating_point() else v.dtype)
+        assert torch.equal(got, v.to(got.dtype)), k
+    m4 = _build(_save(tmp_path, bf16, "bf16b.pt"), dtype=torch.bfloat16)
+    assert m4.dtype == torch.bfloat16
+
+
+def test_strict_errors_list_every_key(tmp_path, official_sd):
+    sd = dict(official_sd)
+    miss = "detector.transformer.decoder.query_embed.weight"
+    del sd[miss]
+    sd["detector.not_a_module.weight"] = torch.zeros(3)
+    shp = "detector.dot_prod_scoring.hs_proj.weight"
+    sd[shp] = torch.zeros(5, 5)
+    with pytest.raises(CheckpointError) as ei:
+        _build(_save(tmp_path, sd))
+    msg = str(ei.value)
+    assert "1 missing" in msg and miss[len("detector."):] in msg
+    assert "1 unexpected" in msg and "not_a_module.weight" in msg
+    assert "1 mis-shaped" in msg and "hs_proj.weight" in msg and "(5, 5)" in msg
+
+
+@pytest.mark.parametrize("kind", ["truncated", "text", "empty", "directory", "missing", "not_a_dict"])
+def test_bad_files(tmp_path, official_sd, kind):
+    path = os.path.join(tmp_path, "bad.pt")
+    if kind == "truncated":
+        good = _save(tmp_path, official_sd, "good.pt")
+        data = open(good, "rb").read()
+        open(path, "wb").write(data[: len(data) // 2])
+    elif kind == "text":
+        open(path, "w").write("this is not a checkpoint\n")
+    elif kind == "empty":
+        open(path, "wb").close()
+    elif kind == "directory":
+        os.makedirs(path)
+    elif kind == "not_a_dict":
+        torch.save([torch.zeros(2)], path)
+    with pytest.raises(CheckpointError):
+        _build(path)
+
+
+def test_hub_cache_miss_says_how_to_get_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(CheckpointError, match="facebook/sam3"):
+        sam3fast.build_sam3_image_model(device="cpu", config="tiny")
+
+
+def test_hub_cache_hit_is_used(tmp_path, monkeypatch, official_sd):
+    import huggingface_hub.constants as c
+
+    snap = tmp_path / "models--facebook--sam3" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (tmp_path / "models--facebook--sam3" / "refs").mkdir()
+    (tmp_path / "models--facebook--sam3" / "refs" / "main").write_text("abc123")
+    torch.save(official_sd, snap / "sam3.pt")
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
+    model = sam3fast.build_sam3_image_model(device="cpu", config="tiny")
+    k = "transformer.decoder.query_embed.weight"
+    assert torch.equal(model.state_dict()[k], official_sd["detector." + k])
+
+
+def test_inst_interactivity_not_built_yet_is_explicit():
+    with pytest.raises(NotImplementedError, match="tracker"):
+        sam3fast.build_sam3_image_model(device="cpu", config="tiny", load_from_HF=False,
+                                        enable_inst_interactivity=True)
