@@ -40,9 +40,26 @@ class TextConfig:
 
 
 @dataclass(frozen=True)
+class TrackerConfig:
+    """The SAM 2-style tracker (``tracker.*`` keys). Its width is ``Sam3Config.d_model``."""
+
+    mem_dim: int = 64
+    num_maskmem: int = 7  # 1 conditioning + 6 previous frames
+    mem_attn_layers: int = 4
+    mem_attn_ffn: int = 2048
+    sam_mlp_dim: int = 2048  # two-way transformer MLP
+    iou_head_hidden_dim: int = 256
+    mask_in_chans: int = 16
+    mem_interpol_size: int = 1152  # memory encoder resizes masks to this before its strided convs
+    max_cond_frames_in_attn: int = 4
+    max_obj_ptrs_in_encoder: int = 16
+
+
+@dataclass(frozen=True)
 class Sam3Config:
     vit: ViTConfig = field(default_factory=ViTConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
     d_model: int = 256
     scale_factors: Tuple[float, ...] = (4.0, 2.0, 1.0, 0.5)
     num_heads: int = 8  # geometry encoder, fusion encoder, decoder, seg head
@@ -82,6 +99,9 @@ def _tiny(img_size: int = 112) -> Sam3Config:
             global_att_blocks=(1,),
         ),
         text=TextConfig(width=64, heads=4, layers=2, context_length=32, vocab_size=49408, output_dim=512),
+        # 1152 / 1008 of the image size, as at full size
+        tracker=TrackerConfig(mem_dim=16, mem_attn_layers=2, mem_attn_ffn=128, sam_mlp_dim=128,
+                              iou_head_hidden_dim=64, mem_interpol_size=img_size * 8 // 7),
         d_model=64,
         num_heads=8,
         dim_feedforward=128,

@@ -240,3 +240,81 @@ def build_official_image_model(cfg, enable_segmentation: bool = True):
 def official_checkpoint_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     """The image model's state dict in the released ``sam3.pt`` layout (``detector.*`` keys)."""
     return {"detector." + k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def build_official_tracker(cfg, apply_temporal_disambiguation: bool = False):
+    """``sam3.model_builder.build_tracker`` (a ``Sam3TrackerPredictor``, no backbone) at the sizes of
+    ``cfg``. The official builder hard-codes the two-way MLP (2048) and IoU-head width (256) inside
+    ``Sam3TrackerBase._build_sam_heads``; for other sizes they are patched on the built modules'
+    constructors here. Random weights."""
+    official()
+    from sam3.model.memory import CXBlock, SimpleFuser, SimpleMaskDownSampler, SimpleMaskEncoder
+    from sam3.model.decoder import TransformerDecoderLayerv2, TransformerEncoderCrossAttention
+    from sam3.model.model_misc import TransformerWrapper
+    from sam3.model.position_encoding import PositionEmbeddingSine
+    from sam3.model.sam3_tracking_predictor import Sam3TrackerPredictor
+    from sam3.sam import mask_decoder as md, transformer as sam_tf
+    from sam3.sam.transformer import RoPEAttention
+    import sam3.model.sam3_tracker_base as tb
+
+    d, t, g = cfg.d_model, cfg.tracker, cfg.feat_size
+    with cpu_mode():
+        maskmem = SimpleMaskEncoder(
+            out_dim=t.mem_dim,
+            position_encoding=PositionEmbeddingSine(num_pos_feats=t.mem_dim, normalize=True, scale=None,
+                                                    temperature=10000, precompute_resolution=cfg.resolution),
+            mask_downsampler=SimpleMaskDownSampler(kernel_size=3, stride=2, padding=1,
+                                                   interpol_size=[t.mem_interpol_size] * 2, embed_dim=d),
+            fuser=SimpleFuser(layer=CXBlock(dim=d, kernel_size=7, padding=3, layer_scale_init_value=1.0e-06,
+                                            use_dwconv=True), num_layers=2),
+            in_dim=d,
+        )
+        layer = TransformerDecoderLayerv2(
+            cross_attention_first=False, activation="relu", dim_feedforward=t.mem_attn_ffn, dropout=0.1,
+            pos_enc_at_attn=False, pre_norm=True,
+            self_attention=RoPEAttention(embedding_dim=d, num_heads=1, downsample_rate=1, dropout=0.1,
+                                         rope_theta=10000.0, feat_sizes=[g, g], use_fa3=False,
+                                         use_rope_real=False),
+            d_model=d, pos_enc_at_cross_attn_keys=True, pos_enc_at_cross_attn_queries=False,
+            cross_attention=RoPEAttention(embedding_dim=d, num_heads=1, downsample_rate=1, dropout=0.1,
+                                          kv_in_dim=t.mem_dim, rope_theta=10000.0, feat_sizes=[g, g],
+                                          rope_k_repeat=True, use_fa3=False, use_rope_real=False),
+        )
+        encoder = TransformerEncoderCrossAttention(
+            remove_cross_attention_layers=[], batch_first=True, d_model=d, frozen=False,
+            pos_enc_at_input=True, layer=layer, num_layers=t.mem_attn_layers, use_act_checkpoint=False,
+        )
+        transformer = TransformerWrapper(encoder=encoder, decoder=None, d_model=d)
+
+        orig_tw, orig_md = tb.TwoWayTransformer, tb.MaskDecoder
+
+        def two_way(**kw):
+            kw["mlp_dim"] = t.sam_mlp_dim
+            return orig_tw(**kw)
+
+        def mask_decoder(**kw):
+            kw["iou_head_hidden_dim"] = t.iou_head_hidden_dim
+            return orig_md(**kw)
+
+        tb.TwoWayTransformer, tb.MaskDecoder = two_way, mask_decoder
+        try:
+            model = Sam3TrackerPredictor(
+                image_size=cfg.resolution, num_maskmem=t.num_maskmem, backbone=None,
+                backbone_stride=cfg.vit.patch_size, transformer=transformer, maskmem_backbone=maskmem,
+                multimask_output_in_sam=True, forward_backbone_per_frame_for_eval=True,
+                trim_past_non_cond_mem_for_eval=False, multimask_output_for_tracking=True,
+                multimask_min_pt_num=0, multimask_max_pt_num=1, always_start_from_first_ann_frame=False,
+                non_overlap_masks_for_mem_enc=False, non_overlap_masks_for_output=False,
+                max_cond_frames_in_attn=t.max_cond_frames_in_attn, offload_output_to_cpu_for_eval=False,
+                sam_mask_decoder_extra_args={
+                    "dynamic_multimask_via_stability": True,
+                    "dynamic_multimask_stability_delta": 0.05,
+                    "dynamic_multimask_stability_thresh": 0.98,
+                },
+                clear_non_cond_mem_around_input=True, fill_hole_area=0,
+                use_memory_selection=apply_temporal_disambiguation,
+            )
+        finally:
+            tb.TwoWayTransformer, tb.MaskDecoder = orig_tw, orig_md
+    del md, sam_tf
+    return model.eval()
