@@ -78,6 +78,10 @@ class PositionEmbeddingSine(nn.Module):
         return torch.cat((pos_y, pos_x), dim=0).to(dtype)
 
     def get(self, h: int, w: int, device, dtype: torch.dtype) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # inside a compiled graph the encoding is traced (and constant-folded); mutating the
+            # Python cache there would add a guard on it and force a recompile on the next call
+            return self.compute(h, w, device, dtype)
         key = (h, w, torch.device(device), dtype)
         pos = self.cache.get(key)
         if pos is None:

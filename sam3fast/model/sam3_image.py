@@ -60,6 +60,15 @@ class Sam3ImageModel(nn.Module):
         self.dot_prod_scoring = DotProductScoring.from_config(cfg)
         self.inst_interactive_predictor = None
 
+    def compile_stages(self, backend: str = "inductor", mode: Optional[str] = None, dynamic: bool = False):
+        """torch.compile the vision backbone, the text encoder and the heads, each as one graph
+        (``fullgraph=True``: a graph break is an error, not a silent slowdown)."""
+        kw = dict(backend=backend, mode=mode, dynamic=dynamic, fullgraph=True)
+        self.backbone.vision_backbone.compile(**kw)
+        self.backbone.language_backbone.compile(**kw)
+        self.forward_heads = torch.compile(self.forward_heads, **kw)
+        return self
+
     # ------------------------------------------------------------------ stages
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,135 @@
+"""End-to-end image latency: sam3fast vs the official package on the same random weights.
+
+Times one image through the drop-in processors (``set_image`` + ``set_text_prompt``: backbone,
+text, heads, post-processing) and, for sam3fast, the native batched API. Both models are built from
+one checkpoint file of re-drawn random weights (speed does not depend on weight values).
+
+    python bench/bench_image.py                 # GPU: full size, fp32 + bf16, official baselines
+    python bench/bench_image.py --smoke         # CPU, tiny config, 1 iteration (CI keeps it alive)
+
+Results (with the machine named) go to bench/results/ unless --smoke.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # the official-package helper lives with the tests
+
+
+def machine_header(device: torch.device) -> dict:
+    h = {"torch": torch.__version__, "python": platform.python_version(), "host_cpu": platform.processor() or platform.machine(),
+         "cpu_threads": torch.get_num_threads(), "device": str(device)}
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        h.update(gpu=p.name, gpu_mem_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    return h
+
+
+def timeit(fn, device, warmup: int, iters: int):
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    return {"ms_median": 1e3 * float(np.median(ts)), "ms_min": 1e3 * float(np.min(ts)), "iters": iters}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true", help="tiny config on CPU, one iteration")
+    ap.add_argument("--config", default="sam3")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=8, help="images for the batched throughput run")
+    ap.add_argument("--no-official", action="store_true")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.config, args.device, args.iters, args.warmup, args.batch = "tiny", "cpu", 1, 0, 2
+
+    import sam3fast
+    from official_ref import build_official_image_model, cpu_mode, official, official_checkpoint_state, redraw_
+    from PIL import Image
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = sam3fast.get_config(args.config)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray((rng.random((720, 1280, 3)) * 255).astype(np.uint8))
+    prompt = "yellow bird"
+
+    ref = build_official_image_model(cfg)
+    redraw_(ref, seed=0)
+    ckpt = os.path.join(tempfile.mkdtemp(), "sam3.pt")
+    torch.save({"model": official_checkpoint_state(ref)}, ckpt)
+    results = {"machine": machine_header(device), "config": args.config, "image": "1280x720 RGB",
+               "prompt": prompt, "runs": {}}
+    mode = cpu_mode if device.type == "cpu" else contextlib.nullcontext
+
+    def run_processor(proc, ctx=contextlib.nullcontext):
+        def fn():
+            with ctx():
+                st = proc.set_image(image)
+                proc.set_text_prompt(prompt, st)
+        return fn
+
+    if not args.no_official:
+        official()
+        from sam3.model.sam3_image_processor import Sam3Processor as OfficialProcessor
+
+        with mode():
+            ref = ref.to(device)
+            oproc = OfficialProcessor(ref, resolution=cfg.resolution, device=str(device))
+        results["runs"]["official_fp32"] = timeit(run_processor(oproc, mode), device, args.warmup, args.iters)
+        if device.type == "cuda":
+            def bf16():
+                return torch.autocast("cuda", dtype=torch.bfloat16)
+            results["runs"]["official_bf16_autocast"] = timeit(run_processor(oproc, bf16), device, args.warmup, args.iters)
+        del ref, oproc
+
+    for dtype in (["float32", "bfloat16"] if device.type == "cuda" else ["float32"]):
+        model = sam3fast.build_image_model(cfg, checkpoint_path=ckpt, device=device, dtype=dtype)
+        proc = sam3fast.Sam3Processor(model, resolution=cfg.resolution, device=device)
+        results["runs"][f"sam3fast_{dtype}"] = timeit(run_processor(proc), device, args.warmup, args.iters)
+        pred = sam3fast.ImagePredictor(model)
+        imgs = [image] * args.batch
+        r = timeit(lambda: pred.predict(imgs, [prompt, "branch", "sky"]), device, args.warmup, max(1, args.iters // 4))
+        r["images_per_s"] = args.batch / (r["ms_median"] / 1e3)
+        results["runs"][f"sam3fast_{dtype}_batch{args.batch}_3prompts"] = r
+        del model, proc, pred
+
+    if "official_fp32" in results["runs"]:
+        base = results["runs"]["official_fp32"]["ms_median"]
+        for k, v in results["runs"].items():
+            if "batch" not in k:
+                v["speedup_vs_official_fp32"] = base / v["ms_median"]
+    print(json.dumps(results, indent=1))
+    if not args.smoke:
+        os.makedirs(args.out, exist_ok=True)
+        tag = results["machine"].get("gpu", "cpu").replace(" ", "_")
+        path = os.path.join(args.out, f"image_latency_{args.config}_{tag}.json")
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+        print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""Fused mask post-processing: bilinear upsampling, threshold, object-wise non-overlap, bit packing,
+boxes and areas in one pass, never writing full-resolution float masks.
+
+Letters: N objects, (h, w) low-resolution mask grid (288 x 288 in SAM 3), (H, W) output image,
+WP = ceil(W / 32) packed words per row.
+
+Inputs
+    masks   (N, h, w)  mask logits, float32 / bfloat16 / float16 (the reference also takes float64)
+    scores  (N,)       per-object scores, any float dtype, compared as float32
+    active  (N,)       bool; an inactive object claims no pixel (empty mask, -1 box, area 0)
+    H, W               output size (>= 1, H * W < 2**31)
+    non_overlap        apply the object-wise non-overlap rule
+
+Math, per object n and output pixel (y, x), all in float32 (float64 for float64 input):
+    F.interpolate(mode="bilinear", align_corners=False) with an explicit size:
+        sy = max((h / H) * (y + 0.5) - 0.5, 0),  y0 = floor(sy),  y1 = y0 + (y0 < h - 1),  ly = sy - y0
+        (same for x with w / W)
+        logit = (1 - ly) * ((1 - lx) m[y0, x0] + lx m[y0, x1]) + ly * ((1 - lx) m[y1, x0] + lx m[y1, x1])
+    fg[n] = active[n] and logit > 0          (== sigmoid(logit) > 0.5 up to float32 rounding of the
+                                              sigmoid, see the report in bench/README.md)
+    non_overlap: among the objects with fg at a pixel, only the one with the highest score keeps it
+                 (ties: lowest index); the others lose that pixel.
+
+Outputs
+    packed  (N, H, WP) int32   bit j of word k of row y is pixel (y, 32 k + j); bits past W are 0
+    boxes   (N, 4) int32       inclusive xyxy (min x, min y, max x, max y) of the kept pixels; -1s if empty
+    areas   (N,) int64         number of kept pixels
+Boxes and areas are those of the masks after the non-overlap rule. ``unpack_masks`` turns ``packed``
+back into (N, H, W) bool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+    TRITON_IMPORT_ERROR = ""
+except ImportError as _e:  # triton is the optional "gpu" extra; the reference and the CPU op still work
+    HAS_TRITON = False
+    TRITON_IMPORT_ERROR = f"{type(_e).__name__}: {_e}"
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def _check_inputs(masks: Tensor, scores: Tensor, active: Tensor, H: int, W: int) -> None:
+    if masks.dim() != 3 or not masks.is_floating_point():
+        raise ValueError(f"masks must be a floating (N, h, w) tensor, got {masks.dtype} {tuple(masks.shape)}")
+    N = masks.shape[0]
+    if scores.shape != (N,) or not scores.is_floating_point():
+        raise ValueError(f"scores must be a floating ({N},) tensor, got {scores.dtype} {tuple(scores.shape)}")
+    if active.shape != (N,) or active.dtype != torch.bool:
+        raise ValueError(f"active must be a bool ({N},) tensor, got {active.dtype} {tuple(active.shape)}")
+    if scores.device != masks.device or active.device != masks.device:
+        raise ValueError(f"masks, scores and active must be on one device, got {masks.device}, {scores.device}, {active.device}")
+    if H < 1 or W < 1 or H * W >= 2**31:
+        raise ValueError(f"output size must be >= 1 and H * W < 2**31, got ({H}, {W})")
+    if masks.shape[1] < 1 or masks.shape[2] < 1:
+        raise ValueError(f"masks must have a non-empty grid, got {tuple(masks.shape)}")
+
+
+def unpack_masks(packed: Tensor, W: int) -> Tensor:
+    """(N, H, WP) int32 bit-packed masks -> (N, H, W) bool (bit j of word k = pixel 32 k + j)."""
+    N, H, WP = packed.shape
+    shifts = torch.arange(32, device=packed.device, dtype=torch.int32)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(N, H, WP * 32)[..., :W].bool()
+
+
+def _pack_bits(keep: Tensor) -> Tensor:
+    """(N, H, W) bool -> (N, H, WP) int32, through bytes so no full-size int32/int64 tensor is made."""
+    N, H, W = keep.shape
+    WP = _cdiv(W, 32)
+    if WP * 32 != W:
+        keep = torch.cat([keep, keep.new_zeros((N, H, WP * 32 - W))], dim=2)
+    dev = keep.device
+    bit_w = torch.arange(8, device=dev, dtype=torch.uint8)
+    byte = (keep.reshape(N, H, WP, 4, 8).to(torch.uint8) << bit_w).sum(-1, dtype=torch.uint8)
+    byte_w = torch.arange(0, 32, 8, device=dev, dtype=torch.int32)
+    # Partial sums of distinct bits stay inside int32 (bit 31 is the only negative term): no overflow.
+    return (byte.to(torch.int32) << byte_w).sum(-1, dtype=torch.int32)
+
+
+def _boxes_areas(keep: Tensor) -> Tuple[Tensor, Tensor]:
+    N, H, W = keep.shape
+    dev = keep.device
+    areas = keep.sum(dim=(1, 2))
+    cols = keep.any(dim=1)  # (N, W)
+    rows = keep.any(dim=2)  # (N, H)
+    xs = torch.arange(W, device=dev)
+    ys = torch.arange(H, device=dev)
+    x0 = torch.where(cols, xs, W).amin(dim=1)
+    x1 = torch.where(cols, xs, -1).amax(dim=1)
+    y0 = torch.where(rows, ys, H).amin(dim=1)
+    y1 = torch.where(rows, ys, -1).amax(dim=1)
+    boxes = torch.stack([x0, y0, x1, y1], dim=1)
+    boxes = torch.where((areas > 0).unsqueeze(1), boxes, -1).to(torch.int32)
+    return boxes, areas.to(torch.int64)
+
+
+def mask_postprocess_ref(
+    masks: Tensor, scores: Tensor, active: Tensor, H: int, W: int, non_overlap: bool
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The spec (and the op's CPU kernel): returns (packed (N, H, WP) int32, boxes (N, 4) int32,
+    areas (N,) int64). Computes in float32, or float64 for float64 masks."""
+    _check_inputs(masks, scores, active, H, W)
+    N = masks.shape[0]
+    dev = masks.device
+    compute = torch.promote_types(masks.dtype, torch.float32)
+    if N == 0:  # F.interpolate refuses an empty batch
+        fg = torch.zeros((0, H, W), dtype=torch.bool, device=dev)
+    else:
+        logits = F.interpolate(masks.to(compute).unsqueeze(1), size=(H, W), mode="bilinear", align_corners=False)
+        fg = (logits.squeeze(1) > 0) & active.view(N, 1, 1)
+    if non_overlap and N > 1:
+        # rank 0 = highest score; a stable sort puts the lower index first among equal scores.
+        order = torch.sort(scores.float(), descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(0, order, torch.arange(N, device=dev))
+        key = torch.where(fg, (N - rank).to(torch.int32).view(N, 1, 1), 0)
+        winner = key.argmax(dim=0)  # unclaimed pixels give 0, where fg is False anyway
+        fg = fg & (winner.unsqueeze(0) == torch.arange(N, device=dev).view(N, 1, 1))
+    boxes, areas = _boxes_areas(fg)
+    return _pack_bits(fg), boxes, areas
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _popcount32(v):
+        # SWAR popcount of int32 words; the masks after each arithmetic shift drop the sign fill.
+        v = v - ((v >> 1) & 0x55555555)
+        v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
+        v = (v + (v >> 4)) & 0x0F0F0F0F
+        v = v + (v >> 8)
+        v = v + (v >> 16)
+        return v & 0x3F
+
+    @triton.jit
+    def _bilinear_tile(base, r0, r1, c0, c1, ly0, ly1, lx0, lx1):
+        # PyTorch's CUDA upsample_bilinear2d order of operations, accumulated in float32.
+        v00 = tl.load(base + r0 + c0).to(tl.float32)
+        v01 = tl.load(base + r0 + c1).to(tl.float32)
+        v10 = tl.load(base + r1 + c0).to(tl.float32)
+        v11 = tl.load(base + r1 + c1).to(tl.float32)
+        return ly0 * (lx0 * v00 + lx1 * v01) + ly1 * (lx0 * v10 + lx1 * v11)
+
+    @triton.jit
+    def _mask_postprocess_kernel(
+        masks_ptr, scores_ptr, active_ptr, packed_ptr, stats_ptr,
+        N, h, w, H, W, WP,
+        scale_h, scale_w,
+        NON_OVERLAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_WORDS: tl.constexpr,
+    ):
+        # Grid (word tiles, row tiles): a program owns BLOCK_H rows x BLOCK_WORDS * 32 columns of every
+        # object, so the non-overlap winner of each pixel is resolved in registers without a
+        # full-resolution intermediate; tile stats are merged across programs with int32 atomics.
+        pid_k = tl.program_id(0)
+        pid_y = tl.program_id(1)
+        offs_y = pid_y * BLOCK_H + tl.arange(0, BLOCK_H)  # (BH,)
+        offs_k = pid_k * BLOCK_WORDS + tl.arange(0, BLOCK_WORDS)  # (BK,)
+        offs_j = tl.arange(0, 32)
+        offs_x = offs_k[:, None] * 32 + offs_j[None, :]  # (BK, 32)
+        valid = (offs_y < H)[:, None, None] & (offs_x < W)[None, :, :]  # (BH, BK, 32)
+
+        # Source coordinates depend on the row or the column only: computed once, outside the object
+        # loops. Indices are clamped so lanes past H or W read in-bounds values (they are masked later)
+        # and the gathers need no mask.
+        sy = tl.maximum(scale_h * (offs_y.to(tl.float32) + 0.5) - 0.5, 0.0)
+        y0 = tl.minimum(sy.to(tl.int32), h - 1)
+        y1 = tl.where(y0 < h - 1, y0 + 1, y0)
+        ly1 = sy - y0.to(tl.float32)
+        ly0 = 1.0 - ly1
+        sx = tl.maximum(scale_w * (offs_x.to(tl.float32) + 0.5) - 0.5, 0.0)
+        x0 = tl.minimum(sx.to(tl.int32), w - 1)
+        x1 = tl.where(x0 < w - 1, x0 + 1, x0)
+        lx1 = sx - x0.to(tl.float32)
+        lx0 = 1.0 - lx1
+        r0 = (y0 * w)[:, None, None]
+        r1 = (y1 * w)[:, None, None]
+        ly0 = ly0[:, None, None]
+        ly1 = ly1[:, None, None]
+        c0 = x0[None, :, :]
+        c1 = x1[None, :, :]
+        lx0 = lx0[None, :, :]
+        lx1 = lx1[None, :, :]
+        hw = h * w
+
+        if NON_OVERLAP:
+            # Visiting objects in index order with a strict ">" leaves ties to the lowest index.
+            best_s = tl.zeros((BLOCK_H, BLOCK_WORDS, 32), dtype=tl.float32)
+            best_n = tl.full((BLOCK_H, BLOCK_WORDS, 32), -1, dtype=tl.int32)
+            for n in range(N):
+                if tl.load(active_ptr + n) != 0:
+                    s = tl.load(scores_ptr + n).to(tl.float32)
+                    v = _bilinear_tile(masks_ptr + tl.cast(n, tl.int64) * hw, r0, r1, c0, c1, ly0, ly1, lx0, lx1)
+                    better = (v > 0.0) & valid & ((best_n < 0) | (s > best_s))
+                    best_s = tl.where(better, s, best_s)
+                    best_n = tl.where(better, n, best_n)
+
+        word_mask = (offs_y < H)[:, None] & (offs_k < WP)[None, :]
+        word_offs = offs_y[:, None] * WP + offs_k[None, :]
+        for n in range(N):
+            if NON_OVERLAP:
+                keep = best_n == n
+            else:
+                keep = tl.zeros((BLOCK_H, BLOCK_WORDS, 32), dtype=tl.int1)
+                if tl.load(active_ptr + n) != 0:
+                    v = _bilinear_tile(masks_ptr + tl.cast(n, tl.int64) * hw, r0, r1, c0, c1, ly0, ly1, lx0, lx1)
+                    keep = (v > 0.0) & valid
+            keep_i = keep.to(tl.int32)
+            # Distinct bits: their sum is their OR, and bit 31 wraps to the sign bit as intended.
+            words = tl.sum(keep_i << offs_j[None, None, :], axis=2)  # (BH, BK)
+            tl.store(packed_ptr + tl.cast(n, tl.int64) * H * WP + word_offs, words, mask=word_mask)
+
+            # Most (tile, object) pairs are empty: count on the 32x smaller word tile, and do the
+            # box reductions and atomics only where something was kept.
+            row_count = tl.sum(_popcount32(words), axis=1)  # (BH,)
+            area = tl.sum(row_count, axis=0)
+            if area > 0:
+                # Encoded so that larger is better and 0 means "nothing here", which lets one
+                # zero-filled buffer and atomic_max merge the tiles: W - x0, H - y0, x1 + 1, y1 + 1.
+                col_any = tl.max(keep_i, axis=0)  # (BK, 32)
+                st = stats_ptr + n * 5
+                tl.atomic_max(st + 0, tl.max(tl.max(tl.where(col_any > 0, W - offs_x, 0), axis=1), axis=0))
+                tl.atomic_max(st + 1, tl.max(tl.where(row_count > 0, H - offs_y, 0), axis=0))
+                tl.atomic_max(st + 2, tl.max(tl.max(tl.where(col_any > 0, offs_x + 1, 0), axis=1), axis=0))
+                tl.atomic_max(st + 3, tl.max(tl.where(row_count > 0, offs_y + 1, 0), axis=0))
+                tl.atomic_add(st + 4, area)
+
+def _mask_postprocess_triton(
+    masks: Tensor,
+    scores: Tensor,
+    active: Tensor,
+    H: int,
+    W: int,
+    non_overlap: bool,
+    packed: Optional[Tensor] = None,
+    block_h: int = 8,
+    block_words: int = 4,
+    num_warps: int = 8,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Launcher. ``packed`` may be a preallocated (N, H, WP) int32 contiguous output (every word is
+    written). Tile = ``block_h`` rows x ``block_words`` * 32 columns (powers of two)."""
+    if not HAS_TRITON:
+        raise RuntimeError(f"the Triton mask_postprocess kernel needs triton ({TRITON_IMPORT_ERROR})")
+    _check_inputs(masks, scores, active, H, W)
+    if masks.dtype not in _KERNEL_DTYPES:
+        raise ValueError(f"the Triton kernel takes float32/bfloat16/float16 masks, got {masks.dtype}")
+    for name, b in (("block_h", block_h), ("block_words", block_words)):
+        if b < 1 or b & (b - 1):
+            raise ValueError(f"{name} must be a power of two, got {b}")
+    N, h, w = masks.shape
+    WP = _cdiv(W, 32)
+    dev = masks.device
+    if packed is None:
+        packed = torch.empty((N, H, WP), dtype=torch.int32, device=dev)
+    elif packed.shape != (N, H, WP) or packed.dtype != torch.int32 or packed.device != dev or not packed.is_contiguous():
+        raise ValueError(f"packed must be a contiguous ({N}, {H}, {WP}) int32 tensor on {dev}")
+    stats = torch.zeros((N, 5), dtype=torch.int32, device=dev)
+    if N > 0:
+        masks = masks.contiguous()
+        scores = scores.contiguous()
+        active_u8 = active.contiguous().view(torch.uint8)  # bool pointers are avoided: plain bytes
+        grid = (triton.cdiv(WP, block_words), triton.cdiv(H, block_h))
+        # Host division of two ints rounded once to float32 equals PyTorch's float32 h / H.
+        with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+            _mask_postprocess_kernel[grid](
+                masks, scores, active_u8, packed, stats,
+                N, h, w, H, W, WP,
+                h / H, w / W,
+                NON_OVERLAP=bool(non_overlap), BLOCK_H=block_h, BLOCK_WORDS=block_words,
+                num_warps=num_warps,
+            )
+    nonempty = stats[:, 4:5] > 0
+    boxes = torch.stack([W - stats[:, 0], H - stats[:, 1], stats[:, 2] - 1, stats[:, 3] - 1], dim=1)
+    boxes = torch.where(nonempty, boxes, -1).to(torch.int32)
+    return packed, boxes, stats[:, 4].to(torch.int64)
+
+
+@torch.library.custom_op("sam3fast::mask_postprocess", mutates_args=(), device_types="cuda")
+def mask_postprocess_op(
+    masks: Tensor, scores: Tensor, active: Tensor, H: int, W: int, non_overlap: bool
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``sam3fast::mask_postprocess``: the Triton kernel on CUDA, ``mask_postprocess_ref`` on CPU."""
+    return _mask_postprocess_triton(masks, scores, active, H, W, non_overlap)
+
+
+mask_postprocess_op.register_kernel("cpu")(mask_postprocess_ref)
+
+
+@mask_postprocess_op.register_fake
+def _mask_postprocess_fake(masks, scores, active, H, W, non_overlap):
+    N = masks.shape[0]
+    return (
+        masks.new_empty((N, H, (W + 31) // 32), dtype=torch.int32),
+        masks.new_empty((N, 4), dtype=torch.int32),
+        masks.new_empty((N,), dtype=torch.int64),
+    )

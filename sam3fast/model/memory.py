@@ -1,0 +1,194 @@
+"""Tracker memory encoder: a frame's mask prediction + its image features -> one memory frame.
+
+Official pieces: ``sam3.model.memory`` (``SimpleMaskEncoder``, ``SimpleMaskDownSampler``,
+``SimpleFuser``, ``CXBlock``), ``sam3.model.model_misc.LayerNorm2d`` and
+``Sam3TrackerBase._encode_new_memory`` (``sam3_tracker_base.py`` 797-850). Keys: the
+``tracker.maskmem_backbone.*`` of ``sam3.pt`` load into :class:`MaskMemoryEncoder` as is.
+
+Letters: B objects, D d_model (256), M mem_dim (64), g the feature grid (72), I the mask size the
+downsampler works at (``mem_interpol_size``, 1152 = 16 g).
+
+    m   = sigmoid(masks) unless skip_mask_sigmoid             (B, 1, Hm, Wm)
+    m   = bilinear antialias resize to (I, I), float32, only if (Hm, Wm) != (I, I)
+    m   = 4 x [conv3x3 s2 -> LN2d -> GELU] (1 -> 4 -> 16 -> 64 -> 256 ch) -> conv1x1(256, D)
+                                                                (B, D, g, g)
+    x   = pix_feat_proj(pix_feat) + m                           (B, D, g, g)
+    x   = 2 x CXBlock: x + gamma * pw2(GELU(pw1(LN(dwconv7x7(x)))))
+    feat = out_proj(x)  (1x1, D -> M)                           (B, M, g, g)
+    pos  = DETR sine(M) of a (g, g) map                         (B, M, g, g), batch-broadcast view
+
+:func:`encode_new_memory` adds what the tracker does around it: the mask it feeds is
+``sigmoid(logits) * 20 - 10`` (or ``(logits > 0) * 20 - 10`` for masks that came from a prompt,
+``is_mask_from_pts``), the encoder is told to skip its own sigmoid, and ``no_obj_embed_spatial``
+(1, M) is added to every position of objects whose object-score logit is <= 0.
+
+The official video predictor then stores ``feat`` as bfloat16 (``sam3_tracking_predictor.py``
+1098/1149); that rounding belongs to the memory bank, not to this module.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .neck import PositionEmbeddingSine
+
+
+class LayerNorm2d(nn.Module):
+    """Official ``LayerNorm2d``: normalise over channels of (B, C, H, W), eps 1e-6.
+
+    Computed with ``F.layer_norm`` on a channels-last view (one fused kernel) instead of the
+    official mean/var/sqrt sequence: same math, float32 rounding differences only.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class MaskDownSampler(nn.Module):
+    """Official ``SimpleMaskDownSampler`` (kernel 3, stride 2, padding 1, total stride 16).
+
+    ``encoder`` is an ``nn.Sequential`` with the official indices (conv, LN2d, GELU) x n, then the
+    1x1 conv at index 3n. ``forward(x (B, 1, Hm, Wm)) -> (B, D, I/16, I/16)``.
+    """
+
+    def __init__(self, embed_dim: int, interpol_size: Optional[int], kernel_size: int = 3, stride: int = 2,
+                 padding: int = 1, total_stride: int = 16):
+        super().__init__()
+        num_layers = int(math.log2(total_stride) // math.log2(stride))
+        if stride ** num_layers != total_stride:
+            raise ValueError(f"total_stride {total_stride} is not a power of stride {stride}")
+        self.encoder = nn.Sequential()
+        cin = 1
+        for _ in range(num_layers):
+            cout = cin * stride ** 2
+            self.encoder.append(nn.Conv2d(cin, cout, kernel_size=kernel_size, stride=stride, padding=padding))
+            self.encoder.append(LayerNorm2d(cout))
+            self.encoder.append(nn.GELU())
+            cin = cout
+        self.encoder.append(nn.Conv2d(cin, embed_dim, kernel_size=1))
+        self.interpol_size = interpol_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.interpol_size
+        if s is not None and tuple(x.shape[-2:]) != (s, s):
+            # The official resizes in float32 whatever the input dtype (then relies on autocast);
+            # cast back so a bf16 module keeps one dtype.
+            x = F.interpolate(x.float(), size=(s, s), mode="bilinear", align_corners=False, antialias=True).to(x.dtype)
+        return self.encoder(x)
+
+
+class CXBlock(nn.Module):
+    """Official ``CXBlock`` (ConvNeXt block, depthwise 7x7, layer scale ``gamma``), (B, D, g, g).
+
+    The LayerNorm runs on the channels-last tensor that the pointwise Linears need anyway, so the
+    block permutes once each way (the official permutes after its channels-first LayerNorm2d).
+    """
+
+    def __init__(self, dim: int, kernel_size: int = 7, padding: int = 3):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=kernel_size, padding=padding, groups=dim)
+        self.norm = LayerNorm2d(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dwconv(x).permute(0, 2, 3, 1)
+        y = F.layer_norm(y, self.norm.weight.shape, self.norm.weight, self.norm.bias, self.norm.eps)
+        y = self.pwconv2(F.gelu(self.pwconv1(y))) * self.gamma
+        return x + y.permute(0, 3, 1, 2)
+
+
+class Fuser(nn.Module):
+    """Official ``SimpleFuser`` without input projection: ``layers.{i}`` CXBlocks in sequence."""
+
+    def __init__(self, dim: int, num_layers: int = 2):
+        super().__init__()
+        self.layers = nn.ModuleList(CXBlock(dim) for _ in range(num_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class MaskMemoryEncoder(nn.Module):
+    """Official ``SimpleMaskEncoder`` (``tracker.maskmem_backbone``).
+
+    ``forward(pix_feat (B, D, g, g), masks (B, 1, Hm, Wm), skip_mask_sigmoid=False)
+    -> (maskmem_features (B, M, g, g), maskmem_pos (B, M, g, g))``.
+
+    ``masks`` are logits (sigmoid applied here) or, with ``skip_mask_sigmoid=True``, values used as
+    they are (the tracker passes ``sigmoid * 20 - 10``). Any (Hm, Wm) is resized to
+    ``interpol_size`` first; with Hm = Wm = ``interpol_size`` there is no resize. The official
+    returns ``{"vision_features": feat, "vision_pos_enc": [pos]}``; ``pos`` here is a read-only
+    batch-broadcast view (the official returns a copy).
+    """
+
+    def __init__(self, in_dim: int = 256, out_dim: int = 64, interpol_size: Optional[int] = 1152,
+                 fuser_layers: int = 2):
+        super().__init__()
+        self.mask_downsampler = MaskDownSampler(in_dim, interpol_size)
+        self.pix_feat_proj = nn.Conv2d(in_dim, in_dim, kernel_size=1)
+        self.fuser = Fuser(in_dim, fuser_layers)
+        self.position_encoding = PositionEmbeddingSine(out_dim, temperature=10000, normalize=True)
+        self.out_proj = nn.Conv2d(in_dim, out_dim, kernel_size=1) if out_dim != in_dim else nn.Identity()
+
+    @classmethod
+    def from_config(cls, cfg) -> "MaskMemoryEncoder":
+        t = cfg.tracker
+        return cls(in_dim=cfg.d_model, out_dim=t.mem_dim, interpol_size=t.mem_interpol_size)
+
+    def forward(self, pix_feat: torch.Tensor, masks: torch.Tensor,
+                skip_mask_sigmoid: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        if not skip_mask_sigmoid:
+            masks = torch.sigmoid(masks)
+        m = self.mask_downsampler(masks)
+        x = self.pix_feat_proj(pix_feat) + m
+        x = self.out_proj(self.fuser(x))
+        return x, self.position_encoding(x)
+
+
+def encode_new_memory(
+    encoder: MaskMemoryEncoder,
+    pix_feat: torch.Tensor,
+    pred_masks_high_res: torch.Tensor,
+    object_score_logits: torch.Tensor,
+    no_obj_embed_spatial: torch.Tensor,
+    is_mask_from_pts: bool,
+    sigmoid_scale: float = 20.0,
+    sigmoid_bias: float = -10.0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Official ``Sam3TrackerBase._encode_new_memory`` at inference, tensor-only (no host sync).
+
+    - ``pix_feat`` (B, D, g, g): the frame's top-level tracker feature (the official takes
+      ``current_vision_feats[-1]`` (g*g, B, D) and views it as (B, D, g, g)).
+    - ``pred_masks_high_res`` (B, 1, Hm, Wm) mask logits (1152^2 per frame; 1008^2 for new objects).
+    - ``object_score_logits`` (B, 1); ``no_obj_embed_spatial`` (1, M) = ``tracker.no_obj_embed_spatial``.
+    - ``is_mask_from_pts``: binarise (``> 0``) instead of sigmoid (masks from prompts/detections).
+
+    ``non_overlap_masks_for_mem_enc`` is False in SAM 3's builder and is not reproduced.
+    Returns ``(maskmem_features (B, M, g, g), maskmem_pos (B, M, g, g))``; the official returns the
+    pos as a one-element list.
+    """
+    if is_mask_from_pts:
+        m = (pred_masks_high_res > 0).to(pred_masks_high_res.dtype)
+    else:
+        m = torch.sigmoid(pred_masks_high_res)
+    m = m * sigmoid_scale + sigmoid_bias
+    feat, pos = encoder(pix_feat, m, skip_mask_sigmoid=True)
+    absent = 1 - (object_score_logits > 0).to(feat.dtype)
+    feat = feat + absent[:, :, None, None] * no_obj_embed_spatial[:, :, None, None]
+    return feat, pos

@@ -1,0 +1,282 @@
+"""Tracker memory attention: condition the current frame's features on the memory bank.
+
+Official pieces: ``sam3.model.decoder.TransformerEncoderCrossAttention`` (614-723) with
+``TransformerDecoderLayerv2`` layers (886-956, pre-norm, self-attention first),
+``sam3.sam.transformer.RoPEAttention`` (266-358), ``sam3.sam.rope`` and the memory assembly of
+``Sam3TrackerBase._prepare_memory_conditioned_features`` (``sam3_tracker_base.py`` 560-795).
+Keys: ``tracker.transformer.encoder.*`` load into :class:`MemoryAttention` as is.
+
+Letters: B objects, D d_model (256), M mem_dim (64), g grid (72), L = g*g frame tokens,
+N memory frames, P object pointers, T = P * D / M pointer tokens, S = N * L + T memory tokens.
+
+    x = curr + 0.1 * curr_pos                                       (B, L, D)
+    for each layer (x4):
+        y = LN1(x);  x = x + SelfAttn(rope(q(y)), rope(k(y)), v(y))       1 head of width D
+        y = LN2(x);  x = x + CrossAttn(rope(q(y)), rope*(k(memory + memory_pos)), v(memory))
+        y = LN3(x);  x = x + W2 relu(W1 y)
+    out = LN(x)                                                     (B, L, D)
+
+RoPE is the official 2-D axial table of the g x g grid (``compute_axial_cis``, theta 1e4, head
+dim D). rope* rotates memory key s < N * L by the table row of its frame-local index s mod L (the
+official repeats the table N times, ``rope_k_repeat``); the trailing T pointer keys are not
+rotated (``num_k_exclude_rope``). Here the repetition is a broadcast: no N-times table exists.
+``memory_pos`` is added to the keys only; queries carry no position besides RoPE and the 0.1 *
+curr_pos added once at the input.
+
+The official module runs seq-first ((L, B, D) in, (L, B, D) out); everything here is batch-first:
+``official(src=[curr.transpose(0, 1)], src_pos=[curr_pos.transpose(0, 1)],
+prompt=memory.transpose(0, 1), prompt_pos=memory_pos.transpose(0, 1))["memory"].transpose(0, 1)``
+equals ``MemoryAttention(curr, curr_pos, memory, memory_pos, T)``.
+
+``memory_valid`` (B, S) bool masks keys (False = not attended), so a fixed-capacity memory bank
+with padded frame or pointer slots gives the same result as the official run on the valid slots
+alone (RoPE depends only on a key's frame-local index, so padded slots can sit anywhere). Every
+row needs at least one valid key.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .vit import apply_rope, compute_axial_cis
+
+
+def _rope_table(freqs_cis: torch.Tensor, L: int, head_dim: int, theta: float) -> torch.Tensor:
+    if freqs_cis.shape[0] == L:
+        return freqs_cis
+    # Same fallback as the official (a square grid of side sqrt(L)); a Python-int shape check only.
+    side = math.isqrt(L)
+    if side * side != L:
+        raise ValueError(f"RoPE needs a square token grid, got {L} query tokens")
+    return compute_axial_cis(head_dim, side, side, theta).to(freqs_cis.device)
+
+
+class RoPEAttention(nn.Module):
+    """Official ``RoPEAttention`` (downsample_rate 1): ``q_proj`` D->D, ``k_proj``/``v_proj``
+    kv_in_dim->D, ``out_proj`` D->D, batch-first.
+
+    ``forward(q (B, L, D), k (B, S, kv_in), v (B, S, kv_in), freqs_cis (L, hd/2) complex,
+    num_k_exclude_rope=0, attn_mask=None (B|1, 1, 1|L, S) bool True = attend) -> (B, L, D)``.
+    The first S - num_k_exclude_rope keys (a multiple of L) are rotated by their index mod L.
+    """
+
+    def __init__(self, embedding_dim: int, num_heads: int = 1, kv_in_dim: Optional[int] = None):
+        super().__init__()
+        kv_in_dim = embedding_dim if kv_in_dim is None else kv_in_dim
+        if embedding_dim % num_heads:
+            raise ValueError(f"num_heads {num_heads} must divide {embedding_dim}")
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(embedding_dim, embedding_dim)
+        self.k_proj = nn.Linear(kv_in_dim, embedding_dim)
+        self.v_proj = nn.Linear(kv_in_dim, embedding_dim)
+        self.out_proj = nn.Linear(embedding_dim, embedding_dim)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        freqs_cis: torch.Tensor,
+        num_k_exclude_rope: int = 0,
+        attn_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        B, L, _ = q.shape
+        S = k.shape[1]
+        H = self.num_heads
+        q = apply_rope(self.q_proj(q).view(B, L, H, -1), freqs_cis)
+        k = self.k_proj(k).view(B, S, H, -1)
+        v = self.v_proj(v).view(B, S, H, -1)
+        n_rope = S - num_k_exclude_rope
+        if n_rope % L:
+            raise ValueError(f"{n_rope} rotated keys are not a whole number of {L}-token frames")
+        if n_rope == S and n_rope == L:
+            k = apply_rope(k, freqs_cis)
+        elif n_rope > 0:
+            # (B, N, L, H, hd) -> (B, L, N, H, hd): the table broadcasts over the N frames.
+            kr = k[:, :n_rope].view(B, n_rope // L, L, H, -1).transpose(1, 2)
+            kr = apply_rope(kr, freqs_cis).transpose(1, 2).reshape(B, n_rope, H, -1)
+            k = torch.cat((kr, k[:, n_rope:]), dim=1) if n_rope < S else kr
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=attn_mask)
+        return self.out_proj(out.transpose(1, 2).reshape(B, L, -1))
+
+
+class MemoryAttentionLayer(nn.Module):
+    """Official ``TransformerDecoderLayerv2`` as SAM 3 builds it (pre-norm, self-attention first,
+    no position on queries, ``memory_pos`` on keys, ReLU FFN). Takes the keys' input
+    ``memory + memory_pos`` precomputed once for all layers."""
+
+    def __init__(self, d_model: int, mem_dim: int, dim_feedforward: int, num_heads: int = 1):
+        super().__init__()
+        self.self_attn = RoPEAttention(d_model, num_heads)
+        self.cross_attn_image = RoPEAttention(d_model, num_heads, kv_in_dim=mem_dim)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        memory_k: torch.Tensor,
+        memory: torch.Tensor,
+        freqs_cis: torch.Tensor,
+        num_k_exclude_rope: int,
+        attn_mask: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        y = self.norm1(x)
+        x = x + self.self_attn(y, y, y, freqs_cis)
+        y = self.norm2(x)
+        x = x + self.cross_attn_image(y, memory_k, memory, freqs_cis, num_k_exclude_rope, attn_mask)
+        y = self.norm3(x)
+        return x + self.linear2(F.relu(self.linear1(y)))
+
+
+class MemoryAttention(nn.Module):
+    """Official ``TransformerEncoderCrossAttention`` (``tracker.transformer.encoder``).
+
+    ``forward(curr (B, L, D), curr_pos (B, L, D), memory (B, S, M), memory_pos (B, S, M),
+    num_obj_ptr_tokens: int, memory_valid: Optional[(B, S) bool] = None) -> (B, L, D)``
+
+    - ``curr``: the frame's top-level tracker features, row-major g x g tokens (official
+      ``current_vision_feats[-1]`` transposed to batch-first); ``curr_pos`` its sine position.
+    - ``memory``/``memory_pos``: N frames of L tokens each, then ``num_obj_ptr_tokens`` pointer
+      tokens, as built by :func:`assemble_memory` (or a fixed-capacity bank in that layout).
+    - ``memory_valid``: False keys are ignored; None = all valid.
+
+    The output is the final LayerNorm'd features; the tracker reshapes it to (B, D, g, g) as
+    ``out.transpose(1, 2).view(B, D, g, g)`` (``pix_feat_with_mem``).
+    """
+
+    def __init__(self, d_model: int = 256, mem_dim: int = 64, num_layers: int = 4, dim_feedforward: int = 2048,
+                 grid: int = 72, num_heads: int = 1, rope_theta: float = 10000.0):
+        super().__init__()
+        self.d_model = d_model
+        self.head_dim = d_model // num_heads
+        self.rope_theta = rope_theta
+        self.layers = nn.ModuleList(
+            MemoryAttentionLayer(d_model, mem_dim, dim_feedforward, num_heads) for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(d_model)
+        # Not in the checkpoint (the official recomputes it at build); one table shared by every
+        # self- and cross-attention, since all of them rotate head_dim-wide heads on the same grid.
+        self.register_buffer("freqs_cis", compute_axial_cis(self.head_dim, grid, grid, rope_theta), persistent=False)
+
+    @classmethod
+    def from_config(cls, cfg) -> "MemoryAttention":
+        t = cfg.tracker
+        return cls(d_model=cfg.d_model, mem_dim=t.mem_dim, num_layers=t.mem_attn_layers,
+                   dim_feedforward=t.mem_attn_ffn, grid=cfg.feat_size)
+
+    def _apply(self, fn, recurse=True):
+        # module.to(bfloat16) would cast the complex table to real (dropping its sin half); the
+        # official keeps float32 RoPE under bf16 autocast, so let only device moves through.
+        freqs = self.freqs_cis
+        super()._apply(fn, recurse)
+        if self.freqs_cis.dtype != freqs.dtype:
+            self.freqs_cis = freqs.to(self.freqs_cis.device)
+        return self
+
+    def forward(
+        self,
+        curr: torch.Tensor,
+        curr_pos: torch.Tensor,
+        memory: torch.Tensor,
+        memory_pos: torch.Tensor,
+        num_obj_ptr_tokens: int,
+        memory_valid: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        L = curr.shape[1]
+        freqs_cis = _rope_table(self.freqs_cis, L, self.head_dim, self.rope_theta)
+        x = curr + 0.1 * curr_pos
+        memory_k = memory + memory_pos
+        attn_mask = None if memory_valid is None else memory_valid[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, memory_k, memory, freqs_cis, num_obj_ptr_tokens, attn_mask)
+        return self.norm(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory assembly (the tensor half of _prepare_memory_conditioned_features)
+
+
+def get_1d_sine_pe(pos: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Official ``get_1d_sine_pe``: (...,) positions -> (..., dim) as [sin | cos] halves."""
+    pe_dim = dim // 2
+    dim_t = torch.arange(pe_dim, dtype=torch.float32, device=pos.device)
+    dim_t = temperature ** (2 * (dim_t // 2) / pe_dim)
+    pe = pos.unsqueeze(-1) / dim_t
+    return torch.cat([pe.sin(), pe.cos()], dim=-1)
+
+
+IntSeq = Union[torch.Tensor, Sequence[int]]
+
+
+def assemble_memory(
+    maskmem_features: torch.Tensor,
+    maskmem_pos: torch.Tensor,
+    mem_tpos: IntSeq,
+    obj_ptrs: Optional[torch.Tensor],
+    ptr_tpos: Optional[IntSeq],
+    maskmem_tpos_enc: torch.Tensor,
+    obj_ptr_tpos_proj: nn.Module,
+    max_obj_ptrs_in_encoder: int,
+) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """Build the memory-attention keys/values exactly as ``_prepare_memory_conditioned_features``
+    does for already selected frames. Returns ``(memory (B, S, M), memory_pos (B, S, M),
+    num_obj_ptr_tokens)`` for :class:`MemoryAttention`.
+
+    Official variable -> argument (each list in the official's order):
+
+    - ``maskmem_features`` (B, N, M, g, g): ``prev["maskmem_features"]`` of each non-None ``prev``
+      in ``t_pos_and_prevs`` (selected cond frames first, then t_pos = 1 .. num_maskmem-1, i.e.
+      oldest non-cond frame first), stacked on dim 1.
+    - ``maskmem_pos`` (B|1, N|1, M, g, g): ``prev["maskmem_pos_enc"][-1]`` of the same frames (the
+      same sine table for every frame; broadcast dims allowed).
+    - ``mem_tpos`` (N,) ints: ``t`` of each frame: 0 for a selected cond frame, else its ``t_pos``.
+      Frame n's pos gets ``maskmem_tpos_enc[num_maskmem - 1 - t]``.
+    - ``obj_ptrs`` (B, P, D): ``out["obj_ptr"]`` of each entry of ``pos_and_ptrs`` (cond frames with
+      t <= frame_idx first, then non-cond frames t_diff = 1, 2, ...), stacked on dim 1; None or
+      P = 0 for no pointer.
+    - ``ptr_tpos`` (P,) ints: ``pos_list``: ``(frame_idx - t) * tpos_sign_mul`` for cond pointers,
+      ``t_diff`` for the others.
+    - ``maskmem_tpos_enc`` (num_maskmem, 1, 1, M): ``tracker.maskmem_tpos_enc``.
+    - ``obj_ptr_tpos_proj``: ``tracker.obj_ptr_tpos_proj`` (Linear D -> M).
+    - ``max_obj_ptrs_in_encoder``: ``min(num_frames, tracker.max_obj_ptrs_in_encoder)``: pointer
+      distances are divided by it minus 1 before the sine embedding.
+
+    Each pointer (D) becomes D / M consecutive tokens of M channels, all with that pointer's
+    temporal pos ``obj_ptr_tpos_proj(get_1d_sine_pe(dist / (max - 1), D))``. Tensor-only: with
+    tensor ``mem_tpos``/``ptr_tpos`` nothing syncs with the host. Mixed dtypes follow
+    ``torch.cat`` promotion, as in the official (its bank is bf16, its pointers float32).
+    """
+    B, N, M = maskmem_features.shape[:3]
+    L = maskmem_features.shape[-2] * maskmem_features.shape[-1]
+    device = maskmem_features.device
+    num_maskmem = maskmem_tpos_enc.shape[0]
+
+    mem = maskmem_features.flatten(3).transpose(2, 3).reshape(B, N * L, M)
+    mem_tpos = torch.as_tensor(mem_tpos, device=device)
+    tpos = maskmem_tpos_enc.reshape(num_maskmem, M)[num_maskmem - 1 - mem_tpos]  # (N, M)
+    pos = maskmem_pos.flatten(3).transpose(2, 3) + tpos[None, :, None, :]
+    pos = pos.expand(B, N, L, M).reshape(B, N * L, M)
+
+    if obj_ptrs is None or obj_ptrs.shape[1] == 0:
+        return mem, pos, 0
+    P, D = obj_ptrs.shape[1:]
+    split = D // M if M < D else 1
+    ptr_tpos = torch.as_tensor(ptr_tpos, device=device)
+    # The official divides an int64 tensor by an int: true division in the default float dtype.
+    rel = ptr_tpos / (max_obj_ptrs_in_encoder - 1)
+    ptr_pos = obj_ptr_tpos_proj(get_1d_sine_pe(rel, dim=D))  # (P, M)
+    ptr_pos = ptr_pos.repeat_interleave(split, dim=0)[None].expand(B, -1, -1)
+    ptr_tok = obj_ptrs.reshape(B, P * split, D // split)
+    memory = torch.cat((mem, ptr_tok), dim=1)
+    memory_pos = torch.cat((pos, ptr_pos), dim=1)
+    return memory, memory_pos, P * split

@@ -1,0 +1,67 @@
+"""Typed entry points over the ``sam3fast::*`` ops, with the backend choice made in one place.
+
+Each entry point picks a backend from static facts only (device, dtype, whether triton imports), so
+the choice is the same under ``torch.compile`` and CUDA-graph capture, and ``<op>_backend(...)``
+says which one a call would take and why. ``SAM3FAST_FORCE_REFERENCE=1`` (read once, here, at
+import) forces the pure-PyTorch references everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .kernels import mask_postprocess as _mp
+
+FORCE_REFERENCE: bool = os.environ.get("SAM3FAST_FORCE_REFERENCE", "0") == "1"
+
+__all__ = ["FORCE_REFERENCE", "MaskPostprocessOutput", "mask_postprocess", "mask_postprocess_backend", "unpack_masks"]
+
+unpack_masks = _mp.unpack_masks
+
+
+class MaskPostprocessOutput(NamedTuple):
+    packed: Tensor  # (N, H, ceil(W / 32)) int32, bit j of word k = pixel 32 k + j
+    boxes: Tensor  # (N, 4) int32 inclusive xyxy, -1s for an empty mask
+    areas: Tensor  # (N,) int64
+
+
+def mask_postprocess_backend(masks: Tensor) -> Tuple[str, str]:
+    """("triton" | "reference", reason) for masks of this device and dtype."""
+    if FORCE_REFERENCE:
+        return "reference", "SAM3FAST_FORCE_REFERENCE=1"
+    if masks.device.type != "cuda":
+        return "reference", f"{masks.device.type} tensors (the Triton kernel runs on CUDA)"
+    if not _mp.HAS_TRITON:
+        return "reference", f"triton is not importable ({_mp.TRITON_IMPORT_ERROR})"
+    if masks.dtype not in _mp._KERNEL_DTYPES:
+        return "reference", f"{masks.dtype} masks (the Triton kernel takes float32/bfloat16/float16)"
+    return "triton", "CUDA tensors, triton available"
+
+
+def mask_postprocess(
+    masks: Tensor,
+    scores: Tensor,
+    size: Tuple[int, int],
+    active: Optional[Tensor] = None,
+    non_overlap: bool = False,
+) -> MaskPostprocessOutput:
+    """Low-resolution mask logits -> bit-packed full-resolution masks, boxes and areas.
+
+    masks (N, h, w) float logits; scores (N,) float (used by ``non_overlap``: the highest score
+    keeps a contested pixel, ties to the lower index); size (H, W); active (N,) bool or None (all
+    active; inactive objects come back empty). Foreground is bilinear (align_corners=False) logit
+    > 0, computed in float32. See ``sam3fast.kernels.mask_postprocess`` for the exact math.
+    """
+    H, W = int(size[0]), int(size[1])
+    if active is None:
+        active = torch.ones(masks.shape[0], dtype=torch.bool, device=masks.device)
+    backend, _ = mask_postprocess_backend(masks)
+    if backend == "triton":
+        out = torch.ops.sam3fast.mask_postprocess(masks, scores, active, H, W, non_overlap)
+    else:
+        out = _mp.mask_postprocess_ref(masks, scores, active, H, W, non_overlap)
+    return MaskPostprocessOutput(*out)

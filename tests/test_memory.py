@@ -1,0 +1,310 @@
+"""Parity of the tracker's memory path against the official ``sam3`` tracker (float32, CPU).
+
+The official modules come from ``build_official_tracker(cfg)`` (a whole ``Sam3TrackerPredictor`` at
+the config's sizes) re-drawn with ``redraw_``; ours load ``maskmem_backbone`` /
+``transformer.encoder`` state dicts with ``strict=True``. Covered: the memory encoder (both mask
+modes, with and without the antialiased resize, objects present and absent), the tracker's
+``_encode_new_memory``, the memory attention (1 and 3 memory frames plus pointer tokens), key
+masking of padded memory slots, and the memory assembly of ``_prepare_memory_conditioned_features``
+on a hand-built ``output_dict``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from official_ref import build_official_tracker, cpu_mode, redraw_
+from sam3fast.config import get_config
+from sam3fast.model.memory import MaskMemoryEncoder, encode_new_memory
+from sam3fast.model.memory_attention import MemoryAttention, assemble_memory
+
+TOL = 1e-4
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _maxrel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _close(a, b, name, tol=TOL):
+    assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
+    assert torch.isfinite(a).all(), f"{name}: non-finite values"
+    r, m = _rel(a, b), _maxrel(a, b)
+    assert r < tol and m < tol, f"{name}: rel {r:.2e}, max-abs/scale {m:.2e}"
+
+
+def _spread(x, name, min_std=1e-2):
+    assert torch.isfinite(x).all(), f"{name}: non-finite values"
+    assert x.float().std() > min_std, f"{name}: degenerate (std {x.float().std():.2e})"
+
+
+def _sub(module, prefix):
+    return {k[len(prefix):]: v for k, v in module.state_dict().items() if k.startswith(prefix)}
+
+
+def _smooth_logits(gen, b, size, scale=6.0):
+    # Blob-like logits (upsampled noise) so masks have regions, not speckle, at every scale.
+    coarse = torch.randn(b, 1, max(size // 16, 2), max(size // 16, 2), generator=gen) * scale
+    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def _fix_layernorm2d_(module, seed):
+    """``redraw_`` treats the mask downsampler's ``LayerNorm2d`` (named ``encoder.1``, ...) as a
+    plain vector: weights 0.2 N(0, 1) shrink the mask signal ~5x per stage, so the mask barely
+    reaches the memory. Give them norm weights (1 + 0.2 N(0, 1)) like every other norm."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if type(m).__name__ == "LayerNorm2d":
+                m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=gen))
+    return module
+
+
+class Setup:
+    def __init__(self, name: str):
+        self.cfg = get_config(name)
+        self.official = redraw_(build_official_tracker(self.cfg), seed=0)
+        _fix_layernorm2d_(self.official, seed=1)
+        self.encoder = MaskMemoryEncoder.from_config(self.cfg).eval()
+        self.encoder.load_state_dict(_sub(self.official, "maskmem_backbone."), strict=True)
+        self.attn = MemoryAttention.from_config(self.cfg).eval()
+        self.attn.load_state_dict(_sub(self.official, "transformer.encoder."), strict=True)
+        self.g = self.cfg.feat_size
+        self.D = self.cfg.d_model
+        self.M = self.cfg.tracker.mem_dim
+
+    def run_official_attn(self, curr, curr_pos, memory, memory_pos, n_ptr):
+        with cpu_mode(), torch.no_grad():
+            out = self.official.transformer.encoder(
+                src=[curr.transpose(0, 1)], src_key_padding_mask=[None], src_pos=[curr_pos.transpose(0, 1)],
+                prompt=memory.transpose(0, 1), prompt_pos=memory_pos.transpose(0, 1),
+                feat_sizes=[(self.g, self.g)], num_obj_ptr_tokens=n_ptr,
+            )
+        return out["memory"].transpose(0, 1)
+
+    def attn_inputs(self, B, n_mem, n_ptrs, seed):
+        gen = torch.Generator().manual_seed(seed)
+        L, D, M = self.g * self.g, self.D, self.M
+        T = n_ptrs * (D // M)
+        curr = torch.randn(B, L, D, generator=gen)
+        curr_pos = torch.randn(B, L, D, generator=gen)
+        memory = torch.randn(B, n_mem * L + T, M, generator=gen)
+        memory_pos = torch.randn(B, n_mem * L + T, M, generator=gen)
+        return curr, curr_pos, memory, memory_pos, T
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return Setup("tiny")
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory encoder
+
+
+@pytest.mark.parametrize("skip_sigmoid", [False, True])
+@pytest.mark.parametrize("resize", [False, True])
+def test_memory_encoder(tiny, skip_sigmoid, resize):
+    gen = torch.Generator().manual_seed(1)
+    B, I = 3, tiny.cfg.tracker.mem_interpol_size
+    size = tiny.cfg.resolution if resize else I  # the new-object path feeds 1008^2, the per-frame 1152^2
+    assert (size != I) == resize
+    pix = torch.randn(B, tiny.D, tiny.g, tiny.g, generator=gen)
+    masks = _smooth_logits(gen, B, size)
+    if skip_sigmoid:
+        masks = torch.sigmoid(masks) * 20 - 10
+    with cpu_mode(), torch.no_grad():
+        ref = tiny.official.maskmem_backbone(pix, masks, skip_mask_sigmoid=skip_sigmoid)
+    with torch.no_grad():
+        feat, pos = tiny.encoder(pix, masks, skip_mask_sigmoid=skip_sigmoid)
+    _close(feat, ref["vision_features"], "maskmem_features")
+    _close(pos, ref["vision_pos_enc"][0], "maskmem_pos", tol=1e-6)
+    _spread(feat, "maskmem_features")
+    # the mask branch matters: another mask changes the memory
+    with torch.no_grad():
+        feat2, _ = tiny.encoder(pix, masks.flip(-1), skip_mask_sigmoid=skip_sigmoid)
+    assert _rel(feat2, feat) > 1e-2
+
+
+@pytest.mark.parametrize("is_mask_from_pts", [False, True])
+def test_encode_new_memory(tiny, is_mask_from_pts):
+    gen = torch.Generator().manual_seed(2)
+    B, g, D = 3, tiny.g, tiny.D
+    # binarised masks come from the new-object path (1008^2 -> resize); logits from tracking (1152^2)
+    size = tiny.cfg.resolution if is_mask_from_pts else tiny.cfg.tracker.mem_interpol_size
+    pix = torch.randn(B, D, g, g, generator=gen)
+    masks = _smooth_logits(gen, B, size)
+    obj = torch.tensor([[2.0], [-1.5], [0.0]])  # present, absent, absent (logit 0 is not > 0)
+    with cpu_mode(), torch.no_grad():
+        ref_feat, ref_pos = tiny.official._encode_new_memory(
+            image=None, current_vision_feats=[pix.flatten(2).permute(2, 0, 1)], feat_sizes=[(g, g)],
+            pred_masks_high_res=masks, object_score_logits=obj, is_mask_from_pts=is_mask_from_pts,
+        )
+    with torch.no_grad():
+        feat, pos = encode_new_memory(tiny.encoder, pix, masks, obj, tiny.official.no_obj_embed_spatial,
+                                      is_mask_from_pts=is_mask_from_pts)
+    _close(feat, ref_feat, "maskmem_features")
+    _close(pos, ref_pos[0], "maskmem_pos", tol=1e-6)
+    _spread(feat, "maskmem_features")
+    # absent objects really got no_obj_embed_spatial
+    mem_in = (masks > 0).float() if is_mask_from_pts else torch.sigmoid(masks)
+    with torch.no_grad():
+        plain, _ = tiny.encoder(pix, mem_in * 20 - 10, skip_mask_sigmoid=True)
+    emb = tiny.official.no_obj_embed_spatial.detach()[0][:, None, None]
+    torch.testing.assert_close(feat[0], plain[0])
+    torch.testing.assert_close(feat[1], plain[1] + emb)
+    torch.testing.assert_close(feat[2], plain[2] + emb)
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory attention
+
+
+@pytest.mark.parametrize("n_mem,n_ptrs", [(1, 1), (3, 3)])
+def test_memory_attention(tiny, n_mem, n_ptrs):
+    curr, curr_pos, memory, memory_pos, T = tiny.attn_inputs(2, n_mem, n_ptrs, seed=3 + n_mem)
+    ref = tiny.run_official_attn(curr, curr_pos, memory, memory_pos, T)
+    with torch.no_grad():
+        out = tiny.attn(curr, curr_pos, memory, memory_pos, T)
+        out_all_valid = tiny.attn(curr, curr_pos, memory, memory_pos, T,
+                                  memory_valid=torch.ones(memory.shape[:2], dtype=torch.bool))
+    _close(out, ref, "pix_feat_with_mem")
+    _close(out_all_valid, ref, "pix_feat_with_mem (all valid)")
+    _spread(out, "pix_feat_with_mem", min_std=0.1)
+    # the memory matters, and the pointer tokens matter
+    with torch.no_grad():
+        other = tiny.attn(curr, curr_pos, memory.flip(1), memory_pos, T)
+        mem2 = memory.clone()
+        mem2[:, -T:] = torch.randn(2, T, tiny.M)
+        other_ptr = tiny.attn(curr, curr_pos, mem2, memory_pos, T)
+    assert _rel(other, out) > 1e-2 and _rel(other_ptr, out) > 1e-3
+
+
+def test_memory_valid_padding(tiny):
+    """A padded frame slot (in the middle) and a padded pointer slot, masked out, give the
+    official result on the real slots alone."""
+    B, L, D, M = 2, tiny.g * tiny.g, tiny.D, tiny.M
+    k = D // M
+    curr, curr_pos, memory, memory_pos, T = tiny.attn_inputs(B, 2, 2, seed=7)
+    ref = tiny.run_official_attn(curr, curr_pos, memory, memory_pos, T)
+
+    gen = torch.Generator().manual_seed(8)
+    junk = lambda n: torch.randn(B, n, M, generator=gen) * 5  # noqa: E731
+    frames, ptrs = memory[:, : 2 * L], memory[:, 2 * L:]
+    frames_pos, ptrs_pos = memory_pos[:, : 2 * L], memory_pos[:, 2 * L:]
+    # layout: frame0, PAD frame, frame1 | ptr0, PAD ptr, ptr1
+    mem_p = torch.cat((frames[:, :L], junk(L), frames[:, L:], ptrs[:, :k], junk(k), ptrs[:, k:]), dim=1)
+    pos_p = torch.cat((frames_pos[:, :L], junk(L), frames_pos[:, L:], ptrs_pos[:, :k], junk(k), ptrs_pos[:, k:]), 1)
+    valid = torch.ones(B, mem_p.shape[1], dtype=torch.bool)
+    valid[:, L: 2 * L] = False
+    valid[:, 3 * L + k: 3 * L + 2 * k] = False
+    with torch.no_grad():
+        out = tiny.attn(curr, curr_pos, mem_p, pos_p, T + k, memory_valid=valid)
+        unmasked = tiny.attn(curr, curr_pos, mem_p, pos_p, T + k)
+    _close(out, ref, "padded + masked")
+    assert _rel(unmasked, ref) > 1e-2  # the junk would matter without the mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory assembly vs _prepare_memory_conditioned_features
+
+
+def test_assemble_memory(tiny):
+    tr, g, D, M = tiny.official, tiny.g, tiny.D, tiny.M
+    B, frame_idx, num_frames = 2, 10, 20
+    gen = torch.Generator().manual_seed(9)
+
+    def frame_out():
+        return {
+            "maskmem_features": torch.randn(B, M, g, g, generator=gen),
+            "maskmem_pos_enc": [torch.randn(B, M, g, g, generator=gen)],  # distinct per frame: order matters
+            "obj_ptr": torch.randn(B, D, generator=gen),
+        }
+
+    cond = {t: frame_out() for t in (0, 2, 3, 15, 18)}
+    non_cond = {t: frame_out() for t in (1, 4, 5, 7, 8, 9)}  # frame 6 missing: its slot is skipped
+    output_dict = {"cond_frame_outputs": cond, "non_cond_frame_outputs": non_cond}
+
+    # What the official selects (max 4 cond frames, 7 memory slots, 16 pointers, stride 1):
+    # cond frames 3 (closest before), 15 (closest after), then 2 and 18 (distance 8 each); 0 unselected.
+    # Non-cond t_pos 1..6 = frames 4..9 (6 absent). Pointers: selected cond frames <= 10 (3, 2), then
+    # t_diff 1..10 = frames 9..0 where present (non-cond, or the unselected cond frame 0).
+    mem_frames = [(cond[3], 0), (cond[15], 0), (cond[2], 0), (cond[18], 0),
+                  (non_cond[4], 1), (non_cond[5], 2), (non_cond[7], 4), (non_cond[8], 5), (non_cond[9], 6)]
+    ptr_frames = [(cond[3], 7), (cond[2], 8), (non_cond[9], 1), (non_cond[8], 2), (non_cond[7], 3),
+                  (non_cond[5], 5), (non_cond[4], 6), (non_cond[1], 9), (cond[0], 10)]
+
+    curr = torch.randn(B, g * g, D, generator=gen)
+    curr_pos = torch.randn(B, g * g, D, generator=gen)
+    captured = {}
+    enc = tr.transformer.encoder
+    orig_forward = enc.forward
+
+    def spy(**kw):
+        captured.update(kw)
+        return orig_forward(**kw)
+
+    enc.forward = spy
+    try:
+        with cpu_mode(), torch.no_grad():
+            ref = tr._prepare_memory_conditioned_features(
+                frame_idx=frame_idx, is_init_cond_frame=False,
+                current_vision_feats=[curr.transpose(0, 1)], current_vision_pos_embeds=[curr_pos.transpose(0, 1)],
+                feat_sizes=[(g, g)], output_dict=output_dict, num_frames=num_frames,
+            )
+    finally:
+        del enc.forward
+
+    with torch.no_grad():
+        memory, memory_pos, n_ptr = assemble_memory(
+            maskmem_features=torch.stack([o["maskmem_features"] for o, _ in mem_frames], dim=1),
+            maskmem_pos=torch.stack([o["maskmem_pos_enc"][-1] for o, _ in mem_frames], dim=1),
+            mem_tpos=torch.tensor([t for _, t in mem_frames]),
+            obj_ptrs=torch.stack([o["obj_ptr"] for o, _ in ptr_frames], dim=1),
+            ptr_tpos=torch.tensor([t for _, t in ptr_frames]),
+            maskmem_tpos_enc=tr.maskmem_tpos_enc,
+            obj_ptr_tpos_proj=tr.obj_ptr_tpos_proj,
+            max_obj_ptrs_in_encoder=min(num_frames, tr.max_obj_ptrs_in_encoder),
+        )
+        out = tiny.attn(curr, curr_pos, memory, memory_pos, n_ptr)
+
+    assert n_ptr == captured["num_obj_ptr_tokens"] == len(ptr_frames) * (D // M)
+    torch.testing.assert_close(memory, captured["prompt"].transpose(0, 1), rtol=0, atol=0)
+    torch.testing.assert_close(memory_pos, captured["prompt_pos"].transpose(0, 1), rtol=1e-6, atol=1e-6)
+    _close(out.transpose(1, 2).reshape(B, D, g, g), ref, "pix_feat_with_mem")
+    _spread(memory_pos[:, -n_ptr:], "pointer pos")
+
+
+# ----------------------------------------------------------------------------------------------
+# Full size
+
+
+@pytest.mark.slow
+def test_memory_attention_full_size():
+    """Official sizes (D 256, M 64, 72x72, 4 layers): 7 memory frames + 16 pointers (64 tokens)."""
+    torch.manual_seed(0)
+    cfg = get_config("sam3")
+    official = redraw_(build_official_tracker(cfg), seed=0)
+    attn = MemoryAttention.from_config(cfg).eval()
+    attn.load_state_dict(_sub(official, "transformer.encoder."), strict=True)
+    gen = torch.Generator().manual_seed(11)
+    B, L, D, M = 1, cfg.feat_size ** 2, cfg.d_model, cfg.tracker.mem_dim
+    T = 16 * (D // M)
+    S = 7 * L + T
+    curr, curr_pos = torch.randn(B, L, D, generator=gen), torch.randn(B, L, D, generator=gen)
+    memory, memory_pos = torch.randn(B, S, M, generator=gen), torch.randn(B, S, M, generator=gen)
+    with cpu_mode(), torch.no_grad():
+        ref = official.transformer.encoder(
+            src=[curr.transpose(0, 1)], src_key_padding_mask=[None], src_pos=[curr_pos.transpose(0, 1)],
+            prompt=memory.transpose(0, 1), prompt_pos=memory_pos.transpose(0, 1),
+            feat_sizes=[(cfg.feat_size,) * 2], num_obj_ptr_tokens=T,
+        )["memory"].transpose(0, 1)
+    with torch.no_grad():
+        out = attn(curr, curr_pos, memory, memory_pos, T)
+    _close(out, ref, "pix_feat_with_mem (full size)")
+    _spread(out, "pix_feat_with_mem", min_std=0.1)
