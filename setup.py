@@ -2,6 +2,13 @@
 
 Triton kernels live in the top-level ``kernels/`` folder and install as ``sam3fast.kernels``
 (package_dir mapping), so no top-level ``kernels`` module is installed.
+
+Native ops (``csrc/``) build into ``sam3fast._C``: the CPU ops always, the CUDA kernels only when
+torch is a CUDA build and a CUDA toolkit is found. torch must be importable while building, so
+install with ``pip install --no-build-isolation -e .`` (in an isolated build env without torch the
+package still installs, without ``sam3fast._C``; ``python -m sam3fast.info`` says why).
+Build switches: SAM3FAST_BUILD_NATIVE=0 skips ``sam3fast._C``, SAM3FAST_BUILD_CUDA=0 leaves out
+the CUDA kernels.
 """
 
 import os
@@ -9,6 +16,51 @@ import os
 from setuptools import find_packages, setup
 
 here = os.path.dirname(os.path.abspath(__file__))
+
+# Codes for sam3fast._C.CUDA_SKIP (spelled out by sam3fast/info.py).
+CUDA_SKIP_DISABLED, CUDA_SKIP_CPU_TORCH, CUDA_SKIP_NO_TOOLKIT = 1, 2, 3
+
+
+def native_extensions():
+    """(ext_modules, cmdclass) for sam3fast._C, or ([], {}) when it cannot or should not be built."""
+    if os.environ.get("SAM3FAST_BUILD_NATIVE", "1") == "0":
+        print("sam3fast: SAM3FAST_BUILD_NATIVE=0, not building sam3fast._C")
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print(
+            "sam3fast: WARNING: torch is not importable in this build environment, so the native "
+            "ops (sam3fast._C) are NOT built. Use `pip install --no-build-isolation -e .`."
+        )
+        return [], {}
+
+    if os.environ.get("SAM3FAST_BUILD_CUDA", "1") == "0":
+        cuda_skip = CUDA_SKIP_DISABLED
+    elif torch.version.cuda is None:
+        cuda_skip = CUDA_SKIP_CPU_TORCH
+    elif cpp_extension.CUDA_HOME is None:
+        cuda_skip = CUDA_SKIP_NO_TOOLKIT
+    else:
+        cuda_skip = 0
+    sources = ["csrc/bindings.cpp", "csrc/cpu/assignment.cpp"]
+    # -g0: the Python CFLAGS carry -g, which makes the torch headers in bindings.cpp build slower.
+    kwargs = dict(
+        include_dirs=[os.path.join(here, "csrc")],
+        define_macros=[("SAM3FAST_CUDA_SKIP", str(cuda_skip))],
+        extra_compile_args={"cxx": ["-O3", "-g0"], "nvcc": ["-O3", "-lineinfo"]},
+    )
+    if cuda_skip == 0:
+        kwargs["define_macros"].append(("SAM3FAST_WITH_CUDA", "1"))
+        ext = cpp_extension.CUDAExtension("sam3fast._C", sources + ["csrc/cuda/assignment.cu"], **kwargs)
+    else:
+        del kwargs["extra_compile_args"]["nvcc"]
+        ext = cpp_extension.CppExtension("sam3fast._C", sources, **kwargs)
+    return [ext], {"build_ext": cpp_extension.BuildExtension}
+
+
+ext_modules, cmdclass = native_extensions()
 
 packages = find_packages(include=["sam3fast", "sam3fast.*"])
 package_dir = {}
@@ -39,4 +91,6 @@ setup(
         "video": ["opencv-python-headless"],
     },
     entry_points={"console_scripts": ["sam3fast=sam3fast.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

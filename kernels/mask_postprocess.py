@@ -16,10 +16,18 @@ Math, per object n and output pixel (y, x), all in float32 (float64 for float64 
         sy = max((h / H) * (y + 0.5) - 0.5, 0),  y0 = floor(sy),  y1 = y0 + (y0 < h - 1),  ly = sy - y0
         (same for x with w / W)
         logit = (1 - ly) * ((1 - lx) m[y0, x0] + lx m[y0, x1]) + ly * ((1 - lx) m[y1, x0] + lx m[y1, x1])
-    fg[n] = active[n] and logit > 0          (== sigmoid(logit) > 0.5 up to float32 rounding of the
-                                              sigmoid, see the report in bench/README.md)
+    fg[n] = active[n] and logit > 0
     non_overlap: among the objects with fg at a pixel, only the one with the highest score keeps it
                  (ties: lowest index); the others lose that pixel.
+
+Against the official code: the video path thresholds the same way (``F.interpolate(...) > 0``,
+``Sam3VideoBase.build_outputs``). The image processor's ``sigmoid(logit) > 0.5`` is not quite
+``logit > 0``: a rounded sigmoid equals 0.5 for small positive logits, so it needs logit > ~8.9e-8
+in float32 and > ~7.9e-3 in bfloat16. The non-overlap rule equals
+``Sam3TrackerPredictor._apply_object_wise_non_overlapping_constraints(..., background_value=0)`` for
+positive scores (the official also drops every pixel of an object whose score is <= 0). The
+official video output computes boxes before that rule and gives empty masks (W, H, 0, 0);
+here boxes follow the rule and empty masks give -1s.
 
 Outputs
     packed  (N, H, WP) int32   bit j of word k of row y is pixel (y, 32 k + j); bits past W are 0
@@ -64,7 +72,8 @@ def _check_inputs(masks: Tensor, scores: Tensor, active: Tensor, H: int, W: int)
     if active.shape != (N,) or active.dtype != torch.bool:
         raise ValueError(f"active must be a bool ({N},) tensor, got {active.dtype} {tuple(active.shape)}")
     if scores.device != masks.device or active.device != masks.device:
-        raise ValueError(f"masks, scores and active must be on one device, got {masks.device}, {scores.device}, {active.device}")
+        devices = f"{masks.device}, {scores.device}, {active.device}"
+        raise ValueError(f"masks, scores and active must be on one device, got {devices}")
     if H < 1 or W < 1 or H * W >= 2**31:
         raise ValueError(f"output size must be >= 1 and H * W < 2**31, got ({H}, {W})")
     if masks.shape[1] < 1 or masks.shape[2] < 1:
@@ -239,6 +248,7 @@ if HAS_TRITON:
                 tl.atomic_max(st + 3, tl.max(tl.where(row_count > 0, offs_y + 1, 0), axis=0))
                 tl.atomic_add(st + 4, area)
 
+
 def _mask_postprocess_triton(
     masks: Tensor,
     scores: Tensor,
@@ -266,7 +276,7 @@ def _mask_postprocess_triton(
     dev = masks.device
     if packed is None:
         packed = torch.empty((N, H, WP), dtype=torch.int32, device=dev)
-    elif packed.shape != (N, H, WP) or packed.dtype != torch.int32 or packed.device != dev or not packed.is_contiguous():
+    elif (packed.shape, packed.dtype, packed.device) != ((N, H, WP), torch.int32, dev) or not packed.is_contiguous():
         raise ValueError(f"packed must be a contiguous ({N}, {H}, {WP}) int32 tensor on {dev}")
     stats = torch.zeros((N, 5), dtype=torch.int32, device=dev)
     if N > 0:

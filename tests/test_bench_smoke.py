@@ -9,9 +9,12 @@ import pytest
 BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
 
 
-@pytest.mark.parametrize("script", ["bench_image.py"])
-def test_bench_smoke(script, monkeypatch, capsys):
+@pytest.mark.parametrize("script, expect", [
+    ("bench_image.py", "sam3fast_float32"),
+    ("bench_mask_postprocess.py", "mask_postprocess benchmark"),
+])
+def test_bench_smoke(script, expect, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [script, "--smoke"])
     runpy.run_path(os.path.join(BENCH, script), run_name="__main__")
     out = capsys.readouterr().out
-    assert "sam3fast_float32" in out
+    assert expect in out

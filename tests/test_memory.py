@@ -52,23 +52,10 @@ def _smooth_logits(gen, b, size, scale=6.0):
     return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
 
 
-def _fix_layernorm2d_(module, seed):
-    """``redraw_`` treats the mask downsampler's ``LayerNorm2d`` (named ``encoder.1``, ...) as a
-    plain vector: weights 0.2 N(0, 1) shrink the mask signal ~5x per stage, so the mask barely
-    reaches the memory. Give them norm weights (1 + 0.2 N(0, 1)) like every other norm."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if type(m).__name__ == "LayerNorm2d":
-                m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=gen))
-    return module
-
-
 class Setup:
     def __init__(self, name: str):
         self.cfg = get_config(name)
         self.official = redraw_(build_official_tracker(self.cfg), seed=0)
-        _fix_layernorm2d_(self.official, seed=1)
         self.encoder = MaskMemoryEncoder.from_config(self.cfg).eval()
         self.encoder.load_state_dict(_sub(self.official, "maskmem_backbone."), strict=True)
         self.attn = MemoryAttention.from_config(self.cfg).eval()

@@ -113,8 +113,9 @@ def _compare(pair, rs, s, tol=1e-4, check_spread=True):
     with cpu_mode():
         pair.ref_proc.set_confidence_threshold(0.5)
     if check_spread:
-        # a degenerate model could "match" without testing anything
-        assert ref["pred_logits"][0, :, 0].std() > 0.1
+        # a degenerate model could "match" without testing anything: query logits must differ by
+        # far more than the parity tolerance (full size, re-drawn weights: std ~0.07)
+        assert ref["pred_logits"][0, :, 0].std() > 0.03
         assert ref["pred_boxes"][0].std(0).min() > 0.01
         area = (ref["pred_masks"][0] > 0).float().mean((1, 2))
         assert area.std() > 0.02 and 0 < area.mean() < 1

@@ -3,7 +3,8 @@ the official ``sam3`` modules of ``Sam3TrackerPredictor`` (float32 CPU).
 
 The official tracker comes from ``build_official_tracker`` at the test's config sizes, re-drawn with
 ``redraw_``; ours load ``sam_prompt_encoder`` / ``sam_mask_decoder`` / ``obj_ptr_proj`` state dicts with
-``strict=True`` and copy ``no_obj_ptr``. The object-score head's last bias is shifted so that one of
+``strict=True`` and copy ``no_obj_ptr``; the prompt encoder's random-Fourier matrix (a buffer) is
+re-drawn from a seeded generator so the test does not depend on the global RNG. The object-score head's last bias is shifted so that one of
 the three objects is absent (score < 0, masks -1024, pointer = no_obj_ptr) and two are present.
 """
 
@@ -43,6 +44,10 @@ class Setup:
     def __init__(self, cfg, seed=0):
         self.cfg = cfg
         self.official = redraw_(build_official_tracker(cfg), seed)
+        # redraw_ leaves buffers alone and the Fourier matrix is drawn from the global RNG at build
+        with torch.no_grad():
+            G = self.official.sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+            G.copy_(torch.randn(G.shape, generator=torch.Generator().manual_seed(seed + 100)))
         self.pe = PromptEncoder.from_config(cfg).eval()
         self.pe.load_state_dict(self.official.sam_prompt_encoder.state_dict(), strict=True)
         self.md = MaskDecoder.from_config(cfg).eval()
@@ -86,13 +91,14 @@ class Setup:
 def make_inputs(cfg, prompt="points", seed=1, stable_first=False):
     """Unit-scale image embedding and high-res features for B objects; points anywhere in the
     R x R input frame with mixed labels (incl. box corners and padding); optional mask logits.
-    ``stable_first`` scales object 0's feat_s0 (it only feeds the masks, not the IoU/score heads) so
-    its single-mask logits are large and pass the stability test while the others fail it."""
+    ``stable_first`` makes object 0's feat_s0 large and positive (it only feeds the masks, not the
+    IoU/score heads; positive so no pixel is GELU-zeroed in every channel, which would leave logits
+    at ~0) so its single-mask logits pass the stability test while the others fail it."""
     g_ = torch.Generator().manual_seed(seed)
     D, g, R = cfg.d_model, cfg.feat_size, cfg.resolution
     s0 = torch.randn(B, D // 8, 4 * g, 4 * g, generator=g_)
     if stable_first:
-        s0[0] *= 50.0
+        s0[0] = 50.0 * s0[0].abs()
     x = dict(
         backbone_features=torch.randn(B, D, g, g, generator=g_),
         high_res_features=[s0, torch.randn(B, D // 4, 2 * g, 2 * g, generator=g_)],
@@ -196,7 +202,7 @@ def test_mask_decoder(tiny, multimask):
     for name, a, b in zip(("masks", "iou", "tokens", "score"), out, ref):
         _close(a, b, name)
     stab = od._get_stability_scores(all_masks[:, 0:1]).flatten()
-    assert stab[0] >= 0.98 and (stab[1:] < 0.98).all(), stab  # both branches of the fallback
+    assert stab[0] >= 0.99 and (stab[1:] < 0.97).all(), stab  # both branches of the fallback
     m, iou = out.masks, out.iou_pred
     assert (m > 0).any() and (m < 0).any() and iou.std() > 1e-3
     if not multimask:

@@ -161,6 +161,9 @@ SAM3FAST_HD void solve_block(Block& blk, const T* __restrict__ cost, int n, int 
       }
     }
     if (!ok) break;
+    // In a one-warp block the argmin is a register exchange with no memory ordering: order the
+    // search's reads of u[] before the dual update's writes (once per row, not per step).
+    blk.sync();
 
     // Dual update, owner-computes: the settled non-sink column j was reached through its matched
     // row, the only update that row gets (rows are distinct, and cur is unmatched).

@@ -35,7 +35,8 @@ def stable_random_init_(module: nn.Module, seed: int = 0, score_gain: float = 6.
             owner = mods.get(owner_name)
             if p.is_complex():
                 continue
-            if isinstance(owner, (nn.LayerNorm, nn.GroupNorm)) or "norm" in owner_name.split(".")[-1]:
+            if (isinstance(owner, (nn.LayerNorm, nn.GroupNorm)) or type(owner).__name__ == "LayerNorm2d"
+                    or "norm" in owner_name.split(".")[-1]):
                 if leaf == "weight":
                     p.copy_(1 + 0.2 * randn(p.shape))
                 else:
