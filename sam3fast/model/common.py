@@ -22,6 +22,19 @@ def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     return torch.log(x1 / x2)
 
 
+class KeepComplexBuffers:
+    """Mixin for modules holding complex64 RoPE tables in ``freqs_cis``: ``module.to(bfloat16)``
+    would cast them to real, silently dropping the sin half. Keep the complex table (RoPE runs in
+    float32, as the official code does even under bf16 autocast) and let only device moves through."""
+
+    def _apply(self, fn, recurse=True):
+        freqs = self.freqs_cis
+        super()._apply(fn, recurse)
+        if self.freqs_cis.dtype != freqs.dtype:
+            self.freqs_cis = freqs.to(self.freqs_cis.device)
+        return self
+
+
 class MLP(nn.Module):
     """``layers.{i}`` Linear stack with ReLU between layers, optional residual and output norm
     (official ``sam3.model.model_misc.MLP``; dropout dropped: inference only)."""
@@ -98,3 +111,21 @@ class MultiheadAttention(nn.Module):
             mask = pad if mask is None else mask + pad
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out_proj(out.transpose(1, 2).reshape(B, L, D))
+
+
+class LayerNorm2d(nn.Module):
+    """Official ``LayerNorm2d``: normalise over channels of (B, C, H, W), eps 1e-6.
+
+    Computed with ``F.layer_norm`` on a channels-last view (one fused kernel) instead of the
+    official mean/var/sqrt sequence: same math, float32 rounding differences only.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)

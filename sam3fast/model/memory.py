@@ -35,25 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .common import LayerNorm2d
 from .neck import PositionEmbeddingSine
-
-
-class LayerNorm2d(nn.Module):
-    """Official ``LayerNorm2d``: normalise over channels of (B, C, H, W), eps 1e-6.
-
-    Computed with ``F.layer_norm`` on a channels-last view (one fused kernel) instead of the
-    official mean/var/sqrt sequence: same math, float32 rounding differences only.
-    """
-
-    def __init__(self, num_channels: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.layer_norm(x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
 
 
 class MaskDownSampler(nn.Module):

@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .common import KeepComplexBuffers
 from .vit import apply_rope, compute_axial_cis
 
 
@@ -138,7 +139,7 @@ class MemoryAttentionLayer(nn.Module):
         return x + self.linear2(F.relu(self.linear1(y)))
 
 
-class MemoryAttention(nn.Module):
+class MemoryAttention(KeepComplexBuffers, nn.Module):
     """Official ``TransformerEncoderCrossAttention`` (``tracker.transformer.encoder``).
 
     ``forward(curr (B, L, D), curr_pos (B, L, D), memory (B, S, M), memory_pos (B, S, M),
@@ -160,6 +161,7 @@ class MemoryAttention(nn.Module):
         self.d_model = d_model
         self.head_dim = d_model // num_heads
         self.rope_theta = rope_theta
+        self.grid = grid
         self.layers = nn.ModuleList(
             MemoryAttentionLayer(d_model, mem_dim, dim_feedforward, num_heads) for _ in range(num_layers)
         )
@@ -174,14 +176,9 @@ class MemoryAttention(nn.Module):
         return cls(d_model=cfg.d_model, mem_dim=t.mem_dim, num_layers=t.mem_attn_layers,
                    dim_feedforward=t.mem_attn_ffn, grid=cfg.feat_size)
 
-    def _apply(self, fn, recurse=True):
-        # module.to(bfloat16) would cast the complex table to real (dropping its sin half); the
-        # official keeps float32 RoPE under bf16 autocast, so let only device moves through.
-        freqs = self.freqs_cis
-        super()._apply(fn, recurse)
-        if self.freqs_cis.dtype != freqs.dtype:
-            self.freqs_cis = freqs.to(self.freqs_cis.device)
-        return self
+    def reset_derived_buffers(self, device) -> None:
+        """Re-derive the RoPE table after a meta-device build (it is not in the checkpoint)."""
+        self.freqs_cis = compute_axial_cis(self.head_dim, self.grid, self.grid, self.rope_theta).to(device)
 
     def forward(
         self,

@@ -39,30 +39,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import MLP
+from .common import MLP, LayerNorm2d
 
 NO_OBJ_SCORE = -1024.0  # official sam3_tracker_base.NO_OBJ_SCORE: mask logit of absent objects
-
-
-class LayerNorm2d(nn.Module):
-    """Channel LayerNorm on (B, C, H, W), eps 1e-6 (official ``sam3.sam.common.LayerNorm2d``; same
-    formula, so the numbers are the official ones, not ``F.layer_norm``'s)."""
-
-    def __init__(self, num_channels: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = x.mean(1, keepdim=True)
-        s = (x - u).pow(2).mean(1, keepdim=True)
-        x = (x - u) / torch.sqrt(s + self.eps)
-        return self.weight[:, None, None] * x + self.bias[:, None, None]
-
-
-# ----------------------------------------------------------------------------------------------
-# Prompt encoder
 
 
 class PositionEmbeddingRandom(nn.Module):

@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .common import KeepComplexBuffers
+
 
 def compute_axial_cis(
     dim: int, end_x: int, end_y: int, theta: float = 10000.0, scale_pos: float = 1.0
@@ -110,7 +112,7 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class Attention(nn.Module):
+class Attention(KeepComplexBuffers, nn.Module):
     """Self-attention over (B, L, C) with 2D axial RoPE on q, k; L must equal side * side."""
 
     def __init__(self, dim: int, num_heads: int, side: int, rope_scale: float):
@@ -122,15 +124,6 @@ class Attention(nn.Module):
         self.register_buffer(
             "freqs_cis", compute_axial_cis(self.head_dim, side, side, scale_pos=rope_scale)
         )
-
-    def _apply(self, fn, recurse=True):
-        # module.to(bfloat16) casts complex buffers to real, silently dropping the sin half of
-        # the table; keep the complex64 table and let only device moves through.
-        freqs = self.freqs_cis
-        super()._apply(fn, recurse)
-        if self.freqs_cis.dtype != freqs.dtype:
-            self.freqs_cis = freqs.to(self.freqs_cis.device)
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, C = x.shape
