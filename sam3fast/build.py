@@ -13,7 +13,7 @@ from typing import Optional, Union
 
 import torch
 
-from .checkpoint import load_into, read_state_dict, resolve_checkpoint_path, _image_keys_from_official
+from .checkpoint import CheckpointError, load_into, read_state_dict, resolve_checkpoint_path, _image_keys_from_official
 from .config import Sam3Config, get_config
 from .model.sam3_image import Sam3ImageModel
 
@@ -65,6 +65,7 @@ def build_image_model(
     device=None,
     dtype=torch.float32,
     enable_segmentation: bool = True,
+    enable_inst_interactivity: bool = False,
     random_weights_seed: Optional[int] = None,
     bpe_path: Optional[str] = None,
 ) -> Sam3ImageModel:
@@ -75,19 +76,28 @@ def build_image_model(
     dtype = _resolve_dtype(dtype)
     if checkpoint_path is not None:
         sd = read_state_dict(checkpoint_path)
-        image_sd, _tracker_sd = _image_keys_from_official(sd)
+        image_sd, tracker_sd = _image_keys_from_official(sd)
+        if enable_inst_interactivity:
+            if not tracker_sd:
+                raise CheckpointError(
+                    f"{checkpoint_path} has no tracker weights (tracker.* keys), which "
+                    "enable_inst_interactivity=True needs"
+                )
+            image_sd.update({"inst_interactive_predictor.model." + k: v for k, v in tracker_sd.items()})
         with torch.device("meta"):
-            model = Sam3ImageModel(cfg, enable_segmentation=enable_segmentation, bpe_path=bpe_path)
+            model = Sam3ImageModel(cfg, enable_segmentation=enable_segmentation,
+                                   enable_inst_interactivity=enable_inst_interactivity, bpe_path=bpe_path)
         if not enable_segmentation:
             image_sd = {k: v for k, v in image_sd.items() if not k.startswith("segmentation_head.")}
         load_into(model, image_sd, dtype=dtype, device=device)
         _materialize_nonpersistent(model, device)
-        # The tracker's keys (tracker.*) are set aside here: the interactive/video tracker is built
-        # separately. Nothing else is dropped: every other key was matched strictly.
+        # Without interactivity the tracker's keys (tracker.*) are set aside; nothing else is
+        # dropped: every other key was matched strictly.
     else:
         from .model.init import stable_random_init_
 
-        model = Sam3ImageModel(cfg, enable_segmentation=enable_segmentation, bpe_path=bpe_path)
+        model = Sam3ImageModel(cfg, enable_segmentation=enable_segmentation,
+                               enable_inst_interactivity=enable_inst_interactivity, bpe_path=bpe_path)
         stable_random_init_(model, seed=0 if random_weights_seed is None else random_weights_seed)
         model = model.to(device=device)
         _cast_floating_(model, dtype)
@@ -115,18 +125,14 @@ def build_sam3_image_model(
     Face hub cache; when it is not there a :class:`~sam3fast.checkpoint.CheckpointError` says how to
     get it (nothing is downloaded at build time here: the weights are gated).
     """
-    if enable_inst_interactivity:
-        raise NotImplementedError(
-            "enable_inst_interactivity=True (predict_inst, SAM 1-style point/box prompts) needs the "
-            "tracker modules, which sam3fast does not have yet"
-        )
     if bpe_path is not None and not os.path.exists(bpe_path):
         raise FileNotFoundError(f"bpe_path does not exist: {bpe_path}")
     if not eval_mode:
         warnings.warn("sam3fast is inference-only: eval_mode=False is ignored", stacklevel=2)
     path = resolve_checkpoint_path(checkpoint_path, load_from_HF)
     model = build_image_model(config=config, checkpoint_path=path, device=device, dtype=dtype,
-                              enable_segmentation=enable_segmentation, bpe_path=bpe_path)
+                              enable_segmentation=enable_segmentation,
+                              enable_inst_interactivity=enable_inst_interactivity, bpe_path=bpe_path)
     if compile:
         model.compile_stages()
     return model

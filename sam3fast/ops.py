@@ -18,7 +18,8 @@ from .kernels import mask_postprocess as _mp
 
 FORCE_REFERENCE: bool = os.environ.get("SAM3FAST_FORCE_REFERENCE", "0") == "1"
 
-__all__ = ["FORCE_REFERENCE", "MaskPostprocessOutput", "mask_postprocess", "mask_postprocess_backend", "unpack_masks"]
+__all__ = ["FORCE_REFERENCE", "MaskPostprocessOutput", "mask_postprocess", "mask_postprocess_backend", "unpack_masks",
+           "connected_component_sizes", "fill_holes"]
 
 unpack_masks = _mp.unpack_masks
 
@@ -65,3 +66,43 @@ def mask_postprocess(
     else:
         out = _mp.mask_postprocess_ref(masks, scores, active, H, W, non_overlap)
     return MaskPostprocessOutput(*out)
+
+
+def connected_component_sizes(fg: Tensor) -> Tensor:
+    """fg (N, H, W) bool -> (N, H, W) int64: for each foreground pixel the area of its
+    8-connected component, 0 on background (what the official ``connected_components`` yields for
+    hole filling: skimage's ``label`` with full connectivity, or its CUDA/Triton kernels).
+
+    Runs scipy's labelling on the CPU; a CUDA input is copied to the host and back (one sync per
+    call) until the GPU kernel lands.
+    """
+    import numpy as np
+    from scipy import ndimage
+
+    if fg.dim() != 3:
+        raise ValueError(f"connected_component_sizes expects (N, H, W), got {tuple(fg.shape)}")
+    arr = fg.detach().to("cpu", torch.bool).numpy()
+    out = np.zeros(arr.shape, dtype=np.int64)
+    structure = np.ones((3, 3), dtype=bool)
+    for i in range(arr.shape[0]):
+        labels, n = ndimage.label(arr[i], structure=structure)
+        if n:
+            counts = np.bincount(labels.ravel())
+            counts[0] = 0
+            out[i] = counts[labels]
+    return torch.from_numpy(out).to(fg.device)
+
+
+def fill_holes(logits: Tensor, max_hole_area: float, threshold: float = 0.0, max_sprinkle_area: float = 0.0) -> Tensor:
+    """The official SAM mask post-processing on low-res logits (..., H, W): background components
+    (logit <= threshold) of area <= ``max_hole_area`` become ``threshold + 10``; foreground components
+    of area <= ``max_sprinkle_area`` become ``threshold - 10``."""
+    shape = logits.shape
+    flat = logits.reshape(-1, shape[-2], shape[-1])
+    if max_hole_area > 0:
+        sizes = connected_component_sizes(flat <= threshold)
+        flat = torch.where((sizes > 0) & (sizes <= max_hole_area), flat.new_tensor(threshold + 10.0), flat)
+    if max_sprinkle_area > 0:
+        sizes = connected_component_sizes(flat > threshold)
+        flat = torch.where((sizes > 0) & (sizes <= max_sprinkle_area), flat.new_tensor(threshold - 10.0), flat)
+    return flat.reshape(shape)

@@ -128,7 +128,7 @@ def bpe_path() -> str:
     return DEFAULT_BPE_PATH
 
 
-def build_official_image_model(cfg, enable_segmentation: bool = True):
+def build_official_image_model(cfg, enable_segmentation: bool = True, enable_inst_interactivity: bool = False):
     """Build ``sam3.model.sam3_image.Sam3Image`` exactly as ``model_builder.build_sam3_image_model``
     does, with the sizes of ``cfg`` (a :class:`sam3fast.config.Sam3Config`). Random weights."""
     official()
@@ -166,7 +166,7 @@ def build_official_image_model(cfg, enable_segmentation: bool = True):
         )
         neck = Sam3DualViTDetNeck(
             position_encoding=pos_enc(precompute_resolution=v.img_size), d_model=d,
-            scale_factors=list(cfg.scale_factors), trunk=vit, add_sam2_neck=False,
+            scale_factors=list(cfg.scale_factors), trunk=vit, add_sam2_neck=enable_inst_interactivity,
         )
         t = cfg.text
         text = VETextEncoder(
@@ -228,18 +228,32 @@ def build_official_image_model(cfg, enable_segmentation: bool = True):
             boxes_pos_enc=True, d_model=d, num_layers=cfg.geo_layers, layer=geo_layer,
             use_act_ckpt=True, add_cls=True, add_post_encode_proj=True, roi_size=cfg.roi_size,
         )
+        inst = None
+        if enable_inst_interactivity:
+            from sam3.model.sam1_task_predictor import SAM3InteractiveImagePredictor
+
+            inst = SAM3InteractiveImagePredictor(build_official_tracker(cfg, apply_temporal_disambiguation=False))
+            g = cfg.feat_size
+            inst._bb_feat_sizes = [(4 * g, 4 * g), (2 * g, 2 * g), (g, g)]  # hard-coded 288/144/72 officially
         model = Sam3Image(
             backbone=backbone, transformer=transformer, input_geometry_encoder=geo,
             segmentation_head=seg, num_feature_levels=1, o2m_mask_predict=True,
             dot_prod_scoring=scoring, use_instance_query=False, multimask_output=True,
-            inst_interactive_predictor=None, matcher=None,
+            inst_interactive_predictor=inst, matcher=None,
         )
     return model.eval()
 
 
 def official_checkpoint_state(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The image model's state dict in the released ``sam3.pt`` layout (``detector.*`` keys)."""
-    return {"detector." + k: v.detach().clone() for k, v in model.state_dict().items()}
+    """The image model's state dict in the released ``sam3.pt`` layout: ``detector.*`` keys, and
+    ``tracker.*`` for an interactive model (the official loader's mapping, reversed)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("inst_interactive_predictor.model."):
+            out["tracker." + k[len("inst_interactive_predictor.model."):]] = v.detach().clone()
+        else:
+            out["detector." + k] = v.detach().clone()
+    return out
 
 
 def build_official_tracker(cfg, apply_temporal_disambiguation: bool = False):

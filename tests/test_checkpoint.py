@@ -124,7 +124,19 @@ def test_hub_cache_hit_is_used(tmp_path, monkeypatch, official_sd):
     assert torch.equal(model.state_dict()[k], official_sd["detector." + k])
 
 
-def test_inst_interactivity_not_built_yet_is_explicit():
-    with pytest.raises(NotImplementedError, match="tracker"):
-        sam3fast.build_sam3_image_model(device="cpu", config="tiny", load_from_HF=False,
-                                        enable_inst_interactivity=True)
+def test_interactive_model_needs_tracker_keys(tmp_path, official_sd):
+    with pytest.raises(CheckpointError, match="tracker"):
+        _build(_save(tmp_path, {"model": official_sd}), enable_inst_interactivity=True)
+
+
+def test_interactive_layout_loads_exactly(tmp_path):
+    m = build_official_image_model(CFG, enable_inst_interactivity=True)
+    redraw_(m, seed=2)
+    sd = official_checkpoint_state(m)
+    assert any(k.startswith("tracker.") for k in sd)
+    model = _build(_save(tmp_path, {"model": sd}), enable_inst_interactivity=True)
+    ours = model.state_dict()
+    ref = m.state_dict()
+    assert set(ours) == set(ref)
+    for k, v in ref.items():
+        assert torch.equal(ours[k], v), k

@@ -25,6 +25,7 @@ from .neck import VisionBackbone
 from .seg_head import SegmentationHead
 from .text import TextEncoder
 from .tokenizer import SimpleTokenizer
+from .tracker import Tracker
 
 
 class Sam3Backbone(nn.Module):
@@ -48,17 +49,42 @@ class TransformerWrapper(nn.Module):
         self.decoder = Decoder.from_config(cfg)
 
 
+class InstInteractivePredictor(nn.Module):
+    """Holds the tracker under the official image-model prefix ``inst_interactive_predictor.model``."""
+
+    def __init__(self, cfg: Sam3Config):
+        super().__init__()
+        self.model = Tracker.from_config(cfg)
+
+
 class Sam3ImageModel(nn.Module):
-    def __init__(self, cfg: Sam3Config, enable_segmentation: bool = True, add_sam2_neck: bool = False,
-                 bpe_path: Optional[str] = None):
+    def __init__(self, cfg: Sam3Config, enable_segmentation: bool = True,
+                 enable_inst_interactivity: bool = False, bpe_path: Optional[str] = None):
         super().__init__()
         self.cfg = cfg
-        self.backbone = Sam3Backbone(cfg, add_sam2_neck=add_sam2_neck, bpe_path=bpe_path)
+        # interactivity needs the SAM 2 neck (the tracker's features) as well as the tracker
+        self.backbone = Sam3Backbone(cfg, add_sam2_neck=enable_inst_interactivity, bpe_path=bpe_path)
         self.geometry_encoder = GeometryEncoder.from_config(cfg)
         self.transformer = TransformerWrapper(cfg)
         self.segmentation_head = SegmentationHead.from_config(cfg) if enable_segmentation else None
         self.dot_prod_scoring = DotProductScoring.from_config(cfg)
-        self.inst_interactive_predictor = None
+        self.inst_interactive_predictor = InstInteractivePredictor(cfg) if enable_inst_interactivity else None
+
+    # ------------------------------------------------------------------ interactive (SAM 1 task)
+    def predict_inst(self, inference_state, **kwargs):
+        """Drop-in for the official ``predict_inst``: see :mod:`sam3fast.predictor.interactive`."""
+        if self.inst_interactive_predictor is None:
+            raise RuntimeError("predict_inst needs a model built with enable_inst_interactivity=True")
+        from ..predictor.interactive import predict_inst
+
+        return predict_inst(self, inference_state, **kwargs)
+
+    def predict_inst_batch(self, inference_state, *args, **kwargs):
+        if self.inst_interactive_predictor is None:
+            raise RuntimeError("predict_inst_batch needs a model built with enable_inst_interactivity=True")
+        from ..predictor.interactive import predict_inst_batch
+
+        return predict_inst_batch(self, inference_state, *args, **kwargs)
 
     def compile_stages(self, backend: str = "inductor", mode: Optional[str] = None, dynamic: bool = False):
         """torch.compile the vision backbone, the text encoder and the heads, each as one graph
