@@ -140,3 +140,19 @@ def test_interactive_layout_loads_exactly(tmp_path):
     assert set(ours) == set(ref)
     for k, v in ref.items():
         assert torch.equal(ours[k], v), k
+
+
+def test_weights_are_assigned_not_copied(tmp_path, official_sd):
+    """Built on the meta device, the memory-mapped checkpoint tensors become the parameters
+    themselves (no second copy in RAM) when no dtype cast is needed."""
+    from sam3fast.checkpoint import _image_keys_from_official, load_into, read_state_dict
+    from sam3fast.model.sam3_image import Sam3ImageModel
+
+    sd = read_state_dict(_save(tmp_path, {"model": official_sd}))
+    image_sd, _ = _image_keys_from_official(sd)
+    with torch.device("meta"):
+        model = Sam3ImageModel(CFG)
+    load_into(model, image_sd)
+    params = dict(model.named_parameters())
+    for k in ("transformer.decoder.query_embed.weight", "backbone.vision_backbone.trunk.pos_embed"):
+        assert params[k].data_ptr() == image_sd[k].data_ptr()
