@@ -4,14 +4,18 @@ Triton kernels live in the top-level ``kernels/`` folder and install as ``sam3fa
 (package_dir mapping), so no top-level ``kernels`` module is installed.
 
 Native ops (``csrc/``) build into ``sam3fast._C``: the CPU ops always, the CUDA kernels only when
-torch is a CUDA build and a CUDA toolkit is found. torch must be importable while building, so
-install with ``pip install --no-build-isolation -e .`` (in an isolated build env without torch the
-package still installs, without ``sam3fast._C``; ``python -m sam3fast.info`` says why).
+torch is a CUDA build and a CUDA toolkit is found. The extension must be compiled against the torch it
+will run with: the install target's torch. ``pip install --no-build-isolation -e .`` sees it
+directly; under pip's default build isolation setup.py looks it up in the target environment's
+site-packages (``site.getsitepackages()``, which the isolated build hides). Without any torch the
+package still installs, without ``sam3fast._C`` (``python -m sam3fast.info`` says why).
 Build switches: SAM3FAST_BUILD_NATIVE=0 skips ``sam3fast._C``, SAM3FAST_BUILD_CUDA=0 leaves out
 the CUDA kernels.
 """
 
 import os
+import site
+import sys
 
 from setuptools import find_packages, setup
 
@@ -21,20 +25,40 @@ here = os.path.dirname(os.path.abspath(__file__))
 CUDA_SKIP_DISABLED, CUDA_SKIP_CPU_TORCH, CUDA_SKIP_NO_TOOLKIT = 1, 2, 3
 
 
+def import_target_torch():
+    """The install target's torch, or None. pip's build isolation removes the target's
+    site-packages from sys.path (and may offer no torch, or another one): put them back, last."""
+    try:
+        import torch
+
+        return torch
+    except ImportError:
+        pass
+    hidden = [p for p in site.getsitepackages() if p not in sys.path and os.path.isdir(os.path.join(p, "torch"))]
+    if not hidden:
+        return None
+    sys.path.extend(hidden)
+    try:
+        import torch
+    except ImportError:
+        return None
+    print(f"sam3fast: building sam3fast._C against the install target's torch {torch.__version__} ({hidden[0]})")
+    return torch
+
+
 def native_extensions():
     """(ext_modules, cmdclass) for sam3fast._C, or ([], {}) when it cannot or should not be built."""
     if os.environ.get("SAM3FAST_BUILD_NATIVE", "1") == "0":
         print("sam3fast: SAM3FAST_BUILD_NATIVE=0, not building sam3fast._C")
         return [], {}
-    try:
-        import torch
-        from torch.utils import cpp_extension
-    except ImportError:
+    torch = import_target_torch()
+    if torch is None:
         print(
-            "sam3fast: WARNING: torch is not importable in this build environment, so the native "
-            "ops (sam3fast._C) are NOT built. Use `pip install --no-build-isolation -e .`."
+            "sam3fast: WARNING: no torch found for the build, so the native ops (sam3fast._C) are "
+            "NOT built. Install torch first, then `pip install --no-build-isolation -e .`."
         )
         return [], {}
+    from torch.utils import cpp_extension
 
     if os.environ.get("SAM3FAST_BUILD_CUDA", "1") == "0":
         cuda_skip = CUDA_SKIP_DISABLED
@@ -77,7 +101,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
-    package_data={"sam3fast": ["assets/*.gz", "assets/*.jpg", "assets/*.png"]},
+    package_data={"sam3fast": ["assets/*.gz", "assets/*.jpg", "assets/*.png", "assets/*.mp4"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.5",

@@ -11,7 +11,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <thread>
 #include <tuple>
+#include <vector>
 
 #include "cpu/assignment.h"
 
@@ -45,6 +47,30 @@ std::tuple<at::Tensor, at::Tensor> lsa_meta(const at::Tensor& cost) {
   return {assignment, feasible};
 }
 
+// Splits the problems over at::get_num_threads() std::threads. Not at::parallel_for: with an
+// OpenMP build of torch it is an inline `#pragma omp parallel`, serial unless this file is built
+// with -fopenmp, which would load a second OpenMP runtime next to torch's bundled one.
+template <typename F>
+void parallel_over_batch(int64_t B, int64_t n, int64_t m, const F& solve) {
+  // Each chunk gets >= ~2e5 inner steps (a problem is ~min^2 * max / 2), so that a thread's
+  // start-up (~30 us) stays small next to its work.
+  const int64_t r = std::min(n, m), c = std::max(n, m);
+  const int64_t grain = std::max<int64_t>(1, 200000 / std::max<int64_t>(1, r * r * c / 2));
+  const int64_t chunks = std::min<int64_t>(at::get_num_threads(), (B + grain - 1) / grain);
+  if (chunks <= 1 || at::in_parallel_region()) {
+    solve(0, B);
+    return;
+  }
+  const int64_t per = (B + chunks - 1) / chunks;
+  std::vector<std::thread> workers;
+  workers.reserve(chunks - 1);
+  for (int64_t k = 1; k < chunks; ++k) {
+    workers.emplace_back(solve, k * per, std::min(B, (k + 1) * per));
+  }
+  solve(0, std::min(B, per));
+  for (auto& w : workers) w.join();
+}
+
 std::tuple<at::Tensor, at::Tensor> lsa_cpu(const at::Tensor& cost_in) {
   check_cost(cost_in);
   const at::Tensor cost = cost_in.contiguous();
@@ -53,18 +79,14 @@ std::tuple<at::Tensor, at::Tensor> lsa_cpu(const at::Tensor& cost_in) {
   at::Tensor feasible = at::empty({B}, cost.options().dtype(at::kBool));
   int64_t* a = assignment.data_ptr<int64_t>();
   bool* f = feasible.data_ptr<bool>();
-  // A chunk should hold ~1e5 inner-loop steps (each problem is O(min^2 * max)) so that thread
-  // start-up does not dominate batches of tiny problems.
-  const int64_t r = std::min(n, m), c = std::max(n, m);
-  const int64_t grain = std::max<int64_t>(1, 100000 / std::max<int64_t>(1, r * r * c));
   if (cost.scalar_type() == at::kDouble) {
     const double* p = cost.const_data_ptr<double>();
-    at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+    parallel_over_batch(B, n, m, [=](int64_t b0, int64_t b1) {
       sam3fast::batched_linear_sum_assignment_cpu(p, b0, b1, n, m, a, f);
     });
   } else {
     const float* p = cost.const_data_ptr<float>();
-    at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+    parallel_over_batch(B, n, m, [=](int64_t b0, int64_t b1) {
       sam3fast::batched_linear_sum_assignment_cpu(p, b0, b1, n, m, a, f);
     });
   }

@@ -19,7 +19,7 @@ from .kernels import mask_postprocess as _mp
 FORCE_REFERENCE: bool = os.environ.get("SAM3FAST_FORCE_REFERENCE", "0") == "1"
 
 __all__ = ["FORCE_REFERENCE", "MaskPostprocessOutput", "mask_postprocess", "mask_postprocess_backend", "unpack_masks",
-           "connected_component_sizes", "fill_holes"]
+           "connected_component_sizes", "fill_holes", "batched_linear_sum_assignment"]
 
 unpack_masks = _mp.unpack_masks
 
@@ -106,3 +106,11 @@ def fill_holes(logits: Tensor, max_hole_area: float, threshold: float = 0.0, max
         sizes = connected_component_sizes(flat > threshold)
         flat = torch.where((sizes > 0) & (sizes <= max_sprinkle_area), flat.new_tensor(threshold - 10.0), flat)
     return flat.reshape(shape)
+
+
+def batched_linear_sum_assignment(cost: Tensor, *, return_feasible: bool = False):
+    """Exact batched linear assignment (see :mod:`sam3fast.assignment`): cost (B, n, m) ->
+    (B, n) int64 column per row (-1 unassigned), on the device of ``cost``."""
+    from .assignment import batched_linear_sum_assignment as _lsa
+
+    return _lsa(cost, return_feasible=return_feasible)

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 
-import numpy as np
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment as scipy_lsa
@@ -17,7 +16,6 @@ from scipy.optimize import linear_sum_assignment as scipy_lsa
 from sam3fast.assignment import batched_linear_sum_assignment, linear_sum_assignment_with_status
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 needs_cuda_op = pytest.mark.skipif(
     not (torch.cuda.is_available()
          and torch._C._dispatch_has_kernel_for_dispatch_key("sam3fast::linear_sum_assignment", "CUDA")),
@@ -281,3 +279,30 @@ def test_info_reports_the_native_op(capsys):
         assert facts["native"]["cuda_reason"]
     info.main()
     assert "sam3fast::linear_sum_assignment" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not found")
+def test_cmake_ctest(tmp_path):
+    """CMakeLists.txt builds csrc/ standalone; its C++ test checks the CPU solver and the CUDA block
+    algorithm (on host threads, under ThreadSanitizer when available) against brute force."""
+    build = tmp_path / "build"
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    steps = [
+        ["cmake", "-S", ROOT, "-B", str(build), "-DSAM3FAST_CUDA=OFF", *gen],
+        ["cmake", "--build", str(build), "-j", str(max(2, os.cpu_count() or 2))],
+        ["ctest", "--test-dir", str(build), "--output-on-failure"],
+    ]
+    for cmd in steps:
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+
+
+def test_bench_smoke(monkeypatch, capsys):
+    """bench/bench_assignment.py --smoke runs (and checks every answer against scipy's optimum)."""
+    import runpy
+    import sys
+
+    script = os.path.join(ROOT, "bench", "bench_assignment.py")
+    monkeypatch.setattr(sys, "argv", [script, "--smoke"])
+    runpy.run_path(script, run_name="__main__")
+    assert "sam3fast_cpu" in capsys.readouterr().out

@@ -8,15 +8,16 @@
 // Synchronisation design (checked on the host under ThreadSanitizer by tests/cpp, which runs this
 // header with std::threads standing in for CUDA threads):
 //   - v[j], spc[j], path[j], settled[j] are written only by the owner of column j, so a Dijkstra
-//     step needs no barrier besides the one inside the argmin;
+//     step shares nothing through memory: its only cross-thread exchange is the argmin;
 //   - u[] and row4col[] are read by every thread during a search and written only between
 //     searches (dual update, path flip), each fenced by a barrier;
 //   - the argmin result is the same on every thread, so all control flow is block-uniform.
 // Ties: smaller cost, then a free column, then the smaller column index (deterministic; scipy
 // breaks ties by its own visiting order, so tied problems may get a different optimum).
 //
-// The Block policy supplies tid(), size(), sync(), any(bool) (a barrier that ORs a flag) and
-// argmin(LsaCand) (a barrier that returns the block-wide minimum to every thread).
+// The Block policy supplies tid(), size(), sync() (barrier), any(bool) (a barrier that ORs a
+// flag) and argmin(LsaCand) (the block-wide minimum, returned to every thread; a one-warp block
+// does it with register shuffles, which order no memory accesses).
 #pragma once
 
 #include <stdint.h>

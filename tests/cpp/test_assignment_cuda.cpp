@@ -61,9 +61,9 @@ void run_case(int B, int n, int m, int kind, unsigned seed) {
   T* d_cost = nullptr;
   int64_t* d_a = nullptr;
   bool* d_f = nullptr;
-  CUDA_OK(cudaMalloc(&d_cost, cost.size() * sizeof(T) + 1));
-  CUDA_OK(cudaMalloc(&d_a, size_t(B) * n * sizeof(int64_t) + 1));
-  CUDA_OK(cudaMalloc(&d_f, size_t(B) + 1));
+  CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&d_cost), cost.size() * sizeof(T) + 1));
+  CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&d_a), size_t(B) * n * sizeof(int64_t) + 1));
+  CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&d_f), size_t(B) + 1));
   CUDA_OK(cudaMemcpy(d_cost, cost.data(), cost.size() * sizeof(T), cudaMemcpyHostToDevice));
   CUDA_OK(sam3fast::linear_sum_assignment_cuda(d_cost, B, n, m, d_a, d_f, nullptr));
   std::vector<int64_t> a(size_t(B) * n);
