@@ -8,15 +8,15 @@ import) forces the pure-PyTorch references everywhere.
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from . import env
 from .kernels import mask_postprocess as _mp
 
-FORCE_REFERENCE: bool = os.environ.get("SAM3FAST_FORCE_REFERENCE", "0") == "1"
+FORCE_REFERENCE: bool = env.FORCE_REFERENCE
 
 __all__ = ["FORCE_REFERENCE", "MaskPostprocessOutput", "mask_postprocess", "mask_postprocess_backend", "unpack_masks",
            "connected_component_sizes", "fill_holes", "batched_linear_sum_assignment"]

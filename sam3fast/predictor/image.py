@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from ..profiling import stage
 from .preprocess import preprocess
 
 
@@ -87,7 +88,8 @@ class _TextCache:
     def get(self, prompts: Sequence[str]):
         missing = [p for p in dict.fromkeys(prompts) if p not in self._d]
         if missing:
-            feats, mask = self.model.encode_text(missing)
+            with stage("text_encoder"):
+                feats, mask = self.model.encode_text(missing)
             for j, p in enumerate(missing):
                 self._d[p] = (feats[j], mask[j])
                 if len(self._d) > self.capacity:
@@ -118,10 +120,12 @@ class Sam3Processor:
     def set_image(self, image, state: Optional[dict] = None) -> dict:
         if state is None:
             state = {}
-        x, h, w = preprocess(image, self.resolution, self.device, self.model.dtype)
+        with stage("preprocess"):
+            x, h, w = preprocess(image, self.resolution, self.device, self.model.dtype)
         state["original_height"] = h
         state["original_width"] = w
-        state["backbone_out"] = dict(self.model.encode_image(x[None]))
+        with stage("backbone"):
+            state["backbone_out"] = dict(self.model.encode_image(x[None]))
         return state
 
     @torch.inference_mode()
@@ -204,11 +208,13 @@ class Sam3Processor:
             boxes = torch.tensor([gp["boxes"]], dtype=torch.float32, device=dev)
             labels = torch.tensor([gp["labels"]], dtype=torch.bool, device=dev)
             bmask = torch.zeros(labels.shape, dtype=torch.bool, device=dev)
-        out = self.model.forward_heads(
-            bo, torch.zeros(1, dtype=torch.long, device=dev), bo["language_features"], bo["language_mask"],
-            boxes=boxes, box_labels=labels, box_mask=bmask,
-        )
-        res = postprocess(out, 0, state["original_height"], state["original_width"], self.confidence_threshold)
+        with stage("heads"):
+            out = self.model.forward_heads(
+                bo, torch.zeros(1, dtype=torch.long, device=dev), bo["language_features"], bo["language_mask"],
+                boxes=boxes, box_labels=labels, box_mask=bmask,
+            )
+        with stage("postprocess"):
+            res = postprocess(out, 0, state["original_height"], state["original_width"], self.confidence_threshold)
         state.update(res)
         return state
 
@@ -244,11 +250,13 @@ class ImagePredictor:
         dev = m.device
         res = m.cfg.resolution
         xs, sizes = [], []
-        for im in images:
-            x, h, w = preprocess(im, res, dev, m.dtype)
-            xs.append(x)
-            sizes.append((h, w))
-        image_out = m.encode_image(torch.stack(xs))
+        with stage("preprocess"):
+            for im in images:
+                x, h, w = preprocess(im, res, dev, m.dtype)
+                xs.append(x)
+                sizes.append((h, w))
+        with stage("backbone"):
+            image_out = m.encode_image(torch.stack(xs))
         B, P = len(images), len(prompts)
         feats, mask = self._text.get(prompts)
         img_idx = torch.arange(B, device=dev).repeat_interleave(P)
@@ -270,7 +278,8 @@ class ImagePredictor:
                         bl[i, j] = bool(labs[j])
                         bm[i, j] = False
                 bx, bl, bm = (t.repeat_interleave(P, 0) for t in (bx, bl, bm))
-        out = m.forward_heads(image_out, img_idx, feats, mask, boxes=bx, box_labels=bl, box_mask=bm)
+        with stage("heads"):
+            out = m.forward_heads(image_out, img_idx, feats, mask, boxes=bx, box_labels=bl, box_mask=bm)
         results = []
         for i in range(B):
             h, w = sizes[i]
