@@ -5,26 +5,24 @@ plus the original ``(video_height, video_width)``, the values the official ``ini
 ``start_session`` puts in ``input_batch.img_batch``. The official code uses a different recipe per
 source, and each is reproduced here (u = the resized uint8 pixel, N(x) = (x - 0.5) / 0.5):
 
-===================  ===============================  =========================================
-source               resize (uint8 -> R x R)          values stored
-===================  ===============================  =========================================
-video file (.mp4..)  OpenCV decode, BGR->RGB,         N(u) = 2u - 1 in [-1, 509]: sam3 0.1.4
-                     ``cv2.INTER_CUBIC``              has **no /255** on this path (upstream
-                                                      issue #493); official dtype float32, but
-                                                      the values are integers so float16 is exact
-folder of frames     PIL ``BILINEAR`` (torchvision    f16(N(f16(u / 255 in f32))), the N in f16
-single image file    ``TF.resize`` default)           same
-list of PIL images   PIL ``BICUBIC`` (``Image.resize``  f16(N(f16(u / 255 in f64))), the N in f16
-                     default)
-(T, H, W, 3) uint8   as a video file (sam3fast        as a video file, so an array of the RGB
-array (extension)    extension: RGB, INTER_CUBIC)     frames OpenCV decodes equals the file
-===================  ===============================  =========================================
+- video file (.mp4 .mov .avi .mkv .webm): OpenCV decode, BGR->RGB, ``cv2.INTER_CUBIC`` on uint8;
+  values N(u) = 2u - 1 in [-1, 509]. sam3 0.1.4 has **no /255** on this path (upstream issue #493);
+  its dtype is float32, but the values are integers, so float16 holds them exactly. Sizes come from
+  the container (``CAP_PROP_FRAME_HEIGHT/WIDTH``).
+- folder of ``<frame_index>.<ext>`` images, or one image file: PIL ``BILINEAR`` (torchvision
+  ``TF.resize`` default on a PIL image); values f16(N(f16(u / 255 in float32))), N in float16.
+  A folder's size is the last frame's (the official loop keeps the last one it read).
+- list of PIL images: PIL ``BICUBIC`` (``Image.resize`` default); values f16(N(f16(u / 255.0 in
+  float64))), N in float16 (equal to the folder values for every u). Size from the first image.
+- (T, H, W, 3) uint8 RGB array or tensor (sam3fast extension): the video-file recipe, so the frames
+  OpenCV decodes from a file, passed as an array, give that file's tensor.
 
 ``video_unit_scale=True`` adds the missing /255 on the two OpenCV paths (video files, arrays) with the
 folder recipe; it departs from the official numbers and is off by default.
 
-Normalisation always runs on the CPU and frames are then copied to ``device``: CUDA divides by a
-scalar as a multiply by its reciprocal, which would change the last bit of u / 255.
+After the uint8 resize (always on the CPU, with the official library) each recipe is a per-pixel
+function of u, held as a 256-entry float16 table built with the official arithmetic; a frame is then an
+uint8 upload and one gather on ``device``, so results are bit-identical on every device.
 
 ``load_video`` returns the whole clip; ``open_video`` returns a :class:`VideoFrames` that reads and
 yields one (3, R, R) frame at a time with the same values, for clips too long to hold.
@@ -43,36 +41,56 @@ import torch
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tiff", ".webp")
 VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm")
 
-_HALF = torch.tensor([0.5, 0.5, 0.5], dtype=torch.float16)[:, None, None]  # official mean == std
-
 Resource = Union[str, os.PathLike, np.ndarray, torch.Tensor, Sequence]
 
 
 # ----------------------------------------------------------------------------------------------
-# Per-frame recipes (uint8 RGB HWC at R x R -> (3, R, R) float16 on CPU)
+# Per-frame recipes
+#
+# After the uint8 resize every official recipe maps each pixel value u on its own, so each is a
+# 256-entry float16 table built here with the official arithmetic (same ops, dtypes and order). A
+# frame is then the uint8 upload plus one gather on the target device: bit-exact on any device and
+# ~3x faster than the float16 arithmetic on a CPU. (The order matters: rounding u / 255 to float16
+# *before* subtracting 0.5, as the official does, differs from a float32 normalise in 140 of 256 values.)
+
+_HALF = torch.tensor(0.5, dtype=torch.float16)  # the official image_mean == image_std == 0.5
 
 
-def _normalize_unit(rgb: np.ndarray) -> torch.Tensor:
-    # torchvision to_tensor (float32 true division by 255), then the float16 in-place N of the
-    # folder/image loaders.
-    x = torch.from_numpy(rgb).permute(2, 0, 1).float().div(255).half()
-    return (x - _HALF) / _HALF
+def _lut_unit() -> torch.Tensor:
+    # folder / image file: torchvision to_tensor (float32 u / 255), .half(), then the in-place
+    # float16 `-= mean`, `/= std`.
+    u = torch.arange(256, dtype=torch.uint8)
+    return (u.float().div(255).half() - _HALF) / _HALF
 
 
-def _normalize_cv2_official(rgb: np.ndarray) -> torch.Tensor:
-    # float32 N on 0..255 gives the integers 2u - 1, exact in float16.
-    x = torch.from_numpy(rgb).permute(2, 0, 1).float()
-    return ((x - 0.5) / 0.5).half()
+def _lut_pil_list() -> torch.Tensor:
+    # list of PIL images: numpy float64 u / 255.0 straight to float16, then float16 N.
+    # Equal to _lut_unit for every u; kept separate because it is a separate official recipe.
+    u = torch.arange(256, dtype=torch.uint8)
+    return (u.double().div(255.0).to(torch.float16) - _HALF) / _HALF
 
 
-def _cv2_frame(rgb: np.ndarray, image_size: int, unit_scale: bool) -> torch.Tensor:
+def _lut_cv2_official() -> torch.Tensor:
+    # OpenCV video file: float32 N of 0..255 (no /255): the integers 2u - 1, exact in float16.
+    u = torch.arange(256, dtype=torch.uint8)
+    return ((u.float() - _HALF.float()) / _HALF.float()).half()
+
+
+def _apply_lut(rgb: np.ndarray, lut: torch.Tensor) -> torch.Tensor:
+    """(R, R, 3) uint8 RGB on the CPU -> (3, R, R) float16 on ``lut.device``."""
+    r, c = rgb.shape[:2]
+    x = torch.from_numpy(rgb).to(lut.device)
+    idx = x.permute(2, 0, 1).reshape(-1).int()
+    return lut.index_select(0, idx).view(3, r, c)
+
+
+def _cv2_resize(rgb: np.ndarray, image_size: int) -> np.ndarray:
     import cv2
 
-    rgb = cv2.resize(np.ascontiguousarray(rgb), (image_size, image_size), interpolation=cv2.INTER_CUBIC)
-    return _normalize_unit(rgb) if unit_scale else _normalize_cv2_official(rgb)
+    return cv2.resize(np.ascontiguousarray(rgb), (image_size, image_size), interpolation=cv2.INTER_CUBIC)
 
 
-def _image_file_frame(path: str, image_size: int) -> torch.Tensor:
+def _image_file_resize(path: str, image_size: int) -> np.ndarray:
     from PIL import Image
 
     try:
@@ -80,17 +98,15 @@ def _image_file_frame(path: str, image_size: int) -> torch.Tensor:
             im = im.convert("RGB")
     except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
         raise ValueError(f"cannot read image {path!r}: {e}") from e
-    rgb = np.asarray(im.resize((image_size, image_size), Image.Resampling.BILINEAR))
-    return _normalize_unit(rgb)
+    # torchvision TF.resize on a PIL image (default interpolation) is PIL bilinear.
+    return np.array(im.resize((image_size, image_size), Image.Resampling.BILINEAR))
 
 
-def _pil_frame(img, image_size: int) -> torch.Tensor:
+def _pil_resize(img, image_size: int) -> np.ndarray:
     from PIL import Image
 
-    rgb = np.asarray(img.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC))
-    # float64 / 255 straight to float16, as the official list path does (no float32 step).
-    x = torch.from_numpy(rgb / 255.0).permute(2, 0, 1).to(torch.float16)
-    return (x - _HALF) / _HALF
+    # The official `Image.resize((R, R))` without a filter: PIL's default for RGB is bicubic.
+    return np.array(img.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,6 +184,13 @@ class VideoFrames:
             )
         if self._num_frames is not None:
             self.frame_count_hint = self._num_frames
+        if self.kind == "pil_list":
+            lut = _lut_pil_list()
+        elif self.kind in ("video_file", "array") and not self.video_unit_scale:
+            lut = _lut_cv2_official()
+        else:
+            lut = _lut_unit()
+        self._lut = lut.to(self.device)
 
     # -- opening ---------------------------------------------------------------------------------
 
@@ -261,46 +284,41 @@ class VideoFrames:
     def num_frames(self) -> int:
         return len(self)
 
-    def _frame_cpu(self, i: int) -> torch.Tensor:
-        if self.kind in ("image_folder", "image"):
-            return _image_file_frame(self._paths[i], self.image_size)
-        if self.kind == "pil_list":
-            return _pil_frame(self._items[i], self.image_size)
-        return _cv2_frame(self._items[i], self.image_size, self.video_unit_scale)  # array
-
-    def _iter_video_file(self, start: int, stop: Optional[int]) -> Iterator[torch.Tensor]:
-        import cv2
-
-        cap = _open_capture(self._paths[0])
-        try:
-            for _ in range(start):
-                if not cap.grab():
-                    return
-            i = start
-            while stop is None or i < stop:
-                ok, bgr = cap.read()
-                if not ok:
-                    return
-                yield _cv2_frame(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), self.image_size, self.video_unit_scale)
-                i += 1
-        finally:
-            cap.release()
-
-    def iter_frames_cpu(self, start: int = 0, stop: Optional[int] = None) -> Iterator[torch.Tensor]:
-        """Frames ``start`` .. ``stop - 1`` as (3, R, R) float16 CPU tensors."""
+    def _resized_uint8(self, start: int, stop: Optional[int]) -> Iterator[np.ndarray]:
+        """Frames ``start`` .. ``stop - 1`` resized to (R, R, 3) uint8 RGB, on the CPU."""
         if start < 0 or (stop is not None and stop < start):
             raise ValueError(f"need 0 <= start <= stop, got start={start}, stop={stop}")
         if self.kind == "video_file":
-            yield from self._iter_video_file(start, stop)
+            import cv2
+
+            cap = _open_capture(self._paths[0])
+            try:
+                for _ in range(start):
+                    if not cap.grab():
+                        return
+                i = start
+                while stop is None or i < stop:
+                    ok, bgr = cap.read()
+                    if not ok:
+                        return
+                    yield _cv2_resize(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), self.image_size)
+                    i += 1
+            finally:
+                cap.release()
             return
         stop = self._num_frames if stop is None else min(stop, self._num_frames)
         for i in range(start, stop):
-            yield self._frame_cpu(i)
+            if self.kind == "array":
+                yield _cv2_resize(self._items[i], self.image_size)
+            elif self.kind == "pil_list":
+                yield _pil_resize(self._items[i], self.image_size)
+            else:
+                yield _image_file_resize(self._paths[i], self.image_size)
 
     def iter_frames(self, start: int = 0, stop: Optional[int] = None) -> Iterator[torch.Tensor]:
-        """Frames ``start`` .. ``stop - 1`` as (3, R, R) float16 tensors on ``self.device``."""
-        for f in self.iter_frames_cpu(start, stop):
-            yield f.to(self.device, non_blocking=True) if self.device.type != "cpu" else f
+        """Frames ``start`` .. ``stop - 1`` (clipped to the clip) as (3, R, R) float16 on ``self.device``."""
+        for rgb in self._resized_uint8(start, stop):
+            yield _apply_lut(rgb, self._lut)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return self.iter_frames()
@@ -317,16 +335,29 @@ class VideoFrames:
     def load(self) -> torch.Tensor:
         """All frames, (T, 3, R, R) float16 on ``self.device``."""
         if self._num_frames is not None:
-            out = torch.empty(self._num_frames, 3, self.image_size, self.image_size, dtype=torch.float16)
-            for i, f in enumerate(self.iter_frames_cpu()):
+            out = torch.empty(
+                self._num_frames, 3, self.image_size, self.image_size, dtype=torch.float16, device=self.device
+            )
+            for i, f in enumerate(self.iter_frames()):
                 out[i] = f
-        else:
-            frames = list(self.iter_frames_cpu())
-            if not frames:  # the file changed since it was opened
-                raise ValueError(f"video file {self._paths[0]!r} has no decodable frames")
-            out = torch.stack(frames)
-            self._num_frames = len(frames)
-        return out.to(self.device) if self.device.type != "cpu" else out
+            return out
+        # Video file: the container's count is a hint (it can be wrong); fill that much, then adapt.
+        out = torch.empty(
+            max(self.frame_count_hint, 1), 3, self.image_size, self.image_size, dtype=torch.float16, device=self.device
+        )
+        extra, n = [], 0
+        for f in self.iter_frames():
+            if n < out.shape[0]:
+                out[n] = f
+            else:
+                extra.append(f)
+            n += 1
+        if n == 0:  # the file changed since it was opened
+            raise ValueError(f"video file {self._paths[0]!r} has no decodable frames")
+        self._num_frames = n
+        if extra:
+            return torch.cat([out, torch.stack(extra)])
+        return out if n == out.shape[0] else out[:n].clone()
 
     def __repr__(self) -> str:
         n = self._num_frames if self._num_frames is not None else f"~{self.frame_count_hint}"
@@ -336,7 +367,9 @@ class VideoFrames:
         )
 
 
-def open_video(resource: Resource, image_size: int = 1008, device=None, *, video_unit_scale: bool = False) -> VideoFrames:
+def open_video(
+    resource: Resource, image_size: int = 1008, device=None, *, video_unit_scale: bool = False
+) -> VideoFrames:
     """Open ``resource`` for streaming; see :class:`VideoFrames`. Bad input raises here:
     FileNotFoundError (missing path), ValueError (unsupported extension, empty folder, unreadable video,
     wrong array dtype/shape), TypeError (unsupported resource type)."""
@@ -355,3 +388,106 @@ def load_video(
     """
     v = open_video(resource, image_size, device, video_unit_scale=video_unit_scale)
     return v.load(), v.video_height, v.video_width
+
+
+# ----------------------------------------------------------------------------------------------
+# The tracker's own loader (SAM 2 style)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_TRACKER_JPG_EXTS = (".jpg", ".jpeg", ".JPG", ".JPEG")  # case-sensitive, as the official
+
+
+def _apply_channel_lut(rgb: np.ndarray, lut: torch.Tensor) -> torch.Tensor:
+    """(R, R, 3) uint8 RGB on the CPU -> (3, R, R) ``lut.dtype`` on ``lut.device``; lut is (3, 256)."""
+    r, c = rgb.shape[:2]
+    x = torch.from_numpy(rgb).to(lut.device).permute(2, 0, 1).int()
+    x = x + torch.arange(0, 768, 256, dtype=torch.int32, device=lut.device)[:, None, None]
+    return lut.reshape(-1).index_select(0, x.reshape(-1)).view(3, r, c)
+
+
+def load_video_frames(
+    video_path,
+    image_size: int,
+    offload_video_to_cpu: bool,
+    img_mean=IMAGENET_MEAN,
+    img_std=IMAGENET_STD,
+    async_loading_frames: bool = False,
+    compute_device=torch.device("cuda"),
+) -> Tuple[torch.Tensor, int, int]:
+    """``sam3/model/utils/sam2_utils.py`` ``load_video_frames``: what the official
+    ``Sam3TrackerPredictor.init_state(video_path=...)`` loads (not the SAM 3 video model's loader).
+
+    Note the official defaults: **ImageNet mean/std** (the SAM 3 backbone is trained with 0.5/0.5;
+    ``init_state`` does not pass them) and **float32** frames.
+
+    - folder: only ``.jpg .jpeg .JPG .JPEG`` files, which must all be named ``<frame_index>.<ext>``
+      (no lexicographic fallback here); PIL ``BICUBIC`` (``Image.resize`` default) to R x R; values
+      (f32(u / 255.0 in float64) - mean) / std in float32, mean/std as float32. Bit-exact. Size: last frame.
+    - ``.mp4``/``.MP4`` file: the official decodes and resizes with decord (not installed, not a sam3
+      dependency); here OpenCV decodes and ``INTER_CUBIC`` resizes, then (f32(u) / 255 - mean) / std
+      as the official. Not bit-exact (the resize kernel differs). Size: the first decoded frame.
+
+    ``async_loading_frames`` is accepted and ignored (frames are loaded eagerly; the official async path
+    would hold float64 frames). Returns ``(frames (T, 3, R, R) float32, video_height, video_width)``, on
+    the CPU if ``offload_video_to_cpu`` else on ``compute_device``.
+    """
+    if isinstance(video_path, bytes):
+        raise NotImplementedError("video bytes need decord in the official loader; write them to an .mp4 file")
+    if not isinstance(video_path, (str, os.PathLike)):
+        raise TypeError(f"video_path must be a path, got {type(video_path).__name__}")
+    video_path = os.fspath(video_path)
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size <= 0:
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    if not os.path.exists(video_path):
+        raise FileNotFoundError(f"video resource not found: {video_path!r}")
+    device = torch.device("cpu") if offload_video_to_cpu else torch.device(compute_device)
+    mean = torch.tensor(img_mean, dtype=torch.float32)[:, None]
+    std = torch.tensor(img_std, dtype=torch.float32)[:, None]
+    u = np.arange(256, dtype=np.uint8)
+
+    if os.path.splitext(video_path)[-1] in (".mp4", ".MP4"):
+        import cv2
+
+        lut = ((torch.from_numpy(u).float() / 255.0 - mean) / std).to(device)
+        cap = _open_capture(video_path)
+        frames, size = [], None
+        try:
+            while True:
+                ok, bgr = cap.read()
+                if not ok:
+                    break
+                size = size or bgr.shape[:2]
+                frames.append(_apply_channel_lut(_cv2_resize(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), image_size), lut))
+        finally:
+            cap.release()
+        if not frames:
+            raise ValueError(f"video file {video_path!r} has no decodable frames")
+        return torch.stack(frames), int(size[0]), int(size[1])
+
+    if not os.path.isdir(video_path):
+        raise ValueError(f"unsupported resource {video_path!r}: the tracker loader takes an .mp4 file or a JPEG folder")
+    names = [p for p in os.listdir(video_path) if os.path.splitext(p)[-1] in _TRACKER_JPG_EXTS]
+    try:
+        names.sort(key=lambda p: int(os.path.splitext(p)[0]))
+    except ValueError:
+        raise ValueError(
+            f"JPEG frames in {video_path!r} must be named <frame_index>.jpg, got e.g. {sorted(names)[:3]}"
+        ) from None
+    if not names:
+        raise ValueError(f"no JPEG frames (.jpg/.jpeg) found in folder {video_path!r}")
+    paths = [os.path.join(video_path, n) for n in names]
+    # numpy float64 u / 255.0, stored into a float32 tensor, then float32 (x - mean) / std.
+    lut = ((torch.from_numpy(u / 255.0).float() - mean) / std).to(device)
+    out = torch.empty(len(paths), 3, image_size, image_size, dtype=torch.float32, device=device)
+    from PIL import Image
+
+    for i, p in enumerate(paths):
+        try:
+            with Image.open(p) as im:
+                im = im.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ValueError(f"cannot read image {p!r}: {e}") from e
+        out[i] = _apply_channel_lut(_pil_resize(im, image_size), lut)
+    video_height, video_width = im.height, im.width  # the official keeps the last frame's size
+    return out, video_height, video_width
