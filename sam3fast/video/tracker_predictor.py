@@ -1,0 +1,1579 @@
+"""SAM 2-style video tracking (the official ``Sam3TrackerPredictor``) on :class:`sam3fast.model.tracker.Tracker`.
+
+A port of ``sam3/model/sam3_tracking_predictor.py`` together with the inference half of
+``Sam3TrackerBase`` (``sam3_tracker_base.py``) and the helpers it uses from
+``sam3_tracker_utils.py``. Public methods, their signatures, their outputs and the layout of the
+``inference_state`` dict are the official ones, so an instance is a drop-in for
+``build_sam3_video_model().tracker`` (SAM 2 task) and for the detect-and-track orchestration
+(``Sam3VideoBase`` calls ``init_state``, ``add_new_mask``, ``add_new_points``,
+``propagate_in_video_preflight``, ``propagate_in_video``, ``remove_object``,
+``clear_all_points_in_frame``, ``_run_memory_encoder``, ``_add_output_per_object``,
+``_suppress_object_pw_area_shrinkage``, ``_apply_object_wise_non_overlapping_constraints``,
+``_obj_id_to_idx`` and reads ``input_mask_size``, ``low_res_mask_size``, ``sam_mask_decoder``,
+``maskmem_backbone``, ``max_cond_frames_in_attn``, ``num_maskmem``, ``max_obj_ptrs_in_encoder``).
+
+Letters: B objects in a state, D d_model (256), M mem_dim (64), g feature grid (72), R input
+resolution (1008), r = 4g low-res mask side (288), I = 4r mask-input side (1152), H x W video size.
+
+One frame, ``track_step`` (no mask input):
+
+    feat      = tracker features of the frame: [s0 (B, D/8, 4g, 4g), s1 (B, D/4, 2g, 2g), top (B, D, g, g)]
+                (s0/s1 already through ``conv_s0``/``conv_s1``), sine pos of each level
+    pix       = top + no_mem_embed                           on an initial conditioning frame
+              = MemoryAttention(top, pos, memory, memory_pos) otherwise, where the memory holds
+                <= 4 closest conditioning frames (t_pos 0), <= 6 previous frames (``frame_filter``:
+                the last ones whose eff_iou_score > 0.01 when ``use_memory_selection``) and the
+                object pointers of those frames (split into D/M tokens, 1-D sine temporal pos)
+    heads     = sam_heads_forward(pix, points | pad, prev mask logits, s0, s1, multimask)
+                -> low-res (B, 1, r, r), high-res (B, 1, R, R), obj_ptr (B, D), score (B, 1), ious
+    memory    = encode_new_memory(top, high-res, score)  (B, M, g, g), stored as bfloat16
+
+A mask input skips the memory and the heads' mask: ``_use_mask_as_output`` turns it into
++-10 logits and gets the pointer from the heads on ``mask_downsample(mask)``.
+
+State layout (``init_state``; the official keys, read by the orchestration):
+
+- ``output_dict`` {"cond_frame_outputs", "non_cond_frame_outputs"}: {frame_idx: out} with out =
+  {"maskmem_features" (B, M, g, g) bf16 or None, "maskmem_pos_enc" [(B, M, g, g) expanded view]
+  or None, "pred_masks" (B, 1, r, r) float32 logits, "obj_ptr" (B, D), "object_score_logits"
+  (B, 1), "iou_score" (B,) and "eff_iou_score" () with memory selection}; consolidated outputs
+  (frames with prompts) carry "iou_score" (B, 1) and no "eff_iou_score", as in the official.
+- ``output_dict_per_obj`` {obj_idx: same two dicts of per-object slices (views)};
+  ``temp_output_dict_per_obj`` (prompt outputs before ``propagate_in_video_preflight``).
+- ``point_inputs_per_obj`` {obj_idx: {frame_idx: {"point_coords" (1, N, 2) R-pixels,
+  "point_labels" (1, N) int32}}}; ``mask_inputs_per_obj`` {obj_idx: {frame_idx: (1, 1, H, W) bool}}.
+- ``obj_id_to_idx``, ``obj_idx_to_id``, ``obj_ids``, ``consolidated_frame_inds``,
+  ``frames_already_tracked``, ``first_ann_frame_idx``, ``tracking_has_started``, ``constants``
+  ({"maskmem_pos_enc": [(1, M, g, g)]}), ``cached_features`` ({frame_idx: (image, backbone_out)}),
+  ``num_frames``, ``video_height``, ``video_width``, ``device``, ``storage_device``, ``images``.
+
+Internally the per-frame features are batch-first maps (B, C, h, w) (the official flattens them
+to (h*w, B, C)); ``_get_image_feature`` and ``track_step`` take and return that layout.
+
+Numerics: the official stores the memory bank as bfloat16 (``maskmem_features.to(bfloat16)``,
+``sam3_tracking_predictor.py`` 1098/1149) and its detector hands the tracker bf16 SAM 2-neck
+features (``sam3_image.py`` 839). With ``bf16_casts=True`` (default) this module stores the bank
+as bfloat16 at the same two places and :meth:`make_tracker_backbone_out` rounds the neck levels to
+bf16 before ``conv_s0``/``conv_s1``, so a float32 run reproduces the official values; the bank is
+cast back to the compute dtype when the memory is assembled (what ``torch.cat`` promotion does in
+the official). With ``bf16_casts=False`` nothing is rounded.
+
+Where this port departs from the official code (each only where the official fails or does
+dead work; values are otherwise the official's):
+
+- ``_get_empty_mask_ptr`` (an object without output on a prompted frame, when memory is encoded)
+  returns ``no_obj_ptr``: the official passes ``gt_masks`` to ``track_step``, which does not take
+  it, so it raises TypeError; what it means to compute (``_use_mask_as_output`` on an empty mask)
+  is ``no_obj_ptr`` exactly.
+- A memory without any object pointer (e.g. tracking backwards from the last frame with no
+  conditioning frame at or after it) is cast to the compute dtype; the official's all-bf16 memory
+  fails in a float32 run without autocast.
+- ``add_new_points_or_box`` takes a list ``box`` with relative coordinates (the official multiplies
+  the list by the image size). ``remove_object`` tolerates stored outputs without memory.
+- ``reset_state`` (SAM 2's name) is :meth:`clear_all_points_in_video`; no progress bar is drawn;
+  ``init_state(video_path=..., async_loading_frames=True)`` loads eagerly (same values).
+- ``backbone`` is not registered as a submodule, so the state dict holds tracker weights only.
+
+Host syncs left (all where the official has them): ``frame_filter`` compares each scanned past
+frame's ``eff_iou_score`` with the threshold (memory selection, one per scanned frame); the memory
+and pointer temporal positions are built from Python lists (one small host-to-device copy per
+frame); ``remove_object`` indexes every stored frame with a Python list.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import Sam3Config
+from ..model.memory import encode_new_memory
+from ..model.memory_attention import assemble_memory
+from ..model.sam_heads import NO_OBJ_SCORE, sam_heads_forward
+from ..model.tracker import Tracker
+
+__all__ = [
+    "NO_OBJ_SCORE",
+    "Sam3TrackerPredictor",
+    "concat_points",
+    "fill_holes_in_mask_scores",
+    "load_video_frames",
+    "select_closest_cond_frames",
+]
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers from sam3_tracker_base.py / sam3_tracker_utils.py
+
+
+def concat_points(old_point_inputs, new_points, new_labels):
+    """Official ``concat_points``: append points (B, N, 2) and labels (B, N) to a point-input dict."""
+    if old_point_inputs is None:
+        points, labels = new_points, new_labels
+    else:
+        points = torch.cat([old_point_inputs["point_coords"], new_points], dim=1)
+        labels = torch.cat([old_point_inputs["point_labels"], new_labels], dim=1)
+    return {"point_coords": points, "point_labels": labels}
+
+
+def select_closest_cond_frames(frame_idx, cond_frame_outputs, max_cond_frame_num, keep_first_cond_frame=False):
+    """Official ``select_closest_cond_frames``: up to ``max_cond_frame_num`` conditioning frames, the
+    closest before and after ``frame_idx`` first, then the temporally closest others.
+    Returns ``(selected_outputs, unselected_outputs)`` dicts."""
+    if max_cond_frame_num == -1 or len(cond_frame_outputs) <= max_cond_frame_num:
+        return cond_frame_outputs, {}
+    if max_cond_frame_num < 2:
+        raise ValueError("we should allow using 2+ conditioning frames")
+    selected = {}
+    if keep_first_cond_frame:
+        idx_first = min((t for t in cond_frame_outputs if t < frame_idx), default=None)
+        if idx_first is None:
+            idx_first = max((t for t in cond_frame_outputs if t > frame_idx), default=None)
+        if idx_first is not None:
+            selected[idx_first] = cond_frame_outputs[idx_first]
+    idx_before = max((t for t in cond_frame_outputs if t < frame_idx), default=None)
+    if idx_before is not None:
+        selected[idx_before] = cond_frame_outputs[idx_before]
+    idx_after = min((t for t in cond_frame_outputs if t >= frame_idx), default=None)
+    if idx_after is not None:
+        selected[idx_after] = cond_frame_outputs[idx_after]
+    num_remain = max_cond_frame_num - len(selected)
+    inds_remain = sorted((t for t in cond_frame_outputs if t not in selected), key=lambda x: abs(x - frame_idx))
+    selected.update((t, cond_frame_outputs[t]) for t in inds_remain[:num_remain])
+    unselected = {t: v for t, v in cond_frame_outputs.items() if t not in selected}
+    return selected, unselected
+
+
+def fill_holes_in_mask_scores(mask: torch.Tensor, max_area: float, fill_holes: bool = True,
+                              remove_sprinkles: bool = True) -> torch.Tensor:
+    """Official ``fill_holes_in_mask_scores`` (video post-processing) on (N, 1, H, W) logits:
+    background components (logit <= 0, 8-connected) of area <= ``max_area`` become 0.1; foreground
+    components of area <= min(max_area, fg_area // 2) become -0.1. (``sam3fast.ops.fill_holes`` is
+    the image-predictor variant, with +-10 and no half-area rule.)"""
+    from ..ops import connected_component_sizes
+
+    if max_area <= 0:
+        return mask
+    N, C, H, W = mask.shape
+    if fill_holes:
+        bg = mask <= 0
+        areas = connected_component_sizes(bg.reshape(N * C, H, W)).reshape(mask.shape)
+        mask = torch.where(bg & (areas <= max_area), 0.1, mask)
+    if remove_sprinkles:
+        fg = mask > 0
+        thresh = torch.sum(fg, dim=(2, 3), keepdim=True, dtype=torch.int32)
+        thresh = thresh.floor_divide(2).clamp(max=max_area)
+        areas = connected_component_sizes(fg.reshape(N * C, H, W)).reshape(mask.shape)
+        mask = torch.where(fg & (areas <= thresh), -0.1, mask)
+    return mask
+
+
+# The SAM 2 loader the official tracker's init_state(video_path=...) uses (sam3/model/utils/
+# sam2_utils.py): ImageNet mean/std and PIL's default resize, unlike the SAM 3 video loaders.
+SAM2_IMG_MEAN = (0.485, 0.456, 0.406)
+SAM2_IMG_STD = (0.229, 0.224, 0.225)
+
+
+def _load_sam2_frame(path: str, image_size: int):
+    import numpy as np
+    from PIL import Image
+
+    img_pil = Image.open(path)
+    img_np = np.array(img_pil.convert("RGB").resize((image_size, image_size)))
+    if img_np.dtype != np.uint8:
+        raise RuntimeError(f"Unknown image dtype: {img_np.dtype} on {path}")
+    img = torch.from_numpy(img_np / 255.0).permute(2, 0, 1)  # float64, as the official
+    video_width, video_height = img_pil.size
+    return img, video_height, video_width
+
+
+def load_video_frames(video_path, image_size, offload_video_to_cpu, img_mean=SAM2_IMG_MEAN, img_std=SAM2_IMG_STD,
+                      async_loading_frames=False, compute_device=torch.device("cpu")):
+    """Official SAM 2 ``load_video_frames``: a folder of ``<index>.jpg`` frames (PIL resize to
+    ``image_size`` squared, /255, ImageNet mean/std) or an .mp4 (decord, as the official) ->
+    ``(images (T, 3, S, S) float32, video_height, video_width)``. ``async_loading_frames`` loads
+    eagerly with the official asynchronous loader's values (float64 arithmetic per frame, the
+    first frame's size); the synchronous path normalises in float32 and reports the last frame's
+    size, as the official."""
+    import os
+
+    if isinstance(video_path, bytes) or (isinstance(video_path, str)
+                                         and os.path.splitext(video_path)[-1] in (".mp4", ".MP4")):
+        import decord
+
+        mean = torch.tensor(img_mean, dtype=torch.float32)[:, None, None]
+        std = torch.tensor(img_std, dtype=torch.float32)[:, None, None]
+        decord.bridge.set_bridge("torch")
+        video_height, video_width, _ = decord.VideoReader(video_path).next().shape
+        frames = [f.permute(2, 0, 1) for f in decord.VideoReader(video_path, width=image_size, height=image_size)]
+        images = torch.stack(frames, dim=0).float() / 255.0
+        if not offload_video_to_cpu:
+            images, mean, std = images.to(compute_device), mean.to(compute_device), std.to(compute_device)
+        images -= mean
+        images /= std
+        return images, video_height, video_width
+    if not (isinstance(video_path, str) and os.path.isdir(video_path)):
+        raise NotImplementedError("Only MP4 video and JPEG folder are supported at this moment")
+    names = [p for p in os.listdir(video_path) if os.path.splitext(p)[-1] in (".jpg", ".jpeg", ".JPG", ".JPEG")]
+    names.sort(key=lambda p: int(os.path.splitext(p)[0]))
+    if not names:
+        raise RuntimeError(f"no images found in {video_path}")
+    paths = [os.path.join(video_path, n) for n in names]
+    mean = torch.tensor(img_mean, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(img_std, dtype=torch.float32)[:, None, None]
+    images = torch.zeros(len(paths), 3, image_size, image_size, dtype=torch.float32)
+    for n, path in enumerate(paths):
+        img, h, w = _load_sam2_frame(path, image_size)
+        if async_loading_frames:
+            images[n] = (img - mean) / std  # float64 per frame, rounded once
+            if n == 0:
+                video_height, video_width = h, w
+        else:
+            images[n] = img
+            video_height, video_width = h, w
+    if not offload_video_to_cpu:
+        images, mean, std = images.to(compute_device), mean.to(compute_device), std.to(compute_device)
+    if not async_loading_frames:
+        images -= mean
+        images /= std
+    return images, video_height, video_width
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+class Sam3TrackerPredictor(nn.Module):
+    """The official ``Sam3TrackerPredictor`` (SAM 2-style video API) over a :class:`Tracker`.
+
+    ``Sam3TrackerPredictor(tracker, cfg=None, *, backbone=None, <official heuristics>,
+    bf16_casts=True)``. The tracker's parameters and submodules are adopted under their own names
+    (shared, not copied), so ``state_dict()`` has exactly the ``tracker.*`` checkpoint keys without
+    the prefix, like the official module. The defaults are those of ``model_builder.build_tracker``
+    (``use_memory_selection`` = ``apply_temporal_disambiguation``, True in
+    ``build_sam3_video_model``); ``max_cond_frames_in_attn`` / ``max_obj_ptrs_in_encoder`` default
+    to ``cfg.tracker``.
+
+    ``backbone`` (settable later, as ``predictor.backbone = model.detector.backbone``): only used
+    when a frame's features are not in ``inference_state["cached_features"]``. Accepted: an object
+    with the official ``forward_image(images) -> {"sam2_backbone_out": {...}}``; an object with a
+    ``vision_backbone`` (sam3fast's ``Sam3Backbone``); or a callable returning sam3fast's
+    ``VisionBackbone`` dict (``sam2_backbone_fpn``/``sam2_pos_enc``, built with
+    ``add_sam2_neck=True``). It is kept out of the module tree: its weights belong to the detector.
+    """
+
+    def __init__(
+        self,
+        tracker: Tracker,
+        cfg: Optional[Sam3Config] = None,
+        *,
+        backbone: Any = None,
+        clear_non_cond_mem_around_input: bool = True,
+        clear_non_cond_mem_for_multi_obj: bool = False,
+        fill_hole_area: int = 0,
+        always_start_from_first_ann_frame: bool = False,
+        max_point_num_in_prompt_enc: int = 16,
+        non_overlap_masks_for_output: bool = False,
+        multimask_output_in_sam: bool = True,
+        multimask_min_pt_num: int = 0,
+        multimask_max_pt_num: int = 1,
+        multimask_output_for_tracking: bool = True,
+        memory_temporal_stride_for_eval: int = 1,
+        trim_past_non_cond_mem_for_eval: bool = False,
+        non_overlap_masks_for_mem_enc: bool = False,
+        max_cond_frames_in_attn: Optional[int] = None,
+        keep_first_cond_frame: bool = False,
+        max_obj_ptrs_in_encoder: Optional[int] = None,
+        use_memory_selection: bool = True,
+        mf_threshold: float = 0.01,
+        bf16_casts: bool = True,
+    ):
+        super().__init__()
+        cfg = tracker.cfg if cfg is None else cfg
+        # Adopt the tracker's weights (same objects): official state-dict names, no prefix.
+        for name, p in tracker._parameters.items():
+            self.register_parameter(name, p)
+        for name, b in tracker._buffers.items():
+            self.register_buffer(name, b, persistent=name not in tracker._non_persistent_buffers_set)
+        for name, m in tracker._modules.items():
+            self.add_module(name, m)
+        self.cfg = cfg
+        self.backbone = backbone
+
+        t = cfg.tracker
+        self.hidden_dim = cfg.d_model
+        self.mem_dim = t.mem_dim
+        self.num_maskmem = t.num_maskmem
+        self.num_feature_levels = 3
+        self.image_size = cfg.resolution
+        self.backbone_stride = cfg.vit.patch_size
+        self.sam_prompt_embed_dim = cfg.d_model
+        self.sam_image_embedding_size = self.image_size // self.backbone_stride
+        self.low_res_mask_size = self.image_size // self.backbone_stride * 4
+        self.input_mask_size = self.low_res_mask_size * 4
+        self.sigmoid_scale_for_mem_enc = 20.0
+        self.sigmoid_bias_for_mem_enc = -10.0
+
+        self.clear_non_cond_mem_around_input = clear_non_cond_mem_around_input
+        self.clear_non_cond_mem_for_multi_obj = clear_non_cond_mem_for_multi_obj
+        self.fill_hole_area = fill_hole_area
+        self.always_start_from_first_ann_frame = always_start_from_first_ann_frame
+        self.max_point_num_in_prompt_enc = max_point_num_in_prompt_enc
+        self.non_overlap_masks_for_output = non_overlap_masks_for_output
+        self.multimask_output_in_sam = multimask_output_in_sam
+        self.multimask_min_pt_num = multimask_min_pt_num
+        self.multimask_max_pt_num = multimask_max_pt_num
+        self.multimask_output_for_tracking = multimask_output_for_tracking
+        self.memory_temporal_stride_for_eval = memory_temporal_stride_for_eval
+        self.trim_past_non_cond_mem_for_eval = trim_past_non_cond_mem_for_eval
+        self.non_overlap_masks_for_mem_enc = non_overlap_masks_for_mem_enc
+        self.max_cond_frames_in_attn = t.max_cond_frames_in_attn if max_cond_frames_in_attn is None \
+            else max_cond_frames_in_attn
+        self.keep_first_cond_frame = keep_first_cond_frame
+        self.max_obj_ptrs_in_encoder = t.max_obj_ptrs_in_encoder if max_obj_ptrs_in_encoder is None \
+            else max_obj_ptrs_in_encoder
+        self.use_memory_selection = use_memory_selection
+        self.mf_threshold = mf_threshold
+        self.bf16_casts = bf16_casts
+        self.iter_use_prev_mask_pred = True
+        self.add_all_frames_to_correct_as_cond = True
+        self.eval()
+
+    @classmethod
+    def from_config(cls, cfg: Sam3Config, tracker: Optional[Tracker] = None, **kwargs) -> "Sam3TrackerPredictor":
+        return cls(Tracker.from_config(cfg) if tracker is None else tracker, cfg, **kwargs)
+
+    def __setattr__(self, name, value):
+        # The backbone is the detector's (its weights are not the tracker's): keep it out of
+        # _modules so state_dict() / .to() / load_state_dict() only see tracker.* weights.
+        if name == "backbone":
+            self.__dict__["backbone"] = value
+            return
+        super().__setattr__(name, value)
+
+    @property
+    def device(self) -> torch.device:
+        return self.no_obj_ptr.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.no_obj_ptr.dtype
+
+    @property
+    def mem_interpol_size(self) -> Tuple[int, int]:
+        """(H, W) the memory encoder resizes masks to (official
+        ``maskmem_backbone.mask_downsampler.interpol_size``, a list there; an int in sam3fast)."""
+        s = self.maskmem_backbone.mask_downsampler.interpol_size
+        return (s, s) if isinstance(s, int) else tuple(s)
+
+    def _to_memory_bank(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.bfloat16) if self.bf16_casts else x
+
+    def _from_memory_bank(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device, self.dtype, non_blocking=True)
+
+    # ------------------------------------------------------------------------------------------
+    # Session state
+
+    @torch.inference_mode()
+    def init_state(
+        self,
+        video_height=None,
+        video_width=None,
+        num_frames=None,
+        video_path=None,
+        cached_features=None,
+        offload_video_to_cpu=False,
+        offload_state_to_cpu=False,
+        async_loading_frames=False,
+    ):
+        """Initialize an inference state (official layout; see the module docstring)."""
+        inference_state = {}
+        inference_state["offload_video_to_cpu"] = offload_video_to_cpu
+        inference_state["offload_state_to_cpu"] = offload_state_to_cpu
+        inference_state["device"] = self.device
+        inference_state["storage_device"] = torch.device("cpu") if offload_state_to_cpu else self.device
+        if video_path is not None:
+            images, video_height, video_width = self._load_video_frames(
+                video_path, offload_video_to_cpu, async_loading_frames, inference_state["storage_device"]
+            )
+            inference_state["images"] = images
+            inference_state["num_frames"] = len(images)
+        else:
+            inference_state["num_frames"] = num_frames
+        inference_state["video_height"] = video_height
+        inference_state["video_width"] = video_width
+        inference_state["point_inputs_per_obj"] = {}
+        inference_state["mask_inputs_per_obj"] = {}
+        inference_state["cached_features"] = {} if cached_features is None else cached_features
+        inference_state["constants"] = {}
+        inference_state["obj_id_to_idx"] = OrderedDict()
+        inference_state["obj_idx_to_id"] = OrderedDict()
+        inference_state["obj_ids"] = []
+        inference_state["output_dict"] = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
+        inference_state["first_ann_frame_idx"] = None
+        inference_state["output_dict_per_obj"] = {}
+        inference_state["temp_output_dict_per_obj"] = {}
+        inference_state["consolidated_frame_inds"] = {"cond_frame_outputs": set(), "non_cond_frame_outputs": set()}
+        inference_state["tracking_has_started"] = False
+        inference_state["frames_already_tracked"] = {}
+        self.clear_all_points_in_video(inference_state)
+        return inference_state
+
+    def _load_video_frames(self, video_path, offload_video_to_cpu, async_loading_frames, compute_device):
+        return load_video_frames(
+            video_path=video_path, image_size=self.image_size, offload_video_to_cpu=offload_video_to_cpu,
+            async_loading_frames=async_loading_frames, compute_device=compute_device,
+        )
+
+    def _obj_id_to_idx(self, inference_state, obj_id):
+        """Map a client-side object id to the model-side index (new ids only before tracking starts)."""
+        obj_idx = inference_state["obj_id_to_idx"].get(obj_id, None)
+        if obj_idx is not None:
+            return obj_idx
+        if inference_state["tracking_has_started"]:
+            raise RuntimeError(
+                f"Cannot add new object id {obj_id} after tracking starts. "
+                f"All existing object ids: {inference_state['obj_ids']}."
+            )
+        obj_idx = len(inference_state["obj_id_to_idx"])
+        inference_state["obj_id_to_idx"][obj_id] = obj_idx
+        inference_state["obj_idx_to_id"][obj_idx] = obj_id
+        inference_state["obj_ids"] = list(inference_state["obj_id_to_idx"])
+        inference_state["point_inputs_per_obj"][obj_idx] = {}
+        inference_state["mask_inputs_per_obj"][obj_idx] = {}
+        inference_state["output_dict_per_obj"][obj_idx] = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
+        inference_state["temp_output_dict_per_obj"][obj_idx] = {"cond_frame_outputs": {},
+                                                                "non_cond_frame_outputs": {}}
+        return obj_idx
+
+    def _obj_idx_to_id(self, inference_state, obj_idx):
+        return inference_state["obj_idx_to_id"][obj_idx]
+
+    def _get_obj_num(self, inference_state):
+        return len(inference_state["obj_idx_to_id"])
+
+    # ------------------------------------------------------------------------------------------
+    # Prompts
+
+    @torch.inference_mode()
+    def add_new_points_or_box(
+        self,
+        inference_state,
+        frame_idx,
+        obj_id,
+        points=None,
+        labels=None,
+        clear_old_points=True,
+        rel_coordinates=True,
+        use_prev_mem_frame=False,
+        normalize_coords=True,
+        box=None,
+    ):
+        """Add clicks (and/or a box, xyxy) for one object on one frame. Coordinates are relative
+        (0-1) with ``rel_coordinates=True``, else in R-pixels. Returns ``(frame_idx, obj_ids, None,
+        video_res_masks (B, 1, H, W) logits)`` for all objects of the state."""
+        obj_idx = self._obj_id_to_idx(inference_state, obj_id)
+        point_inputs_per_frame = inference_state["point_inputs_per_obj"][obj_idx]
+        mask_inputs_per_frame = inference_state["mask_inputs_per_obj"][obj_idx]
+
+        if (points is not None) != (labels is not None):
+            raise ValueError("points and labels must be provided together")
+        if points is None and box is None:
+            raise ValueError("at least one of points or box must be provided as input")
+
+        if points is None:
+            points = torch.zeros(0, 2, dtype=torch.float32)
+        elif not isinstance(points, torch.Tensor):
+            points = torch.tensor(points, dtype=torch.float32)
+        if labels is None:
+            labels = torch.zeros(0, dtype=torch.int32)
+        elif not isinstance(labels, torch.Tensor):
+            labels = torch.tensor(labels, dtype=torch.int32)
+        if points.dim() == 2:
+            points = points.unsqueeze(0)
+        if labels.dim() == 1:
+            labels = labels.unsqueeze(0)
+        if box is not None and not isinstance(box, torch.Tensor):
+            # (the official multiplies a list box by image_size below, which only works for tensors)
+            box = torch.tensor(box, dtype=torch.float32, device=points.device)
+
+        if rel_coordinates:
+            points = points * self.image_size
+            if box is not None:
+                box = box * self.image_size
+
+        # A box goes first, as two corner points with labels 2 and 3 (as SAM 2 is trained).
+        if box is not None:
+            if not clear_old_points:
+                raise ValueError(
+                    "cannot add box without clearing old points, since "
+                    "box prompt must be provided before any point prompt "
+                    "(please use clear_old_points=True instead)"
+                )
+            box_coords = box.reshape(1, 2, 2).to(points.device, points.dtype)
+            box_labels = torch.tensor([2, 3], dtype=torch.int32, device=labels.device).reshape(1, 2)
+            points = torch.cat([box_coords, points], dim=1)
+            labels = torch.cat([box_labels, labels.to(torch.int32)], dim=1)
+
+        points = points.to(inference_state["device"])
+        labels = labels.to(inference_state["device"])
+
+        point_inputs = None if clear_old_points else point_inputs_per_frame.get(frame_idx, None)
+        point_inputs = concat_points(point_inputs, points, labels)
+        point_inputs_per_frame[frame_idx] = point_inputs
+        mask_inputs_per_frame.pop(frame_idx, None)
+        # A frame not tracked yet is an initial conditioning frame (SAM-like, no memory); on a
+        # tracked frame the clicks correct the tracked mask.
+        is_init_cond_frame = frame_idx not in inference_state["frames_already_tracked"]
+        reverse = False if is_init_cond_frame else inference_state["frames_already_tracked"][frame_idx]["reverse"]
+        obj_output_dict = inference_state["output_dict_per_obj"][obj_idx]
+        obj_temp_output_dict = inference_state["temp_output_dict_per_obj"][obj_idx]
+        is_cond = is_init_cond_frame or self.add_all_frames_to_correct_as_cond
+        storage_key = "cond_frame_outputs" if is_cond else "non_cond_frame_outputs"
+
+        # Keep the first and last points only (training saw at most 8); the stored dict is trimmed
+        # too, as in the official.
+        num_points = point_inputs["point_coords"].size(1)
+        if num_points > self.max_point_num_in_prompt_enc > 0:
+            num_first = self.max_point_num_in_prompt_enc // 2
+            num_last = self.max_point_num_in_prompt_enc - num_first
+            for key in ("point_coords", "point_labels"):
+                v = point_inputs[key]
+                point_inputs[key] = torch.cat([v[:, :num_first], v[:, -num_last:]], dim=1)
+            logger.warning(
+                f"Too many points ({num_points}) are provided on frame {frame_idx}. Only "
+                f"the first {num_first} points and the last {num_last} points will be used."
+            )
+        # The latest mask logits of this object on this frame go in with the clicks.
+        prev_sam_mask_logits = None
+        if self.iter_use_prev_mask_pred:
+            prev_out = obj_temp_output_dict[storage_key].get(frame_idx)
+            if prev_out is None:
+                prev_out = obj_output_dict["cond_frame_outputs"].get(frame_idx)
+                if prev_out is None:
+                    prev_out = obj_output_dict["non_cond_frame_outputs"].get(frame_idx)
+            if prev_out is not None and prev_out["pred_masks"] is not None:
+                prev_sam_mask_logits = prev_out["pred_masks"].to(self.device, non_blocking=True)
+                prev_sam_mask_logits = torch.clamp(prev_sam_mask_logits, -32.0, 32.0)
+        current_out, _ = self._run_single_frame_inference(
+            inference_state=inference_state,
+            output_dict=obj_output_dict,
+            frame_idx=frame_idx,
+            batch_size=1,
+            is_init_cond_frame=is_init_cond_frame,
+            point_inputs=point_inputs,
+            mask_inputs=None,
+            reverse=reverse,
+            # memory is encoded in propagate_in_video_preflight, after non-overlap on all objects
+            run_mem_encoder=False,
+            prev_sam_mask_logits=prev_sam_mask_logits,
+            use_prev_mem_frame=use_prev_mem_frame,
+        )
+        obj_temp_output_dict[storage_key][frame_idx] = current_out
+
+        obj_ids = inference_state["obj_ids"]
+        consolidated_out = self._consolidate_temp_output_across_obj(
+            inference_state, frame_idx, is_cond=is_cond, run_mem_encoder=False, consolidate_at_video_res=True,
+        )
+        _, video_res_masks = self._get_orig_video_res_output(inference_state, consolidated_out["pred_masks_video_res"])
+        return frame_idx, obj_ids, None, video_res_masks
+
+    def add_new_points(self, *args, **kwargs):
+        """Deprecated alias of :meth:`add_new_points_or_box` (the orchestration still calls it)."""
+        return self.add_new_points_or_box(*args, **kwargs)
+
+    @torch.inference_mode()
+    def add_new_mask(self, inference_state, frame_idx, obj_id, mask, add_mask_to_memory=False):
+        """Add a mask (Hm, Wm) bool/float (0-1) for one object on one frame. The output mask is the
+        input itself at video resolution (+-1024). Returns ``(frame_idx, obj_ids, None,
+        video_res_masks (B, 1, H, W))``. ``add_mask_to_memory`` is accepted and unused (official)."""
+        obj_idx = self._obj_id_to_idx(inference_state, obj_id)
+        point_inputs_per_frame = inference_state["point_inputs_per_obj"][obj_idx]
+        mask_inputs_per_frame = inference_state["mask_inputs_per_obj"][obj_idx]
+
+        if mask.dim() != 2:
+            raise ValueError(f"mask must be (H, W), got {tuple(mask.shape)}")
+        mask_H, mask_W = mask.shape
+        mask_inputs_orig = mask[None, None].float().to(inference_state["device"])
+        if mask_H != self.input_mask_size or mask_W != self.input_mask_size:
+            mask_inputs = F.interpolate(mask_inputs_orig, size=(self.input_mask_size, self.input_mask_size),
+                                        align_corners=False, mode="bilinear", antialias=True)
+        else:
+            mask_inputs = mask_inputs_orig
+
+        video_H = inference_state["video_height"]
+        video_W = inference_state["video_width"]
+        if mask_H != video_H or mask_W != video_W:
+            mask_inputs_video_res = F.interpolate(mask_inputs_orig, size=(video_H, video_W), align_corners=False,
+                                                  mode="bilinear", antialias=True)
+        else:
+            mask_inputs_video_res = mask_inputs_orig
+        mask_inputs_video_res = mask_inputs_video_res > 0.5
+
+        mask_inputs_per_frame[frame_idx] = mask_inputs_video_res
+        point_inputs_per_frame.pop(frame_idx, None)
+        is_init_cond_frame = frame_idx not in inference_state["frames_already_tracked"]
+        reverse = False if is_init_cond_frame else inference_state["frames_already_tracked"][frame_idx]["reverse"]
+        obj_output_dict = inference_state["output_dict_per_obj"][obj_idx]
+        obj_temp_output_dict = inference_state["temp_output_dict_per_obj"][obj_idx]
+        is_cond = is_init_cond_frame or self.add_all_frames_to_correct_as_cond
+        storage_key = "cond_frame_outputs" if is_cond else "non_cond_frame_outputs"
+
+        current_out, _ = self._run_single_frame_inference(
+            inference_state=inference_state,
+            output_dict=obj_output_dict,
+            frame_idx=frame_idx,
+            batch_size=1,
+            is_init_cond_frame=is_init_cond_frame,
+            point_inputs=None,
+            mask_inputs=mask_inputs,
+            reverse=reverse,
+            run_mem_encoder=False,
+        )
+        # The input mask at video resolution is the output (masks don't change after brushing).
+        current_out["pred_masks"] = None
+        current_out["pred_masks_video_res"] = torch.where(mask_inputs_video_res, -NO_OBJ_SCORE, NO_OBJ_SCORE)
+        obj_temp_output_dict[storage_key][frame_idx] = current_out
+        # Other objects' input masks on this frame lose the overlapping part.
+        for obj_idx2, obj_temp_output_dict2 in inference_state["temp_output_dict_per_obj"].items():
+            if obj_idx2 == obj_idx:
+                continue
+            current_out2 = obj_temp_output_dict2[storage_key].get(frame_idx, None)
+            if current_out2 is not None and "pred_masks_video_res" in current_out2:
+                current_out2["pred_masks_video_res"] = torch.where(
+                    mask_inputs_video_res, NO_OBJ_SCORE, current_out2["pred_masks_video_res"]
+                )
+
+        obj_ids = inference_state["obj_ids"]
+        consolidated_out = self._consolidate_temp_output_across_obj(
+            inference_state, frame_idx, is_cond=is_cond, run_mem_encoder=False, consolidate_at_video_res=True,
+        )
+        _, video_res_masks = self._get_orig_video_res_output(inference_state, consolidated_out["pred_masks_video_res"])
+        return frame_idx, obj_ids, None, video_res_masks
+
+    # ------------------------------------------------------------------------------------------
+    # Output assembly
+
+    def _get_orig_video_res_output(self, inference_state, any_res_masks):
+        """Masks (B, 1, h, w) -> ``(any_res_masks on device, video_res_masks (B, 1, H, W))``,
+        bilinear, with the optional non-overlap and hole filling."""
+        video_H = inference_state["video_height"]
+        video_W = inference_state["video_width"]
+        any_res_masks = any_res_masks.to(inference_state["device"], non_blocking=True)
+        if any_res_masks.shape[-2:] == (video_H, video_W):
+            video_res_masks = any_res_masks
+        else:
+            video_res_masks = F.interpolate(any_res_masks, size=(video_H, video_W), mode="bilinear",
+                                            align_corners=False)
+        if self.non_overlap_masks_for_output:
+            video_res_masks = self._apply_non_overlapping_constraints(video_res_masks)
+        if self.fill_hole_area > 0:
+            video_res_masks = fill_holes_in_mask_scores(video_res_masks, self.fill_hole_area)
+        return any_res_masks, video_res_masks
+
+    def _consolidate_temp_output_across_obj(self, inference_state, frame_idx, is_cond, run_mem_encoder,
+                                            consolidate_at_video_res=False):
+        """Merge the per-object outputs of one frame (temporary outputs first, then stored ones)
+        into one batched output; objects without output get NO_OBJ_SCORE masks. With
+        ``run_mem_encoder`` the masks are resized to R, made non-overlapping and encoded."""
+        batch_size = self._get_obj_num(inference_state)
+        storage_key = "cond_frame_outputs" if is_cond else "non_cond_frame_outputs"
+        if consolidate_at_video_res:
+            if run_mem_encoder:
+                raise ValueError("memory encoder cannot run at video resolution")
+            consolidated_H, consolidated_W = inference_state["video_height"], inference_state["video_width"]
+            consolidated_mask_key = "pred_masks_video_res"
+        else:
+            consolidated_H = consolidated_W = self.low_res_mask_size
+            consolidated_mask_key = "pred_masks"
+
+        device = inference_state["device"]
+        consolidated_out = {
+            "maskmem_features": None,
+            "maskmem_pos_enc": None,
+            consolidated_mask_key: torch.full((batch_size, 1, consolidated_H, consolidated_W), NO_OBJ_SCORE,
+                                              dtype=torch.float32, device=inference_state["storage_device"]),
+            "obj_ptr": torch.full((batch_size, self.hidden_dim), NO_OBJ_SCORE, dtype=torch.float32, device=device),
+            # present by default (sigmoid(10) ~ 1), as the official mask decoder assumes
+            "object_score_logits": torch.full((batch_size, 1), 10.0, dtype=torch.float32, device=device),
+        }
+        if self.use_memory_selection:
+            consolidated_out["iou_score"] = torch.full((batch_size, 1), 0.0, dtype=torch.float32, device=device)
+        empty_mask_ptr = None
+        for obj_idx in range(batch_size):
+            obj_temp_output_dict = inference_state["temp_output_dict_per_obj"][obj_idx]
+            obj_output_dict = inference_state["output_dict_per_obj"][obj_idx]
+            out = obj_temp_output_dict[storage_key].get(frame_idx, None)
+            if out is None:
+                out = obj_output_dict["cond_frame_outputs"].get(frame_idx, None)
+            if out is None:
+                out = obj_output_dict["non_cond_frame_outputs"].get(frame_idx, None)
+            if out is None:
+                if run_mem_encoder:
+                    if empty_mask_ptr is None:
+                        empty_mask_ptr = self._get_empty_mask_ptr(inference_state, frame_idx)
+                    consolidated_out["obj_ptr"][obj_idx: obj_idx + 1] = empty_mask_ptr
+                continue
+            obj_mask = out["pred_masks_video_res"] if "pred_masks_video_res" in out else out["pred_masks"]
+            consolidated_pred_masks = consolidated_out[consolidated_mask_key]
+            if obj_mask.shape[-2:] == consolidated_pred_masks.shape[-2:]:
+                consolidated_pred_masks[obj_idx: obj_idx + 1] = obj_mask
+            else:
+                is_downsampling = "pred_masks_video_res" in out
+                consolidated_pred_masks[obj_idx: obj_idx + 1] = F.interpolate(
+                    obj_mask, size=consolidated_pred_masks.shape[-2:], mode="bilinear", align_corners=False,
+                    antialias=is_downsampling,
+                )
+            consolidated_out["obj_ptr"][obj_idx: obj_idx + 1] = out["obj_ptr"]
+            consolidated_out["object_score_logits"][obj_idx: obj_idx + 1] = out["object_score_logits"]
+            if self.use_memory_selection:
+                consolidated_out["iou_score"][obj_idx: obj_idx + 1] = out["iou_score"]
+
+        if run_mem_encoder:
+            high_res_masks = F.interpolate(consolidated_out["pred_masks"].to(device, non_blocking=True),
+                                           size=(self.image_size, self.image_size), mode="bilinear",
+                                           align_corners=False)
+            high_res_masks = self._apply_non_overlapping_constraints(high_res_masks)
+            maskmem_features, maskmem_pos_enc = self._run_memory_encoder(
+                inference_state=inference_state,
+                frame_idx=frame_idx,
+                batch_size=batch_size,
+                high_res_masks=high_res_masks,
+                object_score_logits=consolidated_out["object_score_logits"],
+                is_mask_from_pts=True,  # frames the user interacted with
+            )
+            consolidated_out["maskmem_features"] = maskmem_features
+            consolidated_out["maskmem_pos_enc"] = maskmem_pos_enc
+        return consolidated_out
+
+    def _get_empty_mask_ptr(self, inference_state, frame_idx):
+        """The pointer of an empty mask on this frame, (1, D). The official runs ``track_step`` on
+        an all-zero mask input; ``_use_mask_as_output`` then blends the heads' pointer with weight 0
+        and ``no_obj_ptr`` with weight 1, which is ``no_obj_ptr`` exactly (0 * finite = 0), so the
+        heads pass is skipped."""
+        return self.no_obj_ptr.detach().to(torch.float32).clone()
+
+    @torch.inference_mode()
+    def propagate_in_video_preflight(self, inference_state, run_mem_encoder=True):
+        """Consolidate the prompt outputs into ``output_dict`` (encoding their memory) before tracking."""
+        inference_state["tracking_has_started"] = True
+        batch_size = self._get_obj_num(inference_state)
+        temp_output_dict_per_obj = inference_state["temp_output_dict_per_obj"]
+        output_dict = inference_state["output_dict"]
+        consolidated_frame_inds = inference_state["consolidated_frame_inds"]
+        for is_cond in [False, True]:
+            storage_key = "cond_frame_outputs" if is_cond else "non_cond_frame_outputs"
+            temp_frame_inds = set()
+            for obj_temp_output_dict in temp_output_dict_per_obj.values():
+                temp_frame_inds.update(obj_temp_output_dict[storage_key].keys())
+            consolidated_frame_inds[storage_key].update(temp_frame_inds)
+            for frame_idx in temp_frame_inds:
+                consolidated_out = self._consolidate_temp_output_across_obj(
+                    inference_state, frame_idx, is_cond=is_cond, run_mem_encoder=run_mem_encoder
+                )
+                output_dict[storage_key][frame_idx] = consolidated_out
+                self._add_output_per_object(inference_state, frame_idx, consolidated_out, storage_key)
+                clear_non_cond_mem = self.clear_non_cond_mem_around_input and (
+                    self.clear_non_cond_mem_for_multi_obj or batch_size <= 1
+                )
+                if clear_non_cond_mem:
+                    self._clear_non_cond_mem_around_input(inference_state, frame_idx)
+            for obj_temp_output_dict in temp_output_dict_per_obj.values():
+                obj_temp_output_dict[storage_key].clear()
+
+        # A frame that became a conditioning frame loses its non-conditioning output.
+        for frame_idx in output_dict["cond_frame_outputs"]:
+            output_dict["non_cond_frame_outputs"].pop(frame_idx, None)
+        for obj_output_dict in inference_state["output_dict_per_obj"].values():
+            for frame_idx in obj_output_dict["cond_frame_outputs"]:
+                obj_output_dict["non_cond_frame_outputs"].pop(frame_idx, None)
+        for frame_idx in consolidated_frame_inds["cond_frame_outputs"]:
+            assert frame_idx in output_dict["cond_frame_outputs"]
+            consolidated_frame_inds["non_cond_frame_outputs"].discard(frame_idx)
+
+        all_consolidated_frame_inds = (consolidated_frame_inds["cond_frame_outputs"]
+                                       | consolidated_frame_inds["non_cond_frame_outputs"])
+        input_frames_inds = set()
+        for point_inputs_per_frame in inference_state["point_inputs_per_obj"].values():
+            input_frames_inds.update(point_inputs_per_frame.keys())
+        for mask_inputs_per_frame in inference_state["mask_inputs_per_obj"].values():
+            input_frames_inds.update(mask_inputs_per_frame.keys())
+        assert all_consolidated_frame_inds == input_frames_inds
+        if inference_state["first_ann_frame_idx"] is None:
+            inference_state["first_ann_frame_idx"] = min(input_frames_inds, default=None)
+        if inference_state["first_ann_frame_idx"] not in output_dict["cond_frame_outputs"]:
+            inference_state["first_ann_frame_idx"] = min(output_dict["cond_frame_outputs"], default=None)
+
+    def _get_processing_order(self, inference_state, start_frame_idx, max_frame_num_to_track, reverse):
+        num_frames = inference_state["num_frames"]
+        if self.always_start_from_first_ann_frame:
+            start_frame_idx = inference_state["first_ann_frame_idx"]
+        if start_frame_idx is None:
+            start_frame_idx = min(inference_state["output_dict"]["cond_frame_outputs"])
+        if max_frame_num_to_track is None:
+            max_frame_num_to_track = num_frames
+        if reverse:
+            end_frame_idx = max(start_frame_idx - max_frame_num_to_track, 0)
+            if start_frame_idx > 0:
+                processing_order = range(start_frame_idx, end_frame_idx - 1, -1)
+            else:
+                processing_order = [0]  # reverse from frame 0: that frame alone
+        else:
+            end_frame_idx = min(start_frame_idx + max_frame_num_to_track, num_frames - 1)
+            processing_order = range(start_frame_idx, end_frame_idx + 1)
+        return processing_order
+
+    @torch.inference_mode()
+    def propagate_in_video(
+        self,
+        inference_state,
+        start_frame_idx,
+        max_frame_num_to_track,
+        reverse,
+        tqdm_disable=False,
+        obj_ids=None,
+        run_mem_encoder=True,
+        propagate_preflight=False,
+    ):
+        """Track all objects of the state frame by frame. Yields ``(frame_idx, obj_ids,
+        low_res_masks (B, 1, r, r), video_res_masks (B, 1, H, W), obj_scores (B, 1))``, all logits.
+        Frames with prompts return their consolidated outputs. ``tqdm_disable`` is accepted (no
+        progress bar is drawn)."""
+        if propagate_preflight:
+            self.propagate_in_video_preflight(inference_state)
+        output_dict = inference_state["output_dict"]
+        consolidated_frame_inds = inference_state["consolidated_frame_inds"]
+        if obj_ids is not None:
+            raise NotImplementedError("Per-object tracking yet for batched inference if not implemented.")
+        obj_ids = inference_state["obj_ids"]
+        batch_size = self._get_obj_num(inference_state)
+        if len(output_dict["cond_frame_outputs"]) == 0:
+            raise RuntimeError("No points are provided; please add points first")
+        clear_non_cond_mem = self.clear_non_cond_mem_around_input and (
+            self.clear_non_cond_mem_for_multi_obj or batch_size <= 1
+        )
+        processing_order = self._get_processing_order(inference_state, start_frame_idx, max_frame_num_to_track,
+                                                      reverse)
+        for frame_idx in processing_order:
+            if frame_idx in consolidated_frame_inds["cond_frame_outputs"]:
+                storage_key = "cond_frame_outputs"
+                current_out = output_dict[storage_key][frame_idx]
+                pred_masks = current_out["pred_masks"]
+                obj_scores = current_out["object_score_logits"]
+                if clear_non_cond_mem:
+                    self._clear_non_cond_mem_around_input(inference_state, frame_idx)
+            elif frame_idx in consolidated_frame_inds["non_cond_frame_outputs"]:
+                storage_key = "non_cond_frame_outputs"
+                current_out = output_dict[storage_key][frame_idx]
+                pred_masks = current_out["pred_masks"]
+                obj_scores = current_out["object_score_logits"]
+            else:
+                storage_key = "non_cond_frame_outputs"
+                current_out, pred_masks = self._run_single_frame_inference(
+                    inference_state=inference_state,
+                    output_dict=output_dict,
+                    frame_idx=frame_idx,
+                    batch_size=batch_size,
+                    is_init_cond_frame=False,
+                    point_inputs=None,
+                    mask_inputs=None,
+                    reverse=reverse,
+                    run_mem_encoder=run_mem_encoder,
+                )
+                obj_scores = current_out["object_score_logits"]
+                output_dict[storage_key][frame_idx] = current_out
+            self._add_output_per_object(inference_state, frame_idx, current_out, storage_key)
+            inference_state["frames_already_tracked"][frame_idx] = {"reverse": reverse}
+            low_res_masks, video_res_masks = self._get_orig_video_res_output(inference_state, pred_masks)
+            yield frame_idx, obj_ids, low_res_masks, video_res_masks, obj_scores
+
+    def _add_output_per_object(self, inference_state, frame_idx, current_out, storage_key):
+        """Store per-object slices (views) of a batched output in ``output_dict_per_obj``."""
+        maskmem_features = current_out["maskmem_features"]
+        assert maskmem_features is None or isinstance(maskmem_features, torch.Tensor)
+        maskmem_pos_enc = current_out["maskmem_pos_enc"]
+        assert maskmem_pos_enc is None or isinstance(maskmem_pos_enc, list)
+        for obj_idx, obj_output_dict in inference_state["output_dict_per_obj"].items():
+            obj_slice = slice(obj_idx, obj_idx + 1)
+            obj_out = {
+                "maskmem_features": None,
+                "maskmem_pos_enc": None,
+                "pred_masks": current_out["pred_masks"][obj_slice],
+                "obj_ptr": current_out["obj_ptr"][obj_slice],
+                "object_score_logits": current_out["object_score_logits"][obj_slice],
+            }
+            if self.use_memory_selection:
+                obj_out["iou_score"] = current_out["iou_score"][obj_slice]
+            if maskmem_features is not None:
+                obj_out["maskmem_features"] = maskmem_features[obj_slice]
+            if maskmem_pos_enc is not None:
+                obj_out["maskmem_pos_enc"] = [x[obj_slice] for x in maskmem_pos_enc]
+            obj_output_dict[storage_key][frame_idx] = obj_out
+
+    # ------------------------------------------------------------------------------------------
+    # Clearing and removal
+
+    @torch.inference_mode()
+    def clear_all_points_in_frame(self, inference_state, frame_idx, obj_id, need_output=True):
+        """Remove an object's points or mask on one frame. Returns ``(frame_idx, obj_ids, None,
+        video_res_masks)`` with ``need_output``, else None."""
+        obj_idx = self._obj_id_to_idx(inference_state, obj_id)
+        inference_state["point_inputs_per_obj"][obj_idx].pop(frame_idx, None)
+        inference_state["mask_inputs_per_obj"][obj_idx].pop(frame_idx, None)
+        temp_output_dict_per_obj = inference_state["temp_output_dict_per_obj"]
+        temp_output_dict_per_obj[obj_idx]["cond_frame_outputs"].pop(frame_idx, None)
+        temp_output_dict_per_obj[obj_idx]["non_cond_frame_outputs"].pop(frame_idx, None)
+
+        batch_size = self._get_obj_num(inference_state)
+        frame_has_input = any(
+            frame_idx in inference_state["point_inputs_per_obj"][i]
+            or frame_idx in inference_state["mask_inputs_per_obj"][i]
+            for i in range(batch_size)
+        )
+        if not frame_has_input:
+            output_dict = inference_state["output_dict"]
+            consolidated_frame_inds = inference_state["consolidated_frame_inds"]
+            consolidated_frame_inds["cond_frame_outputs"].discard(frame_idx)
+            consolidated_frame_inds["non_cond_frame_outputs"].discard(frame_idx)
+            # no input left: the frame's output is downgraded to a non-conditioning one
+            out = output_dict["cond_frame_outputs"].pop(frame_idx, None)
+            if out is not None:
+                output_dict["non_cond_frame_outputs"][frame_idx] = out
+                inference_state["frames_already_tracked"].pop(frame_idx, None)
+            for obj_idx2 in range(batch_size):
+                obj_output_dict = inference_state["output_dict_per_obj"][obj_idx2]
+                obj_out = obj_output_dict["cond_frame_outputs"].pop(frame_idx, None)
+                if obj_out is not None:
+                    obj_output_dict["non_cond_frame_outputs"][frame_idx] = obj_out
+            if len(output_dict["cond_frame_outputs"]) == 0:
+                self._reset_tracking_results(inference_state)
+
+        if not need_output:
+            return
+        obj_ids = inference_state["obj_ids"]
+        is_cond = any(frame_idx in d["cond_frame_outputs"] for d in temp_output_dict_per_obj.values())
+        consolidated_out = self._consolidate_temp_output_across_obj(
+            inference_state, frame_idx, is_cond=is_cond, run_mem_encoder=False, consolidate_at_video_res=True,
+        )
+        _, video_res_masks = self._get_orig_video_res_output(inference_state, consolidated_out["pred_masks_video_res"])
+        return frame_idx, obj_ids, None, video_res_masks
+
+    @torch.inference_mode()
+    def clear_all_points_in_video(self, inference_state):
+        """Remove every input, output and object id (cached features are kept)."""
+        self._reset_tracking_results(inference_state)
+        inference_state["obj_id_to_idx"].clear()
+        inference_state["obj_idx_to_id"].clear()
+        inference_state["obj_ids"].clear()
+        inference_state["point_inputs_per_obj"].clear()
+        inference_state["mask_inputs_per_obj"].clear()
+        inference_state["output_dict_per_obj"].clear()
+        inference_state["temp_output_dict_per_obj"].clear()
+
+    def reset_state(self, inference_state):
+        """SAM 2's ``reset_state`` (not in the SAM 3 tracker; the SAM 3 video model's own
+        ``reset_state`` is another method): same as :meth:`clear_all_points_in_video`."""
+        self.clear_all_points_in_video(inference_state)
+
+    def _reset_tracking_results(self, inference_state):
+        for v in inference_state["point_inputs_per_obj"].values():
+            v.clear()
+        for v in inference_state["mask_inputs_per_obj"].values():
+            v.clear()
+        for v in inference_state["output_dict_per_obj"].values():
+            v["cond_frame_outputs"].clear()
+            v["non_cond_frame_outputs"].clear()
+        for v in inference_state["temp_output_dict_per_obj"].values():
+            v["cond_frame_outputs"].clear()
+            v["non_cond_frame_outputs"].clear()
+        inference_state["output_dict"]["cond_frame_outputs"].clear()
+        inference_state["output_dict"]["non_cond_frame_outputs"].clear()
+        inference_state["consolidated_frame_inds"]["cond_frame_outputs"].clear()
+        inference_state["consolidated_frame_inds"]["non_cond_frame_outputs"].clear()
+        inference_state["tracking_has_started"] = False
+        inference_state["frames_already_tracked"].clear()
+        inference_state["first_ann_frame_idx"] = None
+
+    @torch.inference_mode()
+    def remove_object(self, inference_state, obj_id, strict=False, need_output=True):
+        """Remove an object id from every frame of the state. Returns ``(obj_ids, updated_frames)``
+        with ``updated_frames`` a list of ``(frame_idx, video_res_masks)`` for the frames where the
+        object had inputs (with ``need_output``)."""
+        old_obj_idx_to_rm = inference_state["obj_id_to_idx"].get(obj_id, None)
+        updated_frames = []
+        if old_obj_idx_to_rm is None:
+            if not strict:
+                return inference_state["obj_ids"], updated_frames
+            raise RuntimeError(
+                f"Cannot remove object id {obj_id} as it doesn't exist. "
+                f"All existing object ids: {inference_state['obj_ids']}."
+            )
+        if len(inference_state["obj_id_to_idx"]) == 1:
+            self.clear_all_points_in_video(inference_state)
+            return inference_state["obj_ids"], updated_frames
+
+        # Step 0: clear the object's inputs (may downgrade conditioning frames).
+        obj_input_frames_inds = set()
+        obj_input_frames_inds.update(inference_state["point_inputs_per_obj"][old_obj_idx_to_rm])
+        obj_input_frames_inds.update(inference_state["mask_inputs_per_obj"][old_obj_idx_to_rm])
+        for frame_idx in obj_input_frames_inds:
+            self.clear_all_points_in_frame(inference_state, frame_idx, obj_id, need_output=False)
+
+        # Step 1: new id mappings.
+        old_obj_ids = inference_state["obj_ids"]
+        old_obj_inds = list(range(len(old_obj_ids)))
+        remain_old_obj_inds = old_obj_inds.copy()
+        remain_old_obj_inds.remove(old_obj_idx_to_rm)
+        new_obj_ids = [old_obj_ids[i] for i in remain_old_obj_inds]
+        new_obj_inds = list(range(len(new_obj_ids)))
+        old_idx_to_new_idx = dict(zip(remain_old_obj_inds, new_obj_inds))
+        inference_state["obj_id_to_idx"] = dict(zip(new_obj_ids, new_obj_inds))
+        inference_state["obj_idx_to_id"] = dict(zip(new_obj_inds, new_obj_ids))
+        inference_state["obj_ids"] = new_obj_ids
+
+        # Step 2: shift the per-object dict keys.
+        def _map_keys(container):
+            new_kvs = []
+            for k in old_obj_inds:
+                v = container.pop(k)
+                if k in old_idx_to_new_idx:
+                    new_kvs.append((old_idx_to_new_idx[k], v))
+            container.update(new_kvs)
+
+        _map_keys(inference_state["point_inputs_per_obj"])
+        _map_keys(inference_state["mask_inputs_per_obj"])
+        _map_keys(inference_state["output_dict_per_obj"])
+        _map_keys(inference_state["temp_output_dict_per_obj"])
+
+        # Step 3: slice the batched outputs and rebuild the per-object slices.
+        keep = torch.tensor(remain_old_obj_inds, dtype=torch.long)
+
+        def _take(x):
+            return x.index_select(0, keep.to(x.device))
+
+        def _slice_state(output_dict, storage_key):
+            for frame_idx, out in output_dict[storage_key].items():
+                if out["maskmem_features"] is not None:
+                    out["maskmem_features"] = _take(out["maskmem_features"])
+                if out["maskmem_pos_enc"] is not None:
+                    # every row is the same constant: a batch-sized view is enough to re-expand it
+                    out["maskmem_pos_enc"] = [x[: len(remain_old_obj_inds)] for x in out["maskmem_pos_enc"]]
+                    out["maskmem_pos_enc"] = self._get_maskmem_pos_enc(inference_state, out)
+                out["pred_masks"] = _take(out["pred_masks"])
+                out["obj_ptr"] = _take(out["obj_ptr"])
+                out["object_score_logits"] = _take(out["object_score_logits"])
+                if self.use_memory_selection:
+                    out["iou_score"] = _take(out["iou_score"])
+                    out["eff_iou_score"] = self.cal_mem_score(out["object_score_logits"], out["iou_score"])
+                self._add_output_per_object(inference_state, frame_idx, out, storage_key)
+
+        _slice_state(inference_state["output_dict"], "cond_frame_outputs")
+        _slice_state(inference_state["output_dict"], "non_cond_frame_outputs")
+
+        # Step 4: outputs of the frames where the object had inputs (other objects may show more).
+        if need_output:
+            temp_output_dict_per_obj = inference_state["temp_output_dict_per_obj"]
+            for frame_idx in obj_input_frames_inds:
+                is_cond = any(frame_idx in d["cond_frame_outputs"] for d in temp_output_dict_per_obj.values())
+                consolidated_out = self._consolidate_temp_output_across_obj(
+                    inference_state, frame_idx, is_cond=is_cond, run_mem_encoder=False,
+                    consolidate_at_video_res=True,
+                )
+                _, video_res_masks = self._get_orig_video_res_output(inference_state,
+                                                                     consolidated_out["pred_masks_video_res"])
+                updated_frames.append((frame_idx, video_res_masks))
+        return inference_state["obj_ids"], updated_frames
+
+    def _clear_non_cond_mem_around_input(self, inference_state, frame_idx):
+        """Drop the non-conditioning memory of the frames around a prompted frame (outdated after
+        correction clicks)."""
+        r = self.memory_temporal_stride_for_eval
+        frame_idx_begin = frame_idx - r * self.num_maskmem
+        frame_idx_end = frame_idx + r * self.num_maskmem
+        for obj_idx in range(self._get_obj_num(inference_state)):
+            non_cond_frame_outputs = inference_state["output_dict_per_obj"][obj_idx]["non_cond_frame_outputs"]
+            for t in range(frame_idx_begin, frame_idx_end + 1):
+                non_cond_frame_outputs.pop(t, None)
+
+    # ------------------------------------------------------------------------------------------
+    # Mask constraints (also called by the detect-and-track orchestration)
+
+    def _apply_non_overlapping_constraints(self, pred_masks):
+        """Keep, at each pixel, only the highest-scoring object; others are clamped to <= -10."""
+        batch_size = pred_masks.size(0)
+        if batch_size == 1:
+            return pred_masks
+        max_obj_inds = torch.argmax(pred_masks, dim=0, keepdim=True)
+        batch_obj_inds = torch.arange(batch_size, device=pred_masks.device)[:, None, None, None]
+        keep = max_obj_inds == batch_obj_inds
+        return torch.where(keep, pred_masks, torch.clamp(pred_masks, max=-10.0))
+
+    def _suppress_shrinked_masks(self, pred_masks, new_pred_masks, shrink_threshold=0.3):
+        area_before = (pred_masks > 0).sum(dim=(-1, -2))
+        area_after = (new_pred_masks > 0).sum(dim=(-1, -2))
+        area_before = torch.clamp(area_before, min=1.0)
+        keep = area_after / area_before >= shrink_threshold
+        keep_mask = keep[..., None, None].expand_as(pred_masks)
+        return torch.where(keep_mask, pred_masks, torch.clamp(pred_masks, max=-10.0))
+
+    def _suppress_object_pw_area_shrinkage(self, pred_masks):
+        """(N, 1, h, w) logits: objects whose area shrinks below 30 % under the pixel-wise
+        non-overlap are clamped to <= -10 (the returned masks may still overlap)."""
+        return self._suppress_shrinked_masks(pred_masks, self._apply_non_overlapping_constraints(pred_masks))
+
+    def _apply_object_wise_non_overlapping_constraints(self, pred_masks, obj_scores, background_value=-10.0):
+        """Only the highest-scoring object claims an overlap region (scores (N,) per object)."""
+        pred_masks_single_score = torch.where(pred_masks > 0, obj_scores[..., None, None], background_value)
+        pixel_level = self._apply_non_overlapping_constraints(pred_masks_single_score)
+        return torch.where(pixel_level > 0, pred_masks, torch.clamp(pred_masks, max=background_value))
+
+    # ------------------------------------------------------------------------------------------
+    # Features
+
+    def make_tracker_backbone_out(self, sam2_fpn: Sequence[torch.Tensor], sam2_pos: Sequence[torch.Tensor],
+                                  round_fpn_bf16: Optional[bool] = None) -> Dict[str, Any]:
+        """SAM 2-neck levels [(1, D, 4g, 4g), (1, D, 2g, 2g), (1, D, g, g)] (+ their pos) -> the
+        tracker's ``backbone_out`` (``conv_s0``/``conv_s1`` applied to the first two levels), as
+        ``Sam3VideoBase.run_backbone_and_detection`` builds it. Store it in a feature cache as
+        ``cache[frame_idx] = (image, {"tracker_backbone_out": out})``.
+
+        ``round_fpn_bf16`` (default ``bf16_casts``) rounds the levels to bfloat16 first: the
+        official detector casts them to bf16 before handing them over (``sam3_image.py`` 839);
+        the SAM 2-task path through ``backbone`` (:meth:`forward_image`) does not round."""
+        if round_fpn_bf16 is None:
+            round_fpn_bf16 = self.bf16_casts
+        fpn = list(sam2_fpn)[-self.num_feature_levels:]
+        pos = list(sam2_pos)[-self.num_feature_levels:]
+        if round_fpn_bf16:
+            fpn = [x.to(torch.bfloat16).to(x.dtype) for x in fpn]
+        dec = self.sam_mask_decoder
+        fpn = [dec.conv_s0(fpn[0]), dec.conv_s1(fpn[1]), fpn[2]]
+        return {"vision_features": fpn[-1], "vision_pos_enc": pos, "backbone_fpn": fpn}
+
+    def forward_image(self, img_batch: torch.Tensor) -> Dict[str, Any]:
+        """Run ``self.backbone`` on (B, 3, R, R) frames -> the tracker's ``backbone_out``."""
+        bb = self.backbone
+        if bb is None:
+            raise RuntimeError("no backbone set: assign predictor.backbone or pass cached_features")
+        if hasattr(bb, "forward_image"):
+            out = bb.forward_image(img_batch)["sam2_backbone_out"]
+            if out is None:
+                raise RuntimeError("the backbone has no SAM 2 neck")
+            fpn, pos = out["backbone_fpn"], out["vision_pos_enc"]
+        else:
+            out = getattr(bb, "vision_backbone", bb)(img_batch)
+            fpn, pos = out["sam2_backbone_fpn"], out["sam2_pos_enc"]
+            if fpn is None:
+                raise RuntimeError("the backbone was built without the SAM 2 neck (add_sam2_neck=True)")
+        return self.make_tracker_backbone_out(fpn, pos, round_fpn_bf16=False)
+
+    def _get_image_feature(self, inference_state, frame_idx, batch_size):
+        """Features of one frame, expanded (views) to ``batch_size`` objects:
+        ``(image (B, 3, R, R) or None, backbone_out, feats [s0, s1, top] (B, C, h, w),
+        pos (same shapes), feat_sizes [(h, w)] * 3)``. A cache miss runs the backbone on
+        ``inference_state["images"][frame_idx]`` and caches that frame alone (official)."""
+        image, backbone_out = inference_state["cached_features"].get(frame_idx, (None, None))
+        if backbone_out is None:
+            if self.backbone is None:
+                raise RuntimeError(
+                    f"Image features for frame {frame_idx} are not cached. Please run inference on this frame first."
+                )
+            image = inference_state["images"][frame_idx].to(self.device).float().unsqueeze(0)
+            backbone_out = self.forward_image(image)
+            inference_state["cached_features"] = {frame_idx: (image, backbone_out)}
+        if "tracker_backbone_out" in backbone_out:
+            backbone_out = backbone_out["tracker_backbone_out"]
+        n = self.num_feature_levels
+        dtype = self.dtype
+        feats = [x.to(dtype).expand(batch_size, -1, -1, -1) for x in backbone_out["backbone_fpn"][-n:]]
+        pos = [x.to(dtype).expand(batch_size, -1, -1, -1) for x in backbone_out["vision_pos_enc"][-n:]]
+        feat_sizes = [(x.shape[-2], x.shape[-1]) for x in pos]
+        expanded_image = None if image is None else image.expand(batch_size, -1, -1, -1)
+        return expanded_image, backbone_out, feats, pos, feat_sizes
+
+    # ------------------------------------------------------------------------------------------
+    # One frame
+
+    def _run_single_frame_inference(
+        self,
+        inference_state,
+        output_dict,
+        frame_idx,
+        batch_size,
+        is_init_cond_frame,
+        point_inputs,
+        mask_inputs,
+        reverse,
+        run_mem_encoder,
+        prev_sam_mask_logits=None,
+        use_prev_mem_frame=True,
+    ):
+        """Track one frame from its inputs and the memory. Returns ``(compact_out, pred_masks)``:
+        the stored output (memory bank in bf16 with ``bf16_casts``) and the low-res logits."""
+        image, _, feats, pos, feat_sizes = self._get_image_feature(inference_state, frame_idx, batch_size)
+        assert point_inputs is None or mask_inputs is None
+        current_out = self.track_step(
+            frame_idx=frame_idx,
+            is_init_cond_frame=is_init_cond_frame,
+            current_vision_feats=feats,
+            current_vision_pos_embeds=pos,
+            feat_sizes=feat_sizes,
+            image=image,
+            point_inputs=point_inputs,
+            mask_inputs=mask_inputs,
+            output_dict=output_dict,
+            num_frames=inference_state["num_frames"],
+            track_in_reverse=reverse,
+            run_mem_encoder=run_mem_encoder,
+            prev_sam_mask_logits=prev_sam_mask_logits,
+            use_prev_mem_frame=use_prev_mem_frame,
+        )
+        storage_device = inference_state["storage_device"]
+        maskmem_features = current_out["maskmem_features"]
+        if maskmem_features is not None:
+            maskmem_features = self._to_memory_bank(maskmem_features).to(storage_device, non_blocking=True)
+        pred_masks_gpu = current_out["pred_masks"]
+        pred_masks = pred_masks_gpu.to(storage_device, non_blocking=True)
+        maskmem_pos_enc = self._get_maskmem_pos_enc(inference_state, current_out)
+        compact_current_out = {
+            "maskmem_features": maskmem_features,
+            "maskmem_pos_enc": maskmem_pos_enc,
+            "pred_masks": pred_masks,
+            "obj_ptr": current_out["obj_ptr"],
+            "object_score_logits": current_out["object_score_logits"],
+        }
+        if self.use_memory_selection:
+            compact_current_out["iou_score"] = current_out["iou_score"]
+            compact_current_out["eff_iou_score"] = current_out["eff_iou_score"]
+        return compact_current_out, pred_masks_gpu
+
+    def _run_memory_encoder(self, inference_state, frame_idx, batch_size, high_res_masks, object_score_logits,
+                            is_mask_from_pts):
+        """Encode (B, 1, h, w) mask logits of a frame into memory (after constraints changed them).
+        Returns ``(maskmem_features (B, M, g, g) [bf16 with bf16_casts], maskmem_pos_enc [view])``."""
+        image, _, feats, _, feat_sizes = self._get_image_feature(inference_state, frame_idx, batch_size)
+        maskmem_features, maskmem_pos_enc = self._encode_new_memory(
+            image=image,
+            current_vision_feats=feats,
+            feat_sizes=feat_sizes,
+            pred_masks_high_res=high_res_masks,
+            object_score_logits=object_score_logits,
+            is_mask_from_pts=is_mask_from_pts,
+        )
+        maskmem_features = self._to_memory_bank(maskmem_features).to(inference_state["storage_device"],
+                                                                      non_blocking=True)
+        maskmem_pos_enc = self._get_maskmem_pos_enc(inference_state, {"maskmem_pos_enc": maskmem_pos_enc})
+        return maskmem_features, maskmem_pos_enc
+
+    def _get_maskmem_pos_enc(self, inference_state, current_out):
+        """The memory pos enc is the same for every frame and object: one (1, M, g, g) copy lives
+        in ``inference_state["constants"]``; outputs hold batch-expanded views of it."""
+        model_constants = inference_state["constants"]
+        out_maskmem_pos_enc = current_out["maskmem_pos_enc"]
+        if out_maskmem_pos_enc is None:
+            return None
+        if "maskmem_pos_enc" not in model_constants:
+            assert isinstance(out_maskmem_pos_enc, list)
+            model_constants["maskmem_pos_enc"] = [x[0:1].clone() for x in out_maskmem_pos_enc]
+        maskmem_pos_enc = model_constants["maskmem_pos_enc"]
+        batch_size = out_maskmem_pos_enc[0].size(0)
+        return [x.expand(batch_size, -1, -1, -1) for x in maskmem_pos_enc]
+
+    def track_step(
+        self,
+        frame_idx,
+        is_init_cond_frame,
+        current_vision_feats,
+        current_vision_pos_embeds,
+        feat_sizes,
+        image,
+        point_inputs,
+        mask_inputs,
+        output_dict,
+        num_frames,
+        track_in_reverse=False,
+        run_mem_encoder=True,
+        prev_sam_mask_logits=None,
+        use_prev_mem_frame=True,
+    ):
+        """Official ``track_step`` (inference). ``current_vision_feats`` / ``_pos_embeds``: lists of
+        batch-first maps [s0 (B, D/8, 4g, 4g), s1 (B, D/4, 2g, 2g), top (B, D, g, g)] (the official
+        passes (h*w, B, C)). Returns the full output dict ("pred_masks" (B, 1, r, r),
+        "pred_masks_high_res" (B, 1, R, R), "obj_ptr", "object_score_logits", "maskmem_*", ...)."""
+        current_out = {"point_inputs": point_inputs, "mask_inputs": mask_inputs}
+        high_res_features = list(current_vision_feats[:-1]) if len(current_vision_feats) > 1 else None
+        if mask_inputs is not None:
+            sam_outputs = self._use_mask_as_output(current_vision_feats[-1], high_res_features, mask_inputs)
+        else:
+            pix_feat_with_mem = self._prepare_memory_conditioned_features(
+                frame_idx=frame_idx,
+                is_init_cond_frame=is_init_cond_frame,
+                current_vision_feats=current_vision_feats[-1:],
+                current_vision_pos_embeds=current_vision_pos_embeds[-1:],
+                feat_sizes=feat_sizes[-1:],
+                output_dict=output_dict,
+                num_frames=num_frames,
+                track_in_reverse=track_in_reverse,
+                use_prev_mem_frame=use_prev_mem_frame,
+            )
+            # previously predicted logits go in as the mask prompt together with new clicks
+            if prev_sam_mask_logits is not None:
+                assert point_inputs is not None and mask_inputs is None
+                mask_inputs = prev_sam_mask_logits
+            multimask_output = self._use_multimask(is_init_cond_frame, point_inputs)
+            sam_outputs = self._forward_sam_heads(
+                backbone_features=pix_feat_with_mem,
+                point_inputs=point_inputs,
+                mask_inputs=mask_inputs,
+                high_res_features=high_res_features,
+                multimask_output=multimask_output,
+            )
+        _, _, ious, low_res_masks, high_res_masks, obj_ptr, object_score_logits = sam_outputs
+        current_out["pred_masks"] = low_res_masks
+        current_out["pred_masks_high_res"] = high_res_masks
+        current_out["obj_ptr"] = obj_ptr
+        if self.use_memory_selection:
+            iou_score = ious.max(-1)[0]
+            current_out["iou_score"] = iou_score
+            current_out["eff_iou_score"] = self.cal_mem_score(object_score_logits, iou_score)
+        current_out["object_score_logits"] = object_score_logits
+
+        if run_mem_encoder and self.num_maskmem > 0:
+            maskmem_features, maskmem_pos_enc = self._encode_new_memory(
+                image=image,
+                current_vision_feats=current_vision_feats,
+                feat_sizes=feat_sizes,
+                pred_masks_high_res=high_res_masks,
+                object_score_logits=object_score_logits,
+                is_mask_from_pts=(point_inputs is not None),
+                output_dict=output_dict,
+                is_init_cond_frame=is_init_cond_frame,
+            )
+            current_out["maskmem_features"] = maskmem_features
+            current_out["maskmem_pos_enc"] = maskmem_pos_enc
+        else:
+            current_out["maskmem_features"] = None
+            current_out["maskmem_pos_enc"] = None
+
+        if self.trim_past_non_cond_mem_for_eval:
+            self._trim_past_non_cond_mem(output_dict, frame_idx)
+        return current_out
+
+    def _trim_past_non_cond_mem(self, output_dict, frame_idx):
+        # official trim_past_non_cond_mem_for_eval (off in SAM 3): old non-cond outputs keep only
+        # pred_masks, obj_ptr and object_score_logits
+        def _trim(past_out):
+            return {k: past_out[k] for k in ("pred_masks", "obj_ptr", "object_score_logits")}
+
+        non_cond = output_dict["non_cond_frame_outputs"]
+        past_frame_idx = frame_idx - self.memory_temporal_stride_for_eval * self.num_maskmem
+        past_out = non_cond.get(past_frame_idx, None)
+        if past_out is not None:
+            if not self.use_memory_selection or past_out.get("eff_iou_score", 0) < self.mf_threshold:
+                non_cond[past_frame_idx] = _trim(past_out)
+        if self.use_memory_selection:
+            far_old_frame_idx = frame_idx - 20 * self.max_obj_ptrs_in_encoder
+            past_out = non_cond.get(far_old_frame_idx, None)
+            if past_out is not None:
+                non_cond[far_old_frame_idx] = _trim(past_out)
+
+    def _use_multimask(self, is_init_cond_frame, point_inputs):
+        num_pts = 0 if point_inputs is None else point_inputs["point_labels"].size(1)
+        return (
+            self.multimask_output_in_sam
+            and (is_init_cond_frame or self.multimask_output_for_tracking)
+            and (self.multimask_min_pt_num <= num_pts <= self.multimask_max_pt_num)
+        )
+
+    def _forward_sam_heads(self, backbone_features, point_inputs=None, mask_inputs=None, high_res_features=None,
+                           multimask_output=False, gt_masks=None):
+        """Official ``_forward_sam_heads`` (see :func:`sam3fast.model.sam_heads.sam_heads_forward`):
+        returns ``(low_res_multimasks, high_res_multimasks, ious, low_res_masks, high_res_masks,
+        obj_ptr, object_score_logits)``."""
+        coords = labels = None
+        if point_inputs is not None:
+            coords, labels = point_inputs["point_coords"], point_inputs["point_labels"]
+        return tuple(sam_heads_forward(
+            self.sam_prompt_encoder, self.sam_mask_decoder, self.obj_ptr_proj, self.no_obj_ptr,
+            backbone_features, point_coords=coords, point_labels=labels, mask_inputs=mask_inputs,
+            high_res_features=high_res_features, multimask_output=multimask_output,
+        ))
+
+    def _use_mask_as_output(self, backbone_features, high_res_features, mask_inputs):
+        """A binary mask input (B, 1, I, I) as the output: +-10 logits, a low-res (antialiased)
+        copy, IoU 1, object present iff any pixel is set, pointer from the heads on
+        ``mask_downsample(mask)`` (``no_obj_ptr`` for an empty mask)."""
+        out_scale, out_bias = 20.0, -10.0  # sigmoid(-10) = 4.5e-5
+        mask_inputs_float = mask_inputs.float()
+        high_res_masks = mask_inputs_float * out_scale + out_bias
+        low_res_masks = F.interpolate(
+            high_res_masks,
+            size=(high_res_masks.size(-2) // self.backbone_stride * 4,
+                  high_res_masks.size(-1) // self.backbone_stride * 4),
+            align_corners=False, mode="bilinear", antialias=True,
+        )
+        ious = mask_inputs.new_ones(mask_inputs.size(0), 1).float()
+        obj_ptr = self._forward_sam_heads(
+            backbone_features=backbone_features,
+            mask_inputs=self.mask_downsample(mask_inputs_float.to(self.dtype)),
+            high_res_features=high_res_features,
+            gt_masks=mask_inputs,
+        )[5]
+        is_obj_appearing = torch.any(mask_inputs.flatten(1).float() > 0.0, dim=1)[..., None]
+        lambda_is_obj_appearing = is_obj_appearing.float()
+        object_score_logits = out_scale * lambda_is_obj_appearing + out_bias
+        obj_ptr = lambda_is_obj_appearing * obj_ptr
+        obj_ptr = obj_ptr + (1 - lambda_is_obj_appearing) * self.no_obj_ptr
+        return low_res_masks, high_res_masks, ious, low_res_masks, high_res_masks, obj_ptr, object_score_logits
+
+    def _encode_new_memory(self, image, current_vision_feats, feat_sizes, pred_masks_high_res, object_score_logits,
+                           is_mask_from_pts, output_dict=None, is_init_cond_frame=False):
+        """Official ``_encode_new_memory`` on the top-level features (B, D, g, g): returns
+        ``(maskmem_features (B, M, g, g), [maskmem_pos_enc (B, M, g, g)])`` (not yet rounded)."""
+        pix_feat = current_vision_feats[-1]
+        if self.non_overlap_masks_for_mem_enc:
+            pred_masks_high_res = self._apply_non_overlapping_constraints(pred_masks_high_res)
+        feat, pos = encode_new_memory(
+            self.maskmem_backbone, pix_feat, pred_masks_high_res.to(self.dtype), object_score_logits,
+            self.no_obj_embed_spatial, is_mask_from_pts=is_mask_from_pts,
+            sigmoid_scale=self.sigmoid_scale_for_mem_enc, sigmoid_bias=self.sigmoid_bias_for_mem_enc,
+        )
+        return feat, [pos]
+
+    # ------------------------------------------------------------------------------------------
+    # Memory
+
+    def cal_mem_score(self, object_score_logits, iou_score):
+        """Official ``cal_mem_score``: mean of (rescaled object score * IoU) as a 0-d tensor. With
+        (B, 1) scores and (B,) IoUs (``track_step``) the product broadcasts to (B, B), i.e.
+        mean(score) * mean(iou); the official relies on that, so it is kept."""
+        object_score_norm = torch.where(object_score_logits > 0, object_score_logits.sigmoid() * 2 - 1,
+                                        torch.zeros_like(object_score_logits))
+        return (object_score_norm * iou_score).mean()
+
+    def frame_filter(self, output_dict, track_in_reverse, frame_idx, num_frames, r):
+        """Memory selection (SAM2Long): the last (up to ``min(num_frames, max_obj_ptrs) - 1``)
+        previous non-cond frames whose ``eff_iou_score`` > ``mf_threshold``, oldest first, plus
+        always the adjacent frame. Scans back to frame 1 (forward) / the last frame (reverse)."""
+        if (frame_idx == 0 and not track_in_reverse) or (frame_idx == num_frames - 1 and track_in_reverse):
+            return []
+        max_num = min(num_frames, self.max_obj_ptrs_in_encoder)
+        if not track_in_reverse:
+            start, end, step, must_include = frame_idx - 1, 0, -r, frame_idx - 1
+        else:
+            start, end, step, must_include = frame_idx + 1, num_frames, r, frame_idx + 1
+        non_cond = output_dict["non_cond_frame_outputs"]
+        valid_indices = []
+        for i in range(start, end, step):
+            if i not in non_cond or "eff_iou_score" not in non_cond[i]:
+                continue
+            if non_cond[i]["eff_iou_score"] > self.mf_threshold:  # host sync (official)
+                valid_indices.insert(0, i)
+            if len(valid_indices) >= max_num - 1:
+                break
+        if must_include not in valid_indices:
+            valid_indices.append(must_include)
+        return valid_indices
+
+    def _prepare_memory_conditioned_features(
+        self,
+        frame_idx,
+        is_init_cond_frame,
+        current_vision_feats,
+        current_vision_pos_embeds,
+        feat_sizes,
+        output_dict,
+        num_frames,
+        track_in_reverse=False,
+        use_prev_mem_frame=True,
+    ):
+        """Condition the frame's top-level features (B, D, g, g) on the memory bank ->
+        ``pix_feat_with_mem`` (B, D, g, g). The frame selection is the official one verbatim;
+        the tensor half is :func:`assemble_memory` + :class:`MemoryAttention`."""
+        feat = current_vision_feats[-1]
+        B, C, H, W = feat.shape
+        if self.num_maskmem == 0:
+            return feat
+        if is_init_cond_frame or not use_prev_mem_frame:
+            return feat + self.no_mem_embed.reshape(1, C, 1, 1)
+
+        tpos_sign_mul = -1 if track_in_reverse else 1
+        cond_outputs = output_dict["cond_frame_outputs"]
+        assert len(cond_outputs) > 0
+        selected_cond_outputs, unselected_cond_outputs = select_closest_cond_frames(
+            frame_idx, cond_outputs, self.max_cond_frames_in_attn, keep_first_cond_frame=self.keep_first_cond_frame
+        )
+        t_pos_and_prevs = [((frame_idx - t) * tpos_sign_mul, out, True) for t, out in selected_cond_outputs.items()]
+        r = self.memory_temporal_stride_for_eval
+        if self.use_memory_selection:
+            valid_indices = self.frame_filter(output_dict, track_in_reverse, frame_idx, num_frames, r)
+        for t_pos in range(1, self.num_maskmem):
+            t_rel = self.num_maskmem - t_pos  # frames before the current one
+            if self.use_memory_selection:
+                if t_rel > len(valid_indices):
+                    continue
+                prev_frame_idx = valid_indices[-t_rel]
+            elif t_rel == 1:
+                prev_frame_idx = frame_idx + t_rel if track_in_reverse else frame_idx - t_rel
+            elif not track_in_reverse:
+                prev_frame_idx = ((frame_idx - 2) // r) * r - (t_rel - 2) * r
+            else:
+                prev_frame_idx = -(-(frame_idx + 2) // r) * r + (t_rel - 2) * r
+            out = output_dict["non_cond_frame_outputs"].get(prev_frame_idx, None)
+            if out is None:
+                # an unselected cond frame among the last frames is attended as a non-cond one
+                out = unselected_cond_outputs.get(prev_frame_idx, None)
+            t_pos_and_prevs.append((t_pos, out, False))
+
+        mem_feats, mem_pos, mem_tpos = [], [], []
+        for t_pos, prev, is_selected_cond_frame in t_pos_and_prevs:
+            if prev is None:
+                continue
+            if prev["maskmem_features"] is None:
+                raise RuntimeError(f"memory frame {t_pos} has no encoded memory (maskmem_features is None)")
+            mem_feats.append(self._from_memory_bank(prev["maskmem_features"]))
+            mem_pos.append(prev["maskmem_pos_enc"][-1].to(self.device, self.dtype))
+            mem_tpos.append(0 if is_selected_cond_frame else t_pos)
+
+        max_obj_ptrs_in_encoder = min(num_frames, self.max_obj_ptrs_in_encoder)
+        ptr_cond_outputs = {
+            t: out for t, out in selected_cond_outputs.items()
+            if (t >= frame_idx if track_in_reverse else t <= frame_idx)
+        }
+        ptrs = [out["obj_ptr"] for out in ptr_cond_outputs.values()]
+        ptr_tpos = [(frame_idx - t) * tpos_sign_mul for t in ptr_cond_outputs]
+        for t_diff in range(1, max_obj_ptrs_in_encoder):
+            if not self.use_memory_selection:
+                t = frame_idx + t_diff if track_in_reverse else frame_idx - t_diff
+                if t < 0 or (num_frames is not None and t >= num_frames):
+                    break
+            else:
+                # (the official stops one short: the oldest selected frame gives no pointer)
+                if -t_diff <= -len(valid_indices):
+                    break
+                t = valid_indices[-t_diff]
+            out = output_dict["non_cond_frame_outputs"].get(t, unselected_cond_outputs.get(t, None))
+            if out is not None:
+                ptrs.append(out["obj_ptr"])
+                ptr_tpos.append(t_diff)
+
+        memory, memory_pos, num_obj_ptr_tokens = assemble_memory(
+            maskmem_features=torch.stack(mem_feats, dim=1),
+            maskmem_pos=torch.stack(mem_pos, dim=1),
+            mem_tpos=mem_tpos,
+            obj_ptrs=torch.stack([p.to(self.dtype) for p in ptrs], dim=1) if ptrs else None,
+            ptr_tpos=ptr_tpos if ptrs else None,
+            maskmem_tpos_enc=self.maskmem_tpos_enc,
+            obj_ptr_tpos_proj=self.obj_ptr_tpos_proj,
+            max_obj_ptrs_in_encoder=max_obj_ptrs_in_encoder,
+        )
+        curr = feat.flatten(2).transpose(1, 2)
+        curr_pos = current_vision_pos_embeds[-1].flatten(2).transpose(1, 2)
+        out = self.transformer.encoder(curr, curr_pos, memory, memory_pos, num_obj_ptr_tokens)
+        return out.transpose(1, 2).reshape(B, C, H, W)

@@ -1,0 +1,657 @@
+"""SAM 2-style video tracking (``Sam3TrackerPredictor``) against the official package, float32 CPU.
+
+Both sides get the same re-drawn weights (the official tracker from ``build_official_tracker`` at
+the tiny config, loaded into ``Tracker`` with ``strict=True``) and the same features: a tiny
+``VisionBackbone(add_sam2_neck=True)`` with re-drawn weights serves as both backbones (wrapped in
+the official ``forward_image`` interface for the official side), on a synthetic 112 px clip of
+two moving discs. The object-score head's bias is shifted so objects appear and disappear and
+memory selection (``eff_iou_score`` vs 0.01) really picks frames.
+
+Each session runs the same calls on both predictors and compares every returned tensor (video-res
+masks, low-res logits, object scores) and then the whole stored state (memory bank in bf16, object
+pointers, scores, frame bookkeeping).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from official_ref import build_official_tracker, cpu_mode, redraw_
+from sam3fast.config import get_config
+from sam3fast.model.neck import VisionBackbone
+from sam3fast.model.tracker import Tracker
+from sam3fast.video.tracker_predictor import Sam3TrackerPredictor, fill_holes_in_mask_scores
+
+TOL = 1e-4
+VIDEO_H, VIDEO_W = 90, 120
+NUM_FRAMES = 12
+SCORE_SHIFT = -0.55  # object-score bias shift: scores straddle 0 with these seeds
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def _close(a, b, name, tol=TOL, floor=1.0):
+    """Relative error (norm and max-abs) with the scale floored at ``floor`` per element: logits and
+    scores near 0 (objects at the presence threshold) are held to ``tol`` absolute, in logit units."""
+    assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
+    assert a.dtype == b.dtype, f"{name}: dtype {a.dtype} vs {b.dtype}"
+    b_dtype = b.dtype
+    a, b = a.float(), b.float()
+    assert torch.isfinite(a).all(), f"{name}: non-finite values"
+    d = a - b
+    r = (d.norm() / max(b.norm().item(), floor * math.sqrt(b.numel()))).item()
+    m = (d.abs().max() / max(b.abs().max().item(), floor)).item()
+    r_tol, m_tol = tol, tol
+    if b_dtype == torch.bfloat16:
+        # bf16 storage (the memory bank): an input d (relative) off rounds to the neighbouring bf16
+        # value in a fraction ~d / ulp of the elements, one step (ulp ~ 2^-8 relative) each, so the
+        # norm error is ~sqrt(d * ulp): 1e-4 for d = 1e-6. The float outputs downstream hold tol.
+        r_tol, m_tol = 10 * tol, 2.0 ** -7
+    assert r < r_tol and m < m_tol, f"{name}: rel {r:.2e}, max-abs/scale {m:.2e}"
+
+
+def make_clip(num_frames=NUM_FRAMES, size=112):
+    """Two soft discs moving across a gradient, normalised like the model input: (T, 3, S, S)."""
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    discs = [((0.9, 0.1, 0.1), (0.5, 0.1), (0.45, 0.8), 0.18), ((0.1, 0.3, 0.9), (0.3, 0.8), (0.6, 0.3), 0.14)]
+    frames = []
+    for t in range(num_frames):
+        s = t / (num_frames - 1)
+        img = torch.stack([0.3 + 0.2 * xx, 0.4 + 0.2 * yy, 0.5 - 0.2 * xx])
+        for colour, c0, c1, r in discs:
+            cy, cx = c0[0] + (c1[0] - c0[0]) * s, c0[1] + (c1[1] - c0[1]) * s
+            a = torch.clamp((r - torch.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)) * size / 2 + 0.5, 0, 1)
+            img = img * (1 - a) + torch.tensor(colour)[:, None, None] * a
+        frames.append(img)
+    return (torch.stack(frames) - 0.5) / 0.5
+
+
+def disc_mask(h, w, cy, cx, r):
+    yy, xx = torch.meshgrid(torch.arange(h) / h, torch.arange(w) / w, indexing="ij")
+    return ((yy - cy) ** 2 + (xx - cx) ** 2) < r * r
+
+
+class OfficialBackbone:
+    """sam3fast's VisionBackbone behind the official ``SAM3VLBackbone.forward_image`` interface."""
+
+    def __init__(self, vb):
+        self.vb = vb
+
+    def forward_image(self, x):
+        o = self.vb(x)
+        fpn, pos = list(o["sam2_backbone_fpn"]), list(o["sam2_pos_enc"])
+        return {"sam2_backbone_out": {"vision_features": fpn[-1], "vision_pos_enc": pos, "backbone_fpn": fpn}}
+
+
+class Pair:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.off = build_official_tracker(cfg, apply_temporal_disambiguation=True)
+        redraw_(self.off, seed=5)
+        with torch.no_grad():
+            self.off.sam_mask_decoder.pred_obj_score_head.layers[2].bias.add_(SCORE_SHIFT)
+        tracker = Tracker.from_config(cfg)
+        tracker.load_state_dict(self.off.state_dict(), strict=True)
+        self.ours = Sam3TrackerPredictor(tracker, cfg)
+        self.vb = redraw_(VisionBackbone.from_config(cfg, add_sam2_neck=True).eval(), seed=7)
+        self.off.backbone = OfficialBackbone(self.vb)
+        self.ours.backbone = self.vb
+        self.frames = make_clip()
+
+    def state(self, pred, **kw):
+        kw.setdefault("video_height", VIDEO_H)
+        kw.setdefault("video_width", VIDEO_W)
+        kw.setdefault("num_frames", len(self.frames))
+        st = pred.init_state(**kw)
+        st["images"] = self.frames
+        return st
+
+    def run(self, scenario):
+        """Run ``scenario(pred, pair) -> (records, state)`` on both; compare records and states."""
+        with cpu_mode():
+            ref, ref_state = scenario(self.off, self)
+        got, got_state = scenario(self.ours, self)
+        assert [r[0] for r in got] == [r[0] for r in ref]
+        for (name, *rv), (_, *gv) in zip(ref, got):
+            for i, (a, b) in enumerate(zip(gv, rv)):
+                if isinstance(b, torch.Tensor):
+                    _close(a, b, f"{name}[{i}]")
+                else:
+                    assert a == b, f"{name}[{i}]: {a} vs {b}"
+        compare_states(got_state, ref_state)
+        return ref, got
+
+
+def compare_states(s, r):
+    for key in ("obj_ids", "first_ann_frame_idx", "tracking_has_started", "frames_already_tracked",
+                "consolidated_frame_inds", "num_frames", "video_height", "video_width"):
+        assert s[key] == r[key], f"state[{key!r}]: {s[key]} vs {r[key]}"
+    assert dict(s["obj_id_to_idx"]) == dict(r["obj_id_to_idx"])
+    for key in ("cond_frame_outputs", "non_cond_frame_outputs"):
+        so, ro = s["output_dict"][key], r["output_dict"][key]
+        assert sorted(so) == sorted(ro), f"{key}: frames {sorted(so)} vs {sorted(ro)}"
+        for f in ro:
+            a, b = so[f], ro[f]
+            assert sorted(a) == sorted(b), f"{key}[{f}] keys {sorted(a)} vs {sorted(b)}"
+            for k in ("maskmem_features", "pred_masks", "obj_ptr", "object_score_logits", "iou_score",
+                      "eff_iou_score"):
+                if b.get(k) is None:
+                    assert a.get(k) is None, f"{key}[{f}][{k}] should be None"
+                else:
+                    _close(a[k], b[k], f"{key}[{f}][{k}]")
+            if b["maskmem_pos_enc"] is not None:
+                _close(a["maskmem_pos_enc"][0], b["maskmem_pos_enc"][0], f"{key}[{f}] pos", tol=1e-6)
+        for obj_idx in r["output_dict_per_obj"]:
+            assert sorted(s["output_dict_per_obj"][obj_idx][key]) == sorted(r["output_dict_per_obj"][obj_idx][key])
+    for name in ("point_inputs_per_obj", "mask_inputs_per_obj"):
+        assert {k: sorted(v) for k, v in s[name].items()} == {k: sorted(v) for k, v in r[name].items()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny tensors: with 2 intra-op threads every op waits for both, and on a busy 2-core machine
+    # that made sessions 10-20x slower (measured); one thread is faster and steady. Restored after.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield n
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.manual_seed(0)
+    return Pair(get_config("tiny"))
+
+
+def _prop(pred, st, records, tag, **kw):
+    kw.setdefault("tqdm_disable", True)
+    for f, ids, lo, vid, sc in pred.propagate_in_video(st, **kw):
+        records.append((f"{tag}{f}", f, list(ids), lo, vid, sc))
+
+
+# ----------------------------------------------------------------------------------------------
+# Sessions
+
+
+def points_two_objects(pred, p):
+    st = p.state(pred)
+    rec = []
+    r = pred.add_new_points_or_box(st, 0, 1, points=torch.tensor([[0.1, 0.5]]), labels=torch.tensor([1]))
+    rec.append(("add obj1", r[0], r[1], r[3]))
+    r = pred.add_new_points_or_box(st, 0, 2, points=[[0.8, 0.3], [0.5, 0.5]], labels=[1, 0])
+    rec.append(("add obj2", r[0], r[1], r[3]))
+    # a second click on obj 1 (keeps the first; previous logits go in as the mask prompt)
+    r = pred.add_new_points_or_box(st, 0, 1, points=torch.tensor([[0.2, 0.55]]), labels=torch.tensor([1]),
+                                   clear_old_points=False)
+    rec.append(("click obj1", r[0], r[1], r[3]))
+    pred.propagate_in_video_preflight(st)
+    _prop(pred, st, rec, "fwd", start_frame_idx=0, max_frame_num_to_track=None, reverse=False)
+    return rec, st
+
+
+def test_points_two_objects_forward(pair):
+    ref, got = pair.run(points_two_objects)
+    prop = [r for r in ref if r[0].startswith("fwd")]
+    assert [r[1] for r in prop] == list(range(NUM_FRAMES))
+    # non-degenerate: both signs in the masks, objects present and absent, memory selection used
+    vid = torch.cat([r[4] for r in prop])
+    assert (vid > 0).any() and (vid < 0).any()
+    scores = torch.cat([r[5] for r in prop]).flatten()
+    assert (scores > 0).any() and (scores < 0).any()
+    assert scores.abs().min() > 1e-4, "a score within 1e-4 of 0: the reference decides the sign"
+
+
+def test_memory_selection_is_exercised(pair):
+    """With the shifted scores some tracked frames fall under the 0.01 memory threshold."""
+    with torch.inference_mode():
+        _, st = points_two_objects(pair.ours, pair)
+    eff = torch.stack([o["eff_iou_score"] for o in st["output_dict"]["non_cond_frame_outputs"].values()])
+    assert (eff > 0.01).any() and (eff < 0.01).any()
+    assert (eff - 0.01).abs().min() > 1e-5
+
+
+def box_backward(pred, p):
+    st = p.state(pred)
+    rec = []
+    r = pred.add_new_points_or_box(st, 6, 1, box=torch.tensor([0.2, 0.3, 0.6, 0.7]))
+    rec.append(("box obj1", r[0], r[1], r[3]))
+    r = pred.add_new_points_or_box(st, 6, 2, box=torch.tensor([0.5, 0.2, 0.9, 0.6]), points=[[0.7, 0.4]],
+                                   labels=[1])  # (a list box fails in the official with relative coords)
+    rec.append(("box+pt obj2", r[0], r[1], r[3]))
+    _prop(pred, st, rec, "bwd", start_frame_idx=6, max_frame_num_to_track=None, reverse=True,
+          propagate_preflight=True)
+    _prop(pred, st, rec, "fwd", start_frame_idx=6, max_frame_num_to_track=3, reverse=False)
+    return rec, st
+
+
+def test_box_and_backward(pair):
+    ref, _ = pair.run(box_backward)
+    assert [r[1] for r in ref if r[0].startswith("bwd")] == list(range(6, -1, -1))
+    assert [r[1] for r in ref if r[0].startswith("fwd")] == [6, 7, 8, 9]
+
+
+def masks(pred, p):
+    st = p.state(pred)
+    rec = []
+    m1 = disc_mask(VIDEO_H, VIDEO_W, 0.5, 0.15, 0.2)  # video resolution, bool
+    m2 = disc_mask(64, 64, 0.35, 0.3, 0.3).float()  # another size, float: resized both ways
+    r = pred.add_new_mask(st, 0, 1, m1)
+    rec.append(("mask obj1", r[0], r[1], r[3]))
+    r = pred.add_new_mask(st, 0, 2, m2)  # overlaps obj 1: its video-res mask loses the overlap
+    rec.append(("mask obj2", r[0], r[1], r[3]))
+    r = pred.add_new_mask(st, 0, 3, torch.zeros(VIDEO_H, VIDEO_W, dtype=torch.bool))  # empty: absent
+    rec.append(("mask obj3", r[0], r[1], r[3]))
+    _prop(pred, st, rec, "fwd", start_frame_idx=0, max_frame_num_to_track=5, reverse=False,
+          propagate_preflight=True)
+    return rec, st
+
+
+def test_mask_prompts(pair):
+    ref, _ = pair.run(masks)
+    first = ref[0][3]
+    assert ((first > 0).float().mean() - 0.1).abs() < 0.1
+
+
+def refine_single_object(pred, p):
+    """One object (so the non-cond memory around a correction is cleared), corrected on a tracked
+    frame with memory, then tracked forward and backward from there."""
+    st = p.state(pred)
+    rec = []
+    r = pred.add_new_points_or_box(st, 0, 5, points=torch.tensor([[0.15, 0.5]]), labels=torch.tensor([1]))
+    rec.append(("add", r[0], r[1], r[3]))
+    _prop(pred, st, rec, "fwd", start_frame_idx=0, max_frame_num_to_track=8, reverse=False,
+          propagate_preflight=True)
+    r = pred.add_new_points_or_box(st, 5, 5, points=torch.tensor([[0.5, 0.5], [0.45, 0.2]]),
+                                   labels=torch.tensor([1, 0]), use_prev_mem_frame=True)
+    rec.append(("refine", r[0], r[1], r[3]))
+    _prop(pred, st, rec, "fwd2", start_frame_idx=5, max_frame_num_to_track=None, reverse=False,
+          propagate_preflight=True)
+    _prop(pred, st, rec, "bwd", start_frame_idx=5, max_frame_num_to_track=None, reverse=True)
+    return rec, st
+
+
+def test_refinement_then_propagate(pair):
+    ref, _ = pair.run(refine_single_object)
+    assert [r[1] for r in ref if r[0].startswith("bwd")] == [5, 4, 3, 2, 1, 0]
+
+
+def remove_and_clear(pred, p):
+    """Three objects prompted on frames 0 and 2 (the official consolidation crashes when an object
+    has no output on a prompted frame: its ``_get_empty_mask_ptr`` passes arguments ``track_step``
+    does not take, so every object gets a prompt on both frames)."""
+    st = p.state(pred)
+    rec = []
+    for f in (0, 2):
+        for obj_id, pt in ((1, [0.1 + 0.05 * f, 0.5]), (2, [0.8 - 0.05 * f, 0.3]), (3, [0.3, 0.4])):
+            r = pred.add_new_points_or_box(st, f, obj_id, points=torch.tensor([pt]), labels=torch.tensor([1]))
+        rec.append((f"add frame {f}", r[0], r[1], r[3]))
+    _prop(pred, st, rec, "a", start_frame_idx=0, max_frame_num_to_track=5, reverse=False, propagate_preflight=True)
+    ids, updated = pred.remove_object(st, 2)
+    rec.append(("remove 2", ids, [f for f, _ in updated], *[m for _, m in updated]))
+    ids, updated = pred.remove_object(st, 42)  # unknown id, not strict: nothing happens
+    rec.append(("remove 42", ids, updated))
+    _prop(pred, st, rec, "b", start_frame_idx=0, max_frame_num_to_track=4, reverse=False)
+    pred.clear_all_points_in_frame(st, 2, 1, need_output=False)
+    r = pred.clear_all_points_in_frame(st, 2, 3)  # frame 2 has no input left: downgraded
+    rec.append(("clear frame 2", r[0], r[1], r[3]))
+    _prop(pred, st, rec, "c", start_frame_idx=0, max_frame_num_to_track=4, reverse=False)
+    return rec, st
+
+
+def test_remove_object_and_clear_points(pair):
+    ref, _ = pair.run(remove_and_clear)
+    assert [r for r in ref if r[0] == "remove 2"][0][1] == [1, 3]
+
+
+def test_clear_all_and_remove_last(pair):
+    pred = pair.ours
+    with torch.inference_mode():
+        _, st = remove_and_clear(pred, pair)
+        pred.remove_object(st, 1)
+        assert st["obj_ids"] == [3]
+        ids, _ = pred.remove_object(st, 3)  # the last object: the whole state is reset
+        assert ids == [] and not st["output_dict"]["cond_frame_outputs"] and not st["tracking_has_started"]
+        with pytest.raises(RuntimeError):
+            pred.remove_object(st, 3, strict=True)
+        with pytest.raises(RuntimeError, match="No points"):
+            next(pred.propagate_in_video(st, 0, None, False))
+        pred.add_new_points_or_box(st, 1, 9, points=torch.tensor([[0.5, 0.5]]), labels=torch.tensor([1]))
+        pred.clear_all_points_in_video(st)
+        assert st["obj_ids"] == [] and not st["temp_output_dict_per_obj"]
+
+
+def options_session(pred, p):
+    """Non-default heuristics: 3 prompted frames with at most 2 conditioning frames in attention
+    (keeping the first), stride-2 memory without memory selection, non-overlapping output masks
+    with hole filling, clearing around inputs for several objects."""
+    st = p.state(pred)
+    rec = []
+    for f in (0, 4, 8):
+        for obj_id, pt in ((1, [0.1 + 0.06 * f, 0.5]), (2, [0.8 - 0.05 * f, 0.35 + 0.02 * f])):
+            r = pred.add_new_points_or_box(st, f, obj_id, points=torch.tensor([pt]), labels=torch.tensor([1]))
+        rec.append((f"add frame {f}", r[0], r[1], r[3]))
+    _prop(pred, st, rec, "fwd", start_frame_idx=None, max_frame_num_to_track=None, reverse=False,
+          propagate_preflight=True)
+    # (backward from 10, not 11: on frame 11 no pointer qualifies, the official memory is then all
+    # bf16 and its float32 attention fails on a CPU without autocast)
+    _prop(pred, st, rec, "bwd", start_frame_idx=10, max_frame_num_to_track=None, reverse=True)
+    return rec, st
+
+
+OPTIONS = dict(use_memory_selection=False, memory_temporal_stride_for_eval=2, max_cond_frames_in_attn=2,
+               keep_first_cond_frame=True, non_overlap_masks_for_output=True, fill_hole_area=6,
+               clear_non_cond_mem_for_multi_obj=True)
+
+
+def test_non_default_options(pair):
+    pytest.importorskip("skimage")  # the official hole filling on CPU
+    saved = [{k: getattr(m, k) for k in OPTIONS} for m in (pair.off, pair.ours)]
+    try:
+        for m in (pair.off, pair.ours):
+            for k, v in OPTIONS.items():
+                setattr(m, k, v)
+        ref, _ = pair.run(options_session)
+    finally:
+        for m, old in zip((pair.off, pair.ours), saved):
+            for k, v in old.items():
+                setattr(m, k, v)
+    # non-overlapping output (hole filling afterwards may give a few pixels back to both objects)
+    overlap = torch.stack([((r[4] > 0).sum(0) > 1).float().mean() for r in ref if r[0].startswith("fwd")])
+    assert overlap.max() < 0.01
+
+
+@pytest.mark.parametrize("selection", [True, False])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_memory_conditioning(pair, selection, reverse):
+    """``_prepare_memory_conditioned_features`` on a hand-built bank: 6 conditioning frames (4 are
+    selected), non-conditioning frames with gaps, scores on both sides of the 0.01 threshold."""
+    off, ours = pair.off, pair.ours
+    B, D, M, g = 2, pair.cfg.d_model, pair.cfg.tracker.mem_dim, pair.cfg.feat_size
+    gen = torch.Generator().manual_seed(4)
+    pos_enc = torch.randn(1, M, g, g, generator=gen)
+
+    def out(score):
+        o = {"maskmem_features": torch.randn(B, M, g, g, generator=gen).to(torch.bfloat16),
+             "maskmem_pos_enc": [pos_enc.expand(B, -1, -1, -1)], "obj_ptr": torch.randn(B, D, generator=gen)}
+        if score is not None:
+            o["eff_iou_score"] = torch.tensor(score)
+        return o
+
+    cond = {t: out(None) for t in (0, 3, 9, 14, 25, 29)}
+    non_cond = {t: out(0.02 + 0.01 * math.sin(t) if t % 4 else 0.005) for t in range(1, 30) if t not in cond
+                and t not in (17, 21)}
+    output_dict = {"cond_frame_outputs": cond, "non_cond_frame_outputs": non_cond}
+    frame_idx = 20
+    feat = torch.randn(B, D, g, g, generator=gen)
+    feat_pos = torch.randn(B, D, g, g, generator=gen)
+    flat = lambda x: x.flatten(2).permute(2, 0, 1)  # noqa: E731
+    saved = off.use_memory_selection, ours.use_memory_selection
+    off.use_memory_selection = ours.use_memory_selection = selection
+    try:
+        with cpu_mode(), torch.inference_mode():
+            ref = off._prepare_memory_conditioned_features(
+                frame_idx, False, [flat(feat)], [flat(feat_pos)], [(g, g)], output_dict, 30, reverse)
+        with torch.inference_mode():
+            got = ours._prepare_memory_conditioned_features(frame_idx, False, [feat], [feat_pos], [(g, g)],
+                                                            output_dict, 30, reverse)
+            if selection:
+                for r in (1, 2):
+                    assert ours.frame_filter(output_dict, reverse, frame_idx, 30, r) == \
+                        off.frame_filter(output_dict, reverse, frame_idx, 30, r)
+    finally:
+        off.use_memory_selection, ours.use_memory_selection = saved
+    _close(got, ref, "pix_feat_with_mem")
+
+
+def test_select_closest_cond_frames():
+    from official_ref import official
+
+    official()
+    from sam3.model.sam3_tracker_utils import select_closest_cond_frames as ref_select
+
+    from sam3fast.video.tracker_predictor import select_closest_cond_frames
+
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(50):
+        n = int(torch.randint(1, 9, (1,), generator=gen))
+        frames = sorted(set(torch.randint(0, 30, (n,), generator=gen).tolist()))
+        cond = {t: t for t in frames}
+        f = int(torch.randint(0, 30, (1,), generator=gen))
+        for max_n in (-1, 2, 4):
+            for keep_first in (False, True):
+                a = select_closest_cond_frames(f, cond, max_n, keep_first)
+                b = ref_select(f, cond, max_n, keep_first)
+                assert (list(a[0].items()), a[1]) == (list(b[0].items()), b[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# The detect-and-track orchestration's calls (Sam3VideoBase), on cached features
+
+
+def official_cache_entry(off, vb_out):
+    """What ``Sam3VideoBase.run_backbone_and_detection`` stores, with the detector's bf16 cast of
+    the SAM 2-neck levels (``sam3_image.py`` 839) emulated by rounding in float32."""
+    fpn = [x.to(torch.bfloat16).float() for x in vb_out["sam2_backbone_fpn"]]
+    dec = off.sam_mask_decoder
+    tb = [dec.conv_s0(fpn[0]), dec.conv_s1(fpn[1]), fpn[2]]
+    return {"tracker_backbone_out": {"vision_features": tb[-1], "vision_pos_enc": vb_out["sam2_pos_enc"],
+                                     "backbone_fpn": tb}}
+
+
+@torch.inference_mode()  # (the orchestration runs under inference mode)
+def orchestration(pred, p):
+    is_off = not isinstance(pred, Sam3TrackerPredictor)
+    cache = {}
+    for f in range(6):
+        o = p.vb(p.frames[f: f + 1])
+        entry = official_cache_entry(pred, o) if is_off else \
+            {"tracker_backbone_out": pred.make_tracker_backbone_out(o["sam2_backbone_fpn"], o["sam2_pos_enc"])}
+        cache[f] = (p.frames[f], entry)
+    st = pred.init_state(cached_features=cache, video_height=VIDEO_H, video_width=VIDEO_W, num_frames=6)
+    rec = []
+    # _tracker_add_new_objects: detector masks (low res) -> input_mask_size, binarised, one by one
+    low = torch.stack([disc_mask(32, 32, 0.5, 0.12, 0.2), disc_mask(32, 32, 0.3, 0.8, 0.15)]).float() * 8 - 4
+    res = pred.input_mask_size
+    new_masks = F.interpolate(low.unsqueeze(1), size=(res, res), mode="bilinear", align_corners=False).squeeze(1) > 0
+    for obj_id, m in zip([10, 11], new_masks):
+        r = pred.add_new_mask(inference_state=st, frame_idx=0, obj_id=obj_id, mask=m, add_mask_to_memory=True)
+    rec.append(("new objects", r[0], r[1], r[3]))
+    pred.propagate_in_video_preflight(st, run_mem_encoder=True)
+    interpol = pred.maskmem_backbone.mask_downsampler.interpol_size
+    interpol = tuple(interpol) if not isinstance(interpol, int) else (interpol, interpol)
+    for f in range(1, 6):
+        outs = list(pred.propagate_in_video(st, start_frame_idx=f, max_frame_num_to_track=0, reverse=False,
+                                            tqdm_disable=True, run_mem_encoder=False))
+        assert len(outs) == 1 and outs[0][0] == f
+        _, ids, lo, _, scores = outs[0]
+        rec.append((f"track {f}", list(ids), lo, scores))
+        if f == 3:  # re-conditioning on a tracked frame with a detector mask
+            pred.add_new_mask(inference_state=st, frame_idx=f, obj_id=11, mask=new_masks[1])
+            pred.propagate_in_video_preflight(st, run_mem_encoder=True)
+            continue
+        # _tracker_update_memories
+        high = F.interpolate(lo, size=interpol, mode="bilinear", align_corners=False)
+        high = pred._suppress_object_pw_area_shrinkage(high)
+        obj_scores = torch.where((high > 0).any(dim=(-1, -2)), 10.0, -10.0)
+        feats, pos = pred._run_memory_encoder(st, f, len(ids), high, obj_scores, is_mask_from_pts=False)
+        rec.append((f"memory {f}", high, feats))
+        out = st["output_dict"]["non_cond_frame_outputs"][f]
+        out["maskmem_features"] = feats
+        out["maskmem_pos_enc"] = [x for x in pos]
+        pred._add_output_per_object(inference_state=st, frame_idx=f, current_out=out,
+                                    storage_key="non_cond_frame_outputs")
+        vid = F.interpolate(lo, size=(VIDEO_H, VIDEO_W), mode="bilinear", align_corners=False)
+        rec.append((f"non-overlap {f}", pred._apply_object_wise_non_overlapping_constraints(
+            vid, scores.sigmoid(), background_value=0)))  # (N, 1) probabilities, as build_outputs
+    ids, _ = pred.remove_object(st, 10, strict=False, need_output=False)
+    rec.append(("remove", ids))
+    return rec, st
+
+
+def test_orchestration_calls_on_cached_features(pair):
+    ref, got = pair.run(orchestration)
+    assert ref[-1][1] == [11]
+    feats = [r[2] for r in got if r[0].startswith("memory")]
+    assert all(f.dtype == torch.bfloat16 for f in feats)
+
+
+def test_bf16_rounding_matters(pair):
+    """Without the bf16 casts the same session drifts from the official (the flag is not dead)."""
+    pair.ours.bf16_casts = False
+    try:
+        with cpu_mode():
+            ref, _ = points_two_objects(pair.off, pair)
+        got, _ = points_two_objects(pair.ours, pair)
+    finally:
+        pair.ours.bf16_casts = True
+    errs = [_rel(g[4], r[4]) for g, r in zip(got, ref) if r[0].startswith("fwd")]
+    assert max(errs) > 2 * TOL  # (with the casts: ~1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Small pieces
+
+
+def test_module_layout(pair):
+    sd = pair.ours.state_dict()
+    assert sorted(sd) == sorted(pair.off.state_dict())
+    assert "backbone" not in dict(pair.ours.named_children())
+    assert pair.ours.input_mask_size == 4 * pair.ours.low_res_mask_size == 16 * pair.cfg.feat_size
+    assert pair.ours.mem_interpol_size == tuple(pair.off.maskmem_backbone.mask_downsampler.interpol_size)
+
+
+def test_empty_mask_ptr(pair):
+    """The official ``_get_empty_mask_ptr`` (track_step on an all-zero mask) cannot run as written
+    (it passes ``gt_masks``); what it computes is ``_use_mask_as_output`` on a zero mask, which is
+    ``no_obj_ptr`` exactly: the shortcut here."""
+    off, g, D = pair.off, pair.cfg.feat_size, pair.cfg.d_model
+    gen = torch.Generator().manual_seed(3)
+    feat = torch.randn(1, D, g, g, generator=gen)
+    high = [torch.randn(1, D // 8, 4 * g, 4 * g, generator=gen), torch.randn(1, D // 4, 2 * g, 2 * g, generator=gen)]
+    zero = torch.zeros(1, 1, pair.cfg.resolution, pair.cfg.resolution)
+    with cpu_mode(), torch.inference_mode():
+        ref = off._use_mask_as_output(feat, high, zero)[5]
+    with torch.inference_mode():
+        got = pair.ours._get_empty_mask_ptr({}, 0)
+        ours_full = pair.ours._use_mask_as_output(feat, high, zero)
+    assert torch.equal(got, ref) and torch.equal(ours_full[5], ref)
+    assert ours_full[6].item() == -10.0
+
+
+@pytest.mark.parametrize("async_loading", [False, True])
+def test_sam2_jpeg_loader(pair, tmp_path, async_loading):
+    """``init_state(video_path=folder)`` loads frames as the official SAM 2 loader does."""
+    import numpy as np
+    from PIL import Image
+
+    from official_ref import official
+
+    official()
+    from sam3.model.utils.sam2_utils import load_video_frames as ref_load
+
+    rng = np.random.default_rng(0)
+    for i in (0, 1, 2, 10):  # sorted by integer stem: 10 comes last
+        base = rng.random((8, 10, 3))
+        img = Image.fromarray((base * 255).astype(np.uint8)).resize((70, 50), Image.BICUBIC)
+        img.save(tmp_path / f"{i}.jpg", quality=90)
+    size = pair.cfg.resolution
+    ref, h, w = ref_load(str(tmp_path), size, offload_video_to_cpu=True, async_loading_frames=async_loading,
+                         compute_device=torch.device("cpu"))
+    ref = torch.stack([ref[i].float() for i in range(len(ref))])
+    st = pair.ours.init_state(video_path=str(tmp_path), async_loading_frames=async_loading)
+    assert (st["num_frames"], st["video_height"], st["video_width"]) == (4, h, w) == (4, 50, 70)
+    assert st["images"].dtype == torch.float32 and torch.equal(st["images"], ref)
+
+
+def test_fill_holes_in_mask_scores():
+    pytest.importorskip("skimage")
+    from official_ref import official
+
+    official()
+    from sam3.model.sam3_tracker_utils import fill_holes_in_mask_scores as ref_fill
+
+    gen = torch.Generator().manual_seed(0)
+    coarse = torch.randn(3, 1, 9, 11, generator=gen)
+    mask = F.interpolate(coarse, size=(36, 44), mode="nearest") + 0.3 * torch.randn(3, 1, 36, 44, generator=gen)
+    with cpu_mode():
+        ref = ref_fill(mask, max_area=8)
+    got = fill_holes_in_mask_scores(mask, max_area=8)
+    assert torch.equal(got, ref)
+    assert not torch.equal(got, mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Full size
+
+
+@pytest.mark.slow
+def test_full_size_track_step(_one_thread):
+    """Official sizes: one tracked frame with 1 conditioning + 6 previous memory frames (72x72,
+    7 x 5184 memory tokens) and their pointers, features from the cache, one object."""
+    torch.set_num_threads(_one_thread)  # real work here: every core
+    try:
+        _full_size_track_step()
+    finally:
+        torch.set_num_threads(1)
+
+
+def _full_size_track_step():
+    cfg = get_config("sam3")
+    torch.manual_seed(0)
+    off = build_official_tracker(cfg, apply_temporal_disambiguation=True)
+    redraw_(off, seed=3)
+    with torch.no_grad():  # the object is present (score ~ +1.2), so the mask is not all -1024
+        off.sam_mask_decoder.pred_obj_score_head.layers[2].bias.add_(2.0)
+    tracker = Tracker.from_config(cfg)
+    tracker.load_state_dict(off.state_dict(), strict=True)
+    ours = Sam3TrackerPredictor(tracker, cfg)
+    gen = torch.Generator().manual_seed(1)
+    B, D, M, g = 1, cfg.d_model, cfg.tracker.mem_dim, cfg.feat_size
+    fpn = [torch.randn(1, D, 4 * g, 4 * g, generator=gen), torch.randn(1, D, 2 * g, 2 * g, generator=gen),
+           torch.randn(1, D, g, g, generator=gen)]
+    with torch.no_grad():
+        pos = [ours.maskmem_backbone.position_encoding(torch.zeros(1, D, s, s)).clone() for s in (4 * g, 2 * g, g)]
+        pos = [p.repeat(1, D // M, 1, 1)[:, :D] for p in pos]  # any fixed (1, D, s, s) table
+        entry_ours = {"tracker_backbone_out": ours.make_tracker_backbone_out(fpn, pos)}
+        with cpu_mode():
+            entry_off = official_cache_entry(off, {"sam2_backbone_fpn": fpn, "sam2_pos_enc": pos})
+    T = 8
+
+    def fill_state(pred, entry):
+        cache = {T - 1: (torch.zeros(3, 8, 8), entry)}  # (the image is only expanded, never read)
+        st = pred.init_state(cached_features=cache, video_height=100, video_width=150, num_frames=20)
+        g2 = torch.Generator().manual_seed(2)
+        pos_enc = [pred.maskmem_backbone.position_encoding(torch.zeros(1, M, g, g)).clone()]
+        st["constants"]["maskmem_pos_enc"] = pos_enc
+        for t in range(T - 1):
+            out = {
+                "maskmem_features": torch.randn(B, M, g, g, generator=g2).to(torch.bfloat16),
+                "maskmem_pos_enc": [pos_enc[0].expand(B, -1, -1, -1)],
+                "pred_masks": torch.randn(B, 1, 4 * g, 4 * g, generator=g2),
+                "obj_ptr": torch.randn(B, D, generator=g2),
+                "object_score_logits": torch.randn(B, 1, generator=g2) + 2,
+                "iou_score": torch.rand(B, generator=g2),
+            }
+            out["eff_iou_score"] = pred.cal_mem_score(out["object_score_logits"], out["iou_score"])
+            st["output_dict"]["cond_frame_outputs" if t == 0 else "non_cond_frame_outputs"][t] = out
+        pred._obj_id_to_idx(st, 1)
+        st["tracking_has_started"] = True
+        return st
+
+    with cpu_mode(), torch.inference_mode():
+        st = fill_state(off, entry_off)
+        ref, ref_masks = off._run_single_frame_inference(st, st["output_dict"], T - 1, B, False, None, None, False,
+                                                         run_mem_encoder=True)
+    with torch.inference_mode():
+        st = fill_state(ours, entry_ours)
+        got, got_masks = ours._run_single_frame_inference(st, st["output_dict"], T - 1, B, False, None, None,
+                                                          False, run_mem_encoder=True)
+    for k in ("pred_masks", "obj_ptr", "object_score_logits", "iou_score", "eff_iou_score", "maskmem_features"):
+        _close(got[k], ref[k], f"full size {k}")
+    assert (ref_masks > 0).any() and (ref_masks < 0).any()
