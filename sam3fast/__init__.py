@@ -8,6 +8,7 @@ from .build import build_image_model, build_sam3_image_model
 from .checkpoint import CheckpointError
 from .config import PRESETS, Sam3Config, get_config
 from .predictor.image import ImagePredictor, Sam3Processor
+from .video import build_sam3_video_model, build_sam3_video_predictor, build_video_model
 
 __all__ = [
     "build_sam3_image_model",
@@ -18,5 +19,8 @@ __all__ = [
     "PRESETS",
     "get_config",
     "CheckpointError",
+    "build_sam3_video_model",
+    "build_sam3_video_predictor",
+    "build_video_model",
 ]
 __version__ = "0.1.0"

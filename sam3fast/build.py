@@ -96,9 +96,14 @@ def build_image_model(
     else:
         from .model.init import stable_random_init_
 
-        model = Sam3ImageModel(cfg, enable_segmentation=enable_segmentation,
-                               enable_inst_interactivity=enable_inst_interactivity, bpe_path=bpe_path)
-        stable_random_init_(model, seed=0 if random_weights_seed is None else random_weights_seed)
+        seed = 0 if random_weights_seed is None else random_weights_seed
+        # buffers drawn at construction (the prompt encoder's random-Fourier matrix) must be
+        # reproducible too, without touching the caller's global RNG
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = Sam3ImageModel(cfg, enable_segmentation=enable_segmentation,
+                                   enable_inst_interactivity=enable_inst_interactivity, bpe_path=bpe_path)
+        stable_random_init_(model, seed=seed)
         model = model.to(device=device)
         _cast_floating_(model, dtype)
         _materialize_nonpersistent(model, device)

@@ -54,10 +54,13 @@ class PositionEmbeddingRandom(nn.Module):
 
     def _pe_encoding(self, coords: torch.Tensor) -> torch.Tensor:
         # coords in [0, 1]; the official op order (scale, matmul, then 2 pi) is kept for parity
-        coords = 2 * coords - 1
-        coords = coords @ self.positional_encoding_gaussian_matrix
+        # computed in float32 whatever the model dtype (the sin/cos of 2 pi x needs it), returned in
+        # the buffer's (= the model's) dtype
+        m = self.positional_encoding_gaussian_matrix
+        coords = 2 * coords.float() - 1
+        coords = coords @ m.float()
         coords = 2 * math.pi * coords
-        return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)
+        return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1).to(m.dtype)
 
     def forward(self, size: Tuple[int, int]) -> torch.Tensor:
         """Encoding of the pixel-centre grid of ``size`` (h, w): (2F, h, w)."""

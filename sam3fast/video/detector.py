@@ -1,0 +1,190 @@
+"""The SAM 3 detector on video frames (official ``Sam3ImageOnVideoMultiGPU``, one process).
+
+Per frame t (one text/visual prompt, Q queries, g feature grid, D = d_model):
+
+1. backbone on frame t (float32) -> SAM 3 FPN and SAM 2 FPN (the dual neck);
+2. heads (:meth:`Sam3ImageModel.forward_heads`) -> query logits l (1, Q), presence logit p (1,),
+   boxes (1, Q, 4) xyxy in [0, 1], masks (1, Q, 4g, 4g) logits;
+3. joint scores (``supervise_joint_box_scores=True``):
+   ``logits = clamp(inverse_sigmoid(sigmoid(l) * sigmoid(p)), -10, 10)``;
+4. mask NMS (``sam3.perflib.nms.nms_masks``): among queries with sigmoid(logits) > prob_thr, in
+   descending score order, a query is dropped when its mask IoU with an already kept query is
+   > iou_thr; dropped queries get ``logits -= 1e4``;
+5. the SAM 2 FPN levels are rounded to bfloat16 (the official all-gather cast, kept in the
+   features' dtype), ready for the tracker.
+
+Frames are processed one ahead (:meth:`forward_video_grounding_multigpu` with world size 1): a
+call for frame t returns t from the buffer (computing it if missing), drops t-1 (t+1 in reverse)
+and pre-computes t+1 (t-1 in reverse). The next frame is computed with the prompt passed for the
+current one, as the official does.
+
+Module names are the official detector's (``detector.*`` keys of ``sam3.pt``): the image model
+with the SAM 2 neck and without the interactive predictor.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+
+from ..config import Sam3Config
+from ..model.decoder import joint_logits
+from ..model.sam3_image import Sam3ImageModel
+
+
+def mask_iou_matrix(masks_a: torch.Tensor, masks_b: torch.Tensor) -> torch.Tensor:
+    """``sam3.perflib.masks_ops.mask_iou`` for bool masks (N, H, W), (M, H, W) -> (N, M) float32.
+
+    Counts come from a float32 matmul of 0/1 masks: exact below 2**24 pixels (also with TF32,
+    whose 10-bit mantissa holds 0 and 1 exactly), without the official (N, M, H*W) intermediates."""
+    a = masks_a.reshape(masks_a.shape[0], -1).float()
+    b = masks_b.reshape(masks_b.shape[0], -1).float()
+    inter = a @ b.T
+    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
+    return inter / union.clamp(min=1)
+
+
+def generic_nms(ious: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Greedy NMS on a precomputed IoU matrix, without host syncs.
+
+    ious (N, N), scores (N,), valid (N,) bool (candidates; invalid ones neither survive nor
+    suppress) -> keep (N,) bool. Candidates are visited in descending score order (ties: the
+    higher index first, as the official CPU path's ``argsort()[::-1]``); each is kept unless an
+    already kept one overlaps it with IoU > ``iou_threshold``. The loop is N steps of small tensor
+    ops (a sequential dependency), with no data-dependent Python branch.
+    """
+    n = scores.shape[0]
+    order = torch.argsort(scores, stable=True).flip(0)
+    over = ious.index_select(0, order).index_select(1, order) > iou_threshold  # (N, N) in rank order
+    valid_s = valid.index_select(0, order)
+    keep_s = torch.zeros(n, dtype=torch.bool, device=scores.device)
+    for k in range(n):
+        suppressed = (keep_s & over[k]).any()
+        keep_s[k] = valid_s[k] & ~suppressed
+    keep = torch.zeros_like(keep_s)
+    keep[order] = keep_s
+    return keep
+
+
+def nms_masks(pred_probs: torch.Tensor, pred_masks: torch.Tensor, prob_threshold: float,
+              iou_threshold: float) -> torch.Tensor:
+    """``sam3.perflib.nms.nms_masks``: pred_probs (Q,), pred_masks (Q, H, W) logits -> keep (Q,)
+    bool: above ``prob_threshold`` and surviving mask NMS at ``iou_threshold``. Static shapes: the
+    IoU matrix covers all Q queries (invalid ones are masked), so no host sync."""
+    valid = pred_probs > prob_threshold
+    binary = pred_masks > 0
+    ious = mask_iou_matrix(binary, binary)
+    return generic_nms(ious, pred_probs, valid, iou_threshold)
+
+
+class Sam3VideoDetector(Sam3ImageModel):
+    """The video detector. ``detector.*`` keys: the image model's, with ``sam2_convs``, without
+    ``inst_interactive_predictor``."""
+
+    def __init__(self, cfg: Sam3Config, bpe_path: Optional[str] = None, supervise_joint_box_scores: bool = True):
+        # The dual neck comes with the interactive build; the video detector has no interactive
+        # predictor of its own (its tracker lives beside it as ``tracker.*``).
+        super().__init__(cfg, enable_segmentation=True, enable_inst_interactivity=True, bpe_path=bpe_path)
+        self.inst_interactive_predictor = None
+        self.supervise_joint_box_scores = supervise_joint_box_scores
+        self.rank = 0
+        self.world_size = 1
+
+    # ------------------------------------------------------------------ one frame
+    def forward_frame(
+        self,
+        image: torch.Tensor,
+        text_feats: torch.Tensor,
+        text_mask: torch.Tensor,
+        boxes: Optional[torch.Tensor] = None,
+        box_labels: Optional[torch.Tensor] = None,
+        run_nms: bool = False,
+        nms_prob_thresh: Optional[float] = None,
+        nms_iou_thresh: Optional[float] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """One frame (1, 3, R, R) (any float dtype; run in the model dtype) with one prompt:
+        text_feats (1, T, D), text_mask (1, T) True = pad, optional boxes (1, Nb, 4) cxcywh in
+        [0, 1] with box_labels (1, Nb) bool.
+
+        Returns ``pred_logits`` (1, Q, 1) joint logits (NMS-suppressed ones lowered by 1e4),
+        ``pred_boxes`` (1, Q, 4) cxcywh, ``pred_boxes_xyxy`` (1, Q, 4), ``pred_masks`` (1, Q, 4g, 4g)
+        logits, ``tracker_backbone_fpn_{0,1,2}`` (1, D, 4g/2g/g, ...) bf16-rounded SAM 2 FPN (in
+        the model dtype) and ``tracker_backbone_pos_enc`` (list of 3 position encodings).
+        """
+        image = image.to(device=self.device, dtype=self.dtype)
+        image_out = self.encode_image(image)
+        img_idx = torch.zeros(1, dtype=torch.long, device=image.device)
+        out = self.forward_heads(image_out, img_idx, text_feats, text_mask, boxes=boxes, box_labels=box_labels)
+        logits = out["pred_logits"].unsqueeze(-1)  # (1, Q, 1)
+        if self.supervise_joint_box_scores:
+            logits = joint_logits(logits, out["presence_logit"].unsqueeze(-1))
+        if run_nms:
+            probs = logits.squeeze(-1).sigmoid()
+            for p in range(probs.shape[0]):
+                keep = nms_masks(probs[p], out["pred_masks"][p], nms_prob_thresh, nms_iou_thresh)
+                logits[p, :, 0] -= 1e4 * (~keep).to(logits.dtype)
+        # The official casts the SAM 2 FPN to bf16 for its all-gather; the tracker then reads the
+        # rounded values. Rounding here keeps that precision step in a float32 run.
+        fpn = [f.to(torch.bfloat16).to(f.dtype) for f in image_out["sam2_backbone_fpn"]]
+        return {
+            "pred_logits": logits,
+            "pred_boxes": out["pred_boxes"],
+            "pred_boxes_xyxy": out["pred_boxes_xyxy"],
+            "pred_masks": out["pred_masks"],
+            "tracker_backbone_fpn_0": fpn[0],
+            "tracker_backbone_fpn_1": fpn[1],
+            "tracker_backbone_fpn_2": fpn[2],
+            "tracker_backbone_pos_enc": list(image_out["sam2_pos_enc"]),
+        }
+
+    # ------------------------------------------------------------------ one frame ahead
+    def forward_video_grounding_multigpu(
+        self,
+        images,
+        text_feats: torch.Tensor,
+        text_mask: torch.Tensor,
+        geometric_prompt: Optional[Dict[str, torch.Tensor]],
+        frame_idx: int,
+        num_frames: int,
+        multigpu_buffer: Dict[int, Dict[str, torch.Tensor]],
+        track_in_reverse: bool = False,
+        run_nms: bool = False,
+        nms_prob_thresh: Optional[float] = None,
+        nms_iou_thresh: Optional[float] = None,
+        **kwargs,
+    ) -> Dict[str, torch.Tensor]:
+        """Detector outputs for ``frame_idx`` (see :meth:`forward_frame`), through the one-ahead
+        buffer ``multigpu_buffer`` (frame index -> outputs; the caller keeps it between calls).
+
+        images: indexable frames (T, 3, R, R) (float16 normalised, as the loaders store them);
+        geometric_prompt: None or ``{"boxes": (1, Nb, 4) cxcywh, "box_labels": (1, Nb) bool}``.
+        """
+        args = dict(images=images, text_feats=text_feats, text_mask=text_mask, geometric_prompt=geometric_prompt,
+                    run_nms=run_nms, nms_prob_thresh=nms_prob_thresh, nms_iou_thresh=nms_iou_thresh)
+        if frame_idx not in multigpu_buffer:
+            multigpu_buffer[frame_idx] = self._detect_frame(frame_idx, **args)
+        out = dict(multigpu_buffer[frame_idx])
+        # world size 1: a chunk is one frame; drop the previous one, compute the next one
+        prev = frame_idx + 1 if track_in_reverse else frame_idx - 1
+        if 0 <= prev < num_frames:
+            multigpu_buffer.pop(prev, None)
+        nxt = frame_idx - 1 if track_in_reverse else frame_idx + 1
+        if 0 <= nxt < num_frames and nxt not in multigpu_buffer:
+            multigpu_buffer[nxt] = self._detect_frame(nxt, **args)
+        return out
+
+    def _detect_frame(self, frame_idx: int, images, text_feats, text_mask, geometric_prompt, run_nms,
+                      nms_prob_thresh, nms_iou_thresh) -> Dict[str, torch.Tensor]:
+        boxes = labels = None
+        if geometric_prompt is not None:
+            boxes, labels = geometric_prompt["boxes"], geometric_prompt["box_labels"]
+        return self.forward_frame(
+            images[frame_idx][None], text_feats, text_mask, boxes=boxes, box_labels=labels,
+            run_nms=run_nms, nms_prob_thresh=nms_prob_thresh, nms_iou_thresh=nms_iou_thresh,
+        )
+
+    def encode_text_batch(self, prompts: List[str]):
+        """The official ``backbone.forward_text`` on the prompt list (one batch): (features
+        (P, T, D), mask (P, T) True = pad)."""
+        return self.encode_text(prompts)
