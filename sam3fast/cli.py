@@ -18,6 +18,7 @@ from typing import List, Optional
 import numpy as np
 
 SAMPLE_IMAGE = os.path.join(os.path.dirname(__file__), "assets", "sample.jpg")
+SAMPLE_CLIP = os.path.join(os.path.dirname(__file__), "assets", "sample_clip.mp4")
 
 _COLORS = np.array(
     [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180],
@@ -145,6 +146,150 @@ def _segment(args) -> int:
     return 0
 
 
+class _Progress:
+    """A one-line progress bar on stderr (no dependency)."""
+
+    def __init__(self, total: int, label: str):
+        self.total, self.label, self.n, self.t0 = total, label, 0, time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        rate = self.n / max(time.perf_counter() - self.t0, 1e-9)
+        filled = int(30 * self.n / max(self.total, 1))
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {self.n}/{self.total} "
+                         f"{rate:.2f} frames/s")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        sys.stderr.write("\n")
+
+
+def _parse_floats(text: str, n: int, what: str) -> List[float]:
+    try:
+        vals = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{what} must be {n} comma-separated numbers, got {text!r}") from None
+    if len(vals) != n:
+        raise ValueError(f"{what} must be {n} comma-separated numbers, got {text!r}")
+    return vals
+
+
+def _track(args) -> int:
+    import cv2
+    import torch
+
+    from .checkpoint import CheckpointError, resolve_checkpoint_path
+    from .video import build_sam3_video_predictor
+    from .video.io import open_video
+
+    if not args.prompt and not args.points and not args.box:
+        print("error: give --prompt TEXT, --points, or --box", file=sys.stderr)
+        return 2
+    if args.prompt is not None and not args.prompt.strip():
+        print("error: --prompt must be a non-empty text", file=sys.stderr)
+        return 2
+    ckpt = args.checkpoint
+    if ckpt is None:
+        try:
+            ckpt = resolve_checkpoint_path(None, load_from_HF=True)
+        except CheckpointError as e:
+            if not args.random_weights:
+                print(f"error: {e}\nTo try the pipeline without weights, pass --random-weights "
+                      "(outputs are then meaningless and labelled as such).", file=sys.stderr)
+                return 2
+    elif args.random_weights:
+        print("error: --checkpoint and --random-weights are mutually exclusive", file=sys.stderr)
+        return 2
+    try:
+        video = open_video(args.video, image_size=8)  # cheap probe: readable? size, frame count
+        num_frames, vh, vw = len(video), video.video_height, video.video_width
+        pred = build_sam3_video_predictor(checkpoint_path=ckpt, load_from_HF=False, config=args.config,
+                                          device=args.device, dtype=args.dtype)
+        sid = pred.handle_request({"type": "start_session", "resource_path": args.video})["session_id"]
+        req = {"type": "add_prompt", "session_id": sid, "frame_index": args.frame}
+        if args.prompt:
+            req["text"] = args.prompt
+        if args.box:
+            x0, y0, x1, y1 = _parse_floats(args.box, 4, "--box")
+            req["bounding_boxes"] = [[x0 / vw, y0 / vh, (x1 - x0) / vw, (y1 - y0) / vh]]
+            req["bounding_box_labels"] = [1]
+        if args.points:
+            pts = [_parse_floats(p, 2, "--points") for p in args.points.split(";")]
+            req["points"] = torch.tensor([[x / vw, y / vh] for x, y in pts])
+            req["point_labels"] = torch.ones(len(pts), dtype=torch.int32)
+            req["obj_id"] = 1
+        pred.handle_request(req)
+    except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    random_w = ckpt is None
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.splitext(os.path.basename(os.path.normpath(args.video)))[0]
+    frames_out = {}
+    bar = _Progress(num_frames, "tracking")
+    for resp in pred.handle_stream_request({"type": "propagate_in_video", "session_id": sid,
+                                            "propagation_direction": args.direction}):
+        o = resp["outputs"]
+        insts = []
+        for oid, p, box, m in zip(o["out_obj_ids"], o["out_probs"], o["out_boxes_xywh"], o["out_binary_masks"]):
+            insts.append({"obj_id": int(oid), "score": float(p),
+                          "box_xywh": [float(box[0] * vw), float(box[1] * vh), float(box[2] * vw), float(box[3] * vh)],
+                          "area": int(m.sum()), "segmentation": mask_to_rle(m)})
+        frames_out[int(resp["frame_index"])] = (insts, o)
+        bar.update()
+    bar.close()
+    pred.handle_request({"type": "close_session", "session_id": sid})
+
+    doc = {"video": os.path.abspath(args.video), "width": vw, "height": vh, "num_frames": num_frames,
+           "prompt": args.prompt, "points": args.points, "box": args.box, "prompt_frame": args.frame,
+           "config": args.config, "checkpoint": os.path.abspath(ckpt) if ckpt else None, "random_weights": random_w,
+           "frames": [{"frame_index": f, "instances": frames_out[f][0]} for f in sorted(frames_out)]}
+    if random_w:
+        doc["warning"] = "RANDOM WEIGHTS: no checkpoint was loaded; these outputs are meaningless"
+    json_path = os.path.join(args.out, f"{stem}_tracks.json")
+    with open(json_path, "w") as f:
+        json.dump(doc, f)
+    video_path = os.path.join(args.out, f"{stem}_overlay.mp4")
+    writer = cv2.VideoWriter(video_path, cv2.VideoWriter_fourcc(*"mp4v"), args.fps, (vw, vh))
+    from PIL import Image
+
+    banner = "RANDOM WEIGHTS - outputs are meaningless" if random_w else None
+    for i, frame in enumerate(_raw_frames(args.video)):
+        insts, o = frames_out.get(i, ([], None))
+        scores = np.array([x["score"] for x in insts], np.float32)
+        boxes = np.array([[x["box_xywh"][0], x["box_xywh"][1], x["box_xywh"][0] + x["box_xywh"][2],
+                           x["box_xywh"][1] + x["box_xywh"][3]] for x in insts], np.float32).reshape(-1, 4)
+        masks = np.asarray(o["out_binary_masks"]) if o is not None else np.zeros((0, vh, vw), bool)
+        img = draw_overlay(Image.fromarray(frame), scores, boxes, masks, banner=banner)
+        writer.write(cv2.cvtColor(np.asarray(img), cv2.COLOR_RGB2BGR))
+    writer.release()
+    n_obj = len({x["obj_id"] for f in doc["frames"] for x in f["instances"]})
+    tag = " [RANDOM WEIGHTS]" if random_w else ""
+    print(f"{n_obj} object(s){tag} tracked over {num_frames} frames of {args.video}")
+    print(f"  wrote {json_path}\n  wrote {video_path}")
+    return 0
+
+
+def _raw_frames(path: str):
+    """The video's frames as RGB uint8 at their own size (for the overlay)."""
+    import cv2
+
+    if os.path.isdir(path):
+        names = sorted((n for n in os.listdir(path) if os.path.splitext(n)[0].isdigit()),
+                       key=lambda n: int(os.path.splitext(n)[0]))
+        for n in names:
+            yield np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(os.path.join(path, n)).convert("RGB"))
+        return
+    cap = cv2.VideoCapture(path)
+    while True:
+        ok, bgr = cap.read()
+        if not ok:
+            break
+        yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    cap.release()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="sam3fast", description="Fast SAM 3 inference")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -158,9 +303,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     s.add_argument("--config", default="sam3", help="model preset (sam3, tiny)")
     s.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     s.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    t = sub.add_parser("track", help="detect and track a text concept (or clicked object) through a video")
+    t.add_argument("video", nargs="?", default=SAMPLE_CLIP, help="mp4 file or folder of <index>.jpg frames "
+                   "(default: the bundled sample clip)")
+    t.add_argument("--prompt", default=None, help="text prompt")
+    t.add_argument("--points", default=None, help='positive clicks in pixels on --frame: "x,y;x,y"')
+    t.add_argument("--box", default=None, help='a box in pixels on --frame: "x0,y0,x1,y1"')
+    t.add_argument("--frame", type=int, default=0, help="frame index the prompt is given on")
+    t.add_argument("--direction", default="forward", choices=["forward", "backward", "both"])
+    t.add_argument("--checkpoint", default=None)
+    t.add_argument("--out", default="sam3fast_out")
+    t.add_argument("--random-weights", action="store_true")
+    t.add_argument("--config", default="sam3")
+    t.add_argument("--device", default=None)
+    t.add_argument("--dtype", default="float32")
+    t.add_argument("--fps", type=float, default=10.0, help="frame rate of the overlay video")
     args = p.parse_args(argv)
     if args.cmd == "segment":
         return _segment(args)
+    if args.cmd == "track":
+        return _track(args)
     return 2  # pragma: no cover
 
 

@@ -164,3 +164,37 @@ def test_cli_bad_image(tmp_path, capsys):
     bad.write_text("no")
     assert main(["segment", str(bad), "--prompt", "a", "--random-weights", "--config", "tiny"]) == 2
     assert "cannot read image" in capsys.readouterr().err
+
+
+@pytest.fixture()
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny sessions on a loaded 2-core machine thrash with 2 threads
+    yield
+    torch.set_num_threads(n)
+
+
+def test_cli_track_writes_json_and_overlay(tmp_path, monkeypatch, one_thread):
+    import huggingface_hub.constants as c
+    from video_clip import make_clip, write_mp4
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
+    clip = str(tmp_path / "clip.mp4")
+    write_mp4(make_clip(num_frames=6, height=48, width=64, seed=1), clip)
+    out = tmp_path / "out"
+    rc = main(["track", clip, "--prompt", "blob", "--random-weights", "--config", "tiny", "--out", str(out)])
+    assert rc == 0
+    doc = json.loads((out / "clip_tracks.json").read_text())
+    assert doc["random_weights"] is True and doc["num_frames"] == 6
+    assert [f["frame_index"] for f in doc["frames"]] == list(range(6))
+    assert os.path.getsize(out / "clip_overlay.mp4") > 0
+
+
+def test_cli_track_bad_input(tmp_path, capsys):
+    assert main(["track", str(tmp_path / "missing.mp4"), "--prompt", "a", "--random-weights", "--config", "tiny"]) == 2
+    assert "error" in capsys.readouterr().err
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"garbage" * 10)
+    assert main(["track", str(bad), "--prompt", "a", "--random-weights", "--config", "tiny"]) == 2
+    assert main(["track", str(bad), "--random-weights", "--config", "tiny"]) == 2
+    assert "--prompt" in capsys.readouterr().err
