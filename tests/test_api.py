@@ -198,3 +198,26 @@ def test_cli_track_bad_input(tmp_path, capsys):
     assert main(["track", str(bad), "--prompt", "a", "--random-weights", "--config", "tiny"]) == 2
     assert main(["track", str(bad), "--random-weights", "--config", "tiny"]) == 2
     assert "--prompt" in capsys.readouterr().err
+
+
+def test_video_session_on_in_memory_array_equals_mp4(tmp_path, one_thread):
+    """An in-memory (T, H, W, 3) uint8 array is a video resource too (the mp4 recipe): the frames
+    OpenCV decodes from a file, passed as an array, give the same outputs as the file."""
+    from video_clip import make_clip, read_mp4, write_mp4
+
+    clip = str(tmp_path / "c.mp4")
+    write_mp4(make_clip(num_frames=5, height=48, width=64, seed=2), clip)
+    pred = sam3fast.build_sam3_video_predictor(config="tiny", load_from_HF=False, device="cpu")
+
+    def run(resource):
+        sid = pred.handle_request({"type": "start_session", "resource_path": resource})["session_id"]
+        pred.handle_request({"type": "add_prompt", "session_id": sid, "frame_index": 0, "text": "blob"})
+        outs = [r["outputs"] for r in pred.handle_stream_request({"type": "propagate_in_video", "session_id": sid})]
+        pred.handle_request({"type": "close_session", "session_id": sid})
+        return outs
+
+    a, b = run(clip), run(read_mp4(clip))
+    assert len(a) == len(b) == 5
+    for x, y in zip(a, b):
+        assert np.array_equal(x["out_obj_ids"], y["out_obj_ids"])
+        assert np.array_equal(x["out_binary_masks"], y["out_binary_masks"])
