@@ -59,6 +59,31 @@ def _materialize_nonpersistent(model: torch.nn.Module, device: torch.device) -> 
         raise RuntimeError(f"internal error: tensors left on the meta device after loading: {left[:10]}")
 
 
+def instantiate(factory, state_dict, device: torch.device, dtype: torch.dtype,
+                random_weights_seed: Optional[int] = None):
+    """Build ``factory()`` with weights: with a ``state_dict``, on the meta device and then the
+    (memory-mapped) tensors assigned strictly; without, stable random weights, reproducibly (buffers
+    drawn at construction, like the prompt encoder's random-Fourier matrix, come from a seeded fork
+    of the global generator, which is left untouched)."""
+    if state_dict is not None:
+        with torch.device("meta"):
+            model = factory()
+        load_into(model, state_dict, dtype=dtype, device=device)
+    else:
+        from .model.init import stable_random_init_
+
+        seed = 0 if random_weights_seed is None else random_weights_seed
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = factory()
+        stable_random_init_(model, seed=seed)
+        model = model.to(device=device)
+        _cast_floating_(model, dtype)
+    _materialize_nonpersistent(model, device)
+    model.random_weights = state_dict is None
+    return model.eval().requires_grad_(False)
+
+
 def build_image_model(
     config: Union[str, Sam3Config] = "sam3",
     checkpoint_path: Optional[str] = None,
@@ -74,9 +99,9 @@ def build_image_model(
     cfg = get_config(config) if isinstance(config, str) else config
     device = _resolve_device(device)
     dtype = _resolve_dtype(dtype)
+    image_sd = None
     if checkpoint_path is not None:
-        sd = read_state_dict(checkpoint_path)
-        image_sd, tracker_sd = _image_keys_from_official(sd)
+        image_sd, tracker_sd = _image_keys_from_official(read_state_dict(checkpoint_path))
         if enable_inst_interactivity:
             if not tracker_sd:
                 raise CheckpointError(
@@ -84,31 +109,15 @@ def build_image_model(
                     "enable_inst_interactivity=True needs"
                 )
             image_sd.update({"inst_interactive_predictor.model." + k: v for k, v in tracker_sd.items()})
-        with torch.device("meta"):
-            model = Sam3ImageModel(cfg, enable_segmentation=enable_segmentation,
-                                   enable_inst_interactivity=enable_inst_interactivity, bpe_path=bpe_path)
+        # Without interactivity the tracker's keys (tracker.*) are set aside; nothing else is
+        # dropped: every other key is matched strictly.
         if not enable_segmentation:
             image_sd = {k: v for k, v in image_sd.items() if not k.startswith("segmentation_head.")}
-        load_into(model, image_sd, dtype=dtype, device=device)
-        _materialize_nonpersistent(model, device)
-        # Without interactivity the tracker's keys (tracker.*) are set aside; nothing else is
-        # dropped: every other key was matched strictly.
-    else:
-        from .model.init import stable_random_init_
-
-        seed = 0 if random_weights_seed is None else random_weights_seed
-        # buffers drawn at construction (the prompt encoder's random-Fourier matrix) must be
-        # reproducible too, without touching the caller's global RNG
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = Sam3ImageModel(cfg, enable_segmentation=enable_segmentation,
-                                   enable_inst_interactivity=enable_inst_interactivity, bpe_path=bpe_path)
-        stable_random_init_(model, seed=seed)
-        model = model.to(device=device)
-        _cast_floating_(model, dtype)
-        _materialize_nonpersistent(model, device)
-    model.random_weights = checkpoint_path is None
-    return model.eval().requires_grad_(False)
+    return instantiate(
+        lambda: Sam3ImageModel(cfg, enable_segmentation=enable_segmentation,
+                               enable_inst_interactivity=enable_inst_interactivity, bpe_path=bpe_path),
+        image_sd, device, dtype, random_weights_seed,
+    )
 
 
 def build_sam3_image_model(

@@ -56,12 +56,31 @@ def draw_overlay(image, scores, boxes, masks, banner: Optional[str] = None):
     return out
 
 
+def _checkpoint_for(args):
+    """(ok, checkpoint path or None for random weights): --checkpoint, else the hub cache, else
+    only with --random-weights; a refusal is printed."""
+    from .checkpoint import CheckpointError, resolve_checkpoint_path
+
+    if args.checkpoint is not None:
+        if args.random_weights:
+            print("error: --checkpoint and --random-weights are mutually exclusive", file=sys.stderr)
+            return False, None
+        return True, args.checkpoint
+    try:
+        return True, resolve_checkpoint_path(None, load_from_HF=True)
+    except CheckpointError as e:
+        if args.random_weights:
+            return True, None
+        print(f"error: {e}\nTo try the pipeline without weights, pass --random-weights "
+              "(outputs are then meaningless and labelled as such).", file=sys.stderr)
+        return False, None
+
+
 def _segment(args) -> int:
-    import torch
     from PIL import Image
 
     from .build import build_image_model
-    from .checkpoint import CheckpointError, resolve_checkpoint_path
+    from .checkpoint import CheckpointError
     from .predictor.image import ImagePredictor
 
     if not os.path.exists(args.image):
@@ -78,18 +97,8 @@ def _segment(args) -> int:
         print("error: --prompt must be a non-empty text", file=sys.stderr)
         return 2
 
-    ckpt = args.checkpoint
-    if ckpt is None:
-        try:
-            ckpt = resolve_checkpoint_path(None, load_from_HF=True)
-        except CheckpointError as e:
-            if not args.random_weights:
-                print(f"error: {e}\nTo try the pipeline without weights, pass --random-weights "
-                      "(outputs are then meaningless and labelled as such).", file=sys.stderr)
-                return 2
-            ckpt = None
-    elif args.random_weights:
-        print("error: --checkpoint and --random-weights are mutually exclusive", file=sys.stderr)
+    ok, ckpt = _checkpoint_for(args)
+    if not ok:
         return 2
 
     t0 = time.perf_counter()
@@ -178,7 +187,7 @@ def _track(args) -> int:
     import cv2
     import torch
 
-    from .checkpoint import CheckpointError, resolve_checkpoint_path
+    from .checkpoint import CheckpointError
     from .video import build_sam3_video_predictor
     from .video.io import open_video
 
@@ -188,17 +197,8 @@ def _track(args) -> int:
     if args.prompt is not None and not args.prompt.strip():
         print("error: --prompt must be a non-empty text", file=sys.stderr)
         return 2
-    ckpt = args.checkpoint
-    if ckpt is None:
-        try:
-            ckpt = resolve_checkpoint_path(None, load_from_HF=True)
-        except CheckpointError as e:
-            if not args.random_weights:
-                print(f"error: {e}\nTo try the pipeline without weights, pass --random-weights "
-                      "(outputs are then meaningless and labelled as such).", file=sys.stderr)
-                return 2
-    elif args.random_weights:
-        print("error: --checkpoint and --random-weights are mutually exclusive", file=sys.stderr)
+    ok, ckpt = _checkpoint_for(args)
+    if not ok:
         return 2
     try:
         video = open_video(args.video, image_size=8)  # cheap probe: readable? size, frame count

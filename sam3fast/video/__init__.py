@@ -93,33 +93,13 @@ def build_video_model(
     mis-shaped keys raises :class:`~sam3fast.checkpoint.CheckpointError` listing them). Without:
     stable random weights (``random_weights_seed``, default 0). ``overrides``: any heuristic
     argument of the official video model (e.g. ``hotstart_delay``)."""
-    from ..build import _cast_floating_, _materialize_nonpersistent, _resolve_device, _resolve_dtype
-    from ..checkpoint import load_into, read_state_dict
+    from ..build import _resolve_device, _resolve_dtype, instantiate
+    from ..checkpoint import read_state_dict
 
     cfg = get_config(config) if isinstance(config, str) else config
-    device = _resolve_device(device)
-    dtype = _resolve_dtype(dtype)
-    if checkpoint_path is not None:
-        sd = read_state_dict(checkpoint_path)
-        with torch.device("meta"):
-            model = _assemble(cfg, apply_temporal_disambiguation, bpe_path, **overrides)
-        load_into(model, sd, dtype=dtype, device=device)
-        _materialize_nonpersistent(model, device)
-    else:
-        from ..model.init import stable_random_init_
-
-        seed = 0 if random_weights_seed is None else random_weights_seed
-        # Buffers drawn at construction (the prompt encoder's Gaussian matrix) come from the global
-        # generator: draw them from a seeded fork so random weights are reproducible.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = _assemble(cfg, apply_temporal_disambiguation, bpe_path, **overrides)
-        stable_random_init_(model, seed=seed)
-        model = model.to(device=device)
-        _cast_floating_(model, dtype)
-        _materialize_nonpersistent(model, device)
-    model.random_weights = checkpoint_path is None
-    return model.eval().requires_grad_(False)
+    sd = read_state_dict(checkpoint_path) if checkpoint_path is not None else None
+    return instantiate(lambda: _assemble(cfg, apply_temporal_disambiguation, bpe_path, **overrides),
+                       sd, _resolve_device(device), _resolve_dtype(dtype), random_weights_seed)
 
 
 def build_sam3_video_model(
