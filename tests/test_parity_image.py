@@ -120,7 +120,8 @@ def _compare(pair, rs, s, tol=1e-4, check_spread=True):
         # so the spread is taken over all four coordinates)
         assert ref["pred_boxes"][0].std(0).mean() > 0.01
         area = (ref["pred_masks"][0] > 0).float().mean((1, 2))
-        assert area.std() > 0.02 and 0 < area.mean() < 1
+        # masks differ across queries (relative: at full size the re-drawn masks are small)
+        assert 0 < area.mean() < 1 and area.std() > 0.02 * area.mean()
         assert 0 < s["scores"].numel() < pair.cfg.num_queries
 
 
@@ -132,8 +133,11 @@ def _compare_states(p_ref, rs, s, thr=0.5):
     assert torch.allclose(s["boxes"], rs["boxes"], rtol=1e-4, atol=1e-2)
     assert s["masks"].shape == rs["masks"].shape and s["masks"].dtype == torch.bool
     if s["masks"].numel():
-        flips = (s["masks"] != rs["masks"]).float().mean().item()
-        assert flips < 1e-3, flips
+        # per-mask IoU, so small masks cannot hide behind a whole-image flip fraction
+        inter = (s["masks"] & rs["masks"]).flatten(1).sum(1).float()
+        union = (s["masks"] | rs["masks"]).flatten(1).sum(1).float()
+        iou = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+        assert iou.min() > 0.99, iou.min()
     assert torch.allclose(s["masks_logits"], rs["masks_logits"], atol=1e-4)
 
 
