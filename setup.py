@@ -109,10 +109,11 @@ setup(
         "pillow",
         "pycocotools",
         "huggingface_hub",
+        "scipy",  # connected components for the official hole filling
+        "opencv-python-headless",  # video decoding and resizing exactly as the official loader
     ],
     extras_require={
         "gpu": ["triton", "nvtx"],
-        "video": ["opencv-python-headless"],
     },
     entry_points={"console_scripts": ["sam3fast=sam3fast.cli:main"]},
     ext_modules=ext_modules,
