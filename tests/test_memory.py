@@ -19,22 +19,7 @@ from sam3fast.config import get_config
 from sam3fast.model.memory import MaskMemoryEncoder, encode_new_memory
 from sam3fast.model.memory_attention import MemoryAttention, assemble_memory
 
-TOL = 1e-4
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
-def _maxrel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def _close(a, b, name, tol=TOL):
-    assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
-    assert torch.isfinite(a).all(), f"{name}: non-finite values"
-    r, m = _rel(a, b), _maxrel(a, b)
-    assert r < tol and m < tol, f"{name}: rel {r:.2e}, max-abs/scale {m:.2e}"
+from compare import close as _close, rel as _rel
 
 
 def _spread(x, name, min_std=1e-2):
