@@ -111,6 +111,7 @@ setup(
         "huggingface_hub",
         "scipy",  # connected components for the official hole filling
         "opencv-python-headless",  # video decoding and resizing exactly as the official loader
+        "tqdm",  # progress bars on propagation, where the official draws them
     ],
     extras_require={
         "gpu": ["triton", "nvtx"],

@@ -155,24 +155,6 @@ def _segment(args) -> int:
     return 0
 
 
-class _Progress:
-    """A one-line progress bar on stderr (no dependency)."""
-
-    def __init__(self, total: int, label: str):
-        self.total, self.label, self.n, self.t0 = total, label, 0, time.perf_counter()
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        rate = self.n / max(time.perf_counter() - self.t0, 1e-9)
-        filled = int(30 * self.n / max(self.total, 1))
-        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {self.n}/{self.total} "
-                         f"{rate:.2f} frames/s")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        sys.stderr.write("\n")
-
-
 def _parse_floats(text: str, n: int, what: str) -> List[float]:
     try:
         vals = [float(v) for v in text.split(",")]
@@ -227,7 +209,7 @@ def _track(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.splitext(os.path.basename(os.path.normpath(args.video)))[0]
     frames_out = {}
-    bar = _Progress(num_frames, "tracking")
+    # (the propagation draws its own tqdm progress bar, as the official does)
     for resp in pred.handle_stream_request({"type": "propagate_in_video", "session_id": sid,
                                             "propagation_direction": args.direction}):
         o = resp["outputs"]
@@ -237,8 +219,6 @@ def _track(args) -> int:
                           "box_xywh": [float(box[0] * vw), float(box[1] * vh), float(box[2] * vw), float(box[3] * vh)],
                           "area": int(m.sum()), "segmentation": mask_to_rle(m)})
         frames_out[int(resp["frame_index"])] = (insts, o)
-        bar.update()
-    bar.close()
     pred.handle_request({"type": "close_session", "session_id": sid})
 
     doc = {"video": os.path.abspath(args.video), "width": vw, "height": vh, "num_frames": num_frames,

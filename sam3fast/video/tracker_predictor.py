@@ -70,14 +70,18 @@ dead work; values are otherwise the official's):
   fails in a float32 run without autocast.
 - ``add_new_points_or_box`` takes a list ``box`` with relative coordinates (the official multiplies
   the list by the image size). ``remove_object`` tolerates stored outputs without memory.
-- ``reset_state`` (SAM 2's name) is :meth:`clear_all_points_in_video`; no progress bar is drawn;
+- ``reset_state`` (SAM 2's name) is :meth:`clear_all_points_in_video`;
   ``init_state(video_path=..., async_loading_frames=True)`` loads eagerly (same values).
 - ``backbone`` is not registered as a submodule, so the state dict holds tracker weights only.
 
-Host syncs left (all where the official has them): ``frame_filter`` compares each scanned past
-frame's ``eff_iou_score`` with the threshold (memory selection, one per scanned frame); the memory
-and pointer temporal positions are built from Python lists (one small host-to-device copy per
-frame); ``remove_object`` indexes every stored frame with a Python list.
+Host syncs: a multi-frame ``propagate_in_video`` tracks on a preallocated
+:class:`~sam3fast.video.memory_bank.MemoryBank` (memory selection as tensor ops, static shapes and
+a validity mask): after its first tracked frame no step reads a tensor value on the host (tested).
+The bank is built with the official scan (``frame_filter`` reads each scanned frame's
+``eff_iou_score``) at the start of a run and after each conditioning frame; single-frame calls,
+``fixed_capacity_step=False`` and the settings listed in ``_fixed_capacity_refusal`` keep the
+official per-frame selection (a sync per scanned frame, a host-to-device copy of the temporal
+positions). ``remove_object`` indexes every stored frame with a Python list, as the official.
 """
 
 from __future__ import annotations
@@ -89,12 +93,14 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..config import Sam3Config
 from ..model.memory import encode_new_memory
 from ..model.memory_attention import assemble_memory
 from ..model.sam_heads import NO_OBJ_SCORE, sam_heads_forward
 from ..model.tracker import Tracker
+from .memory_bank import MemoryBank
 
 __all__ = [
     "NO_OBJ_SCORE",
@@ -292,6 +298,7 @@ class Sam3TrackerPredictor(nn.Module):
         use_memory_selection: bool = True,
         mf_threshold: float = 0.01,
         bf16_casts: bool = True,
+        fixed_capacity_step: bool = True,
     ):
         super().__init__()
         cfg = tracker.cfg if cfg is None else cfg
@@ -340,6 +347,10 @@ class Sam3TrackerPredictor(nn.Module):
         self.use_memory_selection = use_memory_selection
         self.mf_threshold = mf_threshold
         self.bf16_casts = bf16_casts
+        # sam3fast: propagation runs on a preallocated MemoryBank (no host sync per frame) when the
+        # session allows it (see _fixed_capacity_refusal); False = the official per-frame selection.
+        self.fixed_capacity_step = fixed_capacity_step
+        self.step_counts = {"fixed_capacity": 0, "reference": 0}
         self.iter_use_prev_mask_pred = True
         self.add_all_frames_to_correct_as_cond = True
         self.eval()
@@ -843,8 +854,8 @@ class Sam3TrackerPredictor(nn.Module):
     ):
         """Track all objects of the state frame by frame. Yields ``(frame_idx, obj_ids,
         low_res_masks (B, 1, r, r), video_res_masks (B, 1, H, W), obj_scores (B, 1))``, all logits.
-        Frames with prompts return their consolidated outputs. ``tqdm_disable`` is accepted (no
-        progress bar is drawn)."""
+        Frames with prompts return their consolidated outputs. A tqdm progress bar is drawn
+        unless ``tqdm_disable``."""
         if propagate_preflight:
             self.propagate_in_video_preflight(inference_state)
         output_dict = inference_state["output_dict"]
@@ -860,7 +871,12 @@ class Sam3TrackerPredictor(nn.Module):
         )
         processing_order = self._get_processing_order(inference_state, start_frame_idx, max_frame_num_to_track,
                                                       reverse)
-        for frame_idx in processing_order:
+        # A multi-frame run tracks on a MemoryBank: built (with host syncs) at its first tracked
+        # frame and after every conditioning frame (whose memory clearing it does not model),
+        # then updated with tensor ops only. A single-frame call keeps the official selection.
+        use_bank = self.fixed_capacity_step and len(processing_order) > 1
+        bank, bank_key = None, None
+        for frame_idx in tqdm(processing_order, desc="propagate in video", disable=tqdm_disable):
             if frame_idx in consolidated_frame_inds["cond_frame_outputs"]:
                 storage_key = "cond_frame_outputs"
                 current_out = output_dict[storage_key][frame_idx]
@@ -868,13 +884,21 @@ class Sam3TrackerPredictor(nn.Module):
                 obj_scores = current_out["object_score_logits"]
                 if clear_non_cond_mem:
                     self._clear_non_cond_mem_around_input(inference_state, frame_idx)
+                bank = None
             elif frame_idx in consolidated_frame_inds["non_cond_frame_outputs"]:
                 storage_key = "non_cond_frame_outputs"
                 current_out = output_dict[storage_key][frame_idx]
                 pred_masks = current_out["pred_masks"]
                 obj_scores = current_out["object_score_logits"]
+                if bank is not None:
+                    if bank_key == self._bank_key(inference_state):
+                        self._advance_bank(bank, current_out, frame_idx, reverse)
+                    else:
+                        bank = None
             else:
                 storage_key = "non_cond_frame_outputs"
+                if use_bank and (bank is None or bank_key != self._bank_key(inference_state)):
+                    bank = self._seed_memory_bank(inference_state, frame_idx, reverse, run_mem_encoder)
                 current_out, pred_masks = self._run_single_frame_inference(
                     inference_state=inference_state,
                     output_dict=output_dict,
@@ -885,13 +909,99 @@ class Sam3TrackerPredictor(nn.Module):
                     mask_inputs=None,
                     reverse=reverse,
                     run_mem_encoder=run_mem_encoder,
+                    memory_bank=bank,
                 )
+                self.step_counts["reference" if bank is None else "fixed_capacity"] += 1
                 obj_scores = current_out["object_score_logits"]
                 output_dict[storage_key][frame_idx] = current_out
+                if bank is not None:
+                    self._advance_bank(bank, current_out, frame_idx, reverse)
+                    bank_key = self._bank_key(inference_state)
             self._add_output_per_object(inference_state, frame_idx, current_out, storage_key)
             inference_state["frames_already_tracked"][frame_idx] = {"reverse": reverse}
             low_res_masks, video_res_masks = self._get_orig_video_res_output(inference_state, pred_masks)
             yield frame_idx, obj_ids, low_res_masks, video_res_masks, obj_scores
+
+    # ------------------------------------------------------------------------------------------
+    # Fixed-capacity memory (sam3fast)
+
+    def _fixed_capacity_refusal(self, inference_state, run_mem_encoder) -> Optional[str]:
+        """Why this session cannot track on a :class:`MemoryBank` (None: it can). The bank models
+        the official selection exactly under these conditions; otherwise the official path runs."""
+        cond = inference_state["output_dict"]["cond_frame_outputs"]
+        if not self.use_memory_selection:
+            return "use_memory_selection=False"
+        if self.memory_temporal_stride_for_eval != 1:
+            return f"memory_temporal_stride_for_eval={self.memory_temporal_stride_for_eval}"
+        if self.trim_past_non_cond_mem_for_eval:
+            return "trim_past_non_cond_mem_for_eval=True"
+        if not run_mem_encoder or self.num_maskmem < 3:
+            return "no memory encoding"
+        if inference_state["num_frames"] < 2:
+            return "a one-frame video"
+        if self.max_cond_frames_in_attn != -1 and len(cond) > self.max_cond_frames_in_attn:
+            return f"{len(cond)} conditioning frames > max_cond_frames_in_attn={self.max_cond_frames_in_attn}"
+        if any(out.get("maskmem_features") is None for out in cond.values()):
+            return "a conditioning frame without memory"
+        return None
+
+    @staticmethod
+    def _bank_key(inference_state):
+        """What the bank was built from, as cheap host facts: the objects, the conditioning
+        outputs and the number of stored frames. A change (the session edited between frames)
+        rebuilds the bank."""
+        od = inference_state["output_dict"]
+        return (len(inference_state["obj_ids"]), tuple((t, id(o)) for t, o in od["cond_frame_outputs"].items()),
+                len(od["non_cond_frame_outputs"]))
+
+    def _bank_entry(self, out):
+        feat = out.get("maskmem_features")
+        if feat is None:
+            return None, None
+        return self._from_memory_bank(feat), out["obj_ptr"].to(self.device, self.dtype)
+
+    def _advance_bank(self, bank, out, frame_idx, reverse):
+        feat, ptr = self._bank_entry(out)
+        if feat is None:
+            bank.advance(None, None, False)
+            return
+        if "eff_iou_score" not in out or (frame_idx == 0 and not reverse):
+            good = False  # the official scan skips such frames (and stops before frame 0)
+        else:
+            good = out["eff_iou_score"] > self.mf_threshold
+        bank.advance(feat, ptr, good)
+
+    def _seed_memory_bank(self, inference_state, frame_idx, reverse, run_mem_encoder):
+        """A :class:`MemoryBank` ready to track ``frame_idx``, built from the stored outputs with
+        the official scan (host syncs, once per run). None when the session does not allow it."""
+        reason = self._fixed_capacity_refusal(inference_state, run_mem_encoder)
+        if reason is not None:
+            logger.debug("official memory selection for this run: %s", reason)
+            return None
+        output_dict = inference_state["output_dict"]
+        num_frames = inference_state["num_frames"]
+        cond = output_dict["cond_frame_outputs"]
+        non_cond = output_dict["non_cond_frame_outputs"]
+        cond_frames = sorted(cond)
+        cond_feats = torch.stack([self._from_memory_bank(cond[t]["maskmem_features"]) for t in cond_frames], dim=1)
+        cond_ptrs = torch.stack([cond[t]["obj_ptr"].to(self.device, self.dtype) for t in cond_frames], dim=1)
+        pos_enc = inference_state["constants"].get("maskmem_pos_enc")
+        if pos_enc is None:
+            pos_enc = next(iter(cond.values()))["maskmem_pos_enc"]
+        max_ptrs = min(num_frames, self.max_obj_ptrs_in_encoder)
+        bank = MemoryBank(
+            cond_feats, cond_ptrs, cond_frames, pos_enc[-1][:1].to(self.device, self.dtype), self.maskmem_tpos_enc,
+            self.obj_ptr_tpos_proj, max_list=max_ptrs - 1, ptr_norm=max_ptrs, reverse=reverse,
+        )
+        sign = -1 if reverse else 1
+        last = frame_idx - sign
+        for t in self._scan_good_frames(output_dict, reverse, last - sign, num_frames, 1, max_ptrs - 1):
+            self._advance_bank(bank, non_cond[t], t, reverse)  # (good: promoted by the next advance)
+        if last in non_cond:
+            self._advance_bank(bank, non_cond[last], last, reverse)
+        else:
+            bank.advance(None, None, False)  # a conditioning frame or an untracked one: no content
+        return bank
 
     def _add_output_per_object(self, inference_state, frame_idx, current_out, storage_key):
         """Store per-object slices (views) of a batched output in ``output_dict_per_obj``."""
@@ -1213,9 +1323,12 @@ class Sam3TrackerPredictor(nn.Module):
         run_mem_encoder,
         prev_sam_mask_logits=None,
         use_prev_mem_frame=True,
+        memory_bank=None,
     ):
         """Track one frame from its inputs and the memory. Returns ``(compact_out, pred_masks)``:
-        the stored output (memory bank in bf16 with ``bf16_casts``) and the low-res logits."""
+        the stored output (memory bank in bf16 with ``bf16_casts``) and the low-res logits.
+        ``memory_bank`` (sam3fast): take the memory from this :class:`MemoryBank` instead of
+        the official per-frame selection over ``output_dict``."""
         image, _, feats, pos, feat_sizes = self._get_image_feature(inference_state, frame_idx, batch_size)
         assert point_inputs is None or mask_inputs is None
         current_out = self.track_step(
@@ -1233,6 +1346,7 @@ class Sam3TrackerPredictor(nn.Module):
             run_mem_encoder=run_mem_encoder,
             prev_sam_mask_logits=prev_sam_mask_logits,
             use_prev_mem_frame=use_prev_mem_frame,
+            memory_bank=memory_bank,
         )
         storage_device = inference_state["storage_device"]
         maskmem_features = current_out["maskmem_features"]
@@ -1301,6 +1415,7 @@ class Sam3TrackerPredictor(nn.Module):
         run_mem_encoder=True,
         prev_sam_mask_logits=None,
         use_prev_mem_frame=True,
+        memory_bank=None,
     ):
         """Official ``track_step`` (inference). ``current_vision_feats`` / ``_pos_embeds``: lists of
         batch-first maps [s0 (B, D/8, 4g, 4g), s1 (B, D/4, 2g, 2g), top (B, D, g, g)] (the official
@@ -1321,6 +1436,7 @@ class Sam3TrackerPredictor(nn.Module):
                 num_frames=num_frames,
                 track_in_reverse=track_in_reverse,
                 use_prev_mem_frame=use_prev_mem_frame,
+                memory_bank=memory_bank,
             )
             # previously predicted logits go in as the mask prompt together with new clicks
             if prev_sam_mask_logits is not None:
@@ -1464,10 +1580,18 @@ class Sam3TrackerPredictor(nn.Module):
         if (frame_idx == 0 and not track_in_reverse) or (frame_idx == num_frames - 1 and track_in_reverse):
             return []
         max_num = min(num_frames, self.max_obj_ptrs_in_encoder)
-        if not track_in_reverse:
-            start, end, step, must_include = frame_idx - 1, 0, -r, frame_idx - 1
-        else:
-            start, end, step, must_include = frame_idx + 1, num_frames, r, frame_idx + 1
+        must_include = frame_idx + 1 if track_in_reverse else frame_idx - 1
+        valid_indices = self._scan_good_frames(output_dict, track_in_reverse, must_include, num_frames, r,
+                                               max_num - 1)
+        if must_include not in valid_indices:
+            valid_indices.append(must_include)
+        return valid_indices
+
+    def _scan_good_frames(self, output_dict, track_in_reverse, start, num_frames, r, max_count):
+        """The official scan of ``frame_filter`` from frame ``start`` away from the current frame
+        (down to frame 1 forward, up to the last frame in reverse): the frames with
+        ``eff_iou_score`` > ``mf_threshold``, oldest first, stopping once ``max_count`` are found."""
+        step, end = (r, num_frames) if track_in_reverse else (-r, 0)
         non_cond = output_dict["non_cond_frame_outputs"]
         valid_indices = []
         for i in range(start, end, step):
@@ -1475,10 +1599,8 @@ class Sam3TrackerPredictor(nn.Module):
                 continue
             if non_cond[i]["eff_iou_score"] > self.mf_threshold:  # host sync (official)
                 valid_indices.insert(0, i)
-            if len(valid_indices) >= max_num - 1:
+            if len(valid_indices) >= max_count:
                 break
-        if must_include not in valid_indices:
-            valid_indices.append(must_include)
         return valid_indices
 
     def _prepare_memory_conditioned_features(
@@ -1492,6 +1614,7 @@ class Sam3TrackerPredictor(nn.Module):
         num_frames,
         track_in_reverse=False,
         use_prev_mem_frame=True,
+        memory_bank=None,
     ):
         """Condition the frame's top-level features (B, D, g, g) on the memory bank ->
         ``pix_feat_with_mem`` (B, D, g, g). The frame selection is the official one verbatim;
@@ -1502,6 +1625,16 @@ class Sam3TrackerPredictor(nn.Module):
             return feat
         if is_init_cond_frame or not use_prev_mem_frame:
             return feat + self.no_mem_embed.reshape(1, C, 1, 1)
+        curr = feat.flatten(2).transpose(1, 2)
+        curr_pos = current_vision_pos_embeds[-1].flatten(2).transpose(1, 2)
+        if memory_bank is not None:
+            no_prev = (frame_idx == 0 and not track_in_reverse) or (
+                frame_idx == num_frames - 1 and track_in_reverse)
+            frame_t = torch.full((), frame_idx, dtype=torch.long, device=feat.device)
+            memory, memory_pos, num_obj_ptr_tokens, valid = memory_bank.assemble(frame_t, no_prev=no_prev)
+            out = self.transformer.encoder(curr, curr_pos, memory, memory_pos, num_obj_ptr_tokens,
+                                           memory_valid=valid)
+            return out.transpose(1, 2).reshape(B, C, H, W)
 
         tpos_sign_mul = -1 if track_in_reverse else 1
         cond_outputs = output_dict["cond_frame_outputs"]
@@ -1573,7 +1706,5 @@ class Sam3TrackerPredictor(nn.Module):
             obj_ptr_tpos_proj=self.obj_ptr_tpos_proj,
             max_obj_ptrs_in_encoder=max_obj_ptrs_in_encoder,
         )
-        curr = feat.flatten(2).transpose(1, 2)
-        curr_pos = current_vision_pos_embeds[-1].flatten(2).transpose(1, 2)
         out = self.transformer.encoder(curr, curr_pos, memory, memory_pos, num_obj_ptr_tokens)
         return out.transpose(1, 2).reshape(B, C, H, W)
