@@ -74,11 +74,12 @@ dead work; values are otherwise the official's):
   ``init_state(video_path=..., async_loading_frames=True)`` loads eagerly (same values).
 - ``backbone`` is not registered as a submodule, so the state dict holds tracker weights only.
 
-Host syncs: a multi-frame ``propagate_in_video`` tracks on a preallocated
-:class:`~sam3fast.video.memory_bank.MemoryBank` (memory selection as tensor ops, static shapes and
-a validity mask): after its first tracked frame no step reads a tensor value on the host (tested).
-The bank is built with the official scan (``frame_filter`` reads each scanned frame's
-``eff_iou_score``) at the start of a run and after each conditioning frame; single-frame calls,
+Host syncs: ``propagate_in_video`` tracks on a preallocated
+:class:`~sam3fast.video.memory_bank.MemoryBank` kept in the state (memory selection as tensor ops,
+static shapes and a validity mask): after the first tracked frame of a run of consecutive frames no
+step reads a tensor value on the host (tested), also across one-frame calls (the SAM 3 video
+model's way). The bank is built with the official scan (``frame_filter`` reads each scanned
+frame's ``eff_iou_score``) at the start of such a run and after each conditioning frame;
 ``fixed_capacity_step=False`` and the settings listed in ``_fixed_capacity_refusal`` keep the
 official per-frame selection (a sync per scanned frame, a host-to-device copy of the temporal
 positions). ``remove_object`` indexes every stored frame with a Python list, as the official.
@@ -871,11 +872,9 @@ class Sam3TrackerPredictor(nn.Module):
         )
         processing_order = self._get_processing_order(inference_state, start_frame_idx, max_frame_num_to_track,
                                                       reverse)
-        # A multi-frame run tracks on a MemoryBank: built (with host syncs) at its first tracked
-        # frame and after every conditioning frame (whose memory clearing it does not model),
-        # then updated with tensor ops only. A single-frame call keeps the official selection.
-        use_bank = self.fixed_capacity_step and len(processing_order) > 1
-        bank, bank_key = None, None
+        # Tracking runs on a MemoryBank kept in the state across calls: built (with host syncs) at
+        # the first tracked frame of a run of consecutive frames, then updated with tensor ops only
+        # (see _bank_for_step).
         for frame_idx in tqdm(processing_order, desc="propagate in video", disable=tqdm_disable):
             if frame_idx in consolidated_frame_inds["cond_frame_outputs"]:
                 storage_key = "cond_frame_outputs"
@@ -884,21 +883,17 @@ class Sam3TrackerPredictor(nn.Module):
                 obj_scores = current_out["object_score_logits"]
                 if clear_non_cond_mem:
                     self._clear_non_cond_mem_around_input(inference_state, frame_idx)
-                bank = None
+                inference_state.pop("memory_bank", None)  # rebuilt after a conditioning frame
             elif frame_idx in consolidated_frame_inds["non_cond_frame_outputs"]:
                 storage_key = "non_cond_frame_outputs"
                 current_out = output_dict[storage_key][frame_idx]
                 pred_masks = current_out["pred_masks"]
                 obj_scores = current_out["object_score_logits"]
-                if bank is not None:
-                    if bank_key == self._bank_key(inference_state):
-                        self._advance_bank(bank, current_out, frame_idx, reverse)
-                    else:
-                        bank = None
+                if self._bank_for_step(inference_state, frame_idx, reverse, seed=False) is not None:
+                    self._bank_stored(inference_state, frame_idx)
             else:
                 storage_key = "non_cond_frame_outputs"
-                if use_bank and (bank is None or bank_key != self._bank_key(inference_state)):
-                    bank = self._seed_memory_bank(inference_state, frame_idx, reverse, run_mem_encoder)
+                bank = self._bank_for_step(inference_state, frame_idx, reverse)
                 current_out, pred_masks = self._run_single_frame_inference(
                     inference_state=inference_state,
                     output_dict=output_dict,
@@ -915,8 +910,7 @@ class Sam3TrackerPredictor(nn.Module):
                 obj_scores = current_out["object_score_logits"]
                 output_dict[storage_key][frame_idx] = current_out
                 if bank is not None:
-                    self._advance_bank(bank, current_out, frame_idx, reverse)
-                    bank_key = self._bank_key(inference_state)
+                    self._bank_stored(inference_state, frame_idx)
             self._add_output_per_object(inference_state, frame_idx, current_out, storage_key)
             inference_state["frames_already_tracked"][frame_idx] = {"reverse": reverse}
             low_res_masks, video_res_masks = self._get_orig_video_res_output(inference_state, pred_masks)
@@ -925,7 +919,39 @@ class Sam3TrackerPredictor(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Fixed-capacity memory (sam3fast)
 
-    def _fixed_capacity_refusal(self, inference_state, run_mem_encoder) -> Optional[str]:
+    def _bank_for_step(self, inference_state, frame_idx, reverse, seed=True):
+        """The :class:`MemoryBank` ready to track ``frame_idx``, or None (the official selection).
+
+        The bank lives in ``inference_state["memory_bank"]`` with the frame stored last
+        (``pending``). It is advanced lazily, when the next consecutive frame in the same direction
+        asks for it, so memory encoded after tracking (the SAM 3 video model encodes it after its
+        planning step) is what goes in. Anything else (a gap, another direction, changed objects
+        or conditioning frames, a different number of stored frames) rebuilds it (``seed``)."""
+        if not self.fixed_capacity_step:
+            return None
+        cur = inference_state.get("memory_bank")
+        sign = -1 if reverse else 1
+        if (cur is not None and cur["reverse"] == reverse and cur["pending"] == frame_idx - sign
+                and cur["key"] == self._bank_key(inference_state)):
+            out = inference_state["output_dict"]["non_cond_frame_outputs"].get(cur["pending"])
+            if out is not None and out.get("maskmem_features") is not None:
+                self._advance_bank(cur["bank"], out, cur["pending"], reverse)
+                cur["pending"] = None
+                return cur["bank"]
+        inference_state.pop("memory_bank", None)
+        if not seed:
+            return None
+        bank = self._seed_memory_bank(inference_state, frame_idx, reverse)
+        if bank is not None:
+            inference_state["memory_bank"] = {"bank": bank, "reverse": reverse, "pending": None, "key": None}
+        return bank
+
+    def _bank_stored(self, inference_state, frame_idx):
+        """``frame_idx``'s output is stored: the bank takes it at the next frame."""
+        cur = inference_state["memory_bank"]
+        cur["pending"], cur["key"] = frame_idx, self._bank_key(inference_state)
+
+    def _fixed_capacity_refusal(self, inference_state) -> Optional[str]:
         """Why this session cannot track on a :class:`MemoryBank` (None: it can). The bank models
         the official selection exactly under these conditions; otherwise the official path runs."""
         cond = inference_state["output_dict"]["cond_frame_outputs"]
@@ -935,8 +961,8 @@ class Sam3TrackerPredictor(nn.Module):
             return f"memory_temporal_stride_for_eval={self.memory_temporal_stride_for_eval}"
         if self.trim_past_non_cond_mem_for_eval:
             return "trim_past_non_cond_mem_for_eval=True"
-        if not run_mem_encoder or self.num_maskmem < 3:
-            return "no memory encoding"
+        if self.num_maskmem < 3:
+            return f"num_maskmem={self.num_maskmem}"
         if inference_state["num_frames"] < 2:
             return "a one-frame video"
         if self.max_cond_frames_in_attn != -1 and len(cond) > self.max_cond_frames_in_attn:
@@ -971,10 +997,10 @@ class Sam3TrackerPredictor(nn.Module):
             good = out["eff_iou_score"] > self.mf_threshold
         bank.advance(feat, ptr, good)
 
-    def _seed_memory_bank(self, inference_state, frame_idx, reverse, run_mem_encoder):
+    def _seed_memory_bank(self, inference_state, frame_idx, reverse):
         """A :class:`MemoryBank` ready to track ``frame_idx``, built from the stored outputs with
         the official scan (host syncs, once per run). None when the session does not allow it."""
-        reason = self._fixed_capacity_refusal(inference_state, run_mem_encoder)
+        reason = self._fixed_capacity_refusal(inference_state)
         if reason is not None:
             logger.debug("official memory selection for this run: %s", reason)
             return None
@@ -995,7 +1021,11 @@ class Sam3TrackerPredictor(nn.Module):
         )
         sign = -1 if reverse else 1
         last = frame_idx - sign
-        for t in self._scan_good_frames(output_dict, reverse, last - sign, num_frames, 1, max_ptrs - 1):
+        good = self._scan_good_frames(output_dict, reverse, last - sign, num_frames, 1, max_ptrs - 1)
+        if any(non_cond[t].get("maskmem_features") is None for t in good + ([last] if last in non_cond else [])):
+            logger.debug("official memory selection for this run: a stored frame without memory")
+            return None  # (the official fails if it needs that memory; its path says so)
+        for t in good:
             self._advance_bank(bank, non_cond[t], t, reverse)  # (good: promoted by the next advance)
         if last in non_cond:
             self._advance_bank(bank, non_cond[last], last, reverse)
