@@ -45,7 +45,7 @@ conditioning frames).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -53,17 +53,92 @@ from torch import Tensor
 
 from ..model.memory_attention import assemble_memory
 
-__all__ = ["MemoryBank"]
+__all__ = ["BankSpec", "BankState", "MemoryBank", "bank_memory"]
+
+
+class BankSpec(NamedTuple):
+    """The bank's static facts (Python ints: part of a compiled graph's key)."""
+
+    num_maskmem: int  # the tracker's num_maskmem (7)
+    F: int  # ring slots with features: num_maskmem - 2
+    G: int  # length cap of the official list: min(num_frames, max_obj_ptrs_in_encoder) - 1
+    ptr_norm: int  # min(num_frames, max_obj_ptrs_in_encoder): pointer distances are divided by it - 1
+    sign: int  # 1 forward, -1 reverse
+
+
+class BankState(NamedTuple):
+    """The bank's tensors (all on one device; updated in place between frames)."""
+
+    ring_feat: Tensor  # (B, F, M, h, w) good frames before the last one, ring order
+    ring_ptr: Tensor  # (B, G, D)
+    count: Tensor  # () long: good frames pushed so far
+    last_feat: Tensor  # (B, M, h, w) the last frame handled
+    last_ptr: Tensor  # (B, D)
+    last_content: Tensor  # () bool: the last frame holds an output
+    last_good: Tensor  # () bool: ... whose eff_iou_score passed the threshold
+    cond_feats: Tensor  # (B, C, M, h, w) every conditioning frame
+    cond_ptrs: Tensor  # (B, C, D)
+    cond_frames: Tensor  # (C,) long
+    maskmem_pos: Tensor  # (1, M, h, w) the memory's sine position (the same for every frame)
+
+
+def bank_memory(
+    spec: BankSpec,
+    st: BankState,
+    frame_idx: Tensor,
+    no_prev: bool,
+    maskmem_tpos_enc: Tensor,
+    obj_ptr_tpos_proj: nn.Module,
+) -> Tuple[Tensor, Tensor, int, Tensor]:
+    """Memory-attention inputs for ``frame_idx`` (a 0-d long tensor):
+    ``(memory (B, S, M), memory_pos (B, S, M), num_obj_ptr_tokens, memory_valid (B, S) bool)``
+    with S = (C + F + 1) * L + (C + G + 1) * D / M. ``no_prev``: the official frame list is
+    empty (frame 0 forward / the last frame in reverse): only conditioning frames count.
+    Tensor ops only (no host sync; static shapes)."""
+    B, C, M = st.cond_feats.shape[:3]
+    L = st.cond_feats.shape[-1] * st.cond_feats.shape[-2]
+    D = st.cond_ptrs.shape[-1]
+    split = D // M if M < D else 1
+    dev = st.count.device
+    count, g = st.count, st.last_good.long()
+    ring_rank_f = (count - 1 - torch.arange(spec.F, device=dev)) % spec.F
+    ring_rank_g = (count - 1 - torch.arange(spec.G, device=dev)) % spec.G
+    n_good_listed = torch.minimum(count, spec.G - g)  # ring ranks < this are listed
+    n_list = torch.clamp(count + g, max=spec.G) + (1 - g)
+    feat_ok = ring_rank_f < n_good_listed
+    ptr_ok = (ring_rank_g < n_good_listed) & (ring_rank_g + 2 <= n_list - 1)
+    last_feat_ok = st.last_content.view(1)
+    last_ptr_ok = (st.last_content & (n_list >= 2)).view(1)
+    if no_prev:
+        feat_ok, ptr_ok = torch.zeros_like(feat_ok), torch.zeros_like(ptr_ok)
+        last_feat_ok, last_ptr_ok = torch.zeros_like(last_feat_ok), torch.zeros_like(last_ptr_ok)
+
+    feats = torch.cat((st.cond_feats, st.ring_feat, st.last_feat.unsqueeze(1)), dim=1)
+    t_pos = torch.cat((torch.zeros(C, dtype=torch.long, device=dev),
+                       spec.num_maskmem - (ring_rank_f + 2).clamp(max=spec.num_maskmem - 1),
+                       torch.full((1,), spec.num_maskmem - 1, dtype=torch.long, device=dev)))
+    ptrs = torch.cat((st.cond_ptrs, st.ring_ptr, st.last_ptr.unsqueeze(1)), dim=1)
+    cond_dist = (frame_idx - st.cond_frames) * spec.sign
+    ptr_tpos = torch.cat((cond_dist.clamp(min=0), ring_rank_g + 2, torch.ones(1, dtype=torch.long, device=dev)))
+    memory, memory_pos, n_ptr_tok = assemble_memory(
+        maskmem_features=feats, maskmem_pos=st.maskmem_pos.unsqueeze(1), mem_tpos=t_pos,
+        obj_ptrs=ptrs, ptr_tpos=ptr_tpos, maskmem_tpos_enc=maskmem_tpos_enc,
+        obj_ptr_tpos_proj=obj_ptr_tpos_proj, max_obj_ptrs_in_encoder=spec.ptr_norm,
+    )
+    frame_ok = torch.cat((torch.ones(C, dtype=torch.bool, device=dev), feat_ok, last_feat_ok))
+    ptr_valid = torch.cat((cond_dist >= 0, ptr_ok, last_ptr_ok))
+    valid = torch.cat((frame_ok.repeat_interleave(L), ptr_valid.repeat_interleave(split)))
+    return memory, memory_pos, n_ptr_tok, valid.unsqueeze(0).expand(B, -1)
 
 
 class MemoryBank:
     """Preallocated memory of one tracking session for a run of consecutive frames.
 
     ``MemoryBank(cond_feats (B, C, M, h, w), cond_ptrs (B, C, D), cond_frames, maskmem_pos (1, M, h, w),
-    maskmem_tpos_enc (num_maskmem, 1, 1, M), obj_ptr_tpos_proj, max_list=G, ptr_norm, reverse)``.
-    Built by the predictor at the start of a run (``seed``); then per frame ``assemble(frame_idx)``
-    gives the memory-attention inputs and ``advance(feat, ptr, good)`` records the frame just
-    tracked. All state is on the features' device.
+    num_maskmem, max_list=G, ptr_norm, reverse)``. Built by the predictor at the start of a run;
+    then per frame :func:`bank_memory` (``spec``, ``state``) gives the memory-attention inputs and
+    ``advance(feat, ptr, good)`` records the frame just tracked. All state is on the features'
+    device.
     """
 
     def __init__(
@@ -72,14 +147,12 @@ class MemoryBank:
         cond_ptrs: Tensor,
         cond_frames: Sequence[int],
         maskmem_pos: Tensor,
-        maskmem_tpos_enc: Tensor,
-        obj_ptr_tpos_proj: nn.Module,
+        num_maskmem: int,
         max_list: int,
         ptr_norm: int,
         reverse: bool,
     ):
         B, C, M, h, w = cond_feats.shape
-        num_maskmem = maskmem_tpos_enc.shape[0]
         if C < 1:
             raise ValueError("the memory bank needs at least one conditioning frame")
         if num_maskmem < 3:
@@ -88,99 +161,44 @@ class MemoryBank:
             raise ValueError(f"max_list must be >= 1, got {max_list}")
         device, dtype = cond_feats.device, cond_feats.dtype
         D = cond_ptrs.shape[-1]
-        self.num_maskmem = num_maskmem
-        self.F = num_maskmem - 2
-        self.G = max_list
-        self.ptr_norm = ptr_norm
-        self.sign = -1 if reverse else 1
-        self.cond_feats = cond_feats
-        self.cond_ptrs = cond_ptrs
-        self.cond_frames = torch.tensor(list(cond_frames), dtype=torch.long, device=device)
-        self.maskmem_pos = maskmem_pos
-        self.maskmem_tpos_enc = maskmem_tpos_enc
-        self.obj_ptr_tpos_proj = obj_ptr_tpos_proj
-        self.ring_feat = torch.zeros(B, self.F, M, h, w, device=device, dtype=dtype)
-        self.ring_ptr = torch.zeros(B, self.G, D, device=device, dtype=cond_ptrs.dtype)
-        self.count = torch.zeros((), dtype=torch.long, device=device)
-        self.last_feat = torch.zeros(B, M, h, w, device=device, dtype=dtype)
-        self.last_ptr = torch.zeros(B, D, device=device, dtype=cond_ptrs.dtype)
-        self.last_content = torch.zeros((), dtype=torch.bool, device=device)
-        self.last_good = torch.zeros((), dtype=torch.bool, device=device)
-        # constant index tensors
-        self._ring_f = torch.arange(self.F, device=device)
-        self._ring_g = torch.arange(self.G, device=device)
+        self.spec = BankSpec(num_maskmem=num_maskmem, F=num_maskmem - 2, G=max_list, ptr_norm=ptr_norm,
+                             sign=-1 if reverse else 1)
+        F, G = self.spec.F, self.spec.G
+        self.state = BankState(
+            ring_feat=torch.zeros(B, F, M, h, w, device=device, dtype=dtype),
+            ring_ptr=torch.zeros(B, G, D, device=device, dtype=cond_ptrs.dtype),
+            count=torch.zeros((), dtype=torch.long, device=device),
+            last_feat=torch.zeros(B, M, h, w, device=device, dtype=dtype),
+            last_ptr=torch.zeros(B, D, device=device, dtype=cond_ptrs.dtype),
+            last_content=torch.zeros((), dtype=torch.bool, device=device),
+            last_good=torch.zeros((), dtype=torch.bool, device=device),
+            cond_feats=cond_feats,
+            cond_ptrs=cond_ptrs,
+            cond_frames=torch.tensor(list(cond_frames), dtype=torch.long, device=device),
+            maskmem_pos=maskmem_pos,
+        )
         self.batch_size = B
-
-    # ------------------------------------------------------------------------------------------
-    # Updates (tensor-only)
-
-    def _push_last_if_good(self) -> None:
-        g = self.last_good
-        idx_f = (self.count % self.F).view(1)
-        idx_g = (self.count % self.G).view(1)
-        old_f = self.ring_feat.index_select(1, idx_f)
-        old_g = self.ring_ptr.index_select(1, idx_g)
-        self.ring_feat.index_copy_(1, idx_f, torch.where(g, self.last_feat.unsqueeze(1), old_f))
-        self.ring_ptr.index_copy_(1, idx_g, torch.where(g, self.last_ptr.unsqueeze(1), old_g))
-        self.count += g.long()
 
     def advance(self, feat: Optional[Tensor], ptr: Optional[Tensor], good) -> None:
         """Frame just handled becomes the last one: ``feat`` (B, M, h, w) / ``ptr`` (B, D) its
         memory (None: it holds nothing, e.g. a conditioning frame), ``good`` a 0-d bool tensor or
-        a Python bool (its eff_iou_score > mf_threshold, and scanned by the official filter)."""
-        self._push_last_if_good()
+        a Python bool (its eff_iou_score > mf_threshold, and scanned by the official filter).
+        In-place tensor ops: the previous last frame enters the ring iff it was good."""
+        st, spec = self.state, self.spec
+        g = st.last_good
+        idx_f = (st.count % spec.F).view(1)
+        idx_g = (st.count % spec.G).view(1)
+        st.ring_feat.index_copy_(1, idx_f, torch.where(g, st.last_feat.unsqueeze(1), st.ring_feat.index_select(1, idx_f)))
+        st.ring_ptr.index_copy_(1, idx_g, torch.where(g, st.last_ptr.unsqueeze(1), st.ring_ptr.index_select(1, idx_g)))
+        st.count.add_(g.long())
         if feat is None:
-            self.last_content.fill_(False)
-            self.last_good.fill_(False)
+            st.last_content.fill_(False)
+            st.last_good.fill_(False)
             return
-        self.last_feat.copy_(feat)
-        self.last_ptr.copy_(ptr)
-        self.last_content.fill_(True)
+        st.last_feat.copy_(feat)
+        st.last_ptr.copy_(ptr)
+        st.last_content.fill_(True)
         if isinstance(good, Tensor):
-            self.last_good.copy_(good.reshape(()))
+            st.last_good.copy_(good.reshape(()))
         else:
-            self.last_good.fill_(bool(good))
-
-    # ------------------------------------------------------------------------------------------
-    # Memory for one frame
-
-    def assemble(self, frame_idx: Tensor, no_prev: bool = False) -> Tuple[Tensor, Tensor, int, Tensor]:
-        """Memory-attention inputs for ``frame_idx`` (a 0-d long tensor on the bank's device):
-        ``(memory (B, S, M), memory_pos (B, S, M), num_obj_ptr_tokens, memory_valid (B, S) bool)``
-        with S = (C + F + 1) * L + (C + G + 1) * D / M. ``no_prev``: the official frame list is
-        empty (frame 0 forward / the last frame in reverse): only conditioning frames count."""
-        B, C = self.cond_feats.shape[:2]
-        L = self.cond_feats.shape[-1] * self.cond_feats.shape[-2]
-        M = self.cond_feats.shape[2]
-        D = self.cond_ptrs.shape[-1]
-        split = D // M if M < D else 1
-        count, g = self.count, self.last_good.long()
-        ring_rank_f = (count - 1 - self._ring_f) % self.F
-        ring_rank_g = (count - 1 - self._ring_g) % self.G
-        n_good_listed = torch.minimum(count, self.G - g)  # ring ranks < this are listed
-        n_list = torch.minimum(count + g, torch.full_like(count, self.G)) + (1 - g)
-        feat_ok = ring_rank_f < n_good_listed
-        ptr_ok = (ring_rank_g < n_good_listed) & (ring_rank_g + 2 <= n_list - 1)
-        last_feat_ok = self.last_content.view(1)
-        last_ptr_ok = (self.last_content & (n_list >= 2)).view(1)
-        if no_prev:
-            feat_ok, ptr_ok = torch.zeros_like(feat_ok), torch.zeros_like(ptr_ok)
-            last_feat_ok, last_ptr_ok = torch.zeros_like(last_feat_ok), torch.zeros_like(last_ptr_ok)
-
-        feats = torch.cat((self.cond_feats, self.ring_feat, self.last_feat.unsqueeze(1)), dim=1)
-        zeros_c = torch.zeros(C, dtype=torch.long, device=count.device)
-        t_pos = torch.cat((zeros_c, self.num_maskmem - (ring_rank_f + 2).clamp(max=self.num_maskmem - 1),
-                           torch.full((1,), self.num_maskmem - 1, dtype=torch.long, device=count.device)))
-        ptrs = torch.cat((self.cond_ptrs, self.ring_ptr, self.last_ptr.unsqueeze(1)), dim=1)
-        cond_dist = (frame_idx - self.cond_frames) * self.sign
-        ptr_tpos = torch.cat((cond_dist.clamp(min=0), ring_rank_g + 2, torch.ones(1, dtype=torch.long,
-                                                                                   device=count.device)))
-        memory, memory_pos, n_ptr_tok = assemble_memory(
-            maskmem_features=feats, maskmem_pos=self.maskmem_pos.unsqueeze(1), mem_tpos=t_pos,
-            obj_ptrs=ptrs, ptr_tpos=ptr_tpos, maskmem_tpos_enc=self.maskmem_tpos_enc,
-            obj_ptr_tpos_proj=self.obj_ptr_tpos_proj, max_obj_ptrs_in_encoder=self.ptr_norm,
-        )
-        frame_ok = torch.cat((torch.ones(C, dtype=torch.bool, device=count.device), feat_ok, last_feat_ok))
-        ptr_valid = torch.cat((cond_dist >= 0, ptr_ok, last_ptr_ok))
-        valid = torch.cat((frame_ok.repeat_interleave(L), ptr_valid.repeat_interleave(split)))
-        return memory, memory_pos, n_ptr_tok, valid.unsqueeze(0).expand(B, -1)
+            st.last_good.fill_(bool(good))

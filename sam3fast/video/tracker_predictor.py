@@ -101,7 +101,7 @@ from ..model.memory import encode_new_memory
 from ..model.memory_attention import assemble_memory
 from ..model.sam_heads import NO_OBJ_SCORE, sam_heads_forward
 from ..model.tracker import Tracker
-from .memory_bank import MemoryBank
+from .memory_bank import BankSpec, BankState, MemoryBank, bank_memory
 
 __all__ = [
     "NO_OBJ_SCORE",
@@ -352,6 +352,7 @@ class Sam3TrackerPredictor(nn.Module):
         # session allows it (see _fixed_capacity_refusal); False = the official per-frame selection.
         self.fixed_capacity_step = fixed_capacity_step
         self.step_counts = {"fixed_capacity": 0, "reference": 0}
+        self._bank_step_compiled = None
         self.iter_use_prev_mask_pred = True
         self.add_all_frames_to_correct_as_cond = True
         self.eval()
@@ -1016,8 +1017,8 @@ class Sam3TrackerPredictor(nn.Module):
             pos_enc = next(iter(cond.values()))["maskmem_pos_enc"]
         max_ptrs = min(num_frames, self.max_obj_ptrs_in_encoder)
         bank = MemoryBank(
-            cond_feats, cond_ptrs, cond_frames, pos_enc[-1][:1].to(self.device, self.dtype), self.maskmem_tpos_enc,
-            self.obj_ptr_tpos_proj, max_list=max_ptrs - 1, ptr_norm=max_ptrs, reverse=reverse,
+            cond_feats, cond_ptrs, cond_frames, pos_enc[-1][:1].to(self.device, self.dtype), self.num_maskmem,
+            max_list=max_ptrs - 1, ptr_norm=max_ptrs, reverse=reverse,
         )
         sign = -1 if reverse else 1
         last = frame_idx - sign
@@ -1032,6 +1033,57 @@ class Sam3TrackerPredictor(nn.Module):
         else:
             bank.advance(None, None, False)  # a conditioning frame or an untracked one: no content
         return bank
+
+    def _track_on_bank(self, bank, frame_idx, num_frames, reverse, feats, pos, run_mem_encoder):
+        """``track_step`` for a propagated frame (no prompt) with the memory from ``bank``."""
+        no_prev = (frame_idx == 0 and not reverse) or (frame_idx == num_frames - 1 and reverse)
+        frame_t = torch.full((), frame_idx, dtype=torch.long, device=feats[-1].device)
+        step = self._bank_step_compiled if self._bank_step_compiled is not None else self.bank_track_step
+        low, high, obj_ptr, score, iou, eff, maskmem, maskmem_pos = step(
+            bank.spec, bank.state, frame_t, tuple(feats), tuple(pos), no_prev=no_prev,
+            run_mem_encoder=run_mem_encoder)
+        out = {"point_inputs": None, "mask_inputs": None, "pred_masks": low, "pred_masks_high_res": high,
+               "obj_ptr": obj_ptr, "object_score_logits": score, "iou_score": iou, "eff_iou_score": eff,
+               "maskmem_features": maskmem, "maskmem_pos_enc": None if maskmem_pos is None else [maskmem_pos]}
+        return out
+
+    def bank_track_step(self, spec: BankSpec, state: BankState, frame_t: torch.Tensor, feats, pos, *,
+                        no_prev: bool = False, run_mem_encoder: bool = True):
+        """One propagated frame of every object on a fixed-capacity bank; tensors in, tensors out.
+
+        ``feats``/``pos``: the frame's three tracker levels (B, D, *, *), top level last;
+        ``frame_t`` a 0-d long tensor. Returns ``(low_res_masks (B, 1, r, r), high_res_masks
+        (B, 1, R, R), obj_ptr (B, D), object_score_logits (B, 1), iou_score (B,), eff_iou_score (),
+        maskmem_features (B, M, g, g) or None, maskmem_pos or None)`` as the official
+        ``track_step`` computes them for a frame without prompts. Static shapes and no host sync:
+        this is the region :meth:`compile_step` compiles (``fullgraph=True``) and a CUDA graph
+        can capture.
+        """
+        feat = feats[-1]
+        B, C, H, W = feat.shape
+        memory, memory_pos, n_ptr, valid = bank_memory(spec, state, frame_t, no_prev, self.maskmem_tpos_enc,
+                                                       self.obj_ptr_tpos_proj)
+        curr = feat.flatten(2).transpose(1, 2)
+        curr_pos = pos[-1].flatten(2).transpose(1, 2)
+        pix = self.transformer.encoder(curr, curr_pos, memory, memory_pos, n_ptr, memory_valid=valid)
+        pix = pix.transpose(1, 2).reshape(B, C, H, W)
+        _, _, ious, low, high, obj_ptr, score = self._forward_sam_heads(
+            pix, high_res_features=list(feats[:-1]), multimask_output=self._use_multimask(False, None))
+        iou = ious.max(-1)[0]
+        eff = self.cal_mem_score(score, iou)
+        maskmem = maskmem_pos = None
+        if run_mem_encoder:
+            maskmem, pos_list = self._encode_new_memory(None, list(feats), None, high, score, is_mask_from_pts=False)
+            maskmem_pos = pos_list[0]
+        return low, high, obj_ptr, score, iou, eff, maskmem, maskmem_pos
+
+    def compile_step(self, backend: str = "inductor", mode: Optional[str] = None):
+        """torch.compile :meth:`bank_track_step` (``fullgraph=True``: a graph break is an error).
+        One graph per (objects, conditioning frames, ``run_mem_encoder``, ``no_prev``): frames of
+        a run reuse it without recompiling. ``mode="reduce-overhead"`` adds CUDA graphs on GPU."""
+        self._bank_step_compiled = torch.compile(self.bank_track_step, backend=backend, mode=mode, fullgraph=True,
+                                                 dynamic=False)
+        return self
 
     def _add_output_per_object(self, inference_state, frame_idx, current_out, storage_key):
         """Store per-object slices (views) of a batched output in ``output_dict_per_obj``."""
@@ -1361,6 +1413,11 @@ class Sam3TrackerPredictor(nn.Module):
         the official per-frame selection over ``output_dict``."""
         image, _, feats, pos, feat_sizes = self._get_image_feature(inference_state, frame_idx, batch_size)
         assert point_inputs is None or mask_inputs is None
+        if memory_bank is not None:
+            assert point_inputs is None and mask_inputs is None and not is_init_cond_frame
+            current_out = self._track_on_bank(memory_bank, frame_idx, inference_state["num_frames"], reverse, feats,
+                                              pos, run_mem_encoder)
+            return self._compact_output(inference_state, current_out)
         current_out = self.track_step(
             frame_idx=frame_idx,
             is_init_cond_frame=is_init_cond_frame,
@@ -1376,8 +1433,10 @@ class Sam3TrackerPredictor(nn.Module):
             run_mem_encoder=run_mem_encoder,
             prev_sam_mask_logits=prev_sam_mask_logits,
             use_prev_mem_frame=use_prev_mem_frame,
-            memory_bank=memory_bank,
         )
+        return self._compact_output(inference_state, current_out)
+
+    def _compact_output(self, inference_state, current_out):
         storage_device = inference_state["storage_device"]
         maskmem_features = current_out["maskmem_features"]
         if maskmem_features is not None:
@@ -1445,7 +1504,6 @@ class Sam3TrackerPredictor(nn.Module):
         run_mem_encoder=True,
         prev_sam_mask_logits=None,
         use_prev_mem_frame=True,
-        memory_bank=None,
     ):
         """Official ``track_step`` (inference). ``current_vision_feats`` / ``_pos_embeds``: lists of
         batch-first maps [s0 (B, D/8, 4g, 4g), s1 (B, D/4, 2g, 2g), top (B, D, g, g)] (the official
@@ -1466,7 +1524,6 @@ class Sam3TrackerPredictor(nn.Module):
                 num_frames=num_frames,
                 track_in_reverse=track_in_reverse,
                 use_prev_mem_frame=use_prev_mem_frame,
-                memory_bank=memory_bank,
             )
             # previously predicted logits go in as the mask prompt together with new clicks
             if prev_sam_mask_logits is not None:
@@ -1644,7 +1701,6 @@ class Sam3TrackerPredictor(nn.Module):
         num_frames,
         track_in_reverse=False,
         use_prev_mem_frame=True,
-        memory_bank=None,
     ):
         """Condition the frame's top-level features (B, D, g, g) on the memory bank ->
         ``pix_feat_with_mem`` (B, D, g, g). The frame selection is the official one verbatim;
@@ -1657,14 +1713,6 @@ class Sam3TrackerPredictor(nn.Module):
             return feat + self.no_mem_embed.reshape(1, C, 1, 1)
         curr = feat.flatten(2).transpose(1, 2)
         curr_pos = current_vision_pos_embeds[-1].flatten(2).transpose(1, 2)
-        if memory_bank is not None:
-            no_prev = (frame_idx == 0 and not track_in_reverse) or (
-                frame_idx == num_frames - 1 and track_in_reverse)
-            frame_t = torch.full((), frame_idx, dtype=torch.long, device=feat.device)
-            memory, memory_pos, num_obj_ptr_tokens, valid = memory_bank.assemble(frame_t, no_prev=no_prev)
-            out = self.transformer.encoder(curr, curr_pos, memory, memory_pos, num_obj_ptr_tokens,
-                                           memory_valid=valid)
-            return out.transpose(1, 2).reshape(B, C, H, W)
 
         tpos_sign_mul = -1 if track_in_reverse else 1
         cond_outputs = output_dict["cond_frame_outputs"]
