@@ -68,7 +68,7 @@ def native_extensions():
         cuda_skip = CUDA_SKIP_NO_TOOLKIT
     else:
         cuda_skip = 0
-    sources = ["csrc/bindings.cpp", "csrc/cpu/assignment.cpp"]
+    sources = ["csrc/bindings.cpp", "csrc/cpu/assignment.cpp", "csrc/cpu/mask_iou.cpp"]
     # -g0: the Python CFLAGS carry -g, which makes the torch headers in bindings.cpp build slower.
     kwargs = dict(
         include_dirs=[os.path.join(here, "csrc")],
@@ -77,7 +77,7 @@ def native_extensions():
     )
     if cuda_skip == 0:
         kwargs["define_macros"].append(("SAM3FAST_WITH_CUDA", "1"))
-        ext = cpp_extension.CUDAExtension("sam3fast._C", sources + ["csrc/cuda/assignment.cu"], **kwargs)
+        ext = cpp_extension.CUDAExtension("sam3fast._C", sources + ["csrc/cuda/assignment.cu", "csrc/cuda/mask_iou.cu"], **kwargs)
     else:
         del kwargs["extra_compile_args"]["nvcc"]
         ext = cpp_extension.CppExtension("sam3fast._C", sources, **kwargs)

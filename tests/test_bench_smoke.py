@@ -12,6 +12,7 @@ BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
 @pytest.mark.parametrize("script, expect", [
     ("bench_image.py", "sam3fast_float32"),
     ("bench_mask_postprocess.py", "mask_postprocess benchmark"),
+    ("bench_mask_iou.py", "mask_iou / mask_nms benchmark"),
 ])
 def test_bench_smoke(script, expect, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [script, "--smoke"])

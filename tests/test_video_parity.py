@@ -526,3 +526,18 @@ def test_builders_strict_and_signatures(checkpoints, tmp_path):
     again = build_video_model(CFG, device="cpu", apply_temporal_disambiguation=False)
     for (k, a), b in zip(ablation.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_compiled_video_model_parity(checkpoints, predictors, clip_dir):
+    """``compile`` (here the aot_eager backend: graph capture without code generation): the
+    detector stages and the tracker step run compiled, fullgraph, with the official outputs."""
+    torch._dynamo.reset()
+    model = build_video_model(CFG, checkpoint_path=checkpoints[RICH_SEED], device="cpu", compile="aot_eager")
+    assert model.tracker._bank_step_compiled is not None
+    steps = [{"type": "add_prompt", "frame_index": 0, "text": "blob"},
+             {"type": "propagate_in_video", "propagation_direction": "forward"}]
+    official = run_official_session(predictors("official", RICH_SEED), clip_dir, steps)
+    ours = run_our_session(Sam3VideoPredictor(model=model), clip_dir, steps)
+    compare_sessions(official, ours)
+    assert model.tracker.step_counts["fixed_capacity"] > 0
+    torch._dynamo.reset()

@@ -86,20 +86,28 @@ def build_video_model(
     apply_temporal_disambiguation: bool = True,
     random_weights_seed: Optional[int] = None,
     bpe_path: Optional[str] = None,
+    compile: Union[bool, str] = False,
     **overrides,
 ) -> Sam3VideoInferenceWithInstanceInteractivity:
     """Native builder. With ``checkpoint_path``: built on the meta device and loaded strictly
     (``detector.*`` and ``tracker.*`` of ``sam3.pt``; a checkpoint with missing, unexpected or
     mis-shaped keys raises :class:`~sam3fast.checkpoint.CheckpointError` listing them). Without:
     stable random weights (``random_weights_seed``, default 0). ``overrides``: any heuristic
-    argument of the official video model (e.g. ``hotstart_delay``)."""
+    argument of the official video model (e.g. ``hotstart_delay``). ``compile``: True (inductor)
+    or a ``torch.compile`` backend name: the detector's stages (``compile_stages``) and the
+    tracker's per-frame step (``compile_step``), each one graph."""
     from ..build import _resolve_device, _resolve_dtype, instantiate
     from ..checkpoint import read_state_dict
 
     cfg = get_config(config) if isinstance(config, str) else config
     sd = read_state_dict(checkpoint_path) if checkpoint_path is not None else None
-    return instantiate(lambda: _assemble(cfg, apply_temporal_disambiguation, bpe_path, **overrides),
-                       sd, _resolve_device(device), _resolve_dtype(dtype), random_weights_seed)
+    model = instantiate(lambda: _assemble(cfg, apply_temporal_disambiguation, bpe_path, **overrides),
+                        sd, _resolve_device(device), _resolve_dtype(dtype), random_weights_seed)
+    if compile:
+        backend = "inductor" if compile is True else compile
+        model.detector.compile_stages(backend=backend)
+        model.tracker.compile_step(backend=backend)
+    return model
 
 
 def build_sam3_video_model(
@@ -130,12 +138,10 @@ def build_sam3_video_model(
                       stacklevel=2)
     if bpe_path is not None and not os.path.exists(bpe_path):
         raise FileNotFoundError(f"bpe_path does not exist: {bpe_path}")
-    if compile:
-        warnings.warn("compile=True is not implemented for the video model yet; running eager", stacklevel=2)
     path = resolve_checkpoint_path(checkpoint_path, load_from_HF)
     return build_video_model(config=config, checkpoint_path=path, device=device, dtype=dtype,
                              apply_temporal_disambiguation=apply_temporal_disambiguation, bpe_path=bpe_path,
-                             **overrides)
+                             compile=compile, **overrides)
 
 
 def build_sam3_video_predictor(*model_args, gpus_to_use=None, **model_kwargs) -> Sam3VideoPredictor:

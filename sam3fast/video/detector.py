@@ -71,7 +71,13 @@ def nms_masks(pred_probs: torch.Tensor, pred_masks: torch.Tensor, prob_threshold
               iou_threshold: float) -> torch.Tensor:
     """``sam3.perflib.nms.nms_masks``: pred_probs (Q,), pred_masks (Q, H, W) logits -> keep (Q,)
     bool: above ``prob_threshold`` and surviving mask NMS at ``iou_threshold``. Static shapes: the
-    IoU matrix covers all Q queries (invalid ones are masked), so no host sync."""
+    IoU matrix covers all Q queries (invalid ones are masked), so no host sync. On CUDA the
+    bit-packed ``sam3fast::mask_nms`` op does it in a few kernels (ties: the lower index first,
+    as the official GPU path); elsewhere the loop below (ties as the official CPU path)."""
+    if pred_masks.is_cuda:
+        from ..mask_ops import nms_masks as nms_masks_packed
+
+        return nms_masks_packed(pred_probs, pred_masks, prob_threshold, iou_threshold)
     valid = pred_probs > prob_threshold
     binary = pred_masks > 0
     ious = mask_iou_matrix(binary, binary)
