@@ -15,13 +15,15 @@ from torch import Tensor
 
 from . import env
 from .kernels import mask_postprocess as _mp
+from .kernels.memory_attention import memory_attention, memory_attention_backend
 from .mask_ops import mask_areas, mask_iou, mask_nms, mask_ops_backend, nms_masks, pack_masks
 
 FORCE_REFERENCE: bool = env.FORCE_REFERENCE
 
 __all__ = ["FORCE_REFERENCE", "MaskPostprocessOutput", "mask_postprocess", "mask_postprocess_backend", "unpack_masks",
            "connected_component_sizes", "fill_holes", "batched_linear_sum_assignment",
-           "pack_masks", "mask_areas", "mask_iou", "mask_nms", "nms_masks", "mask_ops_backend"]
+           "pack_masks", "mask_areas", "mask_iou", "mask_nms", "nms_masks", "mask_ops_backend",
+           "memory_attention", "memory_attention_backend"]
 
 unpack_masks = _mp.unpack_masks
 

@@ -13,6 +13,7 @@ BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
     ("bench_image.py", "sam3fast_float32"),
     ("bench_mask_postprocess.py", "mask_postprocess benchmark"),
     ("bench_mask_iou.py", "mask_iou / mask_nms benchmark"),
+    ("bench_memory_attention.py", "memory_attention benchmark"),
 ])
 def test_bench_smoke(script, expect, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [script, "--smoke"])

@@ -280,3 +280,31 @@ def test_memory_attention_full_size():
         out = attn(curr, curr_pos, memory, memory_pos, T)
     _close(out, ref, "pix_feat_with_mem (full size)")
     _spread(out, "pix_feat_with_mem", min_std=0.1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_memory_attention_uses_kernel_on_cuda(dtype):
+    """On CUDA the module runs the Triton memory-attention op: full-size shapes (7 frames + 16
+    pointers, padded bank slots) against its own SDPA path, within the bf16 rounding budget."""
+    from sam3fast.ops import memory_attention_backend
+
+    cfg = get_config("sam3")
+    torch.manual_seed(0)
+    m = MemoryAttention.from_config(cfg).cuda().to(dtype).eval()
+    B, L, D, M = 2, cfg.feat_size ** 2, cfg.d_model, cfg.tracker.mem_dim
+    S = 9 * L + 16 * D // M
+    curr, curr_pos = torch.randn(B, L, D, device="cuda", dtype=dtype), torch.randn(B, L, D, device="cuda", dtype=dtype)
+    mem, mem_pos = torch.randn(B, S, M, device="cuda", dtype=dtype), torch.randn(B, S, M, device="cuda", dtype=dtype)
+    valid = torch.ones(B, S, dtype=torch.bool, device="cuda")
+    valid[:, 7 * L:9 * L] = False  # two padded frames
+    valid[1, -32:] = False  # padded pointers
+    assert memory_attention_backend(curr.view(B, L, 1, D))[0] == "triton"
+    with torch.no_grad():
+        got = m(curr, curr_pos, mem, mem_pos, 16 * D // M, valid)
+        for layer in m.layers:
+            layer.self_attn.use_kernel = layer.cross_attn_image.use_kernel = False
+        ref = m(curr, curr_pos, mem, mem_pos, 16 * D // M, valid)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert torch.isfinite(got).all()
+    assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < tol

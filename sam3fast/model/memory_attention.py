@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels.memory_attention import memory_attention, memory_attention_backend
 from .common import KeepComplexBuffers
 from .vit import apply_rope, compute_axial_cis
 
@@ -62,8 +63,10 @@ class RoPEAttention(nn.Module):
     kv_in_dim->D, ``out_proj`` D->D, batch-first.
 
     ``forward(q (B, L, D), k (B, S, kv_in), v (B, S, kv_in), freqs_cis (L, hd/2) complex,
-    num_k_exclude_rope=0, attn_mask=None (B|1, 1, 1|L, S) bool True = attend) -> (B, L, D)``.
+    num_k_exclude_rope=0, key_valid=None (B, S) bool True = attend) -> (B, L, D)``.
     The first S - num_k_exclude_rope keys (a multiple of L) are rotated by their index mod L.
+    Between the projections: the ``sam3fast::memory_attention`` Triton kernel (RoPE inside, no
+    repeated table) where ``memory_attention_backend`` picks it (CUDA), else SDPA on rotated q/k.
     """
 
     def __init__(self, embedding_dim: int, num_heads: int = 1, kv_in_dim: Optional[int] = None):
@@ -76,6 +79,7 @@ class RoPEAttention(nn.Module):
         self.k_proj = nn.Linear(kv_in_dim, embedding_dim)
         self.v_proj = nn.Linear(kv_in_dim, embedding_dim)
         self.out_proj = nn.Linear(embedding_dim, embedding_dim)
+        self.use_kernel = True  # False: always SDPA (the baseline the kernel is measured against)
 
     def forward(
         self,
@@ -84,17 +88,21 @@ class RoPEAttention(nn.Module):
         v: torch.Tensor,
         freqs_cis: torch.Tensor,
         num_k_exclude_rope: int = 0,
-        attn_mask: Optional[torch.Tensor] = None,
+        key_valid: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         B, L, _ = q.shape
         S = k.shape[1]
         H = self.num_heads
-        q = apply_rope(self.q_proj(q).view(B, L, H, -1), freqs_cis)
+        q = self.q_proj(q).view(B, L, H, -1)
         k = self.k_proj(k).view(B, S, H, -1)
         v = self.v_proj(v).view(B, S, H, -1)
         n_rope = S - num_k_exclude_rope
         if n_rope % L:
             raise ValueError(f"{n_rope} rotated keys are not a whole number of {L}-token frames")
+        if self.use_kernel and memory_attention_backend(q)[0] == "triton":
+            out = memory_attention(q, k, v, freqs_cis, key_valid, rope_q=True, n_rope_keys=n_rope)
+            return self.out_proj(out.reshape(B, L, -1))
+        q = apply_rope(q, freqs_cis)
         if n_rope == S and n_rope == L:
             k = apply_rope(k, freqs_cis)
         elif n_rope > 0:
@@ -102,6 +110,7 @@ class RoPEAttention(nn.Module):
             kr = k[:, :n_rope].view(B, n_rope // L, L, H, -1).transpose(1, 2)
             kr = apply_rope(kr, freqs_cis).transpose(1, 2).reshape(B, n_rope, H, -1)
             k = torch.cat((kr, k[:, n_rope:]), dim=1) if n_rope < S else kr
+        attn_mask = None if key_valid is None else key_valid[:, None, None, :]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=attn_mask)
         return self.out_proj(out.transpose(1, 2).reshape(B, L, -1))
@@ -129,12 +138,12 @@ class MemoryAttentionLayer(nn.Module):
         memory: torch.Tensor,
         freqs_cis: torch.Tensor,
         num_k_exclude_rope: int,
-        attn_mask: Optional[torch.Tensor],
+        key_valid: Optional[torch.Tensor],
     ) -> torch.Tensor:
         y = self.norm1(x)
         x = x + self.self_attn(y, y, y, freqs_cis)
         y = self.norm2(x)
-        x = x + self.cross_attn_image(y, memory_k, memory, freqs_cis, num_k_exclude_rope, attn_mask)
+        x = x + self.cross_attn_image(y, memory_k, memory, freqs_cis, num_k_exclude_rope, key_valid)
         y = self.norm3(x)
         return x + self.linear2(F.relu(self.linear1(y)))
 
@@ -193,9 +202,8 @@ class MemoryAttention(KeepComplexBuffers, nn.Module):
         freqs_cis = _rope_table(self.freqs_cis, L, self.head_dim, self.rope_theta)
         x = curr + 0.1 * curr_pos
         memory_k = memory + memory_pos
-        attn_mask = None if memory_valid is None else memory_valid[:, None, None, :]
         for layer in self.layers:
-            x = layer(x, memory_k, memory, freqs_cis, num_obj_ptr_tokens, attn_mask)
+            x = layer(x, memory_k, memory, freqs_cis, num_obj_ptr_tokens, memory_valid)
         return self.norm(x)
 
 

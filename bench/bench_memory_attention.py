@@ -1,0 +1,300 @@
+"""Benchmark of the tracker's memory attention (``sam3fast::memory_attention``), after the projections.
+
+Shapes (SAM 3): 1 head of Dh 256, Lq = L = 72 x 72 = 5184 queries, S = frames x 5184 memory tokens
+plus 4 tokens per object pointer; B objects. Rows, each timed on the same inputs:
+  triton ...             the kernel: through the op (default tiles, split-KV chosen from the SM count)
+                         and a sweep of (BLOCK_M, BLOCK_N, warps, stages), key RoPE "prepass" vs
+                         "inline", and num_splits=1 (no flash decoding)
+  eager                  the model's ``RoPEAttention`` with identity projections: ``apply_rope`` on q
+                         and on the keys (table broadcast over frames), cat, SDPA with the mask
+  compiled               torch.compile of that
+  sdpa <backend>         the attention alone on already rotated q/k (RoPE not timed), forced to one
+                         SDPA backend (flash / efficient / cudnn; math on CPU only); "unsupported"
+                         where the backend refuses the inputs (flash takes no mask)
+  xformers               ``memory_efficient_attention`` on rotated q/k with the mask as a bias, if installed
+TFLOP/s counts 4 * B * H * Lq * S_valid * Dh (QK^T and PV over the valid keys) for every row. On a
+GPU the dense bf16 matmul rate (8192^3) is measured too, and each row's share of it printed.
+
+    python bench/bench_memory_attention.py                     # GPU: B = 1 and 16, 7 frames + 16 pointers, bf16
+    python bench/bench_memory_attention.py --objects 1,4,16 --frames 10 --self
+    python bench/bench_memory_attention.py --smoke             # CPU: tiny shapes, Triton interpreter, < 30 s
+
+CPU numbers (``--smoke``) check that the script runs; they are not performance numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+if not torch.cuda.is_available():
+    # The interpreter is chosen when kernels are decorated: before the kernel import.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch.nn.functional as F  # noqa: E402
+
+from sam3fast.kernels import memory_attention as ma  # noqa: E402
+from sam3fast.model.memory_attention import RoPEAttention  # noqa: E402
+from sam3fast.model.vit import apply_rope, compute_axial_cis  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# (BLOCK_M, BLOCK_N, num_warps, num_stages)
+TILES = [ma.DEFAULT_TILE, (64, 32, 8, 3), (64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2), (64, 16, 8, 2),
+         (64, 32, 4, 2)]
+
+
+def make_eager(Dh):
+    """``RoPEAttention.forward`` between the projections, as the model runs it: the model's module
+    (one head) with identity projections. (B, L, 1, Dh) in and out."""
+    m = RoPEAttention(Dh, 1)
+    m.q_proj = m.k_proj = m.v_proj = m.out_proj = torch.nn.Identity()
+    m.use_kernel = False  # the SDPA path, not the Triton kernel it dispatches to on CUDA
+
+    def eager_rope_attention(q, k, v, freqs, key_valid, n_rope_keys):
+        return m(q.flatten(2), k.flatten(2), v.flatten(2), freqs, k.shape[1] - n_rope_keys, key_valid).unflatten(2, (1, -1))
+
+    return eager_rope_attention
+
+
+def make_inputs(B, grid, Dh, frames, ptr_tokens, pad_frames, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    L = grid * grid
+    S = frames * L + ptr_tokens
+    q = torch.randn(B, L, 1, Dh, generator=g)
+    k = torch.randn(B, S, 1, Dh, generator=g)
+    v = torch.randn(B, S, 1, Dh, generator=g)
+    key_valid = torch.ones(B, S, dtype=torch.bool)
+    if pad_frames:
+        key_valid[:, (frames - pad_frames) * L:frames * L] = False
+    freqs = compute_axial_cis(Dh, grid, grid).to(device)
+    q, k, v = (t.to(device=device, dtype=dtype) for t in (q, k, v))
+    return q, k, v, freqs, key_valid.to(device)
+
+
+def time_ms(fn, device, reps):
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=max(reps, 100), return_mode="median")
+    fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(ts)
+
+
+def dense_matmul_tflops(device, dtype):
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / time_ms(lambda: a @ b, device, 100) / 1e9
+
+
+def _triton_version():
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+def machine_header(device, args):
+    cpu = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+        "sms": torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "triton_interpreter": os.environ.get("TRITON_INTERPRET") == "1",
+        "shape": {"objects": args.objects, "grid": args.grid, "Dh": args.head_dim, "frames": args.frames,
+                  "pointer_tokens": args.ptr_tokens, "padded_frames": args.pad_frames, "self_attention": args.self},
+        "dtype": args.dtype,
+        "timing": "triton.testing.do_bench median, L2 flushed" if device.type == "cuda" else "perf_counter median",
+    }
+
+
+def _sdpa_backends():
+    from torch.nn.attention import SDPBackend
+
+    names = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
+    return {name: getattr(SDPBackend, attr) for name, attr in names.items() if hasattr(SDPBackend, attr)}
+
+
+def _xformers():
+    try:
+        import xformers.ops as xops
+
+        return xops
+    except ImportError:
+        return None
+
+
+def bench_shape(B, self_attn, args, device, dtype, tiles, compile_backend, matmul_tflops):
+    grid, Dh = args.grid, args.head_dim
+    L = grid * grid
+    if self_attn:
+        q, k, v, freqs, key_valid = make_inputs(B, grid, Dh, 1, 0, 0, dtype, device)
+        key_valid, n_rope = None, L
+    else:
+        q, k, v, freqs, key_valid = make_inputs(B, grid, Dh, args.frames, args.ptr_tokens, args.pad_frames, dtype,
+                                                device)
+        n_rope = args.frames * L
+    S = k.shape[1]
+    rope = torch.view_as_real(freqs)
+    s_valid = S if key_valid is None else (args.frames - args.pad_frames) * L + args.ptr_tokens
+    flops = 4 * B * 1 * L * s_valid * Dh
+    label = f"{'self' if self_attn else 'cross'} B={B} S={S}"
+
+    # Accuracy gate before any time means something: the fp32 reference, and PyTorch in this dtype.
+    ref = ma.memory_attention_ref(q.float(), k.float(), v.float(), rope, key_valid, True, n_rope)
+    eager_rope_attention = make_eager(Dh)
+    torch_err = (eager_rope_attention(q, k, v, freqs, key_valid, n_rope).float() - ref).abs().max().item()
+
+    cands = {}
+    if device.type == "cuda":
+        op = torch.ops.sam3fast.memory_attention
+        cands["triton (op, defaults)"] = lambda: op(q, k, v, rope, key_valid, True, n_rope)
+    for bm, bn, nw, ns in tiles:
+        tile = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
+        cands[f"triton {bm}x{bn} w{nw} s{ns}"] = (
+            lambda tile=tile: ma._memory_attention_triton(q, k, v, rope, key_valid, True, n_rope, **tile))
+    cands["triton default, rope_k inline"] = (
+        lambda: ma._memory_attention_triton(q, k, v, rope, key_valid, True, n_rope, rope_k="inline"))
+    cands["triton default, no split-KV"] = (
+        lambda: ma._memory_attention_triton(q, k, v, rope, key_valid, True, n_rope, num_splits=1))
+    cands["eager (rope + sdpa)"] = lambda: eager_rope_attention(q, k, v, freqs, key_valid, n_rope)
+    if not args.no_compile:
+        torch._dynamo.reset()
+        comp = torch.compile(eager_rope_attention, fullgraph=True, backend=compile_backend)
+        cands[f"compiled ({compile_backend})"] = lambda: comp(q, k, v, freqs, key_valid, n_rope)
+
+    # The attention alone on rotated q/k, per SDPA backend (the rotation is done once, outside).
+    qr = apply_rope(q, freqs).transpose(1, 2)
+    k_rot = torch.cat((apply_rope(k[:, :n_rope].view(B, -1, L, 1, Dh).transpose(1, 2), freqs).transpose(1, 2)
+                       .reshape(B, n_rope, 1, Dh), k[:, n_rope:]), dim=1).transpose(1, 2)
+    vt = v.transpose(1, 2)
+    mask = None if key_valid is None else key_valid[:, None, None, :]
+    from torch.nn.attention import sdpa_kernel
+
+    for name, backend in _sdpa_backends().items():
+        if name == "math" and device.type == "cuda":
+            continue  # materialises (B, Lq, S) scores: never the best, and GBs at these sizes
+
+        def run(backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(qr, k_rot, vt, attn_mask=mask)
+
+        try:
+            run()
+        except RuntimeError as e:  # this backend refuses these inputs: a row saying so, not a fallback
+            print(f"{label:24} sdpa {name:28} unsupported ({str(e).splitlines()[0][:80]})")
+            continue
+        cands[f"sdpa {name} (attention only)"] = run
+    xops = _xformers()
+    if xops is not None and device.type == "cuda":
+        bias = None if mask is None else torch.zeros(B, 1, L, S, device=device, dtype=dtype).masked_fill(
+            ~key_valid[:, None, None, :], float("-inf"))
+
+        def run_xformers():
+            return xops.memory_efficient_attention(qr.transpose(1, 2), k_rot.transpose(1, 2), vt.transpose(1, 2),
+                                                   attn_bias=bias)
+
+        try:
+            run_xformers()
+            cands["xformers (attention only)"] = run_xformers
+        except (RuntimeError, ValueError, NotImplementedError) as e:  # a row saying so, not a fallback
+            print(f"{label:24} xformers {' ' * 24} unsupported ({str(e).splitlines()[0][:80]})")
+
+    rows = []
+    for name, fn in cands.items():
+        out = fn()
+        if name.startswith("triton"):
+            err = (out.float() - ref).abs().max().item()
+            limit = 1e-4 if dtype == torch.float32 else 2 * torch_err
+            assert err <= limit, f"{name}: max error {err:.3g} vs the fp32 reference > {limit:.3g}"
+        ms = time_ms(fn, device, args.reps)
+        tflops = flops / ms / 1e9
+        row = {"shape": label, "impl": name, "ms": ms, "TFLOPs": tflops}
+        if matmul_tflops:
+            row["pct_dense_matmul"] = 100 * tflops / matmul_tflops
+        rows.append(row)
+        pct = f"  {row['pct_dense_matmul']:5.1f} % of matmul" if matmul_tflops else ""
+        print(f"{label:24} {name:34} {ms:10.3f} ms  {tflops:8.2f} TFLOP/s{pct}")
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (CI); numbers are not performance numbers")
+    p.add_argument("--objects", default="1,16", help="comma-separated batch sizes (objects)")
+    p.add_argument("--grid", type=int, default=72)
+    p.add_argument("--head-dim", type=int, default=256)
+    p.add_argument("--frames", type=int, default=7)
+    p.add_argument("--ptr-tokens", type=int, default=64, help="pointer tokens (4 per object pointer)")
+    p.add_argument("--pad-frames", type=int, default=0, help="memory frames marked invalid (a fixed-capacity bank)")
+    p.add_argument("--self", action="store_true", help="also the self-attention over the L frame tokens")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    p.add_argument("--out", default=None, help="results path stem (GPU: bench/results/memory_attention_<gpu>_<date>)")
+    args = p.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.smoke:
+        args.objects, args.grid, args.head_dim, args.frames, args.ptr_tokens = "2", 4, 32, 2, 4
+        args.pad_frames, args.self, args.reps = 1, True, 3
+        if device.type == "cpu":
+            args.dtype = "float32"  # the interpreter has no bf16 arithmetic
+    elif device.type != "cuda":
+        p.error("full-size runs need a CUDA device; use --smoke on CPU")
+    dtype = getattr(torch, args.dtype)
+    objects = [int(b) for b in args.objects.split(",")]
+    # The interpreter pays per program iteration: one large tile keeps the smoke run short.
+    tiles = [(64, 32, 8, 2)] if device.type == "cpu" else TILES
+    compile_backend = "aot_eager" if device.type == "cpu" else "inductor"  # inductor's CPU cold start is ~20 s
+
+    header = machine_header(device, args)
+    header["compile_backend"] = compile_backend
+    matmul_tflops = dense_matmul_tflops(device, dtype) if device.type == "cuda" else None
+    header["dense_matmul_TFLOPs"] = matmul_tflops
+    print("# memory_attention benchmark")
+    for key, val in header.items():
+        print(f"# {key}: {val}")
+
+    rows = []
+    for B in objects:
+        for self_attn in ((False, True) if args.self else (False,)):
+            rows += bench_shape(B, self_attn, args, device, dtype, tiles, compile_backend, matmul_tflops)
+
+    if device.type == "cuda" or args.out:
+        stem = args.out or os.path.join(
+            RESULTS, "memory_attention_{}_{}".format(header["device"].replace(" ", "-").lower(), datetime.date.today()))
+        os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+        with open(stem + ".json", "w") as f:
+            json.dump({"header": header, "rows": rows}, f, indent=1)
+        with open(stem + ".md", "w") as f:
+            f.write("# memory_attention\n\n" + "".join(f"- {k}: {v}\n" for k, v in header.items()))
+            f.write("\n| shape | impl | ms | TFLOP/s | % dense matmul |\n|---|---|---:|---:|---:|\n")
+            for r in rows:
+                pct = f"{r['pct_dense_matmul']:.1f}" if "pct_dense_matmul" in r else ""
+                f.write(f"| {r['shape']} | {r['impl']} | {r['ms']:.3f} | {r['TFLOPs']:.2f} | {pct} |\n")
+        print(f"# wrote {stem}.json and .md")
+    assert all(math.isfinite(r["ms"]) for r in rows)
+
+
+if __name__ == "__main__":
+    main()

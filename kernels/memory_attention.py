@@ -1,0 +1,487 @@
+"""Memory attention: flash attention with the tracker's 2-D axial RoPE applied inside the op, a key
+validity mask for a fixed-capacity memory bank, and a split-KV schedule so one object fills the GPU.
+
+Letters: B batch (objects), Lq queries, S keys, H heads, Dh head dim, L RoPE table rows (the g x g
+frame tokens, 72 x 72 = 5184 in SAM 3).
+
+Inputs
+    q          (B, Lq, H, Dh)  float32 / bfloat16 / float16 (the reference also takes float64)
+    k, v       (B, S, H, Dh)   q's dtype; any strides with the last dim contiguous
+    rope       (L, Dh/2, 2)    float32 (cos, sin) pairs: ``torch.view_as_real(freqs_cis)`` of the
+                               complex table of ``sam3fast.model.vit.compute_axial_cis`` (a view)
+    key_valid  (B, S) bool or None (all valid): False keys are ignored
+    rope_q     rotate query i by table row i (needs Lq == L)
+    n_rope_keys  keys s < n_rope_keys (a multiple of L) are rotated by row s mod L (memory frames);
+                 keys s >= n_rope_keys (object-pointer tokens) are not rotated
+
+Math. RoPE as ``sam3fast.model.vit.apply_rope``: channel pairs (2j, 2j+1) of a row are a complex
+number multiplied by table entry j, in float32, the result rounded back to the input dtype:
+    rot(x, r)[2j]   = x[2j] cos[r, j] - x[2j+1] sin[r, j]
+    rot(x, r)[2j+1] = x[2j] sin[r, j] + x[2j+1] cos[r, j]
+    q'_i = rot(q_i, i) if rope_q else q_i;   k'_s = rot(k_s, s mod L) if s < n_rope_keys else k_s
+    out_i = sum_{s valid} softmax_s(q'_i . k'_s / sqrt(Dh)) v_s        (per batch and head)
+Accumulation in float32 (float64 for float64 input); output in q's dtype, (B, Lq, H, Dh) contiguous.
+A row whose keys are all invalid gives zeros, not NaN (the official SDPA would give NaN there; the
+tracker never builds such a row, every object has at least its conditioning frame). The repeated
+(S, Dh/2) table of the official ``rope_k_repeat`` is never built: the key's row is s mod L.
+
+Against the model: ``sam3fast.model.memory_attention.RoPEAttention.forward(x, m, m, freqs_cis, T,
+mask)`` equals ``out_proj(memory_attention(q_proj(x).view(B, L, H, -1), k_proj(m).view(...),
+v_proj(m).view(...), view_as_real(freqs_cis), mask, True, S - T).reshape(B, L, -1))``, the
+self-attention being ``n_rope_keys = S = L``.
+
+Schedule (flash decoding). Grid (cdiv(Lq, BLOCK_M), B * H, SPLITS): a program owns BLOCK_M queries
+of one (batch, head) and one BLOCK_N-aligned chunk of the keys. With SPLITS > 1 each program writes
+its normalised partial output and base-2 log-sum-exp to a float32 workspace and a second kernel
+merges the splits; SPLITS is chosen so the grid fills the SMs (B = 1 at Lq = 5184, BLOCK_M = 64
+gives only 81 query blocks for 132 SMs: 3 splits make 243 programs, 92 % of two waves). Keys RoPE, ``rope_k``:
+    "prepass" (default) a small kernel writes the rotated keys once, in the input dtype (what the
+              official rounds them to anyway): one extra read and write of K (B * S * H * Dh
+              elements of workspace) and an attention loop that reads only K and V;
+    "inline"  keys are rotated per tile inside the attention loop: no workspace, but every query
+              block re-reads the float32 (cos, sin) rows, 4 Dh bytes per key beside 2 Dh for a
+              bf16 key, and redoes the rotation. The benchmark compares the two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sam3fast import env
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+    TRITON_IMPORT_ERROR = ""
+except ImportError as _e:  # triton is the optional "gpu" extra; the reference and the CPU op still work
+    HAS_TRITON = False
+    TRITON_IMPORT_ERROR = f"{type(_e).__name__}: {_e}"
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)  # powers of two (tl.arange), >= 16 (tl.dot), <= 256 (registers)
+_LOG2E = 1.4426950408889634
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) at Dh = 256 on sm_90. Compiled for sm_90 (Triton 3.7,
+# bf16, ptxas resource usage read with cuobjdump): 64 x 32 with 8 warps uses 255 registers and
+# spills <= 32 bytes per thread; 128 x 64 spills ~900 bytes, 128 x 32 ~650-780, 64 x 64 ~850. Not yet
+# timed on a GPU: bench/bench_memory_attention.py sweeps the alternatives.
+DEFAULT_TILE = (64, 32, 8, 2)
+
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, rope: Tensor, key_valid: Optional[Tensor], rope_q: bool,
+                  n_rope_keys: int) -> None:
+    if q.dim() != 4 or not q.is_floating_point():
+        raise ValueError(f"q must be a floating (B, Lq, H, Dh) tensor, got {q.dtype} {tuple(q.shape)}")
+    B, Lq, H, Dh = q.shape
+    if k.dim() != 4 or k.shape[0] != B or k.shape[2:] != (H, Dh):
+        raise ValueError(f"k must be (B={B}, S, H={H}, Dh={Dh}), got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    S = k.shape[1]
+    if Lq < 1 or S < 1:
+        raise ValueError(f"need at least one query and one key, got Lq={Lq}, S={S}")
+    if Dh % 2:
+        raise ValueError(f"the head dim must be even (RoPE rotates channel pairs), got {Dh}")
+    if rope.dim() != 3 or rope.shape[1:] != (Dh // 2, 2) or rope.dtype not in (torch.float32, torch.float64):
+        raise ValueError(
+            f"rope must be a float32 (L, {Dh // 2}, 2) (cos, sin) table (torch.view_as_real of the complex "
+            f"freqs_cis), got {rope.dtype} {tuple(rope.shape)}"
+        )
+    L = rope.shape[0]
+    if L < 1:
+        raise ValueError("rope must have at least one row")
+    if key_valid is not None and (key_valid.shape != (B, S) or key_valid.dtype != torch.bool):
+        raise ValueError(f"key_valid must be a bool ({B}, {S}) tensor or None, got {key_valid.dtype} "
+                         f"{tuple(key_valid.shape)}")
+    others = [k, v, rope] + ([] if key_valid is None else [key_valid])
+    if any(t.device != q.device for t in others):
+        devices = [str(t.device) for t in [q] + others]
+        raise ValueError(f"q, k, v, rope and key_valid must be on one device, got {devices}")
+    if rope_q and Lq != L:
+        raise ValueError(f"rope_q rotates query i by table row i: needs Lq == L, got Lq={Lq}, L={L}")
+    if not 0 <= n_rope_keys <= S or n_rope_keys % L:
+        raise ValueError(f"n_rope_keys must be a multiple of L={L} in [0, S={S}], got {n_rope_keys}")
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    xe, xo = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((xe * cos - xo * sin, xe * sin + xo * cos), dim=-1).flatten(-2)
+
+
+def memory_attention_ref(
+    q: Tensor, k: Tensor, v: Tensor, rope: Tensor, key_valid: Optional[Tensor], rope_q: bool, n_rope_keys: int
+) -> Tensor:
+    """The spec (and the op's CPU kernel): (B, Lq, H, Dh) in q's dtype. RoPE in float32 (float64 for
+    float64 input) rounded to the input dtype, attention in float32 (float64)."""
+    _check_inputs(q, k, v, rope, key_valid, rope_q, n_rope_keys)
+    B, Lq, H, Dh = q.shape
+    S, L = k.shape[1], rope.shape[0]
+    compute = torch.promote_types(q.dtype, torch.float32)
+    cos, sin = rope.to(compute)[:, None, :, :].unbind(-1)  # (L, 1, Dh/2): broadcast over heads
+    if rope_q:
+        q = _rotate(q.to(compute), cos, sin).to(q.dtype)
+    if n_rope_keys > 0:
+        # (B, N, L, H, Dh): the table broadcasts over the N frames instead of being repeated.
+        kr = k[:, :n_rope_keys].to(compute).reshape(B, n_rope_keys // L, L, H, Dh)
+        kr = _rotate(kr, cos, sin).to(k.dtype).reshape(B, n_rope_keys, H, Dh)
+        k = torch.cat((kr, k[:, n_rope_keys:]), dim=1) if n_rope_keys < S else kr
+    mask = None if key_valid is None else key_valid[:, None, None, :]
+    out = F.scaled_dot_product_attention(
+        q.to(compute).transpose(1, 2), k.to(compute).transpose(1, 2), v.to(compute).transpose(1, 2), attn_mask=mask
+    ).transpose(1, 2)
+    if key_valid is not None:
+        out = torch.where(key_valid.any(dim=1)[:, None, None, None], out, 0.0)  # no valid key -> zeros
+    return out.to(q.dtype).contiguous()
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _rope_rows(x, cos, sin, M: tl.constexpr, DH: tl.constexpr):
+        # x (M, DH) float32, interleaved pairs; cos/sin (M, DH/2).
+        xe, xo = tl.split(tl.reshape(x, (M, DH // 2, 2)))
+        return tl.reshape(tl.join(xe * cos - xo * sin, xe * sin + xo * cos), (M, DH))
+
+    @triton.jit
+    def _rope_keys_kernel(
+        k_ptr, rope_ptr, out_ptr,
+        S, H, L, n_rope,
+        skb, skn, skh,
+        DH: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        # Grid (cdiv(S, BLOCK_N), B * H): rotated keys for s < n_rope, copies of the others, written
+        # (B, S, H, DH) contiguous in the input dtype.
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = pid_bh % H
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, DH)
+        offs_j = tl.arange(0, DH // 2)
+        n_mask = (offs_n < S)[:, None]
+        x = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=n_mask, other=0.0)
+        rot = (offs_n < n_rope)[:, None]
+        cs = rope_ptr + (offs_n % L)[:, None] * DH + 2 * offs_j[None, :]
+        cos = tl.load(cs, mask=rot, other=1.0)
+        sin = tl.load(cs + 1, mask=rot, other=0.0)
+        y = tl.where(rot, _rope_rows(x.to(tl.float32), cos, sin, BLOCK_N, DH), x.to(tl.float32))
+        dst = out_ptr + ((b * S + offs_n[:, None]) * H + h) * DH + offs_d[None, :]
+        tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+    @triton.jit
+    def _attend_tile(
+        q, k_base, v_base, rope_ptr, offs_n, n_mask, keep, offs_d, offs_j, m_i, l_i, acc,
+        L, n_rope, skn, svn, qk_scale,
+        ROPE_K: tl.constexpr, DOT_PRECISION: tl.constexpr, DH: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        # One online-softmax step over the key tile offs_n; scores in log2 units.
+        dtype = q.dtype
+        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        if ROPE_K:
+            rot = (offs_n < n_rope)[:, None]
+            cs = rope_ptr + (offs_n % L)[:, None] * DH + 2 * offs_j[None, :]
+            cos = tl.load(cs, mask=rot, other=1.0)
+            sin = tl.load(cs + 1, mask=rot, other=0.0)
+            kf = k.to(tl.float32)
+            k = tl.where(rot, _rope_rows(kf, cos, sin, BLOCK_N, DH), kf).to(dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(keep[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # Every key so far invalid: m_new = -inf; shifting by 0 keeps exp2 at 0 instead of NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v, input_precision=DOT_PRECISION)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _memory_attention_kernel(
+        q_ptr, k_ptr, v_ptr, rope_ptr, valid_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+        Lq, S, H, L, n_rope, kv_per_split, qk_scale,
+        sqb, sqm, sqh, skb, skn, skh, svb, svn, svh,
+        ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, HAS_VALID: tl.constexpr, SKIP_INVALID: tl.constexpr,
+        SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        # Grid (cdiv(Lq, BLOCK_M), B * H, splits): BLOCK_M queries of one (batch, head) against the
+        # keys [pid_s * kv_per_split, (pid_s + 1) * kv_per_split) (kv_per_split a multiple of BLOCK_N).
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        b = (pid_bh // H).to(tl.int64)
+        h = pid_bh % H
+        dtype = q_ptr.dtype.element_ty
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, DH)
+        offs_j = tl.arange(0, DH // 2)
+        m_mask = offs_m < Lq
+
+        q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
+                    mask=m_mask[:, None], other=0.0)
+        if ROPE_Q:
+            # Rotated once per program in float32 and rounded to the input dtype, like apply_rope.
+            cs = rope_ptr + offs_m[:, None] * DH + 2 * offs_j[None, :]
+            cos = tl.load(cs, mask=m_mask[:, None], other=1.0)
+            sin = tl.load(cs + 1, mask=m_mask[:, None], other=0.0)
+            q = _rope_rows(q.to(tl.float32), cos, sin, BLOCK_M, DH).to(dtype)
+
+        k_base = k_ptr + b * skb + h * skh
+        v_base = v_ptr + b * svb + h * svh
+        n_start = pid_s * kv_per_split
+        n_end = tl.minimum(n_start + kv_per_split, S)
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, DH), dtype=tl.float32)
+        for start_n in range(n_start, n_end, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < n_end
+            if HAS_VALID:
+                keep = n_mask & (tl.load(valid_ptr + b * S + offs_n, mask=n_mask, other=0) != 0)
+            else:
+                keep = n_mask
+            if SKIP_INVALID:
+                # A tile of an empty bank slot (a whole padded frame) costs one byte load per key.
+                if tl.max(keep.to(tl.int32), axis=0) > 0:
+                    m_i, l_i, acc = _attend_tile(
+                        q, k_base, v_base, rope_ptr, offs_n, n_mask, keep, offs_d, offs_j, m_i, l_i, acc,
+                        L, n_rope, skn, svn, qk_scale, ROPE_K, DOT_PRECISION, DH, BLOCK_N)
+            else:
+                m_i, l_i, acc = _attend_tile(
+                    q, k_base, v_base, rope_ptr, offs_n, n_mask, keep, offs_d, offs_j, m_i, l_i, acc,
+                    L, n_rope, skn, svn, qk_scale, ROPE_K, DOT_PRECISION, DH, BLOCK_N)
+
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # no valid key: acc is 0, the output row is 0
+        o = acc / l_safe[:, None]
+        if SPLIT:
+            row = (pid_s * tl.num_programs(1) + pid_bh).to(tl.int64) * Lq + offs_m
+            lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
+            tl.store(part_lse_ptr + row, lse, mask=m_mask)
+            tl.store(part_o_ptr + row[:, None] * DH + offs_d[None, :], o, mask=m_mask[:, None])
+        else:
+            dst = out_ptr + ((b * Lq + offs_m[:, None]) * H + h) * DH + offs_d[None, :]
+            tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
+
+    @triton.jit
+    def _merge_splits_kernel(
+        part_o_ptr, part_lse_ptr, out_ptr,
+        Lq, H, n_splits,
+        DH: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):
+        # Grid (cdiv(Lq, BLOCK_M), B * H): out = sum_s 2^lse_s o_s / sum_s 2^lse_s over the splits.
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        BH = tl.num_programs(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, DH)
+        m_mask = offs_m < Lq
+        lse_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        for s in range(n_splits):
+            row = (s * BH + pid_bh).to(tl.int64) * Lq + offs_m
+            lse_max = tl.maximum(lse_max, tl.load(part_lse_ptr + row, mask=m_mask, other=float("-inf")))
+        lse_use = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+        acc = tl.zeros((BLOCK_M, DH), dtype=tl.float32)
+        w_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for s in range(n_splits):
+            row = (s * BH + pid_bh).to(tl.int64) * Lq + offs_m
+            w = tl.exp2(tl.load(part_lse_ptr + row, mask=m_mask, other=float("-inf")) - lse_use)
+            o = tl.load(part_o_ptr + row[:, None] * DH + offs_d[None, :], mask=m_mask[:, None], other=0.0)
+            acc += w[:, None] * o
+            w_sum += w
+        out = acc / tl.where(w_sum > 0.0, w_sum, 1.0)[:, None]
+        dst = out_ptr + ((b * Lq + offs_m[:, None]) * H + h) * DH + offs_d[None, :]
+        tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_splits(programs: int, kv_tiles: int, n_sms: int, max_splits: int = 16, min_tiles: int = 4) -> int:
+    """KV splits for a grid of ``programs`` (query block, batch-head) pairs: the fewest that fill at
+    least 90 % of the last wave of ``n_sms``, else the best fill; each split keeps >= ``min_tiles``
+    key tiles. One program per SM is assumed: at Dh = 256, 8 warps x 255 registers take an SM's
+    whole register file."""
+    best, best_fill = 1, 0.0
+    for s in range(1, max_splits + 1):
+        if s > 1 and kv_tiles < s * min_tiles:
+            break
+        total = programs * s
+        fill = total / (_cdiv(total, n_sms) * n_sms)
+        if fill >= 0.9:
+            return s
+        if fill > best_fill + 1e-9:
+            best, best_fill = s, fill
+    return best
+
+
+def _memory_attention_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rope: Tensor,
+    key_valid: Optional[Tensor],
+    rope_q: bool,
+    n_rope_keys: int,
+    out: Optional[Tensor] = None,
+    block_m: int = DEFAULT_TILE[0],
+    block_n: int = DEFAULT_TILE[1],
+    num_splits: Optional[int] = None,
+    rope_k: str = "prepass",
+    skip_invalid_tiles: bool = True,
+    num_warps: int = DEFAULT_TILE[2],
+    num_stages: int = DEFAULT_TILE[3],
+) -> Tensor:
+    """Launcher. ``out`` may be a preallocated contiguous (B, Lq, H, Dh) tensor of q's dtype (every
+    element is written). ``num_splits`` None picks one from the SM count (1 off CUDA); the number
+    launched may be lower so that no split is empty. ``block_m``/``block_n`` powers of two >= 16."""
+    if not HAS_TRITON:
+        raise RuntimeError(f"the Triton memory_attention kernel needs triton ({TRITON_IMPORT_ERROR})")
+    _check_inputs(q, k, v, rope, key_valid, rope_q, n_rope_keys)
+    if q.dtype not in _KERNEL_DTYPES:
+        raise ValueError(f"the Triton kernel takes float32/bfloat16/float16, got {q.dtype}")
+    B, Lq, H, Dh = q.shape
+    S, L = k.shape[1], rope.shape[0]
+    if Dh not in _KERNEL_HEAD_DIMS:
+        raise ValueError(f"the Triton kernel takes head dims {_KERNEL_HEAD_DIMS}, got {Dh}")
+    if rope.dtype != torch.float32:
+        raise ValueError(f"the Triton kernel takes a float32 rope table, got {rope.dtype}")
+    for name, bsz in (("block_m", block_m), ("block_n", block_n)):
+        if bsz < 16 or bsz & (bsz - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {bsz}")
+    if rope_k not in ("prepass", "inline"):
+        raise ValueError(f"rope_k must be 'prepass' or 'inline', got {rope_k!r}")
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    dev = q.device
+    if out is None:
+        out = torch.empty((B, Lq, H, Dh), dtype=q.dtype, device=dev)
+    elif (out.shape, out.dtype, out.device) != ((B, Lq, H, Dh), q.dtype, dev) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous ({B}, {Lq}, {H}, {Dh}) {q.dtype} tensor on {dev}")
+    if B == 0:
+        return out
+    # Only the last dim must be contiguous: the projections' (B, L, D) -> (B, L, H, Dh) views pass as is.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    rope = rope.contiguous()
+    valid = key_valid.contiguous().view(torch.uint8) if key_valid is not None else q  # unread when absent
+
+    kv_tiles = _cdiv(S, block_n)
+    programs = _cdiv(Lq, block_m) * B * H
+    if num_splits is None:
+        num_splits = 1
+        if dev.type == "cuda":
+            index = dev.index if dev.index is not None else torch.cuda.current_device()
+            num_splits = choose_num_splits(programs, kv_tiles, _sm_count(index))
+    tiles_per_split = _cdiv(kv_tiles, min(num_splits, kv_tiles))
+    splits = _cdiv(kv_tiles, tiles_per_split)  # no split left empty
+    kv_per_split = tiles_per_split * block_n
+    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 inputs: no TF32 rounding
+    qk_scale = _LOG2E / math.sqrt(Dh)
+
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        if rope_k == "prepass" and n_rope_keys > 0:
+            k_rot = torch.empty((B, S, H, Dh), dtype=k.dtype, device=dev)
+            _rope_keys_kernel[(_cdiv(S, block_n), B * H)](
+                k, rope, k_rot, S, H, L, n_rope_keys, k.stride(0), k.stride(1), k.stride(2),
+                DH=Dh, BLOCK_N=block_n, num_warps=4,
+            )
+            k = k_rot
+        if splits > 1:
+            part_o = torch.empty((splits, B * H, Lq, Dh), dtype=torch.float32, device=dev)
+            part_lse = torch.empty((splits, B * H, Lq), dtype=torch.float32, device=dev)
+        else:
+            part_o = part_lse = out  # unread
+        _memory_attention_kernel[(_cdiv(Lq, block_m), B * H, splits)](
+            q, k, v, rope, valid, out, part_o, part_lse,
+            Lq, S, H, L, n_rope_keys, kv_per_split, qk_scale,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            ROPE_Q=bool(rope_q), ROPE_K=(rope_k == "inline" and n_rope_keys > 0),
+            HAS_VALID=key_valid is not None, SKIP_INVALID=bool(skip_invalid_tiles) and key_valid is not None,
+            SPLIT=splits > 1, DOT_PRECISION=dot_precision,
+            DH=Dh, BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        if splits > 1:
+            merge_m = 32
+            _merge_splits_kernel[(_cdiv(Lq, merge_m), B * H)](
+                part_o, part_lse, out, Lq, H, splits, DH=Dh, BLOCK_M=merge_m, num_warps=4,
+            )
+    return out
+
+
+@torch.library.custom_op("sam3fast::memory_attention", mutates_args=(), device_types="cuda")
+def memory_attention_op(
+    q: Tensor, k: Tensor, v: Tensor, rope: Tensor, key_valid: Optional[Tensor], rope_q: bool, n_rope_keys: int
+) -> Tensor:
+    """``sam3fast::memory_attention``: the Triton kernel on CUDA, ``memory_attention_ref`` on CPU."""
+    return _memory_attention_triton(q, k, v, rope, key_valid, rope_q, n_rope_keys)
+
+
+memory_attention_op.register_kernel("cpu")(memory_attention_ref)
+
+
+@memory_attention_op.register_fake
+def _memory_attention_fake(q, k, v, rope, key_valid, rope_q, n_rope_keys):
+    return q.new_empty(q.shape)
+
+
+# ---- typed entry point (re-exported by sam3fast.ops) ------------------------------------------
+
+
+def memory_attention_backend(q: Tensor) -> Tuple[str, str]:
+    """("triton" | "reference", reason) for queries of this device, dtype and head dim."""
+    if env.FORCE_REFERENCE:
+        return "reference", "SAM3FAST_FORCE_REFERENCE=1"
+    if q.device.type != "cuda":
+        return "reference", f"{q.device.type} tensors (the Triton kernel runs on CUDA)"
+    if not HAS_TRITON:
+        return "reference", f"triton is not importable ({TRITON_IMPORT_ERROR})"
+    if q.dtype not in _KERNEL_DTYPES:
+        return "reference", f"{q.dtype} inputs (the Triton kernel takes float32/bfloat16/float16)"
+    if q.dim() != 4 or q.shape[-1] not in _KERNEL_HEAD_DIMS:
+        return "reference", f"head dim {q.shape[-1]} (the Triton kernel takes {_KERNEL_HEAD_DIMS})"
+    return "triton", "CUDA tensors, triton available"
+
+
+def memory_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    freqs_cis: Tensor,
+    key_valid: Optional[Tensor] = None,
+    *,
+    rope_q: bool = True,
+    n_rope_keys: Optional[int] = None,
+) -> Tensor:
+    """RoPE attention of the tracker's memory attention, after its projections.
+
+    q (B, Lq, H, Dh); k, v (B, S, H, Dh); freqs_cis (L, Dh/2) complex64 (``compute_axial_cis``) or
+    its (L, Dh/2, 2) float32 ``view_as_real``; key_valid (B, S) bool or None (all valid). Query i
+    is rotated by row i when ``rope_q``; keys s < ``n_rope_keys`` (None: all S) by row s mod L.
+    Returns (B, Lq, H, Dh) in q's dtype; see ``sam3fast.kernels.memory_attention`` for the math.
+    """
+    rope = torch.view_as_real(freqs_cis) if freqs_cis.is_complex() else freqs_cis
+    n_rope_keys = k.shape[1] if n_rope_keys is None else int(n_rope_keys)
+    backend, _ = memory_attention_backend(q)
+    if backend == "triton":
+        return torch.ops.sam3fast.memory_attention(q, k, v, rope.float(), key_valid, bool(rope_q), n_rope_keys)
+    return memory_attention_ref(q, k, v, rope, key_valid, bool(rope_q), n_rope_keys)

@@ -1,0 +1,465 @@
+"""The memory attention kernel (``sam3fast.kernels.memory_attention``) against a float64 reference
+written independently here (complex arithmetic, an explicitly repeated RoPE table, an explicit masked
+softmax), the op's reference against the model's ``RoPEAttention``, and the
+``sam3fast::memory_attention`` op (opcheck, torch.compile) and its entry point.
+
+On CPU the Triton launcher runs under ``TRITON_INTERPRET=1`` (set by conftest.py) on tiny odd shapes:
+3 x 3 and 4 x 4 grids, 2-4 memory frames plus a few pointer tokens, invalid keys including whole
+padded frames; outputs are preallocated full of NaN so an unwritten element fails.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from sam3fast.kernels import memory_attention as ma
+from sam3fast.model.memory_attention import RoPEAttention
+from sam3fast.model.vit import compute_axial_cis
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_triton = pytest.mark.skipif(not ma.HAS_TRITON, reason=f"triton not importable: {ma.TRITON_IMPORT_ERROR}")
+
+
+def naive64(q, k, v, freqs_cis, key_valid, rope_q, n_rope_keys):
+    """The spec in float64, written the obvious way; rows with no valid key give zeros."""
+    q, k, v = q.double(), k.double(), v.double()
+    cis = freqs_cis.to(torch.complex128)
+    L, Dh = cis.shape[0], q.shape[-1]
+
+    def rot(x, table):  # x (B, n, H, Dh), table (n, Dh/2)
+        xc = torch.view_as_complex(x.reshape(*x.shape[:-1], Dh // 2, 2).contiguous())
+        return torch.view_as_real(xc * table[None, :, None, :]).flatten(-2)
+
+    if rope_q:
+        q = rot(q, cis)
+    if n_rope_keys:
+        k = torch.cat([rot(k[:, :n_rope_keys], cis.repeat(n_rope_keys // L, 1)), k[:, n_rope_keys:]], dim=1)
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(Dh)
+    if key_valid is not None:
+        scores = scores.masked_fill(~key_valid[:, None, None, :], float("-inf"))
+    m = scores.amax(dim=-1, keepdim=True)
+    p = torch.exp(scores - torch.where(torch.isfinite(m), m, 0.0))
+    l = p.sum(dim=-1, keepdim=True)
+    return torch.einsum("bhij,bjhd->bihd", p / torch.where(l > 0, l, 1.0), v)
+
+
+def _case(B, H, Dh, grid, n_frames, n_ptr, seed, dtype=torch.float32, valid="random", random_table=False):
+    """q (B, L, H, Dh), k/v (B, n_frames * L + n_ptr, H, Dh), the complex table, key_valid."""
+    g = torch.Generator().manual_seed(seed)
+    gx, gy = grid
+    L = gx * gy
+    S = n_frames * L + n_ptr
+    if random_table:  # no axial structure: any table row may sit at any position
+        ang = torch.rand(L, Dh // 2, generator=g) * 2 * math.pi
+        freqs = torch.polar(torch.ones_like(ang), ang)
+    else:
+        freqs = compute_axial_cis(Dh, gx, gy)
+    q = torch.randn(B, L, H, Dh, generator=g) * 1.5
+    k = torch.randn(B, S, H, Dh, generator=g) * 1.5
+    v = torch.randn(B, S, H, Dh, generator=g)
+    key_valid = None
+    if valid == "random":
+        key_valid = torch.rand(B, S, generator=g) > 0.3
+        key_valid[:, 0] = True
+        if B > 1 and n_frames > 1:
+            key_valid[1, L:2 * L] = False  # a whole padded memory frame
+        if n_ptr:
+            key_valid[-1, -1] = False  # a padded pointer slot
+    return q.to(dtype), k.to(dtype), v.to(dtype), freqs, key_valid
+
+
+def _run(q, k, v, freqs, key_valid, rope_q, n_rope_keys, **launch):
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype)
+    got = ma._memory_attention_triton(q, k, v, torch.view_as_real(freqs), key_valid, rope_q, n_rope_keys,
+                                      out=out, **launch)
+    assert got.data_ptr() == out.data_ptr()
+    return got
+
+
+def _assert_close(got, want, tol):
+    assert not torch.isnan(got).any(), "NaN in the output (an unwritten element?)"
+    err = (got.double() - want).abs().max().item()
+    assert err <= tol, f"max abs error {err:.3g} > {tol:.3g}"
+
+
+# (B, H, Dh, grid, memory frames, pointer tokens, rope_q, self-attention)
+CASES = {
+    "self_3x3": (1, 1, 32, (3, 3), 1, 0, True),
+    "cross_3x3_3f_4p": (2, 1, 32, (3, 3), 3, 4, True),
+    "cross_4x4_2f_4p_h2_dh16": (3, 2, 16, (4, 4), 2, 4, True),
+    "cross_4x3_2f_nop": (2, 1, 64, (4, 3), 2, 0, True),
+    "cross_3x3_3f_5p": (1, 1, 32, (3, 3), 3, 5, True),
+}
+LAUNCH = {
+    "default": {},
+    "splits": dict(block_m=16, block_n=16, num_splits=3),
+    "inline": dict(block_n=16, num_splits=2, rope_k="inline"),
+    "noskip": dict(block_n=16, num_splits=4, skip_invalid_tiles=False),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("launch", list(LAUNCH), ids=list(LAUNCH))
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_kernel_matches_float64(case, launch):
+    B, H, Dh, grid, n_frames, n_ptr, rope_q = CASES[case]
+    L = grid[0] * grid[1]
+    q, k, v, freqs, key_valid = _case(B, H, Dh, grid, n_frames, n_ptr, seed=len(case),
+                                      valid=None if case.startswith("self") else "random")
+    n_rope = n_frames * L
+    want = naive64(q, k, v, freqs, key_valid, rope_q, n_rope)
+    _assert_close(_run(q, k, v, freqs, key_valid, rope_q, n_rope, **LAUNCH[launch]), want, 2e-5)
+    # The reference (the CPU kernel) is checked against the same float64 spec, in float32 and float64.
+    rope = torch.view_as_real(freqs)
+    _assert_close(ma.memory_attention_ref(q, k, v, rope, key_valid, rope_q, n_rope), want, 2e-5)
+    _assert_close(ma.memory_attention_ref(q.double(), k.double(), v.double(), rope, key_valid, rope_q, n_rope),
+                  want, 1e-6)  # the table is float32: its values, not its rounding, are the spec
+
+
+@needs_triton
+def test_kernel_rope_variants():
+    """A table with no axial structure; no rotated keys and unrotated queries with Lq != L; keys all
+    rotated but not queries; fp16 inputs (rotations rounded to fp16 like apply_rope)."""
+    q, k, v, freqs, key_valid = _case(2, 1, 32, (3, 3), 2, 3, seed=1, random_table=True)
+    for rope_q, n_rope, qq in ((True, 18, q), (False, 0, q[:, :7]), (False, 9, q[:, :5]), (True, 0, q)):
+        want = naive64(qq, k, v, freqs, key_valid, rope_q, n_rope)
+        for launch in ({}, dict(block_n=16, num_splits=2, rope_k="inline")):
+            _assert_close(_run(qq, k, v, freqs, key_valid, rope_q, n_rope, **launch), want, 2e-5)
+    h = [t.half() for t in (q, k, v)]
+    want = naive64(*h, freqs, key_valid, True, 18)
+    ref = ma.memory_attention_ref(*h, torch.view_as_real(freqs), key_valid, True, 18)
+    ref_err = (ref.double() - want).abs().max().item()
+    for launch in ({}, dict(block_n=16, num_splits=2, rope_k="inline")):
+        got = _run(*h, freqs, key_valid, True, 18, **launch)
+        assert got.dtype == torch.float16
+        _assert_close(got, want, max(2 * ref_err, 2e-3))
+
+
+@needs_triton
+def test_kernel_strided_inputs():
+    """Views of wider projections (only the last dim contiguous) and a non-contiguous last dim."""
+    q, k, v, freqs, key_valid = _case(2, 2, 32, (3, 3), 2, 4, seed=3)
+    wide = torch.randn(2, k.shape[1], 2, 96)
+    k2, v2 = wide[..., :32], wide[..., 40:72]
+    k2.copy_(k)
+    v2.copy_(v)
+    q2 = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, L, H, Dh) with strides of (B, H, L, Dh)
+    q3 = torch.randn(2, 9, 2, 32, 2)[..., 0]
+    q3.copy_(q)  # last-dim stride 2: the launcher copies it
+    want = naive64(q, k, v, freqs, key_valid, True, 18)
+    for qq in (q2, q3):
+        for launch in ({}, dict(block_n=16, num_splits=2, rope_k="inline")):
+            _assert_close(_run(qq, k2, v2, freqs, key_valid, True, 18, **launch), want, 2e-5)
+
+
+@needs_triton
+def test_kernel_empty_splits_and_rows():
+    """Whole padded frames that make some KV splits empty, and a batch element with no valid key
+    at all (zeros, not NaN, in the kernel, the reference and the float64 spec)."""
+    q, k, v, freqs, _ = _case(3, 1, 32, (4, 4), 4, 4, seed=5)
+    key_valid = torch.ones(3, 68, dtype=torch.bool)
+    key_valid[0, 16:48] = False  # frames 1 and 2: with one tile of 16 per split, splits 1, 2 empty
+    key_valid[1, :] = False  # nothing to attend to
+    key_valid[2, 64:] = False  # pointers padded
+    want = naive64(q, k, v, freqs, key_valid, True, 64)
+    assert (want[1] == 0).all()
+    for launch in (dict(block_n=16, num_splits=5), dict(block_n=16, num_splits=5, skip_invalid_tiles=False),
+                   dict(block_n=16, num_splits=2, rope_k="inline"), {}):
+        got = _run(q, k, v, freqs, key_valid, True, 64, **launch)
+        _assert_close(got, want, 2e-5)
+        assert (got[1] == 0).all()
+    ref = ma.memory_attention_ref(q, k, v, torch.view_as_real(freqs), key_valid, True, 64)
+    _assert_close(ref, want, 2e-5)
+    assert (ref[1] == 0).all()
+
+
+@needs_triton
+def test_kernel_masked_keys_do_not_matter():
+    """Changing k and v at invalid slots, even to huge values, changes nothing, bit for bit."""
+    q, k, v, freqs, key_valid = _case(2, 1, 32, (3, 3), 3, 4, seed=6)
+    base = _run(q, k, v, freqs, key_valid, True, 27, block_n=16, num_splits=2)
+    k2, v2 = k.clone(), v.clone()
+    k2[~key_valid] = 1e4
+    v2[~key_valid] = -1e4
+    assert torch.equal(_run(q, k2, v2, freqs, key_valid, True, 27, block_n=16, num_splits=2), base)
+
+
+def test_choose_num_splits():
+    # SAM 3 on an H100 (132 SMs), BLOCK_M 64 (81 query blocks), BLOCK_N 32, 7 frames + 16 pointers.
+    kv_tiles = (7 * 5184 + 64 + 31) // 32
+    assert ma.choose_num_splits(81, kv_tiles, 132) == 3  # 243 programs: 92 % of two waves
+    assert ma.choose_num_splits(41, kv_tiles, 132) == 3  # BLOCK_M 128: 123 programs, one wave
+    assert ma.choose_num_splits(81 * 16, kv_tiles, 132) == 1  # 16 objects fill the GPU already
+    assert ma.choose_num_splits(81, 5, 132) == 1  # too few key tiles to split
+    assert 1 <= ma.choose_num_splits(1, 10**6, 132) <= 16
+
+
+def test_reference_matches_rope_attention():
+    """The op's math equals the model's RoPEAttention after its projections: cross-attention with
+    pointer tokens and a key mask, and self-attention; two heads and one."""
+    torch.manual_seed(0)
+    for H in (1, 2):
+        D, kv_in, gx, gy, n_frames, T, B = 32, 16, 3, 3, 3, 4, 2
+        L, S = gx * gy, n_frames * gx * gy + T
+        freqs = compute_axial_cis(D // H, gx, gy)
+        cross, self_attn = RoPEAttention(D, H, kv_in_dim=kv_in), RoPEAttention(D, H)
+        x, mem = torch.randn(B, L, D), torch.randn(B, S, kv_in)
+        key_valid = torch.rand(B, S) > 0.3
+        key_valid[:, 0] = True
+        key_valid[1, L:2 * L] = False
+        with torch.no_grad():
+            want = cross(x, mem, mem, freqs, T, key_valid)
+            q = cross.q_proj(x).view(B, L, H, -1)
+            k, v = cross.k_proj(mem).view(B, S, H, -1), cross.v_proj(mem).view(B, S, H, -1)
+            o = ma.memory_attention_ref(q, k, v, torch.view_as_real(freqs), key_valid, True, S - T)
+            got = cross.out_proj(o.reshape(B, L, D))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            o = ma.memory_attention(q, k, v, freqs, key_valid, n_rope_keys=S - T)  # entry point, CPU
+            torch.testing.assert_close(cross.out_proj(o.reshape(B, L, D)), want, rtol=1e-5, atol=1e-5)
+
+            want = self_attn(x, x, x, freqs)
+            q, k, v = (p(x).view(B, L, H, -1) for p in (self_attn.q_proj, self_attn.k_proj, self_attn.v_proj))
+            o = ma.memory_attention(q, k, v, freqs)
+            torch.testing.assert_close(self_attn.out_proj(o.reshape(B, L, D)), want, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs():
+    q, k, v, freqs, key_valid = _case(2, 1, 32, (3, 3), 2, 4, seed=0)
+    rope = torch.view_as_real(freqs)
+    ref = ma.memory_attention_ref
+    with pytest.raises(ValueError, match="q must be"):
+        ref(q[0], k, v, rope, key_valid, True, 18)
+    with pytest.raises(ValueError, match="k must be"):
+        ref(q, k[..., :16], v, rope, key_valid, True, 18)
+    with pytest.raises(ValueError, match="v must have"):
+        ref(q, k, v[:, :-1], rope, key_valid, True, 18)
+    with pytest.raises(ValueError, match="share a dtype"):
+        ref(q, k.double(), v, rope, key_valid, True, 18)
+    with pytest.raises(ValueError, match="rope must be"):
+        ref(q, k, v, freqs, key_valid, True, 18)  # the complex table itself: the op takes view_as_real
+    with pytest.raises(ValueError, match="rope must be"):
+        ref(q, k, v, rope[:, :8], key_valid, True, 18)
+    with pytest.raises(ValueError, match="key_valid"):
+        ref(q, k, v, rope, key_valid.float(), True, 18)
+    with pytest.raises(ValueError, match="key_valid"):
+        ref(q, k, v, rope, key_valid[:, 1:], True, 18)
+    with pytest.raises(ValueError, match="Lq == L"):
+        ref(q[:, :5], k, v, rope, key_valid, True, 18)
+    with pytest.raises(ValueError, match="multiple of L"):
+        ref(q, k, v, rope, key_valid, True, 17)
+    with pytest.raises(ValueError, match="multiple of L"):
+        ref(q, k, v, rope, key_valid, True, 27)  # beyond S = 22
+    with pytest.raises(ValueError, match="even"):
+        ref(q[..., :31], k[..., :31], v[..., :31], rope, key_valid, True, 18)
+    if ma.HAS_TRITON:
+        with pytest.raises(ValueError, match="head dims"):
+            ma._memory_attention_triton(q[..., :24], k[..., :24], v[..., :24], rope[:, :12], key_valid, True, 18)
+        with pytest.raises(ValueError, match="float32/bfloat16/float16"):
+            ma._memory_attention_triton(q.double(), k.double(), v.double(), rope, key_valid, True, 18)
+        with pytest.raises(ValueError, match="block_n"):
+            ma._memory_attention_triton(q, k, v, rope, key_valid, True, 18, block_n=24)
+        with pytest.raises(ValueError, match="rope_k"):
+            ma._memory_attention_triton(q, k, v, rope, key_valid, True, 18, rope_k="cached")
+        with pytest.raises(ValueError, match="out must be"):
+            ma._memory_attention_triton(q, k, v, rope, key_valid, True, 18, out=torch.empty(2, 9, 1, 16))
+
+
+def _op_args(valid=True, rope_q=True):
+    q, k, v, freqs, key_valid = _case(2, 2, 16, (3, 3), 2, 3, seed=9)
+    return (q, k, v, torch.view_as_real(freqs), key_valid if valid else None, rope_q, 18)
+
+
+@pytest.mark.parametrize("valid, rope_q", [(True, True), (False, True), (True, False)])
+def test_opcheck(valid, rope_q):
+    torch.library.opcheck(torch.ops.sam3fast.memory_attention.default, _op_args(valid, rope_q))
+
+
+def test_op_cpu_is_reference():
+    args = _op_args()
+    assert torch.equal(torch.ops.sam3fast.memory_attention(*args), ma.memory_attention_ref(*args))
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compile_fullgraph(backend):
+    """A caller of the op and one of the entry point (complex table in) compile with no graph break."""
+    q, k, v, rope, key_valid, _, _ = _op_args()
+    freqs = torch.view_as_complex(rope.contiguous())
+
+    def via_op(q, k, v, key_valid):
+        return torch.ops.sam3fast.memory_attention(q * 2.0, k, v, rope, key_valid, True, 18) + 1.0
+
+    def via_entry(q, k, v, key_valid):
+        return ma.memory_attention(q, k * 0.5, v, freqs, key_valid, n_rope_keys=18) * 2.0
+
+    torch._dynamo.reset()
+    for fn in (via_op, via_entry):
+        got = torch.compile(fn, fullgraph=True, backend=backend)(q, k, v, key_valid)
+        torch.testing.assert_close(got, fn(q, k, v, key_valid), rtol=0, atol=0)
+
+
+def test_entry_point_backend_cpu():
+    q = torch.zeros(1, 9, 1, 32)
+    assert ma.memory_attention_backend(q)[0] == "reference"
+    q, k, v, freqs, key_valid = _case(2, 1, 32, (3, 3), 2, 4, seed=4)
+    got = ma.memory_attention(q, k, v, freqs, key_valid, n_rope_keys=18)
+    assert torch.equal(got, ma.memory_attention_ref(q, k, v, torch.view_as_real(freqs), key_valid, True, 18))
+
+
+def test_force_reference_env():
+    code = (
+        "import torch; from sam3fast.kernels import memory_attention as m; "
+        "print(m.memory_attention_backend(torch.zeros(1, 9, 1, 32))[1])"
+    )
+    env = dict(os.environ, SAM3FAST_FORCE_REFERENCE="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "SAM3FAST_FORCE_REFERENCE=1"
+
+
+@needs_triton
+def test_kernels_compile_for_sm90():
+    """The real (not interpreted) Triton compiler builds the GPU variants for an H100 without a GPU
+    (bf16, Dh 256, the launcher's default tiles), and the attention uses Hopper's wgmma."""
+    code = textwrap.dedent(
+        """
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from sam3fast.kernels import memory_attention as ma
+        T = GPUTarget("cuda", 90, 32)
+        def build(fn, sig, cx, nw, ns=2):
+            sig = dict(sig, **{n: "constexpr" for n in cx})
+            return triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=cx), target=T,
+                                  options={"num_warps": nw, "num_stages": ns})
+        i32 = "i32"
+        main = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "rope_ptr": "*fp32", "valid_ptr": "*u8",
+                "out_ptr": "*bf16", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "qk_scale": "fp32"}
+        main.update({n: i32 for n in "Lq S H L n_rope kv_per_split sqb sqm sqh skb skn skh svb svn svh".split()})
+        bm, bn, nw, ns = ma.DEFAULT_TILE
+        for rope_k, valid, split in ((False, True, True), (True, False, False)):
+            cx = dict(ROPE_Q=True, ROPE_K=rope_k, HAS_VALID=valid, SKIP_INVALID=valid, SPLIT=split,
+                      DOT_PRECISION="tf32", DH=256, BLOCK_M=bm, BLOCK_N=bn)
+            k = build(ma._memory_attention_kernel, main, cx, nw, ns)
+            assert "wgmma.mma_async" in k.asm["ptx"], "the attention should use wgmma on sm_90"
+        build(ma._rope_keys_kernel, {"k_ptr": "*bf16", "rope_ptr": "*fp32", "out_ptr": "*bf16",
+              **{n: i32 for n in "S H L n_rope skb skn skh".split()}}, dict(DH=256, BLOCK_N=bn), 4)
+        build(ma._merge_splits_kernel, {"part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": "*bf16",
+              "Lq": i32, "H": i32, "n_splits": i32}, dict(DH=256, BLOCK_M=32), 4)
+        print("ok")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+
+
+# ---- GPU only --------------------------------------------------------------------------------
+
+
+def _torch_bf16(q, k, v, freqs, key_valid, n_rope_keys):
+    """What the model does in bf16: its RoPEAttention (one head) with identity projections."""
+    m = RoPEAttention(q.shape[-1], 1)
+    m.q_proj = m.k_proj = m.v_proj = m.out_proj = torch.nn.Identity()
+    m.use_kernel = False  # the SDPA path, not the Triton kernel it dispatches to on CUDA
+    return m(q.flatten(2), k.flatten(2), v.flatten(2), freqs, k.shape[1] - n_rope_keys, key_valid).unflatten(2, (1, -1))
+
+
+def _gpu_case(B, n_frames, n_ptr, seed, pad_frames=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    L, Dh = 5184, 256
+    S = n_frames * L + n_ptr
+    freqs = compute_axial_cis(Dh, 72, 72).cuda()
+    q = torch.randn(B, L, 1, Dh, device="cuda", generator=g)
+    k = torch.randn(B, S, 1, Dh, device="cuda", generator=g)
+    v = torch.randn(B, S, 1, Dh, device="cuda", generator=g)
+    key_valid = torch.ones(B, S, dtype=torch.bool, device="cuda")
+    if pad_frames:
+        key_valid[:, (n_frames - pad_frames) * L:n_frames * L] = False
+        key_valid[:, -n_ptr // 2:] = False
+    return q, k, v, freqs, key_valid
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize(
+    "B, n_frames, n_ptr, pad, self_attn",
+    [(1, 1, 0, 0, True), (1, 7, 64, 0, False), (3, 10, 64, 3, False)],
+    ids=["self_B1", "cross_7f_B1", "cross_10f_pad3_B3"],
+)
+def test_gpu_real_shape_bf16(B, n_frames, n_ptr, pad, self_attn):
+    """bf16 at SAM 3 sizes: error vs the fp32 reference at most 2x that of PyTorch in bf16."""
+    q, k, v, freqs, key_valid = _gpu_case(B, n_frames, n_ptr, seed=B + n_frames, pad_frames=pad)
+    if self_attn:
+        k, v, key_valid = q.clone(), torch.randn_like(q), None
+    n_rope = n_frames * 5184
+    rope = torch.view_as_real(freqs)
+    ref = ma.memory_attention_ref(q, k, v, rope, key_valid, True, n_rope)  # float32 inputs: the fp32 reference
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    torch_err = (_torch_bf16(qb, kb, vb, freqs, key_valid, n_rope).float() - ref).abs()
+    assert ma.memory_attention_backend(qb)[0] == "triton"
+    for got in (ma.memory_attention(qb, kb, vb, freqs, key_valid, n_rope_keys=n_rope),
+                ma._memory_attention_triton(qb, kb, vb, rope, key_valid, True, n_rope, num_splits=1),
+                ma._memory_attention_triton(qb, kb, vb, rope, key_valid, True, n_rope, rope_k="inline")):
+        assert got.dtype == torch.bfloat16 and not got.isnan().any()
+        err = (got.float() - ref).abs()
+        assert err.max() <= 2 * torch_err.max(), (err.max().item(), torch_err.max().item())
+        assert err.pow(2).mean().sqrt() <= 2 * torch_err.pow(2).mean().sqrt()
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+def test_gpu_fp32_matches_reference():
+    q, k, v, freqs, key_valid = _gpu_case(2, 2, 16, seed=3, pad_frames=1)
+    rope = torch.view_as_real(freqs)
+    ref = naive64(q[:, :512], k, v, freqs, key_valid, False, 2 * 5184)
+    got = ma._memory_attention_triton(q[:, :512], k, v, rope, key_valid, False, 2 * 5184)
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=2e-5)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+def test_gpu_cuda_graph_replay():
+    q, k, v, freqs, key_valid = _gpu_case(2, 3, 16, seed=4, pad_frames=1)
+    static = [t.bfloat16() for t in (q, k, v)] + [key_valid.clone()]
+
+    def fn():
+        return ma.memory_attention(static[0], static[1], static[2], freqs, static[3], n_rope_keys=3 * 5184)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()  # warm-up compiles the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    for seed in (5, 6):
+        nq, nk, nv, _, nvalid = _gpu_case(2, 3, 16, seed=seed, pad_frames=seed - 4)
+        new = [t.bfloat16() for t in (nq, nk, nv)] + [nvalid]
+        for dst, src in zip(static, new):
+            dst.copy_(src)
+        graph.replay()
+        want = ma._memory_attention_triton(*new[:3], torch.view_as_real(freqs), new[3], True, 3 * 5184)
+        assert torch.equal(out, want)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+def test_gpu_compile_inductor():
+    q, k, v, freqs, key_valid = _gpu_case(2, 2, 16, seed=8, pad_frames=1)
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+
+    def fn(q, k, v, valid):
+        return ma.memory_attention(q, k, v, freqs, valid, n_rope_keys=2 * 5184) * 2
+
+    got = torch.compile(fn, fullgraph=True)(qb, kb, vb, key_valid)
+    assert torch.equal(got, fn(qb, kb, vb, key_valid))
