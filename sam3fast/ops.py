@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from . import env
+from .kernels import connected_components as _cc
 from .kernels import mask_postprocess as _mp
 from .kernels.memory_attention import memory_attention, memory_attention_backend
 from .mask_ops import mask_areas, mask_iou, mask_nms, mask_ops_backend, nms_masks, pack_masks
@@ -23,7 +24,9 @@ FORCE_REFERENCE: bool = env.FORCE_REFERENCE
 __all__ = ["FORCE_REFERENCE", "MaskPostprocessOutput", "mask_postprocess", "mask_postprocess_backend", "unpack_masks",
            "connected_component_sizes", "fill_holes", "batched_linear_sum_assignment",
            "pack_masks", "mask_areas", "mask_iou", "mask_nms", "nms_masks", "mask_ops_backend",
-           "memory_attention", "memory_attention_backend"]
+           "memory_attention", "memory_attention_backend", "connected_component_sizes_backend"]
+
+connected_component_sizes_backend = _cc.connected_component_sizes_backend
 
 unpack_masks = _mp.unpack_masks
 
@@ -77,24 +80,11 @@ def connected_component_sizes(fg: Tensor) -> Tensor:
     8-connected component, 0 on background (what the official ``connected_components`` yields for
     hole filling: skimage's ``label`` with full connectivity, or its CUDA/Triton kernels).
 
-    Runs scipy's labelling on the CPU; a CUDA input is copied to the host and back (one sync per
-    call) until the GPU kernel lands.
+    CUDA tensors run the sync-free Triton union-find kernels (``sam3fast::connected_component_sizes``,
+    CUDA-graph safe); CPU tensors, or any tensor under SAM3FAST_FORCE_REFERENCE=1, use
+    ``scipy.ndimage.label`` on the host. See ``sam3fast.kernels.connected_components``.
     """
-    import numpy as np
-    from scipy import ndimage
-
-    if fg.dim() != 3:
-        raise ValueError(f"connected_component_sizes expects (N, H, W), got {tuple(fg.shape)}")
-    arr = fg.detach().to("cpu", torch.bool).numpy()
-    out = np.zeros(arr.shape, dtype=np.int64)
-    structure = np.ones((3, 3), dtype=bool)
-    for i in range(arr.shape[0]):
-        labels, n = ndimage.label(arr[i], structure=structure)
-        if n:
-            counts = np.bincount(labels.ravel())
-            counts[0] = 0
-            out[i] = counts[labels]
-    return torch.from_numpy(out).to(fg.device)
+    return _cc.connected_component_sizes_gpu(fg)
 
 
 def fill_holes(logits: Tensor, max_hole_area: float, threshold: float = 0.0, max_sprinkle_area: float = 0.0) -> Tensor:

@@ -14,6 +14,8 @@ BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
     ("bench_mask_postprocess.py", "mask_postprocess benchmark"),
     ("bench_mask_iou.py", "mask_iou / mask_nms benchmark"),
     ("bench_memory_attention.py", "memory_attention benchmark"),
+    ("bench_connected_components.py", "connected_components benchmark"),
+    ("bench_video.py", "video frames/s benchmark"),
 ])
 def test_bench_smoke(script, expect, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [script, "--smoke"])

@@ -66,7 +66,7 @@ def test_tracker_step_compiles_without_graph_breaks():
             with torch._dynamo.config.patch(error_on_recompile=True):
                 got = run()
         finally:
-            pred._bank_step_compiled = None
+            pred._memory_step_compiled = None
         assert pred.step_counts["reference"] == 0
         for (f, ids, lo, vid, sc), (f2, ids2, lo2, vid2, sc2) in zip(ref, got):
             assert f == f2 and list(ids) == list(ids2)

@@ -788,3 +788,24 @@ def test_progress_bar(pair, capsys):
     assert "propagate in video" in err and "4/4" in err
     list(pair.ours.propagate_in_video(st, 0, 3, False, tqdm_disable=True))
     assert "propagate in video" not in capsys.readouterr().err
+
+
+def test_bf16_session_tracks_like_fp32(pair):
+    """A bfloat16 predictor (weights, backbone, activations) runs a whole session; its masks
+    follow the float32 ones (random weights: a loose bound, the point is that bf16 runs)."""
+    import copy
+
+    p16 = copy.copy(pair)
+    p16.ours = copy.deepcopy(pair.ours).to(torch.bfloat16)
+    p16.ours.backbone = copy.deepcopy(pair.vb).to(torch.bfloat16)
+    ref, _ = points_two_objects(pair.ours, pair)
+    got, st = points_two_objects(p16.ours, p16)
+    assert p16.ours.step_counts["fixed_capacity"] > 0
+    ious = []
+    for (name, *rv), (_, *gv) in zip(ref, got):
+        vid_ref, vid_got = (rv[3], gv[3]) if name.startswith("fwd") else (rv[-1], gv[-1])
+        assert vid_got.dtype == torch.float32 or vid_got.dtype == torch.bfloat16
+        a, b = vid_got.float() > 0, vid_ref > 0
+        union = (a | b).sum().item()
+        ious.append(1.0 if union == 0 else (a & b).sum().item() / union)  # (both empty: agree)
+    assert min(ious) > 0.8, ious

@@ -279,7 +279,9 @@ def assemble_memory(
     ptr_tpos = torch.as_tensor(ptr_tpos, device=device)
     # The official divides an int64 tensor by an int: true division in the default float dtype.
     rel = ptr_tpos / (max_obj_ptrs_in_encoder - 1)
-    ptr_pos = obj_ptr_tpos_proj(get_1d_sine_pe(rel, dim=D))  # (P, M)
+    # (the sine table is float32; in a bf16 model the projection runs in bf16, as under the
+    # official's autocast)
+    ptr_pos = obj_ptr_tpos_proj(get_1d_sine_pe(rel, dim=D).to(obj_ptr_tpos_proj.weight.dtype))  # (P, M)
     ptr_pos = ptr_pos.repeat_interleave(split, dim=0)[None].expand(B, -1, -1)
     ptr_tok = obj_ptrs.reshape(B, P * split, D // split)
     memory = torch.cat((mem, ptr_tok), dim=1)

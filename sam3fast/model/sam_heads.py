@@ -514,6 +514,7 @@ def sam_heads_forward(
         if tuple(mask_inputs.shape[-2:]) != tuple(sam_prompt_encoder.mask_input_size):
             mask_inputs = F.interpolate(mask_inputs.float(), size=sam_prompt_encoder.mask_input_size,
                                         mode="bilinear", align_corners=False, antialias=True)
+        mask_inputs = mask_inputs.to(backbone_features.dtype)  # (float32 logits into a bf16 model)
     sparse, dense = sam_prompt_encoder((point_coords, point_labels), None, mask_inputs)
     if image_pe is None:
         image_pe = sam_prompt_encoder.get_dense_pe()

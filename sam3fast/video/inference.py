@@ -40,6 +40,7 @@ tracker's own and the hole filling (connected components on the host).
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 from collections import defaultdict
@@ -181,6 +182,24 @@ def is_image_type(resource_path) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
+
+
+def _propagate_states_one_by_one(inference_states, frame_idx, reverse, run_mem_encoder, *, tracker):
+    """The official way (any tracker with ``propagate_in_video``, e.g. the official one): one
+    one-frame propagation per session -> per session (obj_ids, low_res_masks, obj_scores) or None."""
+    results = []
+    for inference_state in inference_states:
+        if len(inference_state["obj_ids"]) == 0:
+            results.append(None)
+            continue
+        outs = list(tracker.propagate_in_video(inference_state, start_frame_idx=frame_idx, max_frame_num_to_track=0,
+                                               reverse=reverse, tqdm_disable=True, run_mem_encoder=run_mem_encoder))
+        if len(outs) != 1 or outs[0][0] != frame_idx:
+            raise RuntimeError(f"internal error: tracker propagated frames {[o[0] for o in outs]}, "
+                               f"expected frame {frame_idx} only")
+        _, obj_ids, low_res_masks, _, obj_scores = outs[0]
+        results.append((list(obj_ids), low_res_masks, obj_scores))
+    return results
 
 
 class Sam3VideoBase(nn.Module):
@@ -672,19 +691,14 @@ class Sam3VideoBase(nn.Module):
     def _propogate_tracker_one_frame_local_gpu(self, inference_states: List[Any], frame_idx: int, reverse: bool,
                                                run_mem_encoder: bool = False):
         obj_ids_local, low_res_masks_list, obj_scores_list = [], [], []
-        for inference_state in inference_states:
-            if len(inference_state["obj_ids"]) == 0:
+        # every session one frame, those on a memory bank as one batch (the official: one
+        # propagate_in_video call per session)
+        step = getattr(self.tracker, "propagate_states_one_frame", None) or functools.partial(
+            _propagate_states_one_by_one, tracker=self.tracker)
+        for res in step(inference_states, frame_idx, reverse, run_mem_encoder=run_mem_encoder):
+            if res is None:
                 continue
-            n = 0
-            for out in self.tracker.propagate_in_video(
-                inference_state, start_frame_idx=frame_idx, max_frame_num_to_track=0, reverse=reverse,
-                tqdm_disable=True, run_mem_encoder=run_mem_encoder,
-            ):
-                out_frame_idx, out_obj_ids, out_low_res_masks, _, out_obj_scores = out
-                n += 1
-            if n != 1 or out_frame_idx != frame_idx:
-                raise RuntimeError(f"internal error: tracker propagated {n} frames ending at {out_frame_idx}, "
-                                   f"expected frame {frame_idx} only")
+            out_obj_ids, out_low_res_masks, out_obj_scores = res
             obj_ids_local.extend(out_obj_ids)
             low_res_masks_list.append(out_low_res_masks.squeeze(1))
             obj_scores_list.append(out_obj_scores.squeeze(1))

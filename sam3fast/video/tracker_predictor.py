@@ -255,6 +255,39 @@ def load_video_frames(video_path, image_size, offload_video_to_cpu, img_mean=SAM
 # ----------------------------------------------------------------------------------------------
 
 
+def _pad_rows(x, n, fill):
+    """``x`` with rows appended (filled with ``fill``) up to ``n`` rows."""
+    return torch.cat((x, x.new_full((n - x.shape[0],) + x.shape[1:], fill)))
+
+
+def _batch_memories(parts, conds, L, split):
+    """Stack the memory-attention inputs of several banks (``bank_memory`` outputs: memory,
+    memory_pos, num_ptr_tokens, valid) on the batch dim. A bank with fewer conditioning frames
+    (``conds``) gets invalid padding: whole frames (L tokens) in front of its frame tokens and
+    ``split`` tokens per missing pointer after its pointer tokens (pointers stay last; RoPE
+    positions are frame-local, so whole padded frames shift nothing)."""
+    if len(parts) == 1:
+        return parts[0]
+    c_max = max(conds)
+    n_ptr_max = max(p[2] for p in parts)
+    mems, poss, valids = [], [], []
+    for (memory, memory_pos, n_ptr, valid), c in zip(parts, conds):
+        pad_f, pad_p = (c_max - c) * L, (c_max - c) * split
+        if pad_f:
+            n_frame = memory.shape[1] - n_ptr
+
+            def pad(x, fill):
+                head = x.new_full((x.shape[0], pad_f) + x.shape[2:], fill)
+                tail = x.new_full((x.shape[0], pad_p) + x.shape[2:], fill)
+                return torch.cat((head, x[:, :n_frame], x[:, n_frame:], tail), dim=1)
+
+            memory, memory_pos, valid = pad(memory, 0), pad(memory_pos, 0), pad(valid, False)
+        mems.append(memory)
+        poss.append(memory_pos)
+        valids.append(valid)
+    return torch.cat(mems), torch.cat(poss), n_ptr_max, torch.cat(valids)
+
+
 class Sam3TrackerPredictor(nn.Module):
     """The official ``Sam3TrackerPredictor`` (SAM 2-style video API) over a :class:`Tracker`.
 
@@ -352,7 +385,7 @@ class Sam3TrackerPredictor(nn.Module):
         # session allows it (see _fixed_capacity_refusal); False = the official per-frame selection.
         self.fixed_capacity_step = fixed_capacity_step
         self.step_counts = {"fixed_capacity": 0, "reference": 0}
-        self._bank_step_compiled = None
+        self._memory_step_compiled = None
         self.iter_use_prev_mask_pred = True
         self.add_all_frames_to_correct_as_cond = True
         self.eval()
@@ -917,6 +950,46 @@ class Sam3TrackerPredictor(nn.Module):
             low_res_masks, video_res_masks = self._get_orig_video_res_output(inference_state, pred_masks)
             yield frame_idx, obj_ids, low_res_masks, video_res_masks, obj_scores
 
+    @torch.inference_mode()
+    def propagate_states_one_frame(self, inference_states, frame_idx, reverse, run_mem_encoder=True):
+        """Track ``frame_idx`` in several sessions at once (the SAM 3 video model keeps one session
+        per batch of objects added together). Sessions on a :class:`MemoryBank` that share their
+        feature cache run as one batch (:meth:`bank_track_step`); the others (a prompted frame,
+        settings the bank does not model) as one-frame ``propagate_in_video`` calls. Each session
+        ends as ``propagate_in_video(state, frame_idx, 0, reverse, run_mem_encoder=...)`` leaves
+        it. Returns per session ``(obj_ids, low_res_masks (B, 1, r, r), obj_scores (B, 1))``, None
+        for a session without objects."""
+        results = [None] * len(inference_states)
+        groups = {}
+        for i, st in enumerate(inference_states):
+            if len(st["obj_ids"]) == 0:
+                continue
+            consolidated = st["consolidated_frame_inds"]
+            bank = None
+            if (st["output_dict"]["cond_frame_outputs"] and frame_idx not in consolidated["cond_frame_outputs"]
+                    and frame_idx not in consolidated["non_cond_frame_outputs"]):
+                bank = self._bank_for_step(st, frame_idx, reverse)
+            if bank is None:
+                for _, ids, low, _, scores in self.propagate_in_video(st, frame_idx, 0, reverse, tqdm_disable=True,
+                                                                      run_mem_encoder=run_mem_encoder):
+                    results[i] = (list(ids), low, scores)
+            else:
+                groups.setdefault(id(st["cached_features"]), []).append((i, st, bank))
+        for members in groups.values():
+            st0 = members[0][1]
+            _, _, feats, pos, _ = self._get_image_feature(st0, frame_idx, 1)
+            outs = self._track_on_banks([b for _, _, b in members], frame_idx, st0["num_frames"], reverse, feats, pos,
+                                        run_mem_encoder)
+            for (i, st, _), out in zip(members, outs):
+                compact, pred_masks = self._compact_output(st, out)
+                st["output_dict"]["non_cond_frame_outputs"][frame_idx] = compact
+                self._bank_stored(st, frame_idx)
+                self.step_counts["fixed_capacity"] += 1
+                self._add_output_per_object(st, frame_idx, compact, "non_cond_frame_outputs")
+                st["frames_already_tracked"][frame_idx] = {"reverse": reverse}
+                results[i] = (list(st["obj_ids"]), pred_masks, compact["object_score_logits"])
+        return results
+
     # ------------------------------------------------------------------------------------------
     # Fixed-capacity memory (sam3fast)
 
@@ -1034,55 +1107,104 @@ class Sam3TrackerPredictor(nn.Module):
             bank.advance(None, None, False)  # a conditioning frame or an untracked one: no content
         return bank
 
-    def _track_on_bank(self, bank, frame_idx, num_frames, reverse, feats, pos, run_mem_encoder):
-        """``track_step`` for a propagated frame (no prompt) with the memory from ``bank``."""
+    def _track_on_banks(self, banks, frame_idx, num_frames, reverse, feats, pos, run_mem_encoder):
+        """``track_step`` for a propagated frame (no prompt) of the objects of several sessions
+        (one :class:`MemoryBank` each, the same frame features), as one batch. Returns one
+        output dict per bank, each holding views of the batched tensors."""
         no_prev = (frame_idx == 0 and not reverse) or (frame_idx == num_frames - 1 and reverse)
         frame_t = torch.full((), frame_idx, dtype=torch.long, device=feats[-1].device)
-        step = self._bank_step_compiled if self._bank_step_compiled is not None else self.bank_track_step
-        low, high, obj_ptr, score, iou, eff, maskmem, maskmem_pos = step(
-            bank.spec, bank.state, frame_t, tuple(feats), tuple(pos), no_prev=no_prev,
-            run_mem_encoder=run_mem_encoder)
-        out = {"point_inputs": None, "mask_inputs": None, "pred_masks": low, "pred_masks_high_res": high,
-               "obj_ptr": obj_ptr, "object_score_logits": score, "iou_score": iou, "eff_iou_score": eff,
-               "maskmem_features": maskmem, "maskmem_pos_enc": None if maskmem_pos is None else [maskmem_pos]}
-        return out
+        low, high, obj_ptr, score, iou, effs, maskmem, maskmem_pos = self.bank_track_step(
+            tuple(b.spec for b in banks), tuple(b.state for b in banks), frame_t, tuple(feats), tuple(pos),
+            no_prev=no_prev, run_mem_encoder=run_mem_encoder)
+        outs, a = [], 0
+        for bank, eff in zip(banks, effs):
+            sl = slice(a, a + bank.batch_size)
+            a = sl.stop
+            outs.append({
+                "point_inputs": None, "mask_inputs": None, "pred_masks": low[sl], "pred_masks_high_res": high[sl],
+                "obj_ptr": obj_ptr[sl], "object_score_logits": score[sl], "iou_score": iou[sl],
+                "eff_iou_score": eff, "maskmem_features": None if maskmem is None else maskmem[sl],
+                "maskmem_pos_enc": None if maskmem_pos is None else [maskmem_pos[sl]],
+            })
+        return outs
 
-    def bank_track_step(self, spec: BankSpec, state: BankState, frame_t: torch.Tensor, feats, pos, *,
-                        no_prev: bool = False, run_mem_encoder: bool = True):
-        """One propagated frame of every object on a fixed-capacity bank; tensors in, tensors out.
+    def bank_track_step(self, specs: Tuple[BankSpec, ...], states: Tuple[BankState, ...], frame_t: torch.Tensor,
+                        feats, pos, *, no_prev: bool = False, run_mem_encoder: bool = True):
+        """One propagated frame of every object of one or more sessions, each on its
+        fixed-capacity bank, as one batch; tensors in, tensors out.
 
-        ``feats``/``pos``: the frame's three tracker levels (B, D, *, *), top level last;
-        ``frame_t`` a 0-d long tensor. Returns ``(low_res_masks (B, 1, r, r), high_res_masks
-        (B, 1, R, R), obj_ptr (B, D), object_score_logits (B, 1), iou_score (B,), eff_iou_score (),
-        maskmem_features (B, M, g, g) or None, maskmem_pos or None)`` as the official
-        ``track_step`` computes them for a frame without prompts. Static shapes and no host sync:
-        this is the region :meth:`compile_step` compiles (``fullgraph=True``) and a CUDA graph
-        can capture.
+        ``feats``/``pos``: the frame's three tracker levels (1 or B, D, *, *), top level last, B
+        the total number of objects; ``frame_t`` a 0-d long tensor. Returns ``(low_res_masks
+        (B, 1, r, r), high_res_masks (B, 1, R, R), obj_ptr (B, D), object_score_logits (B, 1),
+        iou_score (B,), eff_iou_scores (one 0-d tensor per session), maskmem_features (B, M, g, g)
+        or None, maskmem_pos or None)`` as the official ``track_step`` computes them for a frame
+        without prompts, session by session (the memory-selection score is a per-session mean,
+        as the official computes it over one session's batch). Static shapes and no host sync.
+        The memory assembly runs eagerly (small ops); the model part is :meth:`memory_step`, which
+        :meth:`compile_step` compiles.
         """
+        parts = [bank_memory(sp, st, frame_t, no_prev, self.maskmem_tpos_enc, self.obj_ptr_tpos_proj)
+                 for sp, st in zip(specs, states)]
+        st0 = states[0]
+        memory, memory_pos, n_ptr, valid = _batch_memories(
+            parts, [st.cond_feats.shape[1] for st in states], st0.cond_feats.shape[-1] * st0.cond_feats.shape[-2],
+            max(1, st0.cond_ptrs.shape[-1] // st0.cond_feats.shape[2]))
+        if self._memory_step_compiled is None:
+            low, high, obj_ptr, score, iou, maskmem, maskmem_pos = self.memory_step(
+                tuple(feats), pos[-1], memory, memory_pos, valid, n_ptr, run_mem_encoder=run_mem_encoder)
+        else:
+            # compiled: the object count padded to a power of two, so a video whose objects come
+            # and go compiles (and captures) a few buckets, not one graph per count
+            B = memory.shape[0]
+            Bb = 1 << (B - 1).bit_length()
+            if Bb > B:
+                memory, memory_pos = _pad_rows(memory, Bb, 0), _pad_rows(memory_pos, Bb, 0)
+                valid = _pad_rows(valid, Bb, False)
+                valid[B:, 0] = True  # padded rows attend to one (zero) key: no 0/0
+                feats = [f if f.shape[0] == 1 else _pad_rows(f, Bb, 0) for f in feats]
+            out = self._memory_step_compiled(tuple(feats), pos[-1], memory, memory_pos, valid, n_ptr,
+                                             run_mem_encoder=run_mem_encoder)
+            low, high, obj_ptr, score, iou, maskmem, maskmem_pos = (None if x is None else x[:B] for x in out)
+        effs, a = [], 0
+        for st in states:
+            b = st.cond_feats.shape[0]
+            effs.append(self.cal_mem_score(score[a:a + b], iou[a:a + b]))
+            a += b
+        return low, high, obj_ptr, score, iou, tuple(effs), maskmem, maskmem_pos
+
+    def memory_step(self, feats, top_pos, memory, memory_pos, memory_valid, num_obj_ptr_tokens, *,
+                    run_mem_encoder: bool = True):
+        """The model part of a propagated frame for B objects: memory attention over
+        ``memory`` (B, S, M) (``memory_valid`` (B, S)), the SAM heads without prompts (multimask
+        with the official choice) and the memory encoder. ``feats``: the frame's three tracker
+        levels (1 or B, D, *, *), top level last; ``top_pos`` the top level's position (1 or B, D,
+        g, g). Returns ``(low_res_masks, high_res_masks, obj_ptr, object_score_logits, iou_score,
+        maskmem_features or None, maskmem_pos or None)``."""
+        B = memory.shape[0]
+        feats = [f.expand(B, -1, -1, -1) for f in feats]
         feat = feats[-1]
-        B, C, H, W = feat.shape
-        memory, memory_pos, n_ptr, valid = bank_memory(spec, state, frame_t, no_prev, self.maskmem_tpos_enc,
-                                                       self.obj_ptr_tpos_proj)
+        _, C, H, W = feat.shape
         curr = feat.flatten(2).transpose(1, 2)
-        curr_pos = pos[-1].flatten(2).transpose(1, 2)
-        pix = self.transformer.encoder(curr, curr_pos, memory, memory_pos, n_ptr, memory_valid=valid)
+        curr_pos = top_pos.expand(B, -1, -1, -1).flatten(2).transpose(1, 2)
+        pix = self.transformer.encoder(curr, curr_pos, memory, memory_pos, num_obj_ptr_tokens,
+                                       memory_valid=memory_valid)
         pix = pix.transpose(1, 2).reshape(B, C, H, W)
         _, _, ious, low, high, obj_ptr, score = self._forward_sam_heads(
             pix, high_res_features=list(feats[:-1]), multimask_output=self._use_multimask(False, None))
         iou = ious.max(-1)[0]
-        eff = self.cal_mem_score(score, iou)
         maskmem = maskmem_pos = None
         if run_mem_encoder:
-            maskmem, pos_list = self._encode_new_memory(None, list(feats), None, high, score, is_mask_from_pts=False)
+            maskmem, pos_list = self._encode_new_memory(None, feats, None, high, score, is_mask_from_pts=False)
             maskmem_pos = pos_list[0]
-        return low, high, obj_ptr, score, iou, eff, maskmem, maskmem_pos
+        return low, high, obj_ptr, score, iou, maskmem, maskmem_pos
 
     def compile_step(self, backend: str = "inductor", mode: Optional[str] = None):
-        """torch.compile :meth:`bank_track_step` (``fullgraph=True``: a graph break is an error).
-        One graph per (objects, conditioning frames, ``run_mem_encoder``, ``no_prev``): frames of
-        a run reuse it without recompiling. ``mode="reduce-overhead"`` adds CUDA graphs on GPU."""
-        self._bank_step_compiled = torch.compile(self.bank_track_step, backend=backend, mode=mode, fullgraph=True,
-                                                 dynamic=False)
+        """torch.compile :meth:`memory_step` (``fullgraph=True``: a graph break is an error,
+        static shapes). Object counts are padded to the next power of two, so the frames of a run
+        reuse one graph and a video whose objects come and go compiles one per bucket (and per
+        number of conditioning frames). ``mode="reduce-overhead"`` adds CUDA graphs on GPU."""
+        self._memory_step_compiled = torch.compile(self.memory_step, backend=backend, mode=mode, fullgraph=True,
+                                                   dynamic=False)
         return self
 
     def _add_output_per_object(self, inference_state, frame_idx, current_out, storage_key):
@@ -1359,7 +1481,11 @@ class Sam3TrackerPredictor(nn.Module):
                 raise RuntimeError("the backbone has no SAM 2 neck")
             fpn, pos = out["backbone_fpn"], out["vision_pos_enc"]
         else:
-            out = getattr(bb, "vision_backbone", bb)(img_batch)
+            vb = getattr(bb, "vision_backbone", bb)
+            w = next((p for p in vb.parameters()), None) if isinstance(vb, nn.Module) else None
+            if w is not None:
+                img_batch = img_batch.to(w.dtype)  # frames are stored float16/float32; a bf16 backbone
+            out = vb(img_batch)
             fpn, pos = out["sam2_backbone_fpn"], out["sam2_pos_enc"]
             if fpn is None:
                 raise RuntimeError("the backbone was built without the SAM 2 neck (add_sam2_neck=True)")
@@ -1415,8 +1541,8 @@ class Sam3TrackerPredictor(nn.Module):
         assert point_inputs is None or mask_inputs is None
         if memory_bank is not None:
             assert point_inputs is None and mask_inputs is None and not is_init_cond_frame
-            current_out = self._track_on_bank(memory_bank, frame_idx, inference_state["num_frames"], reverse, feats,
-                                              pos, run_mem_encoder)
+            current_out = self._track_on_banks([memory_bank], frame_idx, inference_state["num_frames"], reverse,
+                                               feats, pos, run_mem_encoder)[0]
             return self._compact_output(inference_state, current_out)
         current_out = self.track_step(
             frame_idx=frame_idx,

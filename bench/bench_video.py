@@ -1,0 +1,428 @@
+"""End-to-end video frames per second: sam3fast vs the official ``sam3`` package (0.1.4), same
+random weights, same synthetic clip, same run.
+
+Part 1, SAM 2-style tracker (``model.tracker`` with ``tracker.backbone = model.detector.backbone``):
+``init_state(video_path=<jpg folder>)``, one click per object on frame 0 (points spread over the
+frame), then ``propagate_in_video(state, 0, T, reverse=False, propagate_preflight=True)`` timed to
+the last frame (backbone included), for N objects. Variants:
+
+* ``e2e``: as above; the backbone runs on every frame.
+* ``cached``: the tracker step alone. The state's ``cached_features`` keeps only the most recent
+  frame (official design, sam3fast alike), so a second propagation recomputes the backbone; here
+  every frame's ``tracker.forward_image`` output is computed beforehand and put in
+  ``state["cached_features"]`` (an ``init_state`` argument of both packages).
+* sam3fast only: ``perframe`` = ``tracker.fixed_capacity_step = False`` (the official per-frame
+  memory selection, host syncs) instead of the preallocated memory bank; ``compiled`` =
+  ``tracker.compile_step()`` (``mode="reduce-overhead"``, CUDA graphs, on CUDA).
+
+Part 2, concept video (``build_sam3_video_predictor``: detector on every frame + tracker):
+``start_session`` on the clip, ``add_prompt(text)`` on frame 0, then the ``propagate_in_video``
+stream (forward) timed; the number of objects per frame is read from the outputs. With random
+weights it depends on the weight recipe: ``--score-gain``/``--presence-shift`` (detector scores)
+and ``--det-nms-thresh`` (the detector's NMS IoU threshold, official 0.1, set on both models) raise
+it; the counts reached are reported as measured, per side.
+
+Precision: the official video code has no float32 mode on CUDA. Its tracker enters a global
+``torch.autocast("cuda", bfloat16)`` when constructed (``sam3_tracking_predictor.py`` 49-50,
+never exited) and the video model's per-frame methods are decorated with the same autocast, so
+its CUDA rows are "float32 weights + its built-in bf16 autocast". On CPU autocast("cuda") is off and
+:func:`official_video_ref.official_video_mode` keeps its bf16 roundings in float32. sam3fast rows
+run with autocast disabled (the official's global autocast would otherwise leak into them) at
+the dtype they name. ``--official-compile``: the official model's own option
+(``compile_model=True``: torch.compile ``max-autotune`` of its stages, concept part, CUDA).
+
+    python bench/bench_video.py                  # GPU: full size, 48 frames, 1/4/16 objects, fp32 + bf16
+    python bench/bench_video.py --smoke          # CPU, tiny config, 5 frames, 1 and 2 objects (CI)
+
+On a GPU the results go to bench/results/video_fps_<config>_<gpu>_<date>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # official-package helpers live with the tests
+sys.path.insert(0, HERE)
+
+from bench_image import machine_header  # noqa: E402
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _move_plain_tensors(model, device):
+    """``.to()`` moves parameters and buffers only; the official builder (run here under the CPU
+    patches of the test helpers) leaves plain tensor attributes (position-encoding and decoder
+    coordinate caches) on the CPU."""
+    def mv(v):
+        if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter):
+            return v.to(device)
+        if type(v) is dict:  # in place: the dict may be shared
+            for k, x in v.items():
+                v[k] = mv(x)
+            return v
+        if type(v) is tuple and any(isinstance(x, torch.Tensor) for x in v):
+            return tuple(mv(x) for x in v)
+        return v
+
+    for m in model.modules():
+        for k, v in list(vars(m).items()):
+            if not k.startswith("_") and isinstance(v, (torch.Tensor, dict, tuple)):
+                m.__dict__[k] = mv(v)
+    return model
+
+
+def grid_points(n):
+    """n click positions (relative x, y) spread over the frame on a ceil(sqrt(n)) grid."""
+    k = math.ceil(math.sqrt(n))
+    return [((i % k + 0.5) / k, (i // k + 0.5) / k) for i in range(n)]
+
+
+def run_sessions(session, device, warmup, iters):
+    """Run ``session() -> (frames, seconds, extra)`` warmup + iters times; median seconds."""
+    for _ in range(warmup):
+        session()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    resident = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    runs = [session() for _ in range(iters)]
+    sec = float(np.median([r[1] for r in runs]))
+    row = {"frames": runs[-1][0], "seconds": sec, "fps": runs[-1][0] / sec, "ms_per_frame": 1e3 * sec / runs[-1][0]}
+    if device.type == "cuda":
+        row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        row["resident_gib"] = resident
+    row.update(runs[-1][2])
+    return row
+
+
+# ----------------------------------------------------------------------------------------------
+# Part 1: SAM 2-style tracker
+
+
+def tracker_session(tracker, clip, n, frames, device, mode, cache=None):
+    def session():
+        if isinstance(cache, Exception):
+            raise cache  # building the feature cache failed: the row records why
+        with mode():
+            st = tracker.init_state(video_path=clip)
+            if cache is not None:
+                st["cached_features"] = cache
+            for i, (x, y) in enumerate(grid_points(n)):
+                tracker.add_new_points_or_box(st, frame_idx=0, obj_id=i, points=torch.tensor([[x, y]]),
+                                              labels=torch.tensor([1], dtype=torch.int32))
+            _sync(device)
+            t0 = time.perf_counter()
+            k = sum(1 for _ in tracker.propagate_in_video(st, start_frame_idx=0, max_frame_num_to_track=frames - 1,
+                                                          reverse=False, tqdm_disable=True, propagate_preflight=True))
+            _sync(device)
+            return k, time.perf_counter() - t0, {}
+    return session
+
+
+def feature_cache(tracker, clip, device, mode, strict):
+    """Every frame's ``tracker.forward_image`` output, as ``_get_image_feature`` caches one (the
+    exception instead if that fails and not ``strict``: the cached rows then report it)."""
+    try:
+        with mode(), torch.inference_mode():
+            st = tracker.init_state(video_path=clip)
+            cache = {}
+            for t in range(st["num_frames"]):
+                img = st["images"][t].to(device).float().unsqueeze(0)
+                cache[t] = (img, tracker.forward_image(img))
+        return cache
+    except Exception as e:  # noqa: BLE001
+        if strict:
+            raise
+        return e
+
+
+# ----------------------------------------------------------------------------------------------
+# Part 2: concept video (request API)
+
+
+def concept_session(predictor, clip, prompt, device, mode):
+    def session():
+        with mode():
+            sid = predictor.handle_request(request={"type": "start_session", "resource_path": clip})["session_id"]
+            predictor.handle_request(request={"type": "add_prompt", "session_id": sid, "frame_index": 0,
+                                              "text": prompt})
+            _sync(device)
+            t0 = time.perf_counter()
+            counts = [len(r["outputs"]["out_obj_ids"]) for r in predictor.handle_stream_request(
+                request={"type": "propagate_in_video", "session_id": sid, "propagation_direction": "forward"})]
+            _sync(device)
+            dt = time.perf_counter() - t0
+            predictor.handle_request(request={"type": "close_session", "session_id": sid})
+        return len(counts), dt, {"objects_per_frame": [int(min(counts)), float(np.median(counts)), int(max(counts))],
+                                 "object_counts": counts}
+    return session
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny config on CPU, 5 frames, objects 1 and 2, 1 iteration")
+    ap.add_argument("--config", default="sam3")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None, help="sam3fast dtypes, comma-separated (default: float32,bfloat16 "
+                                                  "on CUDA, float32 on CPU)")
+    ap.add_argument("--frames", type=int, default=48)
+    ap.add_argument("--objects", default="1,4,16", help="tracker part: clicked objects, comma-separated")
+    ap.add_argument("--height", type=int, default=540)
+    ap.add_argument("--width", type=int, default=960)
+    ap.add_argument("--iters", type=int, default=3, help="timed sessions per row (median)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed sessions per row")
+    ap.add_argument("--parts", default="tracker,concept")
+    ap.add_argument("--no-official", action="store_true")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled rows (default on CUDA only)")
+    ap.add_argument("--official-compile", action="store_true", help="also the official compile_model=True row")
+    ap.add_argument("--prompt", default=None, help="concept part text prompt (default: the recipe's)")
+    ap.add_argument("--score-gain", type=float, default=None, help="weight recipe: detector score gain")
+    ap.add_argument("--presence-shift", type=float, default=None, help="weight recipe: presence-logit shift")
+    ap.add_argument("--obj-shift", type=float, default=5.0, help="weight recipe: tracker object-score shift "
+                                                                "(> 0 keeps tracked objects present)")
+    ap.add_argument("--det-nms-thresh", type=float, default=None,
+                    help="detector NMS IoU threshold on both models (official 0.1; higher keeps more objects)")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.config, args.device, args.frames, args.objects = "tiny", "cpu", 5, "1,2"
+        args.height, args.width, args.iters, args.warmup, args.no_compile = 72, 96, 1, 0, True
+    threads = torch.get_num_threads()
+    if args.smoke:
+        torch.set_num_threads(1)  # tiny tensors: one thread is faster and steady on a busy 2-core machine
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench_video_") as tmp:  # clip + checkpoint (3.4 GB at full size)
+            return _main(args, tmp)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(args, tmp):
+    import sam3fast
+    from official_video_ref import VIDEO_RECIPE, VIDEO_TEXT, build_official_video_model, \
+        build_official_video_predictor, official_video_mode, save_official_video_checkpoint
+    import official_video_ref
+    from video_clip import make_clip, write_jpg_folder
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    dtypes = (args.dtype or ("float32,bfloat16" if cuda else "float32")).split(",")
+    objects = [int(n) for n in args.objects.split(",")]
+    parts = args.parts.split(",")
+    compile_rows = not args.no_compile
+    prompt = args.prompt or VIDEO_TEXT
+    cfg = sam3fast.get_config(args.config)
+    clip = write_jpg_folder(make_clip(args.frames, args.height, args.width), os.path.join(tmp, "frames"))
+
+    recipe = {"tracker_obj_shift": args.obj_shift}
+    if args.score_gain is not None:
+        recipe["score_gain"] = args.score_gain
+    if args.presence_shift is not None:
+        recipe["presence_shift"] = args.presence_shift
+    t0 = time.perf_counter()
+    ref = build_official_video_model(cfg, recipe=recipe)  # VIDEO_RECIPE + recipe, on CPU
+    ckpt = save_official_video_checkpoint(ref, os.path.join(tmp, "sam3.pt"))
+    print(f"weights: official video model, VIDEO_RECIPE + {recipe}, saved in {time.perf_counter() - t0:.1f} s")
+
+    # Official: on CPU inside official_video_mode (CUDA -> CPU patches); on CUDA natively.
+    omode = contextlib.nullcontext if cuda else official_video_mode
+
+    def ours_mode():  # the official tracker leaves a global bf16 autocast entered on this thread
+        return torch.autocast("cuda", enabled=False) if cuda else contextlib.nullcontext()
+
+    official_dtype = "fp32 weights + built-in bf16 autocast" if cuda else "float32"
+    results = {"machine": machine_header(device), "config": args.config, "date": datetime.date.today().isoformat(),
+               "clip": f"video_clip.make_clip({args.frames}, {args.height}, {args.width}) as a JPEG folder",
+               "weights": {**VIDEO_RECIPE, **recipe}, "prompt": prompt, "det_nms_thresh": args.det_nms_thresh,
+               "args": vars(args), "rows": []}
+    rows = results["rows"]
+
+    def add(part, engine, dtype, variant, n, session, **extra):
+        name = f"{part} {engine} {dtype} {variant}" + ("" if n is None else f" N={n}")
+        try:
+            row = run_sessions(session, device, args.warmup, args.iters)
+        except Exception as e:  # noqa: BLE001 -- a GPU run records a failing row and goes on
+            if args.smoke:
+                raise
+            row = {"error": f"{type(e).__name__}: {e}"[:400]}
+        row.update(part=part, engine=engine, dtype=dtype, variant=variant, objects=n, **extra)
+        rows.append(row)
+        print(name, "->", "ERROR " + row["error"] if "error" in row else
+              f"{row['fps']:.2f} frames/s ({row['ms_per_frame']:.1f} ms/frame)", flush=True)
+        return row
+
+    def free():
+        if cuda:
+            torch.cuda.empty_cache()
+
+    # ---------------------------------------------------------------- part 1: tracker
+    if "tracker" in parts:
+        if not args.no_official:
+            with omode():
+                ref = _move_plain_tensors(ref.to(device), device) if cuda else ref
+                tracker = ref.tracker
+                tracker.backbone = ref.detector.backbone
+            for n in objects:
+                add("tracker", "official", official_dtype, "e2e", n, tracker_session(tracker, clip, n, args.frames,
+                                                                                  device, omode))
+            # built after the e2e rows, so that it is not in their peak memory
+            cache = feature_cache(tracker, clip, device, omode, args.smoke)
+            for n in objects:
+                add("tracker", "official", official_dtype, "cached", n, tracker_session(tracker, clip, n, args.frames,
+                                                                                     device, omode, cache))
+            del tracker, cache
+        del ref
+        free()
+        for dtype in dtypes:
+            with ours_mode():
+                model = sam3fast.build_sam3_video_model(checkpoint_path=ckpt, config=cfg, device=device, dtype=dtype)
+            tracker = model.tracker
+            tracker.backbone = model.detector.backbone
+
+            def ours(variant, n, cache=None):
+                before = dict(tracker.step_counts)
+                row = add("tracker", "sam3fast", dtype, variant, n, tracker_session(
+                    tracker, clip, n, args.frames, device, ours_mode, cache))
+                row["step_counts"] = {k: v - before[k] for k, v in tracker.step_counts.items()}
+
+            def variants(suffix, per_frame_too):
+                for use_cache in (False, True):  # the feature cache only exists for the cached rows
+                    cache = feature_cache(tracker, clip, device, ours_mode, args.smoke) if use_cache else None
+                    kind = "cached" if use_cache else "e2e"
+                    for n in objects:
+                        ours(kind + suffix, n, cache)
+                        if per_frame_too:
+                            tracker.fixed_capacity_step = False
+                            ours(kind + " perframe", n, cache)
+                            tracker.fixed_capacity_step = True
+                    del cache
+                    free()
+
+            variants("", per_frame_too=True)
+            if compile_rows:
+                tracker.compile_step(mode="reduce-overhead" if cuda else None)
+                variants(" compiled", per_frame_too=False)
+            del model, tracker
+            free()
+
+    # ---------------------------------------------------------------- part 2: concept video
+    if "concept" in parts:
+        def concept(engine, dtype, variant, build, mode):
+            try:
+                with mode():
+                    predictor = build()
+                    if args.det_nms_thresh is not None:
+                        predictor.model.det_nms_thresh = args.det_nms_thresh
+                    if cuda and engine == "official":
+                        _move_plain_tensors(predictor.model, device)
+            except Exception as e:  # noqa: BLE001
+                if args.smoke:
+                    raise
+                rows.append({"part": "concept", "engine": engine, "dtype": dtype, "variant": variant,
+                             "objects": None, "error": f"build: {type(e).__name__}: {e}"[:400]})
+                print("concept", engine, dtype, variant, "-> ERROR", rows[-1]["error"])
+                return
+            add("concept", engine, dtype, variant, None, concept_session(predictor, clip, prompt, device, mode))
+            if hasattr(predictor, "shutdown"):
+                predictor.shutdown()
+            del predictor
+            free()
+
+        def official_predictor(compile_model=False):
+            # The helper builds and serves inside official_video_mode; on CUDA it must not (that
+            # mode maps CUDA to CPU): its reference to the mode is swapped for a no-op meanwhile.
+            saved = official_video_ref.official_video_mode
+            if cuda:
+                official_video_ref.official_video_mode = contextlib.nullcontext
+            try:
+                predictor = build_official_video_predictor(cfg, ckpt)
+            finally:
+                official_video_ref.official_video_mode = saved
+            predictor.model.compile_model = compile_model
+            return predictor
+
+        def ours_predictor(dtype, compile=False):
+            return sam3fast.build_sam3_video_predictor(checkpoint_path=ckpt, config=cfg, device=device, dtype=dtype,
+                                                       compile=compile)
+
+        if not args.no_official:
+            concept("official", official_dtype, "e2e", official_predictor, omode)
+        for dtype in dtypes:
+            concept("sam3fast", dtype, "e2e", lambda d=dtype: ours_predictor(d), ours_mode)
+            if compile_rows:
+                concept("sam3fast", dtype, "compiled", lambda d=dtype: ours_predictor(d, compile=True), ours_mode)
+        if args.official_compile and not args.no_official:  # last: it changes global dynamo settings
+            if cuda:
+                concept("official", official_dtype, "compiled", lambda: official_predictor(True), omode)
+            else:
+                print("--official-compile: CUDA only (the CPU helpers run the official code with dynamo disabled)")
+
+    # ---------------------------------------------------------------- ratios, table, files
+    base = {(r["part"], r["objects"], r["variant"].split()[0]): r["fps"] for r in rows
+            if r["engine"] == "official" and r["variant"] in ("e2e", "cached") and "fps" in r}
+    for r in rows:
+        b = base.get((r["part"], r["objects"], r["variant"].split()[0]))
+        if b and "fps" in r:
+            r["vs_official"] = r["fps"] / b
+    table = format_table(results)
+    print(table)
+    if cuda and not args.smoke:
+        os.makedirs(args.out, exist_ok=True)
+        gpu = results["machine"].get("gpu", "gpu").replace(" ", "_")
+        stem = os.path.join(args.out, f"video_fps_{args.config}_{gpu}_{results['date']}")
+        with open(stem + ".json", "w") as f:
+            json.dump(results, f, indent=1)
+        with open(stem + ".md", "w") as f:
+            f.write(table + "\n")
+        print("wrote", stem + ".json", stem + ".md")
+    return results
+
+
+def format_table(results):
+    m = results["machine"]
+    lines = [f"# video frames/s benchmark: config {results['config']}, {m.get('gpu', m['device'])}, "
+             f"torch {m['torch']}, {results['date']}",
+             "", f"clip: {results['clip']}; weights: {results['weights']}; prompt {results['prompt']!r}; "
+             f"det_nms_thresh {results['det_nms_thresh'] or 'official (0.1)'}",
+             "frames/s = frames yielded / seconds of the whole propagate_in_video stream (median of timed sessions); "
+             "e2e includes the backbone, cached = tracker step only (features precomputed); "
+             "objects/frame = min/median/max of len(out_obj_ids) (random weights: the count is what they produce)",
+             "",
+             "| part | engine | dtype | variant | objects | frames | frames/s | ms/frame | vs official | peak GiB | "
+             "objects/frame | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        objs = r.get("objects_per_frame")
+        note = r.get("error", "")
+        if "step_counts" in r:
+            note = note or "steps " + ", ".join(f"{k} {v}" for k, v in r["step_counts"].items())
+        cells = [r["part"], r["engine"], r["dtype"], r["variant"], "" if r["objects"] is None else r["objects"],
+                 r.get("frames", ""), f"{r['fps']:.2f}" if "fps" in r else "-",
+                 f"{r['ms_per_frame']:.1f}" if "fps" in r else "-",
+                 f"{r['vs_official']:.2f}x" if "vs_official" in r else "",
+                 f"{r['peak_gib']:.2f}" if "peak_gib" in r else "",
+                 "" if objs is None else f"{objs[0]}/{objs[1]:g}/{objs[2]}", note]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
