@@ -67,7 +67,8 @@ def main(argv=None):
         args.config, args.device, args.iters, args.warmup, args.batch = "tiny", "cpu", 1, 0, 2
 
     import sam3fast
-    from official_ref import build_official_image_model, cpu_mode, official, official_checkpoint_state, redraw_
+    from official_ref import (build_official_image_model, cpu_mode, move_official_model, official,
+                              official_checkpoint_state, redraw_)
     from PIL import Image
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -96,7 +97,7 @@ def main(argv=None):
         from sam3.model.sam3_image_processor import Sam3Processor as OfficialProcessor
 
         with mode():
-            ref = ref.to(device)
+            ref = move_official_model(ref, device)
             oproc = OfficialProcessor(ref, resolution=cfg.resolution, device=str(device))
         results["runs"]["official_fp32"] = timeit(run_processor(oproc, mode), device, args.warmup, args.iters)
         if device.type == "cuda":

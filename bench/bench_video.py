@@ -64,28 +64,6 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _move_plain_tensors(model, device):
-    """``.to()`` moves parameters and buffers only; the official builder (run here under the CPU
-    patches of the test helpers) leaves plain tensor attributes (position-encoding and decoder
-    coordinate caches) on the CPU."""
-    def mv(v):
-        if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter):
-            return v.to(device)
-        if type(v) is dict:  # in place: the dict may be shared
-            for k, x in v.items():
-                v[k] = mv(x)
-            return v
-        if type(v) is tuple and any(isinstance(x, torch.Tensor) for x in v):
-            return tuple(mv(x) for x in v)
-        return v
-
-    for m in model.modules():
-        for k, v in list(vars(m).items()):
-            if not k.startswith("_") and isinstance(v, (torch.Tensor, dict, tuple)):
-                m.__dict__[k] = mv(v)
-    return model
-
-
 def grid_points(n):
     """n click positions (relative x, y) spread over the frame on a ceil(sqrt(n)) grid."""
     k = math.ceil(math.sqrt(n))
@@ -220,6 +198,7 @@ def _main(args, tmp):
     from official_video_ref import VIDEO_RECIPE, VIDEO_TEXT, build_official_video_model, \
         build_official_video_predictor, official_video_mode, save_official_video_checkpoint
     import official_video_ref
+    from official_ref import move_official_model
     from video_clip import make_clip, write_jpg_folder
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -277,7 +256,7 @@ def _main(args, tmp):
     if "tracker" in parts:
         if not args.no_official:
             with omode():
-                ref = _move_plain_tensors(ref.to(device), device) if cuda else ref
+                ref = move_official_model(ref, device) if cuda else ref
                 tracker = ref.tracker
                 tracker.backbone = ref.detector.backbone
             for n in objects:

@@ -332,3 +332,27 @@ def build_official_tracker(cfg, apply_temporal_disambiguation: bool = False):
             tb.TwoWayTransformer, tb.MaskDecoder = orig_tw, orig_md
     del md, sam_tf
     return model.eval()
+
+
+def move_official_model(model, device):
+    """``model.to(device)`` plus its plain tensor attributes: ``.to()`` moves parameters and
+    buffers only, and the official builder (run under :func:`cpu_mode`) leaves position-encoding
+    and decoder coordinate caches as plain CPU tensors. For benchmarks that build on CPU and run
+    on a GPU."""
+    model = model.to(device)
+    def mv(v):
+        if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter):
+            return v.to(device)
+        if type(v) is dict:  # in place: the dict may be shared
+            for k, x in v.items():
+                v[k] = mv(x)
+            return v
+        if type(v) is tuple and any(isinstance(x, torch.Tensor) for x in v):
+            return tuple(mv(x) for x in v)
+        return v
+
+    for m in model.modules():
+        for k, v in list(vars(m).items()):
+            if not k.startswith("_") and isinstance(v, (torch.Tensor, dict, tuple)):
+                m.__dict__[k] = mv(v)
+    return model
