@@ -55,6 +55,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..ops import connected_component_sizes
+from .association import associate_detections
 from .detector import mask_iou_matrix
 
 logger = logging.getLogger(__name__)
@@ -718,54 +719,30 @@ class Sam3VideoBase(nn.Module):
                            trk_obj_ids: np.ndarray):
         """Match detections (N, H, W) logits with tracks (M, H, W) logits. Returns (new detection
         indices, unmatched non-empty track ids, det index -> matched track ids, track id ->
-        high-confidence detection index, empty track ids)."""
-        iou_threshold = self.assoc_iou_thresh
-        iou_threshold_trk = self.trk_assoc_iou_thresh
-        new_det_thresh = self.new_det_thresh
-        if trk_masks.size(0) == 0:
-            return (np.arange(det_masks.size(0)), np.array([], np.int64), {}, {}, np.array([], np.int64))
-        if det_masks.size(0) == 0:
-            trk_is_nonempty = (trk_masks > 0).any(dim=(1, 2)).cpu().numpy()
-            return (np.array([], np.int64), trk_obj_ids[trk_is_nonempty], {}, {}, trk_obj_ids[~trk_is_nonempty])
-        if det_masks.shape[-2:] != trk_masks.shape[-2:]:
-            if np.prod(det_masks.shape[-2:]) < np.prod(trk_masks.shape[-2:]):
-                trk_masks = F.interpolate(trk_masks.unsqueeze(1), size=det_masks.shape[-2:], mode="bilinear",
-                                          align_corners=False).squeeze(1)
-            else:
-                det_masks = F.interpolate(det_masks.unsqueeze(1), size=trk_masks.shape[-2:], mode="bilinear",
-                                          align_corners=False).squeeze(1)
-        det_bin = det_masks > 0
-        trk_bin = trk_masks > 0
-        ious_np = mask_iou_matrix(det_bin, trk_bin).cpu().numpy()  # host sync
-        if self.o2o_matching_masklets_enable:
-            from scipy.optimize import linear_sum_assignment
-
-            row_ind, col_ind = linear_sum_assignment(1 - ious_np)
-            trk_is_matched = np.zeros(trk_masks.size(0), dtype=bool)
-            for d, t in zip(row_ind, col_ind):
-                if ious_np[d, t] >= iou_threshold_trk:
-                    trk_is_matched[t] = True
-        else:
-            trk_is_matched = (ious_np >= iou_threshold_trk).any(axis=0)
-        trk_is_nonempty = trk_bin.any(dim=(1, 2)).cpu().numpy()  # host sync
-        unmatched_trk_obj_ids = trk_obj_ids[np.logical_and(trk_is_nonempty, ~trk_is_matched)]
-        empty_trk_obj_ids = trk_obj_ids[~trk_is_nonempty]
-        is_new_det = np.logical_and(det_scores_np >= new_det_thresh, ~np.any(ious_np >= iou_threshold, axis=1))
-        new_det_fa_inds = np.nonzero(is_new_det)[0]
-        det_to_matched_trk_obj_ids = {}
-        trk_id_to_max_iou_high_conf_det = {}
-        HIGH_CONF_THRESH = 0.8
-        HIGH_IOU_THRESH = 0.8
-        det_to_max_iou_trk_idx = np.argmax(ious_np, axis=1)
-        det_is_high_conf = (det_scores_np >= HIGH_CONF_THRESH) & ~is_new_det
-        det_is_high_iou = np.max(ious_np, axis=1) >= HIGH_IOU_THRESH
-        high = set(np.nonzero(det_is_high_conf & det_is_high_iou)[0])
-        for d in range(det_masks.size(0)):
-            det_to_matched_trk_obj_ids[d] = trk_obj_ids[ious_np[d, :] >= iou_threshold]
-            if d in high:
-                trk_id_to_max_iou_high_conf_det[trk_obj_ids[det_to_max_iou_trk_idx[d]].item()] = d
-        return (new_det_fa_inds, unmatched_trk_obj_ids, det_to_matched_trk_obj_ids, trk_id_to_max_iou_high_conf_det,
-                empty_trk_obj_ids)
+        high-confidence detection index, empty track ids), as the official. The matching runs on
+        the device on fixed-shape tensors (:func:`~sam3fast.video.association.associate_detections`);
+        the host reads its answer with one copy."""
+        N, M = det_masks.size(0), trk_masks.size(0)
+        dev = det_masks.device
+        res = associate_detections(
+            det_masks, torch.as_tensor(det_scores_np, device=dev, dtype=torch.float32),
+            torch.ones(N, dtype=torch.bool, device=dev), trk_masks.to(dev), torch.ones(M, dtype=torch.bool, device=dev),
+            assoc_iou_thresh=self.assoc_iou_thresh, trk_assoc_iou_thresh=self.trk_assoc_iou_thresh,
+            new_det_thresh=self.new_det_thresh, o2o=self.o2o_matching_masklets_enable,
+        )
+        packed = torch.cat((res.new_det.long(), res.det_high_conf.long(), res.det_best_trk, res.unmatched_trk.long(),
+                            res.empty_trk.long(), res.det_matches.long().flatten())).cpu().numpy()  # host sync
+        new_det, high, best, unmatched, empty = np.split(packed[:3 * N + 2 * M], [N, 2 * N, 3 * N, 3 * N + M])
+        matches = packed[3 * N + 2 * M:].reshape(N, M).astype(bool)
+        new_det_fa_inds = np.nonzero(new_det)[0]
+        if M == 0:
+            return new_det_fa_inds, np.array([], np.int64), {}, {}, np.array([], np.int64)
+        det_to_matched_trk_obj_ids = {d: trk_obj_ids[matches[d]] for d in range(N)}
+        trk_id_to_max_iou_high_conf_det = {}  # filled in detection order (the last one wins), as the official
+        for d in np.nonzero(high)[0]:
+            trk_id_to_max_iou_high_conf_det[trk_obj_ids[best[d]].item()] = int(d)
+        return (new_det_fa_inds, trk_obj_ids[unmatched.astype(bool)], det_to_matched_trk_obj_ids,
+                trk_id_to_max_iou_high_conf_det, trk_obj_ids[empty.astype(bool)])
 
     def _assign_new_det_to_gpus(self, new_det_num, prev_workload_per_gpu):
         workload = np.asarray(prev_workload_per_gpu).copy()
