@@ -809,3 +809,31 @@ def test_bf16_session_tracks_like_fp32(pair):
         union = (a | b).sum().item()
         ious.append(1.0 if union == 0 else (a & b).sum().item() / union)  # (both empty: agree)
     assert min(ious) > 0.8, ious
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cuda_steady_state_has_no_sync(pair, compiled):
+    """On a GPU the steady-state frames of a propagation make no host sync at all
+    (``torch.cuda.set_sync_debug_mode("error")`` raises on any), eager and compiled."""
+    import copy
+
+    ours = copy.deepcopy(pair.ours).cuda()
+    ours.backbone = copy.deepcopy(pair.vb).cuda()
+    if compiled:
+        ours.compile_step(mode="reduce-overhead")
+    st = ours.init_state(video_height=VIDEO_H, video_width=VIDEO_W, num_frames=len(pair.frames))
+    st["images"] = pair.frames.cuda()
+    ours.add_new_points_or_box(st, 0, 1, points=[[0.1, 0.5]], labels=[1])
+    ours.add_new_points_or_box(st, 0, 2, points=[[0.8, 0.3]], labels=[1])
+    ours.propagate_in_video_preflight(st)
+    gen = ours.propagate_in_video(st, 0, None, False, tqdm_disable=True)
+    for _ in range(4):  # the bank is built (with syncs) on the first tracked frame; compile warms up
+        next(gen)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        rest = [out for out in gen]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(rest) == len(pair.frames) - 4
