@@ -655,6 +655,15 @@ def _full_size_track_step():
     for k in ("pred_masks", "obj_ptr", "object_score_logits", "iou_score", "eff_iou_score", "maskmem_features"):
         _close(got[k], ref[k], f"full size {k}")
     assert (ref_masks > 0).any() and (ref_masks < 0).any()
+    # the same frame on the fixed-capacity bank (masked attention over padded slots at 72 x 72)
+    with torch.inference_mode():
+        st = fill_state(ours, entry_ours)
+        bank = ours._seed_memory_bank(st, T - 1, reverse=False)
+        assert bank is not None
+        got_b, got_b_masks = ours._run_single_frame_inference(st, st["output_dict"], T - 1, B, False, None, None,
+                                                              False, run_mem_encoder=True, memory_bank=bank)
+    for k in ("pred_masks", "obj_ptr", "object_score_logits", "iou_score", "eff_iou_score", "maskmem_features"):
+        _close(got_b[k], ref[k], f"full size, memory bank: {k}")
 
 
 # ----------------------------------------------------------------------------------------------
