@@ -29,6 +29,7 @@ def _official_associate(o2o):
 
 def _ours_associate(o2o):
     fake = types.SimpleNamespace(**THRESH, o2o_matching_masklets_enable=o2o)
+    fake._associate = types.MethodType(OurBase._associate, fake)
     return lambda **kw: OurBase._associate_det_trk(fake, **kw)
 
 

@@ -335,9 +335,12 @@ def test_detector_step_parity(checkpoints, clip_dir):
         assert torch.equal(lu < -100, lo < -100)
         torch.testing.assert_close(bu["pred_boxes_xyxy"], bo["pred_boxes_xyxy"][0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(bu["pred_masks"], bo["pred_masks"][0], rtol=1e-4, atol=1e-3)
+        # ours keeps every query slot with a validity mask; the valid ones are the official's list
+        assert du["valid"].shape == du["scores"].shape and du["valid"].dtype == torch.bool
         for k in ("scores", "bbox", "mask"):
-            assert du[k].shape == do[k].shape, (t, k)
-            torch.testing.assert_close(du[k], do[k], rtol=1e-4, atol=1e-3)
+            got = du[k][du["valid"]]
+            assert got.shape == do[k].shape, (t, k)
+            torch.testing.assert_close(got, do[k], rtol=1e-4, atol=1e-3)
         to = fco[t][1]["tracker_backbone_out"]
         tu = fcu[t][1]["tracker_backbone_out"]
         for a, b in zip(tu["backbone_fpn"], to["backbone_fpn"]):

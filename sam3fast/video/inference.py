@@ -332,7 +332,7 @@ class Sam3VideoBase(nn.Module):
             "num_obj_dropped": tracker_update_plan["num_obj_dropped_due_to_limit"],
         }
         if tracker_obj_scores_global.shape[0] > 0:
-            tracker_obj_scores_global = tracker_obj_scores_global.sigmoid().tolist()  # host sync
+            tracker_obj_scores_global = tracker_update_plan["tracker_obj_scores_host"]  # (read with the plan)
             tracker_obj_ids = tracker_metadata_prev["obj_ids_all_gpu"]
             tracker_metadata_new["obj_id_to_tracker_score_frame_wise"][frame_idx].update(
                 dict(zip(tracker_obj_ids, tracker_obj_scores_global))
@@ -384,11 +384,14 @@ class Sam3VideoBase(nn.Module):
         pred_probs = out["pred_logits"].squeeze(-1).sigmoid()
         if not allow_new_detections:
             pred_probs = pred_probs - 1e8
-        pos = torch.where(pred_probs > self.score_threshold_detection)  # host sync: N_det
+        # All Q query slots stay, with a validity mask (the official selects the detections above
+        # the threshold here, a host sync and a data-dependent shape); detection indices below
+        # are slot indices, in the same ascending order as the official's.
         det_out = {
-            "bbox": out["pred_boxes_xyxy"][pos[0], pos[1]],
-            "mask": out["pred_masks"][pos[0], pos[1]],
-            "scores": pred_probs[pos[0], pos[1]],
+            "bbox": out["pred_boxes_xyxy"][0],
+            "mask": out["pred_masks"][0],
+            "scores": pred_probs[0],
+            "valid": pred_probs[0] > self.score_threshold_detection,
         }
         dec = self.tracker.sam_mask_decoder
         fpn = [dec.conv_s0(out["tracker_backbone_fpn_0"]), dec.conv_s1(out["tracker_backbone_fpn_1"]),
@@ -461,14 +464,15 @@ class Sam3VideoBase(nn.Module):
         }
         reconditioned_obj_ids = set()
 
-        det_mask_preds: Tensor = det_out["mask"]
-        det_scores_np: np.ndarray = det_out["scores"].float().cpu().numpy()  # host sync
         det_bbox_xyxy: Tensor = det_out["bbox"]
-        (new_det_fa_inds, unmatched_trk_obj_ids, det_to_matched_trk_obj_ids, trk_id_to_max_iou_high_conf_det,
-         empty_trk_obj_ids) = self._associate_det_trk(
-            det_masks=det_mask_preds, det_scores_np=det_scores_np, trk_masks=tracker_low_res_masks_global,
-            trk_obj_ids=tracker_metadata_prev["obj_ids_all_gpu"],
+        # association on the device; the host reads the frame's decisions, the detection scores and
+        # the tracker scores with one copy
+        association, det_scores_np, tracker_scores_host = self._associate(
+            det_out["mask"], det_out["scores"], det_out["valid"], tracker_low_res_masks_global,
+            tracker_metadata_prev["obj_ids_all_gpu"], extra=tracker_obj_scores_global.sigmoid(),
         )
+        (new_det_fa_inds, unmatched_trk_obj_ids, det_to_matched_trk_obj_ids, trk_id_to_max_iou_high_conf_det,
+         empty_trk_obj_ids) = association
         if self.suppress_det_close_to_boundary:
             keep = self._suppress_detections_close_to_boundary(det_bbox_xyxy[torch.from_numpy(new_det_fa_inds)])
             new_det_fa_inds = new_det_fa_inds[keep.cpu().numpy()]
@@ -506,6 +510,7 @@ class Sam3VideoBase(nn.Module):
             "num_obj_dropped_due_to_limit": num_obj_dropped_due_to_limit,
             "trk_id_to_max_iou_high_conf_det": trk_id_to_max_iou_high_conf_det,
             "reconditioned_obj_ids": reconditioned_obj_ids,
+            "tracker_obj_scores_host": tracker_scores_host,
         }
 
         should_recondition_iou = False
@@ -717,32 +722,49 @@ class Sam3VideoBase(nn.Module):
 
     def _associate_det_trk(self, det_masks: Tensor, det_scores_np: np.ndarray, trk_masks: Tensor,
                            trk_obj_ids: np.ndarray):
-        """Match detections (N, H, W) logits with tracks (M, H, W) logits. Returns (new detection
-        indices, unmatched non-empty track ids, det index -> matched track ids, track id ->
-        high-confidence detection index, empty track ids), as the official. The matching runs on
-        the device on fixed-shape tensors (:func:`~sam3fast.video.association.associate_detections`);
-        the host reads its answer with one copy."""
-        N, M = det_masks.size(0), trk_masks.size(0)
+        """The official signature: match detections (N, H, W) logits with tracks (M, H, W) logits.
+        Returns (new detection indices, unmatched non-empty track ids, det index -> matched track
+        ids, track id -> high-confidence detection index, empty track ids), as the official."""
+        dev = det_masks.device
+        scores = torch.as_tensor(det_scores_np, device=dev, dtype=torch.float32)
+        return self._associate(det_masks, scores, torch.ones(len(scores), dtype=torch.bool, device=dev), trk_masks,
+                               trk_obj_ids)[0]
+
+    def _associate(self, det_masks: Tensor, det_scores: Tensor, det_valid: Tensor, trk_masks: Tensor,
+                   trk_obj_ids: np.ndarray, extra: Optional[Tensor] = None):
+        """:meth:`_associate_det_trk` on Q padded detection slots (``det_valid``; indices are slot
+        indices). Matching runs on the device on fixed-shape tensors
+        (:func:`~sam3fast.video.association.associate_detections`); the host reads the answer, the
+        detection scores and ``extra`` (any 1-d float tensor) with one copy. Returns
+        ``(official 5-tuple, det_scores (Q,) float32 numpy, extra as a list of floats or None)``."""
+        Q, M = det_masks.size(0), trk_masks.size(0)
         dev = det_masks.device
         res = associate_detections(
-            det_masks, torch.as_tensor(det_scores_np, device=dev, dtype=torch.float32),
-            torch.ones(N, dtype=torch.bool, device=dev), trk_masks.to(dev), torch.ones(M, dtype=torch.bool, device=dev),
+            det_masks, det_scores.float(), det_valid, trk_masks.to(dev), torch.ones(M, dtype=torch.bool, device=dev),
             assoc_iou_thresh=self.assoc_iou_thresh, trk_assoc_iou_thresh=self.trk_assoc_iou_thresh,
             new_det_thresh=self.new_det_thresh, o2o=self.o2o_matching_masklets_enable,
         )
-        packed = torch.cat((res.new_det.long(), res.det_high_conf.long(), res.det_best_trk, res.unmatched_trk.long(),
-                            res.empty_trk.long(), res.det_matches.long().flatten())).cpu().numpy()  # host sync
-        new_det, high, best, unmatched, empty = np.split(packed[:3 * N + 2 * M], [N, 2 * N, 3 * N, 3 * N + M])
-        matches = packed[3 * N + 2 * M:].reshape(N, M).astype(bool)
+        parts = [det_valid, det_scores.float(), res.new_det, res.det_high_conf, res.det_best_trk, res.unmatched_trk,
+                 res.empty_trk, res.det_matches.flatten()]
+        if extra is not None:
+            parts.append(extra.reshape(-1))
+        packed = torch.cat([x.double() for x in parts]).cpu().numpy()  # host sync (the one read)
+        valid, scores, new_det, high, best = packed[:5 * Q].reshape(5, Q)
+        unmatched, empty = packed[5 * Q:5 * Q + 2 * M].reshape(2, M).astype(bool)
+        matches = packed[5 * Q + 2 * M:5 * Q + 2 * M + Q * M].reshape(Q, M).astype(bool)
+        extra_host = packed[5 * Q + 2 * M + Q * M:].tolist() if extra is not None else None
+        det_scores_np = scores.astype(np.float32)
         new_det_fa_inds = np.nonzero(new_det)[0]
         if M == 0:
-            return new_det_fa_inds, np.array([], np.int64), {}, {}, np.array([], np.int64)
-        det_to_matched_trk_obj_ids = {d: trk_obj_ids[matches[d]] for d in range(N)}
+            out = (new_det_fa_inds, np.array([], np.int64), {}, {}, np.array([], np.int64))
+            return out, det_scores_np, extra_host
+        det_to_matched_trk_obj_ids = {int(d): trk_obj_ids[matches[d]] for d in np.nonzero(valid)[0]}
         trk_id_to_max_iou_high_conf_det = {}  # filled in detection order (the last one wins), as the official
         for d in np.nonzero(high)[0]:
-            trk_id_to_max_iou_high_conf_det[trk_obj_ids[best[d]].item()] = int(d)
-        return (new_det_fa_inds, trk_obj_ids[unmatched.astype(bool)], det_to_matched_trk_obj_ids,
-                trk_id_to_max_iou_high_conf_det, trk_obj_ids[empty.astype(bool)])
+            trk_id_to_max_iou_high_conf_det[trk_obj_ids[int(best[d])].item()] = int(d)
+        out = (new_det_fa_inds, trk_obj_ids[unmatched], det_to_matched_trk_obj_ids, trk_id_to_max_iou_high_conf_det,
+               trk_obj_ids[empty])
+        return out, det_scores_np, extra_host
 
     def _assign_new_det_to_gpus(self, new_det_num, prev_workload_per_gpu):
         workload = np.asarray(prev_workload_per_gpu).copy()
@@ -1183,33 +1205,40 @@ class Sam3VideoInference(Sam3VideoBase):
             out_boxes_xywh = torch.zeros(0, 4, dtype=torch.float32)
             out_tracker_probs = torch.zeros(0, dtype=torch.float32)
         else:
-            out_obj_ids = torch.tensor(curr_obj_ids, dtype=torch.int64)
-            out_probs = torch.tensor([out["obj_id_to_score"][obj_id] for obj_id in curr_obj_ids])
-            trk = out["obj_id_to_tracker_score"]
-            out_tracker_probs = torch.tensor([trk[obj_id] if obj_id in trk else 0.0 for obj_id in curr_obj_ids])
-            out_binary_masks = torch.cat([obj_id_to_mask[obj_id] for obj_id in curr_obj_ids], dim=0)
-            keep = out_binary_masks.any(dim=(1, 2)).cpu()  # host sync
-            hide = []
+            # Everything is computed on the device for all N objects, hidden and empty ones
+            # masked out (a zeroed mask never wins a pixel from a kept object with a positive
+            # score, and a kept object with score 0 loses its pixels either way), then read with
+            # one device-to-host copy and filtered on the host.
+            dev = obj_id_to_mask[curr_obj_ids[0]].device
+            hide = set()
             for ids in (suppressed_obj_ids, removed_obj_ids, unconfirmed_obj_ids):
                 if ids is not None:
-                    hide.extend(ids)
-            if len(hide) > 0:
-                keep &= ~torch.isin(out_obj_ids, torch.tensor(hide, dtype=torch.int64))
-            keep_idx = torch.nonzero(keep, as_tuple=True)[0]
-            out_obj_ids = out_obj_ids.index_select(0, keep_idx)
-            out_probs = out_probs.index_select(0, keep_idx)
-            out_tracker_probs = out_tracker_probs.index_select(0, keep_idx)
-            out_binary_masks = out_binary_masks.index_select(0, keep_idx.to(out_binary_masks.device))
-            out_boxes_xywh = box_xyxy_to_xywh(masks_to_boxes(out_binary_masks))
-            out_boxes_xywh[..., 0] /= W_video
-            out_boxes_xywh[..., 1] /= H_video
-            out_boxes_xywh[..., 2] /= W_video
-            out_boxes_xywh[..., 3] /= H_video
-        if out_binary_masks.shape[0] > 1:
-            out_binary_masks = apply_object_wise_non_overlapping_constraints(
-                out_binary_masks.unsqueeze(1), out_tracker_probs.unsqueeze(1).to(out_binary_masks.device),
-                background_value=0,
-            ).squeeze(1) > 0
+                    hide.update(int(i) for i in ids)
+            trk = out["obj_id_to_tracker_score"]
+            masks = torch.cat([obj_id_to_mask[obj_id] for obj_id in curr_obj_ids], dim=0)
+            keep = masks.any(dim=(1, 2)) & torch.tensor([i not in hide for i in curr_obj_ids], device=dev)
+            masks = masks & keep[:, None, None]
+            boxes = box_xyxy_to_xywh(masks_to_boxes(masks)) / torch.tensor(
+                [W_video, H_video, W_video, H_video], dtype=torch.float32, device=dev)
+            tracker_probs = torch.tensor([trk[obj_id] if obj_id in trk else 0.0 for obj_id in curr_obj_ids],
+                                         dtype=torch.float32, device=dev)
+            separated = apply_object_wise_non_overlapping_constraints(
+                masks.unsqueeze(1), tracker_probs.unsqueeze(1), background_value=0).squeeze(1) > 0
+            masks = torch.where(keep.sum() > 1, separated, masks)  # (the official: only for 2+ objects)
+            N = len(curr_obj_ids)
+            packed = torch.cat((keep.view(torch.uint8), boxes.contiguous().view(torch.uint8).flatten(),
+                                masks.view(torch.uint8).flatten())).cpu().numpy()  # the one host copy
+            keep_np = packed[:N].view(np.bool_)
+            boxes_np = packed[N:N + 16 * N].view(np.float32).reshape(N, 4)
+            masks_np = packed[N + 16 * N:].view(np.bool_).reshape(N, H_video, W_video)
+            scores = out["obj_id_to_score"]
+            return {
+                "out_obj_ids": np.asarray(curr_obj_ids, dtype=np.int64)[keep_np],
+                "out_probs": np.asarray([scores[i] for i in curr_obj_ids], dtype=np.float32)[keep_np],
+                "out_boxes_xywh": boxes_np[keep_np],
+                "out_binary_masks": masks_np[keep_np],
+                "frame_stats": out.get("frame_stats", None),
+            }
         return {
             "out_obj_ids": out_obj_ids.cpu().numpy(),
             "out_probs": out_probs.cpu().numpy(),
