@@ -29,12 +29,21 @@ The tracker is any object with the official ``Sam3TrackerPredictor`` API (``init
 session's ``feature_cache``: frame index -> (frame, {"tracker_backbone_out": {"vision_features",
 "vision_pos_enc", "backbone_fpn"}}).
 
-Host syncs (kept where the official keeps Python on host values; the fixed-capacity rewrite comes
-later): detection thresholding (``torch.where`` -> N_det), detection scores and association IoUs
-to numpy, track non-empty flags to numpy, det-mask indexing with host indices, re-condition gate
-(``obj_score > 0.8``), tracker scores ``.tolist()``, per-output ``keep`` flags and the final
-``.cpu().numpy()`` of the outputs, ``refined_score.item()`` in partial propagation; plus the
-tracker's own and the hole filling (connected components on the host).
+Host syncs per frame (measured on the CPU by counting host reads of tensor values, tiny config):
+two in the steady state, where the official makes one per scanned memory frame, per detection
+step, per track flag and per output array:
+- the planning read (``_associate``): detections stay as padded query slots with a validity
+  mask, association runs on the device on fixed shapes
+  (:func:`~sam3fast.video.association.associate_detections`), and one copy brings the decisions,
+  the detection scores and the tracker scores to the host, where the official heuristics
+  (hotstart, new ids, removals) run on numpy as the official's do;
+- the output read (``_postprocess_output``): keep flags, boxes and masks of all objects in one
+  copy, filtered on the host.
+The tracker step (memory selection on a :class:`~sam3fast.video.memory_bank.MemoryBank`, all
+sessions in one batch) reads nothing; hole filling uses the Triton connected-components kernel on
+CUDA. Left on the host, on the frames that need them: adding new objects and removing objects
+(tracker state edits), the periodic re-condition gate (``obj_score > 0.8``),
+``refined_score.item()`` in partial propagation.
 """
 
 from __future__ import annotations
