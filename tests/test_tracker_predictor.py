@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from host_reads import record_host_reads
 from official_ref import build_official_tracker, cpu_mode, redraw_
 from sam3fast.config import get_config
 from sam3fast.model.neck import VisionBackbone
@@ -750,30 +751,18 @@ def test_memory_bank_off_matches_on(long_pair):
     compare_states(st_on, st_off)
 
 
-_HOST_READS = ("item", "__bool__", "tolist", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy")
-
-
 def _host_reads_in_steady_state(pred, p, monkeypatch, warmup=2):
-    """Count the calls that read tensor values on the host (each one a device sync on a GPU)
-    while ``propagate_in_video`` tracks frames after the first ``warmup`` ones."""
+    """The host reads of tensor values while ``propagate_in_video`` tracks frames after the
+    first ``warmup`` ones (each one a device sync on a GPU)."""
     st = p.state(pred)
     pred.add_new_points_or_box(st, 0, 1, points=[[0.1, 0.5]], labels=[1])
     pred.add_new_points_or_box(st, 0, 2, points=[[0.8, 0.3]], labels=[1])
     pred.propagate_in_video_preflight(st)
-    armed, hits = [False], []
-    for name in _HOST_READS:
-        orig = getattr(torch.Tensor, name)
-
-        def counted(self, *a, _orig=orig, _name=name, **k):
-            if armed[0]:
-                hits.append(_name)
-            return _orig(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    for i, _ in enumerate(pred.propagate_in_video(st, 0, None, False)):
-        armed[0] = i >= warmup
-    monkeypatch.undo()
-    return hits
+    armed = [False]
+    with record_host_reads(monkeypatch, armed) as hits:
+        for i, _ in enumerate(pred.propagate_in_video(st, 0, None, False)):
+            armed[0] = i >= warmup
+    return [name for name, _ in hits]
 
 
 def test_steady_state_reads_no_tensor_values(long_pair, monkeypatch):

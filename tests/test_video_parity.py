@@ -568,3 +568,38 @@ def test_bf16_video_session_runs_and_follows_fp32(checkpoints, clip_dir):
     assert same_ids >= 0.8 * NUM_FRAMES, same_ids
     # (measured: 19 of 20 masks above 0.96; one small mask at 0.39)
     assert ious and np.mean(np.array(ious) > 0.95) >= 0.9, sorted(ious)
+
+
+def test_concept_video_host_reads_per_frame(checkpoints, clip_dir, monkeypatch):
+    """Steady state of a text-prompted propagation: the host reads tensor values twice per frame
+    (the planning read and the output read; on a GPU each is one sync), not counting the CPU
+    backend of hole filling (scipy; on CUDA the Triton kernel reads nothing)."""
+    from host_reads import record_host_reads
+
+    pred = build_sam3_video_predictor(checkpoint_path=checkpoints[RICH_SEED], config=CFG, device="cpu")
+    model = pred.model
+    sid = pred.handle_request({"type": "start_session", "resource_path": clip_dir})["session_id"]
+    pred.handle_request({"type": "add_prompt", "session_id": sid, "frame_index": 0, "text": "blob"})
+    armed, per_frame = [False], {}
+    orig = model._run_single_frame_inference
+
+    def run(inference_state, frame_idx, reverse):
+        armed[0] = frame_idx >= 3  # (frames 1-2: tracker banks are built, with the official scan)
+        per_frame[frame_idx] = len(hits)
+        return orig(inference_state, frame_idx, reverse)
+
+    monkeypatch.setattr(model, "_run_single_frame_inference", run)
+    with record_host_reads(monkeypatch, armed) as hits:
+        frames = list(pred.handle_stream_request({"type": "propagate_in_video", "session_id": sid}))
+        armed[0] = False
+    assert len(frames) == NUM_FRAMES
+    counted = [h for h in hits if not h[1].startswith("connected_components.py")]
+    by_function = {}
+    for name, site in counted:
+        assert name in ("cpu", "numpy"), (name, site)
+        by_function[site.rsplit(":", 1)[-1]] = by_function.get(site.rsplit(":", 1)[-1], 0) + 1
+    # one .cpu().numpy() per tracked frame in planning, one per output frame (the frames held by
+    # hotstart come out at the end, all while counting)
+    assert set(by_function) <= {"_associate", "_postprocess_output"}, by_function
+    assert by_function.get("_associate", 0) <= 2 * (NUM_FRAMES - 3), by_function
+    assert by_function.get("_postprocess_output", 0) <= 2 * NUM_FRAMES, by_function
