@@ -271,6 +271,7 @@ class Sam3VideoBase(nn.Module):
         self.o2o_matching_masklets_enable = o2o_matching_masklets_enable
         self.fill_hole_area = fill_hole_area
         self.rank = 0
+        self.progress = True  # sam3fast: False hides the propagation progress bars (batch jobs draw their own)
         self.world_size = 1
         self.max_num_objects = max_num_objects if max_num_objects > 0 else 10000
         self.recondition_every_nth_frame = recondition_every_nth_frame
@@ -1132,7 +1133,7 @@ class Sam3VideoInference(Sam3VideoBase):
         hotstart_removed_obj_ids = set()
         unconfirmed_status_delay = self.masklet_confirmation_consecutive_det_thresh - 1
         unconfirmed_obj_ids_per_frame = {}
-        for frame_idx in tqdm(processing_order, desc="propagate_in_video", disable=self.rank > 0):
+        for frame_idx in tqdm(processing_order, desc="propagate_in_video", disable=self.rank > 0 or not self.progress):
             out = self._run_single_frame_inference(inference_state, frame_idx, reverse)
             if self.hotstart_delay > 0:
                 hotstart_buffer.append([frame_idx, out])
@@ -1363,7 +1364,7 @@ class Sam3VideoInferenceWithInstanceInteractivity(Sam3VideoInference):
                                 frame_idx=start_frame_idx)
         tracker_metadata = inference_state["tracker_metadata"]
         if propagation_type == "propagation_fetch":
-            for frame_idx in tqdm(processing_order, disable=self.rank > 0):
+            for frame_idx in tqdm(processing_order, disable=self.rank > 0 or not self.progress):
                 out = {
                     "obj_id_to_mask": inference_state["cached_frame_outputs"].get(frame_idx, {}),
                     "obj_id_to_score": tracker_metadata["obj_id_to_score"],
@@ -1376,7 +1377,7 @@ class Sam3VideoInferenceWithInstanceInteractivity(Sam3VideoInference):
         tracker_states_local = self._get_tracker_inference_states_by_obj_ids(inference_state, obj_ids)
         for tracker_state in tracker_states_local:
             self.tracker.propagate_in_video_preflight(tracker_state, run_mem_encoder=True)
-        for frame_idx in tqdm(processing_order, disable=self.rank > 0):
+        for frame_idx in tqdm(processing_order, disable=self.rank > 0 or not self.progress):
             self._prepare_backbone_feats(inference_state, frame_idx, reverse)
             obj_ids_local, low_res_masks_local, tracker_scores_local = self._propogate_tracker_one_frame_local_gpu(
                 tracker_states_local, frame_idx=frame_idx, reverse=reverse, run_mem_encoder=True
