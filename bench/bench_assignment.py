@@ -14,15 +14,21 @@ optimal cost. Usage: python bench/bench_assignment.py [--smoke] [--repeats R] [-
 from __future__ import annotations
 
 import argparse
+import os
 import platform
-import statistics
-import time
+import sys
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment as scipy_lsa
 
 from sam3fast.assignment import batched_linear_sum_assignment
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)  # bench/_common.py, also when run through runpy
+
+from _common import timed  # noqa: E402
 
 try:
     from torch_linear_assignment import batch_linear_assignment as tla_batch
@@ -49,20 +55,6 @@ def total_cost(cost: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     a = a.cpu()
     picked = torch.gather(c, 2, a.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return torch.where(a >= 0, picked, torch.zeros_like(picked)).sum(-1)
-
-
-def timed(fn, repeats: int, cuda: bool) -> tuple[float, torch.Tensor]:
-    out = fn()  # warm-up (and the answer to check)
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), out
 
 
 def methods(cost_cpu: torch.Tensor, use_cuda: bool):

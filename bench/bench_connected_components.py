@@ -24,22 +24,21 @@ CPU numbers (``--smoke``) check that the script runs; they are not performance n
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import statistics
-import time
+import sys
 
 import torch
 
-if not torch.cuda.is_available():
-    # The interpreter is chosen when kernels are decorated: before the kernel import.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)  # bench/_common.py, also when run through runpy
+
+from _common import machine_header, print_header, time_ms, use_interpreter_without_cuda, write_results  # noqa: E402
+
+use_interpreter_without_cuda()  # before the kernel import
 
 from sam3fast.kernels import connected_components as cc  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TILES = [(16, 32, 4), (8, 32, 2), (8, 64, 4), (32, 32, 8), (4, 128, 4), (16, 64, 8)]  # (block_h, block_w, num_warps)
 
 
@@ -80,44 +79,6 @@ def make_inputs(kind: str, N: int, H: int, W: int, seed: int = 0) -> torch.Tenso
     raise ValueError(kind)
 
 
-def time_ms(fn, device, reps):
-    if device.type == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=25, rep=max(reps, 100), return_mode="median")
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts)
-
-
-def _triton_version():
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return None
-
-
-def machine_header(device, args):
-    cpu = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    return {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": _triton_version(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
-        "cuda": torch.version.cuda if device.type == "cuda" else None,
-        "triton_interpreter": os.environ.get("TRITON_INTERPRET") == "1",
-        "shape": {"N": args.n, "H": args.height, "W": args.width},
-        "timing": "triton.testing.do_bench median, L2 flushed" if device.type == "cuda" else "perf_counter median",
-    }
-
-
 def graph_replay(fg):
     """The op captured in a CUDA graph (what the video loop does): returns a replay closure."""
     static = fg.clone()
@@ -154,10 +115,8 @@ def main(argv=None):
     tiles = [(32, 32, 4)] if device.type == "cpu" else TILES
 
     N, H, W = args.n, args.height, args.width
-    header = machine_header(device, args)
-    print("# connected_components benchmark")
-    for k, v in header.items():
-        print(f"# {k}: {v}")
+    header = machine_header(device, {"N": args.n, "H": args.height, "W": args.width})
+    print_header("connected_components", header)
 
     rows = []
     for kind in args.inputs.split(","):
@@ -183,20 +142,10 @@ def main(argv=None):
             print(f"{kind:7} ({n_comp:7.1f} comps/mask)  {name:24} {ms:10.3f} ms  {row['Mpix_per_s']:10.1f} Mpix/s")
 
     if device.type == "cuda" or args.out:
-        stem = args.out or os.path.join(
-            RESULTS,
-            "connected_components_{}_{}".format(header["device"].replace(" ", "-").lower(), datetime.date.today()),
+        write_results(
+            "connected_components", header, rows, ["input", "impl", "ms", "Mpix/s"],
+            lambda r: [r["input"], r["impl"], f"{r['ms']:.3f}", f"{r['Mpix_per_s']:.1f}"], args.out,
         )
-        os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
-        with open(stem + ".json", "w") as f:
-            json.dump({"header": header, "rows": rows}, f, indent=1)
-        with open(stem + ".md", "w") as f:
-            f.write("# connected_components\n\n" + "".join(f"- {k}: {v}\n" for k, v in header.items()))
-            f.write("\n| input | impl | ms | Mpix/s |\n|---|---|---:|---:|\n")
-            for r in rows:
-                f.write(f"| {r['input']} | {r['impl']} | {r['ms']:.3f} | {r['Mpix_per_s']:.1f} |\n")
-        print(f"# wrote {stem}.json and .md")
-
 
 if __name__ == "__main__":
     main()

@@ -22,14 +22,16 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # the official-package helper lives with the tests
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)  # bench/_common.py, also when run through runpy
+
+from _common import timed  # noqa: E402
 
 from sam3fast import mask_ops  # noqa: E402
 
@@ -46,20 +48,6 @@ def blobs(N, H, W, seed):
     cy, cx = torch.rand(N, 1, 1, generator=g) * H, torch.rand(N, 1, 1, generator=g) * W
     r = (0.05 + 0.25 * torch.rand(N, 1, 1, generator=g)) * max(H, W)
     return ((yy - cy) ** 2 + (xx - cx) ** 2 < r**2) | (torch.rand(N, H, W, generator=g) < 0.01)
-
-
-def timed(fn, reps, cuda):
-    out = fn()
-    ts = []
-    for _ in range(reps):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts), out
 
 
 def main(argv=None):

@@ -21,24 +21,23 @@ CPU numbers (``--smoke``) check that the script runs; they are not performance n
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import statistics
-import time
+import sys
 
 import torch
 
-if not torch.cuda.is_available():
-    # The interpreter is chosen when kernels are decorated: before the kernel import.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)  # bench/_common.py, also when run through runpy
+
+from _common import machine_header, print_header, time_ms, use_interpreter_without_cuda, write_results  # noqa: E402
+
+use_interpreter_without_cuda()  # before the kernel import
 
 import torch.nn.functional as F  # noqa: E402
 
 from sam3fast.kernels import mask_postprocess as mp  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TILES = [(8, 4, 8), (4, 4, 4), (8, 2, 4), (16, 4, 8), (4, 8, 4), (2, 4, 2)]  # (block_h, block_words, num_warps)
 
 
@@ -82,46 +81,6 @@ def make_inputs(N, h, w, dtype, device, seed=0):
     return logits.to(device=device, dtype=dtype), scores.to(device), active.to(device)
 
 
-def time_ms(fn, device, reps):
-    if device.type == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=25, rep=max(reps, 100), return_mode="median")
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts)
-
-
-def machine_header(device, args):
-    cpu = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    h = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": _triton_version(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
-        "cuda": torch.version.cuda if device.type == "cuda" else None,
-        "triton_interpreter": os.environ.get("TRITON_INTERPRET") == "1",
-        "shape": {"N": args.n, "h": args.low, "w": args.low, "H": args.height, "W": args.width},
-        "dtype": args.dtype,
-        "timing": "triton.testing.do_bench median, L2 flushed" if device.type == "cuda" else "perf_counter median",
-    }
-    return h
-
-
-def _triton_version():
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return None
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (CI); numbers are not performance numbers")
@@ -150,11 +109,10 @@ def main(argv=None):
     N, h, w, H, W = args.n, args.low, args.low, args.height, args.width
     masks, scores, active = make_inputs(N, h, w, dtype, device)
     useful_bytes = masks.numel() * masks.element_size() + N * H * ((W + 31) // 32) * 4 + N * 4 * 4 + N * 8
-    header = machine_header(device, args)
+    header = machine_header(device, {"N": args.n, "h": args.low, "w": args.low, "H": args.height, "W": args.width},
+                            dtype=args.dtype)
     header["compile_backend"] = compile_backend
-    print("# mask_postprocess benchmark")
-    for k, v in header.items():
-        print(f"# {k}: {v}")
+    print_header("mask_postprocess", header)
 
     rows = []
     for non_overlap in (False, True):
@@ -189,20 +147,10 @@ def main(argv=None):
             print(f"non_overlap={non_overlap!s:5}  {name:34} {ms:10.3f} ms  {row['useful_GBps']:9.2f} GB/s")
 
     if device.type == "cuda" or args.out:
-        stem = args.out or os.path.join(
-            RESULTS,
-            "mask_postprocess_{}_{}".format(header["device"].replace(" ", "-").lower(), datetime.date.today()),
+        write_results(
+            "mask_postprocess", header, rows, ["non_overlap", "impl", "ms", "useful GB/s"],
+            lambda r: [f"{r['non_overlap']}", r["impl"], f"{r['ms']:.3f}", f"{r['useful_GBps']:.1f}"], args.out,
         )
-        os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
-        with open(stem + ".json", "w") as f:
-            json.dump({"header": header, "rows": rows}, f, indent=1)
-        with open(stem + ".md", "w") as f:
-            f.write("# mask_postprocess\n\n" + "".join(f"- {k}: {v}\n" for k, v in header.items()))
-            f.write("\n| non_overlap | impl | ms | useful GB/s |\n|---|---|---:|---:|\n")
-            for r in rows:
-                f.write(f"| {r['non_overlap']} | {r['impl']} | {r['ms']:.3f} | {r['useful_GBps']:.1f} |\n")
-        print(f"# wrote {stem}.json and .md")
-
 
 if __name__ == "__main__":
     main()

@@ -25,19 +25,19 @@ CPU numbers (``--smoke``) check that the script runs; they are not performance n
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
-import platform
-import statistics
-import time
+import sys
 
 import torch
 
-if not torch.cuda.is_available():
-    # The interpreter is chosen when kernels are decorated: before the kernel import.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)  # bench/_common.py, also when run through runpy
+
+from _common import machine_header, print_header, time_ms, use_interpreter_without_cuda, write_results  # noqa: E402
+
+use_interpreter_without_cuda()  # before the kernel import
 
 import torch.nn.functional as F  # noqa: E402
 
@@ -45,7 +45,6 @@ from sam3fast.kernels import memory_attention as ma  # noqa: E402
 from sam3fast.model.memory_attention import RoPEAttention  # noqa: E402
 from sam3fast.model.vit import apply_rope, compute_axial_cis  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 TILES = [ma.DEFAULT_TILE, (64, 32, 8, 3), (64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2), (64, 16, 8, 2),
          (64, 32, 4, 2)]
@@ -79,52 +78,11 @@ def make_inputs(B, grid, Dh, frames, ptr_tokens, pad_frames, dtype, device, seed
     return q, k, v, freqs, key_valid.to(device)
 
 
-def time_ms(fn, device, reps):
-    if device.type == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=25, rep=max(reps, 100), return_mode="median")
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts)
-
-
 def dense_matmul_tflops(device, dtype):
     n = 8192
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     return 2 * n**3 / time_ms(lambda: a @ b, device, 100) / 1e9
-
-
-def _triton_version():
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return None
-
-
-def machine_header(device, args):
-    cpu = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    return {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": _triton_version(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
-        "sms": torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None,
-        "cuda": torch.version.cuda if device.type == "cuda" else None,
-        "triton_interpreter": os.environ.get("TRITON_INTERPRET") == "1",
-        "shape": {"objects": args.objects, "grid": args.grid, "Dh": args.head_dim, "frames": args.frames,
-                  "pointer_tokens": args.ptr_tokens, "padded_frames": args.pad_frames, "self_attention": args.self},
-        "dtype": args.dtype,
-        "timing": "triton.testing.do_bench median, L2 flushed" if device.type == "cuda" else "perf_counter median",
-    }
 
 
 def _sdpa_backends():
@@ -267,13 +225,13 @@ def main(argv=None):
     tiles = [(64, 32, 8, 2)] if device.type == "cpu" else TILES
     compile_backend = "aot_eager" if device.type == "cpu" else "inductor"  # inductor's CPU cold start is ~20 s
 
-    header = machine_header(device, args)
+    shape = {"objects": args.objects, "grid": args.grid, "Dh": args.head_dim, "frames": args.frames,
+             "pointer_tokens": args.ptr_tokens, "padded_frames": args.pad_frames, "self_attention": args.self}
+    header = machine_header(device, shape, dtype=args.dtype, sms=True)
     header["compile_backend"] = compile_backend
     matmul_tflops = dense_matmul_tflops(device, dtype) if device.type == "cuda" else None
     header["dense_matmul_TFLOPs"] = matmul_tflops
-    print("# memory_attention benchmark")
-    for key, val in header.items():
-        print(f"# {key}: {val}")
+    print_header("memory_attention", header)
 
     rows = []
     for B in objects:
@@ -281,18 +239,12 @@ def main(argv=None):
             rows += bench_shape(B, self_attn, args, device, dtype, tiles, compile_backend, matmul_tflops)
 
     if device.type == "cuda" or args.out:
-        stem = args.out or os.path.join(
-            RESULTS, "memory_attention_{}_{}".format(header["device"].replace(" ", "-").lower(), datetime.date.today()))
-        os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
-        with open(stem + ".json", "w") as f:
-            json.dump({"header": header, "rows": rows}, f, indent=1)
-        with open(stem + ".md", "w") as f:
-            f.write("# memory_attention\n\n" + "".join(f"- {k}: {v}\n" for k, v in header.items()))
-            f.write("\n| shape | impl | ms | TFLOP/s | % dense matmul |\n|---|---|---:|---:|---:|\n")
-            for r in rows:
-                pct = f"{r['pct_dense_matmul']:.1f}" if "pct_dense_matmul" in r else ""
-                f.write(f"| {r['shape']} | {r['impl']} | {r['ms']:.3f} | {r['TFLOPs']:.2f} | {pct} |\n")
-        print(f"# wrote {stem}.json and .md")
+        write_results(
+            "memory_attention", header, rows, ["shape", "impl", "ms", "TFLOP/s", "% dense matmul"],
+            lambda r: [r["shape"], r["impl"], f"{r['ms']:.3f}", f"{r['TFLOPs']:.2f}",
+                       f"{r['pct_dense_matmul']:.1f}" if "pct_dense_matmul" in r else ""],
+            args.out,
+        )
     assert all(math.isfinite(r["ms"]) for r in rows)
 
 

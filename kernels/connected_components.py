@@ -46,7 +46,6 @@ Global indices are int32: N * H * W < 2**31 (larger inputs go to the scipy path)
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Tuple
 
 import numpy as np
@@ -56,15 +55,10 @@ from torch import Tensor
 
 from sam3fast import env as _env
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-    TRITON_IMPORT_ERROR = ""
-except ImportError as _e:  # triton is the optional "gpu" extra; the reference and the CPU op still work
-    HAS_TRITON = False
-    TRITON_IMPORT_ERROR = f"{type(_e).__name__}: {_e}"
+# triton is optional (the "gpu" extra): without it the reference and the CPU op still work.
+from ._triton_compat import (
+    HAS_TRITON, TRITON_IMPORT_ERROR, check_power_of_two, device_guard, require_triton, tl, triton, why_not_triton,
+)
 
 MAX_PIXELS = 2**31 - 1  # N * H * W must stay below this: parent pointers are int32 global indices
 
@@ -249,11 +243,6 @@ if HAS_TRITON:
         tl.store(sizes_ptr + idx, size, mask=fg)  # background keeps the 0 written by init
 
 
-def _check_block(name: str, b: int) -> None:
-    if b < 1 or b & (b - 1):
-        raise ValueError(f"{name} must be a power of two, got {b}")
-
-
 def _connected_component_sizes_triton(
     fg: Tensor,
     out: Optional[Tensor] = None,
@@ -263,11 +252,10 @@ def _connected_component_sizes_triton(
 ) -> Tensor:
     """Launcher: four launches over a (N * cdiv(H, block_h), cdiv(W, block_w)) grid, no sync.
     ``out`` may be a preallocated contiguous (N, H, W) int64 tensor (every element is written)."""
-    if not HAS_TRITON:
-        raise RuntimeError(f"the Triton connected_component_sizes kernel needs triton ({TRITON_IMPORT_ERROR})")
+    require_triton("connected_component_sizes")
     _check_input(fg)
-    _check_block("block_h", block_h)
-    _check_block("block_w", block_w)
+    check_power_of_two("block_h", block_h)
+    check_power_of_two("block_w", block_w)
     N, H, W = fg.shape
     if N * H * W > MAX_PIXELS:
         raise ValueError(f"the Triton kernel needs N * H * W < 2**31, got {tuple(fg.shape)}")
@@ -284,7 +272,7 @@ def _connected_component_sizes_triton(
     if grid[0] > 2**31 - 1 or grid[1] > 65535:
         raise ValueError(f"grid {grid} too large for a CUDA launch: use a larger block_h/block_w")
     meta = dict(BLOCK_H=block_h, BLOCK_W=block_w, num_warps=num_warps)
-    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+    with device_guard(dev):
         _cc_init_kernel[grid](fg_u8, parent, out, H, W, **meta)
         _cc_merge_kernel[grid](fg_u8, parent, H, W, **meta)
         _cc_count_kernel[grid](fg_u8, parent, out, H, W, **meta)
@@ -317,12 +305,9 @@ def _connected_component_sizes_fake(fg):
 def connected_component_sizes_backend(fg: Tensor) -> Tuple[str, str]:
     """("triton" | "scipy", reason) for this input, from static facts only (device, size, triton
     importable, ``SAM3FAST_FORCE_REFERENCE``). "scipy" on a CUDA tensor means a host round trip."""
-    if _env.FORCE_REFERENCE:
-        return "scipy", "SAM3FAST_FORCE_REFERENCE=1"
-    if fg.device.type != "cuda":
-        return "scipy", f"{fg.device.type} tensors (the Triton kernel runs on CUDA)"
-    if not HAS_TRITON:
-        return "scipy", f"triton is not importable ({TRITON_IMPORT_ERROR})"
+    why = why_not_triton(fg.device, _env.FORCE_REFERENCE)
+    if why is not None:
+        return "scipy", why
     if fg.numel() > MAX_PIXELS:
         return "scipy", f"N * H * W = {fg.numel()} >= 2**31 (the kernel uses int32 pixel indices)"
     return "triton", "CUDA tensors, triton available"

@@ -39,28 +39,18 @@ back into (N, H, W) bool.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-    TRITON_IMPORT_ERROR = ""
-except ImportError as _e:  # triton is the optional "gpu" extra; the reference and the CPU op still work
-    HAS_TRITON = False
-    TRITON_IMPORT_ERROR = f"{type(_e).__name__}: {_e}"
+# triton is optional (the "gpu" extra): without it the reference and the CPU op still work.
+from ._triton_compat import (  # noqa: F401  (TRITON_IMPORT_ERROR: read by sam3fast.ops and the tests)
+    HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, check_power_of_two, device_guard, require_triton, tl, triton,
+)
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _cdiv(a, b):
-    return (a + b - 1) // b
 
 
 def _check_inputs(masks: Tensor, scores: Tensor, active: Tensor, H: int, W: int) -> None:
@@ -91,7 +81,7 @@ def unpack_masks(packed: Tensor, W: int) -> Tensor:
 def _pack_bits(keep: Tensor) -> Tensor:
     """(N, H, W) bool -> (N, H, WP) int32, through bytes so no full-size int32/int64 tensor is made."""
     N, H, W = keep.shape
-    WP = _cdiv(W, 32)
+    WP = cdiv(W, 32)
     if WP * 32 != W:
         keep = torch.cat([keep, keep.new_zeros((N, H, WP * 32 - W))], dim=2)
     dev = keep.device
@@ -263,16 +253,14 @@ def _mask_postprocess_triton(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Launcher. ``packed`` may be a preallocated (N, H, WP) int32 contiguous output (every word is
     written). Tile = ``block_h`` rows x ``block_words`` * 32 columns (powers of two)."""
-    if not HAS_TRITON:
-        raise RuntimeError(f"the Triton mask_postprocess kernel needs triton ({TRITON_IMPORT_ERROR})")
+    require_triton("mask_postprocess")
     _check_inputs(masks, scores, active, H, W)
     if masks.dtype not in _KERNEL_DTYPES:
         raise ValueError(f"the Triton kernel takes float32/bfloat16/float16 masks, got {masks.dtype}")
-    for name, b in (("block_h", block_h), ("block_words", block_words)):
-        if b < 1 or b & (b - 1):
-            raise ValueError(f"{name} must be a power of two, got {b}")
+    check_power_of_two("block_h", block_h)
+    check_power_of_two("block_words", block_words)
     N, h, w = masks.shape
-    WP = _cdiv(W, 32)
+    WP = cdiv(W, 32)
     dev = masks.device
     if packed is None:
         packed = torch.empty((N, H, WP), dtype=torch.int32, device=dev)
@@ -285,7 +273,7 @@ def _mask_postprocess_triton(
         active_u8 = active.contiguous().view(torch.uint8)  # bool pointers are avoided: plain bytes
         grid = (triton.cdiv(WP, block_words), triton.cdiv(H, block_h))
         # Host division of two ints rounded once to float32 equals PyTorch's float32 h / H.
-        with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        with device_guard(dev):
             _mask_postprocess_kernel[grid](
                 masks, scores, active_u8, packed, stats,
                 N, h, w, H, W, WP,

@@ -45,7 +45,6 @@ gives only 81 query blocks for 132 SMs: 3 splits make 243 programs, 92 % of two 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from typing import Optional, Tuple
@@ -56,15 +55,11 @@ from torch import Tensor
 
 from sam3fast import env
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-    TRITON_IMPORT_ERROR = ""
-except ImportError as _e:  # triton is the optional "gpu" extra; the reference and the CPU op still work
-    HAS_TRITON = False
-    TRITON_IMPORT_ERROR = f"{type(_e).__name__}: {_e}"
+# triton is optional (the "gpu" extra): without it the reference and the CPU op still work.
+from ._triton_compat import (  # noqa: F401  (TRITON_IMPORT_ERROR: read by the tests)
+    HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, check_power_of_two, device_guard, require_triton, tl, triton,
+    why_not_triton,
+)
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)  # powers of two (tl.arange), >= 16 (tl.dot), <= 256 (registers)
@@ -74,10 +69,6 @@ _LOG2E = 1.4426950408889634
 # spills <= 32 bytes per thread; 128 x 64 spills ~900 bytes, 128 x 32 ~650-780, 64 x 64 ~850. Not yet
 # timed on a GPU: bench/bench_memory_attention.py sweeps the alternatives.
 DEFAULT_TILE = (64, 32, 8, 2)
-
-
-def _cdiv(a, b):
-    return (a + b - 1) // b
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, rope: Tensor, key_valid: Optional[Tensor], rope_q: bool,
@@ -325,7 +316,7 @@ def choose_num_splits(programs: int, kv_tiles: int, n_sms: int, max_splits: int 
         if s > 1 and kv_tiles < s * min_tiles:
             break
         total = programs * s
-        fill = total / (_cdiv(total, n_sms) * n_sms)
+        fill = total / (cdiv(total, n_sms) * n_sms)
         if fill >= 0.9:
             return s
         if fill > best_fill + 1e-9:
@@ -353,8 +344,7 @@ def _memory_attention_triton(
     """Launcher. ``out`` may be a preallocated contiguous (B, Lq, H, Dh) tensor of q's dtype (every
     element is written). ``num_splits`` None picks one from the SM count (1 off CUDA); the number
     launched may be lower so that no split is empty. ``block_m``/``block_n`` powers of two >= 16."""
-    if not HAS_TRITON:
-        raise RuntimeError(f"the Triton memory_attention kernel needs triton ({TRITON_IMPORT_ERROR})")
+    require_triton("memory_attention")
     _check_inputs(q, k, v, rope, key_valid, rope_q, n_rope_keys)
     if q.dtype not in _KERNEL_DTYPES:
         raise ValueError(f"the Triton kernel takes float32/bfloat16/float16, got {q.dtype}")
@@ -364,9 +354,8 @@ def _memory_attention_triton(
         raise ValueError(f"the Triton kernel takes head dims {_KERNEL_HEAD_DIMS}, got {Dh}")
     if rope.dtype != torch.float32:
         raise ValueError(f"the Triton kernel takes a float32 rope table, got {rope.dtype}")
-    for name, bsz in (("block_m", block_m), ("block_n", block_n)):
-        if bsz < 16 or bsz & (bsz - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {bsz}")
+    check_power_of_two("block_m", block_m, minimum=16)
+    check_power_of_two("block_n", block_n, minimum=16)
     if rope_k not in ("prepass", "inline"):
         raise ValueError(f"rope_k must be 'prepass' or 'inline', got {rope_k!r}")
     if num_splits is not None and num_splits < 1:
@@ -383,23 +372,23 @@ def _memory_attention_triton(
     rope = rope.contiguous()
     valid = key_valid.contiguous().view(torch.uint8) if key_valid is not None else q  # unread when absent
 
-    kv_tiles = _cdiv(S, block_n)
-    programs = _cdiv(Lq, block_m) * B * H
+    kv_tiles = cdiv(S, block_n)
+    programs = cdiv(Lq, block_m) * B * H
     if num_splits is None:
         num_splits = 1
         if dev.type == "cuda":
             index = dev.index if dev.index is not None else torch.cuda.current_device()
             num_splits = choose_num_splits(programs, kv_tiles, _sm_count(index))
-    tiles_per_split = _cdiv(kv_tiles, min(num_splits, kv_tiles))
-    splits = _cdiv(kv_tiles, tiles_per_split)  # no split left empty
+    tiles_per_split = cdiv(kv_tiles, min(num_splits, kv_tiles))
+    splits = cdiv(kv_tiles, tiles_per_split)  # no split left empty
     kv_per_split = tiles_per_split * block_n
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 inputs: no TF32 rounding
     qk_scale = _LOG2E / math.sqrt(Dh)
 
-    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+    with device_guard(dev):
         if rope_k == "prepass" and n_rope_keys > 0:
             k_rot = torch.empty((B, S, H, Dh), dtype=k.dtype, device=dev)
-            _rope_keys_kernel[(_cdiv(S, block_n), B * H)](
+            _rope_keys_kernel[(cdiv(S, block_n), B * H)](
                 k, rope, k_rot, S, H, L, n_rope_keys, k.stride(0), k.stride(1), k.stride(2),
                 DH=Dh, BLOCK_N=block_n, num_warps=4,
             )
@@ -409,7 +398,7 @@ def _memory_attention_triton(
             part_lse = torch.empty((splits, B * H, Lq), dtype=torch.float32, device=dev)
         else:
             part_o = part_lse = out  # unread
-        _memory_attention_kernel[(_cdiv(Lq, block_m), B * H, splits)](
+        _memory_attention_kernel[(cdiv(Lq, block_m), B * H, splits)](
             q, k, v, rope, valid, out, part_o, part_lse,
             Lq, S, H, L, n_rope_keys, kv_per_split, qk_scale,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -422,7 +411,7 @@ def _memory_attention_triton(
         )
         if splits > 1:
             merge_m = 32
-            _merge_splits_kernel[(_cdiv(Lq, merge_m), B * H)](
+            _merge_splits_kernel[(cdiv(Lq, merge_m), B * H)](
                 part_o, part_lse, out, Lq, H, splits, DH=Dh, BLOCK_M=merge_m, num_warps=4,
             )
     return out
@@ -449,12 +438,9 @@ def _memory_attention_fake(q, k, v, rope, key_valid, rope_q, n_rope_keys):
 
 def memory_attention_backend(q: Tensor) -> Tuple[str, str]:
     """("triton" | "reference", reason) for queries of this device, dtype and head dim."""
-    if env.FORCE_REFERENCE:
-        return "reference", "SAM3FAST_FORCE_REFERENCE=1"
-    if q.device.type != "cuda":
-        return "reference", f"{q.device.type} tensors (the Triton kernel runs on CUDA)"
-    if not HAS_TRITON:
-        return "reference", f"triton is not importable ({TRITON_IMPORT_ERROR})"
+    why = why_not_triton(q.device, env.FORCE_REFERENCE)
+    if why is not None:
+        return "reference", why
     if q.dtype not in _KERNEL_DTYPES:
         return "reference", f"{q.dtype} inputs (the Triton kernel takes float32/bfloat16/float16)"
     if q.dim() != 4 or q.shape[-1] not in _KERNEL_HEAD_DIMS:

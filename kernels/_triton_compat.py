@@ -1,0 +1,65 @@
+"""What the Triton kernel files share: the optional ``triton`` import and small launcher helpers.
+
+triton is the optional "gpu" extra: without it ``HAS_TRITON`` is False, ``TRITON_IMPORT_ERROR`` says
+why, ``triton`` and ``tl`` are None, and the references and CPU ops still work. Each kernel file
+imports these names, so ``<kernel module>.HAS_TRITON`` keeps working. The Triton interpreter
+(TRITON_INTERPRET=1) is read when a kernel is decorated, i.e. when a kernel file is imported, not
+here: importing triton earlier does not fix the choice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+    TRITON_IMPORT_ERROR = ""
+except ImportError as _e:
+    triton = tl = None
+    HAS_TRITON = False
+    TRITON_IMPORT_ERROR = f"{type(_e).__name__}: {_e}"
+
+__all__ = ["HAS_TRITON", "TRITON_IMPORT_ERROR", "triton", "tl", "cdiv", "require_triton", "check_power_of_two",
+           "device_guard", "why_not_triton"]
+
+
+def cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def require_triton(op: str) -> None:
+    """Raises RuntimeError naming ``op`` and the import error when triton is missing (launchers)."""
+    if not HAS_TRITON:
+        raise RuntimeError(f"the Triton {op} kernel needs triton ({TRITON_IMPORT_ERROR})")
+
+
+def check_power_of_two(name: str, value: int, minimum: int = 1) -> None:
+    """Block sizes feed ``tl.arange``: powers of two, at least ``minimum`` (16 where ``tl.dot`` needs it)."""
+    if value < minimum or value & (value - 1):
+        at_least = "" if minimum == 1 else f" >= {minimum}"
+        raise ValueError(f"{name} must be a power of two{at_least}, got {value}")
+
+
+def device_guard(device: torch.device):
+    """Launch on ``device``'s CUDA context (the caller's current device may be another GPU); no-op off
+    CUDA (the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def why_not_triton(device: torch.device, force_reference: bool) -> Optional[str]:
+    """The checks every backend choice starts with, in order: the reason a Triton kernel cannot serve
+    tensors on ``device`` (``force_reference``: SAM3FAST_FORCE_REFERENCE, read by the caller from
+    ``sam3fast.env``), or None; each op then adds its own limits (dtype, size)."""
+    if force_reference:
+        return "SAM3FAST_FORCE_REFERENCE=1"
+    if device.type != "cuda":
+        return f"{device.type} tensors (the Triton kernel runs on CUDA)"
+    if not HAS_TRITON:
+        return f"triton is not importable ({TRITON_IMPORT_ERROR})"
+    return None
