@@ -69,11 +69,13 @@ class Sam3VideoPredictor:
             )
         self.model = model.eval()
         self._ALL_INFERENCE_STATES: Dict[str, Dict[str, Any]] = {}
+        self.has_shutdown = False
 
     # ------------------------------------------------------------------ dispatch
     @torch.inference_mode()
     def handle_request(self, request):
         """Dispatch a request dict by its ``type`` (see the module docstring)."""
+        self._check_not_shut_down()
         request_type = self._request_type(request)
         if request_type == "start_session":
             return self.start_session(resource_path=self._field(request, "resource_path"),
@@ -103,6 +105,7 @@ class Sam3VideoPredictor:
     @torch.inference_mode()
     def handle_stream_request(self, request):
         """Dispatch a streaming request (``propagate_in_video``): a generator of outputs."""
+        self._check_not_shut_down()
         request_type = self._request_type(request)
         if request_type != "propagate_in_video":
             raise RuntimeError(f"invalid request type: {request_type!r} (handle_stream_request serves "
@@ -200,5 +203,11 @@ class Sam3VideoPredictor:
         return session
 
     def shutdown(self):
-        """Clear all sessions (no worker processes to end: one process)."""
+        """Clear all sessions; later requests raise RuntimeError (as the official multi-GPU
+        predictor, which ``build_sam3_video_predictor`` returns). One process: no workers to end."""
         self._ALL_INFERENCE_STATES.clear()
+        self.has_shutdown = True
+
+    def _check_not_shut_down(self):
+        if self.has_shutdown:
+            raise RuntimeError("cannot handle request after the predictor has shutdown; please create a new predictor")

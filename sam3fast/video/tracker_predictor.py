@@ -91,6 +91,7 @@ import logging
 from collections import OrderedDict
 from typing import Any, Dict, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -507,6 +508,13 @@ class Sam3TrackerPredictor(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Prompts
 
+    @staticmethod
+    def _check_frame_idx(inference_state, frame_idx):
+        num_frames = inference_state["num_frames"]
+        if isinstance(frame_idx, bool) or not isinstance(frame_idx, (int, np.integer)) or not 0 <= frame_idx < num_frames:
+            # IndexError: the type the official raises (from deep inside, after recording the prompt)
+            raise IndexError(f"frame_idx {frame_idx!r} is out of range for a video of {num_frames} frames")
+
     @torch.inference_mode()
     def add_new_points_or_box(
         self,
@@ -524,14 +532,15 @@ class Sam3TrackerPredictor(nn.Module):
         """Add clicks (and/or a box, xyxy) for one object on one frame. Coordinates are relative
         (0-1) with ``rel_coordinates=True``, else in R-pixels. Returns ``(frame_idx, obj_ids, None,
         video_res_masks (B, 1, H, W) logits)`` for all objects of the state."""
-        obj_idx = self._obj_id_to_idx(inference_state, obj_id)
-        point_inputs_per_frame = inference_state["point_inputs_per_obj"][obj_idx]
-        mask_inputs_per_frame = inference_state["mask_inputs_per_obj"][obj_idx]
-
+        # (checked before anything is recorded, so a bad call leaves the session as it was)
+        self._check_frame_idx(inference_state, frame_idx)
         if (points is not None) != (labels is not None):
             raise ValueError("points and labels must be provided together")
         if points is None and box is None:
             raise ValueError("at least one of points or box must be provided as input")
+        obj_idx = self._obj_id_to_idx(inference_state, obj_id)
+        point_inputs_per_frame = inference_state["point_inputs_per_obj"][obj_idx]
+        mask_inputs_per_frame = inference_state["mask_inputs_per_obj"][obj_idx]
 
         if points is None:
             points = torch.zeros(0, 2, dtype=torch.float32)
@@ -639,12 +648,12 @@ class Sam3TrackerPredictor(nn.Module):
         """Add a mask (Hm, Wm) bool/float (0-1) for one object on one frame. The output mask is the
         input itself at video resolution (+-1024). Returns ``(frame_idx, obj_ids, None,
         video_res_masks (B, 1, H, W))``. ``add_mask_to_memory`` is accepted and unused (official)."""
+        self._check_frame_idx(inference_state, frame_idx)
+        if mask.dim() != 2:
+            raise ValueError(f"mask must be (H, W), got {tuple(mask.shape)}")
         obj_idx = self._obj_id_to_idx(inference_state, obj_id)
         point_inputs_per_frame = inference_state["point_inputs_per_obj"][obj_idx]
         mask_inputs_per_frame = inference_state["mask_inputs_per_obj"][obj_idx]
-
-        if mask.dim() != 2:
-            raise ValueError(f"mask must be (H, W), got {tuple(mask.shape)}")
         mask_H, mask_W = mask.shape
         mask_inputs_orig = mask[None, None].float().to(inference_state["device"])
         if mask_H != self.input_mask_size or mask_W != self.input_mask_size:
@@ -1237,6 +1246,7 @@ class Sam3TrackerPredictor(nn.Module):
     def clear_all_points_in_frame(self, inference_state, frame_idx, obj_id, need_output=True):
         """Remove an object's points or mask on one frame. Returns ``(frame_idx, obj_ids, None,
         video_res_masks)`` with ``need_output``, else None."""
+        self._check_frame_idx(inference_state, frame_idx)
         obj_idx = self._obj_id_to_idx(inference_state, obj_id)
         inference_state["point_inputs_per_obj"][obj_idx].pop(frame_idx, None)
         inference_state["mask_inputs_per_obj"][obj_idx].pop(frame_idx, None)
