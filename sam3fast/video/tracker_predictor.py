@@ -1171,8 +1171,11 @@ class Sam3TrackerPredictor(nn.Module):
                 valid = _pad_rows(valid, Bb, False)
                 valid[B:, 0] = True  # padded rows attend to one (zero) key: no 0/0
                 feats = [f if f.shape[0] == 1 else _pad_rows(f, Bb, 0) for f in feats]
-            out = self._memory_step_compiled(tuple(feats), pos[-1], memory, memory_pos, valid, n_ptr,
-                                             run_mem_encoder=run_mem_encoder)
+            # one graph per (bucket, conditioning frames, run_mem_encoder): up to ~7 x 4 x 2, more
+            # than dynamo's default limit of 8 per function; raised for this call only
+            with torch._dynamo.config.patch(recompile_limit=64):
+                out = self._memory_step_compiled(tuple(feats), pos[-1], memory, memory_pos, valid, n_ptr,
+                                                 run_mem_encoder=run_mem_encoder)
             low, high, obj_ptr, score, iou, maskmem, maskmem_pos = (None if x is None else x[:B] for x in out)
         effs, a = [], 0
         for st in states:
