@@ -24,6 +24,7 @@
 
 #include "cpu/assignment.h"
 #include "cuda/assignment_block.cuh"
+#include "check.h"
 
 namespace {
 
@@ -31,18 +32,6 @@ using sam3fast::LsaStatus;
 using sam3fast::lsa_block::LsaCand;
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
-int g_failures = 0;
-
-#define CHECK(cond, ...)                                      \
-  do {                                                        \
-    if (!(cond)) {                                            \
-      if (++g_failures <= 20) {                               \
-        std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-        std::fprintf(stderr, __VA_ARGS__);                    \
-        std::fprintf(stderr, "\n");                           \
-      }                                                       \
-    }                                                         \
-  } while (0)
 
 // Minimum over all injective maps of the shorter side into the longer one; +inf if none avoids inf.
 template <typename T>

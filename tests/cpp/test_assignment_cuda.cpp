@@ -10,30 +10,9 @@
 
 #include "cpu/assignment.h"
 #include "cuda/assignment.h"
+#include "check.h"
 
 namespace {
-
-int g_failures = 0;
-
-#define CHECK(cond, ...)                                           \
-  do {                                                             \
-    if (!(cond)) {                                                 \
-      if (++g_failures <= 20) {                                    \
-        std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);  \
-        std::fprintf(stderr, __VA_ARGS__);                         \
-        std::fprintf(stderr, "\n");                                \
-      }                                                            \
-    }                                                              \
-  } while (0)
-
-#define CUDA_OK(expr)                                                                  \
-  do {                                                                                 \
-    const cudaError_t e_ = (expr);                                                     \
-    if (e_ != cudaSuccess) {                                                           \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                    \
-    }                                                                                  \
-  } while (0)
 
 template <typename T>
 double cost_of(const T* c, int n, int m, const int64_t* a) {

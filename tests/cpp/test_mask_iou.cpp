@@ -8,21 +8,9 @@
 #include <vector>
 
 #include "cpu/mask_iou.h"
+#include "check.h"
 
 namespace {
-
-int g_failures = 0;
-
-#define CHECK(cond, ...)                                          \
-  do {                                                            \
-    if (!(cond)) {                                                \
-      if (++g_failures <= 20) {                                   \
-        std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-        std::fprintf(stderr, __VA_ARGS__);                        \
-        std::fprintf(stderr, "\n");                               \
-      }                                                           \
-    }                                                             \
-  } while (0)
 
 int64_t bits_of(const uint32_t* m, int64_t K) {
   int64_t c = 0;

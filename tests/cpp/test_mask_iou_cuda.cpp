@@ -10,19 +10,9 @@
 
 #include "cpu/mask_iou.h"
 #include "cuda/mask_iou.h"
+#include "check.h"
 
 namespace {
-
-int g_failures = 0;
-
-#define CUDA_OK(expr)                                                                             \
-  do {                                                                                            \
-    const cudaError_t e_ = (expr);                                                                \
-    if (e_ != cudaSuccess) {                                                                      \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                               \
-    }                                                                                             \
-  } while (0)
 
 template <typename T>
 T* to_device(const std::vector<T>& v) {
