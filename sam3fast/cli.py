@@ -126,13 +126,22 @@ def _check_prompts(prompts: List[str]) -> bool:
     return True
 
 
-def _segment(args) -> int:
+def _batch_or_other_rank(path, kind: str, batch, args) -> Optional[int]:
+    """The exit code when this call is not the plain one-input run: a folder, glob or @list runs
+    ``batch(args)``; one input under torchrun is done by rank 0 alone (others return 0)."""
     from .batch import input_kind
 
-    if input_kind(args.image, "image") != "single":
-        return _segment_batch(args)
+    if input_kind(path, kind) != "single":
+        return batch(args)
     if _not_rank0():
-        return 0  # one input under torchrun: rank 0 does it
+        return 0
+    return None
+
+
+def _segment(args) -> int:
+    rc = _batch_or_other_rank(args.image, "image", _segment_batch, args)
+    if rc is not None:
+        return rc
     from PIL import Image
 
     from .build import build_image_model
@@ -336,12 +345,9 @@ def _check_track_prompt(args) -> bool:
 
 
 def _track(args) -> int:
-    from .batch import input_kind
-
-    if input_kind(args.video, "video") != "single":
-        return _track_batch(args)
-    if _not_rank0():
-        return 0  # one input under torchrun: rank 0 does it
+    rc = _batch_or_other_rank(args.video, "video", _track_batch, args)
+    if rc is not None:
+        return rc
     from .checkpoint import CheckpointError
     from .video import build_sam3_video_predictor
     from .video.io import open_video
