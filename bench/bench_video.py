@@ -311,7 +311,7 @@ def _main(args, tmp):
                     if args.det_nms_thresh is not None:
                         predictor.model.det_nms_thresh = args.det_nms_thresh
                     if cuda and engine == "official":
-                        _move_plain_tensors(predictor.model, device)
+                        move_official_model(predictor.model, device)
             except Exception as e:  # noqa: BLE001
                 if args.smoke:
                     raise
