@@ -1213,7 +1213,6 @@ class Sam3VideoInference(Sam3VideoBase):
             out_probs = torch.zeros(0, dtype=torch.float32)
             out_binary_masks = torch.zeros(0, H_video, W_video, dtype=torch.bool)
             out_boxes_xywh = torch.zeros(0, 4, dtype=torch.float32)
-            out_tracker_probs = torch.zeros(0, dtype=torch.float32)
         else:
             # Everything is computed on the device for all N objects, hidden and empty ones
             # masked out (a zeroed mask never wins a pixel from a kept object with a positive
@@ -1365,13 +1364,8 @@ class Sam3VideoInferenceWithInstanceInteractivity(Sam3VideoInference):
         tracker_metadata = inference_state["tracker_metadata"]
         if propagation_type == "propagation_fetch":
             for frame_idx in tqdm(processing_order, disable=self.rank > 0 or not self.progress):
-                out = {
-                    "obj_id_to_mask": inference_state["cached_frame_outputs"].get(frame_idx, {}),
-                    "obj_id_to_score": tracker_metadata["obj_id_to_score"],
-                    "obj_id_to_tracker_score": tracker_metadata["obj_id_to_tracker_score_frame_wise"][frame_idx],
-                }
-                suppressed = tracker_metadata["rank0_metadata"]["suppressed_obj_ids"][frame_idx]
-                yield frame_idx, self._postprocess_output(inference_state, out, suppressed_obj_ids=suppressed)
+                yield self._tracker_frame_output(inference_state, frame_idx,
+                                                 inference_state["cached_frame_outputs"].get(frame_idx, {}), cache=False)
             return
 
         tracker_states_local = self._get_tracker_inference_states_by_obj_ids(inference_state, obj_ids)
@@ -1396,14 +1390,7 @@ class Sam3VideoInferenceWithInstanceInteractivity(Sam3VideoInference):
                 for obj_id, (_, mask) in refined_obj_data.items()
             }
             obj_id_to_mask = self._build_tracker_output(inference_state, frame_idx, refined_obj_id_to_mask)
-            out = {
-                "obj_id_to_mask": obj_id_to_mask,
-                "obj_id_to_score": tracker_metadata["obj_id_to_score"],
-                "obj_id_to_tracker_score": tracker_metadata["obj_id_to_tracker_score_frame_wise"][frame_idx],
-            }
-            suppressed = tracker_metadata["rank0_metadata"]["suppressed_obj_ids"][frame_idx]
-            self._cache_frame_outputs(inference_state, frame_idx, obj_id_to_mask, suppressed_obj_ids=suppressed)
-            yield frame_idx, self._postprocess_output(inference_state, out, suppressed_obj_ids=suppressed)
+            yield self._tracker_frame_output(inference_state, frame_idx, obj_id_to_mask)
 
     def add_action_history(self, inference_state, action_type, frame_idx=None, obj_ids=None):
         allowed = ["add", "remove", "refine", "propagation_full", "propagation_partial", "propagation_fetch"]
@@ -1588,13 +1575,21 @@ class Sam3VideoInferenceWithInstanceInteractivity(Sam3VideoInference):
         obj_id_to_mask = self._build_tracker_output(
             inference_state, frame_idx, {obj_id: new_mask_data} if new_mask_data is not None else None
         )
+        return self._tracker_frame_output(inference_state, frame_idx, obj_id_to_mask)
+
+    def _tracker_frame_output(self, inference_state, frame_idx, obj_id_to_mask, cache=True):
+        """``(frame_idx, outputs)`` of a frame whose masks came from the tracker alone (a click, a
+        partial propagation or a fetch of cached outputs), with the session's scores and the
+        frame's suppressed objects hidden; ``cache``: remember the masks for later fetches."""
+        tracker_metadata = inference_state["tracker_metadata"]
         out = {
             "obj_id_to_mask": obj_id_to_mask,
             "obj_id_to_score": tracker_metadata["obj_id_to_score"],
             "obj_id_to_tracker_score": tracker_metadata["obj_id_to_tracker_score_frame_wise"][frame_idx],
         }
         suppressed = tracker_metadata["rank0_metadata"]["suppressed_obj_ids"][frame_idx]
-        self._cache_frame_outputs(inference_state, frame_idx, obj_id_to_mask, suppressed_obj_ids=suppressed)
+        if cache:
+            self._cache_frame_outputs(inference_state, frame_idx, obj_id_to_mask, suppressed_obj_ids=suppressed)
         return frame_idx, self._postprocess_output(inference_state, out, suppressed_obj_ids=suppressed)
 
     def _convert_low_res_mask_to_video_res(self, low_res_mask, inference_state):
