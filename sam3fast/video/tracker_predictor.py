@@ -1091,29 +1091,32 @@ class Sam3TrackerPredictor(nn.Module):
         num_frames = inference_state["num_frames"]
         cond = output_dict["cond_frame_outputs"]
         non_cond = output_dict["non_cond_frame_outputs"]
-        cond_frames = sorted(cond)
-        cond_feats = torch.stack([self._from_memory_bank(cond[t]["maskmem_features"]) for t in cond_frames], dim=1)
-        cond_ptrs = torch.stack([cond[t]["obj_ptr"].to(self.device, self.dtype) for t in cond_frames], dim=1)
-        pos_enc = inference_state["constants"].get("maskmem_pos_enc")
-        if pos_enc is None:
-            pos_enc = next(iter(cond.values()))["maskmem_pos_enc"]
         max_ptrs = min(num_frames, self.max_obj_ptrs_in_encoder)
-        bank = MemoryBank(
-            cond_feats, cond_ptrs, cond_frames, pos_enc[-1][:1].to(self.device, self.dtype), self.num_maskmem,
-            max_list=max_ptrs - 1, ptr_norm=max_ptrs, reverse=reverse,
-        )
         sign = -1 if reverse else 1
         last = frame_idx - sign
         good = self._scan_good_frames(output_dict, reverse, last - sign, num_frames, 1, max_ptrs - 1)
         if any(non_cond[t].get("maskmem_features") is None for t in good + ([last] if last in non_cond else [])):
             logger.debug("official memory selection for this run: a stored frame without memory")
             return None  # (the official fails if it needs that memory; its path says so)
+        cond_frames = sorted(cond)
+        cond_feats = torch.stack([self._from_memory_bank(cond[t]["maskmem_features"]) for t in cond_frames], dim=1)
+        cond_ptrs = torch.stack([cond[t]["obj_ptr"].to(self.device, self.dtype) for t in cond_frames], dim=1)
+        pos_enc = inference_state["constants"].get("maskmem_pos_enc")
+        if pos_enc is None:
+            pos_enc = next(iter(cond.values()))["maskmem_pos_enc"]
+        bank = MemoryBank(
+            cond_feats, cond_ptrs, cond_frames, pos_enc[-1][:1].to(self.device, self.dtype), self.num_maskmem,
+            max_list=max_ptrs - 1, ptr_norm=max_ptrs, reverse=reverse,
+        )
+        # the good frames before the last one, oldest first (each promoted to the ring by the next
+        # advance), then the last frame itself: its output, or nothing (a conditioning frame or an
+        # untracked one; that advance still promotes the newest good frame)
         for t in good:
-            self._advance_bank(bank, non_cond[t], t, reverse)  # (good: promoted by the next advance)
+            self._advance_bank(bank, non_cond[t], t, reverse)
         if last in non_cond:
             self._advance_bank(bank, non_cond[last], last, reverse)
         else:
-            bank.advance(None, None, False)  # a conditioning frame or an untracked one: no content
+            bank.advance(None, None, False)
         return bank
 
     def _track_on_banks(self, banks, frame_idx, num_frames, reverse, feats, pos, run_mem_encoder):
