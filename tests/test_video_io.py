@@ -351,3 +351,91 @@ def test_no_warning_on_numbered_folder(clip):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         open_video(clip["folder"], 112)
+
+
+# ---- FrameStore: frames on the host, one at a time on the device ----
+
+
+def _sources(clip):
+    return {"mp4": clip["mp4"], "folder": clip["folder"], "image": clip["image"], "array": clip["decoded"],
+            "pil": [Image.fromarray(f) for f in clip["frames"]]}
+
+
+@pytest.mark.parametrize("kind", ["mp4", "folder", "image", "array", "pil"])
+def test_frame_store_equals_batch_loader(clip, kind):
+    from sam3fast.video.io import open_frame_store
+
+    res = _sources(clip)[kind]
+    ref, rh, rw = load_video(res, 112)
+    store, h, w = open_frame_store(res, 112)
+    assert (h, w) == (rh, rw) and len(store) == ref.shape[0] and store.shape == ref.shape
+    assert store.dtype == torch.float16 and store.host_bytes == ref.numel()  # uint8: half the float16 bytes
+    order = list(range(len(store))) + list(range(len(store) - 1, -1, -1)) + [len(store) // 2, 0, -1]
+    for i in order:  # forward, backward, jumps, a negative index
+        assert torch.equal(store[i], ref[i]), i
+    assert torch.equal(torch.stack(list(store)), ref)
+
+
+def test_frame_store_device_cache_is_bounded(clip):
+    from sam3fast.video.io import open_frame_store
+
+    store, _, _ = open_frame_store(clip["folder"], 64, cache_size=2)
+    one = store[0].numel() * 2
+    for i in range(len(store)):
+        store[i]
+        assert store.device_bytes <= 2 * one
+    assert len(store._cache) <= 2
+
+
+def test_frame_store_bad_input(clip):
+    from sam3fast.video.io import FrameStore, open_frame_store
+
+    store, _, _ = open_frame_store(clip["folder"], 32)
+    with pytest.raises(IndexError, match="out of range for 5 frames"):
+        store[5]
+    with pytest.raises(IndexError, match="out of range"):
+        store[-6]
+    with pytest.raises(TypeError, match="indexed by one int"):
+        store[1:3]
+    with pytest.raises(ValueError, match=r"\(T, R, R, 3\) uint8"):
+        FrameStore(torch.zeros(2, 8, 8, 3), torch.zeros(3, 256))
+    with pytest.raises(ValueError, match="per-channel table"):
+        FrameStore(torch.zeros(2, 8, 8, 3, dtype=torch.uint8), torch.zeros(256))
+    with pytest.raises(ValueError, match="at least one frame"):
+        FrameStore(torch.zeros(0, 8, 8, 3, dtype=torch.uint8), torch.zeros(3, 256))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_frame_store_cuda_prefetch_matches(clip):
+    """On CUDA the next frame is made ahead on a side stream; the values are the same and the
+    device holds at most cache_size frames, whatever the clip length."""
+    from sam3fast.video.io import open_frame_store
+
+    ref, _, _ = load_video(clip["mp4"], 1008)
+    store, _, _ = open_frame_store(clip["mp4"], 1008, device="cuda")
+    assert store._host.is_pinned()
+    for i in list(range(len(store))) + list(range(len(store) - 1, -1, -1)):
+        f = store[i]
+        f.add_(0)  # work on the caller's stream after the prefetch's event
+        assert torch.equal(f.cpu(), ref[i])
+        assert len(store._cache) <= store.cache_size
+
+
+@pytest.mark.parametrize("async_loading", [False, True])
+def test_sam2_frame_store_equals_tracker_loader(tmp_path, async_loading):
+    """The tracker's JPEG-folder loader as a FrameStore gives its frames bit for bit (float32,
+    ImageNet mean/std) and its size rule (the last frame, or the first with async loading)."""
+    from sam3fast.video.tracker_predictor import load_video_frames as sam2_load
+    from sam3fast.video.tracker_predictor import sam2_frame_store
+
+    frames = _synthetic_frames(seed=3)
+    for i, f in enumerate(frames):
+        img = f if i < len(frames) - 1 else f[:30, :44]  # the last frame has another size
+        Image.fromarray(img).save(tmp_path / f"{i}.jpg")
+    ref, rh, rw = sam2_load(str(tmp_path), 64, offload_video_to_cpu=True, async_loading_frames=async_loading)
+    store, h, w = sam2_frame_store(str(tmp_path), 64, async_loading_frames=async_loading)
+    assert (h, w) == (rh, rw) == ((H, W) if async_loading else (30, 44))
+    assert store.dtype == torch.float32 and store.shape == ref.shape
+    for i in range(len(store)):
+        assert torch.equal(store[i], ref[i]), i

@@ -603,3 +603,77 @@ def test_concept_video_host_reads_per_frame(checkpoints, clip_dir, monkeypatch):
     assert set(by_function) <= {"_associate", "_postprocess_output"}, by_function
     assert 0 < by_function.get("_associate", 0) <= 2 * (NUM_FRAMES - 3), by_function  # (the recorder sees reads)
     assert by_function.get("_postprocess_output", 0) <= 2 * NUM_FRAMES, by_function
+
+
+# ----------------------------------------------------------------------------------------------
+# Device memory stays flat as the video grows
+
+
+def _session_frames(pred, resource, text="blob"):
+    sid = pred.handle_request({"type": "start_session", "resource_path": resource})["session_id"]
+    pred.handle_request({"type": "add_prompt", "session_id": sid, "frame_index": 0, "text": text})
+    return sid
+
+
+def test_session_frames_stream_from_the_host(checkpoints, clip_dir):
+    """The session's frames are a FrameStore (host uint8); after a propagation the device holds at
+    most its cache of frames, and the outputs equal those of a session on the batch-loaded
+    frames (the official layout: all frames on the device)."""
+    from sam3fast.video.io import FrameStore, load_video
+
+    pred = build_sam3_video_predictor(checkpoint_path=checkpoints[SIMPLE_SEED], config=CFG, device="cpu")
+    sid = _session_frames(pred, clip_dir)
+    state = pred._ALL_INFERENCE_STATES[sid]["state"]
+    store = state["input_batch"].img_batch
+    assert isinstance(store, FrameStore) and len(store) == NUM_FRAMES
+    streamed = [to_numpy_outputs(r["outputs"]) for r in
+                pred.handle_stream_request({"type": "propagate_in_video", "session_id": sid})]
+    assert store.device_bytes <= store.cache_size * store[0].numel() * 2
+    # the same session on a (T, 3, R, R) tensor of every frame
+    frames, _, _ = load_video(clip_dir, CFG.resolution)
+    state["input_batch"].img_batch = frames
+    pred.handle_request({"type": "reset_session", "session_id": sid})
+    pred.handle_request({"type": "add_prompt", "session_id": sid, "frame_index": 0, "text": "blob"})
+    batch = [to_numpy_outputs(r["outputs"]) for r in
+             pred.handle_stream_request({"type": "propagate_in_video", "session_id": sid})]
+    assert len(streamed) == len(batch) == NUM_FRAMES
+    for a, b in zip(streamed, batch):
+        assert a["out_obj_ids"].tolist() == b["out_obj_ids"].tolist()
+        assert np.array_equal(a["out_binary_masks"], b["out_binary_masks"])
+        assert np.array_equal(a["out_probs"], b["out_probs"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_session_memory_is_flat_and_outputs_unchanged(checkpoints, tmp_path):
+    """On CUDA, finished outputs (the tracker's stored frames, the cached video-resolution masks)
+    leave the device: allocated device memory does not grow with the frames, and the outputs are
+    those of a session that keeps everything on the device (the official placement). Then a fetch
+    and a click on an early frame read the retired outputs back."""
+    n = 48
+    clip = write_jpg_folder(make_clip(n, 72, 96), str(tmp_path / "long"))
+    runs, growth = {}, {}
+    for retire in (False, True):
+        pred = build_sam3_video_predictor(checkpoint_path=checkpoints[RICH_SEED], config=CFG, device="cuda")
+        pred.model.retire_finished_outputs = retire
+        pred.model.tracker.retire_finished_outputs = retire
+        sid = _session_frames(pred, clip)
+        mem, outs = [], []
+        for r in pred.handle_stream_request({"type": "propagate_in_video", "session_id": sid}):
+            torch.cuda.synchronize()
+            mem.append(torch.cuda.memory_allocated())
+            outs.append(to_numpy_outputs(r["outputs"]))
+        growth[retire] = mem[-1] - mem[n // 3]
+        fetched = [to_numpy_outputs(r["outputs"]) for r in pred.handle_stream_request(
+            {"type": "propagate_in_video", "session_id": sid, "start_frame_index": 2,
+             "max_frame_num_to_track": 3, "propagation_direction": "forward"})]
+        runs[retire] = outs, fetched
+        pred.handle_request({"type": "close_session", "session_id": sid})
+        del pred
+        torch.cuda.empty_cache()
+    for a, b in zip(runs[False][0] + runs[False][1], runs[True][0] + runs[True][1]):
+        assert a["out_obj_ids"].tolist() == b["out_obj_ids"].tolist()
+        assert np.array_equal(a["out_binary_masks"], b["out_binary_masks"])
+        assert np.allclose(a["out_probs"], b["out_probs"], rtol=0, atol=0)
+    assert growth[False] > 0, growth  # the official placement grows with the video
+    assert growth[True] <= 0.05 * growth[False], growth

@@ -272,6 +272,9 @@ class Sam3VideoBase(nn.Module):
         self.fill_hole_area = fill_hole_area
         self.rank = 0
         self.progress = True  # sam3fast: False hides the propagation progress bars (batch jobs draw their own)
+        # sam3fast: on CUDA, finished per-frame outputs (cached masks, the tracker's stored frames)
+        # move to pinned host memory so device memory stays flat; False keeps them on the device.
+        self.retire_finished_outputs = True
         self.world_size = 1
         self.max_num_objects = max_num_objects if max_num_objects > 0 else 10000
         self.recondition_every_nth_frame = recondition_every_nth_frame
@@ -986,17 +989,18 @@ class Sam3VideoInference(Sam3VideoBase):
         self.compile_model = compile_model
 
     def _load_frames(self, resource_path, offload_video_to_cpu, async_loading_frames, video_loader_type):
-        """(frames (T, 3, R, R) float16, video height, video width) as the official loaders give
-        them (:func:`sam3fast.video.io.load_video`). Frames are loaded eagerly
-        (``async_loading_frames`` gives the same values)."""
-        from .io import load_video
+        """(frames, video height, video width) as the official loaders give them. The frames are a
+        :class:`~sam3fast.video.io.FrameStore`: decoded once to host uint8, each handed to the device
+        as (3, R, R) float16 when the detector asks for it (values equal the official loader's), so
+        device memory does not grow with the video. ``offload_video_to_cpu`` and
+        ``async_loading_frames`` are accepted and change nothing: frames always live on the host."""
+        from .io import open_frame_store
 
         if tuple(self.image_mean) != (0.5, 0.5, 0.5) or tuple(self.image_std) != (0.5, 0.5, 0.5):
             raise NotImplementedError("the video loaders implement image_mean = image_std = 0.5 only")
         if video_loader_type not in ("cv2", None):
             raise NotImplementedError(f"video_loader_type={video_loader_type!r}: only 'cv2' is implemented")
-        device = torch.device("cpu") if offload_video_to_cpu else self.device
-        return load_video(resource_path, image_size=self.image_size, device=device)
+        return open_frame_store(resource_path, image_size=self.image_size, device=self.device)
 
     @torch.inference_mode()
     def init_state(self, resource_path, offload_video_to_cpu=False, async_loading_frames=False,
@@ -1011,8 +1015,6 @@ class Sam3VideoInference(Sam3VideoBase):
                                                             async_loading_frames, video_loader_type)
         if len(images) == 0:
             raise ValueError(f"no frames could be read from {resource_path!r}")
-        if not offload_video_to_cpu and isinstance(images, torch.Tensor):
-            images = images.to(self.device)
         inference_state = {
             "image_size": self.image_size,
             "num_frames": len(images),
@@ -1160,7 +1162,7 @@ class Sam3VideoInference(Sam3VideoBase):
                 self._cache_frame_outputs(inference_state, yield_frame_idx, yield_out["obj_id_to_mask"],
                                           suppressed_obj_ids=suppressed_obj_ids,
                                           removed_obj_ids=hotstart_removed_obj_ids,
-                                          unconfirmed_obj_ids=unconfirmed_obj_ids)
+                                          unconfirmed_obj_ids=unconfirmed_obj_ids, refilter=True)
                 yield yield_frame_idx, postprocessed_out
 
     def _run_single_frame_inference(self, inference_state, frame_idx, reverse):
@@ -1257,20 +1259,34 @@ class Sam3VideoInference(Sam3VideoBase):
         }
 
     def _cache_frame_outputs(self, inference_state, frame_idx, obj_id_to_mask, suppressed_obj_ids=None,
-                             removed_obj_ids=None, unconfirmed_obj_ids=None):
-        filtered = obj_id_to_mask.copy()
+                             removed_obj_ids=None, unconfirmed_obj_ids=None, refilter=False):
+        """Remember a frame's (1, H, W) bool masks for later fetches and clicks. sam3fast: on CUDA
+        (``retire_finished_outputs``) the cache holds pinned host copies (asynchronous copies on the
+        current stream, so the device readers, which copy them back, are ordered after them): the
+        official keeps every frame's video-resolution masks on the device. ``refilter``: the frame
+        was cached unfiltered from these same masks; drop the excluded ids from that entry instead
+        of copying the masks again."""
+        cache = inference_state["cached_frame_outputs"]
         exclude = set()
         for ids in (suppressed_obj_ids, removed_obj_ids, unconfirmed_obj_ids):
             if ids is not None:
                 exclude.update(ids)
-        for obj_id in exclude:
-            filtered.pop(obj_id, None)
-        inference_state["cached_frame_outputs"][frame_idx] = filtered
+        if refilter and frame_idx in cache and cache[frame_idx].keys() == obj_id_to_mask.keys():
+            cache[frame_idx] = {k: v for k, v in cache[frame_idx].items() if k not in exclude}
+            return
+        retire = self.retire_finished_outputs and self.device.type == "cuda"
+        cache[frame_idx] = {k: (v.to("cpu", non_blocking=True) if retire and isinstance(v, Tensor) else v)
+                            for k, v in obj_id_to_mask.items() if k not in exclude}
+
+    def _cached_masks(self, inference_state, frame_idx):
+        """A frame's cached masks, on the device (``{}`` for a frame without outputs)."""
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v
+                for k, v in inference_state["cached_frame_outputs"].get(frame_idx, {}).items()}
 
     def _build_tracker_output(self, inference_state, frame_idx, refined_obj_id_to_mask=None):
         if frame_idx not in inference_state.get("cached_frame_outputs", {}):
             raise RuntimeError(f"no cached outputs for frame {frame_idx}: run propagation over it first")
-        obj_id_to_mask = inference_state["cached_frame_outputs"][frame_idx].copy()
+        obj_id_to_mask = self._cached_masks(inference_state, frame_idx)
         if refined_obj_id_to_mask is not None:
             obj_id_to_mask.update(refined_obj_id_to_mask)
         return obj_id_to_mask
@@ -1365,7 +1381,7 @@ class Sam3VideoInferenceWithInstanceInteractivity(Sam3VideoInference):
         if propagation_type == "propagation_fetch":
             for frame_idx in tqdm(processing_order, disable=self.rank > 0 or not self.progress):
                 yield self._tracker_frame_output(inference_state, frame_idx,
-                                                 inference_state["cached_frame_outputs"].get(frame_idx, {}), cache=False)
+                                                 self._cached_masks(inference_state, frame_idx), cache=False)
             return
 
         tracker_states_local = self._get_tracker_inference_states_by_obj_ids(inference_state, obj_ids)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import OrderedDict
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -365,6 +366,152 @@ class VideoFrames:
             f"VideoFrames(kind={self.kind!r}, frames={n}, video={self.video_height}x{self.video_width}, "
             f"image_size={self.image_size}, device={self.device})"
         )
+
+
+class FrameStore:
+    """Every frame of a clip decoded once into host memory and handed to the device one frame at a
+    time, so device memory does not grow with the video (the official loaders put all T frames on
+    the GPU as (T, 3, R, R) float16: 6.1 MB a frame at R = 1008).
+
+    Host side: (T, R, R, 3) uint8, resized exactly as the official loader resizes (3 B/pixel, half
+    of the official float16 store; pinned when ``device`` is CUDA so copies are asynchronous).
+    ``store[i]`` is frame i as (3, R, R) ``dtype`` on ``device``: the normalisation is a (3, 256)
+    per-channel table applied on the device, so values equal those of :func:`load_video` bit for
+    bit. The device keeps the ``cache_size`` frames asked for last; on CUDA the next frame in the
+    direction of travel is copied and normalised ahead on a side stream (decode and copy overlap
+    the model's work on the current frame). ``len``, ``shape``, ``dtype`` and ``device`` are those
+    of the (T, 3, R, R) tensor it stands for; ``host_bytes``/``device_bytes`` say what it holds.
+    """
+
+    def __init__(self, frames_uint8: torch.Tensor, lut: torch.Tensor, device=None, cache_size: int = 2):
+        if frames_uint8.dtype != torch.uint8 or frames_uint8.dim() != 4 or frames_uint8.shape[-1] != 3:
+            raise ValueError(f"FrameStore needs (T, R, R, 3) uint8 frames, got {frames_uint8.dtype} "
+                             f"{tuple(frames_uint8.shape)}")
+        if frames_uint8.shape[0] == 0:
+            raise ValueError("FrameStore needs at least one frame")
+        if lut.shape != (3, 256):
+            raise ValueError(f"FrameStore needs a (3, 256) per-channel table, got {tuple(lut.shape)}")
+        if cache_size < 1:
+            raise ValueError(f"cache_size must be >= 1, got {cache_size}")
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._host = frames_uint8
+        self._lut = lut.to(self.device).reshape(-1).contiguous()
+        self._chan = torch.arange(0, 768, 256, dtype=torch.int32, device=self.device)[:, None, None]
+        self.cache_size = int(cache_size)
+        self._cache: "OrderedDict[int, Tuple[torch.Tensor, object]]" = OrderedDict()
+        self._last: Optional[int] = None
+        cuda = self.device.type == "cuda"
+        self._stream = torch.cuda.Stream(self.device) if cuda else None
+
+    @classmethod
+    def from_frames(cls, frames: Iterator[np.ndarray], count_hint: int, lut: torch.Tensor, device=None,
+                    cache_size: int = 2) -> "FrameStore":
+        """Fill from (R, R, 3) uint8 arrays; ``count_hint`` preallocates (a video container's count
+        may be wrong either way: the store is trimmed or grown to what was decoded)."""
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        pin = device.type == "cuda"
+        host, n, extra = None, 0, []
+        for rgb in frames:
+            if host is None:
+                host = torch.empty((max(count_hint, 1),) + tuple(rgb.shape), dtype=torch.uint8, pin_memory=pin)
+            if n < host.shape[0]:
+                host[n] = torch.from_numpy(rgb)
+            else:
+                extra.append(torch.from_numpy(rgb))
+            n += 1
+        if host is None:
+            raise ValueError("no frames could be decoded")
+        if extra:
+            host = torch.cat([host, torch.stack(extra)])
+            host = host.pin_memory() if pin else host
+        elif n < host.shape[0]:
+            host = host[:n]
+        return cls(host, lut, device, cache_size)
+
+    def __len__(self) -> int:
+        return self._host.shape[0]
+
+    @property
+    def shape(self) -> torch.Size:
+        T, R, C, _ = self._host.shape
+        return torch.Size((T, 3, R, C))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._lut.dtype
+
+    @property
+    def host_bytes(self) -> int:
+        return self._host.numel()
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(f.numel() * f.element_size() for f, _ in self._cache.values())
+
+    def _convert(self, index: int) -> torch.Tensor:
+        x = self._host[index].to(self.device, non_blocking=True).permute(2, 0, 1).int() + self._chan
+        return self._lut.index_select(0, x.reshape(-1)).view(3, *self._host.shape[1:3])
+
+    def _fetch(self, index: int, ahead: bool):
+        if self._stream is None or not ahead:
+            return self._convert(index), None
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))  # the LUT and earlier work
+        with torch.cuda.stream(self._stream):
+            frame = self._convert(index)
+            ready = torch.cuda.Event()
+            ready.record(self._stream)
+        return frame, ready
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, torch.Tensor):
+            index = int(index)
+        if not isinstance(index, (int, np.integer)) or isinstance(index, bool):
+            raise TypeError(f"frames are indexed by one int, got {type(index).__name__}")
+        T = len(self)
+        index = int(index)
+        if index < 0:
+            index += T
+        if not 0 <= index < T:
+            raise IndexError(f"frame index {index} out of range for {T} frames")
+        hit = self._cache.pop(index, None)
+        if hit is None:
+            frame, ready = self._fetch(index, ahead=False)
+        else:
+            frame, ready = hit
+            if ready is not None:  # made on the side stream: order it before the caller's work
+                cur = torch.cuda.current_stream(self.device)
+                cur.wait_event(ready)
+                frame.record_stream(cur)
+        self._cache[index] = (frame, None)
+        step = 0 if self._last is None else index - self._last
+        self._last = index
+        if step in (1, -1) and 0 <= index + step < T and index + step not in self._cache:
+            self._cache[index + step] = self._fetch(index + step, ahead=True)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return frame
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def __repr__(self) -> str:
+        T, R, C, _ = self._host.shape
+        return (f"FrameStore(frames={T}, size={R}x{C}, host={self.host_bytes / 2**20:.1f} MiB uint8, "
+                f"device={self.device}, cache_size={self.cache_size})")
+
+
+def open_frame_store(resource: Resource, image_size: int = 1008, device=None, *, video_unit_scale: bool = False,
+                     cache_size: int = 2) -> Tuple[FrameStore, int, int]:
+    """``resource`` (see :func:`load_video`) decoded into a :class:`FrameStore`: returns ``(store,
+    video_height, video_width)``; ``store[i]`` equals ``load_video(resource, ...)[0][i]``."""
+    v = open_video(resource, image_size, device, video_unit_scale=video_unit_scale)
+    lut = v._lut.reshape(1, 256).expand(3, 256)
+    try:
+        store = FrameStore.from_frames(v._resized_uint8(0, None), v.frame_count_hint, lut, v.device, cache_size)
+    except ValueError:
+        raise ValueError(f"no decodable frames in {resource if isinstance(resource, str) else v.kind}") from None
+    return store, v.video_height, v.video_width
 
 
 def open_video(

@@ -253,6 +253,43 @@ def load_video_frames(video_path, image_size, offload_video_to_cpu, img_mean=SAM
     return images, video_height, video_width
 
 
+def sam2_frame_store(video_path, image_size, async_loading_frames=False, img_mean=SAM2_IMG_MEAN,
+                     img_std=SAM2_IMG_STD, device=None):
+    """sam3fast: the JPEG-folder case of :func:`load_video_frames` as a
+    :class:`~sam3fast.video.io.FrameStore`: ``(store, video_height, video_width)`` where ``store[i]``
+    equals ``load_video_frames(...)[0][i]`` bit for bit (the resized uint8 pixels stay on the host,
+    the normalisation is a per-channel table on the device: 3 B per pixel on the host instead of
+    12 B per pixel of float32 frames on the device)."""
+    import os
+
+    from PIL import Image
+
+    from .io import FrameStore
+
+    names = [p for p in os.listdir(video_path) if os.path.splitext(p)[-1] in (".jpg", ".jpeg", ".JPG", ".JPEG")]
+    names.sort(key=lambda p: int(os.path.splitext(p)[0]))
+    if not names:
+        raise RuntimeError(f"no images found in {video_path}")
+    sizes = []
+
+    def frames():
+        for name in names:
+            with Image.open(os.path.join(video_path, name)) as im:
+                sizes.append((im.size[1], im.size[0]))
+                yield np.array(im.convert("RGB").resize((image_size, image_size)))
+
+    mean = torch.tensor(img_mean, dtype=torch.float32)[:, None]
+    std = torch.tensor(img_std, dtype=torch.float32)[:, None]
+    u = torch.arange(256, dtype=torch.float64)[None] / 255.0
+    if async_loading_frames:  # float64 arithmetic, one rounding (the official async loader)
+        lut = ((u - mean.double()) / std.double()).float()
+    else:  # float32 frames, then float32 -= mean, /= std
+        lut = (u.float() - mean) / std
+    store = FrameStore.from_frames(frames(), len(names), lut, device)
+    video_height, video_width = sizes[0] if async_loading_frames else sizes[-1]
+    return store, video_height, video_width
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -334,6 +371,7 @@ class Sam3TrackerPredictor(nn.Module):
         mf_threshold: float = 0.01,
         bf16_casts: bool = True,
         fixed_capacity_step: bool = True,
+        retire_finished_outputs: bool = True,
     ):
         super().__init__()
         cfg = tracker.cfg if cfg is None else cfg
@@ -386,6 +424,10 @@ class Sam3TrackerPredictor(nn.Module):
         # session allows it (see _fixed_capacity_refusal); False = the official per-frame selection.
         self.fixed_capacity_step = fixed_capacity_step
         self.step_counts = {"fixed_capacity": 0, "reference": 0}
+        # sam3fast: on CUDA, a tracked frame's stored output moves to pinned host memory once the
+        # bank has taken it (see _retire_output); False = every output stays on the device (official).
+        self.retire_finished_outputs = retire_finished_outputs
+        self._retire_event = None
         self._memory_step_compiled = None
         self.iter_use_prev_mask_pred = True
         self.add_all_frames_to_correct_as_cond = True
@@ -473,6 +515,13 @@ class Sam3TrackerPredictor(nn.Module):
         return inference_state
 
     def _load_video_frames(self, video_path, offload_video_to_cpu, async_loading_frames, compute_device):
+        """A JPEG folder streams from the host (:func:`sam2_frame_store`, values unchanged, the
+        device holds a frame or two whatever the video's length; ``offload_video_to_cpu`` changes
+        nothing then); an .mp4 goes through the official loader (decord)."""
+        import os
+
+        if isinstance(video_path, str) and os.path.isdir(video_path):
+            return sam2_frame_store(video_path, self.image_size, async_loading_frames, device=self.device)
         return load_video_frames(
             video_path=video_path, image_size=self.image_size, offload_video_to_cpu=offload_video_to_cpu,
             async_loading_frames=async_loading_frames, compute_device=compute_device,
@@ -1019,6 +1068,7 @@ class Sam3TrackerPredictor(nn.Module):
             out = inference_state["output_dict"]["non_cond_frame_outputs"].get(cur["pending"])
             if out is not None and out.get("maskmem_features") is not None:
                 self._advance_bank(cur["bank"], out, cur["pending"], reverse)
+                self._retire_output(inference_state, cur["pending"])
                 cur["pending"] = None
                 return cur["bank"]
         inference_state.pop("memory_bank", None)
@@ -1028,6 +1078,41 @@ class Sam3TrackerPredictor(nn.Module):
         if bank is not None:
             inference_state["memory_bank"] = {"bank": bank, "reverse": reverse, "pending": None, "key": None}
         return bank
+
+    _RETIRED_KEYS = ("maskmem_features", "pred_masks", "obj_ptr", "object_score_logits", "iou_score",
+                     "eff_iou_score")
+
+    def _retire_output(self, inference_state, frame_idx):
+        """sam3fast: ``frame_idx``'s stored (non-conditioning) output leaves the device. The bank
+        has just copied what tracking needs of it (its memory and pointer) into its ring, so the
+        stored tensors (about 1 MB per object: memory features, low-res mask, pointer, scores) move
+        to pinned host memory and device memory stays flat as the video grows. The copies are
+        asynchronous and on the current stream, so whatever later copies them back to the device
+        (a rebuilt bank, the official selection, consolidation, a re-visited frame's output) is
+        ordered after them; host-side readers wait on one event (:meth:`_host_outputs_ready`).
+        Conditioning frames stay on the device (their number is bounded by the prompts)."""
+        if not self.retire_finished_outputs or inference_state["storage_device"].type != "cuda":
+            return
+        out = inference_state["output_dict"]["non_cond_frame_outputs"].get(frame_idx)
+        if out is None:
+            return
+        moved = False
+        for key in self._RETIRED_KEYS:
+            v = out.get(key)
+            if isinstance(v, torch.Tensor) and v.device.type != "cpu":
+                out[key] = v.to("cpu", non_blocking=True)  # pinned destination: asynchronous
+                moved = True
+        if moved:
+            # the per-object views pointed into the device tensors: re-slice the host copies
+            self._add_output_per_object(inference_state, frame_idx, out, "non_cond_frame_outputs")
+            self._retire_event = torch.cuda.Event()
+            self._retire_event.record()
+
+    def _host_outputs_ready(self):
+        """Before host code reads a stored output: the retired copies have landed."""
+        if self._retire_event is not None:
+            self._retire_event.synchronize()
+            self._retire_event = None
 
     def _bank_stored(self, inference_state, frame_idx):
         """``frame_idx``'s output is stored: the bank takes it at the next frame."""
@@ -1337,6 +1422,7 @@ class Sam3TrackerPredictor(nn.Module):
         object had inputs (with ``need_output``)."""
         old_obj_idx_to_rm = inference_state["obj_id_to_idx"].get(obj_id, None)
         updated_frames = []
+        self._host_outputs_ready()  # the stored outputs are sliced on the host below
         if old_obj_idx_to_rm is None:
             if not strict:
                 return inference_state["obj_ids"], updated_frames
@@ -1822,6 +1908,7 @@ class Sam3TrackerPredictor(nn.Module):
         ``eff_iou_score`` > ``mf_threshold``, oldest first, stopping once ``max_count`` are found."""
         step, end = (r, num_frames) if track_in_reverse else (-r, 0)
         non_cond = output_dict["non_cond_frame_outputs"]
+        self._host_outputs_ready()
         valid_indices = []
         for i in range(start, end, step):
             if i not in non_cond or "eff_iou_score" not in non_cond[i]:
@@ -1899,7 +1986,7 @@ class Sam3TrackerPredictor(nn.Module):
             t: out for t, out in selected_cond_outputs.items()
             if (t >= frame_idx if track_in_reverse else t <= frame_idx)
         }
-        ptrs = [out["obj_ptr"] for out in ptr_cond_outputs.values()]
+        ptrs = [out["obj_ptr"].to(self.device) for out in ptr_cond_outputs.values()]
         ptr_tpos = [(frame_idx - t) * tpos_sign_mul for t in ptr_cond_outputs]
         for t_diff in range(1, max_obj_ptrs_in_encoder):
             if not self.use_memory_selection:
@@ -1913,7 +2000,7 @@ class Sam3TrackerPredictor(nn.Module):
                 t = valid_indices[-t_diff]
             out = output_dict["non_cond_frame_outputs"].get(t, unselected_cond_outputs.get(t, None))
             if out is not None:
-                ptrs.append(out["obj_ptr"])
+                ptrs.append(out["obj_ptr"].to(self.device))  # (retired outputs live on the host)
                 ptr_tpos.append(t_diff)
 
         memory, memory_pos, num_obj_ptr_tokens = assemble_memory(
