@@ -23,7 +23,10 @@ Around it, per layer, from the current reference boxes ``ref`` (B, Q, 4) cxcywh 
 boxRPB "log": with xyxy = ref in corner form, c_y = y / Hf, c_x = x / Wf and
 ``f(d) = sign(8d) log2(|8d| + 1) / 3``, ``dy[b,q,y] = MLP_y(f(c_y - y0), f(c_y - y1))`` (H values),
 ``dx`` likewise, and ``bias[b, h, q, y*Wf + x] = dy[b,q,y,h] + dx[b,q,x,h]``; the presence token
-gets a zero bias row. The bias is materialized (B, H, 1+Q, N) for now.
+gets a zero bias row. On CUDA (``Decoder.use_kernel``, the default) the image cross-attention is the
+``sam3fast::rpb_attention`` Triton kernel, which sums the bias from (dy, dx) inside the attention
+(in float32); elsewhere, or with ``use_kernel = False``, the bias is materialized (B, H, 1+Q, N) in
+the weights' dtype and SDPA takes it, which is the exact official computation.
 
 Outputs at inference (last layer): ``hs = norm(x[:, 1:])``, boxes as above, presence logit
 ``presence_token_head(presence_token_out_norm(x[:, 0]))``. The official clamp of the presence logit
@@ -39,6 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels.rpb_attention import rpb_attention, rpb_attention_backend
 from .common import MLP, MultiheadAttention, inverse_sigmoid
 
 
@@ -104,12 +108,34 @@ class DecoderLayer(nn.Module):
         prompt: torch.Tensor,  # (B, P, D)
         prompt_mask: Optional[torch.Tensor],  # (B, P) True = pad
         attn_bias: Optional[torch.Tensor],  # (B, H, L, N)
+        rpb: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,  # (dy (B, H, L, Hf), dx (B, H, L, Wf))
     ) -> torch.Tensor:
+        """The image cross-attention takes its bias materialized (``attn_bias``) or, with ``rpb``
+        given, as its separable factors through the ``sam3fast::rpb_attention`` op (then
+        ``attn_bias`` is unused)."""
         q = x + query_pos
         x = self.norm2(x + self.self_attn(q, q, x))
         x = self.catext_norm(x + self.ca_text(x + query_pos, prompt, prompt, key_padding_mask=prompt_mask))
-        x = self.norm1(x + self.cross_attn(x + query_pos, memory_key, memory, attn_bias=attn_bias))
+        if rpb is None:
+            x = self.norm1(x + self.cross_attn(x + query_pos, memory_key, memory, attn_bias=attn_bias))
+        else:
+            x = self.norm1(x + self._cross_attn_rpb(x + query_pos, memory_key, memory, *rpb))
         return self.norm3(x + self.linear2(F.relu(self.linear1(x))))
+
+    def _cross_attn_rpb(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor
+    ) -> torch.Tensor:
+        """``self.cross_attn(query, key, value, attn_bias=dy (+) dx)`` with the attention between the
+        projections done by ``rpb_attention`` on (B, *, H, Dh) views (the same weights, no copy)."""
+        attn = self.cross_attn
+        B, L, D = query.shape
+        N, H = key.shape[1], attn.num_heads
+        w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
+        q = F.linear(query, w_q, b_q).view(B, L, H, D // H)
+        k = F.linear(key, w_k, b_k).view(B, N, H, D // H)
+        v = F.linear(value, w_v, b_v).view(B, N, H, D // H)
+        return attn.out_proj(rpb_attention(q, k, v, dy, dx).reshape(B, L, D))
 
 
 class Decoder(nn.Module):
@@ -155,6 +181,9 @@ class Decoder(nn.Module):
         self.presence_token_head = MLP(d_model, d_model, 1, 3)
         self.presence_token_out_norm = nn.LayerNorm(d_model)
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
+        # False: always the materialized bias + SDPA (the exact official path, and the baseline the
+        # kernel is measured against); True: the rpb_attention kernel where its backend is Triton.
+        self.use_kernel = True
 
     @classmethod
     def from_config(cls, cfg) -> "Decoder":
@@ -166,10 +195,10 @@ class Decoder(nn.Module):
         d = (coords.view(1, 1, -1, 1) - edges.unsqueeze(2)) * 8
         return torch.sign(d) * torch.log2(torch.abs(d) + 1.0) / 3.0  # / log2(8)
 
-    def rpb_bias(self, ref_boxes: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
-        """boxRPB "log" bias with a zero row for the presence token: (B, Q, 4) -> (B, H, 1+Q, Hf*Wf)."""
+    def rpb_factors(self, ref_boxes: torch.Tensor, feat_size: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The separable factors of the boxRPB "log" bias, each with a zero row for the presence token:
+        (B, Q, 4) -> dy (B, H, 1+Q, Hf), dx (B, H, 1+Q, Wf), contiguous, in the MLP weights' dtype."""
         Hf, Wf = feat_size
-        B, Q, _ = ref_boxes.shape
         xyxy = box_cxcywh_to_xyxy(ref_boxes)
         coords_h = torch.arange(Hf, dtype=torch.float32, device=ref_boxes.device) / Hf
         coords_w = torch.arange(Wf, dtype=torch.float32, device=ref_boxes.device) / Wf
@@ -179,10 +208,24 @@ class Decoder(nn.Module):
         dy = self.boxRPB_embed_y(self._log_deltas(coords_h, xyxy[..., 1::2]).to(wdt))  # (B, Q, Hf, H)
         dx = self.boxRPB_embed_x(self._log_deltas(coords_w, xyxy[..., 0::2]).to(wdt))  # (B, Q, Wf, H)
         # Zero-padding the separable factors gives the presence token's zero row in the same single
-        # broadcast add, written straight in the (B, H, L, N) layout attention wants.
+        # broadcast add (rpb_bias), written straight in the (B, H, L, N) layout attention wants.
         dy = F.pad(dy.permute(0, 3, 1, 2), (0, 0, 1, 0))  # (B, H, 1+Q, Hf)
         dx = F.pad(dx.permute(0, 3, 1, 2), (0, 0, 1, 0))  # (B, H, 1+Q, Wf)
+        return dy, dx
+
+    def rpb_bias(self, ref_boxes: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
+        """boxRPB "log" bias with a zero row for the presence token: (B, Q, 4) -> (B, H, 1+Q, Hf*Wf)."""
+        Hf, Wf = feat_size
+        B, Q, _ = ref_boxes.shape
+        dy, dx = self.rpb_factors(ref_boxes, feat_size)
         return (dy.unsqueeze(-1) + dx.unsqueeze(-2)).view(B, self.num_heads, Q + 1, Hf * Wf)
+
+    def use_rpb_kernel(self, memory: torch.Tensor) -> bool:
+        """Whether the image cross-attention runs the rpb_attention Triton kernel for this memory:
+        ``use_kernel`` and the op's backend choice for (B, N, H, Dh) tensors of memory's device and
+        dtype (static facts only: the same answer under torch.compile and CUDA-graph capture)."""
+        q_like = memory.unflatten(-1, (self.num_heads, -1))  # a view: only its metadata is read
+        return self.use_kernel and rpb_attention_backend(q_like)[0] == "triton"
 
     def forward(
         self,
@@ -204,10 +247,15 @@ class Decoder(nn.Module):
         x = torch.cat((presence, self.query_embed.weight.unsqueeze(0).expand(B, Q, D)), dim=1)
         memory_key = memory + pos
         zero_pos = x.new_zeros(B, 1, D)
+        use_kernel = self.use_rpb_kernel(memory)
         hs_all, ref_all, presence_all = [], [], []
         for layer in self.layers:
             query_pos = torch.cat((zero_pos, self.ref_point_head(gen_sineembed_for_position(ref, D).to(wdt))), dim=1)
-            x = layer(x, query_pos, memory, memory_key, prompt, prompt_mask, self.rpb_bias(ref, feat_size))
+            if use_kernel:
+                rpb = self.rpb_factors(ref, feat_size)
+                x = layer(x, query_pos, memory, memory_key, prompt, prompt_mask, None, rpb)
+            else:
+                x = layer(x, query_pos, memory, memory_key, prompt, prompt_mask, self.rpb_bias(ref, feat_size))
             hs = self.norm(x[:, 1:])
             ref_in = ref
             ref = (inverse_sigmoid(ref_in) + self.bbox_embed(hs).float()).sigmoid()  # = predict_boxes(...)[0]

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sam3fast.kernels.prompt_cross_attention import prompt_cross_attention, prompt_cross_attention_backend
 from sam3fast.model.common import MultiheadAttention
 
 
@@ -37,6 +38,11 @@ class TransformerEncoderLayer(nn.Module):
     ``forward(tgt (B, L, D), memory (B, S, D), tgt_key_padding_mask (B, L) bool True=pad,
     memory_key_padding_mask (B, S) bool True=pad, pos (B, S, D) memory pos, query_pos (B, L, D))
     -> (B, L, D)``.
+
+    ``memory_is_prompt`` (the fusion encoder: a short prompt memory, no position on the
+    cross-attention) lets the cross-attention step use the fused ``prompt_cross_attention`` kernel
+    where its backend choice picks Triton (CUDA); ``use_kernel = False`` forces the PyTorch path
+    (the baseline the kernel is measured against). Neither is a parameter: state dicts are unchanged.
     """
 
     def __init__(
@@ -47,6 +53,7 @@ class TransformerEncoderLayer(nn.Module):
         pos_enc_at_attn: bool,
         pos_enc_at_cross_attn_queries: bool,
         pos_enc_at_cross_attn_keys: bool,
+        memory_is_prompt: bool = False,
     ):
         super().__init__()
         self.self_attn = MultiheadAttention(d_model, num_heads)
@@ -59,6 +66,9 @@ class TransformerEncoderLayer(nn.Module):
         self.pos_enc_at_attn = pos_enc_at_attn
         self.pos_enc_at_cross_attn_queries = pos_enc_at_cross_attn_queries
         self.pos_enc_at_cross_attn_keys = pos_enc_at_cross_attn_keys
+        # The kernel computes CrossAttn(LN2(x), m, m): no position term on either side.
+        self.memory_is_prompt = memory_is_prompt and not (pos_enc_at_cross_attn_queries or pos_enc_at_cross_attn_keys)
+        self.use_kernel = True
 
     def forward(
         self,
@@ -72,13 +82,21 @@ class TransformerEncoderLayer(nn.Module):
         x = self.norm1(tgt)
         qk = x + query_pos if self.pos_enc_at_attn else x
         tgt = tgt + self.self_attn(qk, qk, x, key_padding_mask=tgt_key_padding_mask)
-        x = self.norm2(tgt)
-        tgt = tgt + self.cross_attn_image(
-            x + query_pos if self.pos_enc_at_cross_attn_queries else x,
-            memory + pos if self.pos_enc_at_cross_attn_keys else memory,
-            memory,
-            key_padding_mask=memory_key_padding_mask,
-        )
+        ca = self.cross_attn_image
+        if (self.memory_is_prompt and self.use_kernel
+                and prompt_cross_attention_backend(tgt, memory, ca.num_heads, ca.in_proj_weight)[0] == "triton"):
+            tgt = prompt_cross_attention(
+                tgt, memory, memory_key_padding_mask, ca.in_proj_weight, ca.in_proj_bias, ca.out_proj.weight,
+                ca.out_proj.bias, ca.num_heads, self.norm2.weight, self.norm2.bias, self.norm2.eps,
+            )
+        else:
+            x = self.norm2(tgt)
+            tgt = tgt + ca(
+                x + query_pos if self.pos_enc_at_cross_attn_queries else x,
+                memory + pos if self.pos_enc_at_cross_attn_keys else memory,
+                memory,
+                key_padding_mask=memory_key_padding_mask,
+            )
         x = self.norm3(tgt)
         return tgt + self.linear2(F.relu(self.linear1(x)))
 
@@ -103,9 +121,21 @@ class FusionEncoder(nn.Module):
                 pos_enc_at_attn=True,
                 pos_enc_at_cross_attn_queries=False,
                 pos_enc_at_cross_attn_keys=False,
+                memory_is_prompt=True,
             )
             for _ in range(num_layers)
         )
+
+    @property
+    def use_kernel(self) -> bool:
+        """Whether the layers may use the fused prompt cross-attention kernel (CUDA only); set it to
+        False for the PyTorch path on every layer."""
+        return all(layer.use_kernel for layer in self.layers)
+
+    @use_kernel.setter
+    def use_kernel(self, value: bool) -> None:
+        for layer in self.layers:
+            layer.use_kernel = bool(value)
 
     @classmethod
     def from_config(cls, cfg) -> "FusionEncoder":

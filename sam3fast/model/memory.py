@@ -24,6 +24,12 @@ downsampler works at (``mem_interpol_size``, 1152 = 16 g).
 
 The official video predictor then stores ``feat`` as bfloat16 (``sam3_tracking_predictor.py``
 1098/1149); that rounding belongs to the memory bank, not to this module.
+
+:func:`encode_new_memory_from_low_res` is the same from the heads' low-resolution logits (B, 1, r,
+r): on CUDA the op ``sam3fast::mask_for_memory`` (``sam3fast.kernels.mask_for_memory``) builds the
+downsampler's (I, I) input in one pass (no (R, R) logits, no float32 (I, I) intermediates) and the
+downsampler then skips its resize; elsewhere it is :func:`encode_new_memory` on the bilinear
+upsample, exactly.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels.mask_for_memory import mask_for_memory, mask_for_memory_backend
 from .common import LayerNorm2d
 from .neck import PositionEmbeddingSine
 
@@ -175,3 +182,46 @@ def encode_new_memory(
     absent = 1 - (object_score_logits > 0).to(feat.dtype)
     feat = feat + absent[:, :, None, None] * no_obj_embed_spatial[:, :, None, None]
     return feat, pos
+
+
+def encode_new_memory_from_low_res(
+    encoder: MaskMemoryEncoder,
+    pix_feat: torch.Tensor,
+    low_res_masks: torch.Tensor,
+    high_size: Tuple[int, int],
+    object_score_logits: torch.Tensor,
+    no_obj_embed_spatial: torch.Tensor,
+    is_mask_from_pts: bool,
+    sigmoid_scale: float = 20.0,
+    sigmoid_bias: float = -10.0,
+    use_kernel: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`encode_new_memory` of ``F.interpolate(low_res_masks.float(), high_size, bilinear,
+    align_corners=False)`` cast to the model dtype, which is what the tracker feeds it when the
+    high-res masks come from the SAM heads (not for ``_use_mask_as_output`` masks, nor for masks
+    changed at high resolution, e.g. by a non-overlap constraint).
+
+    - ``low_res_masks`` (B, 1, r, r) mask logits (float32 from the heads); ``high_size`` (R, R).
+    - The model dtype is the mask downsampler's (its first conv's weights).
+    - ``use_kernel`` and a Triton-capable device (CUDA, float32/bf16/fp16): the downsampler input
+      comes from ``sam3fast::mask_for_memory`` in float32 math, rounded once to the model dtype (the
+      PyTorch path rounds the logits, the sigmoid and the affine to it too); no host sync, no branch
+      on values, torch.compile(fullgraph=True) friendly. Otherwise (CPU, ``use_kernel=False``): the
+      PyTorch path, bit for bit :func:`encode_new_memory` on the upsampled masks.
+
+    Returns ``(maskmem_features (B, M, g, g), maskmem_pos (B, M, g, g))``.
+    """
+    dtype = encoder.mask_downsampler.encoder[0].weight.dtype
+    high_size = (int(high_size[0]), int(high_size[1]))
+    if use_kernel and mask_for_memory_backend(low_res_masks, dtype)[0] == "triton":
+        s = encoder.mask_downsampler.interpol_size
+        out_size = high_size if s is None else (s, s)
+        m = mask_for_memory(low_res_masks, high_size, out_size, scale=sigmoid_scale, bias=sigmoid_bias,
+                            binarize=is_mask_from_pts, out_dtype=dtype)
+        feat, pos = encoder(pix_feat, m, skip_mask_sigmoid=True)  # m is (I, I): no second resize
+        absent = 1 - (object_score_logits > 0).to(feat.dtype)
+        feat = feat + absent[:, :, None, None] * no_obj_embed_spatial[:, :, None, None]
+        return feat, pos
+    high = F.interpolate(low_res_masks.float(), size=high_size, mode="bilinear", align_corners=False)
+    return encode_new_memory(encoder, pix_feat, high.to(dtype), object_score_logits, no_obj_embed_spatial,
+                             is_mask_from_pts, sigmoid_scale, sigmoid_bias)

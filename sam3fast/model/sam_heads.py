@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels.two_way_attention import image_to_token_attention, token_to_image_attention, two_way_attention_backend
 from .common import MLP, LayerNorm2d
 
 NO_OBJ_SCORE = -1024.0  # official sam3_tracker_base.NO_OBJ_SCORE: mask logit of absent objects
@@ -278,11 +279,43 @@ class TwoWayAttentionBlock(nn.Module):
         keys = self.norm4(keys + self.cross_attn_image_to_token(q=k, k=q, v=queries))
         return queries, keys
 
+    def _forward_kernel(self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor,
+                        key_pe: torch.Tensor, backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` with the two cross attentions through the fused kernels
+        (``sam3fast.kernels.two_way_attention``): ``keys + key_pe``, the image-side projections and
+        ``norm4`` never exist as (B, S, .) tensors. The token-side work (T rows) stays in PyTorch."""
+        if self.skip_first_layer_pe:
+            queries = self.self_attn(q=queries, k=queries, v=queries)
+        else:
+            q = queries + query_pe
+            queries = queries + self.self_attn(q=q, k=q, v=queries)
+        queries = self.norm1(queries)
+
+        t2i = self.cross_attn_token_to_image
+        attn = token_to_image_attention(
+            t2i.q_proj(queries + query_pe), keys, key_pe, t2i.k_proj.weight, t2i.k_proj.bias, t2i.v_proj.weight,
+            t2i.v_proj.bias, t2i.num_heads, backend=backend)
+        queries = self.norm2(queries + t2i.out_proj(attn))
+
+        queries = self.norm3(queries + self.mlp(queries))
+
+        i2t = self.cross_attn_image_to_token
+        keys = image_to_token_attention(
+            keys, key_pe, i2t.q_proj.weight, i2t.q_proj.bias, i2t.k_proj(queries + query_pe), i2t.v_proj(queries),
+            i2t.out_proj.weight, i2t.out_proj.bias, self.norm4.weight, self.norm4.bias, self.norm4.eps,
+            i2t.num_heads, backend=backend)
+        return queries, keys
+
 
 class TwoWayTransformer(nn.Module):
     """Official ``TwoWayTransformer``: ``forward(image_embedding (B, D, h, w), image_pe (B|1, D, h, w),
     point_embedding (B, T, D))`` -> (queries (B, T, D), keys (B, h*w, D)). A batch-1 ``image_pe``
-    broadcasts (the official repeats it B times)."""
+    broadcasts (the official repeats it B times).
+
+    ``use_kernel`` (True): where ``two_way_attention_backend`` picks Triton (CUDA), the cross
+    attentions run through the fused kernels of ``sam3fast.kernels.two_way_attention`` (same
+    weights, same math, float32 softmax/LayerNorm inside); False, or on CPU, the exact PyTorch path
+    (the baseline the kernels are measured against)."""
 
     def __init__(self, depth: int, embedding_dim: int, num_heads: int, mlp_dim: int,
                  attention_downsample_rate: int = 2):
@@ -298,9 +331,16 @@ class TwoWayTransformer(nn.Module):
         )
         self.final_attn_token_to_image = Attention(embedding_dim, num_heads, attention_downsample_rate)
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
+        self.use_kernel = True  # False: always the PyTorch path
 
     def forward(self, image_embedding: torch.Tensor, image_pe: torch.Tensor,
                 point_embedding: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.use_kernel:
+            a = self.final_attn_token_to_image
+            backend, _ = two_way_attention_backend(image_embedding, a.num_heads, a.internal_dim, self.embedding_dim,
+                                                   point_embedding.shape[1])
+            if backend == "triton":
+                return self._forward_kernel(image_embedding, image_pe, point_embedding)
         keys = image_embedding.flatten(2).transpose(1, 2)
         key_pe = image_pe.flatten(2).transpose(1, 2)
         queries = point_embedding
@@ -309,6 +349,25 @@ class TwoWayTransformer(nn.Module):
         q = queries + point_embedding
         k = keys + key_pe
         queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q=q, k=k, v=keys))
+        return queries, keys
+
+    def _forward_kernel(self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor,
+                        backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` through the fused cross-attention kernels; ``backend`` None lets each op pick
+        (the tests force "triton" for the launchers under the interpreter, or "reference")."""
+        # (B, S, D) views of the NCHW maps, channel stride S: the kernels read them as they are (a
+        # key tile is contiguous along S), so no transposed copy; a batch-1 or expanded (stride-0)
+        # map is read once per object, never repeated in memory.
+        keys = image_embedding.flatten(2).transpose(1, 2)
+        key_pe = image_pe.flatten(2).transpose(1, 2)
+        queries = point_embedding
+        for layer in self.layers:
+            queries, keys = layer._forward_kernel(queries, keys, point_embedding, key_pe, backend=backend)
+        a = self.final_attn_token_to_image
+        attn = token_to_image_attention(
+            a.q_proj(queries + point_embedding), keys, key_pe, a.k_proj.weight, a.k_proj.bias, a.v_proj.weight,
+            a.v_proj.bias, a.num_heads, backend=backend)
+        queries = self.norm_final_attn(queries + a.out_proj(attn))
         return queries, keys
 
 

@@ -98,7 +98,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..config import Sam3Config
-from ..model.memory import encode_new_memory
+from ..kernels.mask_for_memory import mask_for_memory_backend
+from ..model.memory import encode_new_memory, encode_new_memory_from_low_res
 from ..model.memory_attention import assemble_memory
 from ..model.sam_heads import NO_OBJ_SCORE, sam_heads_forward
 from ..model.tracker import Tracker
@@ -427,6 +428,9 @@ class Sam3TrackerPredictor(nn.Module):
         # sam3fast: on CUDA, a tracked frame's stored output moves to pinned host memory once the
         # bank has taken it (see _retire_output); False = every output stays on the device (official).
         self.retire_finished_outputs = retire_finished_outputs
+        # sam3fast: the propagation step's memory-encoder input from the low-res masks in one fused
+        # pass on CUDA (sam3fast::mask_for_memory); False = the official upsample/sigmoid/resize chain.
+        self.use_mask_kernel = True
         self._retire_event = None
         self._memory_step_compiled = None
         self.iter_use_prev_mask_pred = True
@@ -1294,8 +1298,17 @@ class Sam3TrackerPredictor(nn.Module):
         iou = ious.max(-1)[0]
         maskmem = maskmem_pos = None
         if run_mem_encoder:
-            maskmem, pos_list = self._encode_new_memory(None, feats, None, high, score, is_mask_from_pts=False)
-            maskmem_pos = pos_list[0]
+            if (self.use_mask_kernel and not self.non_overlap_masks_for_mem_enc
+                    and mask_for_memory_backend(low, self.dtype)[0] == "triton"):
+                # `high` is the heads' bilinear upsample of `low`: the memory encoder's input is
+                # built from `low` in one fused pass (sam3fast::mask_for_memory)
+                maskmem, maskmem_pos = encode_new_memory_from_low_res(
+                    self.maskmem_backbone, feats[-1], low, (self.image_size, self.image_size), score,
+                    self.no_obj_embed_spatial, is_mask_from_pts=False,
+                    sigmoid_scale=self.sigmoid_scale_for_mem_enc, sigmoid_bias=self.sigmoid_bias_for_mem_enc)
+            else:
+                maskmem, pos_list = self._encode_new_memory(None, feats, None, high, score, is_mask_from_pts=False)
+                maskmem_pos = pos_list[0]
         return low, high, obj_ptr, score, iou, maskmem, maskmem_pos
 
     def compile_step(self, backend: str = "inductor", mode: Optional[str] = None):
