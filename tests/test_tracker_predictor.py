@@ -752,6 +752,36 @@ def test_memory_bank_off_matches_on(long_pair):
     compare_states(st_on, st_off)
 
 
+def test_fused_memory_input_matches(long_pair, monkeypatch):
+    """The CUDA path of the propagation step (heads without the upsampled masks, the memory input
+    fused from the low-res masks by sam3fast::mask_for_memory) forced on the CPU, where the op runs
+    its reference: the same session as the unfused path, and the step makes no high-res masks."""
+    from sam3fast.model import memory as memory_mod
+    from sam3fast.video import tracker_predictor as tp
+
+    ours = long_pair.ours
+    ref, _ = long_two_objects(ours, long_pair)
+    made = []
+    heads = ours._forward_sam_heads
+
+    def spy(*a, **kw):
+        made.append(kw.get("need_high_res", True))
+        return heads(*a, **kw)
+
+    forced = lambda *a, **k: ("triton", "forced by the test")  # noqa: E731
+    monkeypatch.setattr(tp, "mask_for_memory_backend", forced)
+    monkeypatch.setattr(memory_mod, "mask_for_memory_backend", forced)
+    monkeypatch.setattr(ours, "_forward_sam_heads", spy)
+    got, _ = long_two_objects(ours, long_pair)
+    assert made.count(False) > 20, made  # the propagated frames took the fused path
+    for (name, *rv), (_, *gv) in zip(ref, got):
+        for a, b in zip(gv, rv):
+            if isinstance(b, torch.Tensor):
+                _close(a, b, name)
+            else:
+                assert a == b, name
+
+
 def _host_reads_in_steady_state(pred, p, monkeypatch, warmup=2):
     """The host reads of tensor values while ``propagate_in_video`` tracks frames after the
     first ``warmup`` ones (each one a device sync on a GPU)."""

@@ -549,6 +549,7 @@ def sam_heads_forward(
     high_res_features: Optional[Sequence[torch.Tensor]] = None,
     multimask_output: bool = False,
     image_pe: Optional[torch.Tensor] = None,
+    need_high_res: bool = True,
 ) -> SamHeadsOutput:
     """``Sam3TrackerBase._forward_sam_heads`` on the tracker's own modules (pass the tracker's
     ``sam_prompt_encoder``, ``sam_mask_decoder``, ``obj_ptr_proj`` (MLP(3)) and ``no_obj_ptr`` (1, D)).
@@ -560,6 +561,9 @@ def sam_heads_forward(
       already that size.
     - ``high_res_features`` [(B, D/8, 4g, 4g), (B, D/4, 2g, 2g)] after conv_s0/conv_s1.
     - ``image_pe`` (1, D, g, g): optional cached ``sam_prompt_encoder.get_dense_pe()``.
+    - ``need_high_res=False``: the (B, M, R, R) float32 upsampled masks are not made (12 MB per
+      object with multimask at R = 1008) and both high-res outputs are None, for callers that only
+      use the low-res masks (the propagation step whose memory input is fused from them).
 
     Returns :class:`SamHeadsOutput`. Host-sync free: the object gate, best-IoU pick and the
     stability fallback are all tensor ops.
@@ -585,12 +589,16 @@ def sam_heads_forward(
     low_res_multimasks = torch.where(is_obj_appearing[:, :, None, None], low_res_multimasks, NO_OBJ_SCORE)
     low_res_multimasks = low_res_multimasks.float()
     image_size = sam_prompt_encoder.input_image_size
-    high_res_multimasks = F.interpolate(low_res_multimasks, size=image_size, mode="bilinear", align_corners=False)
+    high_res_multimasks = high_res_masks = None
+    if need_high_res:
+        high_res_multimasks = F.interpolate(low_res_multimasks, size=image_size, mode="bilinear",
+                                            align_corners=False)
 
     if multimask_output:
         best = torch.argmax(ious, dim=-1, keepdim=True)  # (B, 1)
         low_res_masks = torch.take_along_dim(low_res_multimasks, best[:, :, None, None], dim=1)
-        high_res_masks = torch.take_along_dim(high_res_multimasks, best[:, :, None, None], dim=1)
+        if need_high_res:
+            high_res_masks = torch.take_along_dim(high_res_multimasks, best[:, :, None, None], dim=1)
         sam_output_token = torch.take_along_dim(sam_output_tokens, best[:, :, None], dim=1)[:, 0]
     else:
         low_res_masks, high_res_masks = low_res_multimasks, high_res_multimasks

@@ -1222,7 +1222,7 @@ class Sam3TrackerPredictor(nn.Module):
             sl = slice(a, a + bank.batch_size)
             a = sl.stop
             outs.append({
-                "point_inputs": None, "mask_inputs": None, "pred_masks": low[sl], "pred_masks_high_res": high[sl],
+                "point_inputs": None, "mask_inputs": None, "pred_masks": low[sl], "pred_masks_high_res": None if high is None else high[sl],
                 "obj_ptr": obj_ptr[sl], "object_score_logits": score[sl], "iou_score": iou[sl],
                 "eff_iou_score": eff, "maskmem_features": None if maskmem is None else maskmem[sl],
                 "maskmem_pos_enc": None if maskmem_pos is None else [maskmem_pos[sl]],
@@ -1282,8 +1282,8 @@ class Sam3TrackerPredictor(nn.Module):
         ``memory`` (B, S, M) (``memory_valid`` (B, S)), the SAM heads without prompts (multimask
         with the official choice) and the memory encoder. ``feats``: the frame's three tracker
         levels (1 or B, D, *, *), top level last; ``top_pos`` the top level's position (1 or B, D,
-        g, g). Returns ``(low_res_masks, high_res_masks, obj_ptr, object_score_logits, iou_score,
-        maskmem_features or None, maskmem_pos or None)``."""
+        g, g). Returns ``(low_res_masks, high_res_masks (None on the fused CUDA path), obj_ptr,
+        object_score_logits, iou_score, maskmem_features or None, maskmem_pos or None)``."""
         B = memory.shape[0]
         feats = [f.expand(B, -1, -1, -1) for f in feats]
         feat = feats[-1]
@@ -1293,13 +1293,17 @@ class Sam3TrackerPredictor(nn.Module):
         pix = self.transformer.encoder(curr, curr_pos, memory, memory_pos, num_obj_ptr_tokens,
                                        memory_valid=memory_valid)
         pix = pix.transpose(1, 2).reshape(B, C, H, W)
+        # With the fused memory input (CUDA) nothing reads the (B, 1, R, R) upsampled masks: the
+        # heads skip them and the step returns None for them (stored outputs never keep them).
+        fused = (self.use_mask_kernel and not self.non_overlap_masks_for_mem_enc
+                 and mask_for_memory_backend(pix, self.dtype)[0] == "triton")
         _, _, ious, low, high, obj_ptr, score = self._forward_sam_heads(
-            pix, high_res_features=list(feats[:-1]), multimask_output=self._use_multimask(False, None))
+            pix, high_res_features=list(feats[:-1]), multimask_output=self._use_multimask(False, None),
+            need_high_res=not fused)
         iou = ious.max(-1)[0]
         maskmem = maskmem_pos = None
         if run_mem_encoder:
-            if (self.use_mask_kernel and not self.non_overlap_masks_for_mem_enc
-                    and mask_for_memory_backend(low, self.dtype)[0] == "triton"):
+            if fused:
                 # `high` is the heads' bilinear upsample of `low`: the memory encoder's input is
                 # built from `low` in one fused pass (sam3fast::mask_for_memory)
                 maskmem, maskmem_pos = encode_new_memory_from_low_res(
@@ -1836,7 +1840,7 @@ class Sam3TrackerPredictor(nn.Module):
         )
 
     def _forward_sam_heads(self, backbone_features, point_inputs=None, mask_inputs=None, high_res_features=None,
-                           multimask_output=False, gt_masks=None):
+                           multimask_output=False, gt_masks=None, need_high_res=True):
         """Official ``_forward_sam_heads`` (see :func:`sam3fast.model.sam_heads.sam_heads_forward`):
         returns ``(low_res_multimasks, high_res_multimasks, ious, low_res_masks, high_res_masks,
         obj_ptr, object_score_logits)``."""
@@ -1846,7 +1850,7 @@ class Sam3TrackerPredictor(nn.Module):
         return tuple(sam_heads_forward(
             self.sam_prompt_encoder, self.sam_mask_decoder, self.obj_ptr_proj, self.no_obj_ptr,
             backbone_features, point_coords=coords, point_labels=labels, mask_inputs=mask_inputs,
-            high_res_features=high_res_features, multimask_output=multimask_output,
+            high_res_features=high_res_features, multimask_output=multimask_output, need_high_res=need_high_res,
         ))
 
     def _use_mask_as_output(self, backbone_features, high_res_features, mask_inputs):
