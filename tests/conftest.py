@@ -10,3 +10,16 @@ except Exception:  # pragma: no cover
     _has_cuda = False
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test skipped for want of a CUDA device carries the ``gpu`` marker, however its skip is
+    written, so ``pytest -m gpu`` selects exactly the GPU checks (bench/gpu/run_checks.sh)."""
+    import pytest
+
+    for item in items:
+        for mark in item.iter_markers("skipif"):
+            reason = str(mark.kwargs.get("reason", ""))
+            if "CUDA" in reason or "cuda" in reason or "GPU" in reason:
+                item.add_marker(pytest.mark.gpu)
+                break
