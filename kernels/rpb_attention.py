@@ -43,7 +43,6 @@ splits) and a second kernel merges them.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional, Tuple
 
@@ -58,6 +57,10 @@ from ._triton_compat import (  # noqa: F401  (TRITON_IMPORT_ERROR: read by the t
     HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, check_power_of_two, device_guard, require_triton, tl, triton,
     why_not_triton,
 )
+from ._split_kv import sm_count as _sm_count
+
+if HAS_TRITON:
+    from ._split_kv import _merge_splits_kernel
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _KERNEL_HEAD_DIMS = (16, 32, 64, 128)  # powers of two (tl.arange), >= 16 (tl.dot)
@@ -188,41 +191,6 @@ if HAS_TRITON:
             dst = out_ptr + ((b * L + offs_m[:, None]) * H + h) * DH + offs_d[None, :]
             tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
 
-    @triton.jit
-    def _rpb_merge_splits_kernel(
-        part_o_ptr, part_lse_ptr, out_ptr,
-        L, H, n_splits,
-        DH: tl.constexpr, BLOCK_M: tl.constexpr,
-    ):
-        # Grid (cdiv(L, BLOCK_M), B * H): out = sum_s 2^lse_s o_s / sum_s 2^lse_s over the splits
-        # (every split holds at least one key, so every lse is finite).
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        BH = tl.num_programs(1)
-        b = (pid_bh // H).to(tl.int64)
-        h = pid_bh % H
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, DH)
-        m_mask = offs_m < L
-        lse_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-        for s in range(n_splits):
-            row = (s * BH + pid_bh).to(tl.int64) * L + offs_m
-            lse_max = tl.maximum(lse_max, tl.load(part_lse_ptr + row, mask=m_mask, other=0.0))
-        acc = tl.zeros((BLOCK_M, DH), dtype=tl.float32)
-        w_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for s in range(n_splits):
-            row = (s * BH + pid_bh).to(tl.int64) * L + offs_m
-            w = tl.exp2(tl.load(part_lse_ptr + row, mask=m_mask, other=0.0) - lse_max)
-            o = tl.load(part_o_ptr + row[:, None] * DH + offs_d[None, :], mask=m_mask[:, None], other=0.0)
-            acc += w[:, None] * o
-            w_sum += w
-        dst = out_ptr + ((b * L + offs_m[:, None]) * H + h) * DH + offs_d[None, :]
-        tl.store(dst, (acc / w_sum[:, None]).to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def choose_num_splits(programs: int, kv_tiles: int, n_sms: int, programs_per_sm: int = _PROGRAMS_PER_SM,
@@ -328,7 +296,7 @@ def _rpb_attention_triton(
         )
         if splits > 1:
             merge_m = 32
-            _rpb_merge_splits_kernel[(cdiv(L, merge_m), B * H)](
+            _merge_splits_kernel[(cdiv(L, merge_m), B * H)](
                 part_o, part_lse, out, L, H, splits, DH=Dh, BLOCK_M=merge_m, num_warps=4,
             )
     return out

@@ -349,7 +349,7 @@ def test_kernels_compile_for_sm90():
         build(ma._rope_keys_kernel, {"k_ptr": "*bf16", "rope_ptr": "*fp32", "out_ptr": "*bf16",
               **{n: i32 for n in "S H L n_rope skb skn skh".split()}}, dict(DH=256, BLOCK_N=bn), 4)
         build(ma._merge_splits_kernel, {"part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": "*bf16",
-              "Lq": i32, "H": i32, "n_splits": i32}, dict(DH=256, BLOCK_M=32), 4)
+              "L": i32, "H": i32, "n_splits": i32}, dict(DH=256, BLOCK_M=32), 4)
         print("ok")
         """
     )

@@ -378,7 +378,7 @@ def test_kernels_compile_for_sm90():
             cx = dict(SPLIT=split, DOT_PRECISION="tf32", DH=32, BLOCK_M=bm, ROWS=rows, COLS=cols)
             k = build(ra._rpb_attention_kernel, main, cx, nw, ns)
             assert "wgmma.mma_async" in k.asm["ptx"], "the attention should use wgmma on sm_90"
-        build(ra._rpb_merge_splits_kernel, {"part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": "*bf16",
+        build(ra._merge_splits_kernel, {"part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": "*bf16",
               "L": i32, "H": i32, "n_splits": i32}, dict(DH=32, BLOCK_M=32), 4)
         print("ok")
         """

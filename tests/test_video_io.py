@@ -3,7 +3,6 @@ for every source, the streaming reader equal to the batch loader, and clear erro
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import cv2
