@@ -438,3 +438,37 @@ def test_sam2_frame_store_equals_tracker_loader(tmp_path, async_loading):
     assert store.dtype == torch.float32 and store.shape == ref.shape
     for i in range(len(store)):
         assert torch.equal(store[i], ref[i]), i
+
+
+@pytest.mark.parametrize("kind", ["folder", "array", "pil", "mp4"])
+def test_frame_store_background_decode(clip, kind):
+    """Decoding in a background thread gives the same frames (a video file, whose count is only
+    known after decoding, is decoded up front either way)."""
+    from sam3fast.video.io import open_frame_store
+
+    res = _sources(clip)[kind]
+    ref, rh, rw = load_video(res, 48)
+    store, h, w = open_frame_store(res, 48, background=True)
+    assert (h, w) == (rh, rw) and len(store) == ref.shape[0]
+    for i in (0, len(store) - 1, 1, 2):
+        assert torch.equal(store[i], ref[i]), i
+    assert torch.equal(torch.stack(list(store.wait_all())), ref)
+
+
+def test_frame_store_background_decode_error_names_the_frame(tmp_path):
+    """A corrupt frame in a folder: the frames before it read fine, it and every later frame raise
+    a ValueError naming the file (the session is not left hanging)."""
+    from sam3fast.video.io import open_frame_store
+
+    frames = _synthetic_frames(seed=4)
+    for i, f in enumerate(frames):
+        Image.fromarray(f).save(tmp_path / f"{i}.jpg")
+    (tmp_path / "2.jpg").write_bytes(b"not a jpeg")
+    store, _, _ = open_frame_store(str(tmp_path), 32, background=True)
+    assert len(store) == len(frames)
+    store[0], store[1]
+    for i in (2, 4):
+        with pytest.raises(ValueError, match=r"frame %d could not be decoded: cannot read image .*2\.jpg" % i):
+            store[i]
+    with pytest.raises(ValueError, match="could not be decoded"):
+        store.wait_all()

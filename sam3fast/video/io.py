@@ -31,6 +31,7 @@ yields one (3, R, R) frame at a time with the same values, for clips too long to
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections import OrderedDict
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
@@ -402,6 +403,11 @@ class FrameStore:
         self._last: Optional[int] = None
         cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if cuda else None
+        # background decoding (from_frames_background): frames [0, _ready) are in the host buffer
+        self._ready = frames_uint8.shape[0]
+        self._error: Optional[BaseException] = None
+        self._cond: Optional[threading.Condition] = None
+        self._stop = False
 
     @classmethod
     def from_frames(cls, frames: Iterator[np.ndarray], count_hint: int, lut: torch.Tensor, device=None,
@@ -428,6 +434,65 @@ class FrameStore:
             host = host[:n]
         return cls(host, lut, device, cache_size)
 
+    @classmethod
+    def from_frames_background(cls, frames: Iterator[np.ndarray], count: int, size: Tuple[int, int],
+                               lut: torch.Tensor, device=None, cache_size: int = 2,
+                               name: str = "frames") -> "FrameStore":
+        """A store of exactly ``count`` (R, R, 3) frames filled by a background thread in order,
+        returned at once: ``store[i]`` waits until frame i is decoded, so decoding overlaps the
+        work on the frames before it (and a session starts without waiting for the whole video).
+        A frame that fails to decode raises ValueError when it is asked for (and for every frame
+        after it), naming the cause; :meth:`close` stops the thread."""
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        if count < 1:
+            raise ValueError("FrameStore needs at least one frame")
+        host = torch.empty((count, size[0], size[1], 3), dtype=torch.uint8, pin_memory=device.type == "cuda")
+        store = cls(host, lut, device, cache_size)
+        store._ready = 0
+        store._cond = threading.Condition()
+
+        def fill():
+            done = 0
+            try:
+                # the buffer made under inference_mode (as in init_state) takes writes only in that
+                # mode, which is per thread
+                with torch.inference_mode(host.is_inference()):
+                    for rgb in frames:
+                        if store._stop or done == count:
+                            break
+                        host[done] = torch.from_numpy(rgb)
+                        done += 1
+                        with store._cond:
+                            store._ready = done
+                            store._cond.notify_all()
+                if done < count and not store._stop:
+                    raise ValueError(f"only {done} of {count} {name} could be decoded")
+            except BaseException as e:  # handed to the reader of the frame that failed
+                with store._cond:
+                    store._error = e
+                    store._cond.notify_all()
+
+        threading.Thread(target=fill, name="sam3fast-frame-decode", daemon=True).start()
+        return store
+
+    def _wait_decoded(self, index: int) -> None:
+        if index < self._ready:
+            return
+        with self._cond:
+            while index >= self._ready and self._error is None:
+                self._cond.wait()
+            if index >= self._ready:
+                raise ValueError(f"frame {index} could not be decoded: {self._error}") from self._error
+
+    def wait_all(self) -> "FrameStore":
+        """Block until every frame is decoded (raises as ``store[i]`` would)."""
+        self._wait_decoded(len(self) - 1)
+        return self
+
+    def close(self) -> None:
+        """Stop a background decode (frames not yet decoded can no longer be read)."""
+        self._stop = True
+
     def __len__(self) -> int:
         return self._host.shape[0]
 
@@ -453,6 +518,9 @@ class FrameStore:
         return self._lut.index_select(0, x.reshape(-1)).view(3, *self._host.shape[1:3])
 
     def _fetch(self, index: int, ahead: bool):
+        if ahead and index >= self._ready:
+            return None  # not decoded yet: no prefetch (never wait for it here)
+        self._wait_decoded(index)
         if self._stream is None or not ahead:
             return self._convert(index), None
         self._stream.wait_stream(torch.cuda.current_stream(self.device))  # the LUT and earlier work
@@ -486,7 +554,9 @@ class FrameStore:
         step = 0 if self._last is None else index - self._last
         self._last = index
         if step in (1, -1) and 0 <= index + step < T and index + step not in self._cache:
-            self._cache[index + step] = self._fetch(index + step, ahead=True)
+            ahead = self._fetch(index + step, ahead=True)
+            if ahead is not None:
+                self._cache[index + step] = ahead
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return frame
@@ -502,11 +572,21 @@ class FrameStore:
 
 
 def open_frame_store(resource: Resource, image_size: int = 1008, device=None, *, video_unit_scale: bool = False,
-                     cache_size: int = 2) -> Tuple[FrameStore, int, int]:
+                     cache_size: int = 2, background: bool = False) -> Tuple[FrameStore, int, int]:
     """``resource`` (see :func:`load_video`) decoded into a :class:`FrameStore`: returns ``(store,
-    video_height, video_width)``; ``store[i]`` equals ``load_video(resource, ...)[0][i]``."""
+    video_height, video_width)``; ``store[i]`` equals ``load_video(resource, ...)[0][i]``.
+
+    ``background``: return at once and decode in a background thread
+    (:meth:`FrameStore.from_frames_background`) where the frame count is exact before decoding
+    (frame folders, images, arrays, PIL lists); a video file's container count can be wrong, so it
+    is decoded before returning either way."""
     v = open_video(resource, image_size, device, video_unit_scale=video_unit_scale)
     lut = v._lut.reshape(1, 256).expand(3, 256)
+    if background and v.kind != "video_file":
+        name = "frames of " + (repr(resource) if isinstance(resource, (str, os.PathLike)) else f"the {v.kind}")
+        store = FrameStore.from_frames_background(v._resized_uint8(0, None), len(v), (v.image_size, v.image_size),
+                                                  lut, v.device, cache_size, name=name)
+        return store, v.video_height, v.video_width
     try:
         store = FrameStore.from_frames(v._resized_uint8(0, None), v.frame_count_hint, lut, v.device, cache_size)
     except ValueError:

@@ -260,7 +260,8 @@ def sam2_frame_store(video_path, image_size, async_loading_frames=False, img_mea
     :class:`~sam3fast.video.io.FrameStore`: ``(store, video_height, video_width)`` where ``store[i]``
     equals ``load_video_frames(...)[0][i]`` bit for bit (the resized uint8 pixels stay on the host,
     the normalisation is a per-channel table on the device: 3 B per pixel on the host instead of
-    12 B per pixel of float32 frames on the device)."""
+    12 B per pixel of float32 frames on the device). ``async_loading_frames``: decoded in a
+    background thread, returned at once."""
     import os
 
     from PIL import Image
@@ -286,8 +287,16 @@ def sam2_frame_store(video_path, image_size, async_loading_frames=False, img_mea
         lut = ((u - mean.double()) / std.double()).float()
     else:  # float32 frames, then float32 -= mean, /= std
         lut = (u.float() - mean) / std
+    if async_loading_frames:
+        # the official async loader's point: frames decode in a background thread while tracking
+        # runs (FrameStore waits for a frame not yet decoded); the size is the first frame's
+        with Image.open(os.path.join(video_path, names[0])) as im:
+            video_width, video_height = im.size
+        store = FrameStore.from_frames_background(frames(), len(names), (image_size, image_size), lut, device,
+                                                  name=f"JPEG frames of {video_path!r}")
+        return store, video_height, video_width
     store = FrameStore.from_frames(frames(), len(names), lut, device)
-    video_height, video_width = sizes[0] if async_loading_frames else sizes[-1]
+    video_height, video_width = sizes[-1]
     return store, video_height, video_width
 
 
