@@ -11,13 +11,12 @@ single atomic_min, so lost unions and their retries are exercised (``test_union_
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+
+from kernel_checks import forced_reference_stdout, run_compiled
 
 from sam3fast.kernels import connected_components as cc
 
@@ -317,8 +316,7 @@ def test_force_reference_env():
         "import torch; from sam3fast.kernels import connected_components as c; "
         "print(c.connected_component_sizes_backend(torch.zeros(1, 2, 2, dtype=torch.bool))[1])"
     )
-    env = dict(os.environ, SAM3FAST_FORCE_REFERENCE="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    out = forced_reference_stdout(code)
     assert out.strip() == "SAM3FAST_FORCE_REFERENCE=1"
 
 
@@ -364,9 +362,7 @@ def test_kernels_compile_for_sm90():
         print("ok")
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+    run_compiled(code)
 
 
 # ---- GPU only --------------------------------------------------------------------------------

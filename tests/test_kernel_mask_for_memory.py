@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import os
 import runpy
-import subprocess
 import sys
 import textwrap
 
@@ -28,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 import sam3fast.model.memory as memory_mod
+from kernel_checks import forced_reference_stdout, run_compiled
+
 from sam3fast.config import get_config
 from sam3fast.kernels import mask_for_memory as mfm
 from sam3fast.model.memory import MaskMemoryEncoder, encode_new_memory, encode_new_memory_from_low_res
@@ -300,8 +301,7 @@ def test_force_reference_env():
         "import torch; from sam3fast.kernels import mask_for_memory as m; "
         "print(m.mask_for_memory_backend(torch.zeros(1, 1, 4, 4))[1])"
     )
-    env = dict(os.environ, SAM3FAST_FORCE_REFERENCE="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    out = forced_reference_stdout(code)
     assert out.strip() == "SAM3FAST_FORCE_REFERENCE=1"
 
 
@@ -327,9 +327,7 @@ def test_kernel_compiles_for_sm90():
         print("ok")
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+    run_compiled(code)
 
 
 # ---- the model function ------------------------------------------------------------------------

@@ -12,14 +12,13 @@ ambiguous. Each shape asserts there is something to compare (objects non-empty, 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from kernel_checks import forced_reference_stdout, run_compiled
 
 from sam3fast import ops
 from sam3fast.kernels import mask_postprocess as mp
@@ -323,8 +322,7 @@ def test_force_reference_env():
         "import torch, sam3fast.ops as o; "
         "print(o.FORCE_REFERENCE, o.mask_postprocess_backend(torch.zeros(1, 2, 2))[1])"
     )
-    env = dict(os.environ, SAM3FAST_FORCE_REFERENCE="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    out = forced_reference_stdout(code)
     assert out.strip() == "True SAM3FAST_FORCE_REFERENCE=1"
 
 
@@ -349,9 +347,7 @@ def test_kernel_compiles_for_sm90():
         print("ok")
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+    run_compiled(code)
 
 
 # ---- GPU only --------------------------------------------------------------------------------

@@ -11,13 +11,12 @@ padded frames; outputs are preallocated full of NaN so an unwritten element fail
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+
+from kernel_checks import SM90_BUILD, forced_reference_stdout, run_compiled
 
 from sam3fast.kernels import memory_attention as ma
 from sam3fast.model.memory_attention import RoPEAttention
@@ -317,8 +316,7 @@ def test_force_reference_env():
         "import torch; from sam3fast.kernels import memory_attention as m; "
         "print(m.memory_attention_backend(torch.zeros(1, 9, 1, 32))[1])"
     )
-    env = dict(os.environ, SAM3FAST_FORCE_REFERENCE="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    out = forced_reference_stdout(code)
     assert out.strip() == "SAM3FAST_FORCE_REFERENCE=1"
 
 
@@ -326,17 +324,9 @@ def test_force_reference_env():
 def test_kernels_compile_for_sm90():
     """The real (not interpreted) Triton compiler builds the GPU variants for an H100 without a GPU
     (bf16, Dh 256, the launcher's default tiles), and the attention uses Hopper's wgmma."""
-    code = textwrap.dedent(
+    code = SM90_BUILD + textwrap.dedent(
         """
-        import triton
-        from triton.backends.compiler import GPUTarget
         from sam3fast.kernels import memory_attention as ma
-        T = GPUTarget("cuda", 90, 32)
-        def build(fn, sig, cx, nw, ns=2):
-            sig = dict(sig, **{n: "constexpr" for n in cx})
-            return triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=cx), target=T,
-                                  options={"num_warps": nw, "num_stages": ns})
-        i32 = "i32"
         main = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "rope_ptr": "*fp32", "valid_ptr": "*u8",
                 "out_ptr": "*bf16", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "qk_scale": "fp32"}
         main.update({n: i32 for n in "Lq S H L n_rope kv_per_split sqb sqm sqh skb skn skh svb svn svh".split()})
@@ -353,9 +343,7 @@ def test_kernels_compile_for_sm90():
         print("ok")
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+    run_compiled(code)
 
 
 # ---- GPU only --------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import os
 import runpy
-import subprocess
 import sys
 import textwrap
 
@@ -23,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 import sam3fast.model.encoder as encoder_mod
+from kernel_checks import forced_reference_stdout, run_compiled
+
 from sam3fast.kernels import prompt_cross_attention as pca
 from sam3fast.model.encoder import FusionEncoder, TransformerEncoderLayer
 from sam3fast.model.init import stable_random_init_
@@ -267,8 +268,7 @@ def test_force_reference_env():
         "print(m.prompt_cross_attention_backend(torch.zeros(1, 7, 32), torch.zeros(1, 5, 32), 2, "
         "torch.zeros(96, 32))[1])"
     )
-    env = dict(os.environ, SAM3FAST_FORCE_REFERENCE="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    out = forced_reference_stdout(code)
     assert out.strip() == "SAM3FAST_FORCE_REFERENCE=1"
 
 
@@ -308,9 +308,7 @@ def test_kernel_compiles_for_sm90():
         print("ok")
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:] + res.stdout[-2000:]
+    run_compiled(code)
 
 
 # ---- the model's layer -------------------------------------------------------------------------

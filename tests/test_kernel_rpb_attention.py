@@ -14,12 +14,13 @@ from __future__ import annotations
 import math
 import os
 import runpy
-import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
+
+from kernel_checks import SM90_BUILD, forced_reference_stdout, run_compiled
 
 from sam3fast.kernels import rpb_attention as ra
 from sam3fast.model import decoder as decoder_mod
@@ -347,8 +348,7 @@ def test_force_reference_env():
         "import torch; from sam3fast.kernels import rpb_attention as m; "
         "print(m.rpb_attention_backend(torch.zeros(1, 5, 2, 32))[1])"
     )
-    env = dict(os.environ, SAM3FAST_FORCE_REFERENCE="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    out = forced_reference_stdout(code)
     assert out.strip() == "SAM3FAST_FORCE_REFERENCE=1"
 
 
@@ -356,17 +356,9 @@ def test_force_reference_env():
 def test_kernels_compile_for_sm90():
     """The real (not interpreted) Triton compiler builds the GPU variants for an H100 without a GPU
     (bf16, Dh 32, the launcher's default tile at SAM 3's grid), and the attention uses wgmma."""
-    code = textwrap.dedent(
+    code = SM90_BUILD + textwrap.dedent(
         """
-        import triton
-        from triton.backends.compiler import GPUTarget
         from sam3fast.kernels import rpb_attention as ra
-        T = GPUTarget("cuda", 90, 32)
-        def build(fn, sig, cx, nw, ns=2):
-            sig = dict(sig, **{n: "constexpr" for n in cx})
-            return triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=cx), target=T,
-                                  options={"num_warps": nw, "num_stages": ns})
-        i32 = "i32"
         main = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "dy_ptr": "*bf16", "dx_ptr": "*bf16",
                 "out_ptr": "*bf16", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "qk_scale": "fp32"}
         names = "L H Hf Wf x_tiles n_tiles tiles_per_split sqb sqm sqh skb skn skh svb svn svh"
@@ -383,9 +375,7 @@ def test_kernels_compile_for_sm90():
         print("ok")
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+    run_compiled(code)
 
 
 def test_bench_smoke(monkeypatch, capsys):

@@ -16,12 +16,13 @@ from __future__ import annotations
 import math
 import os
 import runpy
-import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
+
+from kernel_checks import SM90_BUILD, forced_reference_stdout, run_compiled
 
 from sam3fast.kernels import two_way_attention as tw
 from sam3fast.model import sam_heads
@@ -346,8 +347,7 @@ def test_force_reference_env():
         "import torch; from sam3fast.kernels import two_way_attention as m; "
         "print(m.two_way_attention_backend(torch.zeros(1), 8, 128, 256, 8)[1])"
     )
-    env = dict(os.environ, SAM3FAST_FORCE_REFERENCE="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    out = forced_reference_stdout(code)
     assert out.strip() == "SAM3FAST_FORCE_REFERENCE=1"
 
 
@@ -355,17 +355,9 @@ def test_force_reference_env():
 def test_kernels_compile_for_sm90():
     """The real (not interpreted) Triton compiler builds the GPU variants for an H100 without a GPU
     (bf16, SAM 3 sizes, the launchers' default tiles), and the big dots use Hopper's wgmma."""
-    code = textwrap.dedent(
+    code = SM90_BUILD + textwrap.dedent(
         """
-        import triton
-        from triton.backends.compiler import GPUTarget
         from sam3fast.kernels import two_way_attention as tw
-        T = GPUTarget("cuda", 90, 32)
-        def build(fn, sig, cx, nw, ns=2):
-            sig = dict(sig, **{n: "constexpr" for n in cx})
-            return triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=cx), target=T,
-                                  options={"num_warps": nw, "num_stages": ns})
-        i32 = "i32"
         t2i = {n: "*bf16" for n in "q_ptr x_ptr pe_ptr wk_ptr bk_ptr wv_ptr bv_ptr out_ptr".split()}
         t2i.update(part_o_ptr="*fp32", part_lse_ptr="*fp32", qk_scale="fp32")
         t2i.update({n: i32 for n in "T S kv_per_split sqb sqt sxb sxs sxd spb sps spd".split()})
@@ -387,9 +379,7 @@ def test_kernels_compile_for_sm90():
         print("ok")
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+    run_compiled(code)
 
 
 # ---- the module ---------------------------------------------------------------------------------

@@ -1,0 +1,37 @@
+"""Checks the kernel test files share: Python code run in a fresh process, either with the
+pure-PyTorch references forced (``SAM3FAST_FORCE_REFERENCE=1``, read once at import) or with the real
+Triton compiler instead of the interpreter (a build for an H100 needs no GPU), and the preamble those
+sm_90 builds start from."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+# For code run by run_compiled: `build(fn, signature, constexprs, num_warps[, num_stages])` compiles a
+# @triton.jit function for sm_90 and returns the compiled kernel (its .asm["ptx"], .n_regs, ...).
+SM90_BUILD = """
+import triton
+from triton.backends.compiler import GPUTarget
+T = GPUTarget("cuda", 90, 32)
+def build(fn, sig, cx, nw, ns=2):
+    sig = dict(sig, **{n: "constexpr" for n in cx})
+    return triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=cx), target=T,
+                          options={"num_warps": nw, "num_stages": ns})
+i32 = "i32"
+"""
+
+
+def forced_reference_stdout(code: str) -> str:
+    """stdout (stripped) of ``python -c code`` with SAM3FAST_FORCE_REFERENCE=1."""
+    env = dict(os.environ, SAM3FAST_FORCE_REFERENCE="1")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def run_compiled(code: str) -> None:
+    """Run ``code`` with the real Triton compiler (no TRITON_INTERPRET); it must print "ok"."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:] + res.stdout[-2000:]
