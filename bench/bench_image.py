@@ -61,6 +61,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8, help="images for the batched throughput run")
     ap.add_argument("--no-official", action="store_true")
+    ap.add_argument("--cuda-graphs", choices=("on", "off", "both"), default="both",
+                    help="native API with CUDA graphs (on), eagerly (off) or both side by side; CPU: off")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
     if args.smoke:
@@ -110,12 +112,22 @@ def main(argv=None):
         model = sam3fast.build_image_model(cfg, checkpoint_path=ckpt, device=device, dtype=dtype)
         proc = sam3fast.Sam3Processor(model, resolution=cfg.resolution, device=device)
         results["runs"][f"sam3fast_{dtype}"] = timeit(run_processor(proc), device, args.warmup, args.iters)
-        pred = sam3fast.ImagePredictor(model)
-        imgs = [image] * args.batch
-        r = timeit(lambda p=pred: p.predict(imgs, [prompt, "branch", "sky"]), device, args.warmup, max(1, args.iters // 4))
-        r["images_per_s"] = args.batch / (r["ms_median"] / 1e3)
-        results["runs"][f"sam3fast_{dtype}_batch{args.batch}_3prompts"] = r
-        del model, proc, pred
+        graph_modes = {"on": [True], "off": [False], "both": [False, True]}[args.cuda_graphs]
+        if device.type != "cuda":
+            graph_modes = [False]
+        for cg in graph_modes:
+            # warm-up calls capture the graphs (one per batch size / prompt count)
+            pred = sam3fast.ImagePredictor(model, cuda_graphs=cg)
+            tag = "_graphs" if cg else ""
+            results["runs"][f"sam3fast_{dtype}_native_batch1_1prompt{tag}"] = timeit(
+                lambda p=pred: p.predict([image], [prompt]), device, args.warmup, args.iters)
+            imgs = [image] * args.batch
+            r = timeit(lambda p=pred: p.predict(imgs, [prompt, "branch", "sky"]), device, args.warmup,
+                       max(1, args.iters // 4))
+            r["images_per_s"] = args.batch / (r["ms_median"] / 1e3)
+            results["runs"][f"sam3fast_{dtype}_batch{args.batch}_3prompts{tag}"] = r
+            del pred
+        del model, proc
 
     if "official_fp32" in results["runs"]:
         base = results["runs"]["official_fp32"]["ms_median"]

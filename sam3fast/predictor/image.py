@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
 from ..profiling import stage
-from .preprocess import preprocess
+from .preprocess import image_to_uint8_chw, normalize, preprocess, resize_uint8
 
 
 def _check_threshold(t) -> float:
@@ -219,6 +219,44 @@ class Sam3Processor:
         return state
 
 
+class _Prepared:
+    """One batch ready for the step: images (B, 3, R, R) on the device, original sizes, boxes."""
+
+    __slots__ = ("x", "sizes", "boxes", "ready")
+
+    def __init__(self, x, sizes, boxes, ready):
+        self.x, self.sizes, self.boxes, self.ready = x, sizes, boxes, ready
+
+
+def _check_boxes(images, boxes, box_labels):
+    """Validate the exemplar boxes of every image up front (before any batch runs) and return them
+    as (B, Nb, 4) float32 / (B, Nb) bool labels / (B, Nb) bool padding CPU tensors, or None."""
+    if boxes is None:
+        if box_labels is not None:
+            raise ValueError("box_labels given without boxes")
+        return None
+    if len(boxes) != len(images):
+        raise ValueError(f"boxes must have one list per image ({len(images)}), got {len(boxes)}")
+    if box_labels is not None and len(box_labels) != len(images):
+        raise ValueError(f"box_labels must have one list per image ({len(images)}), got {len(box_labels)}")
+    nb = max(len(b) for b in boxes)
+    if nb == 0:
+        return None
+    B = len(images)
+    bx = torch.zeros(B, nb, 4)
+    bl = torch.zeros(B, nb, dtype=torch.bool)
+    bm = torch.ones(B, nb, dtype=torch.bool)
+    for i, bs in enumerate(boxes):
+        labs = box_labels[i] if box_labels is not None else [True] * len(bs)
+        if len(labs) != len(bs):
+            raise ValueError(f"image {i}: {len(bs)} boxes but {len(labs)} labels")
+        for j, b in enumerate(bs):
+            bx[i, j] = torch.tensor(_check_box(b))
+            bl[i, j] = bool(labs[j])
+            bm[i, j] = False
+    return bx, bl, bm
+
+
 class ImagePredictor:
     """Native batched API.
 
@@ -227,68 +265,219 @@ class ImagePredictor:
     list (per image) of lists (per prompt) of dicts with ``scores`` (N,), ``boxes`` (N, 4) xyxy
     pixels, ``masks`` (N, H, W) bool. ``boxes``: optional per-image list of exemplar boxes
     ([cx, cy, w, h] normalised) with ``box_labels``.
+
+    The image step (backbone, heads, fixed-shape post-processing) goes through
+    :class:`~sam3fast.predictor.graphs.GraphedImageStep`: on CUDA it is a CUDA graph per (batch
+    size, prompt bucket, boxes, mask policy), captured on first use (``cuda_graphs``, default True on
+    CUDA); elsewhere it runs eagerly. The rest (which of the Q slots pass the threshold, the resize
+    of their masks to each image's size) follows the step, after one small device-to-host copy.
+
+    ``mask_policy``: ``"lowres"`` (default) resizes the kept masks only, after the step;
+    ``"original"`` resizes all Q masks inside the step (every image of a batch must share one size).
+    ``prompt_buckets``: pad the prompt count to fewer graph shapes (see ``graphs.PADDED_PROMPT_BUCKETS``;
+    equal to the unpadded results up to rounding); default None: one graph per prompt count.
+
+    ``batch_size`` (``predict``) or :meth:`predict_batches` split many images into batches and run
+    them as a one-ahead pipeline: batch i+1 is decoded, copied to the device (pinned memory, a
+    side stream) and resized while batch i runs.
     """
 
-    def __init__(self, model, confidence_threshold: float = 0.5):
+    def __init__(self, model, confidence_threshold: float = 0.5, *, cuda_graphs: Optional[bool] = None,
+                 mask_policy: str = "lowres", prompt_buckets: Optional[Sequence[int]] = None):
+        from .graphs import GraphedImageStep
+
+        if mask_policy not in ("lowres", "original"):
+            raise ValueError(f"mask_policy must be 'lowres' or 'original', got {mask_policy!r}")
         self.model = model
         self.confidence_threshold = _check_threshold(confidence_threshold)
+        self.mask_policy = mask_policy
         self._text = _TextCache(model)
+        self.runner = GraphedImageStep(model, cuda_graphs=cuda_graphs, prompt_buckets=prompt_buckets)
+        self._prep_stream = None
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self.runner.cuda_graphs
 
     @torch.inference_mode()
     def predict(self, images: Sequence, prompts: Union[str, Sequence[str]],
-                boxes: Optional[Sequence[Sequence]] = None, box_labels: Optional[Sequence[Sequence[bool]]] = None):
+                boxes: Optional[Sequence[Sequence]] = None, box_labels: Optional[Sequence[Sequence[bool]]] = None,
+                *, batch_size: Optional[int] = None):
+        if isinstance(images, (str, bytes)) or not isinstance(images, Sequence) or not images:
+            raise ValueError("images must be a non-empty list")
+        prompts = self._check_prompts(prompts)
+        n = len(images)
+        if batch_size is None:
+            batch_size = n
+        elif isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        jobs = [(images[:batch_size], _check_boxes(images, boxes, box_labels))]  # all boxes checked now
+        if batch_size < n:
+            # each batch as if predicted alone: its boxes padded to its own largest count
+            def chunk(x, s):
+                return None if x is None else x[s:s + batch_size]
+
+            jobs = [(images[s:s + batch_size], _check_boxes(images[s:s + batch_size], chunk(boxes, s),
+                                                            chunk(box_labels, s)))
+                    for s in range(0, n, batch_size)]
+        results = []
+        for r in self._pipeline(jobs, prompts):
+            results.extend(r)
+        return results
+
+    def predict_batches(self, batches: Iterable[Sequence], prompts: Union[str, Sequence[str]]) -> Iterator[list]:
+        """Yield ``predict(batch, prompts)`` for each batch of images, preparing the next batch while
+        the current one runs (batches are read one ahead)."""
+        prompts = self._check_prompts(prompts)
+
+        def jobs():
+            for batch in batches:
+                if isinstance(batch, (str, bytes)) or not isinstance(batch, Sequence) or not batch:
+                    raise ValueError("each batch must be a non-empty list of images")
+                yield batch, None
+
+        return self._iter_pipeline(jobs(), prompts)
+
+    @torch.inference_mode()  # on a generator function, torch re-enters the mode at every step
+    def _iter_pipeline(self, jobs, prompts):
+        yield from self._pipeline(jobs, prompts)
+
+    @staticmethod
+    def _check_prompts(prompts) -> List[str]:
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)
-        if not images:
-            raise ValueError("images must be a non-empty list")
         if not prompts:
             raise ValueError("prompts must be a non-empty list of strings")
-        if boxes is not None and len(boxes) != len(images):
-            raise ValueError(f"boxes must have one list per image ({len(images)}), got {len(boxes)}")
-        m = self.model
-        dev = m.device
-        res = m.cfg.resolution
-        xs, sizes = [], []
-        with stage("preprocess"):
-            for im in images:
-                x, h, w = preprocess(im, res, dev, m.dtype)
-                xs.append(x)
-                sizes.append((h, w))
-        with stage("backbone"):
-            image_out = m.encode_image(torch.stack(xs))
-        B, P = len(images), len(prompts)
+        return prompts
+
+    # ------------------------------------------------------------------ pipeline
+    def _pipeline(self, jobs, prompts: List[str]):
+        """prepare(0); then for each i: step(i) launched, prepare(i+1) while it runs, finish(i)."""
         feats, mask = self._text.get(prompts)
-        img_idx = torch.arange(B, device=dev).repeat_interleave(P)
-        feats = feats.repeat(B, 1, 1)
-        mask = mask.repeat(B, 1)
-        bx = bl = bm = None
-        if boxes is not None:
-            nb = max(len(b) for b in boxes)
-            if nb > 0:
-                bx = torch.zeros(B, nb, 4, device=dev)
-                bl = torch.zeros(B, nb, dtype=torch.bool, device=dev)
-                bm = torch.ones(B, nb, dtype=torch.bool, device=dev)
-                for i, bs in enumerate(boxes):
-                    labs = box_labels[i] if box_labels is not None else [True] * len(bs)
-                    if len(labs) != len(bs):
-                        raise ValueError(f"image {i}: {len(bs)} boxes but {len(labs)} labels")
-                    for j, b in enumerate(bs):
-                        bx[i, j] = torch.tensor(_check_box(b))
-                        bl[i, j] = bool(labs[j])
-                        bm[i, j] = False
-                bx, bl, bm = (t.repeat_interleave(P, 0) for t in (bx, bl, bm))
-        with stage("heads"):
-            out = m.forward_heads(image_out, img_idx, feats, mask, boxes=bx, box_labels=bl, box_mask=bm)
-        results = []
-        for i in range(B):
-            h, w = sizes[i]
-            per = []
-            for j in range(P):
-                r = postprocess(out, i * P + j, h, w, self.confidence_threshold)
-                if "masks" in r:
-                    r["masks"] = r["masks"][:, 0]
-                    r.pop("masks_logits")
-                per.append(r)
-            results.append(per)
+        it = iter(jobs)
+        job = next(it, None)
+        nxt = self._prepare(*job) if job is not None else None
+        while nxt is not None:
+            cur = nxt
+            launched = self._launch(cur, feats, mask)
+            job = next(it, None)
+            nxt = self._prepare(*job) if job is not None else None
+            yield self._finish(launched, cur.sizes)
+
+    def _prepare(self, images: Sequence, boxes) -> _Prepared:
+        m = self.model
+        dev, res = m.device, m.cfg.resolution
+        if dev.type != "cuda":
+            with stage("preprocess"):
+                xs, sizes = [], []
+                for im in images:
+                    x, h, w = preprocess(im, res, dev, m.dtype)
+                    xs.append(x)
+                    sizes.append((h, w))
+                return _Prepared(torch.stack(xs), sizes, boxes, None)
+        # CUDA: decode on the host into pinned memory, then copy, resize and normalise on a side
+        # stream, so all of it overlaps the step already running on the current stream.
+        if self._prep_stream is None:
+            self._prep_stream = torch.cuda.Stream(dev)
+        s = self._prep_stream
+        with stage("preprocess"), torch.cuda.stream(s):
+            xs, sizes = [], []
+            for im in images:
+                t = image_to_uint8_chw(im)
+                sizes.append((int(t.shape[1]), int(t.shape[2])))
+                # empty_like keeps the strides (a PIL image stays a channels-last view, as
+                # preprocess() moves it): the resize below sees the same layout
+                if t.device.type == "cpu":
+                    pinned = torch.empty_like(t, pin_memory=True).copy_(t)
+                    td = pinned.to(dev, non_blocking=True)
+                else:  # already on a GPU, written by work on the current stream: wait for it
+                    s.wait_stream(torch.cuda.current_stream())
+                    td = t.to(dev)
+                xs.append(normalize(resize_uint8(td, (res, res)), m.dtype))
+            x = torch.stack(xs)
+            if boxes is not None:
+                boxes = tuple(b.pin_memory().to(dev, non_blocking=True) for b in boxes)
+            ready = torch.cuda.Event()
+            ready.record(s)
+        return _Prepared(x, sizes, boxes, ready)
+
+    def _launch(self, prep: _Prepared, feats, mask):
+        if prep.ready is not None:
+            cur = torch.cuda.current_stream()
+            cur.wait_event(prep.ready)
+            # made on the side stream, read on this one: keep the allocator from reusing them early
+            for t in (prep.x,) + (prep.boxes or ()):
+                t.record_stream(cur)
+        bx, bl, bm = prep.boxes if prep.boxes is not None else (None, None, None)
+        ms = None
+        if self.mask_policy == "original":
+            if len(set(prep.sizes)) != 1:
+                raise ValueError(
+                    f"mask_policy='original' needs every image of a batch to be one size, got {prep.sizes}")
+            ms = prep.sizes[0]
+        # out="none": _finish gathers what it returns into new tensors before the next run
+        return self.runner.run(prep.x, feats, mask, self.confidence_threshold, prep.sizes, bx, bl, bm,
+                               mask_size=ms, out="none")
+
+    def _finish(self, out, sizes) -> list:
+        with stage("postprocess"):
+            keep = out["keep"]  # (B, P, Q)
+            B, P, Q = keep.shape
+            dev = keep.device
+            if dev.type == "cuda":
+                # the only host read: a (B, P, Q) bool copied asynchronously, then its event
+                keep_h = torch.empty(keep.shape, dtype=torch.bool, pin_memory=True)
+                keep_h.copy_(keep, non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record()
+                ev.synchronize()
+            else:
+                keep_h = keep
+            nz = keep_h.nonzero()  # (N, 3) in the order boolean indexing takes them
+            counts = keep_h.sum(-1).tolist()  # [B][P]
+            idx = nz.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else nz
+            b, p, q = idx.unbind(1)
+            scores = out["scores"][b, p, q]
+            boxes = out["boxes"][b, p, q]
+            per_image = [sum(c) for c in counts]
+            scores_i = torch.split(scores, per_image)
+            boxes_i = torch.split(boxes, per_image)
+            masks_i = None
+            if "mask_logits" in out:
+                logits_i = torch.split(out["mask_logits"][b, p, q], per_image)
+                masks_i = [self._resize_masks(lg, h, w, counts[i])
+                           for i, (lg, (h, w)) in enumerate(zip(logits_i, sizes))]
+            elif "masks" in out:
+                masks_i = torch.split(out["masks"][b, p, q], per_image)
+            results = []
+            for i in range(B):
+                per = []
+                sc, bx = torch.split(scores_i[i], counts[i]), torch.split(boxes_i[i], counts[i])
+                mk = torch.split(masks_i[i], counts[i]) if masks_i is not None else None
+                for j in range(P):
+                    r = {"scores": sc[j], "boxes": bx[j]}
+                    if mk is not None:
+                        r["masks"] = mk[j]
+                    per.append(r)
+                results.append(per)
         return results
+
+    @staticmethod
+    def _resize_masks(lg, h: int, w: int, counts: List[int]):
+        """Kept low-res logits of one image (N, m, m) -> (N, h, w) bool, as postprocess() does:
+        bilinear, sigmoid, > 0.5. On CPU pair by pair, the shapes postprocess() uses (a SIMD body
+        and a scalar tail round sigmoid differently, so the split must match); on CUDA every
+        element is computed alike, so the whole image goes at once."""
+        if lg.device.type == "cpu":
+            parts = torch.split(lg, counts)
+        else:
+            parts = (lg,)
+        out = []
+        for part in parts:
+            if part.shape[0] > 0:
+                mk = F.interpolate(part.float().unsqueeze(1), (h, w), mode="bilinear", align_corners=False)
+                out.append((mk.sigmoid() > 0.5)[:, 0])
+            else:
+                out.append(torch.zeros((0, h, w), dtype=torch.bool, device=lg.device))
+        return out[0] if len(out) == 1 else torch.cat(out)
