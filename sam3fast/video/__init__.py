@@ -26,7 +26,7 @@ from ..config import Sam3Config, get_config
 from .detector import Sam3VideoDetector, generic_nms, mask_iou_matrix, nms_masks
 from .inference import Sam3VideoBase, Sam3VideoInference, Sam3VideoInferenceWithInstanceInteractivity
 from .io import VideoFrames, load_video, open_video
-from .predictor import Sam3VideoPredictor
+from .predictor import Sam3VideoPredictor, Sam3VideoPredictorMultiGPU
 from .tracker_predictor import Sam3TrackerPredictor
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "build_video_model",
     "video_heuristics",
     "Sam3VideoPredictor",
+    "Sam3VideoPredictorMultiGPU",
     "Sam3VideoInferenceWithInstanceInteractivity",
     "Sam3VideoInference",
     "Sam3VideoBase",
@@ -144,15 +145,31 @@ def build_sam3_video_model(
                              compile=compile, **overrides)
 
 
-def build_sam3_video_predictor(*model_args, gpus_to_use=None, **model_kwargs) -> Sam3VideoPredictor:
-    """Drop-in for ``sam3.model_builder.build_sam3_video_predictor``: the request-API predictor
-    (:class:`Sam3VideoPredictor`) in this process. ``model_args``/``model_kwargs`` are the
-    official predictor's (``checkpoint_path``, ``bpe_path``, ...) plus ``load_from_HF``,
-    ``config``, ``device``, ``dtype``. One device only: ``gpus_to_use`` may name at most one GPU."""
+def build_sam3_video_predictor(*model_args, gpus_to_use=None, devices=None, launcher=None,
+                               **model_kwargs) -> Sam3VideoPredictor:
+    """Drop-in for ``sam3.model_builder.build_sam3_video_predictor``. ``model_args``/``model_kwargs``
+    are the official predictor's (``checkpoint_path``, ``bpe_path``, ...) plus ``load_from_HF``,
+    ``config``, ``device``, ``dtype``.
+
+    One device (``gpus_to_use`` with at most one GPU, or ``device``): :class:`Sam3VideoPredictor`
+    in this process. Several (``gpus_to_use=[0, 1, ...]``, or ``devices=["cpu", "cpu"]`` to run the
+    same code with gloo on CPU), or ``launcher="torchrun"`` (every torchrun process calls this; ranks
+    > 0 then call ``predictor.serve()``): :class:`~sam3fast.video.predictor.Sam3VideoPredictorMultiGPU`
+    (extra keywords ``collective_timeout_s``, ``startup_timeout_s``)."""
+    from .predictor import Sam3VideoPredictorMultiGPU
+
+    several = (devices is not None and len(devices) > 1) or (
+        gpus_to_use is not None and len(set(gpus_to_use)) > 1) or launcher == "torchrun"
+    if several:
+        return Sam3VideoPredictorMultiGPU(*model_args, gpus_to_use=gpus_to_use, devices=devices,
+                                          launcher=launcher or "spawn", **model_kwargs)
+    if devices is not None:
+        if "device" in model_kwargs:
+            raise ValueError("give devices or device, not both")
+        if devices:
+            model_kwargs["device"] = devices[0]
     if gpus_to_use is not None:
         gpus = sorted(set(gpus_to_use))
-        if len(gpus) > 1:
-            raise NotImplementedError(f"gpus_to_use={gpus_to_use}: sam3fast runs a video session on one device")
         if gpus and "device" not in model_kwargs:
             model_kwargs["device"] = f"cuda:{gpus[0]}"
     return Sam3VideoPredictor(*model_args, **model_kwargs)

@@ -18,6 +18,14 @@ call for frame t returns t from the buffer (computing it if missing), drops t-1 
 and pre-computes t+1 (t-1 in reverse). The next frame is computed with the prompt passed for the
 current one, as the official does.
 
+With W > 1 ranks (``self.dist``, a :class:`~sam3fast.video.distributed.DistContext`) frames go in
+chunks of W, as the official ``Sam3ImageOnVideoMultiGPU``: the chunk [b, b + W) holding t (b = t -
+t mod W) is computed if missing, rank r running the detector on frame min(b + r, end - 1); the
+outputs travel in one asynchronous all-gather of bytes, waited for when a frame is read; the
+previous chunk is dropped and the next one is started, so the gather overlaps the tracker's work
+on the current chunk. With ``fpn_convs`` the tracker's two projections are applied before the
+gather (fewer channels on the wire, same values).
+
 Module names are the official detector's (``detector.*`` keys of ``sam3.pt``): the image model
 with the SAM 2 neck and without the interactive predictor.
 """
@@ -96,6 +104,7 @@ class Sam3VideoDetector(Sam3ImageModel):
         self.supervise_joint_box_scores = supervise_joint_box_scores
         self.rank = 0
         self.world_size = 1
+        self.dist = None  # DistContext when running on several ranks
 
     # ------------------------------------------------------------------ one frame
     def forward_frame(
@@ -168,6 +177,9 @@ class Sam3VideoDetector(Sam3ImageModel):
         """
         args = dict(images=images, text_feats=text_feats, text_mask=text_mask, geometric_prompt=geometric_prompt,
                     run_nms=run_nms, nms_prob_thresh=nms_prob_thresh, nms_iou_thresh=nms_iou_thresh)
+        if self.world_size > 1:
+            return self._forward_chunked(frame_idx, num_frames, multigpu_buffer, track_in_reverse,
+                                         kwargs.get("fpn_convs"), args)
         if frame_idx not in multigpu_buffer:
             multigpu_buffer[frame_idx] = self._detect_frame(frame_idx, **args)
         out = dict(multigpu_buffer[frame_idx])
@@ -179,6 +191,69 @@ class Sam3VideoDetector(Sam3ImageModel):
         if 0 <= nxt < num_frames and nxt not in multigpu_buffer:
             multigpu_buffer[nxt] = self._detect_frame(nxt, **args)
         return out
+
+    # ------------------------------------------------------------------ W ranks
+    def _forward_chunked(self, frame_idx, num_frames, buf, reverse, fpn_convs, args):
+        W = self.world_size
+        b = frame_idx - frame_idx % W
+        e = min(b + W, num_frames)
+        if frame_idx not in buf:
+            self._build_chunk(b, e, buf, fpn_convs, args)
+        out = self._read(buf[frame_idx])
+        if not reverse and b - W >= 0:
+            prev = range(b - W, b)
+        elif reverse and e < num_frames:
+            prev = range(e, min(e + W, num_frames))
+        else:
+            prev = range(0)
+        for t in prev:
+            buf.pop(t, None)
+        if not reverse and e < num_frames:
+            nxt = (e, min(e + W, num_frames))
+        elif reverse and b - W >= 0:
+            nxt = (b - W, b)
+        else:
+            nxt = None
+        if nxt is not None and nxt[0] not in buf:
+            self._build_chunk(nxt[0], nxt[1], buf, fpn_convs, args)
+        return out
+
+    def _build_chunk(self, begin, end, buf, fpn_convs, args):
+        """This rank's frame of the chunk, then one asynchronous all-gather of its outputs."""
+        local = self._detect_frame(min(begin + self.rank, end - 1), **args)
+        fpn = [local["tracker_backbone_fpn_0"], local["tracker_backbone_fpn_1"], local["tracker_backbone_fpn_2"]]
+        if fpn_convs is not None:
+            fpn = [fpn_convs[0](fpn[0]), fpn_convs[1](fpn[1]), fpn[2]]
+        keys = ["pred_logits", "pred_boxes", "pred_boxes_xyxy", "pred_masks",
+                "tracker_backbone_fpn_0", "tracker_backbone_fpn_1", "tracker_backbone_fpn_2"]
+        tensors = [local[k] for k in keys[:4]] + fpn
+        # the last FPN level is already rounded to bf16 (exact in bf16); the rest travels as is
+        wire = [None] * 6 + [torch.bfloat16]
+        from .distributed import pack_bytes
+
+        flat, specs = pack_bytes(tensors, wire)
+        parts, work = self.dist.all_gather_async(flat, "detector outputs")
+        pending = {"work": work, "parts": parts, "specs": specs}
+        for r in range(self.world_size):
+            if begin + r < end:
+                buf[begin + r] = {"_pending": pending, "_slot": r, "_keys": keys,
+                                  "tracker_backbone_pos_enc": local["tracker_backbone_pos_enc"],
+                                  "tracker_fpn_projected": fpn_convs is not None}
+
+    def _read(self, entry):
+        if "_pending" in entry:
+            from .distributed import unpack_bytes
+
+            pending = entry["_pending"]
+            if pending["work"] is not None:
+                self.dist.wait_data(pending["work"], "detector outputs")
+                pending["work"] = None
+            vals = unpack_bytes(pending["parts"][entry["_slot"]], pending["specs"])
+            keys = entry["_keys"]
+            for k in ("_pending", "_slot", "_keys"):
+                entry.pop(k)
+            entry.update(zip(keys, vals))
+        return dict(entry)
 
     def _detect_frame(self, frame_idx: int, images, text_feats, text_mask, geometric_prompt, run_nms,
                       nms_prob_thresh, nms_iou_thresh) -> Dict[str, torch.Tensor]:

@@ -39,6 +39,12 @@ step, per track flag and per output array:
   (hotstart, new ids, removals) run on numpy as the official's do;
 - the output read (``_postprocess_output``): keep flags, boxes and masks of all objects in one
   copy, filtered on the host.
+On several ranks (:meth:`Sam3VideoBase.set_distributed`, see :mod:`sam3fast.video.distributed`):
+the detector runs frame-parallel, objects are sharded (``obj_ids_per_gpu``), the tracker's masks
+and scores are all-gathered after step 2, rank 0 alone associates and runs the hotstart heuristics
+(``rank0_metadata``) and broadcasts the plan as one int64 device tensor, every rank executes it on
+its own objects, and rank 0 alone builds outputs.
+
 The tracker step (memory selection on a :class:`~sam3fast.video.memory_bank.MemoryBank`, all
 sessions in one batch) reads nothing; hole filling uses the Triton connected-components kernel on
 CUDA. Left on the host, on the frames that need them: adding new objects and removing objects
@@ -276,6 +282,7 @@ class Sam3VideoBase(nn.Module):
         # move to pinned host memory so device memory stays flat; False keeps them on the device.
         self.retire_finished_outputs = True
         self.world_size = 1
+        self.dist = None  # DistContext on several ranks (set_distributed)
         self.max_num_objects = max_num_objects if max_num_objects > 0 else 10000
         self.recondition_every_nth_frame = recondition_every_nth_frame
         self.masklet_confirmation_enable = masklet_confirmation_enable
@@ -287,6 +294,16 @@ class Sam3VideoBase(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    def set_distributed(self, ctx) -> None:
+        """Run as rank ``ctx.rank`` of ``ctx.world_size`` (a
+        :class:`~sam3fast.video.distributed.DistContext`); None: back to one process."""
+        self.dist = ctx
+        self.rank = 0 if ctx is None else ctx.rank
+        self.world_size = 1 if ctx is None else ctx.world_size
+        self.detector.dist = ctx
+        self.detector.rank = self.rank
+        self.detector.world_size = self.world_size
 
     # ------------------------------------------------------------------ one frame
     def _det_track_one_frame(
@@ -331,20 +348,23 @@ class Sam3VideoBase(nn.Module):
             tracker_states_local=tracker_states_local, tracker_update_plan=tracker_update_plan,
             orig_vid_height=orig_vid_height, orig_vid_width=orig_vid_width, feature_cache=feature_cache,
         )
-        obj_id_to_mask = self.build_outputs(
-            frame_idx=frame_idx, num_frames=num_frames, reverse=reverse, det_out=det_out,
-            tracker_low_res_masks_global=tracker_low_res_masks_global,
-            tracker_obj_scores_global=tracker_obj_scores_global,
-            tracker_metadata_prev=tracker_metadata_prev, tracker_update_plan=tracker_update_plan,
-            orig_vid_height=orig_vid_height, orig_vid_width=orig_vid_width,
-            reconditioned_obj_ids=reconditioned_obj_ids, det_to_matched_trk_obj_ids=det_to_matched_trk_obj_ids,
-        )
-        obj_id_to_score = tracker_metadata_new["obj_id_to_score"]
+        if self.rank == 0:
+            obj_id_to_mask = self.build_outputs(
+                frame_idx=frame_idx, num_frames=num_frames, reverse=reverse, det_out=det_out,
+                tracker_low_res_masks_global=tracker_low_res_masks_global,
+                tracker_obj_scores_global=tracker_obj_scores_global,
+                tracker_metadata_prev=tracker_metadata_prev, tracker_update_plan=tracker_update_plan,
+                orig_vid_height=orig_vid_height, orig_vid_width=orig_vid_width,
+                reconditioned_obj_ids=reconditioned_obj_ids, det_to_matched_trk_obj_ids=det_to_matched_trk_obj_ids,
+            )
+            obj_id_to_score = tracker_metadata_new["obj_id_to_score"]
+        else:  # only rank 0 answers; the others keep no outputs (as the official)
+            obj_id_to_mask, obj_id_to_score = {}, {}
         frame_stats = {
             "num_obj_tracked": np.sum(tracker_metadata_new["num_obj_per_gpu"]),
             "num_obj_dropped": tracker_update_plan["num_obj_dropped_due_to_limit"],
         }
-        if tracker_obj_scores_global.shape[0] > 0:
+        if tracker_obj_scores_global.shape[0] > 0 and self.rank == 0:
             tracker_obj_scores_global = tracker_update_plan["tracker_obj_scores_host"]  # (read with the plan)
             tracker_obj_ids = tracker_metadata_prev["obj_ids_all_gpu"]
             tracker_metadata_new["obj_id_to_tracker_score_frame_wise"][frame_idx].update(
@@ -393,6 +413,8 @@ class Sam3VideoBase(nn.Module):
             run_nms=self.det_nms_thresh > 0.0,
             nms_prob_thresh=self.score_threshold_detection,
             nms_iou_thresh=self.det_nms_thresh,
+            **({"fpn_convs": (self.tracker.sam_mask_decoder.conv_s0, self.tracker.sam_mask_decoder.conv_s1)}
+               if self.world_size > 1 else {}),
         )
         pred_probs = out["pred_logits"].squeeze(-1).sigmoid()
         if not allow_new_detections:
@@ -407,8 +429,11 @@ class Sam3VideoBase(nn.Module):
             "valid": pred_probs[0] > self.score_threshold_detection,
         }
         dec = self.tracker.sam_mask_decoder
-        fpn = [dec.conv_s0(out["tracker_backbone_fpn_0"]), dec.conv_s1(out["tracker_backbone_fpn_1"]),
-               out["tracker_backbone_fpn_2"]]
+        if out.get("tracker_fpn_projected", False):  # projected before the all-gather
+            fpn = [out["tracker_backbone_fpn_0"], out["tracker_backbone_fpn_1"], out["tracker_backbone_fpn_2"]]
+        else:
+            fpn = [dec.conv_s0(out["tracker_backbone_fpn_0"]), dec.conv_s1(out["tracker_backbone_fpn_1"]),
+                   out["tracker_backbone_fpn_2"]]
         tracker_backbone_out = {
             "vision_features": fpn[-1],
             "vision_pos_enc": out["tracker_backbone_pos_enc"],
@@ -426,7 +451,19 @@ class Sam3VideoBase(nn.Module):
         expected = tracker_metadata_prev["obj_ids_per_gpu"][self.rank]
         if not np.array_equal(np.asarray(obj_ids_local, dtype=np.int64), np.asarray(expected, dtype=np.int64)):
             raise RuntimeError(f"internal error: tracker states hold objects {obj_ids_local}, metadata says {expected}")
+        if self.world_size > 1:
+            return self._gather_tracker_outputs(low_res_masks_local, obj_scores_local,
+                                                tracker_metadata_prev["num_obj_per_gpu"])
         return low_res_masks_local, obj_scores_local
+
+    def _gather_tracker_outputs(self, masks_local: Tensor, scores_local: Tensor, counts):
+        """All-gather every rank's (n_r, h, w) masks and (n_r,) object-score logits in float32 (as
+        the official), one collective: rows of h*w + 1 values padded to max n_r. -> (N, h, w), (N,)
+        in rank order (= ``obj_ids_all_gpu``)."""
+        n, h, w = masks_local.shape
+        rows = torch.cat([masks_local.reshape(n, h * w).float(), scores_local.reshape(n, 1).float()], dim=1)
+        allrows = self.dist.all_gather_rows(rows.to(self.device), counts, "tracker masks and scores")
+        return allrows[:, :h * w].reshape(-1, h, w), allrows[:, h * w]
 
     def _recondition_masklets(self, frame_idx, det_out, trk_id_to_max_iou_high_conf_det, tracker_states_local,
                               tracker_metadata, tracker_obj_scores_global):
@@ -478,6 +515,14 @@ class Sam3VideoBase(nn.Module):
         reconditioned_obj_ids = set()
 
         det_bbox_xyxy: Tensor = det_out["bbox"]
+        if self.rank != 0:
+            # the plan comes from rank 0; the hotstart bookkeeping lives there only
+            tracker_update_plan, recondition = self._broadcast_plan(frame_idx, None, False, det_out,
+                                                                    tracker_metadata_prev)
+            tracker_metadata_new["rank0_metadata"] = tracker_metadata_prev["rank0_metadata"]
+            return self._planning_tail(frame_idx, reverse, det_out, tracker_low_res_masks_global,
+                                       tracker_obj_scores_global, tracker_metadata_prev, tracker_metadata_new,
+                                       tracker_states_local, tracker_update_plan, recondition, None)
         # association on the device; the host reads the frame's decisions, the detection scores and
         # the tracker scores with one copy
         association, det_scores_np, tracker_scores_host = self._associate(
@@ -537,9 +582,53 @@ class Sam3VideoBase(nn.Module):
             and frame_idx % self.recondition_every_nth_frame == 0
             and len(trk_id_to_max_iou_high_conf_det) > 0
         )
-        if should_recondition_periodic or should_recondition_iou:
-            self._recondition_masklets(frame_idx, det_out, trk_id_to_max_iou_high_conf_det, tracker_states_local,
-                                       tracker_metadata_prev, tracker_obj_scores_global)
+        recondition = should_recondition_periodic or should_recondition_iou
+        if self.world_size > 1:
+            self._broadcast_plan(frame_idx, tracker_update_plan, recondition, det_out, tracker_metadata_prev)
+        return self._planning_tail(frame_idx, reverse, det_out, tracker_low_res_masks_global,
+                                   tracker_obj_scores_global, tracker_metadata_prev, tracker_metadata_new,
+                                   tracker_states_local, tracker_update_plan, recondition, det_scores_np)
+
+    def _broadcast_plan(self, frame_idx, plan, recondition, det_out, tracker_metadata_prev):
+        """Rank 0's plan to every rank as one int64 device tensor
+        (:func:`~sam3fast.video.distributed.encode_plan`); ranks > 0 get ``(plan, recondition)``
+        with the fields they execute (rank 0's own plan stays as it is)."""
+        from .distributed import decode_plan, encode_plan, plan_size
+
+        Q = det_out["mask"].shape[0]
+        M = len(tracker_metadata_prev["obj_ids_all_gpu"])
+        counts = tracker_metadata_prev["num_obj_per_gpu"]
+        if self.rank == 0:
+            buf = encode_plan(frame_idx, plan, counts, Q, M, recondition, self.device)
+            self.dist.broadcast(buf, 0, "update plan")
+            return plan, recondition
+        buf = torch.empty(plan_size(self.world_size, Q, M), dtype=torch.int64, device=self.device)
+        self.dist.broadcast(buf, 0, "update plan")
+        d = decode_plan(buf.cpu().numpy(), self.world_size, Q)  # host read (the plan drives this rank)
+        if d["frame_idx"] != frame_idx or d["num_tracks"] != M or not np.array_equal(d["num_obj_per_gpu"], counts):
+            raise RuntimeError(
+                f"rank {self.rank} is out of step with rank 0: plan for frame {d['frame_idx']} with objects per "
+                f"rank {d['num_obj_per_gpu'].tolist()}, here frame {frame_idx} with {np.asarray(counts).tolist()}")
+        plan = {k: d[k] for k in ("new_det_fa_inds", "new_det_obj_ids", "new_det_gpu_ids", "obj_ids_newly_removed",
+                                  "num_obj_dropped_due_to_limit", "trk_id_to_max_iou_high_conf_det")}
+        plan.update(unmatched_trk_obj_ids=np.array([], np.int64), det_to_matched_trk_obj_ids={},
+                    reconditioned_obj_ids=set(), tracker_obj_scores_host=None)
+        return plan, d["recondition"]
+
+    def _planning_tail(self, frame_idx, reverse, det_out, tracker_low_res_masks_global, tracker_obj_scores_global,
+                       tracker_metadata_prev, tracker_metadata_new, tracker_states_local, tracker_update_plan,
+                       recondition, det_scores_np):
+        """The plan's effects every rank applies: re-conditioning, occlusion suppression, memory
+        encoding of its own objects, the new object layout. ``det_scores_np``: None off rank 0
+        (scores only feed rank 0's outputs)."""
+        new_det_fa_inds = tracker_update_plan["new_det_fa_inds"]
+        new_det_obj_ids = tracker_update_plan["new_det_obj_ids"]
+        new_det_gpu_ids = tracker_update_plan["new_det_gpu_ids"]
+        obj_ids_newly_removed = tracker_update_plan["obj_ids_newly_removed"]
+        det_to_matched_trk_obj_ids = tracker_update_plan["det_to_matched_trk_obj_ids"]
+        if recondition:
+            self._recondition_masklets(frame_idx, det_out, tracker_update_plan["trk_id_to_max_iou_high_conf_det"],
+                                       tracker_states_local, tracker_metadata_prev, tracker_obj_scores_global)
 
         batch_size = tracker_low_res_masks_global.size(0)
         if batch_size > 0:
@@ -561,17 +650,18 @@ class Sam3VideoBase(nn.Module):
             tracker_metadata_new["obj_ids_per_gpu"][rank] = updated
             tracker_metadata_new["num_obj_per_gpu"][rank] = len(updated)
         tracker_metadata_new["obj_ids_all_gpu"] = np.concatenate(tracker_metadata_new["obj_ids_per_gpu"])
-        if len(new_det_obj_ids) > 0:
+        if len(new_det_obj_ids) > 0 and det_scores_np is not None:
             tracker_metadata_new["obj_id_to_score"].update(zip(new_det_obj_ids, det_scores_np[new_det_fa_inds]))
             tracker_metadata_new["obj_id_to_tracker_score_frame_wise"][frame_idx].update(
                 zip(new_det_obj_ids, det_scores_np[new_det_fa_inds])
             )
+        if len(new_det_obj_ids) > 0:
             tracker_metadata_new["max_obj_id"] = max(tracker_metadata_new["max_obj_id"], np.max(new_det_obj_ids))
         for obj_id in obj_ids_newly_removed:
             tracker_metadata_new["obj_id_to_score"][obj_id] = -1e4
             tracker_metadata_new["obj_id_to_tracker_score_frame_wise"][frame_idx][obj_id] = -1e4
             tracker_metadata_new["obj_id_to_last_occluded"].pop(obj_id, None)
-        if self.masklet_confirmation_enable:
+        if self.masklet_confirmation_enable and self.rank == 0:
             tracker_metadata_new["rank0_metadata"] = self.update_masklet_confirmation_status(
                 rank0_metadata=tracker_metadata_new["rank0_metadata"],
                 obj_ids_all_gpu_prev=tracker_metadata_prev["obj_ids_all_gpu"],
@@ -1194,7 +1284,7 @@ class Sam3VideoInference(Sam3VideoBase):
             "suppressed_obj_ids": rank0["suppressed_obj_ids"][frame_idx],
             "frame_stats": frame_stats,
         }
-        if self.masklet_confirmation_enable:
+        if self.masklet_confirmation_enable and self.rank == 0:
             is_unconfirmed = rank0["masklet_confirmation"]["status"] == MaskletConfirmationStatus.UNCONFIRMED
             out["unconfirmed_obj_ids"] = tracker_metadata_new["obj_ids_all_gpu"][is_unconfirmed].tolist()
         else:
@@ -1210,7 +1300,7 @@ class Sam3VideoInference(Sam3VideoBase):
         obj_id_to_mask = out["obj_id_to_mask"]
         curr_obj_ids = sorted(obj_id_to_mask.keys())
         H_video, W_video = inference_state["orig_height"], inference_state["orig_width"]
-        if len(curr_obj_ids) == 0:
+        if len(curr_obj_ids) == 0 or self.rank != 0:  # (ranks > 0 answer nothing)
             out_obj_ids = torch.zeros(0, dtype=torch.int64)
             out_probs = torch.zeros(0, dtype=torch.float32)
             out_binary_masks = torch.zeros(0, H_video, W_video, dtype=torch.bool)
@@ -1397,6 +1487,8 @@ class Sam3VideoInferenceWithInstanceInteractivity(Sam3VideoInference):
                 if obj_id in obj_ids_local:
                     i = obj_ids_local.index(obj_id)
                     refined_obj_data[obj_id] = (tracker_scores_local[i], low_res_masks_local[i])
+            if self.world_size > 1:
+                refined_obj_data = self._share_refined(inference_state, obj_ids, refined_obj_data)
             for obj_id, (refined_score, _) in refined_obj_data.items():
                 tracker_metadata["obj_id_to_tracker_score_frame_wise"][frame_idx].update(
                     {obj_id: refined_score.item()}  # host sync
@@ -1407,6 +1499,41 @@ class Sam3VideoInferenceWithInstanceInteractivity(Sam3VideoInference):
             }
             obj_id_to_mask = self._build_tracker_output(inference_state, frame_idx, refined_obj_id_to_mask)
             yield self._tracker_frame_output(inference_state, frame_idx, obj_id_to_mask)
+
+    def _share_refined(self, inference_state, obj_ids, local_data):
+        """Several ranks: each refined object's (score, low-res mask) from the rank holding it to
+        all ranks, one fixed-size broadcast per object (flag, score, h*w mask logits, float32)."""
+        h = w = self.tracker.low_res_mask_size
+        out = {}
+        for obj_id in obj_ids:
+            src = self._get_gpu_id_by_obj_id(inference_state, obj_id)
+            if src is None:
+                continue
+            buf = torch.zeros(2 + h * w, dtype=torch.float32, device=self.device)
+            if self.rank == src and obj_id in local_data:
+                score, mask = local_data[obj_id]
+                buf[0] = 1.0
+                buf[1] = score.reshape(()).float()
+                buf[2:] = mask.reshape(-1).float()
+            self.dist.broadcast(buf, src, "refined object")
+            if self.rank == src and obj_id in local_data:
+                out[obj_id] = local_data[obj_id]
+            elif bool(buf[0] > 0):
+                out[obj_id] = (buf[1], buf[2:].reshape(h, w))
+        return out
+
+    def _share_click_mask(self, mask, src, inference_state):
+        """Several ranks: the clicked object's (1, H, W) bool video-res mask (or None) from its
+        rank to all ranks (flag + H*W bytes)."""
+        H, W = inference_state["orig_height"], inference_state["orig_width"]
+        buf = torch.zeros(1 + H * W, dtype=torch.uint8, device=self.device)
+        if self.rank == src and mask is not None:
+            buf[0] = 1
+            buf[1:] = mask.reshape(-1).to(torch.uint8)
+        self.dist.broadcast(buf, src, "clicked object mask")
+        if self.rank == src:
+            return mask
+        return buf[1:].reshape(1, H, W).bool() if bool(buf[0] > 0) else None
 
     def add_action_history(self, inference_state, action_type, frame_idx=None, obj_ids=None):
         allowed = ["add", "remove", "refine", "propagation_full", "propagation_partial", "propagation_fetch"]
@@ -1546,9 +1673,11 @@ class Sam3VideoInferenceWithInstanceInteractivity(Sam3VideoInference):
                 H = W = self.tracker.low_res_mask_size
                 return frame_idx, [], torch.zeros(0, 1, H, W), torch.zeros(
                     0, 1, inference_state["orig_height"], inference_state["orig_width"])
-            obj_rank = self._assign_new_det_to_gpus(1, tracker_metadata["num_obj_per_gpu"])[0]
-            tracker_state = self._init_new_tracker_state(inference_state)
-            inference_state["tracker_inference_states"].append(tracker_state)
+            obj_rank = int(self._assign_new_det_to_gpus(1, tracker_metadata["num_obj_per_gpu"])[0])
+            tracker_state = None
+            if obj_rank == self.rank:
+                tracker_state = self._init_new_tracker_state(inference_state)
+                inference_state["tracker_inference_states"].append(tracker_state)
             tracker_metadata["obj_ids_per_gpu"][obj_rank] = np.concatenate(
                 [tracker_metadata["obj_ids_per_gpu"][obj_rank], np.array([obj_id], dtype=np.int64)]
             )
@@ -1558,9 +1687,10 @@ class Sam3VideoInferenceWithInstanceInteractivity(Sam3VideoInference):
             self.add_action_history(inference_state, "add", frame_idx=frame_idx, obj_ids=[obj_id])
         else:
             states = self._get_tracker_inference_states_by_obj_ids(inference_state, [obj_id])
-            if len(states) != 1:
-                raise RuntimeError(f"internal error: {len(states)} tracker states hold object {obj_id}")
-            tracker_state = states[0]
+            if len(states) != (1 if obj_rank == self.rank else 0):
+                raise RuntimeError(f"internal error: {len(states)} tracker states hold object {obj_id} on rank "
+                                   f"{self.rank} (its rank: {obj_rank})")
+            tracker_state = states[0] if states else None
             self.add_action_history(inference_state, "refine", frame_idx=frame_idx, obj_ids=[obj_id])
 
         tracker_metadata["obj_id_to_score"][obj_id] = 1.0
@@ -1578,16 +1708,20 @@ class Sam3VideoInferenceWithInstanceInteractivity(Sam3VideoInference):
                 rank0["masklet_confirmation"]["consecutive_det_num"][inds[0]] = \
                     self.masklet_confirmation_consecutive_det_thresh
 
-        frame_idx, obj_ids, low_res_masks, video_res_masks = self.tracker.add_new_points(
-            inference_state=tracker_state, frame_idx=frame_idx, obj_id=obj_id, points=points, labels=labels,
-            clear_old_points=True, rel_coordinates=rel_coordinates, use_prev_mem_frame=use_prev_mem_frame,
-        )
-        if video_res_masks is not None and len(video_res_masks) > 0:
-            video_res_masks = fill_holes_in_mask_scores(video_res_masks, max_area=self.fill_hole_area,
-                                                        fill_holes=True, remove_sprinkles=True)
-        self.tracker.propagate_in_video_preflight(tracker_state, run_mem_encoder=True)
-        self.clear_detector_added_cond_frame_in_tracker(tracker_state, obj_id, frame_idx)
-        new_mask_data = (video_res_masks[obj_ids.index(obj_id)] > 0.0) if len(obj_ids) > 0 else None
+        new_mask_data = None
+        if tracker_state is not None:  # on the object's rank
+            frame_idx, obj_ids, low_res_masks, video_res_masks = self.tracker.add_new_points(
+                inference_state=tracker_state, frame_idx=frame_idx, obj_id=obj_id, points=points, labels=labels,
+                clear_old_points=True, rel_coordinates=rel_coordinates, use_prev_mem_frame=use_prev_mem_frame,
+            )
+            if video_res_masks is not None and len(video_res_masks) > 0:
+                video_res_masks = fill_holes_in_mask_scores(video_res_masks, max_area=self.fill_hole_area,
+                                                            fill_holes=True, remove_sprinkles=True)
+            self.tracker.propagate_in_video_preflight(tracker_state, run_mem_encoder=True)
+            self.clear_detector_added_cond_frame_in_tracker(tracker_state, obj_id, frame_idx)
+            new_mask_data = (video_res_masks[obj_ids.index(obj_id)] > 0.0) if len(obj_ids) > 0 else None
+        if self.world_size > 1:
+            new_mask_data = self._share_click_mask(new_mask_data, obj_rank, inference_state)
         obj_id_to_mask = self._build_tracker_output(
             inference_state, frame_idx, {obj_id: new_mask_data} if new_mask_data is not None else None
         )

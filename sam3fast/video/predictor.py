@@ -211,3 +211,378 @@ class Sam3VideoPredictor:
     def _check_not_shut_down(self):
         if self.has_shutdown:
             raise RuntimeError("cannot handle request after the predictor has shutdown; please create a new predictor")
+
+
+# ----------------------------------------------------------------------------------------------
+# Several devices
+
+
+class Sam3VideoPredictorMultiGPU(Sam3VideoPredictor):
+    """The request API on several devices (official ``Sam3VideoPredictorMultiGPU``; see
+    :mod:`sam3fast.video.distributed` for the design, the bytes on the wire and the faults).
+
+    ``devices``: one device per rank (``["cuda:0", "cuda:1"]``, or ``["cpu", "cpu"]`` to run the
+    same code with gloo on CPU), or ``gpus_to_use`` (CUDA indices). ``launcher="spawn"`` (default):
+    rank 0 is this process, ranks 1.. are spawned here and load the same model arguments.
+    ``launcher="torchrun"``: every ``torchrun`` process builds the predictor (device = the
+    ``LOCAL_RANK``-th of ``devices``/``gpus_to_use``, default ``cuda:LOCAL_RANK``); rank 0 sends
+    requests, the others call :meth:`serve` (returns when rank 0 shuts down).
+    ``collective_timeout_s``: the limit on every collective (default
+    ``SAM3_COLLECTIVE_OP_TIMEOUT_SEC`` or 180 s, as the official)."""
+
+    def __init__(self, *model_args, gpus_to_use=None, devices=None, launcher: str = "spawn",
+                 collective_timeout_s: Optional[float] = None, startup_timeout_s: Optional[float] = None,
+                 _worker_store=None, _worker_rank=None, **model_kwargs):
+        from . import distributed as D
+
+        if "model" in model_kwargs:
+            raise ValueError("a multi-device predictor builds its model on every rank: pass the builder arguments, "
+                             "not model=")
+        if launcher not in ("spawn", "torchrun"):
+            raise ValueError(f"launcher must be 'spawn' or 'torchrun', got {launcher!r}")
+        self._timeout_s = float(collective_timeout_s if collective_timeout_s is not None
+                                else D.DEFAULT_COLLECTIVE_TIMEOUT_S)
+        startup_s = float(startup_timeout_s if startup_timeout_s is not None else D.DEFAULT_STARTUP_TIMEOUT_S)
+        self._procs: Dict[int, Any] = {}
+        self._ctx = None
+        self._broken: Optional[str] = None
+        self._seq = 0
+        self.launcher = launcher
+        if launcher == "torchrun":
+            import os
+
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            local = int(os.environ.get("LOCAL_RANK", rank))
+            if devices is None and gpus_to_use is None:
+                devs = [torch.device("cuda", local)] if torch.cuda.is_available() else [torch.device("cpu")]
+                local = 0
+            else:
+                devs = D.resolve_devices(gpus_to_use, devices)
+            device = devs[local % len(devs)]
+            store, _, _ = next(torch.distributed.rendezvous("env://", rank, world))
+            store = torch.distributed.PrefixStore("sam3fast_video", store)
+        elif _worker_store is not None:
+            rank, world, device, store = _worker_rank, _worker_store[1], _worker_store[2], _worker_store[0]
+        else:
+            devs = D.resolve_devices(gpus_to_use, devices)
+            rank, world, device = 0, len(devs), devs[0]
+        self.rank, self.world_size, self.device = rank, world, torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if model_kwargs.pop("device", None) is not None:
+            raise ValueError("a multi-device predictor takes devices= or gpus_to_use=, not device=")
+        super().__init__(*model_args, device=self.device, **model_kwargs)
+        if world == 1:
+            return
+        if launcher == "spawn" and rank == 0:
+            import datetime
+
+            store = torch.distributed.TCPStore("127.0.0.1", 0, world, True, timeout=datetime.timedelta(seconds=startup_s),
+                                               wait_for_workers=False)
+            self._store = store
+            self._spawn_workers(devs, model_args, model_kwargs, startup_s)
+        self._store = store
+        if rank > 0:
+            D.store_put(store, f"ready/{rank}", __import__("os").getpid())
+        ctx = D.DistContext(rank, world, self.device, store, self._timeout_s)
+        self._ctx = ctx
+        if rank == 0:
+            ctx.monitor = self._monitor
+            ctx.start_watchdog()
+        self.model.set_distributed(ctx)
+
+    # ------------------------------------------------------------------ workers (rank 0)
+    def _spawn_workers(self, devs, model_args, model_kwargs, startup_s):
+        import os
+
+        import torch.multiprocessing as mp
+
+        from . import distributed as D
+
+        ctx = mp.get_context("spawn")
+        spec = dict(port=self._store.port, world=self.world_size, devices=[str(d) for d in devs],
+                    timeout_s=self._timeout_s, startup_s=startup_s, num_threads=torch.get_num_threads(),
+                    parent_pid=os.getpid())
+        for r in range(1, self.world_size):
+            p = ctx.Process(target=_worker_main, args=(r, spec, model_args, model_kwargs), daemon=True,
+                            name=f"sam3fast-video-rank{r}")
+            p.start()
+            self._procs[r] = p
+        deadline = time.monotonic() + startup_s
+        pending = set(self._procs)
+        while pending:
+            for r in list(pending):
+                if D.store_has(self._store, f"ready/{r}"):
+                    pending.discard(r)
+            reason = self._monitor()
+            if reason is not None:
+                self._kill_workers()
+                raise D.WorkerError(f"starting the workers failed: {reason}")
+            if time.monotonic() > deadline:
+                self._kill_workers()
+                raise D.WorkerError(f"workers {sorted(pending)} did not load the model within {startup_s:g} s")
+            time.sleep(0.02)
+
+    @property
+    def worker_pids(self) -> Dict[int, int]:
+        return {r: p.pid for r, p in self._procs.items()}
+
+    def _monitor(self) -> Optional[str]:
+        """A failed worker (rank 0): one that reported an exception, or a process that ended."""
+        from . import distributed as D
+
+        store = getattr(self, "_store", None)
+        for r in range(1, self.world_size):
+            key = f"error/{r}"
+            if store is not None and D.store_has(store, key):
+                rep = D.store_get(store, key)
+                return (f"worker rank {r} raised {rep['type']}: {rep['message']}\n"
+                        f"--- traceback on rank {r} ---\n{rep['traceback']}")
+            p = self._procs.get(r)
+            if p is not None and not p.is_alive():
+                return f"worker rank {r} (pid {p.pid}) died with exit code {p.exitcode}"
+        return None
+
+    def _kill_workers(self, grace_s: float = 5.0):
+        deadline = time.monotonic() + grace_s
+        for p in self._procs.values():
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        for p in self._procs.values():
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=2.0)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=2.0)
+        self._procs.clear()
+
+    def _break(self, reason: str):
+        """After a failure: end the workers, free the groups; later requests raise."""
+        self._broken = reason
+        self._teardown(graceful=False)
+
+    def _teardown(self, graceful: bool):
+        from . import distributed as D
+
+        if self.rank == 0 and self.world_size > 1 and getattr(self, "_store", None) is not None:
+            if graceful:
+                try:
+                    D.store_put(self._store, f"req/{self._seq}", ("shutdown", None))
+                    self._seq += 1
+                except Exception:  # noqa: BLE001
+                    pass
+            self._kill_workers(grace_s=10.0 if graceful else 0.5)
+        if self._ctx is not None:
+            self._ctx.close()
+            self._ctx = None
+        if getattr(self, "model", None) is not None and self.world_size > 1:
+            self.model.set_distributed(None)
+        self._store = None
+        gc.collect()
+
+    # ------------------------------------------------------------------ requests
+    def _check_not_shut_down(self):
+        super()._check_not_shut_down()
+        if self._broken is not None:
+            raise RuntimeError(f"the multi-device video predictor is broken by an earlier failure ({self._broken.splitlines()[0]}); "
+                               "build a new predictor")
+
+    def _dispatch(self, request, stream: bool):
+        from . import distributed as D
+
+        if self.world_size > 1 and self.rank == 0:
+            D.store_put(self._store, f"req/{self._seq}", ("request", (request, stream)))
+            self._seq += 1
+
+    def _finish(self, error: Optional[BaseException]):
+        """Every rank's status after a request. All ranks raised (the same kind of error, before
+        any collective): re-raise, the predictor stays usable. Otherwise: one WorkerError."""
+        from . import distributed as D
+
+        if self.world_size == 1:
+            if error is not None:
+                raise error
+            return
+        ctx = self._ctx
+        try:
+            # reports of a uniform error are expected here, not failures
+            ctx.monitor = self._liveness
+            codes = ctx.exchange_status(0 if error is None else 1)
+        except D.WorkerError as e:
+            self._break(str(e))
+            raise D.WorkerError(str(e)) from error
+        finally:
+            if self._ctx is not None:
+                self._ctx.monitor = self._monitor
+        if not any(codes):
+            return
+        reports = {}
+        for r in range(1, self.world_size):
+            if codes[r]:
+                reports[r] = D.store_get(self._store, f"error/{r}")
+                self._store.delete_key(f"error/{r}")
+        if all(codes) and error is not None and all(rep["type"] == type(error).__name__ for rep in reports.values()):
+            raise error
+        r, rep = next(iter(reports.items())) if reports else (0, D.format_exception(error))
+        msg = (f"worker rank {r} raised {rep['type']}: {rep['message']}\n--- traceback on rank {r} ---\n"
+               f"{rep['traceback']}" if r else f"rank 0 raised {rep['type']}: {rep['message']} (the workers did not)")
+        self._break(msg)
+        raise D.WorkerError(msg) from error
+
+    def _liveness(self) -> Optional[str]:
+        for r, p in self._procs.items():
+            if not p.is_alive():
+                return f"worker rank {r} (pid {p.pid}) died with exit code {p.exitcode}"
+        return None
+
+    def handle_request(self, request):
+        from . import distributed as D
+
+        self._check_not_shut_down()
+        if self.world_size == 1 or self.rank != 0:
+            return super().handle_request(request)
+        if isinstance(request, dict) and request.get("type") == "start_session" and not request.get("session_id"):
+            request = dict(request, session_id=str(uuid.uuid4()))  # the same id on every rank
+        self._dispatch(request, False)
+        try:
+            out = super().handle_request(request)
+        except D.WorkerError as e:
+            self._break(str(e))
+            raise
+        except Exception as e:  # noqa: BLE001 - decided with the workers' status
+            self._finish(e)
+            raise
+        self._finish(None)
+        return out
+
+    def handle_stream_request(self, request):
+        from . import distributed as D
+
+        self._check_not_shut_down()
+        if self.world_size == 1 or self.rank != 0:
+            yield from super().handle_stream_request(request)
+            return
+        self._dispatch(request, True)
+        gen = super().handle_stream_request(request)
+        error = None
+        try:
+            try:
+                for item in gen:
+                    yield item
+            except GeneratorExit:
+                # the caller stopped early: the workers run the whole propagation, so rank 0 does
+                # too (outputs dropped) to keep the collectives in step
+                for _ in gen:
+                    pass
+                raise
+        except D.WorkerError as e:
+            self._break(str(e))
+            raise
+        except GeneratorExit:
+            self._finish(None)
+            raise
+        except Exception as e:  # noqa: BLE001
+            error = e
+        self._finish(error)
+
+    # ------------------------------------------------------------------ worker side
+    def serve(self):
+        """Ranks > 0: run rank 0's requests until it shuts down (``launcher="torchrun"``; spawned
+        workers run this too)."""
+        from . import distributed as D
+
+        if self.rank == 0:
+            raise RuntimeError("serve() runs on ranks > 0; rank 0 sends the requests")
+        seq, last_check = 0, time.monotonic()
+        while True:
+            key = f"req/{seq}"
+            try:
+                ready = self._store.check([key])
+            except Exception:  # noqa: BLE001 - the store is gone (rank 0 ended)
+                return
+            if not ready:  # idle: poll (a blocking store wait logs a warning at each timeout)
+                if time.monotonic() - last_check > 1.0:
+                    last_check = time.monotonic()
+                    if not _parent_alive(getattr(self, "_parent_pid", None)):
+                        return
+                time.sleep(0.002)
+                continue
+            kind, payload = D.store_get(self._store, key)
+            seq += 1
+            if kind == "shutdown":
+                self._teardown(graceful=False)
+                self.has_shutdown = True
+                return
+            if kind == "fault":  # test hook: raise at the n-th next collective
+                if payload[0] == self.rank:
+                    self._ctx.fail_in = int(payload[1])
+                continue
+            request, stream = payload
+            code = 0
+            try:
+                if stream:
+                    for _ in Sam3VideoPredictor.handle_stream_request(self, request):
+                        pass
+                else:
+                    Sam3VideoPredictor.handle_request(self, request)
+            except Exception as e:  # noqa: BLE001 - reported to rank 0 before the status exchange
+                D.store_put(self._store, f"error/{self.rank}", D.format_exception(e))
+                code = 1
+            try:
+                self._ctx.exchange_status(code)
+            except Exception:  # noqa: BLE001 - rank 0 is gone or broke the job
+                return
+
+    def inject_fault(self, rank: int, after_collectives: int = 1):
+        """Test hook (rank 0): make worker ``rank`` raise at its ``after_collectives``-th next
+        collective."""
+        from . import distributed as D
+
+        D.store_put(self._store, f"req/{self._seq}", ("fault", (int(rank), int(after_collectives))))
+        self._seq += 1
+
+    def shutdown(self):
+        """End the workers (no process and no port left), clear all sessions."""
+        self._ALL_INFERENCE_STATES.clear()  # (sessions may hold pending collectives)
+        if self.world_size > 1 and self.rank == 0:
+            self._teardown(graceful=self._broken is None and not self.has_shutdown)
+        super().shutdown()
+
+    def __del__(self):
+        try:
+            if self.rank == 0 and self._procs:
+                self._teardown(graceful=False)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _parent_alive(pid) -> bool:
+    if pid is None:
+        return True
+    import os
+
+    if os.getppid() != pid:
+        return False
+    return True
+
+
+def _worker_main(rank, spec, model_args, model_kwargs):
+    """A spawned rank: connect to rank 0's store, load the model, serve requests."""
+    import datetime
+    import os
+
+    from . import distributed as D
+
+    torch.set_num_threads(spec["num_threads"])
+    store = torch.distributed.TCPStore("127.0.0.1", spec["port"], spec["world"], False,
+                                       timeout=datetime.timedelta(seconds=spec["startup_s"]))
+    try:
+        pred = Sam3VideoPredictorMultiGPU(*model_args, devices=None, collective_timeout_s=spec["timeout_s"],
+                                          _worker_store=(store, spec["world"], torch.device(spec["devices"][rank])),
+                                          _worker_rank=rank, **model_kwargs)
+    except Exception as e:  # noqa: BLE001
+        D.store_put(store, f"error/{rank}", D.format_exception(e))
+        raise
+    pred._parent_pid = spec["parent_pid"]
+    pred.serve()
+    os._exit(0)
