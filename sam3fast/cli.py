@@ -360,8 +360,9 @@ def _track(args) -> int:
     try:
         video = open_video(args.video, image_size=8)  # cheap probe before the build
         _track_request_fields(args, video.video_width, video.video_height)  # bad --box/--points
+        # async_loading_frames: a frame folder decodes in the background while tracking starts
         pred = build_sam3_video_predictor(checkpoint_path=ckpt, load_from_HF=False, config=args.config,
-                                          device=args.device, dtype=args.dtype)
+                                          device=args.device, dtype=args.dtype, async_loading_frames=True)
         # (the propagation draws its own tqdm progress bar, as the official does)
         doc, frames_out = _track_one(pred, args.video, args, ckpt)
     except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:
@@ -401,7 +402,7 @@ def _track_batch(args) -> int:
         from .video import build_sam3_video_predictor
 
         pred = build_sam3_video_predictor(checkpoint_path=ckpt, load_from_HF=False, config=args.config,
-                                          device=device, dtype=args.dtype)
+                                          device=device, dtype=args.dtype, async_loading_frames=True)
         pred.model.progress = False  # the job draws one bar for all videos
         return pred
 

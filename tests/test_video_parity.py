@@ -644,6 +644,22 @@ def test_session_frames_stream_from_the_host(checkpoints, clip_dir):
         assert np.array_equal(a["out_probs"], b["out_probs"])
 
 
+def test_async_loading_frames_session_matches(checkpoints, clip_dir):
+    """``async_loading_frames=True``: the frames decode in a background thread while the session
+    runs; the outputs are those of the eager loader."""
+    steps = [{"type": "add_prompt", "frame_index": 0, "text": "blob"},
+             {"type": "propagate_in_video", "propagation_direction": "forward"}]
+    runs = {}
+    for async_loading in (False, True):
+        pred = build_sam3_video_predictor(checkpoint_path=checkpoints[SIMPLE_SEED], config=CFG, device="cpu",
+                                          async_loading_frames=async_loading)
+        runs[async_loading] = run_our_session(pred, clip_dir, steps)[-1]["response"]
+    assert len(runs[True]) == NUM_FRAMES
+    for a, b in zip(runs[False], runs[True]):
+        assert a["outputs"]["out_obj_ids"].tolist() == b["outputs"]["out_obj_ids"].tolist()
+        assert np.array_equal(a["outputs"]["out_binary_masks"], b["outputs"]["out_binary_masks"])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_session_memory_is_flat_and_outputs_unchanged(checkpoints, tmp_path):

@@ -1082,15 +1082,19 @@ class Sam3VideoInference(Sam3VideoBase):
         """(frames, video height, video width) as the official loaders give them. The frames are a
         :class:`~sam3fast.video.io.FrameStore`: decoded once to host uint8, each handed to the device
         as (3, R, R) float16 when the detector asks for it (values equal the official loader's), so
-        device memory does not grow with the video. ``offload_video_to_cpu`` and
-        ``async_loading_frames`` are accepted and change nothing: frames always live on the host."""
+        device memory does not grow with the video. ``offload_video_to_cpu`` is accepted and changes
+        nothing (frames always live on the host); ``async_loading_frames`` decodes in a background
+        thread (the official async loader's purpose): the session starts at once and each frame is
+        waited for only if tracking reaches it first (not for video files, whose frame count is only
+        known once decoded)."""
         from .io import open_frame_store
 
         if tuple(self.image_mean) != (0.5, 0.5, 0.5) or tuple(self.image_std) != (0.5, 0.5, 0.5):
             raise NotImplementedError("the video loaders implement image_mean = image_std = 0.5 only")
         if video_loader_type not in ("cv2", None):
             raise NotImplementedError(f"video_loader_type={video_loader_type!r}: only 'cv2' is implemented")
-        return open_frame_store(resource_path, image_size=self.image_size, device=self.device)
+        return open_frame_store(resource_path, image_size=self.image_size, device=self.device,
+                                background=bool(async_loading_frames))
 
     @torch.inference_mode()
     def init_state(self, resource_path, offload_video_to_cpu=False, async_loading_frames=False,
