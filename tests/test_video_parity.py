@@ -644,6 +644,49 @@ def test_session_frames_stream_from_the_host(checkpoints, clip_dir):
         assert np.array_equal(a["out_probs"], b["out_probs"])
 
 
+def test_retired_outputs_session_matches(checkpoints, clip_dir, monkeypatch):
+    """On CUDA finished outputs leave the device (the tracker's stored frames, the cached masks).
+    Forced on the CPU with clones standing in for the host copies, through clicks, removal, partial
+    and cached (fetch) propagation: the same outputs, and the cache holds the retired copies."""
+    steps = [
+        {"type": "add_prompt", "frame_index": 0, "text": "blob"},
+        {"type": "propagate_in_video", "propagation_direction": "forward"},
+        {"type": "add_prompt", "frame_index": 5, "points": [[0.3, 0.6]], "point_labels": [1], "obj_id": 5},
+        {"type": "propagate_in_video", "propagation_direction": "both", "start_frame_index": 5},
+        {"type": "remove_object", "obj_id": 5},
+        {"type": "propagate_in_video", "propagation_direction": "backward", "start_frame_index": 19},
+    ]
+    runs, copies = {}, set()
+
+    def to_host(v):
+        c = v.clone()
+        copies.add(c.data_ptr())
+        return c
+
+    for retire in (False, True):
+        pred = build_sam3_video_predictor(checkpoint_path=checkpoints[SIMPLE_SEED], config=CFG, device="cpu")
+        if retire:
+            monkeypatch.setattr(pred.model, "_retires_outputs", lambda: True)
+            monkeypatch.setattr(pred.model, "_to_host", to_host)
+            monkeypatch.setattr(pred.model.tracker, "_retires", lambda st: True)
+            monkeypatch.setattr(pred.model.tracker, "_to_host", to_host)
+            monkeypatch.setattr(pred.model.tracker, "_mark_retired", lambda: None)
+        records = run_our_session(pred, clip_dir, steps, close=False)
+        runs[retire] = [r["response"] for r in records[1:] if r["type"] != "remove_object"]
+        state = next(iter(pred._ALL_INFERENCE_STATES.values()))["state"]
+    cached = [m for frame in state["cached_frame_outputs"].values() for m in frame.values()]
+    assert len(cached) >= NUM_FRAMES and all(m.data_ptr() in copies for m in cached)
+    trackers = state["tracker_inference_states"]
+    assert sum(len(t.get("retired_outputs", {})) for t in trackers) >= NUM_FRAMES // 2
+    for a, b in zip(runs[False], runs[True]):
+        a, b = (a if isinstance(a, list) else [a]), (b if isinstance(b, list) else [b])
+        assert len(a) == len(b)
+        for fa, fb in zip(a, b):
+            assert fa["outputs"]["out_obj_ids"].tolist() == fb["outputs"]["out_obj_ids"].tolist()
+            assert np.array_equal(fa["outputs"]["out_binary_masks"], fb["outputs"]["out_binary_masks"])
+            assert np.array_equal(fa["outputs"]["out_probs"], fb["outputs"]["out_probs"])
+
+
 def test_async_loading_frames_session_matches(checkpoints, clip_dir):
     """``async_loading_frames=True``: the frames decode in a background thread while the session
     runs; the outputs are those of the eager loader."""

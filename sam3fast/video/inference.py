@@ -1368,9 +1368,16 @@ class Sam3VideoInference(Sam3VideoBase):
         if refilter and frame_idx in cache and cache[frame_idx].keys() == obj_id_to_mask.keys():
             cache[frame_idx] = {k: v for k, v in cache[frame_idx].items() if k not in exclude}
             return
-        retire = self.retire_finished_outputs and self.device.type == "cuda"
-        cache[frame_idx] = {k: (v.to("cpu", non_blocking=True) if retire and isinstance(v, Tensor) else v)
+        retire = self._retires_outputs()
+        cache[frame_idx] = {k: (self._to_host(v) if retire and isinstance(v, Tensor) else v)
                             for k, v in obj_id_to_mask.items() if k not in exclude}
+
+    def _retires_outputs(self) -> bool:
+        return self.retire_finished_outputs and self.device.type == "cuda"
+
+    @staticmethod
+    def _to_host(v: Tensor) -> Tensor:
+        return v.to("cpu", non_blocking=True)  # pinned destination: asynchronous, stream-ordered
 
     def _cached_masks(self, inference_state, frame_idx):
         """A frame's cached masks, on the device (``{}`` for a frame without outputs)."""

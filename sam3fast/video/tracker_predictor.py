@@ -1104,22 +1104,32 @@ class Sam3TrackerPredictor(nn.Module):
         (a rebuilt bank, the official selection, consolidation, a re-visited frame's output) is
         ordered after them; host-side readers wait on one event (:meth:`_host_outputs_ready`).
         Conditioning frames stay on the device (their number is bounded by the prompts)."""
-        if not self.retire_finished_outputs or inference_state["storage_device"].type != "cuda":
+        if not self._retires(inference_state):
             return
         out = inference_state["output_dict"]["non_cond_frame_outputs"].get(frame_idx)
-        if out is None:
+        retired = inference_state.setdefault("retired_outputs", {})  # frame -> id of the retired dict
+        if out is None or retired.get(frame_idx) == id(out):
             return
-        moved = False
         for key in self._RETIRED_KEYS:
             v = out.get(key)
-            if isinstance(v, torch.Tensor) and v.device.type != "cpu":
-                out[key] = v.to("cpu", non_blocking=True)  # pinned destination: asynchronous
-                moved = True
-        if moved:
-            # the per-object views pointed into the device tensors: re-slice the host copies
-            self._add_output_per_object(inference_state, frame_idx, out, "non_cond_frame_outputs")
-            self._retire_event = torch.cuda.Event()
-            self._retire_event.record()
+            if isinstance(v, torch.Tensor):
+                out[key] = self._to_host(v)
+        retired[frame_idx] = id(out)
+        # the per-object views pointed into the device tensors: re-slice the host copies
+        self._add_output_per_object(inference_state, frame_idx, out, "non_cond_frame_outputs")
+        self._mark_retired()
+
+    def _retires(self, inference_state) -> bool:
+        """Whether finished outputs of this session leave the device (CUDA storage only)."""
+        return self.retire_finished_outputs and inference_state["storage_device"].type == "cuda"
+
+    @staticmethod
+    def _to_host(v: torch.Tensor) -> torch.Tensor:
+        return v.to("cpu", non_blocking=True)  # pinned destination: asynchronous
+
+    def _mark_retired(self) -> None:
+        self._retire_event = torch.cuda.Event()
+        self._retire_event.record()
 
     def _host_outputs_ready(self):
         """Before host code reads a stored output: the retired copies have landed."""
