@@ -338,14 +338,17 @@ def _main(args, tmp):
             predictor.model.compile_model = compile_model
             return predictor
 
-        def ours_predictor(dtype, compile=False):
-            return sam3fast.build_sam3_video_predictor(checkpoint_path=ckpt, config=cfg, device=device, dtype=dtype,
+        def ours_predictor(dtype, compile=False, pipelined=False):
+            pred = sam3fast.build_sam3_video_predictor(checkpoint_path=ckpt, config=cfg, device=device, dtype=dtype,
                                                        compile=compile)
+            pred.model.pipelined_outputs = pipelined  # outputs copied while the next frame runs
+            return pred
 
         if not args.no_official:
             concept("official", official_dtype, "e2e", official_predictor, omode)
         for dtype in dtypes:
             concept("sam3fast", dtype, "e2e", lambda d=dtype: ours_predictor(d), ours_mode)
+            concept("sam3fast", dtype, "e2e pipelined", lambda d=dtype: ours_predictor(d, pipelined=True), ours_mode)
             if compile_rows:
                 concept("sam3fast", dtype, "compiled", lambda d=dtype: ours_predictor(d, compile=True), ours_mode)
         if args.official_compile and not args.no_official:  # last: it changes global dynamo settings

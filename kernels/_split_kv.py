@@ -55,3 +55,27 @@ if HAS_TRITON:
         out = acc / tl.where(w_sum > 0.0, w_sum, 1.0)[:, None]
         dst = out_ptr + ((b * L + offs_m[:, None]) * H + h) * DH + offs_d[None, :]
         tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
+
+
+def merge_splits(part_o, part_lse, out, n_splits: int) -> None:
+    """Launch the merge of ``n_splits`` partial results into ``out`` (B, L, H, DH)."""
+    B, L, H, DH = out.shape
+    block_m = 32
+    _merge_splits_kernel[(triton.cdiv(L, block_m), B * H)](
+        part_o, part_lse, out, L, H, n_splits, DH=DH, BLOCK_M=block_m, num_warps=4,
+    )
+
+
+def attention_backend(q, dtypes, head_dims, force_reference: bool):
+    """("triton" | "reference", reason) for (B, L, H, Dh) queries: CUDA, triton importable, a kernel
+    dtype and head dim (the choice the split-KV attention ops share)."""
+    from ._triton_compat import why_not_triton
+
+    why = why_not_triton(q.device, force_reference)
+    if why is not None:
+        return "reference", why
+    if q.dtype not in dtypes:
+        return "reference", f"{q.dtype} inputs (the Triton kernel takes float32/bfloat16/float16)"
+    if q.dim() != 4 or q.shape[-1] not in head_dims:
+        return "reference", f"head dim {q.shape[-1]} (the Triton kernel takes {head_dims})"
+    return "triton", "CUDA tensors, triton available"

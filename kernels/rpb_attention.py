@@ -55,12 +55,9 @@ from sam3fast import env
 # triton is optional (the "gpu" extra): without it the reference and the CPU op still work.
 from ._triton_compat import (  # noqa: F401  (TRITON_IMPORT_ERROR: read by the tests)
     HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, check_power_of_two, device_guard, require_triton, tl, triton,
-    why_not_triton,
 )
+from ._split_kv import attention_backend, merge_splits
 from ._split_kv import sm_count as _sm_count
-
-if HAS_TRITON:
-    from ._split_kv import _merge_splits_kernel
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _KERNEL_HEAD_DIMS = (16, 32, 64, 128)  # powers of two (tl.arange), >= 16 (tl.dot)
@@ -295,10 +292,7 @@ def _rpb_attention_triton(
             num_warps=num_warps, num_stages=num_stages,
         )
         if splits > 1:
-            merge_m = 32
-            _merge_splits_kernel[(cdiv(L, merge_m), B * H)](
-                part_o, part_lse, out, L, H, splits, DH=Dh, BLOCK_M=merge_m, num_warps=4,
-            )
+            merge_splits(part_o, part_lse, out, splits)
     return out
 
 
@@ -321,14 +315,7 @@ def _rpb_attention_fake(q, k, v, dy, dx):
 
 def rpb_attention_backend(q: Tensor) -> Tuple[str, str]:
     """("triton" | "reference", reason) for (B, L, H, Dh) queries of this device, dtype and head dim."""
-    why = why_not_triton(q.device, env.FORCE_REFERENCE)
-    if why is not None:
-        return "reference", why
-    if q.dtype not in _KERNEL_DTYPES:
-        return "reference", f"{q.dtype} inputs (the Triton kernel takes float32/bfloat16/float16)"
-    if q.dim() != 4 or q.shape[-1] not in _KERNEL_HEAD_DIMS:
-        return "reference", f"head dim {q.shape[-1]} (the Triton kernel takes {_KERNEL_HEAD_DIMS})"
-    return "triton", "CUDA tensors, triton available"
+    return attention_backend(q, _KERNEL_DTYPES, _KERNEL_HEAD_DIMS, env.FORCE_REFERENCE)
 
 
 def rpb_attention(q: Tensor, k: Tensor, v: Tensor, dy: Tensor, dx: Tensor) -> Tensor:

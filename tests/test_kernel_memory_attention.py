@@ -327,6 +327,7 @@ def test_kernels_compile_for_sm90():
     code = SM90_BUILD + textwrap.dedent(
         """
         from sam3fast.kernels import memory_attention as ma
+        from sam3fast.kernels import _split_kv
         main = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "rope_ptr": "*fp32", "valid_ptr": "*u8",
                 "out_ptr": "*bf16", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "qk_scale": "fp32"}
         main.update({n: i32 for n in "Lq S H L n_rope kv_per_split sqb sqm sqh skb skn skh svb svn svh".split()})
@@ -338,7 +339,7 @@ def test_kernels_compile_for_sm90():
             assert "wgmma.mma_async" in k.asm["ptx"], "the attention should use wgmma on sm_90"
         build(ma._rope_keys_kernel, {"k_ptr": "*bf16", "rope_ptr": "*fp32", "out_ptr": "*bf16",
               **{n: i32 for n in "S H L n_rope skb skn skh".split()}}, dict(DH=256, BLOCK_N=bn), 4)
-        build(ma._merge_splits_kernel, {"part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": "*bf16",
+        build(_split_kv._merge_splits_kernel, {"part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": "*bf16",
               "L": i32, "H": i32, "n_splits": i32}, dict(DH=256, BLOCK_M=32), 4)
         print("ok")
         """

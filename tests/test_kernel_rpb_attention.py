@@ -359,6 +359,7 @@ def test_kernels_compile_for_sm90():
     code = SM90_BUILD + textwrap.dedent(
         """
         from sam3fast.kernels import rpb_attention as ra
+        from sam3fast.kernels import _split_kv
         main = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "dy_ptr": "*bf16", "dx_ptr": "*bf16",
                 "out_ptr": "*bf16", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "qk_scale": "fp32"}
         names = "L H Hf Wf x_tiles n_tiles tiles_per_split sqb sqm sqh skb skn skh svb svn svh"
@@ -370,7 +371,7 @@ def test_kernels_compile_for_sm90():
             cx = dict(SPLIT=split, DOT_PRECISION="tf32", DH=32, BLOCK_M=bm, ROWS=rows, COLS=cols)
             k = build(ra._rpb_attention_kernel, main, cx, nw, ns)
             assert "wgmma.mma_async" in k.asm["ptx"], "the attention should use wgmma on sm_90"
-        build(ra._merge_splits_kernel, {"part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": "*bf16",
+        build(_split_kv._merge_splits_kernel, {"part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": "*bf16",
               "L": i32, "H": i32, "n_splits": i32}, dict(DH=32, BLOCK_M=32), 4)
         print("ok")
         """

@@ -601,9 +601,9 @@ def test_concept_video_host_reads_per_frame(checkpoints, clip_dir, monkeypatch):
         by_function[site.rsplit(":", 1)[-1]] = by_function.get(site.rsplit(":", 1)[-1], 0) + 1
     # one .cpu().numpy() per tracked frame in planning, one per output frame (the frames held by
     # hotstart come out at the end, all while counting)
-    assert set(by_function) <= {"_associate", "_postprocess_output"}, by_function
+    assert set(by_function) <= {"_associate", "read_outputs"}, by_function
     assert 0 < by_function.get("_associate", 0) <= 2 * (NUM_FRAMES - 3), by_function  # (the recorder sees reads)
-    assert by_function.get("_postprocess_output", 0) <= 2 * NUM_FRAMES, by_function
+    assert by_function.get("read_outputs", 0) <= 2 * NUM_FRAMES, by_function
 
 
 # ----------------------------------------------------------------------------------------------
@@ -685,6 +685,44 @@ def test_retired_outputs_session_matches(checkpoints, clip_dir, monkeypatch):
             assert fa["outputs"]["out_obj_ids"].tolist() == fb["outputs"]["out_obj_ids"].tolist()
             assert np.array_equal(fa["outputs"]["out_binary_masks"], fb["outputs"]["out_binary_masks"])
             assert np.array_equal(fa["outputs"]["out_probs"], fb["outputs"]["out_probs"])
+
+
+@pytest.mark.parametrize("hotstart", [True, False], ids=["hotstart", "no_hotstart"])
+def test_pipelined_outputs_same_outputs_one_frame_later(checkpoints, clip_dir, monkeypatch, hotstart):
+    """``pipelined_outputs``: every frame's outputs equal the default mode's, and each is yielded
+    only after the next frame's inference ran (its copy to the host overlapped that frame)."""
+    runs, order = {}, []
+    for pipelined in (False, True):
+        pred = build_sam3_video_predictor(checkpoint_path=checkpoints[RICH_SEED], config=CFG, device="cpu")
+        model = pred.model
+        model.pipelined_outputs = pipelined
+        if not hotstart:
+            model.hotstart_delay = 0
+        sid = _session_frames(pred, clip_dir)
+        if pipelined:
+            orig = model._run_single_frame_inference
+
+            def run(inference_state, frame_idx, reverse, orig=orig):
+                order.append(("run", frame_idx))
+                return orig(inference_state, frame_idx, reverse)
+
+            monkeypatch.setattr(model, "_run_single_frame_inference", run)
+        frames = []
+        for r in pred.handle_stream_request({"type": "propagate_in_video", "session_id": sid}):
+            order.append(("yield", r["frame_index"])) if pipelined else None
+            frames.append((r["frame_index"], to_numpy_outputs(r["outputs"])))
+        runs[pipelined] = frames
+    assert [f for f, _ in runs[False]] == [f for f, _ in runs[True]] == list(range(NUM_FRAMES))
+    for (_, a), (_, b) in zip(runs[False], runs[True]):
+        assert a["out_obj_ids"].tolist() == b["out_obj_ids"].tolist()
+        assert np.array_equal(a["out_binary_masks"], b["out_binary_masks"])
+        assert np.array_equal(a["out_probs"], b["out_probs"]) and np.array_equal(a["out_boxes_xywh"],
+                                                                                 b["out_boxes_xywh"])
+    delay = model.hotstart_delay
+    lag = max(delay, 1)  # frame f's outputs are launched after frame f + delay - 1 (hotstart) or f ran
+    for f in range(NUM_FRAMES - 1 - delay):  # (the last frames all come out at the end)
+        ran = order.index(("run", f + lag))
+        assert order.index(("yield", f)) > ran, (f, order)
 
 
 def test_async_loading_frames_session_matches(checkpoints, clip_dir):

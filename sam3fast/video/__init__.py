@@ -145,8 +145,7 @@ def build_sam3_video_model(
                              compile=compile, **overrides)
 
 
-def build_sam3_video_predictor(*model_args, gpus_to_use=None, devices=None, launcher=None,
-                               **model_kwargs) -> Sam3VideoPredictor:
+def build_sam3_video_predictor(*model_args, gpus_to_use=None, **model_kwargs) -> Sam3VideoPredictor:
     """Drop-in for ``sam3.model_builder.build_sam3_video_predictor``. ``model_args``/``model_kwargs``
     are the official predictor's (``checkpoint_path``, ``bpe_path``, ...) plus ``load_from_HF``,
     ``config``, ``device``, ``dtype``.
@@ -158,6 +157,9 @@ def build_sam3_video_predictor(*model_args, gpus_to_use=None, devices=None, laun
     (extra keywords ``collective_timeout_s``, ``startup_timeout_s``)."""
     from .predictor import Sam3VideoPredictorMultiGPU
 
+    # (keywords, not parameters: the signature stays the official one, which the drop-in tests pin)
+    devices = model_kwargs.pop("devices", None)
+    launcher = model_kwargs.pop("launcher", None)
     several = (devices is not None and len(devices) > 1) or (
         gpus_to_use is not None and len(set(gpus_to_use)) > 1) or launcher == "torchrun"
     if several:

@@ -281,6 +281,11 @@ class Sam3VideoBase(nn.Module):
         # sam3fast: on CUDA, finished per-frame outputs (cached masks, the tracker's stored frames)
         # move to pinned host memory so device memory stays flat; False keeps them on the device.
         self.retire_finished_outputs = True
+        # sam3fast: False (the official timing): a frame's outputs are read (one sync) and yielded
+        # before the next frame starts. True: they are copied to the host asynchronously and yielded
+        # after the next frame's work is queued and its planning read (the one sync left per frame)
+        # has passed; the same outputs, one frame later (the CLI and the benchmarks use it).
+        self.pipelined_outputs = False
         self.world_size = 1
         self.dist = None  # DistContext on several ranks (set_distributed)
         self.max_num_objects = max_num_objects if max_num_objects > 0 else 10000
@@ -1229,6 +1234,7 @@ class Sam3VideoInference(Sam3VideoBase):
         hotstart_removed_obj_ids = set()
         unconfirmed_status_delay = self.masklet_confirmation_consecutive_det_thresh - 1
         unconfirmed_obj_ids_per_frame = {}
+        pending = []  # pipelined_outputs: frames whose outputs are on their way to the host
         for frame_idx in tqdm(processing_order, desc="propagate_in_video", disable=self.rank > 0 or not self.progress):
             out = self._run_single_frame_inference(inference_state, frame_idx, reverse)
             if self.hotstart_delay > 0:
@@ -1245,19 +1251,29 @@ class Sam3VideoInference(Sam3VideoBase):
                     yield_list = []
             else:
                 yield_list = [(frame_idx, out)]
+            # pipelined: the outputs launched after the previous frame are ready now (this frame's
+            # planning read came after their copy on the stream)
+            while pending:
+                yield pending.pop(0)()
             for yield_frame_idx, yield_out in yield_list:
                 suppressed_obj_ids = yield_out["suppressed_obj_ids"]
                 status_frame = (yield_frame_idx + unconfirmed_status_delay if not reverse
                                 else yield_frame_idx - unconfirmed_status_delay)
                 status_frame = max(0, min(status_frame, inference_state["num_frames"] - 1))
                 unconfirmed_obj_ids = unconfirmed_obj_ids_per_frame.get(status_frame, None)
-                postprocessed_out = self._postprocess_output(inference_state, yield_out, hotstart_removed_obj_ids,
-                                                             suppressed_obj_ids, unconfirmed_obj_ids)
+                finish = self._postprocess_launch(inference_state, yield_out, hotstart_removed_obj_ids,
+                                                  suppressed_obj_ids, unconfirmed_obj_ids)
                 self._cache_frame_outputs(inference_state, yield_frame_idx, yield_out["obj_id_to_mask"],
                                           suppressed_obj_ids=suppressed_obj_ids,
                                           removed_obj_ids=hotstart_removed_obj_ids,
                                           unconfirmed_obj_ids=unconfirmed_obj_ids, refilter=True)
-                yield yield_frame_idx, postprocessed_out
+                item = lambda f=yield_frame_idx, fin=finish: (f, fin())  # noqa: E731
+                if self.pipelined_outputs and frame_idx != end_frame_idx:
+                    pending.append(item)
+                else:
+                    yield item()
+        while pending:
+            yield pending.pop(0)()
 
     def _run_single_frame_inference(self, inference_state, frame_idx, reverse):
         input_batch = inference_state["input_batch"]
@@ -1301,56 +1317,76 @@ class Sam3VideoInference(Sam3VideoBase):
         ``out_probs`` (N,) float32, ``out_boxes_xywh`` (N, 4) float32 normalised (from the masks
         before the non-overlap step), ``out_binary_masks`` (N, H, W) bool (object-wise
         non-overlap by tracker score), ``frame_stats``; empty and hidden objects dropped."""
+        return self._postprocess_launch(inference_state, out, removed_obj_ids, suppressed_obj_ids,
+                                        unconfirmed_obj_ids)()
+
+    def _postprocess_launch(self, inference_state, out, removed_obj_ids=None, suppressed_obj_ids=None,
+                            unconfirmed_obj_ids=None):
+        """:meth:`_postprocess_output` in two halves: this one launches the device work and the one
+        device-to-host copy of the frame's outputs (into pinned memory, asynchronous, with an event
+        on CUDA) and returns ``read_outputs() -> outputs``, which waits for that copy and builds the
+        arrays. In between the host may queue the next frame's work (``pipelined_outputs``)."""
         obj_id_to_mask = out["obj_id_to_mask"]
         curr_obj_ids = sorted(obj_id_to_mask.keys())
         H_video, W_video = inference_state["orig_height"], inference_state["orig_width"]
+        frame_stats = out.get("frame_stats", None)
         if len(curr_obj_ids) == 0 or self.rank != 0:  # (ranks > 0 answer nothing)
-            out_obj_ids = torch.zeros(0, dtype=torch.int64)
-            out_probs = torch.zeros(0, dtype=torch.float32)
-            out_binary_masks = torch.zeros(0, H_video, W_video, dtype=torch.bool)
-            out_boxes_xywh = torch.zeros(0, 4, dtype=torch.float32)
+            empty = {
+                "out_obj_ids": np.zeros(0, dtype=np.int64),
+                "out_probs": np.zeros(0, dtype=np.float32),
+                "out_boxes_xywh": np.zeros((0, 4), dtype=np.float32),
+                "out_binary_masks": np.zeros((0, H_video, W_video), dtype=np.bool_),
+                "frame_stats": frame_stats,
+            }
+            return lambda: empty
+        # Everything is computed on the device for all N objects, hidden and empty ones masked out
+        # (a zeroed mask never wins a pixel from a kept object with a positive score, and a kept
+        # object with score 0 loses its pixels either way), then read with one device-to-host copy
+        # and filtered on the host.
+        dev = obj_id_to_mask[curr_obj_ids[0]].device
+        hide = set()
+        for ids in (suppressed_obj_ids, removed_obj_ids, unconfirmed_obj_ids):
+            if ids is not None:
+                hide.update(int(i) for i in ids)
+        trk = out["obj_id_to_tracker_score"]
+        masks = torch.cat([obj_id_to_mask[obj_id] for obj_id in curr_obj_ids], dim=0)
+        keep = masks.any(dim=(1, 2)) & torch.tensor([i not in hide for i in curr_obj_ids], device=dev)
+        masks = masks & keep[:, None, None]
+        boxes = box_xyxy_to_xywh(masks_to_boxes(masks)) / torch.tensor(
+            [W_video, H_video, W_video, H_video], dtype=torch.float32, device=dev)
+        tracker_probs = torch.tensor([trk[obj_id] if obj_id in trk else 0.0 for obj_id in curr_obj_ids],
+                                     dtype=torch.float32, device=dev)
+        separated = apply_object_wise_non_overlapping_constraints(
+            masks.unsqueeze(1), tracker_probs.unsqueeze(1), background_value=0).squeeze(1) > 0
+        masks = torch.where(keep.sum() > 1, separated, masks)  # (the official: only for 2+ objects)
+        N = len(curr_obj_ids)
+        packed = torch.cat((keep.view(torch.uint8), boxes.contiguous().view(torch.uint8).flatten(),
+                            masks.view(torch.uint8).flatten()))
+        ready = None
+        if dev.type == "cuda":  # the one host copy, asynchronous into pinned memory
+            host = torch.empty(packed.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
         else:
-            # Everything is computed on the device for all N objects, hidden and empty ones
-            # masked out (a zeroed mask never wins a pixel from a kept object with a positive
-            # score, and a kept object with score 0 loses its pixels either way), then read with
-            # one device-to-host copy and filtered on the host.
-            dev = obj_id_to_mask[curr_obj_ids[0]].device
-            hide = set()
-            for ids in (suppressed_obj_ids, removed_obj_ids, unconfirmed_obj_ids):
-                if ids is not None:
-                    hide.update(int(i) for i in ids)
-            trk = out["obj_id_to_tracker_score"]
-            masks = torch.cat([obj_id_to_mask[obj_id] for obj_id in curr_obj_ids], dim=0)
-            keep = masks.any(dim=(1, 2)) & torch.tensor([i not in hide for i in curr_obj_ids], device=dev)
-            masks = masks & keep[:, None, None]
-            boxes = box_xyxy_to_xywh(masks_to_boxes(masks)) / torch.tensor(
-                [W_video, H_video, W_video, H_video], dtype=torch.float32, device=dev)
-            tracker_probs = torch.tensor([trk[obj_id] if obj_id in trk else 0.0 for obj_id in curr_obj_ids],
-                                         dtype=torch.float32, device=dev)
-            separated = apply_object_wise_non_overlapping_constraints(
-                masks.unsqueeze(1), tracker_probs.unsqueeze(1), background_value=0).squeeze(1) > 0
-            masks = torch.where(keep.sum() > 1, separated, masks)  # (the official: only for 2+ objects)
-            N = len(curr_obj_ids)
-            packed = torch.cat((keep.view(torch.uint8), boxes.contiguous().view(torch.uint8).flatten(),
-                                masks.view(torch.uint8).flatten())).cpu().numpy()  # the one host copy
-            keep_np = packed[:N].view(np.bool_)
-            boxes_np = packed[N:N + 16 * N].view(np.float32).reshape(N, 4)
-            masks_np = packed[N + 16 * N:].view(np.bool_).reshape(N, H_video, W_video)
-            scores = out["obj_id_to_score"]
+            host = packed
+        scores = out["obj_id_to_score"]
+        probs = np.asarray([scores[i] for i in curr_obj_ids], dtype=np.float32)
+
+        def read_outputs():
+            if ready is not None:
+                ready.synchronize()  # (already passed when the next frame's planning read came first)
+            flat = host.numpy()
+            keep_np = flat[:N].view(np.bool_)
             return {
                 "out_obj_ids": np.asarray(curr_obj_ids, dtype=np.int64)[keep_np],
-                "out_probs": np.asarray([scores[i] for i in curr_obj_ids], dtype=np.float32)[keep_np],
-                "out_boxes_xywh": boxes_np[keep_np],
-                "out_binary_masks": masks_np[keep_np],
-                "frame_stats": out.get("frame_stats", None),
+                "out_probs": probs[keep_np],
+                "out_boxes_xywh": flat[N:N + 16 * N].view(np.float32).reshape(N, 4)[keep_np],
+                "out_binary_masks": flat[N + 16 * N:].view(np.bool_).reshape(N, H_video, W_video)[keep_np],
+                "frame_stats": frame_stats,
             }
-        return {
-            "out_obj_ids": out_obj_ids.cpu().numpy(),
-            "out_probs": out_probs.cpu().numpy(),
-            "out_boxes_xywh": out_boxes_xywh.cpu().numpy(),
-            "out_binary_masks": out_binary_masks.cpu().numpy(),
-            "frame_stats": out.get("frame_stats", None),
-        }
+
+        return read_outputs
 
     def _cache_frame_outputs(self, inference_state, frame_idx, obj_id_to_mask, suppressed_obj_ids=None,
                              removed_obj_ids=None, unconfirmed_obj_ids=None, refilter=False):
