@@ -338,10 +338,11 @@ def _main(args, tmp):
             predictor.model.compile_model = compile_model
             return predictor
 
-        def ours_predictor(dtype, compile=False, pipelined=False):
+        def ours_predictor(dtype, compile=False, pipelined=False, det_graphs=True):
             pred = sam3fast.build_sam3_video_predictor(checkpoint_path=ckpt, config=cfg, device=device, dtype=dtype,
                                                        compile=compile)
             pred.model.pipelined_outputs = pipelined  # outputs copied while the next frame runs
+            pred.model.detector.cuda_graphs = det_graphs  # per-frame detector as one CUDA-graph replay (CUDA)
             return pred
 
         if not args.no_official:
@@ -349,6 +350,9 @@ def _main(args, tmp):
         for dtype in dtypes:
             concept("sam3fast", dtype, "e2e", lambda d=dtype: ours_predictor(d), ours_mode)
             concept("sam3fast", dtype, "e2e pipelined", lambda d=dtype: ours_predictor(d, pipelined=True), ours_mode)
+            if cuda:  # on CPU the detector runs eagerly either way
+                concept("sam3fast", dtype, "e2e det-eager", lambda d=dtype: ours_predictor(d, det_graphs=False),
+                        ours_mode)
             if compile_rows:
                 concept("sam3fast", dtype, "compiled", lambda d=dtype: ours_predictor(d, compile=True), ours_mode)
         if args.official_compile and not args.no_official:  # last: it changes global dynamo settings

@@ -63,7 +63,8 @@ def official():
     """Import and return the official ``sam3`` package (CPU-ready)."""
     global _OFFICIAL
     if _OFFICIAL is None:
-        _shim_torchvision()
+        if not torch.cuda.is_available():  # a GPU machine's torchvision loads its own ops
+            _shim_torchvision()
         import sam3  # noqa: F401
         import sam3.model_builder  # noqa: F401
 

@@ -131,6 +131,7 @@ def _connected_components_cpu_safe(input_tensor: torch.Tensor):
 class _FakeDeviceProps:
     name = "cpu (official_video_ref: one fake device 0)"
     total_memory = 0
+    major, minor = 8, 0  # (the official tracker reads the capability; on a GPU machine too)
 
     def __repr__(self):
         return f"_CudaDeviceProperties(name='{self.name}')"

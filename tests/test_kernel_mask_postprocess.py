@@ -363,11 +363,16 @@ def test_gpu_real_shape_bf16(non_overlap):
     H, W = 1080, 1920
     packed, boxes, areas = torch.ops.sam3fast.mask_postprocess(masks, scores, active, H, W, non_overlap)
     ref_packed, ref_boxes, ref_areas = mp.mask_postprocess_ref(masks.double(), scores, active, H, W, non_overlap)
-    logits = F.interpolate(masks.double().unsqueeze(1), size=(H, W), mode="bilinear", align_corners=False).squeeze(1)
-    ambiguous = ((logits.abs() < AMBIG) & active.view(-1, 1, 1)).any(dim=0)
+    f32_packed, _, _ = mp.mask_postprocess_ref(masks.float(), scores, active, H, W, non_overlap)
     got, ref = mp.unpack_masks(packed, W), mp.unpack_masks(ref_packed, W)
-    assert not ((got != ref) & ~ambiguous).any()
-    assert int(ambiguous.sum()) < 1e-4 * H * W
+    # At 288 -> 1080 x 1920 float32 source coordinates ((h / H)(y + 0.5) - 0.5) are off by up to
+    # ~3e-6 pixels, which moves logits by more than the AMBIG band used at small sizes (on an H200
+    # the kernel flipped pixels outside it): held to the house rule instead, its pixels that
+    # differ from the float64 answer at most twice those of PyTorch's own float32 interpolation.
+    wrong = int((got != ref).sum())
+    wrong_torch = int((mp.unpack_masks(f32_packed, W) != ref).sum())
+    assert wrong <= 2 * wrong_torch + 16, (wrong, wrong_torch)
+    assert wrong < 1e-5 * got.numel(), wrong
     own_boxes, own_areas = mp._boxes_areas(got)
     assert torch.equal(boxes, own_boxes) and torch.equal(areas, own_areas)
     assert (areas[active] > 0).all()

@@ -601,8 +601,18 @@ def test_gpu_compile_inductor():
     m = m.bfloat16()
     tok = torch.randn(3, 8, 256, device="cuda", generator=g).bfloat16()
     img = img.bfloat16().expand(3, -1, -1, -1)
+    import copy
+
+    ref_m = copy.deepcopy(m).float()
+    ref_m.use_kernel = False
     with torch.no_grad():
         got = torch.compile(m, fullgraph=True)(img, pe.bfloat16(), tok)
         want = m(img, pe.bfloat16(), tok)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)  # inductor fuses the token ops
+        ref = ref_m(img.float(), pe.float(), tok.float())
+    # inductor fuses and reorders the token-side bf16 ops, so single elements differ from eager by an
+    # ulp of bf16 (measured on an H200: 2 of 6144 past 2e-2); held to the house rule instead: the
+    # compiled error against float32 at most twice the eager kernel path's, in relative RMSE
+    for a, b, r in zip(got, want, ref):
+        r = r.float()
+        err = lambda x: float((x.float() - r).pow(2).mean().sqrt() / r.pow(2).mean().sqrt())  # noqa: E731
+        assert err(a) <= 2 * err(b) + 1e-4, (err(a), err(b))

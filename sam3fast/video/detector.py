@@ -26,6 +26,10 @@ previous chunk is dropped and the next one is started, so the gather overlaps th
 on the current chunk. With ``fpn_convs`` the tracker's two projections are applied before the
 gather (fewer channels on the wire, same values).
 
+On CUDA with one process (``cuda_graphs``, on by default) a frame's steps 1-5 are one CUDA-graph
+replay of the static step of :mod:`sam3fast.video.graphs` (the same code on preallocated buffers,
+one graph per prompt shape, geometric prompt or not and dtype), its outputs cloned out.
+
 Module names are the official detector's (``detector.*`` keys of ``sam3.pt``): the image model
 with the SAM 2 neck and without the interactive predictor.
 """
@@ -105,6 +109,10 @@ class Sam3VideoDetector(Sam3ImageModel):
         self.rank = 0
         self.world_size = 1
         self.dist = None  # DistContext when running on several ranks
+        # One process on CUDA: each frame's detector step is one CUDA-graph replay
+        # (:mod:`sam3fast.video.graphs`); False: the eager path. W > 1 ranks always run eagerly.
+        self.cuda_graphs = True
+        self._graph_runner = None
 
     # ------------------------------------------------------------------ one frame
     def forward_frame(
@@ -255,11 +263,34 @@ class Sam3VideoDetector(Sam3ImageModel):
             entry.update(zip(keys, vals))
         return dict(entry)
 
+    def _uses_graphed_step(self) -> bool:
+        """Whether :meth:`_detect_frame` goes through the static step of :mod:`sam3fast.video.graphs`
+        (captured and replayed as a CUDA graph where the step allows it). A seam: CPU tests force
+        it, and the runner then runs the same step eagerly on its buffers."""
+        return self.cuda_graphs and self.world_size == 1 and self.device.type == "cuda"
+
+    def graph_runner(self):
+        """The :class:`~sam3fast.video.graphs.GraphedDetector` of this detector (made on first use,
+        remade when the model moved to another device or dtype: captured graphs read the weights
+        at the addresses they had; after replacing weights otherwise than in place, call its
+        ``clear()``)."""
+        from .graphs import GraphedDetector
+
+        r = self._graph_runner
+        if r is None or r.device != self.device or r.dtype != self.dtype:
+            r = self._graph_runner = GraphedDetector(self)
+        return r
+
     def _detect_frame(self, frame_idx: int, images, text_feats, text_mask, geometric_prompt, run_nms,
                       nms_prob_thresh, nms_iou_thresh) -> Dict[str, torch.Tensor]:
         boxes = labels = None
         if geometric_prompt is not None:
             boxes, labels = geometric_prompt["boxes"], geometric_prompt["box_labels"]
+        if self._uses_graphed_step():
+            return self.graph_runner().run(
+                images[frame_idx], text_feats, text_mask, boxes, labels,
+                run_nms=run_nms, nms_prob_thresh=nms_prob_thresh, nms_iou_thresh=nms_iou_thresh,
+            )
         return self.forward_frame(
             images[frame_idx][None], text_feats, text_mask, boxes=boxes, box_labels=labels,
             run_nms=run_nms, nms_prob_thresh=nms_prob_thresh, nms_iou_thresh=nms_iou_thresh,

@@ -29,7 +29,7 @@ s = size of the model dtype in bytes, 4 in fp32 / 2 in bf16):
 =============================  ====================================================  ============================
 collective                     bytes per rank per frame                              full size, fp32, Q = 200
 =============================  ====================================================  ============================
-detector all_gather (1/chunk)  (W-1)/W * [Q(1 + 4 + 4) s + Q m^2 s + 32 m^2 s        (W-1)/W * 82.4 MB
+detector all_gather (1/chunk)  (W-1)/W * [Q s + 8 Q * 4 + Q m^2 s + 32 m^2 s         (W-1)/W * 82.4 MB
                                + 64 (m/2)^2 s + 256 g^2 * 2]
 tracker all_gather             (W-1) * n * (m^2 + 1) s                               (W-1) * n * 331.8 KB
 plan broadcast                 8 * (7 + W + 5Q + M64), M64 = N rounded up to 64      8.6 KB (N <= 64, W = 8)
