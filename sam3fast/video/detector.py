@@ -266,8 +266,10 @@ class Sam3VideoDetector(Sam3ImageModel):
     def _uses_graphed_step(self) -> bool:
         """Whether :meth:`_detect_frame` goes through the static step of :mod:`sam3fast.video.graphs`
         (captured and replayed as a CUDA graph where the step allows it). A seam: CPU tests force
-        it, and the runner then runs the same step eagerly on its buffers."""
-        return self.cuda_graphs and self.world_size == 1 and self.device.type == "cuda"
+        it, and the runner then runs the same step eagerly on its buffers. On several ranks each
+        rank replays its own graph for its frame of the chunk (the all-gather stays outside the
+        graph; this combination has not run on GPUs yet)."""
+        return self.cuda_graphs and self.device.type == "cuda"
 
     def graph_runner(self):
         """The :class:`~sam3fast.video.graphs.GraphedDetector` of this detector (made on first use,
