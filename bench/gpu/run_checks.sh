@@ -3,7 +3,7 @@
 #   run(command="bash bench/gpu/run_checks.sh 540", carry=[".gpu_carry"], timeout_s=600)
 # (prepare .gpu_carry with bench/gpu/prepare_carry.sh first). Writes to $OUT (at most 8 files
 # come back): checks.log (everything, step by step with seconds), info.txt, gpu_tests.xml,
-# results.tgz (bench/results/*: JSON + markdown per benchmark, hardware named).
+# gpu_tests_first.xml, results.tgz (bench/results/*: JSON + markdown per benchmark, hardware named).
 # Steps: install carried wheels, build sam3fast._C with CUDA for sm_90, `python -m sam3fast.info`,
 # the GPU tests (pytest -m gpu: kernels at real shapes in bf16, CUDA-graph replays, sync-free
 # video steps, flat device memory), then benchmarks while time is left.
@@ -35,8 +35,16 @@ step build 380 240 python3 setup.py build_ext --inplace
 ln -sfn ../kernels sam3fast/kernels
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 python3 -m sam3fast.info >"$OUT/info.txt" 2>&1
-step gpu_tests 300 300 python3 -m pytest -m "gpu and not slow" -q -p no:cacheprovider --timeout 150 \
-    --junitxml "$OUT/gpu_tests.xml" tests
+# first the GPU tests that have never passed on a GPU (CUDA C++ ops, flat memory and sync-free video
+# steps, image graphs, the two kernel tests whose rule changed after the 2026-11-25 H200 run), then
+# the rest (Triton kernels at real shapes: 39 of 42 passed there)
+FIRST="tests/test_assignment.py tests/test_mask_ops.py tests/test_video_parity.py tests/test_tracker_predictor.py
+ tests/test_video_io.py tests/test_image_graphs.py tests/test_memory.py tests/test_kernel_mask_postprocess.py
+ tests/test_kernel_two_way_attention.py"
+step gpu_tests_first 300 240 python3 -m pytest -m "gpu and not slow" -q -p no:cacheprovider --timeout 150 -rfE \
+    --junitxml "$OUT/gpu_tests_first.xml" $FIRST
+step gpu_tests_rest 200 180 python3 -m pytest -m "gpu and not slow" -q -p no:cacheprovider --timeout 150 -rfE \
+    --junitxml "$OUT/gpu_tests.xml" tests $(for f in $FIRST; do echo --deselect "$f"; done)
 mkdir -p bench/results
 step bench_memory_attention 120 100 python3 bench/bench_memory_attention.py
 step bench_video_tracker 150 140 python3 bench/bench_video.py --parts tracker --dtype bfloat16
