@@ -118,15 +118,20 @@ class Pair:
         with cpu_mode():
             ref, ref_state = scenario(self.off, self)
         got, got_state = scenario(self.ours, self)
-        assert [r[0] for r in got] == [r[0] for r in ref]
-        for (name, *rv), (_, *gv) in zip(ref, got):
-            for i, (a, b) in enumerate(zip(gv, rv)):
-                if isinstance(b, torch.Tensor):
-                    _close(a, b, f"{name}[{i}]")
-                else:
-                    assert a == b, f"{name}[{i}]: {a} vs {b}"
+        same_records(ref, got)
         compare_states(got_state, ref_state)
         return ref, got
+
+
+def same_records(ref, got):
+    """Two runs of a scenario recorded the same steps with close tensors and equal other values."""
+    assert [r[0] for r in got] == [r[0] for r in ref]
+    for (name, *rv), (_, *gv) in zip(ref, got):
+        for i, (a, b) in enumerate(zip(gv, rv)):
+            if isinstance(b, torch.Tensor):
+                _close(a, b, f"{name}[{i}]")
+            else:
+                assert a == b, f"{name}[{i}]: {a} vs {b}"
 
 
 def compare_states(s, r):
@@ -743,12 +748,7 @@ def test_memory_bank_off_matches_on(long_pair):
         ref, st_off = long_two_objects(ours, long_pair)
     finally:
         ours.fixed_capacity_step = True
-    for (name, *rv), (_, *gv) in zip(ref, got):
-        for a, b in zip(gv, rv):
-            if isinstance(b, torch.Tensor):
-                _close(a, b, name)
-            else:
-                assert a == b, name
+    same_records(ref, got)
     compare_states(st_on, st_off)
 
 
@@ -774,12 +774,7 @@ def test_fused_memory_input_matches(long_pair, monkeypatch):
     monkeypatch.setattr(ours, "_forward_sam_heads", spy)
     got, _ = long_two_objects(ours, long_pair)
     assert made.count(False) > 20, made  # the propagated frames took the fused path
-    for (name, *rv), (_, *gv) in zip(ref, got):
-        for a, b in zip(gv, rv):
-            if isinstance(b, torch.Tensor):
-                _close(a, b, name)
-            else:
-                assert a == b, name
+    same_records(ref, got)
 
 
 def test_retired_outputs_bookkeeping(long_pair, monkeypatch):
@@ -800,12 +795,7 @@ def test_retired_outputs_bookkeeping(long_pair, monkeypatch):
     monkeypatch.setattr(ours, "_to_host", to_host)
     monkeypatch.setattr(ours, "_mark_retired", lambda: marks.append(1))
     got, st = long_two_objects(ours, long_pair)
-    for (name, *rv), (_, *gv) in zip(ref, got):
-        for a, b in zip(gv, rv):
-            if isinstance(b, torch.Tensor):
-                _close(a, b, name)
-            else:
-                assert a == b, name
+    same_records(ref, got)
     retired = st["retired_outputs"]
     non_cond = st["output_dict"]["non_cond_frame_outputs"]
     assert len(retired) > 20 and len(marks) >= len(retired)
