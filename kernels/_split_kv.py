@@ -79,3 +79,19 @@ def attention_backend(q, dtypes, head_dims, force_reference: bool):
     if q.dim() != 4 or q.shape[-1] not in head_dims:
         return "reference", f"head dim {q.shape[-1]} (the Triton kernel takes {head_dims})"
     return "triton", "CUDA tensors, triton available"
+
+
+def check_qkv(q, k, v, keys: str = "S") -> None:
+    """q (B, L, H, Dh) floating; k and v (B, S, H, Dh) of q's dtype; at least one query and key
+    (``keys``: the name of the key count in the messages)."""
+    if q.dim() != 4 or not q.is_floating_point():
+        raise ValueError(f"q must be a floating (B, L, H, Dh) tensor, got {q.dtype} {tuple(q.shape)}")
+    B, L, H, Dh = q.shape
+    if k.dim() != 4 or k.shape[0] != B or k.shape[2:] != (H, Dh):
+        raise ValueError(f"k must be (B={B}, {keys}, H={H}, Dh={Dh}), got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if L < 1 or k.shape[1] < 1:
+        raise ValueError(f"need at least one query and one key, got L={L}, {keys}={k.shape[1]}")

@@ -58,7 +58,7 @@ from sam3fast import env
 from ._triton_compat import (  # noqa: F401  (TRITON_IMPORT_ERROR: read by the tests)
     HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, check_power_of_two, device_guard, require_triton, tl, triton,
 )
-from ._split_kv import attention_backend, merge_splits
+from ._split_kv import attention_backend, check_qkv, merge_splits
 from ._split_kv import sm_count as _sm_count
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -73,18 +73,9 @@ DEFAULT_TILE = (64, 32, 8, 2)
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, rope: Tensor, key_valid: Optional[Tensor], rope_q: bool,
                   n_rope_keys: int) -> None:
-    if q.dim() != 4 or not q.is_floating_point():
-        raise ValueError(f"q must be a floating (B, Lq, H, Dh) tensor, got {q.dtype} {tuple(q.shape)}")
+    check_qkv(q, k, v, "S")
     B, Lq, H, Dh = q.shape
-    if k.dim() != 4 or k.shape[0] != B or k.shape[2:] != (H, Dh):
-        raise ValueError(f"k must be (B={B}, S, H={H}, Dh={Dh}), got {tuple(k.shape)}")
-    if v.shape != k.shape:
-        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     S = k.shape[1]
-    if Lq < 1 or S < 1:
-        raise ValueError(f"need at least one query and one key, got Lq={Lq}, S={S}")
     if Dh % 2:
         raise ValueError(f"the head dim must be even (RoPE rotates channel pairs), got {Dh}")
     if rope.dim() != 3 or rope.shape[1:] != (Dh // 2, 2) or rope.dtype not in (torch.float32, torch.float64):

@@ -56,7 +56,7 @@ from sam3fast import env
 from ._triton_compat import (  # noqa: F401  (TRITON_IMPORT_ERROR: read by the tests)
     HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, check_power_of_two, device_guard, require_triton, tl, triton,
 )
-from ._split_kv import attention_backend, merge_splits
+from ._split_kv import attention_backend, check_qkv, merge_splits
 from ._split_kv import sm_count as _sm_count
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -73,18 +73,9 @@ _MIN_TILES_PER_SPLIT = 4  # below this the merge costs more than the parallelism
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, dy: Tensor, dx: Tensor) -> None:
-    if q.dim() != 4 or not q.is_floating_point():
-        raise ValueError(f"q must be a floating (B, L, H, Dh) tensor, got {q.dtype} {tuple(q.shape)}")
+    check_qkv(q, k, v, "N")
     B, L, H, Dh = q.shape
-    if k.dim() != 4 or k.shape[0] != B or k.shape[2:] != (H, Dh):
-        raise ValueError(f"k must be (B={B}, N, H={H}, Dh={Dh}), got {tuple(k.shape)}")
-    if v.shape != k.shape:
-        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     N = k.shape[1]
-    if L < 1 or N < 1:
-        raise ValueError(f"need at least one query and one key, got L={L}, N={N}")
     if dy.dim() != 4 or dy.shape[:3] != (B, H, L) or not dy.is_floating_point():
         raise ValueError(f"dy must be a floating (B={B}, H={H}, L={L}, Hf) tensor, got {dy.dtype} {tuple(dy.shape)}")
     if dx.dim() != 4 or dx.shape[:3] != (B, H, L) or dx.dtype != dy.dtype:

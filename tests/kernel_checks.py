@@ -35,3 +35,13 @@ def run_compiled(code: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:] + res.stdout[-2000:]
+
+
+def assert_close_to64(got, want, tol: float) -> None:
+    """``got`` has no NaN (outputs are pre-filled with NaN: an unwritten element fails) and is within
+    ``tol`` (max abs) of the float64 ``want``."""
+    import torch
+
+    assert not torch.isnan(got).any(), "NaN in the output (an unwritten element?)"
+    err = (got.double() - want).abs().max().item()
+    assert err <= tol, f"max abs error {err:.3g} > {tol:.3g}"

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import sam3fast.model.encoder as encoder_mod
-from kernel_checks import forced_reference_stdout, run_compiled
+from kernel_checks import assert_close_to64, forced_reference_stdout, run_compiled
 
 from sam3fast.kernels import prompt_cross_attention as pca
 from sam3fast.model.encoder import FusionEncoder, TransformerEncoderLayer
@@ -88,10 +88,7 @@ def _run(args, **launch):
     return got
 
 
-def _assert_close(got, want, tol):
-    assert not torch.isnan(got).any(), "NaN in the output (an unwritten element?)"
-    err = (got.double() - want).abs().max().item()
-    assert err <= tol, f"max abs error {err:.3g} > {tol:.3g}"
+_assert_close = assert_close_to64
 
 
 # (B, L, P, D, H, padding, LayerNorm)

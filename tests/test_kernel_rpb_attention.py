@@ -20,7 +20,7 @@ import textwrap
 import pytest
 import torch
 
-from kernel_checks import SM90_BUILD, forced_reference_stdout, run_compiled
+from kernel_checks import SM90_BUILD, assert_close_to64, forced_reference_stdout, run_compiled
 
 from sam3fast.kernels import rpb_attention as ra
 from sam3fast.model import decoder as decoder_mod
@@ -67,10 +67,7 @@ def _run(q, k, v, dy, dx, **launch):
     return got
 
 
-def _assert_close(got, want, tol):
-    assert not torch.isnan(got).any(), "NaN in the output (an unwritten element?)"
-    err = (got.double() - want).abs().max().item()
-    assert err <= tol, f"max abs error {err:.3g} > {tol:.3g}"
+_assert_close = assert_close_to64
 
 
 # (B, L, H, Dh, (Hf, Wf))

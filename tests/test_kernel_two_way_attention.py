@@ -22,7 +22,7 @@ import textwrap
 import pytest
 import torch
 
-from kernel_checks import SM90_BUILD, forced_reference_stdout, run_compiled
+from kernel_checks import SM90_BUILD, assert_close_to64, forced_reference_stdout, run_compiled
 
 from sam3fast.kernels import two_way_attention as tw
 from sam3fast.model import sam_heads
@@ -114,10 +114,7 @@ def i2t_case(B, T, H, Dh, grid, D, img_layout, pe_layout, seed, norm=True, dtype
     return ts + [1e-5, H]
 
 
-def _assert_close(got, want, tol):
-    assert not torch.isnan(got).any(), "NaN in the output (an unwritten element?)"
-    err = (got.double() - want).abs().max().item()
-    assert err <= tol, f"max abs error {err:.3g} > {tol:.3g}"
+_assert_close = assert_close_to64
 
 
 def run_t2i(args, **launch):
