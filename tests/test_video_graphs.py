@@ -26,10 +26,13 @@ from test_video_parity import (  # fixtures and helpers only (no test_* names: n
     PRESENCE_SHIFT,
     RICH_SEED,
     SCORE_GAIN,
+    _session_frames,
     checkpoints,  # noqa: F401 -- a fixture
     clip_dir,  # noqa: F401 -- a fixture
     run_our_session,
+    to_numpy_outputs,
 )
+from video_clip import make_clip, write_jpg_folder
 
 from sam3fast.video import build_sam3_video_predictor, build_video_model, graphs
 from sam3fast.video.graphs import OUTPUT_KEYS, DetectorKey, GraphedDetector, detector_step
@@ -389,3 +392,44 @@ def test_gpu_propagation_with_graphs_equals_without(gpu_weights, clip_dir):  # n
             assert union == 0 or (ma & mb).sum() / union >= 0.999, x["frame_index"]
         np.testing.assert_allclose(oa["out_probs"], ob["out_probs"], rtol=0, atol=1e-5)
         np.testing.assert_allclose(oa["out_boxes_xywh"], ob["out_boxes_xywh"], rtol=1e-5, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: device memory stays flat as the video grows (sam3fast.video: FrameStore, retired outputs)
+
+
+@needs_cuda
+def test_gpu_session_memory_is_flat_and_outputs_unchanged(gpu_weights, tmp_path):
+    """On CUDA, finished outputs (the tracker's stored frames, the cached video-resolution masks)
+    leave the device: allocated device memory does not grow with the frames, and the outputs are
+    those of a session that keeps everything on the device (the official placement); a fetch of
+    early frames reads the retired outputs back. (Here, not in test_video_parity: the recipe
+    weights drawn on sam3fast's own model, no official model needed on the GPU machine.)"""
+    n = 48
+    clip = write_jpg_folder(make_clip(n, 72, 96), str(tmp_path / "long"))
+    runs, growth = {}, {}
+    for retire in (False, True):
+        pred = _cuda_predictor(gpu_weights)
+        pred.model.retire_finished_outputs = retire
+        pred.model.tracker.retire_finished_outputs = retire
+        sid = _session_frames(pred, clip)
+        mem, outs = [], []
+        for r in pred.handle_stream_request({"type": "propagate_in_video", "session_id": sid}):
+            torch.cuda.synchronize()
+            mem.append(torch.cuda.memory_allocated())
+            outs.append(to_numpy_outputs(r["outputs"]))
+        growth[retire] = mem[-1] - mem[n // 3]
+        fetched = [to_numpy_outputs(r["outputs"]) for r in pred.handle_stream_request(
+            {"type": "propagate_in_video", "session_id": sid, "start_frame_index": 2,
+             "max_frame_num_to_track": 3, "propagation_direction": "forward"})]
+        runs[retire] = outs, fetched
+        pred.handle_request({"type": "close_session", "session_id": sid})
+        del pred
+        torch.cuda.empty_cache()
+    assert sum(len(o["out_obj_ids"]) for o in runs[True][0]) >= n  # objects were tracked
+    for a, b in zip(runs[False][0] + runs[False][1], runs[True][0] + runs[True][1]):
+        assert a["out_obj_ids"].tolist() == b["out_obj_ids"].tolist()
+        assert np.array_equal(a["out_binary_masks"], b["out_binary_masks"])
+        assert np.array_equal(a["out_probs"], b["out_probs"])
+    assert growth[False] > 0, growth  # the official placement grows with the video
+    assert growth[True] <= 0.05 * growth[False], growth

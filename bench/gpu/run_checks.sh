@@ -38,7 +38,7 @@ python3 -m sam3fast.info >"$OUT/info.txt" 2>&1
 # first the GPU tests that have never passed on a GPU (CUDA C++ ops, flat memory and sync-free video
 # steps, image graphs, the two kernel tests whose rule changed after the 2026-11-25 H200 run), then
 # the rest (Triton kernels at real shapes: 39 of 42 passed there)
-FIRST="tests/test_assignment.py tests/test_mask_ops.py tests/test_video_parity.py tests/test_tracker_predictor.py
+FIRST="tests/test_assignment.py tests/test_mask_ops.py tests/test_video_graphs.py tests/test_video_parity.py tests/test_tracker_predictor.py
  tests/test_video_io.py tests/test_image_graphs.py tests/test_memory.py tests/test_kernel_mask_postprocess.py
  tests/test_kernel_two_way_attention.py"
 step gpu_tests_first 300 240 python3 -m pytest -m "gpu and not slow" -q -p no:cacheprovider --timeout 150 -rfE \
