@@ -680,6 +680,28 @@ LONG_FRAMES = 40
 LONG_SHIFT = -0.515  # 28 of 39 frames pass the memory-selection threshold, with gaps and a bad tail
 
 
+class OwnPair:
+    """The ``pair`` recipe drawn on sam3fast's modules alone (no official model: the GPU tests run
+    where the official package is not installed)."""
+
+    def __init__(self, cfg, score_shift=SCORE_SHIFT, num_frames=NUM_FRAMES):
+        tracker = redraw_(Tracker.from_config(cfg), seed=5)
+        with torch.no_grad():
+            tracker.sam_mask_decoder.pred_obj_score_head.layers[2].bias.add_(score_shift)
+        self.ours = Sam3TrackerPredictor(tracker, cfg)
+        self.vb = redraw_(VisionBackbone.from_config(cfg, add_sam2_neck=True).eval(), seed=7)
+        self.ours.backbone = self.vb
+        self.frames = make_clip(num_frames)
+
+
+@pytest.fixture(scope="module")
+def own_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    torch.manual_seed(0)
+    return OwnPair(get_config("tiny"))
+
+
 @pytest.fixture(scope="module")
 def long_pair():
     torch.manual_seed(0)
@@ -874,11 +896,12 @@ def test_bf16_session_tracks_like_fp32(pair):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("compiled", [False, True])
-def test_cuda_steady_state_has_no_sync(pair, compiled):
+def test_cuda_steady_state_has_no_sync(own_gpu, compiled):
     """On a GPU the steady-state frames of a propagation make no host sync at all
     (``torch.cuda.set_sync_debug_mode("error")`` raises on any), eager and compiled."""
     import copy
 
+    pair = own_gpu
     ours = copy.deepcopy(pair.ours).cuda()
     ours.backbone = copy.deepcopy(pair.vb).cuda()
     if compiled:
