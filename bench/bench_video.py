@@ -140,14 +140,23 @@ def concept_session(predictor, clip, prompt, device, mode):
             predictor.handle_request(request={"type": "add_prompt", "session_id": sid, "frame_index": 0,
                                               "text": prompt})
             _sync(device)
+            cuda = device.type == "cuda"
+            counts, mem = [], []
             t0 = time.perf_counter()
-            counts = [len(r["outputs"]["out_obj_ids"]) for r in predictor.handle_stream_request(
-                request={"type": "propagate_in_video", "session_id": sid, "propagation_direction": "forward"})]
+            for r in predictor.handle_stream_request(
+                    request={"type": "propagate_in_video", "session_id": sid, "propagation_direction": "forward"}):
+                counts.append(len(r["outputs"]["out_obj_ids"]))
+                if cuda:  # (a counter read: no sync)
+                    mem.append(torch.cuda.memory_allocated(device))
             _sync(device)
             dt = time.perf_counter() - t0
             predictor.handle_request(request={"type": "close_session", "session_id": sid})
-        return len(counts), dt, {"objects_per_frame": [int(min(counts)), float(np.median(counts)), int(max(counts))],
-                                 "object_counts": counts}
+        extra = {"objects_per_frame": [int(min(counts)), float(np.median(counts)), int(max(counts))],
+                 "object_counts": counts}
+        if len(mem) >= 6:  # device memory growth over the last two thirds of the frames (flat: ~0)
+            a = len(mem) // 3
+            extra["device_growth_mb_per_100_frames"] = (mem[-1] - mem[a]) / 2**20 * 100 / (len(mem) - 1 - a)
+        return len(counts), dt, extra
     return session
 
 
@@ -400,6 +409,8 @@ def format_table(results):
         note = r.get("error", "")
         if "step_counts" in r:
             note = note or "steps " + ", ".join(f"{k} {v}" for k, v in r["step_counts"].items())
+        if "device_growth_mb_per_100_frames" in r:
+            note = (note + "; " if note else "") + f"device +{r['device_growth_mb_per_100_frames']:.1f} MB/100 frames"
         cells = [r["part"], r["engine"], r["dtype"], r["variant"], "" if r["objects"] is None else r["objects"],
                  r.get("frames", ""), f"{r['fps']:.2f}" if "fps" in r else "-",
                  f"{r['ms_per_frame']:.1f}" if "fps" in r else "-",
