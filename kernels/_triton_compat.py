@@ -63,3 +63,20 @@ def why_not_triton(device: torch.device, force_reference: bool) -> Optional[str]
     if not HAS_TRITON:
         return f"triton is not importable ({TRITON_IMPORT_ERROR})"
     return None
+
+
+def output_buffer(out, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A launcher's output: a fresh contiguous tensor, or the caller's ``out`` checked to be one of
+    that shape, dtype and device (tests pass one pre-filled with NaN)."""
+    shape = tuple(shape)
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if (tuple(out.shape), out.dtype, out.device) != (shape, dtype, torch.device(device)) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {shape} {dtype} tensor on {device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    return out
+
+
+def rows_contiguous(*tensors: torch.Tensor):
+    """Each tensor with a contiguous last dim (views from projections pass as they are)."""
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)

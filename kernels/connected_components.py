@@ -58,6 +58,7 @@ from sam3fast import env as _env
 # triton is optional (the "gpu" extra): without it the reference and the CPU op still work.
 from ._triton_compat import (
     HAS_TRITON, TRITON_IMPORT_ERROR, check_power_of_two, device_guard, require_triton, tl, triton, why_not_triton,
+    output_buffer,
 )
 
 MAX_PIXELS = 2**31 - 1  # N * H * W must stay below this: parent pointers are int32 global indices
@@ -260,10 +261,7 @@ def _connected_component_sizes_triton(
     if N * H * W > MAX_PIXELS:
         raise ValueError(f"the Triton kernel needs N * H * W < 2**31, got {tuple(fg.shape)}")
     dev = fg.device
-    if out is None:
-        out = torch.empty((N, H, W), dtype=torch.int64, device=dev)
-    elif (out.shape, out.dtype, out.device) != ((N, H, W), torch.int64, dev) or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous ({N}, {H}, {W}) int64 tensor on {dev}")
+    out = output_buffer(out, (N, H, W), torch.int64, dev)
     if fg.numel() == 0:
         return out
     fg_u8 = fg.contiguous().view(torch.uint8)  # bool pointers are avoided: plain bytes

@@ -71,6 +71,7 @@ from sam3fast import env
 from ._triton_compat import (  # noqa: F401  (TRITON_IMPORT_ERROR: read by the tests)
     HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, check_power_of_two, device_guard, require_triton, tl, triton,
     why_not_triton,
+    output_buffer,
 )
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -226,10 +227,7 @@ def _mask_for_memory_triton(
     Ho, Wo = _size2("out_size", out_size)
     B, C, h, w = low_res.shape
     dev = low_res.device
-    if out is None:
-        out = torch.empty((B, C, Ho, Wo), dtype=out_dtype, device=dev)
-    elif (out.shape, out.dtype, out.device) != ((B, C, Ho, Wo), out_dtype, dev) or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous ({B}, {C}, {Ho}, {Wo}) {out_dtype} tensor on {dev}")
+    out = output_buffer(out, (B, C, Ho, Wo), out_dtype, dev)
     P = B * C
     if P == 0:
         return out

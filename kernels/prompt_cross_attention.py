@@ -67,6 +67,7 @@ from sam3fast import env
 from ._triton_compat import (  # noqa: F401  (TRITON_IMPORT_ERROR: read by the tests)
     HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, check_power_of_two, device_guard, require_triton, tl, triton,
     why_not_triton,
+    output_buffer, rows_contiguous,
 )
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -243,14 +244,11 @@ def _prompt_cross_attention_triton(
     check_power_of_two("block_o", block_o, minimum=16)
     block_o = min(block_o, D)  # both powers of two: block_o divides D
     dev = tgt.device
-    if out is None:
-        out = torch.empty((B, L, D), dtype=tgt.dtype, device=dev)
-    elif (out.shape, out.dtype, out.device) != ((B, L, D), tgt.dtype, dev) or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous ({B}, {L}, {D}) {tgt.dtype} tensor on {dev}")
+    out = output_buffer(out, (B, L, D), tgt.dtype, dev)
     if B == 0 or L == 0:
         return out
     # Only the last dim must be contiguous: k and v are views of one (B, P, 2D) projection.
-    tgt, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (tgt, k, v))
+    tgt, k, v = rows_contiguous(tgt, k, v)
     q_weight, q_bias, out_weight, out_bias = (t.contiguous() for t in (q_weight, q_bias, out_weight, out_bias))
     has_norm = norm_weight is not None
     nw, nb = (norm_weight.contiguous(), norm_bias.contiguous()) if has_norm else (q_bias, q_bias)  # unread

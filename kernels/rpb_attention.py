@@ -55,6 +55,7 @@ from sam3fast import env
 # triton is optional (the "gpu" extra): without it the reference and the CPU op still work.
 from ._triton_compat import (  # noqa: F401  (TRITON_IMPORT_ERROR: read by the tests)
     HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, check_power_of_two, device_guard, require_triton, tl, triton,
+    output_buffer, rows_contiguous,
 )
 from ._split_kv import attention_backend, check_qkv, merge_splits
 from ._split_kv import sm_count as _sm_count
@@ -244,14 +245,11 @@ def _rpb_attention_triton(
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     dev = q.device
-    if out is None:
-        out = torch.empty((B, L, H, Dh), dtype=q.dtype, device=dev)
-    elif (out.shape, out.dtype, out.device) != ((B, L, H, Dh), q.dtype, dev) or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous ({B}, {L}, {H}, {Dh}) {q.dtype} tensor on {dev}")
+    out = output_buffer(out, (B, L, H, Dh), q.dtype, dev)
     if B == 0:
         return out
     # Only the last dim must be contiguous: the projections' (B, *, D) -> (B, *, H, Dh) views pass as is.
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q, k, v = rows_contiguous(q, k, v)
 
     x_tiles = cdiv(Wf, cols)
     n_tiles = cdiv(Hf, rows) * x_tiles

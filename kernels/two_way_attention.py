@@ -80,6 +80,7 @@ from sam3fast import env
 from ._triton_compat import (  # noqa: F401  (TRITON_IMPORT_ERROR: read by the tests)
     HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, check_power_of_two, device_guard, require_triton, tl, triton,
     why_not_triton,
+    output_buffer, rows_contiguous,
 )
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -450,10 +451,7 @@ def _token_to_image_attention_triton(
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     dev = q.device
-    if out is None:
-        out = torch.empty((B, T, C), dtype=q.dtype, device=dev)
-    elif (out.shape, out.dtype, out.device) != ((B, T, C), q.dtype, dev) or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous ({B}, {T}, {C}) {q.dtype} tensor on {dev}")
+    out = output_buffer(out, (B, T, C), q.dtype, dev)
     if B == 0:
         return out
     q = q if q.stride(-1) == 1 else q.contiguous()
@@ -525,13 +523,10 @@ def _image_to_token_attention_triton(
     check_power_of_two("block_m", block_m, minimum=16)
     check_power_of_two("block_d", block_d, minimum=16)
     dev = k.device
-    if out is None:
-        out = torch.empty((B, S, D), dtype=k.dtype, device=dev)
-    elif (out.shape, out.dtype, out.device) != ((B, S, D), k.dtype, dev) or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous ({B}, {S}, {D}) {k.dtype} tensor on {dev}")
+    out = output_buffer(out, (B, S, D), k.dtype, dev)
     if B == 0:
         return out
-    k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
+    k, v = rows_contiguous(k, v)
     wq, bq, wo, bo = (t.contiguous() for t in (wq, bq, wo, bo))
     has_norm = norm_weight is not None
     nw, nb = (norm_weight.contiguous(), norm_bias.contiguous()) if has_norm else (bo, bo)  # unread without norm

@@ -30,6 +30,12 @@ def forced_reference_stdout(code: str) -> str:
                           check=True).stdout.strip()
 
 
+def forced_backend_reason(module: str, call: str) -> str:
+    """The reason ``sam3fast.kernels.<module>.<call>`` (a ``*_backend(...)`` call returning
+    (backend, reason)) gives in a fresh process with SAM3FAST_FORCE_REFERENCE=1."""
+    return forced_reference_stdout(f"import torch; from sam3fast.kernels import {module} as m; print(m.{call}[1])")
+
+
 def run_compiled(code: str) -> None:
     """Run ``code`` with the real Triton compiler (no TRITON_INTERPRET); it must print "ok"."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import sam3fast.model.memory as memory_mod
-from kernel_checks import forced_reference_stdout, run_compiled
+from kernel_checks import forced_backend_reason, run_compiled
 
 from sam3fast.config import get_config
 from sam3fast.kernels import mask_for_memory as mfm
@@ -297,12 +297,8 @@ def test_entry_point_backend_cpu():
 
 
 def test_force_reference_env():
-    code = (
-        "import torch; from sam3fast.kernels import mask_for_memory as m; "
-        "print(m.mask_for_memory_backend(torch.zeros(1, 1, 4, 4))[1])"
-    )
-    out = forced_reference_stdout(code)
-    assert out.strip() == "SAM3FAST_FORCE_REFERENCE=1"
+    reason = forced_backend_reason("mask_for_memory", "mask_for_memory_backend(torch.zeros(1, 1, 4, 4))")
+    assert reason == "SAM3FAST_FORCE_REFERENCE=1"
 
 
 @needs_triton

@@ -16,7 +16,7 @@ import textwrap
 import pytest
 import torch
 
-from kernel_checks import SM90_BUILD, assert_close_to64, forced_reference_stdout, run_compiled
+from kernel_checks import SM90_BUILD, assert_close_to64, forced_backend_reason, run_compiled
 
 from sam3fast.kernels import memory_attention as ma
 from sam3fast.model.memory_attention import RoPEAttention
@@ -309,12 +309,8 @@ def test_entry_point_backend_cpu():
 
 
 def test_force_reference_env():
-    code = (
-        "import torch; from sam3fast.kernels import memory_attention as m; "
-        "print(m.memory_attention_backend(torch.zeros(1, 9, 1, 32))[1])"
-    )
-    out = forced_reference_stdout(code)
-    assert out.strip() == "SAM3FAST_FORCE_REFERENCE=1"
+    reason = forced_backend_reason("memory_attention", "memory_attention_backend(torch.zeros(1, 9, 1, 32))")
+    assert reason == "SAM3FAST_FORCE_REFERENCE=1"
 
 
 @needs_triton

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import sam3fast.model.encoder as encoder_mod
-from kernel_checks import assert_close_to64, forced_reference_stdout, run_compiled
+from kernel_checks import assert_close_to64, forced_backend_reason, run_compiled
 
 from sam3fast.kernels import prompt_cross_attention as pca
 from sam3fast.model.encoder import FusionEncoder, TransformerEncoderLayer
@@ -260,13 +260,10 @@ def test_compile_fullgraph(backend):
 
 
 def test_force_reference_env():
-    code = (
-        "import torch; from sam3fast.kernels import prompt_cross_attention as m; "
-        "print(m.prompt_cross_attention_backend(torch.zeros(1, 7, 32), torch.zeros(1, 5, 32), 2, "
-        "torch.zeros(96, 32))[1])"
-    )
-    out = forced_reference_stdout(code)
-    assert out.strip() == "SAM3FAST_FORCE_REFERENCE=1"
+    reason = forced_backend_reason(
+        "prompt_cross_attention",
+        "prompt_cross_attention_backend(torch.zeros(1, 7, 32), torch.zeros(1, 5, 32), 2, torch.zeros(96, 32))")
+    assert reason == "SAM3FAST_FORCE_REFERENCE=1"
 
 
 @needs_triton

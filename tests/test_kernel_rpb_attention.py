@@ -20,7 +20,7 @@ import textwrap
 import pytest
 import torch
 
-from kernel_checks import SM90_BUILD, assert_close_to64, forced_reference_stdout, run_compiled
+from kernel_checks import SM90_BUILD, assert_close_to64, forced_backend_reason, run_compiled
 
 from sam3fast.kernels import rpb_attention as ra
 from sam3fast.model import decoder as decoder_mod
@@ -341,12 +341,8 @@ def test_entry_point_backend_cpu():
 
 
 def test_force_reference_env():
-    code = (
-        "import torch; from sam3fast.kernels import rpb_attention as m; "
-        "print(m.rpb_attention_backend(torch.zeros(1, 5, 2, 32))[1])"
-    )
-    out = forced_reference_stdout(code)
-    assert out.strip() == "SAM3FAST_FORCE_REFERENCE=1"
+    reason = forced_backend_reason("rpb_attention", "rpb_attention_backend(torch.zeros(1, 5, 2, 32))")
+    assert reason == "SAM3FAST_FORCE_REFERENCE=1"
 
 
 @needs_triton

@@ -22,7 +22,7 @@ import textwrap
 import pytest
 import torch
 
-from kernel_checks import SM90_BUILD, assert_close_to64, forced_reference_stdout, run_compiled
+from kernel_checks import SM90_BUILD, assert_close_to64, forced_backend_reason, run_compiled
 
 from sam3fast.kernels import two_way_attention as tw
 from sam3fast.model import sam_heads
@@ -340,12 +340,9 @@ def test_kernel_limits():
 
 
 def test_force_reference_env():
-    code = (
-        "import torch; from sam3fast.kernels import two_way_attention as m; "
-        "print(m.two_way_attention_backend(torch.zeros(1), 8, 128, 256, 8)[1])"
-    )
-    out = forced_reference_stdout(code)
-    assert out.strip() == "SAM3FAST_FORCE_REFERENCE=1"
+    reason = forced_backend_reason(
+        "two_way_attention", "two_way_attention_backend(torch.zeros(1), 8, 128, 256, 8)")
+    assert reason == "SAM3FAST_FORCE_REFERENCE=1"
 
 
 @needs_triton
