@@ -38,9 +38,13 @@ def machine_header(device: torch.device) -> dict:
 
 
 def timeit(fn, device, warmup: int, iters: int):
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
         fn()
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.synchronize()
     ts = []
     for _ in range(iters):
@@ -49,7 +53,10 @@ def timeit(fn, device, warmup: int, iters: int):
         if device.type == "cuda":
             torch.cuda.synchronize()
         ts.append(time.perf_counter() - t0)
-    return {"ms_median": 1e3 * float(np.median(ts)), "ms_min": 1e3 * float(np.min(ts)), "iters": iters}
+    r = {"ms_median": 1e3 * float(np.median(ts)), "ms_min": 1e3 * float(np.min(ts)), "iters": iters}
+    if cuda:  # peak of everything allocated meanwhile (the model's weights included)
+        r["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    return r
 
 
 def main(argv=None):
@@ -87,6 +94,10 @@ def main(argv=None):
                "prompt": prompt, "runs": {}}
     mode = cpu_mode if device.type == "cpu" else contextlib.nullcontext
 
+    def record(name, r):  # printed at once: a run cut short by a deadline keeps the rows it has
+        results["runs"][name] = r
+        print(name, json.dumps(r), flush=True)
+
     def run_processor(proc, ctx=contextlib.nullcontext):
         def fn():
             with ctx():
@@ -101,17 +112,17 @@ def main(argv=None):
         with mode():
             ref = move_official_model(ref, device)
             oproc = OfficialProcessor(ref, resolution=cfg.resolution, device=str(device))
-        results["runs"]["official_fp32"] = timeit(run_processor(oproc, mode), device, args.warmup, args.iters)
+        record("official_fp32", timeit(run_processor(oproc, mode), device, args.warmup, args.iters))
         if device.type == "cuda":
             def bf16():
                 return torch.autocast("cuda", dtype=torch.bfloat16)
-            results["runs"]["official_bf16_autocast"] = timeit(run_processor(oproc, bf16), device, args.warmup, args.iters)
+            record("official_bf16_autocast", timeit(run_processor(oproc, bf16), device, args.warmup, args.iters))
         del ref, oproc
 
     for dtype in (["float32", "bfloat16"] if device.type == "cuda" else ["float32"]):
         model = sam3fast.build_image_model(cfg, checkpoint_path=ckpt, device=device, dtype=dtype)
         proc = sam3fast.Sam3Processor(model, resolution=cfg.resolution, device=device)
-        results["runs"][f"sam3fast_{dtype}"] = timeit(run_processor(proc), device, args.warmup, args.iters)
+        record(f"sam3fast_{dtype}", timeit(run_processor(proc), device, args.warmup, args.iters))
         graph_modes = {"on": [True], "off": [False], "both": [False, True]}[args.cuda_graphs]
         if device.type != "cuda":
             graph_modes = [False]
@@ -119,13 +130,13 @@ def main(argv=None):
             # warm-up calls capture the graphs (one per batch size / prompt count)
             pred = sam3fast.ImagePredictor(model, cuda_graphs=cg)
             tag = "_graphs" if cg else ""
-            results["runs"][f"sam3fast_{dtype}_native_batch1_1prompt{tag}"] = timeit(
-                lambda p=pred: p.predict([image], [prompt]), device, args.warmup, args.iters)
+            record(f"sam3fast_{dtype}_native_batch1_1prompt{tag}", timeit(
+                lambda p=pred: p.predict([image], [prompt]), device, args.warmup, args.iters))
             imgs = [image] * args.batch
             r = timeit(lambda p=pred: p.predict(imgs, [prompt, "branch", "sky"]), device, args.warmup,
                        max(1, args.iters // 4))
             r["images_per_s"] = args.batch / (r["ms_median"] / 1e3)
-            results["runs"][f"sam3fast_{dtype}_batch{args.batch}_3prompts{tag}"] = r
+            record(f"sam3fast_{dtype}_batch{args.batch}_3prompts{tag}", r)
             del pred
         del model, proc
 

@@ -255,7 +255,22 @@ def _main(args, tmp):
         rows.append(row)
         print(name, "->", "ERROR " + row["error"] if "error" in row else
               f"{row['fps']:.2f} frames/s ({row['ms_per_frame']:.1f} ms/frame)", flush=True)
+        save(partial=True)  # a run cut short by a deadline keeps the rows it has
         return row
+
+    def save(partial=False):
+        if not cuda or args.smoke:
+            return
+        os.makedirs(args.out, exist_ok=True)
+        gpu = results["machine"].get("gpu", "gpu").replace(" ", "_")
+        stem = os.path.join(args.out, f"video_fps_{args.config}_{gpu}_{results['date']}")
+        results["complete"] = not partial
+        with open(stem + ".json", "w") as f:
+            json.dump(results, f, indent=1)
+        if not partial:
+            with open(stem + ".md", "w") as f:
+                f.write(format_table(results) + "\n")
+            print("wrote", stem + ".json", stem + ".md")
 
     def free():
         if cuda:
@@ -379,15 +394,7 @@ def _main(args, tmp):
             r["vs_official"] = r["fps"] / b
     table = format_table(results)
     print(table)
-    if cuda and not args.smoke:
-        os.makedirs(args.out, exist_ok=True)
-        gpu = results["machine"].get("gpu", "gpu").replace(" ", "_")
-        stem = os.path.join(args.out, f"video_fps_{args.config}_{gpu}_{results['date']}")
-        with open(stem + ".json", "w") as f:
-            json.dump(results, f, indent=1)
-        with open(stem + ".md", "w") as f:
-            f.write(table + "\n")
-        print("wrote", stem + ".json", stem + ".md")
+    save()
     return results
 
 
