@@ -2,9 +2,12 @@
 
 Shapes (SAM 3): 1 head of Dh 256, Lq = L = 72 x 72 = 5184 queries, S = frames x 5184 memory tokens
 plus 4 tokens per object pointer; B objects. Rows, each timed on the same inputs:
-  triton ...             the kernel: through the op (default tiles, split-KV chosen from the SM count)
-                         and a sweep of (BLOCK_M, BLOCK_N, warps, stages), key RoPE "prepass" vs
-                         "inline", and num_splits=1 (no flash decoding)
+  op (...)               ``sam3fast::memory_attention`` as the model calls it: the Triton kernel, or
+                         for many objects in bf16 the "sdpa path" (``ma.uses_sdpa_path``)
+  triton ...             the kernel's launcher: default tiles (split-KV chosen from the SM count), a
+                         sweep of (BLOCK_M, BLOCK_N, warps, stages), key RoPE "prepass" vs "inline",
+                         and num_splits=1 (no flash decoding)
+  sdpa path              RoPE prepass kernel on q and keys + SDPA with the mask, cuDNN first (GPU)
   eager                  the model's ``RoPEAttention`` with identity projections: ``apply_rope`` on q
                          and on the keys (table broadcast over frames), cat, SDPA with the mask
   compiled               torch.compile of that
@@ -15,7 +18,7 @@ plus 4 tokens per object pointer; B objects. Rows, each timed on the same inputs
 TFLOP/s counts 4 * B * H * Lq * S_valid * Dh (QK^T and PV over the valid keys) for every row. On a
 GPU the dense bf16 matmul rate (8192^3) is measured too, and each row's share of it printed.
 
-    python bench/bench_memory_attention.py                     # GPU: B = 1 and 16, 7 frames + 16 pointers, bf16
+    python bench/bench_memory_attention.py                     # GPU: B = 1, 4, 16, 7 frames + 16 pointers, bf16
     python bench/bench_memory_attention.py --objects 1,4,16 --frames 10 --self
     python bench/bench_memory_attention.py --smoke             # CPU: tiny shapes, Triton interpreter, < 30 s
 
@@ -125,7 +128,8 @@ def bench_shape(B, self_attn, args, device, dtype, tiles, compile_backend, matmu
     cands = {}
     if device.type == "cuda":
         op = torch.ops.sam3fast.memory_attention
-        cands["triton (op, defaults)"] = lambda: op(q, k, v, rope, key_valid, True, n_rope)
+        path = "sdpa path" if ma.uses_sdpa_path(q) else "triton"
+        cands[f"op ({path}, defaults)"] = lambda: op(q, k, v, rope, key_valid, True, n_rope)
     for bm, bn, nw, ns in tiles:
         tile = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
         cands[f"triton {bm}x{bn} w{nw} s{ns}"] = (
@@ -134,6 +138,9 @@ def bench_shape(B, self_attn, args, device, dtype, tiles, compile_backend, matmu
         lambda: ma._memory_attention_triton(q, k, v, rope, key_valid, True, n_rope, rope_k="inline"))
     cands["triton default, no split-KV"] = (
         lambda: ma._memory_attention_triton(q, k, v, rope, key_valid, True, n_rope, num_splits=1))
+    if device.type == "cuda" and dtype != torch.float32:  # the op's many-objects path (ma.uses_sdpa_path)
+        cands["sdpa path (rope prepass + sdpa, cudnn first)"] = (
+            lambda: ma._memory_attention_sdpa(q, k, v, rope, key_valid, True, n_rope))
     cands["eager (rope + sdpa)"] = lambda: eager_rope_attention(q, k, v, freqs, key_valid, n_rope)
     if not args.no_compile:
         torch._dynamo.reset()
@@ -180,7 +187,7 @@ def bench_shape(B, self_attn, args, device, dtype, tiles, compile_backend, matmu
     rows = []
     for name, fn in cands.items():
         out = fn()
-        if name.startswith("triton"):
+        if name.startswith(("triton", "sdpa path", "op")):
             err = (out.float() - ref).abs().max().item()
             limit = 1e-4 if dtype == torch.float32 else 2 * torch_err
             assert err <= limit, f"{name}: max error {err:.3g} vs the fp32 reference > {limit:.3g}"
@@ -198,7 +205,7 @@ def bench_shape(B, self_attn, args, device, dtype, tiles, compile_backend, matmu
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (CI); numbers are not performance numbers")
-    p.add_argument("--objects", default="1,16", help="comma-separated batch sizes (objects)")
+    p.add_argument("--objects", default="1,4,16", help="comma-separated batch sizes (objects)")
     p.add_argument("--grid", type=int, default=72)
     p.add_argument("--head-dim", type=int, default=256)
     p.add_argument("--frames", type=int, default=7)

@@ -34,7 +34,7 @@ the dtype they name. ``--official-compile``: the official model's own option
     python bench/bench_video.py                  # GPU: full size, 48 frames, 1/4/16 objects, fp32 + bf16
     python bench/bench_video.py --smoke          # CPU, tiny config, 5 frames, 1 and 2 objects (CI)
 
-On a GPU the results go to bench/results/video_fps_<config>_<gpu>_<date>.{json,md}.
+On a GPU the results go to bench/results/video_fps_<parts>_<config>_<gpu>_<date>.{json,md}.
 """
 
 from __future__ import annotations
@@ -263,7 +263,7 @@ def _main(args, tmp):
             return
         os.makedirs(args.out, exist_ok=True)
         gpu = results["machine"].get("gpu", "gpu").replace(" ", "_")
-        stem = os.path.join(args.out, f"video_fps_{args.config}_{gpu}_{results['date']}")
+        stem = os.path.join(args.out, f"video_fps_{'_'.join(parts)}_{args.config}_{gpu}_{results['date']}")
         results["complete"] = not partial
         with open(stem + ".json", "w") as f:
             json.dump(results, f, indent=1)

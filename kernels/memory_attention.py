@@ -65,11 +65,19 @@ from ._split_kv import sm_count as _sm_count
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)  # powers of two (tl.arange), >= 16 (tl.dot), <= 256 (registers)
 _LOG2E = 1.4426950408889634
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) at Dh = 256 on sm_90. Compiled for sm_90 (Triton 3.7,
-# bf16, ptxas resource usage read with cuobjdump): 64 x 32 with 8 warps uses 255 registers and
-# spills <= 32 bytes per thread; 128 x 64 spills ~900 bytes, 128 x 32 ~650-780, 64 x 64 ~850. Not yet
-# timed on a GPU: bench/bench_memory_attention.py sweeps the alternatives.
-DEFAULT_TILE = (64, 32, 8, 2)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) at Dh = 256 on sm_90. Timed on an H100 (2026-11-26,
+# bench/results/memory_attention_nvidia-h100-80gb-hbm3_2026-11-26.md; bf16, 7 memory frames + 64
+# pointer tokens): 64 x 32 with 4 warps was the fastest tile of the sweep, 0.95 ms at B = 1 and
+# 13.8 ms at B = 16, against 1.96 ms and 28.9 ms for the previous default (64 x 32, 8 warps).
+DEFAULT_TILE = (64, 32, 4, 2)
+# From this many (object, head) pairs on, a bf16/fp16 call on CUDA rotates q and the keys with the
+# RoPE prepass kernel and hands the attention to PyTorch's SDPA, cuDNN's backend first (set to None
+# to always use the Triton kernel). Measured on an H100 (same file): cuDNN took 9.1 ms at B = 16
+# (the best Triton tile 13.8 ms) but 1.67 ms at B = 1 (Triton 0.95 ms): 41 query blocks of one
+# object leave most of the 132 SMs idle and cuDNN has no split-KV. The crossover between B = 1 and
+# B = 16 is not measured yet; 4 is a guess between the two, and the benchmark's "sdpa path" row
+# over B = 1, 2, 4, 8, 16 is what should set it.
+SDPA_MIN_BATCH_HEADS: Optional[int] = 4
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, rope: Tensor, key_valid: Optional[Tensor], rope_q: bool,
@@ -367,11 +375,64 @@ def _memory_attention_triton(
     return out
 
 
+def _rope_prepass(x: Tensor, rope: Tensor, n_rope: int, block_n: int = 64) -> Tensor:
+    """(B, S, H, Dh) contiguous copy of ``x`` with rows s < ``n_rope`` rotated by table row s mod L,
+    in x's dtype (the prepass kernel of the Triton path)."""
+    B, S, H, Dh = x.shape
+    out = torch.empty((B, S, H, Dh), dtype=x.dtype, device=x.device)
+    if B * S * H == 0:
+        return out
+    with device_guard(x.device):
+        _rope_keys_kernel[(cdiv(S, block_n), B * H)](
+            x, rope, out, S, H, rope.shape[0], n_rope, x.stride(0), x.stride(1), x.stride(2),
+            DH=Dh, BLOCK_N=block_n, num_warps=4,
+        )
+    return out
+
+
+def _memory_attention_sdpa(
+    q: Tensor, k: Tensor, v: Tensor, rope: Tensor, key_valid: Optional[Tensor], rope_q: bool, n_rope_keys: int
+) -> Tensor:
+    """Many objects: q and the keys rotated by the prepass kernel (in the input dtype, as the
+    official rounds them), then ``F.scaled_dot_product_attention`` with the validity mask, cuDNN's
+    backend first, then flash (no mask only), memory-efficient and math. Same contract as the
+    Triton launcher (a row with no valid key gives zeros)."""
+    require_triton("memory_attention")
+    _check_inputs(q, k, v, rope, key_valid, rope_q, n_rope_keys)
+    q, k, v = rows_contiguous(q, k, v)
+    rope = rope.contiguous()
+    if rope_q:
+        q = _rope_prepass(q, rope, q.shape[1])
+    if n_rope_keys > 0:
+        k = _rope_prepass(k, rope, n_rope_keys)
+    mask = None if key_valid is None else key_valid[:, None, None, :]
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+             SDPBackend.MATH]
+    with sdpa_kernel(order, set_priority=True):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask).transpose(1, 2)
+    if key_valid is not None:
+        out = torch.where(key_valid.any(dim=1)[:, None, None, None], out, 0.0)
+    return out.contiguous()
+
+
+def uses_sdpa_path(q: Tensor) -> bool:
+    """Whether ``sam3fast::memory_attention`` on CUDA hands these queries to SDPA (see
+    ``SDPA_MIN_BATCH_HEADS``) rather than the Triton kernel."""
+    return (SDPA_MIN_BATCH_HEADS is not None and q.dtype in (torch.bfloat16, torch.float16)
+            and q.shape[0] * q.shape[2] >= SDPA_MIN_BATCH_HEADS)
+
+
 @torch.library.custom_op("sam3fast::memory_attention", mutates_args=(), device_types="cuda")
 def memory_attention_op(
     q: Tensor, k: Tensor, v: Tensor, rope: Tensor, key_valid: Optional[Tensor], rope_q: bool, n_rope_keys: int
 ) -> Tensor:
-    """``sam3fast::memory_attention``: the Triton kernel on CUDA, ``memory_attention_ref`` on CPU."""
+    """``sam3fast::memory_attention``: on CUDA the Triton kernel, or for many objects in bf16/fp16
+    the RoPE prepass + SDPA (``uses_sdpa_path``); ``memory_attention_ref`` on CPU."""
+    if uses_sdpa_path(q):
+        return _memory_attention_sdpa(q, k, v, rope, key_valid, rope_q, n_rope_keys)
     return _memory_attention_triton(q, k, v, rope, key_valid, rope_q, n_rope_keys)
 
 

@@ -375,7 +375,11 @@ def test_gpu_real_shape_bf16(non_overlap):
     assert wrong < 1e-5 * got.numel(), wrong
     own_boxes, own_areas = mp._boxes_areas(got)
     assert torch.equal(boxes, own_boxes) and torch.equal(areas, own_areas)
-    assert (areas[active] > 0).all()
+    assert (areas[~active] == 0).all()
+    if non_overlap:  # disjoint masks; 64 noisy overlapping objects: low scorers may keep nothing
+        assert (got.sum(dim=0) <= 1).all() and (areas[active] > 0).sum() >= 8
+    else:
+        assert (areas[active] > 0).all()
 
 
 @pytest.mark.gpu

@@ -120,6 +120,40 @@ def test_kernel_matches_float64(case, launch):
 
 
 @needs_triton
+@pytest.mark.parametrize("case", ["cross_3x3_3f_4p", "cross_4x4_2f_4p_h2_dh16", "self_3x3"])
+def test_sdpa_path_matches_float64(case):
+    """The many-objects path (RoPE prepass kernel + SDPA) against the float64 spec, with padded
+    frames and pointer slots, and a row with no valid key (zeros, as the Triton kernel)."""
+    B, H, Dh, grid, n_frames, n_ptr, rope_q = CASES[case]
+    L = grid[0] * grid[1]
+    q, k, v, freqs, key_valid = _case(B, H, Dh, grid, n_frames, n_ptr, seed=7 + len(case),
+                                      valid=None if case.startswith("self") else "random")
+    if key_valid is not None:
+        key_valid[0] = False  # the first object has no valid key at all
+    n_rope = n_frames * L
+    want = naive64(q, k, v, freqs, key_valid, rope_q, n_rope)
+    got = ma._memory_attention_sdpa(q, k, v, torch.view_as_real(freqs), key_valid, rope_q, n_rope)
+    assert got.shape == q.shape and got.dtype == q.dtype and got.is_contiguous()
+    _assert_close(got, want, 2e-5)
+    if key_valid is not None:
+        assert torch.equal(got[0], torch.zeros_like(got[0]))
+
+
+def test_sdpa_path_choice(monkeypatch):
+    """Which calls the CUDA op hands to SDPA: bf16/fp16 with at least SDPA_MIN_BATCH_HEADS
+    (object, head) pairs; float32 always stays on the Triton kernel; None turns the path off."""
+    def q(B, H, dtype=torch.bfloat16):
+        return torch.empty(B, 9, H, 32, dtype=dtype)
+
+    monkeypatch.setattr(ma, "SDPA_MIN_BATCH_HEADS", 4)
+    assert not ma.uses_sdpa_path(q(1, 1)) and not ma.uses_sdpa_path(q(3, 1))
+    assert ma.uses_sdpa_path(q(4, 1)) and ma.uses_sdpa_path(q(2, 2)) and ma.uses_sdpa_path(q(16, 1, torch.float16))
+    assert not ma.uses_sdpa_path(q(16, 1, torch.float32))
+    monkeypatch.setattr(ma, "SDPA_MIN_BATCH_HEADS", None)
+    assert not ma.uses_sdpa_path(q(64, 1))
+
+
+@needs_triton
 def test_kernel_rope_variants():
     """A table with no axial structure; no rotated keys and unrotated queries with Lq != L; keys all
     rotated but not queries; fp16 inputs (rotations rounded to fp16 like apply_rope)."""
@@ -392,6 +426,48 @@ def test_gpu_real_shape_bf16(B, n_frames, n_ptr, pad, self_attn):
         err = (got.float() - ref).abs()
         assert err.max() <= 2 * torch_err.max(), (err.max().item(), torch_err.max().item())
         assert err.pow(2).mean().sqrt() <= 2 * torch_err.pow(2).mean().sqrt()
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("B, pad", [(4, 0), (16, 2)], ids=["B4", "B16_pad2"])
+def test_gpu_sdpa_path_real_shape_bf16(B, pad):
+    """Many objects in bf16 go to the RoPE prepass + SDPA path: at 7 memory frames + 64 pointer
+    tokens its error vs the fp32 reference is at most 2x that of PyTorch in bf16; and the op
+    replays inside a CUDA graph."""
+    q, k, v, freqs, key_valid = _gpu_case(B, 7, 64, seed=20 + B, pad_frames=pad)
+    n_rope = 7 * 5184
+    rope = torch.view_as_real(freqs)
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    assert ma.uses_sdpa_path(qb)
+    ref = ma.memory_attention_ref(q, k, v, rope, key_valid, True, n_rope)
+    torch_err = (_torch_bf16(qb, kb, vb, freqs, key_valid, n_rope).float() - ref).abs()
+    got = ma.memory_attention(qb, kb, vb, freqs, key_valid, n_rope_keys=n_rope)
+    assert got.dtype == torch.bfloat16 and not got.isnan().any()
+    err = (got.float() - ref).abs()
+    assert err.max() <= 2 * torch_err.max(), (err.max().item(), torch_err.max().item())
+    assert err.pow(2).mean().sqrt() <= 2 * torch_err.pow(2).mean().sqrt()
+    del ref, torch_err, err
+
+    static = [qb.clone(), kb.clone(), vb.clone(), key_valid.clone()]
+
+    def fn():
+        return ma.memory_attention(static[0], static[1], static[2], freqs, static[3], n_rope_keys=n_rope)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    static[0].copy_(torch.randn_like(q).bfloat16())
+    static[3][:, 5184:2 * 5184] = False
+    graph.replay()
+    want = ma._memory_attention_sdpa(static[0], static[1], static[2], rope, static[3], True, n_rope)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
 @pytest.mark.gpu

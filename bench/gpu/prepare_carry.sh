@@ -7,5 +7,5 @@ cd "$(dirname "$0")/../.."
 rm -rf .gpu_carry && mkdir -p .gpu_carry
 pip download --no-deps --only-binary :all: --python-version 3.12 \
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform any \
-    -d .gpu_carry sam3==0.1.4 pycocotools iopath ftfy >/dev/null
+    -d .gpu_carry sam3==0.1.4 pycocotools iopath ftfy wcwidth >/dev/null
 ls -la .gpu_carry

@@ -37,9 +37,11 @@ export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=4 SAM3FAST_BUILD_CUDA=1
 ln -sfn ../kernels sam3fast/kernels
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p bench/results
-FIRST="tests/test_assignment.py tests/test_mask_ops.py tests/test_image_graphs.py tests/test_kernel_mask_postprocess.py
- tests/test_kernel_two_way_attention.py tests/test_video_graphs.py::test_gpu_session_memory_is_flat_and_outputs_unchanged tests/test_tracker_predictor.py tests/test_video_io.py
- tests/test_memory.py tests/test_video_parity.py"
+# first the GPU tests whose code or rule changed after the 2026-11-26 H100 run (memory attention's
+# SDPA path and tile, two-way and mask post-processing tiles, the flat-memory fix), then the rest
+FIRST="tests/test_kernel_memory_attention.py tests/test_kernel_mask_postprocess.py tests/test_kernel_two_way_attention.py
+ tests/test_video_graphs.py::test_gpu_session_memory_is_flat_and_outputs_unchanged tests/test_memory.py
+ tests/test_tracker_predictor.py tests/test_video_parity.py"
 if [[ $PHASE == a ]]; then
     if ls .gpu_carry/*.whl >/dev/null 2>&1; then
         step wheels 400 60 python3 -m pip install -q --no-index --no-deps .gpu_carry/*.whl
@@ -65,7 +67,7 @@ else
     step bench_video_concept 100 170 python3 bench/bench_video.py --parts concept --dtype bfloat16 --frames 24 \
         --iters 1 --no-compile
     step bench_video_tracker 100 170 python3 bench/bench_video.py --parts tracker --dtype bfloat16 --frames 24 \
-        --objects 1,5,16 --iters 1 --no-compile --out bench/results/tracker
+        --objects 1,5,16 --iters 1 --no-compile
     step gpu_tests_rest 40 150 python3 -m pytest -m "gpu and not slow" -q -p no:cacheprovider --timeout 100 -rfE \
         --junitxml "$OUT/gpu_tests_rest.xml" tests $(for f in $FIRST; do echo --deselect "$f"; done)
 fi
