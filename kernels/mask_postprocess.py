@@ -35,6 +35,22 @@ Outputs
     areas   (N,) int64         number of kept pixels
 Boxes and areas are those of the masks after the non-overlap rule. ``unpack_masks`` turns ``packed``
 back into (N, H, W) bool.
+
+Skipping empty (object, tile) pairs (the Triton kernel; exact, outputs bit for bit those without it).
+Real masks are compact: most output tiles of most objects are background, and the interpolation and
+packing of those pairs were most of the kernel's time. For y < H, sy < h (it is at most
+h - 0.5 - h / (2 H), and float32 moves it by far less than 0.5 while h < 2**22), so y0 = floor(sy)
+is never clamped and both weights 1 - ly and ly lie in [0, 1]; the same holds for x. The logit is
+then a sum of products of non-negative weights and the 4 taps, and in IEEE float32 (fused or not)
+such a sum is <= 0, -0 or NaN when every tap is <= 0 or NaN: that pixel is background. So an object
+can be foreground in a tile only if the rectangle of taps the tile reads, [min y0, max y1] x
+[min x0, max x1] over its valid pixels (reduced in the kernel from the very indices it gathers
+with), meets the bounding box of the object's positive logits (masks[n] > 0; empty for an object
+with none, or inactive). A small pre-kernel computes those boxes on the device (no host sync, a
+fixed grid: CUDA-graph safe); the main kernel neither interpolates nor packs a pair whose box misses
+the tile: it writes its zero words. Under the non-overlap rule such an object cannot win any pixel of
+the tile, so it is left out of the per-pixel contest as well. ``skip_empty=False`` in the launcher
+evaluates every active object at every pixel (the kernel before the skip; tests and benchmarks).
 """
 
 from __future__ import annotations
@@ -147,6 +163,51 @@ if HAS_TRITON:
         return v & 0x3F
 
     @triton.jit
+    def _positive_box_kernel(masks_ptr, active_ptr, pbox_ptr, h, w, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        # Grid (objects, row blocks): a program scans BLOCK_R rows of one object's logits and merges
+        # its bounds of masks[n] > 0 into a zero-filled (N, 4) int32 buffer with atomic_max, encoded
+        # like the stats below: h - first row, last row + 1, w - first column, last column + 1 (0: none).
+        n = tl.program_id(0)
+        offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        offs_c = tl.arange(0, BLOCK_C)
+        # An inactive object loads nothing and so gets the empty box.
+        row_ok = (offs_r < h) & (tl.load(active_ptr + n) != 0)
+        base = masks_ptr + tl.cast(n, tl.int64) * h * w
+        row_any = tl.zeros((BLOCK_R,), dtype=tl.int32)
+        col_first = tl.zeros((BLOCK_C,), dtype=tl.int32)
+        col_last = tl.zeros((BLOCK_C,), dtype=tl.int32)
+        for c0 in range(0, w, BLOCK_C):
+            cols = c0 + offs_c
+            m = row_ok[:, None] & (cols < w)[None, :]
+            # float32 compare (exact for every input dtype; NaN is not positive, like the kernel's v > 0).
+            v = tl.load(base + offs_r[:, None] * w + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            pos = (v > 0.0).to(tl.int32)
+            row_any = tl.maximum(row_any, tl.max(pos, axis=1))
+            col_any = tl.max(pos, axis=0)
+            col_first = tl.maximum(col_first, tl.where(col_any > 0, w - cols, 0))
+            col_last = tl.maximum(col_last, tl.where(col_any > 0, cols + 1, 0))
+        if tl.max(row_any, axis=0) > 0:
+            st = pbox_ptr + n * 4
+            tl.atomic_max(st + 0, tl.max(tl.where(row_any > 0, h - offs_r, 0), axis=0))
+            tl.atomic_max(st + 1, tl.max(tl.where(row_any > 0, offs_r + 1, 0), axis=0))
+            tl.atomic_max(st + 2, tl.max(col_first, axis=0))
+            tl.atomic_max(st + 3, tl.max(col_last, axis=0))
+
+    @triton.jit
+    def _object_live(n, active_ptr, pbox_ptr, h, w, ty_lo, ty_hi, tx_lo, tx_hi, SKIP_EMPTY: tl.constexpr):
+        # Whether object n can be foreground in this tile: its positive box meets the tile's taps.
+        if SKIP_EMPTY:
+            st = pbox_ptr + n * 4
+            r_lo = h - tl.load(st + 0)  # an empty box decodes to rows [h, -1], columns [w, -1]
+            r_hi = tl.load(st + 1) - 1
+            c_lo = w - tl.load(st + 2)
+            c_hi = tl.load(st + 3) - 1
+            live = (r_lo <= ty_hi) & (r_hi >= ty_lo) & (c_lo <= tx_hi) & (c_hi >= tx_lo)
+        else:
+            live = tl.load(active_ptr + n) != 0
+        return live
+
+    @triton.jit
     def _bilinear_tile(base, r0, r1, c0, c1, ly0, ly1, lx0, lx1):
         # PyTorch's CUDA upsample_bilinear2d order of operations, accumulated in float32.
         v00 = tl.load(base + r0 + c0).to(tl.float32)
@@ -157,10 +218,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _mask_postprocess_kernel(
-        masks_ptr, scores_ptr, active_ptr, packed_ptr, stats_ptr,
+        masks_ptr, scores_ptr, active_ptr, pbox_ptr, packed_ptr, stats_ptr,
         N, h, w, H, W, WP,
         scale_h, scale_w,
-        NON_OVERLAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_WORDS: tl.constexpr,
+        NON_OVERLAP: tl.constexpr, SKIP_EMPTY: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_WORDS: tl.constexpr,
     ):
         # Grid (word tiles, row tiles): a program owns BLOCK_H rows x BLOCK_WORDS * 32 columns of every
         # object, so the non-overlap winner of each pixel is resolved in registers without a
@@ -186,6 +247,12 @@ if HAS_TRITON:
         x1 = tl.where(x0 < w - 1, x0 + 1, x0)
         lx1 = sx - x0.to(tl.float32)
         lx0 = 1.0 - lx1
+        # The taps the tile's valid pixels read, reduced from the indices the gathers use (not
+        # re-derived), so the skip test cannot disagree with the interpolation by a rounding.
+        ty_lo = tl.min(tl.where(offs_y < H, y0, h), axis=0)
+        ty_hi = tl.max(tl.where(offs_y < H, y1, -1), axis=0)
+        tx_lo = tl.min(tl.min(tl.where(offs_x < W, x0, w), axis=1), axis=0)
+        tx_hi = tl.max(tl.max(tl.where(offs_x < W, x1, -1), axis=1), axis=0)
         r0 = (y0 * w)[:, None, None]
         r1 = (y1 * w)[:, None, None]
         ly0 = ly0[:, None, None]
@@ -201,7 +268,7 @@ if HAS_TRITON:
             best_s = tl.zeros((BLOCK_H, BLOCK_WORDS, 32), dtype=tl.float32)
             best_n = tl.full((BLOCK_H, BLOCK_WORDS, 32), -1, dtype=tl.int32)
             for n in range(N):
-                if tl.load(active_ptr + n) != 0:
+                if _object_live(n, active_ptr, pbox_ptr, h, w, ty_lo, ty_hi, tx_lo, tx_hi, SKIP_EMPTY):
                     s = tl.load(scores_ptr + n).to(tl.float32)
                     v = _bilinear_tile(masks_ptr + tl.cast(n, tl.int64) * hw, r0, r1, c0, c1, ly0, ly1, lx0, lx1)
                     better = (v > 0.0) & valid & ((best_n < 0) | (s > best_s))
@@ -211,32 +278,54 @@ if HAS_TRITON:
         word_mask = (offs_y < H)[:, None] & (offs_k < WP)[None, :]
         word_offs = offs_y[:, None] * WP + offs_k[None, :]
         for n in range(N):
-            if NON_OVERLAP:
-                keep = best_n == n
-            else:
-                keep = tl.zeros((BLOCK_H, BLOCK_WORDS, 32), dtype=tl.int1)
-                if tl.load(active_ptr + n) != 0:
+            word_ptrs = packed_ptr + tl.cast(n, tl.int64) * H * WP + word_offs
+            if _object_live(n, active_ptr, pbox_ptr, h, w, ty_lo, ty_hi, tx_lo, tx_hi, SKIP_EMPTY):
+                if NON_OVERLAP:
+                    keep = best_n == n
+                else:
                     v = _bilinear_tile(masks_ptr + tl.cast(n, tl.int64) * hw, r0, r1, c0, c1, ly0, ly1, lx0, lx1)
                     keep = (v > 0.0) & valid
-            keep_i = keep.to(tl.int32)
-            # Distinct bits: their sum is their OR, and bit 31 wraps to the sign bit as intended.
-            words = tl.sum(keep_i << offs_j[None, None, :], axis=2)  # (BH, BK)
-            tl.store(packed_ptr + tl.cast(n, tl.int64) * H * WP + word_offs, words, mask=word_mask)
+                keep_i = keep.to(tl.int32)
+                # Distinct bits: their sum is their OR, and bit 31 wraps to the sign bit as intended.
+                words = tl.sum(keep_i << offs_j[None, None, :], axis=2)  # (BH, BK)
+                tl.store(word_ptrs, words, mask=word_mask)
 
-            # Most (tile, object) pairs are empty: count on the 32x smaller word tile, and do the
-            # box reductions and atomics only where something was kept.
-            row_count = tl.sum(_popcount32(words), axis=1)  # (BH,)
-            area = tl.sum(row_count, axis=0)
-            if area > 0:
-                # Encoded so that larger is better and 0 means "nothing here", which lets one
-                # zero-filled buffer and atomic_max merge the tiles: W - x0, H - y0, x1 + 1, y1 + 1.
-                col_any = tl.max(keep_i, axis=0)  # (BK, 32)
-                st = stats_ptr + n * 5
-                tl.atomic_max(st + 0, tl.max(tl.max(tl.where(col_any > 0, W - offs_x, 0), axis=1), axis=0))
-                tl.atomic_max(st + 1, tl.max(tl.where(row_count > 0, H - offs_y, 0), axis=0))
-                tl.atomic_max(st + 2, tl.max(tl.max(tl.where(col_any > 0, offs_x + 1, 0), axis=1), axis=0))
-                tl.atomic_max(st + 3, tl.max(tl.where(row_count > 0, offs_y + 1, 0), axis=0))
-                tl.atomic_add(st + 4, area)
+                # Most (tile, object) pairs are empty: count on the 32x smaller word tile, and do the
+                # box reductions and atomics only where something was kept.
+                row_count = tl.sum(_popcount32(words), axis=1)  # (BH,)
+                area = tl.sum(row_count, axis=0)
+                if area > 0:
+                    # Encoded so that larger is better and 0 means "nothing here", which lets one
+                    # zero-filled buffer and atomic_max merge the tiles: W - x0, H - y0, x1 + 1, y1 + 1.
+                    col_any = tl.max(keep_i, axis=0)  # (BK, 32)
+                    st = stats_ptr + n * 5
+                    tl.atomic_max(st + 0, tl.max(tl.max(tl.where(col_any > 0, W - offs_x, 0), axis=1), axis=0))
+                    tl.atomic_max(st + 1, tl.max(tl.where(row_count > 0, H - offs_y, 0), axis=0))
+                    tl.atomic_max(st + 2, tl.max(tl.max(tl.where(col_any > 0, offs_x + 1, 0), axis=1), axis=0))
+                    tl.atomic_max(st + 3, tl.max(tl.where(row_count > 0, offs_y + 1, 0), axis=0))
+                    tl.atomic_add(st + 4, area)
+            else:
+                tl.store(word_ptrs, tl.zeros((BLOCK_H, BLOCK_WORDS), dtype=tl.int32), mask=word_mask)
+
+
+def _positive_boxes(masks: Tensor, active: Tensor) -> Tensor:
+    """(N, h, w) logits, (N,) bool -> (N, 4) int32 bounds of ``masks[n] > 0`` for active objects,
+    encoded h - first row, last row + 1, w - first column, last column + 1 (all 0 when there is none).
+    One Triton launch after a memset: no host sync, a grid fixed by the shapes."""
+    require_triton("mask_postprocess")
+    N, h, w = masks.shape
+    pbox = torch.zeros((N, 4), dtype=torch.int32, device=masks.device)
+    if N > 0:
+        # ~4K logits a program (rows x the next power of two of w, capped).
+        block_c = min(triton.next_power_of_2(w), 512)
+        block_r = max(1, 4096 // block_c)
+        grid = (N, triton.cdiv(h, block_r))
+        with device_guard(masks.device):
+            _positive_box_kernel[grid](
+                masks.contiguous(), active.contiguous().view(torch.uint8), pbox, h, w,
+                BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+            )
+    return pbox
 
 
 def _mask_postprocess_triton(
@@ -250,11 +339,14 @@ def _mask_postprocess_triton(
     block_h: int = 4,
     block_words: int = 4,
     num_warps: int = 4,
+    skip_empty: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Launcher. ``packed`` may be a preallocated (N, H, WP) int32 contiguous output (every word is
     written). Tile = ``block_h`` rows x ``block_words`` * 32 columns (powers of two). The default,
     4 x 128 with 4 warps, was 1.17x (no overlap rule) and 1.31x (with it) faster than 8 x 128 with 8
-    warps for 64 objects, 288^2 -> 1080 x 1920 bf16 on an H100 (2026-11-26, bench/results)."""
+    warps for 64 objects, 288^2 -> 1080 x 1920 bf16 on an H100 (2026-11-26, bench/results; measured
+    before the skip of empty pairs). ``skip_empty=False`` turns that skip off (same outputs; for the
+    tests and the benchmark's before/after rows)."""
     require_triton("mask_postprocess")
     _check_inputs(masks, scores, active, H, W)
     if masks.dtype not in _KERNEL_DTYPES:
@@ -273,14 +365,16 @@ def _mask_postprocess_triton(
         masks = masks.contiguous()
         scores = scores.contiguous()
         active_u8 = active.contiguous().view(torch.uint8)  # bool pointers are avoided: plain bytes
+        # Without the skip the kernel never reads the boxes: any int32 pointer will do.
+        pbox = _positive_boxes(masks, active) if skip_empty else stats
         grid = (triton.cdiv(WP, block_words), triton.cdiv(H, block_h))
         # Host division of two ints rounded once to float32 equals PyTorch's float32 h / H.
         with device_guard(dev):
             _mask_postprocess_kernel[grid](
-                masks, scores, active_u8, packed, stats,
+                masks, scores, active_u8, pbox, packed, stats,
                 N, h, w, H, W, WP,
                 h / H, w / W,
-                NON_OVERLAP=bool(non_overlap), BLOCK_H=block_h, BLOCK_WORDS=block_words,
+                NON_OVERLAP=bool(non_overlap), SKIP_EMPTY=bool(skip_empty), BLOCK_H=block_h, BLOCK_WORDS=block_words,
                 num_warps=num_warps,
             )
     nonempty = stats[:, 4:5] > 0

@@ -9,8 +9,8 @@
 # Phase a: wheels, build of sam3fast._C (CUDA, sm_90) in the background while the Triton kernel
 #   benchmarks run (the build takes 3 of 16 cores), then the GPU tests that never passed on a GPU,
 #   then the CUDA C++ op benchmarks.
-# Phase b: end-to-end image latency and video FPS side by side with the official package, then the
-#   remaining GPU tests.
+# Phase b: end-to-end image latency and video FPS side by side with the official package, the
+#   by-stage / by-kernel profile (bench/profile_gpu.py), then the remaining GPU tests.
 set -uo pipefail
 BUDGET=${1:-540}
 PHASE=${2:-a}
@@ -68,6 +68,7 @@ else
         --iters 1 --no-compile
     step bench_video_tracker 100 170 python3 bench/bench_video.py --parts tracker --dtype bfloat16 --frames 24 \
         --objects 1,5,16 --iters 1 --no-compile
+    step profile 60 120 python3 bench/profile_gpu.py
     step gpu_tests_rest 40 150 python3 -m pytest -m "gpu and not slow" -q -p no:cacheprovider --timeout 100 -rfE \
         --junitxml "$OUT/gpu_tests_rest.xml" tests $(for f in $FIRST; do echo --deselect "$f"; done)
 fi

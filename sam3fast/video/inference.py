@@ -1238,7 +1238,7 @@ class Sam3VideoInference(Sam3VideoBase):
         for frame_idx in tqdm(processing_order, desc="propagate_in_video", disable=self.rank > 0 or not self.progress):
             out = self._run_single_frame_inference(inference_state, frame_idx, reverse)
             if self.hotstart_delay > 0:
-                hotstart_buffer.append([frame_idx, out])
+                hotstart_buffer.append([frame_idx, self._held_outputs(inference_state, frame_idx, out)])
                 hotstart_removed_obj_ids.update(out["removed_obj_ids"])
                 unconfirmed_obj_ids = out.get("unconfirmed_obj_ids", None)
                 if unconfirmed_obj_ids is not None:
@@ -1261,8 +1261,8 @@ class Sam3VideoInference(Sam3VideoBase):
                                 else yield_frame_idx - unconfirmed_status_delay)
                 status_frame = max(0, min(status_frame, inference_state["num_frames"] - 1))
                 unconfirmed_obj_ids = unconfirmed_obj_ids_per_frame.get(status_frame, None)
-                finish = self._postprocess_launch(inference_state, yield_out, hotstart_removed_obj_ids,
-                                                  suppressed_obj_ids, unconfirmed_obj_ids)
+                finish = self._postprocess_launch(inference_state, self._on_device(yield_out),
+                                                  hotstart_removed_obj_ids, suppressed_obj_ids, unconfirmed_obj_ids)
                 self._cache_frame_outputs(inference_state, yield_frame_idx, yield_out["obj_id_to_mask"],
                                           suppressed_obj_ids=suppressed_obj_ids,
                                           removed_obj_ids=hotstart_removed_obj_ids,
@@ -1417,8 +1417,29 @@ class Sam3VideoInference(Sam3VideoBase):
 
     def _cached_masks(self, inference_state, frame_idx):
         """A frame's cached masks, on the device (``{}`` for a frame without outputs)."""
+        return self._masks_to_device(inference_state["cached_frame_outputs"].get(frame_idx, {}))
+
+    def _masks_to_device(self, obj_id_to_mask):
+        # from pinned memory, asynchronous and after the copy that retired them (same stream)
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v
-                for k, v in inference_state["cached_frame_outputs"].get(frame_idx, {}).items()}
+                for k, v in obj_id_to_mask.items()}
+
+    def _held_outputs(self, inference_state, frame_idx, out):
+        """``out`` as the hotstart buffer keeps it for ``hotstart_delay`` frames. sam3fast: when
+        outputs retire, its masks are the cache's host copies (made as the frame ran, same keys):
+        otherwise the device holds ``hotstart_delay`` frames of video-resolution masks per object,
+        a growth with the objects tracked that the official placement has.
+        :meth:`_on_device` copies them back when the frame is post-processed."""
+        cached = inference_state["cached_frame_outputs"].get(frame_idx)
+        if not self._retires_outputs() or cached is None or cached.keys() != out["obj_id_to_mask"].keys():
+            return out
+        return dict(out, obj_id_to_mask=dict(cached))
+
+    def _on_device(self, out):
+        """A held frame's outputs with its masks on the device again (see :meth:`_held_outputs`)."""
+        if not self._retires_outputs():
+            return out
+        return dict(out, obj_id_to_mask=self._masks_to_device(out["obj_id_to_mask"]))
 
     def _build_tracker_output(self, inference_state, frame_idx, refined_obj_id_to_mask=None):
         if frame_idx not in inference_state.get("cached_frame_outputs", {}):

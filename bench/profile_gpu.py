@@ -1,0 +1,298 @@
+"""Where the time goes, by stage and by kernel: ``torch.profiler`` over sam3fast's eager paths.
+
+Each stage of the model is wrapped in a ``record_function`` range (forward pre/post hooks on the
+modules named below, no change to the model), then a few steady-state calls run under
+``torch.profiler.profile`` with CPU and CUDA activities. Two tables per part:
+
+* by stage: device (GPU) time of the kernels launched inside each range, per call / per frame,
+  and the host (CPU) time of the range; a stage whose host time exceeds its device time is
+  launch-bound (the case CUDA graphs fix);
+* the kernels with the most device time.
+
+Parts (sam3fast's own model, full-size ``sam3`` config, random weights drawn with the tests' video
+recipe so that clicked objects stay tracked; speed does not depend on weight values):
+
+* ``image``: ``ImagePredictor.predict`` at batch 1, one text prompt, eager (no CUDA graphs);
+* ``tracker``: the SAM 2-style tracker, N clicked objects on frame 0, ``propagate_in_video``;
+* ``concept``: the drop-in video predictor with a text prompt, ``propagate_in_video``.
+
+    python bench/profile_gpu.py                                  # GPU: image, tracker N = 1, 16, concept
+    python bench/profile_gpu.py --parts tracker --objects 4 --frames 12
+    python bench/profile_gpu.py --smoke                          # CPU, tiny config (CI keeps it alive)
+
+On a GPU the tables go to bench/results/profile_<part>_<gpu>_<date>.md; this is the first look
+before Nsight Systems (``SAM3FAST_NVTX=1 nsys profile ...``, README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import tempfile
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # video_clip
+sys.path.insert(0, HERE)
+
+from bench_image import machine_header  # noqa: E402
+
+# Stage name -> dotted module path, per model. Paths that a config lacks are skipped.
+IMAGE_STAGES = {
+    "vit_trunk": "backbone.vision_backbone.trunk",
+    "fpn_neck": "backbone.vision_backbone.convs",
+    "text_encoder": "backbone.language_backbone",
+    "geometry_encoder": "geometry_encoder",
+    "fusion_encoder": "transformer.encoder",
+    "detr_decoder": "transformer.decoder",
+    "segmentation_head": "segmentation_head",
+    "scoring": "dot_prod_scoring",
+}
+TRACKER_STAGES = {
+    "memory_attention": "transformer.encoder",
+    "mask_decoder": "sam_mask_decoder",
+    "prompt_encoder": "sam_prompt_encoder",
+    "memory_encoder": "maskmem_backbone",
+    "obj_ptr_proj": "obj_ptr_proj",
+}
+
+
+def _module(root, path):
+    m = root
+    for part in path.split("."):
+        if not hasattr(m, part):
+            return None
+        m = getattr(m, part)
+    return m
+
+
+def hook_stages(pairs):
+    """Wrap each (name, module) forward in a ``record_function(name)`` range; returns a remover."""
+    handles = []
+    for name, mod in pairs:
+        if mod is None:
+            continue
+        stack = []
+
+        def pre(_m, _a, name=name, stack=stack):
+            rf = torch.autograd.profiler.record_function("stage::" + name)
+            rf.__enter__()
+            stack.append(rf)
+
+        def post(_m, _a, _o, stack=stack):
+            stack.pop().__exit__(None, None, None)
+
+        handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+    return lambda: [h.remove() for h in handles]
+
+
+def _device_us(evt):
+    for attr in ("device_time_total", "cuda_time_total"):
+        if hasattr(evt, attr):
+            return float(getattr(evt, attr))
+    return 0.0
+
+
+def _self_device_us(evt):
+    for attr in ("self_device_time_total", "self_cuda_time_total"):
+        if hasattr(evt, attr):
+            return float(getattr(evt, attr))
+    return 0.0
+
+
+def profile(fn, calls, per, cuda, label):
+    """Run ``fn`` ``calls`` times under the profiler; tables normalised per ``per`` units (calls or
+    frames). Returns (markdown lines, summary dict)."""
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(calls):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    ka = prof.key_averages()
+    stages, kernels = [], []
+    total_kernel_us = 0.0
+    for e in ka:
+        if e.key.startswith("stage::"):
+            stages.append((e.key[7:], e.count, _device_us(e), float(e.cpu_time_total)))
+        elif _self_device_us(e) > 0 and not e.key.startswith(("ProfilerStep", "stage::")):
+            kernels.append((e.key, e.count, _self_device_us(e)))
+    kernels.sort(key=lambda r: -r[2])
+    total_kernel_us = sum(k[2] for k in kernels)
+    lines = [f"## {label}", "",
+             f"{calls} profiled calls; times per {per[0]} ({per[1]} {per[0]}s in all). Device time of all kernels: "
+             f"{total_kernel_us / 1e3 / per[1]:.2f} ms per {per[0]}.", "",
+             f"| stage | calls per {per[0]} | device ms per {per[0]} | host ms per {per[0]} | device share |",
+             "|---|---:|---:|---:|---:|"]
+    for name, count, dev, host in sorted(stages, key=lambda r: -r[2]):
+        share = dev / total_kernel_us if total_kernel_us else 0.0
+        lines.append(f"| {name} | {count / per[1]:.2f} | {dev / 1e3 / per[1]:.3f} | {host / 1e3 / per[1]:.3f} | "
+                     f"{100 * share:.1f} % |")
+    lines += ["", f"| kernel (top 30 by device time) | launches per {per[0]} | device ms per {per[0]} | share |",
+              "|---|---:|---:|---:|"]
+    for key, count, dev in kernels[:30]:
+        short = key if len(key) <= 90 else key[:87] + "..."
+        lines.append(f"| `{short}` | {count / per[1]:.1f} | {dev / 1e3 / per[1]:.3f} | "
+                     f"{100 * dev / max(total_kernel_us, 1e-9):.1f} % |")
+    summary = {"label": label, "per": per[0], "kernel_ms": total_kernel_us / 1e3 / per[1],
+               "stages": {n: {"device_ms": d / 1e3 / per[1], "host_ms": h / 1e3 / per[1], "calls": c / per[1]}
+                          for n, c, d, h in stages}}
+    return lines + [""], summary
+
+
+def _video_model(cfg, device, dtype):
+    import sam3fast
+    from sam3fast.model.init import stable_random_init_
+
+    model = sam3fast.build_sam3_video_model(config=cfg, device="cpu", load_from_HF=False)
+    stable_random_init_(model, seed=20, score_gain=6.0, presence_shift=3.0)  # the tests' video recipe
+    with torch.no_grad():
+        model.tracker.sam_mask_decoder.pred_obj_score_head.layers[2].bias.add_(5.0)  # clicked objects stay
+    return model.state_dict()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny config on CPU, 2 frames, one call per part")
+    ap.add_argument("--config", default="sam3")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--parts", default="image,tracker,concept")
+    ap.add_argument("--objects", default="1,16", help="tracker part: clicked objects, comma-separated")
+    ap.add_argument("--frames", type=int, default=8)
+    ap.add_argument("--calls", type=int, default=5, help="image part: profiled calls")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.config, args.device, args.dtype, args.frames, args.calls, args.objects = "tiny", "cpu", "float32", 3, 1, "1"
+    import sam3fast
+    from video_clip import make_clip, write_jpg_folder
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    dtype = args.dtype
+    cfg = sam3fast.get_config(args.config)
+    parts = args.parts.split(",")
+    header = machine_header(device)
+    date = datetime.date.today().isoformat()
+    out = {}
+
+    def write(part, lines):
+        text = "\n".join([f"# profile: {part}, config {args.config}, {dtype}, "
+                          f"{header.get('gpu', header['device'])}, torch {header['torch']}, {date}", ""] + lines)
+        print(text, flush=True)
+        if cuda and not args.smoke:
+            os.makedirs(args.out, exist_ok=True)
+            gpu = header.get("gpu", "gpu").replace(" ", "_")
+            path = os.path.join(args.out, f"profile_{part}_{args.config}_{gpu}_{date}.md")
+            with open(path, "w") as f:
+                f.write(text + "\n")
+            print("wrote", path)
+
+    ctx = torch.autocast("cuda", enabled=False) if cuda else torch.autocast("cpu", enabled=False)
+    with torch.inference_mode(), ctx:
+        if "image" in parts:
+            model = sam3fast.build_image_model(cfg, device=device, dtype=dtype)
+            pred = sam3fast.ImagePredictor(model, cuda_graphs=False)
+            rng = np.random.default_rng(0)
+            image = rng.integers(0, 256, (720, 1280, 3), dtype=np.uint8)
+            for _ in range(1 if args.smoke else 3):
+                pred.predict([image], ["yellow bird"])  # warm-up (cuDNN/Triton autotune, caches)
+            remove = hook_stages([(n, _module(model, p)) for n, p in IMAGE_STAGES.items()])
+            try:
+                lines, out["image"] = profile(lambda: pred.predict([image], ["yellow bird"]), args.calls,
+                                              ("call", args.calls), cuda, "image: ImagePredictor.predict, batch 1, "
+                                              "one text prompt, eager")
+            finally:
+                remove()
+            write("image", lines)
+            del model, pred
+            if cuda:
+                torch.cuda.empty_cache()
+
+        if "tracker" in parts or "concept" in parts:
+            weights = _video_model(cfg, device, dtype)
+            with tempfile.TemporaryDirectory(prefix="profile_gpu_") as tmp:
+                clip = write_jpg_folder(make_clip(args.frames, 540 if not args.smoke else 72,
+                                                  960 if not args.smoke else 96), os.path.join(tmp, "frames"))
+                if "tracker" in parts:
+                    from bench_video import grid_points
+
+                    model = sam3fast.build_sam3_video_model(config=cfg, device=device, dtype=dtype,
+                                                            load_from_HF=False)
+                    model.load_state_dict(weights)
+                    tracker = model.tracker
+                    tracker.backbone = model.detector.backbone
+                    lines = []
+                    for n in [int(x) for x in args.objects.split(",")]:
+                        def session(n=n):
+                            st = tracker.init_state(video_path=clip)
+                            for i, (x, y) in enumerate(grid_points(n)):
+                                tracker.add_new_points_or_box(st, frame_idx=0, obj_id=i,
+                                                              points=torch.tensor([[x, y]]),
+                                                              labels=torch.tensor([1], dtype=torch.int32))
+                            for _ in tracker.propagate_in_video(st, start_frame_idx=0,
+                                                                max_frame_num_to_track=args.frames - 1,
+                                                                reverse=False, tqdm_disable=True,
+                                                                propagate_preflight=True):
+                                pass
+
+                        session()  # warm-up
+                        stages = [(n_, _module(tracker, p)) for n_, p in TRACKER_STAGES.items()]
+                        stages.append(("vit_trunk", model.detector.backbone.vision_backbone.trunk))
+                        remove = hook_stages(stages)
+                        try:
+                            part_lines, out[f"tracker_{n}"] = profile(
+                                session, 1, ("frame", args.frames), cuda,
+                                f"tracker: {n} clicked object(s), {args.frames} frames of 540 x 960 (backbone included)")
+                        finally:
+                            remove()
+                        lines += part_lines
+                    write("tracker", lines)
+                    del model, tracker
+                    if cuda:
+                        torch.cuda.empty_cache()
+
+                if "concept" in parts:
+                    pred = sam3fast.build_sam3_video_predictor(config=cfg, device=device, dtype=dtype,
+                                                               load_from_HF=False)
+                    pred.model.load_state_dict(weights)
+                    pred.model.detector.cuda_graphs = False  # eager, so that its stages show their kernels
+
+                    def concept_session():
+                        sid = pred.handle_request({"type": "start_session", "resource_path": clip})["session_id"]
+                        pred.handle_request({"type": "add_prompt", "session_id": sid, "frame_index": 0,
+                                             "text": "blob"})
+                        counts = [len(r["outputs"]["out_obj_ids"]) for r in pred.handle_stream_request(
+                            {"type": "propagate_in_video", "session_id": sid})]
+                        pred.handle_request({"type": "close_session", "session_id": sid})
+                        return counts
+
+                    concept_session()  # warm-up (graph capture, autotune)
+                    det, trk = pred.model.detector, pred.model.tracker
+                    stages = [("detector_" + n_, _module(det, p)) for n_, p in IMAGE_STAGES.items()]
+                    stages += [("tracker_" + n_, _module(trk, p)) for n_, p in TRACKER_STAGES.items()]
+                    remove = hook_stages(stages)
+                    counts = []
+                    try:
+                        lines, out["concept"] = profile(lambda: counts.extend(concept_session()), 1,
+                                                        ("frame", args.frames), cuda,
+                                                        f"concept video: text prompt, {args.frames} frames of "
+                                                        f"540 x 960")
+                    finally:
+                        remove()
+                    lines.insert(2, f"Objects per frame (outputs): {counts}. The detector runs eagerly here "
+                                    "(``detector.cuda_graphs = False``) so that its stages show their kernels.")
+                    write("concept", lines)
+                    if hasattr(pred, "shutdown"):
+                        pred.shutdown()
+    return out
+
+
+if __name__ == "__main__":
+    main()
