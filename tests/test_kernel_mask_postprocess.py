@@ -206,6 +206,181 @@ def test_kernel_empty_and_zero_objects():
     assert packed.shape == (0, 13, 2) and boxes.shape == (0, 4) and areas.shape == (0,)
 
 
+# ---- the skip of (object, tile) pairs that cannot hold foreground ------------------------------
+
+
+def _compact_inputs(h, w, seed, integer=False, dtype=torch.float32):
+    """Nine objects made to stress the skip: blobs in two corners, a single positive low-res pixel on
+    the border, one with no positive logit (but exact zeros), an inactive one, a positive pixel ringed
+    by exact zeros, a random interior blob, a random single pixel, a one-column strip. ``integer``:
+    small integers (with a dyadic scale factor the interpolation is exact)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(lo, hi):  # inclusive
+        return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+    N = 9
+    if integer:
+        bg = -torch.randint(1, 4, (N, h, w), generator=g).float()
+        fg = torch.randint(1, 4, (N, h, w), generator=g).float()
+    else:
+        bg = -(torch.rand(N, h, w, generator=g) * 4 + 0.05)
+        fg = torch.rand(N, h, w, generator=g) * 4 + 0.05
+    masks = bg.clone()
+
+    def put(n, r0, r1, c0, c1):
+        masks[n, r0:r1 + 1, c0:c1 + 1] = fg[n, r0:r1 + 1, c0:c1 + 1]
+
+    r1, c1 = rnd(0, (h - 1) // 2), rnd(0, (w - 1) // 2)
+    masks[0, : r1 + 2, : c1 + 2] = 0  # exact zeros just outside the blob
+    put(0, 0, r1, 0, c1)
+    put(1, rnd(h // 2, h - 1), h - 1, rnd(w // 2, w - 1), w - 1)
+    c = rnd(0, w - 1)
+    put(2, h - 1, h - 1, c, c)
+    masks[3][torch.rand(h, w, generator=g) < 0.3] = 0
+    masks[4] = fg[4]
+    r, c = rnd(0, h - 1), rnd(0, w - 1)
+    masks[5, max(r - 1, 0): r + 2, max(c - 1, 0): c + 2] = 0
+    put(5, r, r, c, c)
+    r0, c0 = rnd(0, h - 1), rnd(0, w - 1)
+    put(6, r0, rnd(r0, h - 1), c0, rnd(c0, w - 1))
+    r, c = rnd(0, h - 1), rnd(0, w - 1)
+    put(7, r, r, c, c)
+    put(8, 0, h - 1, 0, 0)
+    scores = torch.rand(N, generator=g)
+    scores[6] = scores[0]
+    active = torch.ones(N, dtype=torch.bool)
+    active[4] = False
+    return masks.to(dtype), scores, active
+
+
+def _positive_boxes_brute(masks, active):
+    """(N, 4) first row, last row, first column, last column of masks[n] > 0 by a loop over objects;
+    h, -1, w, -1 where there is none or the object is inactive."""
+    N, h, w = masks.shape
+    out = []
+    for n in range(N):
+        idx = (masks[n].float() > 0).nonzero()
+        if not active[n] or len(idx) == 0:
+            out.append([h, -1, w, -1])
+        else:
+            out.append([int(idx[:, 0].min()), int(idx[:, 0].max()), int(idx[:, 1].min()), int(idx[:, 1].max())])
+    return torch.tensor(out, dtype=torch.int32)
+
+
+def _taps(n_in, n_out):
+    """(i0, i1) source taps of every output index: the module docstring's float32 formula."""
+    scale = torch.tensor(n_in / n_out, dtype=torch.float32)
+    s = torch.clamp(scale * (torch.arange(n_out, dtype=torch.float32) + 0.5) - 0.5, min=0)
+    i0 = s.to(torch.int32).clamp(max=n_in - 1)
+    return i0, torch.where(i0 < n_in - 1, i0 + 1, i0)
+
+
+def _pairs_skipped(masks, active, H, W, block_h, block_words):
+    """(skipped, evaluated) (active object, tile) pairs by the rule the kernel applies, so a test can
+    show its inputs take both branches."""
+    N, h, w = masks.shape
+    box = _positive_boxes_brute(masks, active)
+    y0, y1 = _taps(h, H)
+    x0, x1 = _taps(w, W)
+    skipped = evaluated = 0
+    for ty in range(0, H, block_h):
+        rows = slice(ty, min(ty + block_h, H))
+        for tx in range(0, W, 32 * block_words):
+            cols = slice(tx, min(tx + 32 * block_words, W))
+            lo_y, hi_y, lo_x, hi_x = int(y0[rows].min()), int(y1[rows].max()), int(x0[cols].min()), int(x1[cols].max())
+            for n in range(N):
+                if active[n]:
+                    r_lo, r_hi, c_lo, c_hi = box[n].tolist()
+                    meets = r_lo <= hi_y and r_hi >= lo_y and c_lo <= hi_x and c_hi >= lo_x
+                    skipped, evaluated = skipped + (not meets), evaluated + meets
+    return skipped, evaluated
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", [(7, 13), (20, 600), (9, 1000), (1, 1), (300, 3)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_positive_boxes_brute_force(shape, dtype):
+    """The pre-kernel's boxes (several row blocks and column chunks merged by atomics for the wide
+    shapes) against a loop; NaN and -inf are not positive, +inf is."""
+    h, w = shape
+    masks, _, active = _compact_inputs(h, w, seed=h * w, dtype=dtype)
+    g = torch.Generator().manual_seed(w)
+    noisy = torch.randn(3, h, w, generator=g).to(dtype)
+    noisy[0].view(-1)[torch.randint(0, h * w, (3,), generator=g)] = float("nan")
+    noisy[1] = -noisy[1].abs()
+    noisy[1].view(-1)[torch.randint(0, h * w, (2,), generator=g)] = float("-inf")
+    noisy[1].view(-1)[torch.randint(0, h * w, (1,), generator=g)] = float("inf")
+    masks = torch.cat([masks, noisy])
+    active = torch.cat([active, torch.ones(3, dtype=torch.bool)])
+    pbox = mp._positive_boxes(masks, active)
+    assert pbox.shape == (masks.shape[0], 4) and pbox.dtype == torch.int32
+    got = torch.stack([h - pbox[:, 0], pbox[:, 1] - 1, w - pbox[:, 2], pbox[:, 3] - 1], dim=1)
+    want = _positive_boxes_brute(masks, active)
+    assert torch.equal(got, want)
+    assert (want[:, 1] == -1).any() and (want[:, 1] >= 0).any()
+    assert mp._positive_boxes(masks[:0], active[:0]).shape == (0, 4)
+
+
+# (h, w, H, W): up, down in both, down in H and up in W, same size, a one-row grid.
+SKIP_SHAPES = [(7, 13, 37, 70), (40, 33, 17, 20), (24, 40, 11, 100), (13, 13, 13, 13), (1, 9, 6, 40)]
+
+
+@needs_triton
+@pytest.mark.parametrize("tile", [(32, 4), (4, 1), (1, 2)], ids=lambda t: f"{t[0]}x{t[1] * 32}")
+@pytest.mark.parametrize("non_overlap", [False, True], ids=["overlap", "non_overlap"])
+@pytest.mark.parametrize("shape", SKIP_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_kernel_skip_compact(shape, non_overlap, tile):
+    """Compact objects at the borders and corners: the reference's masks (exactly where no pixel is
+    ambiguous) and, bit for bit, the kernel's own outputs with the skip turned off."""
+    h, w, H, W = shape
+    bh, bk = tile
+    masks, scores, active = _compact_inputs(h, w, seed=sum(shape) + bh)
+    skipped, evaluated = _pairs_skipped(masks, active, H, W, bh, bk)
+    assert skipped > 0 and evaluated > 0, (skipped, evaluated)
+    _check(masks, scores, active, H, W, non_overlap, block_h=bh, block_words=bk)
+    got = _run_kernel(masks, scores, active, H, W, non_overlap, block_h=bh, block_words=bk)
+    full = _run_kernel(masks, scores, active, H, W, non_overlap, block_h=bh, block_words=bk, skip_empty=False)
+    for x, y in zip(got, full):
+        assert torch.equal(x, y)
+    assert (got[2][active] > 0).sum() >= 3 and (got[2][~active] == 0).all()
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", [(7, 13, 14, 26), (6, 10, 24, 40), (12, 14, 6, 7)], ids=["up2", "up4", "down2"])
+def test_kernel_skip_exact_dyadic(shape):
+    """Integer logits and power-of-two scales: every interpolated logit is exact, ties at 0
+    included, so the kernel equals the float32 and float64 references bit for bit, with and without
+    the skip, for both rules and several tiles."""
+    h, w, H, W = shape
+    masks, scores, active = _compact_inputs(h, w, seed=h + w, integer=True)
+    logits = F.interpolate(masks.unsqueeze(1), size=(H, W), mode="bilinear", align_corners=False)
+    assert (logits == 0).any()
+    for non_overlap in (False, True):
+        r32 = mp.mask_postprocess_ref(masks, scores, active, H, W, non_overlap)
+        r64 = mp.mask_postprocess_ref(masks.double(), scores, active, H, W, non_overlap)
+        for (bh, bk), skip in [((32, 4), True), ((2, 1), True), ((4, 2), True), ((32, 4), False)]:
+            got = _run_kernel(masks, scores, active, H, W, non_overlap, block_h=bh, block_words=bk, skip_empty=skip)
+            for x, y, z in zip(got, r32, r64):
+                assert torch.equal(x, y) and torch.equal(x, z)
+
+
+@needs_triton
+@pytest.mark.parametrize("non_overlap", [False, True], ids=["overlap", "non_overlap"])
+def test_kernel_skip_nonfinite(non_overlap):
+    """NaN and infinite logits: a skipped pair is background exactly when the full evaluation says
+    so (NaN and -inf taps are not positive and give NaN or <= 0; +inf is inside the box)."""
+    masks, scores, active = _compact_inputs(7, 13, seed=3)
+    g = torch.Generator().manual_seed(4)
+    for value in (float("nan"), float("-inf"), float("inf")):
+        n = int(torch.randint(0, 9, (1,), generator=g))
+        masks[n].view(-1)[torch.randint(0, 7 * 13, (2,), generator=g)] = value
+    got = _run_kernel(masks, scores, active, 37, 70, non_overlap, block_h=4, block_words=1)
+    full = _run_kernel(masks, scores, active, 37, 70, non_overlap, block_h=4, block_words=1, skip_empty=False)
+    for x, y in zip(got, full):
+        assert torch.equal(x, y)
+
+
 def test_bit_layout():
     """Bit j of word k is pixel 32 k + j, little-endian within the int32 word."""
     keep = torch.zeros(1, 2, 70, dtype=torch.bool)
@@ -335,15 +510,24 @@ def test_kernel_compiles_for_sm90():
         import triton
         from triton.backends.compiler import GPUTarget
         from sam3fast.kernels import mask_postprocess as mp
+        T = GPUTarget("cuda", 90, 32)
         for dt in ("bf16", "fp32"):
             for no in (False, True):
-                sig = {"masks_ptr": "*" + dt, "scores_ptr": "*fp32", "active_ptr": "*u8", "packed_ptr": "*i32",
-                       "stats_ptr": "*i32", "N": "i32", "h": "i32", "w": "i32", "H": "i32", "W": "i32",
-                       "WP": "i32", "scale_h": "fp32", "scale_w": "fp32"}
-                src = triton.compiler.ASTSource(fn=mp._mask_postprocess_kernel, signature=sig,
-                                                constexprs={"NON_OVERLAP": no, "BLOCK_H": 8, "BLOCK_WORDS": 4})
-                k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-                assert k.asm["ptx"].count("atom.global") == 5, "expected 5 predicated scalar atomics"
+                for skip in (False, True):
+                    sig = {"masks_ptr": "*" + dt, "scores_ptr": "*fp32", "active_ptr": "*u8", "pbox_ptr": "*i32",
+                           "packed_ptr": "*i32", "stats_ptr": "*i32", "N": "i32", "h": "i32", "w": "i32",
+                           "H": "i32", "W": "i32", "WP": "i32", "scale_h": "fp32", "scale_w": "fp32"}
+                    cx = {"NON_OVERLAP": no, "SKIP_EMPTY": skip, "BLOCK_H": 8, "BLOCK_WORDS": 4}
+                    sig.update({n: "constexpr" for n in cx})
+                    src = triton.compiler.ASTSource(fn=mp._mask_postprocess_kernel, signature=sig, constexprs=cx)
+                    k = triton.compile(src, target=T, options={"num_warps": 8})
+                    assert k.asm["ptx"].count("atom.global") == 5, "expected 5 predicated scalar atomics"
+            sig = {"masks_ptr": "*" + dt, "active_ptr": "*u8", "pbox_ptr": "*i32", "h": "i32", "w": "i32",
+                   "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
+            src = triton.compiler.ASTSource(fn=mp._positive_box_kernel, signature=sig,
+                                            constexprs={"BLOCK_R": 8, "BLOCK_C": 512})
+            k = triton.compile(src, target=T, options={"num_warps": 4})
+            assert k.asm["ptx"].count("atom.global") == 4, "expected 4 predicated scalar atomics (the box)"
         print("ok")
         """
     )

@@ -62,13 +62,15 @@ if [[ $PHASE == a ]]; then
     step bench_mask_iou 30 30 python3 bench/bench_mask_iou.py
     step bench_rpb 30 40 python3 bench/bench_rpb_attention.py --no-compile
 else
-    step bench_image 100 150 python3 bench/bench_image.py --iters 10
-    # concept video first (the drop-in predictor, official vs sam3fast), then the clicked-object tracker
-    step bench_video_concept 100 170 python3 bench/bench_video.py --parts concept --dtype bfloat16 --frames 24 \
-        --iters 1 --no-compile
+    # the tracker first (the memory-attention change of 2026-11-26 is what it measures), then the
+    # concept video, the profile, and image latency with the compiled rows last (inductor compiles
+    # of the full trunk take minutes)
     step bench_video_tracker 100 170 python3 bench/bench_video.py --parts tracker --dtype bfloat16 --frames 24 \
         --objects 1,5,16 --iters 1 --no-compile
+    step bench_video_concept 100 150 python3 bench/bench_video.py --parts concept --dtype bfloat16 --frames 24 \
+        --iters 1 --no-compile
     step profile 60 120 python3 bench/profile_gpu.py
+    step bench_image 90 240 python3 bench/bench_image.py --iters 10 --compile
     step gpu_tests_rest 40 150 python3 -m pytest -m "gpu and not slow" -q -p no:cacheprovider --timeout 100 -rfE \
         --junitxml "$OUT/gpu_tests_rest.xml" tests $(for f in $FIRST; do echo --deselect "$f"; done)
 fi
