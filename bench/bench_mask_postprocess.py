@@ -1,7 +1,10 @@
 """Benchmark of the fused mask post-processing (``sam3fast::mask_postprocess``).
 
 Compares, for N low-resolution mask logits (N, h, w) -> (H, W), with and without non-overlap:
-  triton            the fused kernel (through the custom op)
+  triton            the fused kernel: a sweep of tiles, and the custom op (default tile)
+  triton ... skip_empty=False
+                    the same kernel evaluating every (object, tile) pair, as before the skip of pairs
+                    whose tile cannot meet the object's positive logits (the outputs are identical)
   ref eager         ``mask_postprocess_ref``: the same outputs (packed bits, boxes, areas) in eager PyTorch
   ref compiled      torch.compile of it
   official eager    what the official code does: F.interpolate -> sigmoid -> > 0.5 (sam3_image_processor
@@ -21,6 +24,7 @@ CPU numbers (``--smoke``) check that the script runs; they are not performance n
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 
@@ -39,6 +43,8 @@ import torch.nn.functional as F  # noqa: E402
 from sam3fast.kernels import mask_postprocess as mp  # noqa: E402
 
 TILES = [(8, 4, 8), (4, 4, 4), (8, 2, 4), (16, 4, 8), (4, 8, 4), (2, 4, 2)]  # (block_h, block_words, num_warps)
+_LAUNCH = inspect.signature(mp._mask_postprocess_triton).parameters
+DEFAULT_TILE = tuple(_LAUNCH[k].default for k in ("block_h", "block_words", "num_warps"))  # what the op runs
 
 
 def official_style(masks, scores, active, H, W, non_overlap):
@@ -126,6 +132,13 @@ def main(argv=None):
         if device.type == "cuda":
             op = torch.ops.sam3fast.mask_postprocess
             cands["triton (op, default tile)"] = lambda: op(masks, scores, active, H, W, non_overlap)
+        # The kernel before the skip of empty pairs, at the tile the op uses (the interpreter: the
+        # smoke tile), beside the sweep row of that tile with the skip.
+        bh, bk, nw = tiles[0] if device.type == "cpu" else DEFAULT_TILE
+        tile = dict(block_h=bh, block_words=bk, num_warps=nw, skip_empty=False)
+        cands[f"triton {bh}x{bk * 32} w{nw} skip_empty=False"] = (
+            lambda tile=tile: mp._mask_postprocess_triton(masks, scores, active, H, W, non_overlap, **tile)
+        )
         cands["ref eager"] = lambda: mp.mask_postprocess_ref(masks, scores, active, H, W, non_overlap)
         cands["official eager"] = lambda: official_style(masks, scores, active, H, W, non_overlap)
         if not args.no_compile:

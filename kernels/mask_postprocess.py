@@ -37,12 +37,14 @@ Boxes and areas are those of the masks after the non-overlap rule. ``unpack_mask
 back into (N, H, W) bool.
 
 Skipping empty (object, tile) pairs (the Triton kernel; exact, outputs bit for bit those without it).
-Real masks are compact: most output tiles of most objects are background, and the interpolation and
-packing of those pairs were most of the kernel's time. For y < H, sy < h (it is at most
-h - 0.5 - h / (2 H), and float32 moves it by far less than 0.5 while h < 2**22), so y0 = floor(sy)
+Real masks are compact: most output tiles of most objects are background, yet without the skip the
+kernel (instruction-bound) interpolates and packs every pair. For y < H, sy < h (it is at most
+h - 0.5 - h / (2 H), and float32 moves it by less than 0.5 while h < 2**21), so y0 = floor(sy)
 is never clamped and both weights 1 - ly and ly lie in [0, 1]; the same holds for x. The logit is
 then a sum of products of non-negative weights and the 4 taps, and in IEEE float32 (fused or not)
-such a sum is <= 0, -0 or NaN when every tap is <= 0 or NaN: that pixel is background. So an object
+such a sum is <= 0 or NaN when every tap is <= 0 (-inf included) or NaN: that pixel is background
+(NaN > 0 is false). The launcher turns the skip off for grids of 2**21 or more rows or columns,
+where that bound is not shown. So an object
 can be foreground in a tile only if the rectangle of taps the tile reads, [min y0, max y1] x
 [min x0, max x1] over its valid pixels (reduced in the kernel from the very indices it gathers
 with), meets the bounding box of the object's positive logits (masks[n] > 0; empty for an object
@@ -365,6 +367,9 @@ def _mask_postprocess_triton(
         masks = masks.contiguous()
         scores = scores.contiguous()
         active_u8 = active.contiguous().view(torch.uint8)  # bool pointers are avoided: plain bytes
+        # Past 2**21 source rows or columns float32 source coordinates could clamp and give a weight
+        # outside [0, 1] (module docstring): the skip would no longer be exact.
+        skip_empty = skip_empty and max(h, w) < 2**21
         # Without the skip the kernel never reads the boxes: any int32 pointer will do.
         pbox = _positive_boxes(masks, active) if skip_empty else stats
         grid = (triton.cdiv(WP, block_words), triton.cdiv(H, block_h))

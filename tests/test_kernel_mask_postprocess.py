@@ -68,7 +68,8 @@ def _run_kernel(masks, scores, active, H, W, non_overlap, **launch):
 
 
 def _check(masks, scores, active, H, W, non_overlap, **launch):
-    """Kernel vs the float64 reference; returns the number of ambiguous pixels."""
+    """Kernel vs the float64 reference; returns the number of ambiguous pixels, the float64
+    foreground and the kernel's outputs."""
     N = masks.shape[0]
     packed, boxes, areas = _run_kernel(masks, scores, active, H, W, non_overlap, **launch)
     assert packed.shape == (N, H, (W + 31) // 32) and packed.dtype == torch.int32
@@ -96,7 +97,7 @@ def _check(masks, scores, active, H, W, non_overlap, **launch):
     if not ambiguous.any():
         assert torch.equal(packed.cpu(), ref_packed)
         assert torch.equal(boxes.cpu(), ref_boxes) and torch.equal(areas.cpu(), ref_areas)
-    return int(ambiguous.sum()), fg
+    return int(ambiguous.sum()), fg, (packed, boxes, areas)
 
 
 # (N, h, w, H, W): odd sizes, W not a multiple of 32 or of the tile, up- and down-sampling.
@@ -119,7 +120,7 @@ def test_kernel_matches_reference(shape, non_overlap):
     masks, scores, active = _inputs(N, h, w, seed=sum(shape))
     if shape[1:3] == (1, 1):
         masks.fill_(0.75)
-    n_ambig, fg = _check(masks, scores, active, H, W, non_overlap, **INTERP_TILE)
+    n_ambig, fg, _ = _check(masks, scores, active, H, W, non_overlap, **INTERP_TILE)
     assert n_ambig < 0.001 * H * W
     assert fg[active].flatten(1).any(dim=1).all(), "an active object is empty: the test proves little"
     if N >= 3 and not non_overlap:
@@ -298,7 +299,9 @@ def _pairs_skipped(masks, active, H, W, block_h, block_words):
 
 
 @needs_triton
-@pytest.mark.parametrize("shape", [(7, 13), (20, 600), (9, 1000), (1, 1), (300, 3)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape", [(7, 13), (20, 600), (9, 1000), (1, 1), (300, 3)], ids=lambda s: "x".join(map(str, s))
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_positive_boxes_brute_force(shape, dtype):
     """The pre-kernel's boxes (several row blocks and column chunks merged by atomics for the wide
@@ -327,7 +330,7 @@ SKIP_SHAPES = [(7, 13, 37, 70), (40, 33, 17, 20), (24, 40, 11, 100), (13, 13, 13
 
 
 @needs_triton
-@pytest.mark.parametrize("tile", [(32, 4), (4, 1), (1, 2)], ids=lambda t: f"{t[0]}x{t[1] * 32}")
+@pytest.mark.parametrize("tile", [(32, 4), (4, 1), (2, 2)], ids=lambda t: f"{t[0]}x{t[1] * 32}")
 @pytest.mark.parametrize("non_overlap", [False, True], ids=["overlap", "non_overlap"])
 @pytest.mark.parametrize("shape", SKIP_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_kernel_skip_compact(shape, non_overlap, tile):
@@ -338,8 +341,7 @@ def test_kernel_skip_compact(shape, non_overlap, tile):
     masks, scores, active = _compact_inputs(h, w, seed=sum(shape) + bh)
     skipped, evaluated = _pairs_skipped(masks, active, H, W, bh, bk)
     assert skipped > 0 and evaluated > 0, (skipped, evaluated)
-    _check(masks, scores, active, H, W, non_overlap, block_h=bh, block_words=bk)
-    got = _run_kernel(masks, scores, active, H, W, non_overlap, block_h=bh, block_words=bk)
+    _, _, got = _check(masks, scores, active, H, W, non_overlap, block_h=bh, block_words=bk)
     full = _run_kernel(masks, scores, active, H, W, non_overlap, block_h=bh, block_words=bk, skip_empty=False)
     for x, y in zip(got, full):
         assert torch.equal(x, y)
@@ -359,13 +361,14 @@ def test_kernel_skip_exact_dyadic(shape):
     for non_overlap in (False, True):
         r32 = mp.mask_postprocess_ref(masks, scores, active, H, W, non_overlap)
         r64 = mp.mask_postprocess_ref(masks.double(), scores, active, H, W, non_overlap)
-        for (bh, bk), skip in [((32, 4), True), ((2, 1), True), ((4, 2), True), ((32, 4), False)]:
+        for (bh, bk), skip in [((32, 4), True), ((4, 1), True), ((32, 4), False)]:
             got = _run_kernel(masks, scores, active, H, W, non_overlap, block_h=bh, block_words=bk, skip_empty=skip)
             for x, y, z in zip(got, r32, r64):
                 assert torch.equal(x, y) and torch.equal(x, z)
 
 
 @needs_triton
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's 0 * inf
 @pytest.mark.parametrize("non_overlap", [False, True], ids=["overlap", "non_overlap"])
 def test_kernel_skip_nonfinite(non_overlap):
     """NaN and infinite logits: a skipped pair is background exactly when the full evaluation says
@@ -375,8 +378,8 @@ def test_kernel_skip_nonfinite(non_overlap):
     for value in (float("nan"), float("-inf"), float("inf")):
         n = int(torch.randint(0, 9, (1,), generator=g))
         masks[n].view(-1)[torch.randint(0, 7 * 13, (2,), generator=g)] = value
-    got = _run_kernel(masks, scores, active, 37, 70, non_overlap, block_h=4, block_words=1)
-    full = _run_kernel(masks, scores, active, 37, 70, non_overlap, block_h=4, block_words=1, skip_empty=False)
+    got = _run_kernel(masks, scores, active, 21, 40, non_overlap, block_h=4, block_words=1)
+    full = _run_kernel(masks, scores, active, 21, 40, non_overlap, block_h=4, block_words=1, skip_empty=False)
     for x, y in zip(got, full):
         assert torch.equal(x, y)
 
