@@ -12,8 +12,10 @@ the last frame (backbone included), for N objects. Variants:
   every frame's ``tracker.forward_image`` output is computed beforehand and put in
   ``state["cached_features"]`` (an ``init_state`` argument of both packages).
 * sam3fast only: ``perframe`` = ``tracker.fixed_capacity_step = False`` (the official per-frame
-  memory selection, host syncs) instead of the preallocated memory bank; ``compiled`` =
-  ``tracker.compile_step()`` (``mode="reduce-overhead"``, CUDA graphs, on CUDA).
+  memory selection, host syncs) instead of the preallocated memory bank; ``graphed`` =
+  ``tracker.cuda_graphs = True`` (the propagation step captured as a CUDA graph per object bucket,
+  CUDA only); ``compiled`` = ``tracker.compile_step()`` (``mode="reduce-overhead"``, CUDA graphs,
+  on CUDA).
 
 Part 2, concept video (``build_sam3_video_predictor``: detector on every frame + tracker):
 ``start_session`` on the clip, ``add_prompt(text)`` on frame 0, then the ``propagate_in_video``
@@ -320,6 +322,10 @@ def _main(args, tmp):
                     free()
 
             variants("", per_frame_too=True)
+            if cuda:  # the propagation step as a CUDA graph per bucket (tracker.cuda_graphs)
+                tracker.cuda_graphs = True
+                variants(" graphed", per_frame_too=False)
+                tracker.cuda_graphs = False
             if compile_rows:
                 tracker.compile_step(mode="reduce-overhead" if cuda else None)
                 variants(" compiled", per_frame_too=False)
@@ -362,11 +368,12 @@ def _main(args, tmp):
             predictor.model.compile_model = compile_model
             return predictor
 
-        def ours_predictor(dtype, compile=False, pipelined=False, det_graphs=True):
+        def ours_predictor(dtype, compile=False, pipelined=False, det_graphs=True, tracker_graphs=False):
             pred = sam3fast.build_sam3_video_predictor(checkpoint_path=ckpt, config=cfg, device=device, dtype=dtype,
                                                        compile=compile)
             pred.model.pipelined_outputs = pipelined  # outputs copied while the next frame runs
             pred.model.detector.cuda_graphs = det_graphs  # per-frame detector as one CUDA-graph replay (CUDA)
+            pred.model.tracker.cuda_graphs = tracker_graphs  # the propagation step as a CUDA graph (CUDA)
             return pred
 
         if not args.no_official:
@@ -377,6 +384,8 @@ def _main(args, tmp):
             if cuda:  # on CPU the detector runs eagerly either way
                 concept("sam3fast", dtype, "e2e det-eager", lambda d=dtype: ours_predictor(d, det_graphs=False),
                         ours_mode)
+                concept("sam3fast", dtype, "e2e pipelined tracker-graphed",
+                        lambda d=dtype: ours_predictor(d, pipelined=True, tracker_graphs=True), ours_mode)
             if compile_rows:
                 concept("sam3fast", dtype, "compiled", lambda d=dtype: ours_predictor(d, compile=True), ours_mode)
         if args.official_compile and not args.no_official:  # last: it changes global dynamo settings

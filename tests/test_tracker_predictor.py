@@ -921,3 +921,112 @@ def test_cuda_steady_state_has_no_sync(own_gpu, compiled):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert len(rest) == len(pair.frames) - 4
+
+
+# ----------------------------------------------------------------------------------------------
+# The propagation step as a CUDA graph (sam3fast.video.tracker_graphs)
+
+
+def three_objects(pred, p):
+    """Three objects: the graphed/compiled step pads them to a bucket of 4 rows."""
+    st = p.state(pred)
+    rec = []
+    for obj, xy in ((1, [0.1, 0.5]), (2, [0.8, 0.3]), (3, [0.5, 0.8])):
+        pred.add_new_points_or_box(st, 0, obj, points=[xy], labels=[1])
+    pred.propagate_in_video_preflight(st)
+    _prop(pred, st, rec, "fwd", start_frame_idx=0, max_frame_num_to_track=None, reverse=False)
+    return rec, st
+
+
+@pytest.mark.parametrize("scenario", [three_objects, long_two_objects], ids=["three_objects", "long_two"])
+def test_graphed_step_runs_the_padded_buffers(pair, long_pair, scenario):
+    """``cuda_graphs = True`` on the CPU runs the graph runner's buffers eagerly: objects padded to
+    a power-of-two bucket, inputs copied into per-key buffers, outputs sliced back. The session is
+    the one of the plain step (padded rows change nothing), and the runner served the frames."""
+    p = pair if scenario is three_objects else long_pair
+    ours = p.ours
+    ref, st_ref = scenario(ours, p)
+    ours.cuda_graphs = True
+    try:
+        runner = ours.step_graphs()
+        runner.clear()
+        got, st_got = scenario(ours, p)
+    finally:
+        ours.cuda_graphs = False
+    same_records(ref, got)
+    compare_states(st_got, st_ref)
+    assert runner.entries, "the graph runner was not used"
+    buckets = {k.memory_shape[0] for k in runner.entries}
+    assert buckets == ({4} if scenario is three_objects else {2}), buckets
+    assert all(runner.why_not_graphs(k) == "the tracker is on cpu" for k in runner.entries)
+
+
+def test_graph_runner_checks_and_equals_memory_step(pair, monkeypatch):
+    """The runner's output equals ``memory_step`` on the same inputs, stays valid across a later
+    call with other inputs (not a view of its buffers), and bad inputs get a clear error."""
+    from sam3fast.video.tracker_graphs import GraphedMemoryStep
+
+    ours = pair.ours
+    seen = []
+    step = ours.memory_step
+
+    def spy(feats, top_pos, memory, memory_pos, valid, n_ptr, **kw):
+        seen.append(([f.clone() for f in feats], top_pos.clone(), memory.clone(), memory_pos.clone(), valid.clone(),
+                     n_ptr, kw))
+        return step(feats, top_pos, memory, memory_pos, valid, n_ptr, **kw)
+
+    monkeypatch.setattr(ours, "memory_step", spy)
+    three_objects(ours, pair)  # real inputs of a propagated frame
+    monkeypatch.undo()
+    feats, pos, memory, memory_pos, valid, n_ptr, kw = seen[-1]
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a tracker on a CUDA device"):
+        GraphedMemoryStep(ours, cuda_graphs=True)
+    runner = GraphedMemoryStep(ours)
+    with torch.inference_mode():
+        want = ours.memory_step(tuple(feats), pos, memory, memory_pos, valid, n_ptr, **kw)
+    got = runner.run(feats, pos, memory, memory_pos, valid, n_ptr, **kw)
+    assert [x is None for x in got] == [x is None for x in want]
+    runner.run([f + 1 for f in feats], pos, memory * 2, memory_pos, valid, n_ptr, **kw)  # a later call
+    for a, b in zip(got, want):  # (the buffers are contiguous copies: rounding-level differences on CPU)
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="valid"):
+        runner.run(feats, pos, memory, memory_pos, valid[:, :-1], n_ptr)
+    with pytest.raises(ValueError, match="three tracker levels"):
+        runner.run(feats[:2], pos, memory, memory_pos, valid, n_ptr)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphed_step_equals_eager_and_makes_no_sync(own_gpu):
+    """On a GPU the graphed propagation step (three objects: a bucket of 4) gives the session of the
+    eager step, replays (no capture failure), and its steady-state frames make no host sync."""
+    import copy
+
+    pair = own_gpu
+    runs = {}
+    for graphs in (False, True):
+        ours = copy.deepcopy(pair.ours).cuda()
+        ours.backbone = copy.deepcopy(pair.vb).cuda()
+        ours.cuda_graphs = graphs
+        st = ours.init_state(video_height=VIDEO_H, video_width=VIDEO_W, num_frames=len(pair.frames))
+        st["images"] = pair.frames.cuda()
+        for obj, xy in ((1, [0.1, 0.5]), (2, [0.8, 0.3]), (3, [0.5, 0.8])):
+            ours.add_new_points_or_box(st, 0, obj, points=[xy], labels=[1])
+        ours.propagate_in_video_preflight(st)
+        gen = ours.propagate_in_video(st, 0, None, False, tqdm_disable=True)
+        outs = [next(gen) for _ in range(4)]  # the bank is built on the first tracked frame; capture
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            outs += [o for o in gen]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        runs[graphs] = outs
+        if graphs:
+            runner = ours.step_graphs()
+            assert runner.entries and all(runner.why_not_graphs(k) is None for k in runner.entries)
+            assert sum(e.replays for e in runner.entries.values()) >= len(pair.frames) - 4
+    for (f0, ids0, lo0, vid0, sc0), (f1, ids1, lo1, vid1, sc1) in zip(runs[False], runs[True]):
+        assert f0 == f1 and list(ids0) == list(ids1)
+        torch.testing.assert_close(lo1, lo0, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(sc1, sc0, rtol=1e-4, atol=1e-4)

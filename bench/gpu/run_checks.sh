@@ -65,7 +65,7 @@ else
     # the tracker first (the memory-attention change of 2026-11-26 is what it measures), then the
     # concept video, the profile, and image latency with the compiled rows last (inductor compiles
     # of the full trunk take minutes)
-    step bench_video_tracker 100 170 python3 bench/bench_video.py --parts tracker --dtype bfloat16 --frames 24 \
+    step bench_video_tracker 100 220 python3 bench/bench_video.py --parts tracker --dtype bfloat16 --frames 24 \
         --objects 1,5,16 --iters 1 --no-compile
     step bench_video_concept 100 150 python3 bench/bench_video.py --parts concept --dtype bfloat16 --frames 24 \
         --iters 1 --no-compile

@@ -308,6 +308,20 @@ def _pad_rows(x, n, fill):
     return torch.cat((x, x.new_full((n - x.shape[0],) + x.shape[1:], fill)))
 
 
+def _pad_to_bucket(memory, memory_pos, valid, feats, top_pos):
+    """Rows padded to the next power of two (compiled and graphed steps): zeros attending to one
+    (zero) key, so no row divides 0 by 0; batch-1 feature levels and positions broadcast as they are."""
+    B = memory.shape[0]
+    Bb = 1 << (B - 1).bit_length()
+    if Bb > B:
+        memory, memory_pos = _pad_rows(memory, Bb, 0), _pad_rows(memory_pos, Bb, 0)
+        valid = _pad_rows(valid, Bb, False)
+        valid[B:, 0] = True
+        feats = [f if f.shape[0] == 1 else _pad_rows(f, Bb, 0) for f in feats]
+        top_pos = top_pos if top_pos.shape[0] == 1 else _pad_rows(top_pos, Bb, 0)
+    return memory, memory_pos, valid, feats, top_pos
+
+
 def _batch_memories(parts, conds, L, split):
     """Stack the memory-attention inputs of several banks (``bank_memory`` outputs: memory,
     memory_pos, num_ptr_tokens, valid) on the batch dim. A bank with fewer conditioning frames
@@ -442,6 +456,12 @@ class Sam3TrackerPredictor(nn.Module):
         self.use_mask_kernel = True
         self._retire_event = None
         self._memory_step_compiled = None
+        # sam3fast: on CUDA, the propagation step (memory_step) captured as a CUDA graph per object
+        # bucket and replayed (sam3fast.video.tracker_graphs), without an inductor compile; on CPU
+        # the same padded buffers run eagerly. Off by default until a GPU run has measured it;
+        # compile_step(mode="reduce-overhead") is the compiled alternative.
+        self.cuda_graphs = False
+        self._graph_runner = None
         self.iter_use_prev_mask_pred = True
         self.add_all_frames_to_correct_as_cond = True
         self.eval()
@@ -1269,24 +1289,24 @@ class Sam3TrackerPredictor(nn.Module):
         memory, memory_pos, n_ptr, valid = _batch_memories(
             parts, [st.cond_feats.shape[1] for st in states], st0.cond_feats.shape[-1] * st0.cond_feats.shape[-2],
             max(1, st0.cond_ptrs.shape[-1] // st0.cond_feats.shape[2]))
-        if self._memory_step_compiled is None:
+        graphed = self.cuda_graphs and self._memory_step_compiled is None
+        if self._memory_step_compiled is None and not graphed:
             low, high, obj_ptr, score, iou, maskmem, maskmem_pos = self.memory_step(
                 tuple(feats), pos[-1], memory, memory_pos, valid, n_ptr, run_mem_encoder=run_mem_encoder)
         else:
-            # compiled: the object count padded to a power of two, so a video whose objects come
-            # and go compiles (and captures) a few buckets, not one graph per count
+            # compiled or graphed: the object count padded to a power of two, so a video whose
+            # objects come and go compiles (and captures) a few buckets, not one graph per count
             B = memory.shape[0]
-            Bb = 1 << (B - 1).bit_length()
-            if Bb > B:
-                memory, memory_pos = _pad_rows(memory, Bb, 0), _pad_rows(memory_pos, Bb, 0)
-                valid = _pad_rows(valid, Bb, False)
-                valid[B:, 0] = True  # padded rows attend to one (zero) key: no 0/0
-                feats = [f if f.shape[0] == 1 else _pad_rows(f, Bb, 0) for f in feats]
-            # one graph per (bucket, conditioning frames, run_mem_encoder): up to ~7 x 4 x 2, more
-            # than dynamo's default limit of 8 per function; raised for this call only
-            with torch._dynamo.config.patch(recompile_limit=64):
-                out = self._memory_step_compiled(tuple(feats), pos[-1], memory, memory_pos, valid, n_ptr,
-                                                 run_mem_encoder=run_mem_encoder)
+            memory, memory_pos, valid, feats, top_pos = _pad_to_bucket(memory, memory_pos, valid, feats, pos[-1])
+            if graphed:
+                out = self.step_graphs().run(tuple(feats), top_pos, memory, memory_pos, valid, n_ptr,
+                                             run_mem_encoder=run_mem_encoder)
+            else:
+                # one graph per (bucket, conditioning frames, run_mem_encoder): up to ~7 x 4 x 2, more
+                # than dynamo's default limit of 8 per function; raised for this call only
+                with torch._dynamo.config.patch(recompile_limit=64):
+                    out = self._memory_step_compiled(tuple(feats), top_pos, memory, memory_pos, valid, n_ptr,
+                                                     run_mem_encoder=run_mem_encoder)
             low, high, obj_ptr, score, iou, maskmem, maskmem_pos = (None if x is None else x[:B] for x in out)
         effs, a = [], 0
         for st in states:
@@ -1333,6 +1353,15 @@ class Sam3TrackerPredictor(nn.Module):
                 maskmem, pos_list = self._encode_new_memory(None, feats, None, high, score, is_mask_from_pts=False)
                 maskmem_pos = pos_list[0]
         return low, high, obj_ptr, score, iou, maskmem, maskmem_pos
+
+    def step_graphs(self):
+        """The :class:`~sam3fast.video.tracker_graphs.GraphedMemoryStep` of this tracker (made on
+        first use; it captures on CUDA, and runs the same buffers eagerly elsewhere)."""
+        if self._graph_runner is None:
+            from .tracker_graphs import GraphedMemoryStep
+
+            self._graph_runner = GraphedMemoryStep(self, cuda_graphs=self.device.type == "cuda")
+        return self._graph_runner
 
     def compile_step(self, backend: str = "inductor", mode: Optional[str] = None):
         """torch.compile :meth:`memory_step` (``fullgraph=True``: a graph break is an error,

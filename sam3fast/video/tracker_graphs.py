@@ -1,0 +1,166 @@
+"""CUDA graphs for the tracker's per-frame step: :meth:`Sam3TrackerPredictor.memory_step` captured
+per static shape and replayed, with no inductor compile.
+
+Letters: B objects (padded to a power-of-two bucket Bb by the caller, as for ``compile_step``), S
+memory tokens (conditioning frames + ring slots + last frame, then the pointer tokens), M the
+memory dim, D d_model, g the feature grid.
+
+:meth:`memory_step` is the model part of a propagated frame (memory attention over a
+fixed-capacity bank with a validity mask, the SAM heads without prompts, the memory encoder). It
+reads no tensor value on the host and branches on none (``tests/test_tracker_predictor.py``
+checks a steady-state frame under ``set_sync_debug_mode("error")``), so one body serves the eager
+path and the graph. :class:`GraphedMemoryStep` keeps, per :class:`StepKey` (bucket, the three
+feature levels' shapes, the position encoding's, S, M, the pointer-token count, dtypes, device,
+whether the memory encoder runs), input buffers
+
+    feats      three (1 or Bb, D_l, g_l, g_l) levels, top level last
+    top_pos    (1 or Bb, D, g, g)
+    memory, memory_pos  (Bb, S, M);  valid (Bb, S) bool
+
+and on CUDA a ``torch.cuda.CUDAGraph`` of the step captured on first use (warm-up on a side
+stream, one memory pool for every key, as :class:`sam3fast.video.graphs.GraphedDetector`). A call
+copies its inputs into the buffers, replays, and clones the outputs: the session stores a frame's
+outputs (memory features, masks, pointers) across the next replays. On CPU, with
+``cuda_graphs=False``, or after a capture failed for a key (logged once; that key then runs
+eagerly), the step runs on the same buffers eagerly.
+
+Between the eager step and the replay nothing differs but the launch: the same kernels on the same
+shapes. (The padded rows are the caller's: zeros attending to one valid key, as the compiled path.)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from ..predictor.graphs import _Entry
+from ..profiling import stage
+
+logger = logging.getLogger(__name__)
+
+STEP_OUTPUTS = ("low_res_masks", "high_res_masks", "obj_ptr", "object_score_logits", "iou_score",
+                "maskmem_features", "maskmem_pos")
+
+
+class StepKey(NamedTuple):
+    feat_shapes: Tuple[Tuple[int, ...], ...]
+    pos_shape: Tuple[int, ...]
+    memory_shape: Tuple[int, ...]  # (Bb, S, M)
+    num_obj_ptr_tokens: int
+    dtype: torch.dtype  # the features' (the model's)
+    memory_dtype: torch.dtype
+    run_mem_encoder: bool
+    device: torch.device
+
+
+class GraphedMemoryStep:
+    """Runs ``tracker.memory_step`` per :class:`StepKey`, through a CUDA graph on CUDA (see the
+    module docstring). ``cuda_graphs``: None = on CUDA devices; True on a non-CUDA model raises."""
+
+    def __init__(self, tracker, cuda_graphs: Optional[bool] = None, warmup_iters: int = 2):
+        dev = tracker.device
+        if cuda_graphs is None:
+            cuda_graphs = dev.type == "cuda"
+        elif cuda_graphs and dev.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a tracker on a CUDA device; this one is on {dev}")
+        if warmup_iters < 1:
+            raise ValueError(f"warmup_iters must be >= 1, got {warmup_iters}")
+        self.tracker = tracker
+        self.cuda_graphs = bool(cuda_graphs)
+        self.warmup_iters = int(warmup_iters)
+        self.entries: Dict[StepKey, _Entry] = {}
+        self._present: Dict[StepKey, Tuple[bool, ...]] = {}  # which of the 7 outputs the step returns
+        self._failed: Dict[StepKey, str] = {}  # keys whose capture failed: eager from then on
+        self._pool = None
+
+    def clear(self) -> None:
+        """Drop every key (graphs, buffers, the memory pool)."""
+        self.entries.clear()
+        self._present.clear()
+        self._failed.clear()
+        self._pool = None
+
+    @staticmethod
+    def key(feats: Sequence[Tensor], top_pos: Tensor, memory: Tensor, num_obj_ptr_tokens: int,
+            run_mem_encoder: bool) -> StepKey:
+        return StepKey(tuple(tuple(f.shape) for f in feats), tuple(top_pos.shape), tuple(memory.shape),
+                       int(num_obj_ptr_tokens), feats[-1].dtype, memory.dtype, bool(run_mem_encoder), memory.device)
+
+    def why_not_graphs(self, key: StepKey) -> Optional[str]:
+        """None when ``key``'s step is captured and replayed; else why it runs eagerly."""
+        if not self.cuda_graphs:
+            return "cuda_graphs is off" if key.device.type == "cuda" else f"the tracker is on {key.device}"
+        return self._failed.get(key)
+
+    def _new_entry(self, key: StepKey, feats, top_pos, memory_pos, valid) -> _Entry:
+        inp = {f"feat{i}": torch.empty_like(f, memory_format=torch.contiguous_format) for i, f in enumerate(feats)}
+        inp["top_pos"] = torch.empty_like(top_pos, memory_format=torch.contiguous_format)
+        inp["memory"] = torch.empty(key.memory_shape, dtype=key.memory_dtype, device=key.device)
+        inp["memory_pos"] = torch.empty(tuple(memory_pos.shape), dtype=memory_pos.dtype, device=key.device)
+        inp["valid"] = torch.empty(tuple(valid.shape), dtype=torch.bool, device=key.device)
+        return _Entry(key, inp)
+
+    def _step(self, e: _Entry):
+        i, k = e.inputs, e.key
+        feats = tuple(i[f"feat{n}"] for n in range(len(k.feat_shapes)))
+        return self.tracker.memory_step(feats, i["top_pos"], i["memory"], i["memory_pos"], i["valid"],
+                                        k.num_obj_ptr_tokens, run_mem_encoder=k.run_mem_encoder)
+
+    def _capture(self, e: _Entry) -> bool:
+        """Capture ``e``'s step; False (logged, the key marked eager) if the capture fails."""
+        cur = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(cur)
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup_iters):  # lazy initialisation (cuBLAS, Triton) outside the capture
+                self._step(e)
+        cur.wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        g = torch.cuda.CUDAGraph()
+        try:
+            with stage("tracker_graph_capture"), torch.cuda.graph(g, pool=self._pool,
+                                                                  capture_error_mode="thread_local"):
+                out = self._step(e)
+        except RuntimeError as err:
+            why = f"capture failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+            self._failed[e.key] = why
+            logger.warning("tracker step runs eagerly for %s: %s", e.key, why)
+            return False
+        self._present[e.key] = tuple(x is not None for x in out)
+        e.graph, e.outputs = g, [x for x in out if x is not None]
+        return True
+
+    @torch.inference_mode()
+    def run(self, feats: Sequence[Tensor], top_pos: Tensor, memory: Tensor, memory_pos: Tensor, valid: Tensor,
+            num_obj_ptr_tokens: int, *, run_mem_encoder: bool = True):
+        """``tracker.memory_step`` on these inputs (already padded to the bucket): the same tuple of
+        7 (some None), every tensor valid after later calls."""
+        if memory.dim() != 3 or memory_pos.shape != memory.shape or tuple(valid.shape) != tuple(memory.shape[:2]) \
+                or valid.dtype != torch.bool:
+            raise ValueError(f"memory/memory_pos must be (B, S, M) and valid (B, S) bool, got "
+                             f"{tuple(memory.shape)}, {tuple(memory_pos.shape)}, {valid.dtype} {tuple(valid.shape)}")
+        if len(feats) != 3:
+            raise ValueError(f"feats must be the three tracker levels, got {len(feats)}")
+        key = self.key(feats, top_pos, memory, num_obj_ptr_tokens, run_mem_encoder)
+        e = self.entries.get(key)
+        if e is None:
+            e = self.entries[key] = self._new_entry(key, feats, top_pos, memory_pos, valid)
+        inp = e.inputs
+        for n, f in enumerate(feats):
+            inp[f"feat{n}"].copy_(f)
+        inp["top_pos"].copy_(top_pos)
+        inp["memory"].copy_(memory)
+        inp["memory_pos"].copy_(memory_pos)
+        inp["valid"].copy_(valid)
+        if self.why_not_graphs(key) is not None or (e.graph is None and not self._capture(e)):
+            with stage("tracker_step"):
+                return self._step(e)  # fresh tensors
+        with stage("tracker_graph_replay"):
+            e.graph.replay()
+        e.replays += 1
+        outs = iter(t.clone() for t in e.outputs)
+        return tuple(next(outs) if p else None for p in self._present[key])
