@@ -14,6 +14,7 @@ BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
     ("bench_mask_postprocess.py", "mask_postprocess benchmark"),
     ("bench_mask_iou.py", "mask_iou / mask_nms benchmark"),
     ("bench_memory_attention.py", "memory_attention benchmark"),
+    ("bench_rope.py", ("# rope benchmark", "triton l2 w4", "eager apply_rope")),
     ("bench_connected_components.py", "connected_components benchmark"),
     ("bench_video.py", "video frames/s benchmark"),
     # every part's stages were hooked (a renamed module path would drop its row)

@@ -39,7 +39,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p bench/results
 # first the GPU tests whose code or rule changed after the 2026-11-26 H100 run (memory attention's
 # SDPA path and tile, two-way and mask post-processing tiles, the flat-memory fix), then the rest
-FIRST="tests/test_kernel_memory_attention.py tests/test_kernel_mask_postprocess.py tests/test_kernel_two_way_attention.py
+FIRST="tests/test_kernel_memory_attention.py tests/test_kernel_rope.py tests/test_kernel_mask_postprocess.py tests/test_kernel_two_way_attention.py
  tests/test_video_graphs.py::test_gpu_session_memory_is_flat_and_outputs_unchanged tests/test_memory.py
  tests/test_tracker_predictor.py tests/test_video_parity.py"
 if [[ $PHASE == a ]]; then
@@ -50,6 +50,7 @@ if [[ $PHASE == a ]]; then
     ( timeout 300 python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1; echo "rc=$? in $((SECONDS - t_build)) s" >>"$OUT/build.log" ) &
     BUILD_PID=$!
     step bench_memory_attention 400 110 python3 bench/bench_memory_attention.py
+    step bench_rope 350 45 python3 bench/bench_rope.py
     step bench_mask_postprocess 330 60 python3 bench/bench_mask_postprocess.py --no-compile
     step bench_two_way 300 70 python3 bench/bench_two_way_attention.py --no-compile
     step bench_prompt_ca 260 55 python3 bench/bench_prompt_cross_attention.py --no-compile

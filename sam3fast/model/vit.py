@@ -13,6 +13,9 @@ hd = C // nH head width, w window side, T = pretrain_img_size // P side of the a
       -> (B, C, g, g): a permuted view of a contiguous (B, g, g, C) tensor (channels-last memory)
 
 Attention: qkv Linear -> 2D axial RoPE on q and k (in float32) -> SDPA (scale hd^-0.5) -> proj.
+On CUDA (``Attention.use_kernel``, the default) the RoPE of q and k is the ``sam3fast::rope`` Triton
+kernel, one pass over ``qkv[:, :, :2]``, bit-identical to ``apply_rope``; elsewhere, or with
+``use_kernel = False``, ``apply_rope``'s eager float32 chain.
 RoPE: ``freqs_cis`` (N, hd/2) complex64 buffers (in the checkpoint), N = w*w (window blocks) or g*g
 (global blocks), row n = token n of the attended grid in row-major order. The channel pair
 (x[2j], x[2j+1]) of token n is rotated by angle(freqs_cis[n, j]); for j < hd/4 the angle is
@@ -32,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels.rope import rope, rope_backend
 from .common import KeepComplexBuffers
 
 
@@ -124,11 +128,18 @@ class Attention(KeepComplexBuffers, nn.Module):
         self.register_buffer(
             "freqs_cis", compute_axial_cis(self.head_dim, side, side, scale_pos=rope_scale)
         )
+        # False: always apply_rope (the eager chain the kernel is measured against); True: the rope
+        # kernel where its backend is Triton (CUDA).
+        self.use_kernel = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, C = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim)
-        qk = apply_rope(qkv[:, :, :2], self.freqs_cis)  # q and k in one pass: (B, L, 2, nH, hd)
+        qk = qkv[:, :, :2]  # q and k in one pass: (B, L, 2, nH, hd), contiguous after the rotation
+        if self.use_kernel and rope_backend(qk)[0] == "triton":
+            qk = rope(qk, self.freqs_cis)
+        else:
+            qk = apply_rope(qk, self.freqs_cis)
         q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)
         v = qkv[:, :, 2].transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v)
