@@ -41,19 +41,34 @@ Token order differs from the official (conditioning, ring slots, last; then the 
 same order): attention does not depend on key order, and every key carries its own temporal
 encoding, so outputs agree to float rounding. Every row keeps at least one valid key (the
 conditioning frames).
+
+Object table (:class:`ObjectTable`): the banks of every session that propagates together (the SAM 3
+video model keeps one tracker session per batch of objects added together) in ONE set of
+preallocated tensors, one row per object (:class:`TableState`): Cap rows (a power of two, doubled
+when a new session does not fit) of which the first ``used`` hold objects (``active``; the rows of a
+session are contiguous, and freeing a session moves the rows after it down, so the objects stay
+packed), and Cmax conditioning-frame slots per row with their own frame indices and a validity
+mask (sessions have different numbers of conditioning frames). The per-session scalars of the bank
+(``count``, ``last_content``, ``last_good``) are per row. :func:`table_memory` gives the
+memory-attention inputs of the first ``rows`` rows with static shapes (a free row attends to one
+valid zero key), :func:`table_advance` records a frame for the rows of a mask (each row with its
+own good flag), both tensor ops only. ``segment`` (the first row of the row's session, Cap for a
+free row) lets per-session reductions (the memory-selection score, a mean over one session's
+objects) run as one segment sum.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..model.memory_attention import assemble_memory
+from ..model.memory_attention import assemble_memory, get_1d_sine_pe
 
-__all__ = ["BankSpec", "BankState", "MemoryBank", "bank_memory"]
+__all__ = ["BankSpec", "BankState", "MemoryBank", "ObjectTable", "TableRows", "TableState", "bank_memory",
+           "table_advance", "table_memory"]
 
 
 class BankSpec(NamedTuple):
@@ -202,3 +217,359 @@ class MemoryBank:
             st.last_good.copy_(good.reshape(()))
         else:
             st.last_good.fill_(bool(good))
+
+
+# ----------------------------------------------------------------------------------------------
+# Object table: the banks of several sessions as one set of fixed-capacity tensors
+
+
+class TableState(NamedTuple):
+    """The object table's tensors, one row per object (Cap rows; all on one device, updated in
+    place). The ``next_*`` / ``staged`` rows hold the frames recorded per session until
+    :meth:`ObjectTable.advance` applies them to every row at once."""
+
+    ring_feat: Tensor  # (Cap, F, M, h, w)
+    ring_ptr: Tensor  # (Cap, G, D)
+    count: Tensor  # (Cap,) long
+    last_feat: Tensor  # (Cap, M, h, w)
+    last_ptr: Tensor  # (Cap, D)
+    last_content: Tensor  # (Cap,) bool
+    last_good: Tensor  # (Cap,) bool
+    cond_feats: Tensor  # (Cap, Cmax, M, h, w)
+    cond_ptrs: Tensor  # (Cap, Cmax, D)
+    cond_frames: Tensor  # (Cap, Cmax) long
+    cond_valid: Tensor  # (Cap, Cmax) bool
+    maskmem_pos: Tensor  # (Cap, M, h, w)
+    active: Tensor  # (Cap,) bool
+    segment: Tensor  # (Cap,) long: the first row of the row's session; Cap for a free row
+    next_feat: Tensor  # (Cap, M, h, w)
+    next_ptr: Tensor  # (Cap, D)
+    next_good: Tensor  # (Cap,) bool
+    next_content: Tensor  # (Cap,) bool
+    staged: Tensor  # (Cap,) bool
+
+
+_COND_FIELDS = ("cond_feats", "cond_ptrs", "cond_frames", "cond_valid")
+
+
+def _assemble_rows(feats: Tensor, maskmem_pos: Tensor, mem_tpos: Tensor, ptrs: Tensor, ptr_tpos: Tensor,
+                   maskmem_tpos_enc: Tensor, obj_ptr_tpos_proj: nn.Module, ptr_norm: int) -> Tuple[Tensor, Tensor, int]:
+    """:func:`~sam3fast.model.memory_attention.assemble_memory` with temporal positions per row:
+    ``feats`` (n, N, M, h, w), ``maskmem_pos`` (n, M, h, w), ``mem_tpos`` (n, N), ``ptrs`` (n, P, D),
+    ``ptr_tpos`` (n, P). The same elementwise values, only the positions are not shared by rows."""
+    n, N, M = feats.shape[:3]
+    L = feats.shape[-2] * feats.shape[-1]
+    nm = maskmem_tpos_enc.shape[0]
+    mem = feats.flatten(3).transpose(2, 3).reshape(n, N * L, M)
+    tpos = maskmem_tpos_enc.reshape(nm, M)[nm - 1 - mem_tpos]  # (n, N, M)
+    pos = (maskmem_pos.flatten(2).transpose(1, 2)[:, None] + tpos[:, :, None, :]).reshape(n, N * L, M)
+    P, D = ptrs.shape[1:]
+    split = D // M if M < D else 1
+    rel = ptr_tpos / (ptr_norm - 1)  # (true division in the default float dtype, as the official)
+    ptr_pos = obj_ptr_tpos_proj(get_1d_sine_pe(rel, dim=D).to(obj_ptr_tpos_proj.weight.dtype))  # (n, P, M)
+    ptr_pos = ptr_pos.repeat_interleave(split, dim=1)
+    ptr_tok = ptrs.reshape(n, P * split, D // split)
+    return torch.cat((mem, ptr_tok), dim=1), torch.cat((pos, ptr_pos), dim=1), P * split
+
+
+def table_memory(
+    spec: BankSpec,
+    st: TableState,
+    frame_idx: Tensor,
+    no_prev: bool,
+    maskmem_tpos_enc: Tensor,
+    obj_ptr_tpos_proj: nn.Module,
+    rows: int,
+) -> Tuple[Tensor, Tensor, int, Tensor]:
+    """:func:`bank_memory` for the first ``rows`` rows of an object table, every row with its own
+    bank state and conditioning frames: ``(memory (rows, S, M), memory_pos, num_obj_ptr_tokens,
+    memory_valid (rows, S) bool)`` with S = (Cmax + F + 1) * L + (Cmax + G + 1) * D / M (frame
+    tokens first, conditioning slots, ring slots, last frame; then the pointers in that order). A
+    free row (``active`` False) has exactly one valid key, the first (zero) one. Tensor ops only."""
+    n = rows
+    C, M = st.cond_feats.shape[1:3]
+    L = st.cond_feats.shape[-1] * st.cond_feats.shape[-2]
+    D = st.cond_ptrs.shape[-1]
+    split = D // M if M < D else 1
+    dev = st.count.device
+    count, g = st.count[:n], st.last_good[:n].long()
+    ring_rank_f = (count[:, None] - 1 - torch.arange(spec.F, device=dev)) % spec.F  # (n, F)
+    ring_rank_g = (count[:, None] - 1 - torch.arange(spec.G, device=dev)) % spec.G  # (n, G)
+    n_good_listed = torch.minimum(count, spec.G - g)[:, None]
+    n_list = (torch.clamp(count + g, max=spec.G) + (1 - g))[:, None]
+    feat_ok = ring_rank_f < n_good_listed
+    ptr_ok = (ring_rank_g < n_good_listed) & (ring_rank_g + 2 <= n_list - 1)
+    content = st.last_content[:n, None]
+    last_feat_ok, last_ptr_ok = content, content & (n_list >= 2)
+    if no_prev:
+        feat_ok, ptr_ok = torch.zeros_like(feat_ok), torch.zeros_like(ptr_ok)
+        last_feat_ok, last_ptr_ok = torch.zeros_like(last_feat_ok), torch.zeros_like(last_ptr_ok)
+    cond_valid = st.cond_valid[:n]
+    cond_dist = (frame_idx - st.cond_frames[:n]) * spec.sign  # (n, C)
+
+    feats = torch.cat((st.cond_feats[:n], st.ring_feat[:n], st.last_feat[:n, None]), dim=1)
+    t_pos = torch.cat((torch.zeros(n, C, dtype=torch.long, device=dev),
+                       spec.num_maskmem - (ring_rank_f + 2).clamp(max=spec.num_maskmem - 1),
+                       torch.full((n, 1), spec.num_maskmem - 1, dtype=torch.long, device=dev)), dim=1)
+    ptrs = torch.cat((st.cond_ptrs[:n], st.ring_ptr[:n], st.last_ptr[:n, None]), dim=1)
+    ptr_tpos = torch.cat((cond_dist.clamp(min=0), ring_rank_g + 2, torch.ones(n, 1, dtype=torch.long, device=dev)),
+                         dim=1)
+    memory, memory_pos, n_ptr_tok = _assemble_rows(feats, st.maskmem_pos[:n], t_pos, ptrs, ptr_tpos,
+                                                   maskmem_tpos_enc, obj_ptr_tpos_proj, spec.ptr_norm)
+    frame_ok = torch.cat((cond_valid, feat_ok, last_feat_ok), dim=1)
+    ptr_valid = torch.cat((cond_valid & (cond_dist >= 0), ptr_ok, last_ptr_ok), dim=1)
+    valid = torch.cat((frame_ok.repeat_interleave(L, dim=1), ptr_valid.repeat_interleave(split, dim=1)), dim=1)
+    active = st.active[:n]
+    valid &= active[:, None]
+    valid[:, 0] |= ~active
+    return memory, memory_pos, n_ptr_tok, valid
+
+
+def table_advance(spec: BankSpec, st: TableState, feat: Tensor, ptr: Tensor, good: Tensor, content: Tensor,
+                  mask: Tensor) -> None:
+    """:meth:`MemoryBank.advance` for the rows where ``mask`` (Cap,) is True, all at once: the
+    last frame enters the ring iff it was good, then ``feat`` (Cap, M, h, w) / ``ptr`` (Cap, D)
+    become the last frame where ``content`` (the frame holds an output; elsewhere nothing, the
+    old last features stay as they were), with ``good`` (Cap,) bool, each row its own. In-place
+    tensor ops, no host sync."""
+    Cap = st.count.shape[0]
+    F, G = spec.F, spec.G
+    push = st.last_good & mask
+    rows = torch.arange(Cap, device=st.count.device)
+    ring_feat = st.ring_feat.view(Cap * F, *st.ring_feat.shape[2:])
+    ring_ptr = st.ring_ptr.view(Cap * G, st.ring_ptr.shape[-1])
+    slot_f = rows * F + st.count % F
+    slot_g = rows * G + st.count % G
+    ring_feat.index_copy_(0, slot_f, torch.where(push.view(Cap, 1, 1, 1), st.last_feat,
+                                                 ring_feat.index_select(0, slot_f)))
+    ring_ptr.index_copy_(0, slot_g, torch.where(push.view(Cap, 1), st.last_ptr, ring_ptr.index_select(0, slot_g)))
+    st.count.add_(push.long())
+    take = mask & content
+    st.last_feat.copy_(torch.where(take.view(Cap, 1, 1, 1), feat, st.last_feat))
+    st.last_ptr.copy_(torch.where(take.view(Cap, 1), ptr, st.last_ptr))
+    st.last_content.copy_(torch.where(mask, content, st.last_content))
+    st.last_good.copy_(torch.where(mask, good & content, st.last_good))
+
+
+class TableRows:
+    """One session's rows in an :class:`ObjectTable` (what the predictor keeps in the session in
+    place of a :class:`MemoryBank`): ``rows`` (a slice, valid until the table changes),
+    ``batch_size``, ``alive`` (False once the table freed it), ``advance`` as
+    :meth:`MemoryBank.advance` (staged; the table applies it before the next memory)."""
+
+    __slots__ = ("table", "sid")
+
+    def __init__(self, table: "ObjectTable", sid: int):
+        self.table, self.sid = table, sid
+
+    @property
+    def alive(self) -> bool:
+        return self.sid in self.table._sessions
+
+    @property
+    def rows(self) -> slice:
+        start, n = self.table._sessions[self.sid]
+        return slice(start, start + n)
+
+    @property
+    def batch_size(self) -> int:
+        return self.table._sessions[self.sid][1]
+
+    def advance(self, feat: Optional[Tensor], ptr: Optional[Tensor], good) -> None:
+        self.table.stage(self.sid, feat, ptr, good)
+
+    def free(self) -> None:
+        self.table.free(self.sid)
+
+
+class ObjectTable:
+    """The memory banks of several sessions as one preallocated object table (see the module
+    docstring).
+
+    ``ObjectTable(spec, feat_shape (M, h, w), ptr_dim D, dtype, device, capacity=1, cond_capacity=1)``
+    (capacity rounded up to a power of two). :meth:`add` copies a seeded :class:`MemoryBank` into
+    new rows and returns its :class:`TableRows`; :meth:`free` / :meth:`retain` release sessions;
+    :meth:`stage` (through ``TableRows.advance``) records a session's frame and :meth:`advance`
+    applies every staged row at once; :meth:`memory` gives the memory-attention inputs. Rows and
+    conditioning slots only grow (doubling / to the largest session), so the step's shapes change
+    only when a session does not fit. Host bookkeeping (which rows a session holds) changes only
+    in ``add`` / ``free``; nothing here reads a tensor value.
+    """
+
+    def __init__(self, spec: BankSpec, feat_shape: Tuple[int, int, int], ptr_dim: int, dtype: torch.dtype,
+                 device, capacity: int = 1, cond_capacity: int = 1):
+        if capacity < 1 or cond_capacity < 1:
+            raise ValueError(f"capacity and cond_capacity must be >= 1, got {capacity}, {cond_capacity}")
+        self.spec = spec
+        self.feat_shape = tuple(feat_shape)
+        self.ptr_dim = int(ptr_dim)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.used = 0
+        self._sessions: Dict[int, List[int]] = {}  # sid -> [first row, rows], in row order
+        self._staged: set = set()
+        self._next_sid = 0
+        self.capacity = 1 << (capacity - 1).bit_length()
+        self.cond_capacity = cond_capacity
+        self.state = self._alloc(self.capacity, self.cond_capacity)
+
+    @classmethod
+    def for_bank(cls, bank: MemoryBank, capacity: int = 1) -> "ObjectTable":
+        st = bank.state
+        return cls(bank.spec, tuple(st.cond_feats.shape[2:5]), st.cond_ptrs.shape[-1], st.cond_feats.dtype,
+                   st.cond_feats.device, capacity=max(capacity, bank.batch_size),
+                   cond_capacity=st.cond_feats.shape[1])
+
+    def _alloc(self, cap: int, cmax: int) -> TableState:
+        M, h, w = self.feat_shape
+        D, F, G = self.ptr_dim, self.spec.F, self.spec.G
+
+        def z(*shape, dtype=self.dtype):
+            return torch.zeros(shape, dtype=dtype, device=self.device)
+
+        b, i = torch.bool, torch.long
+        return TableState(
+            ring_feat=z(cap, F, M, h, w), ring_ptr=z(cap, G, D), count=z(cap, dtype=i),
+            last_feat=z(cap, M, h, w), last_ptr=z(cap, D), last_content=z(cap, dtype=b), last_good=z(cap, dtype=b),
+            cond_feats=z(cap, cmax, M, h, w), cond_ptrs=z(cap, cmax, D), cond_frames=z(cap, cmax, dtype=i),
+            cond_valid=z(cap, cmax, dtype=b), maskmem_pos=z(cap, M, h, w), active=z(cap, dtype=b),
+            segment=torch.full((cap,), cap, dtype=i, device=self.device),
+            next_feat=z(cap, M, h, w), next_ptr=z(cap, D), next_good=z(cap, dtype=b), next_content=z(cap, dtype=b),
+            staged=z(cap, dtype=b),
+        )
+
+    # -- host bookkeeping ---------------------------------------------------------------------
+
+    @property
+    def sessions(self) -> Dict[int, slice]:
+        """sid -> its rows."""
+        return {sid: slice(a, a + n) for sid, (a, n) in self._sessions.items()}
+
+    def bucket(self) -> int:
+        """The rows a compiled or graphed step runs: ``used`` rounded up to a power of two (<= Cap)."""
+        return 1 << (max(self.used, 1) - 1).bit_length()
+
+    def fits(self, bank: MemoryBank) -> bool:
+        """Whether ``bank`` can join this table (same spec, feature shape, dtype and device)."""
+        st = bank.state
+        return (bank.spec == self.spec and tuple(st.cond_feats.shape[2:5]) == self.feat_shape
+                and st.cond_ptrs.shape[-1] == self.ptr_dim and st.cond_feats.dtype == self.dtype
+                and st.cond_feats.device == self.device)
+
+    def _grow(self, cap: int, cmax: int) -> None:
+        old, u, c0 = self.state, self.used, self.cond_capacity
+        new = self._alloc(cap, cmax)
+        for name, t in zip(TableState._fields, new):
+            if name == "segment":
+                continue
+            src = getattr(old, name)[:u]
+            (t[:u, :c0] if name in _COND_FIELDS else t[:u]).copy_(src)
+        self.state, self.capacity, self.cond_capacity = new, cap, cmax
+        for a, n in self._sessions.values():
+            new.segment[a:a + n].fill_(a)
+
+    def add(self, bank: MemoryBank) -> TableRows:
+        """Copy a seeded bank into new rows (grown if needed); its :class:`TableRows`."""
+        if not self.fits(bank):
+            raise ValueError(f"this bank (spec {bank.spec}, features {tuple(bank.state.cond_feats.shape[2:])}) "
+                             f"does not fit the table (spec {self.spec}, features {self.feat_shape})")
+        b, bs = bank.batch_size, bank.state
+        C = bs.cond_feats.shape[1]
+        cap, cmax = self.capacity, max(self.cond_capacity, C)
+        while cap < self.used + b:
+            cap *= 2
+        if cap != self.capacity or cmax != self.cond_capacity:
+            self._grow(cap, cmax)
+        st, a = self.state, self.used
+        r = slice(a, a + b)
+        st.ring_feat[r].copy_(bs.ring_feat)
+        st.ring_ptr[r].copy_(bs.ring_ptr)
+        st.count[r].copy_(bs.count)
+        st.last_feat[r].copy_(bs.last_feat)
+        st.last_ptr[r].copy_(bs.last_ptr)
+        st.last_content[r].copy_(bs.last_content)
+        st.last_good[r].copy_(bs.last_good)
+        st.cond_feats[r, :C].copy_(bs.cond_feats)
+        st.cond_feats[r, C:].zero_()
+        st.cond_ptrs[r, :C].copy_(bs.cond_ptrs)
+        st.cond_ptrs[r, C:].zero_()
+        st.cond_frames[r, :C].copy_(bs.cond_frames)
+        st.cond_frames[r, C:].zero_()
+        st.cond_valid[r, :C].fill_(True)
+        st.cond_valid[r, C:].fill_(False)
+        st.maskmem_pos[r].copy_(bs.maskmem_pos)
+        st.active[r].fill_(True)
+        st.segment[r].fill_(a)
+        st.staged[r].fill_(False)
+        sid = self._next_sid
+        self._next_sid += 1
+        self._sessions[sid] = [a, b]
+        self.used += b
+        return TableRows(self, sid)
+
+    def free(self, sid: int) -> None:
+        """Release a session's rows; the rows after them move down (the objects stay packed) and
+        the vacated rows are zeroed (a free row attends to one zero key)."""
+        a, n = self._sessions.pop(sid)
+        self._staged.discard(sid)
+        u, st = self.used, self.state
+        if a + n < u:
+            for t in st:
+                t[a:u - n] = t[a + n:u].clone()
+        for name, t in zip(TableState._fields, st):
+            if name == "segment":
+                t[u - n:u].fill_(self.capacity)
+            else:
+                t[u - n:u].zero_()
+        self.used = u - n
+        for other in self._sessions.values():
+            if other[0] > a:
+                other[0] -= n
+                st.segment[other[0]:other[0] + other[1]].fill_(other[0])
+
+    def retain(self, sids: Iterable[int]) -> None:
+        """Free every session not in ``sids`` (those that left the batch)."""
+        keep = set(sids)
+        for sid in [s for s in self._sessions if s not in keep]:
+            self.free(sid)
+
+    # -- per frame ----------------------------------------------------------------------------
+
+    def stage(self, sid: int, feat: Optional[Tensor], ptr: Optional[Tensor], good) -> None:
+        """Record the frame a session just handled (as :meth:`MemoryBank.advance`): its memory
+        ``feat`` (B, M, h, w) / ``ptr`` (B, D) or None (nothing), ``good`` a 0-d bool tensor or a
+        bool. Applied to the rows by the next :meth:`advance` (a second frame of the same session
+        applies the first one before)."""
+        if sid in self._staged:
+            self.advance()
+        a, n = self._sessions[sid]
+        st, r = self.state, slice(a, a + n)
+        st.staged[r].fill_(True)
+        if feat is None:
+            st.next_content[r].fill_(False)
+            st.next_good[r].fill_(False)
+        else:
+            st.next_feat[r].copy_(feat)
+            st.next_ptr[r].copy_(ptr)
+            st.next_content[r].fill_(True)
+            if isinstance(good, Tensor):
+                st.next_good[r].copy_(good.reshape(()))
+            else:
+                st.next_good[r].fill_(bool(good))
+        self._staged.add(sid)
+
+    def advance(self) -> None:
+        """Apply every staged frame (one :func:`table_advance` over the table)."""
+        if not self._staged:
+            return
+        st = self.state
+        table_advance(self.spec, st, st.next_feat, st.next_ptr, st.next_good, st.next_content, st.staged)
+        st.staged.fill_(False)
+        self._staged.clear()
+
+    def memory(self, frame_idx: Tensor, no_prev: bool, maskmem_tpos_enc: Tensor, obj_ptr_tpos_proj: nn.Module,
+               rows: Optional[int] = None) -> Tuple[Tensor, Tensor, int, Tensor]:
+        """:func:`table_memory` of the first ``rows`` rows (default: the used ones), staged frames applied."""
+        self.advance()
+        return table_memory(self.spec, self.state, frame_idx, no_prev, maskmem_tpos_enc, obj_ptr_tpos_proj,
+                            self.used if rows is None else rows)

@@ -83,6 +83,10 @@ frame's ``eff_iou_score``) at the start of such a run and after each conditionin
 ``fixed_capacity_step=False`` and the settings listed in ``_fixed_capacity_refusal`` keep the
 official per-frame selection (a sync per scanned frame, a host-to-device copy of the temporal
 positions). ``remove_object`` indexes every stored frame with a Python list, as the official.
+With ``object_table`` (default) the banks live as rows of an
+:class:`~sam3fast.video.memory_bank.ObjectTable` shared by the sessions that propagate together
+(``propagate_states_one_frame``): one step over the table's rows, its memory read from the table
+with no per-frame concatenation; ``object_table = False`` keeps one bank per session.
 """
 
 from __future__ import annotations
@@ -103,7 +107,8 @@ from ..model.memory import encode_new_memory, encode_new_memory_from_low_res
 from ..model.memory_attention import assemble_memory
 from ..model.sam_heads import NO_OBJ_SCORE, sam_heads_forward
 from ..model.tracker import Tracker
-from .memory_bank import BankSpec, BankState, MemoryBank, bank_memory
+from .memory_bank import (BankSpec, BankState, MemoryBank, ObjectTable, TableRows, TableState, bank_memory,
+                          table_memory)
 
 __all__ = [
     "NO_OBJ_SCORE",
@@ -448,6 +453,12 @@ class Sam3TrackerPredictor(nn.Module):
         # session allows it (see _fixed_capacity_refusal); False = the official per-frame selection.
         self.fixed_capacity_step = fixed_capacity_step
         self.step_counts = {"fixed_capacity": 0, "reference": 0}
+        # sam3fast: the banks of every session that propagates together live in one ObjectTable
+        # (fixed row capacity, active mask, per-row conditioning slots): the step reads its memory
+        # straight from the table, with no per-frame concatenation of per-session banks (and no
+        # bucket padding: the table's rows are the bucket). False = one MemoryBank per session,
+        # concatenated per frame.
+        self.object_table = True
         # sam3fast: on CUDA, a tracked frame's stored output moves to pinned host memory once the
         # bank has taken it (see _retire_output); False = every output stays on the device (official).
         self.retire_finished_outputs = retire_finished_outputs
@@ -1008,7 +1019,7 @@ class Sam3TrackerPredictor(nn.Module):
                 obj_scores = current_out["object_score_logits"]
                 if clear_non_cond_mem:
                     self._clear_non_cond_mem_around_input(inference_state, frame_idx)
-                inference_state.pop("memory_bank", None)  # rebuilt after a conditioning frame
+                self._drop_bank(inference_state)  # rebuilt after a conditioning frame
             elif frame_idx in consolidated_frame_inds["non_cond_frame_outputs"]:
                 storage_key = "non_cond_frame_outputs"
                 current_out = output_dict[storage_key][frame_idx]
@@ -1052,20 +1063,44 @@ class Sam3TrackerPredictor(nn.Module):
         for a session without objects."""
         results = [None] * len(inference_states)
         groups = {}
+        # object table: the sessions of one feature cache share one table, the one they sit in
+        tables = {}
+        if self.object_table:
+            for st in inference_states:
+                cur = st.get("memory_bank")
+                h = None if cur is None else cur["bank"]
+                if (isinstance(h, TableRows) and h.alive and cur["reverse"] == reverse
+                        and all(t is not h.table for t in tables.values())):
+                    tables.setdefault(id(st["cached_features"]), h.table)
         for i, st in enumerate(inference_states):
             if len(st["obj_ids"]) == 0:
+                self._drop_bank(st)
                 continue
             consolidated = st["consolidated_frame_inds"]
             bank = None
+            key = id(st["cached_features"])
             if (st["output_dict"]["cond_frame_outputs"] and frame_idx not in consolidated["cond_frame_outputs"]
                     and frame_idx not in consolidated["non_cond_frame_outputs"]):
-                bank = self._bank_for_step(st, frame_idx, reverse)
+                bank = self._bank_for_step(st, frame_idx, reverse, table=tables.get(key))
             if bank is None:
                 for _, ids, low, _, scores in self.propagate_in_video(st, frame_idx, 0, reverse, tqdm_disable=True,
                                                                       run_mem_encoder=run_mem_encoder):
                     results[i] = (list(ids), low, scores)
             else:
-                groups.setdefault(id(st["cached_features"]), []).append((i, st, bank))
+                if isinstance(bank, TableRows):
+                    tables.setdefault(key, bank.table)
+                    key = (key, id(bank.table))
+                groups.setdefault(key, []).append((i, st, bank))
+        if tables:
+            # sessions that left the batch (not passed, or without objects) free their rows
+            held = {id(t): [] for t in tables.values()}
+            for st in inference_states:
+                cur = st.get("memory_bank")
+                h = None if cur is None else cur["bank"]
+                if isinstance(h, TableRows) and h.alive and id(h.table) in held:
+                    held[id(h.table)].append(h.sid)
+            for t in tables.values():
+                t.retain(held[id(t)])
         for members in groups.values():
             st0 = members[0][1]
             _, _, feats, pos, _ = self._get_image_feature(st0, frame_idx, 1)
@@ -1084,33 +1119,57 @@ class Sam3TrackerPredictor(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Fixed-capacity memory (sam3fast)
 
-    def _bank_for_step(self, inference_state, frame_idx, reverse, seed=True):
+    def _bank_for_step(self, inference_state, frame_idx, reverse, seed=True, table=None):
         """The :class:`MemoryBank` ready to track ``frame_idx``, or None (the official selection).
 
         The bank lives in ``inference_state["memory_bank"]`` with the frame stored last
         (``pending``). It is advanced lazily, when the next consecutive frame in the same direction
         asks for it, so memory encoded after tracking (the SAM 3 video model encodes it after its
         planning step) is what goes in. Anything else (a gap, another direction, changed objects
-        or conditioning frames, a different number of stored frames) rebuilds it (``seed``)."""
+        or conditioning frames, a different number of stored frames) rebuilds it (``seed``).
+
+        With ``object_table`` the bank is the session's :class:`TableRows` in an :class:`ObjectTable`
+        (``table``: the one its batch uses; None: its own, or a new one): the same decisions, the
+        seeded bank is written into the session's rows and the advance is staged in the table."""
         if not self.fixed_capacity_step:
             return None
         cur = inference_state.get("memory_bank")
         sign = -1 if reverse else 1
         if (cur is not None and cur["reverse"] == reverse and cur["pending"] == frame_idx - sign
-                and cur["key"] == self._bank_key(inference_state)):
+                and cur["key"] == self._bank_key(inference_state) and self._bank_usable(cur["bank"], table)):
             out = inference_state["output_dict"]["non_cond_frame_outputs"].get(cur["pending"])
             if out is not None and out.get("maskmem_features") is not None:
                 self._advance_bank(cur["bank"], out, cur["pending"], reverse)
                 self._retire_output(inference_state, cur["pending"])
                 cur["pending"] = None
                 return cur["bank"]
-        inference_state.pop("memory_bank", None)
+        if table is None and cur is not None and isinstance(cur["bank"], TableRows):
+            table = cur["bank"].table  # (a session on its own keeps its table: no new allocation)
+        self._drop_bank(inference_state)
         if not seed:
             return None
         bank = self._seed_memory_bank(inference_state, frame_idx, reverse)
         if bank is not None:
+            if self.object_table:
+                if table is None or not table.fits(bank):
+                    table = ObjectTable.for_bank(bank)
+                bank = table.add(bank)
             inference_state["memory_bank"] = {"bank": bank, "reverse": reverse, "pending": None, "key": None}
         return bank
+
+    def _bank_usable(self, bank, table) -> bool:
+        """Whether a session's kept bank serves this step (the kind ``object_table`` asks for; a
+        table's rows still held, in the batch's table)."""
+        if isinstance(bank, TableRows):
+            return self.object_table and bank.alive and (table is None or bank.table is table)
+        return not self.object_table
+
+    @staticmethod
+    def _drop_bank(inference_state) -> None:
+        """The session's bank is gone (rebuilt when next needed); its table rows are freed."""
+        cur = inference_state.pop("memory_bank", None)
+        if cur is not None and isinstance(cur["bank"], TableRows) and cur["bank"].alive:
+            cur["bank"].free()
 
     _RETIRED_KEYS = ("maskmem_features", "pred_masks", "obj_ptr", "object_score_logits", "iou_score",
                      "eff_iou_score")
@@ -1250,9 +1309,12 @@ class Sam3TrackerPredictor(nn.Module):
     def _track_on_banks(self, banks, frame_idx, num_frames, reverse, feats, pos, run_mem_encoder):
         """``track_step`` for a propagated frame (no prompt) of the objects of several sessions
         (one :class:`MemoryBank` each, the same frame features), as one batch. Returns one
-        output dict per bank, each holding views of the batched tensors."""
+        output dict per bank, each holding views of the batched tensors. Banks that are
+        :class:`TableRows` (of one table) run on the table (:meth:`table_track_step`)."""
         no_prev = (frame_idx == 0 and not reverse) or (frame_idx == num_frames - 1 and reverse)
         frame_t = torch.full((), frame_idx, dtype=torch.long, device=feats[-1].device)
+        if isinstance(banks[0], TableRows):
+            return self._track_on_table(banks, frame_t, feats, pos, no_prev, run_mem_encoder)
         low, high, obj_ptr, score, iou, effs, maskmem, maskmem_pos = self.bank_track_step(
             tuple(b.spec for b in banks), tuple(b.state for b in banks), frame_t, tuple(feats), tuple(pos),
             no_prev=no_prev, run_mem_encoder=run_mem_encoder)
@@ -1289,8 +1351,7 @@ class Sam3TrackerPredictor(nn.Module):
         memory, memory_pos, n_ptr, valid = _batch_memories(
             parts, [st.cond_feats.shape[1] for st in states], st0.cond_feats.shape[-1] * st0.cond_feats.shape[-2],
             max(1, st0.cond_ptrs.shape[-1] // st0.cond_feats.shape[2]))
-        graphed = self.cuda_graphs and self._memory_step_compiled is None
-        if self._memory_step_compiled is None and not graphed:
+        if not self._step_is_bucketed():
             low, high, obj_ptr, score, iou, maskmem, maskmem_pos = self.memory_step(
                 tuple(feats), pos[-1], memory, memory_pos, valid, n_ptr, run_mem_encoder=run_mem_encoder)
         else:
@@ -1298,15 +1359,7 @@ class Sam3TrackerPredictor(nn.Module):
             # objects come and go compiles (and captures) a few buckets, not one graph per count
             B = memory.shape[0]
             memory, memory_pos, valid, feats, top_pos = _pad_to_bucket(memory, memory_pos, valid, feats, pos[-1])
-            if graphed:
-                out = self.step_graphs().run(tuple(feats), top_pos, memory, memory_pos, valid, n_ptr,
-                                             run_mem_encoder=run_mem_encoder)
-            else:
-                # one graph per (bucket, conditioning frames, run_mem_encoder): up to ~7 x 4 x 2, more
-                # than dynamo's default limit of 8 per function; raised for this call only
-                with torch._dynamo.config.patch(recompile_limit=64):
-                    out = self._memory_step_compiled(tuple(feats), top_pos, memory, memory_pos, valid, n_ptr,
-                                                     run_mem_encoder=run_mem_encoder)
+            out = self._bucketed_step(feats, top_pos, memory, memory_pos, valid, n_ptr, run_mem_encoder)
             low, high, obj_ptr, score, iou, maskmem, maskmem_pos = (None if x is None else x[:B] for x in out)
         effs, a = [], 0
         for st in states:
@@ -1314,6 +1367,77 @@ class Sam3TrackerPredictor(nn.Module):
             effs.append(self.cal_mem_score(score[a:a + b], iou[a:a + b]))
             a += b
         return low, high, obj_ptr, score, iou, tuple(effs), maskmem, maskmem_pos
+
+    def _step_is_bucketed(self) -> bool:
+        """Whether the step runs compiled or graphed (on rows padded to a power of two)."""
+        return self._memory_step_compiled is not None or self.cuda_graphs
+
+    def _bucketed_step(self, feats, top_pos, memory, memory_pos, valid, n_ptr, run_mem_encoder):
+        if self._memory_step_compiled is None:
+            return self.step_graphs().run(tuple(feats), top_pos, memory, memory_pos, valid, n_ptr,
+                                          run_mem_encoder=run_mem_encoder)
+        # one graph per (bucket, conditioning frames, run_mem_encoder): up to ~7 x 4 x 2, more
+        # than dynamo's default limit of 8 per function; raised for this call only
+        with torch._dynamo.config.patch(recompile_limit=64):
+            return self._memory_step_compiled(tuple(feats), top_pos, memory, memory_pos, valid, n_ptr,
+                                              run_mem_encoder=run_mem_encoder)
+
+    def _track_on_table(self, banks, frame_t, feats, pos, no_prev, run_mem_encoder):
+        """:meth:`_track_on_banks` for sessions of one :class:`ObjectTable`: the staged advances
+        applied, one step over the table's rows, each session's outputs views of its rows."""
+        table = banks[0].table
+        if any(b.table is not table for b in banks):
+            raise ValueError("the banks of one step must be rows of one object table")
+        table.advance()
+        feats = tuple(f[:1] for f in feats)  # one frame's features, shared by every row
+        pos = tuple(p[:1] for p in pos)
+        low, high, obj_ptr, score, iou, eff, maskmem, maskmem_pos = self.table_track_step(
+            table.spec, table.state, frame_t, feats, pos, table.used, no_prev=no_prev, run_mem_encoder=run_mem_encoder)
+        outs = []
+        for bank in banks:
+            sl = bank.rows
+            outs.append({
+                "point_inputs": None, "mask_inputs": None, "pred_masks": low[sl],
+                "pred_masks_high_res": None if high is None else high[sl],
+                "obj_ptr": obj_ptr[sl], "object_score_logits": score[sl], "iou_score": iou[sl],
+                "eff_iou_score": eff[sl.start], "maskmem_features": None if maskmem is None else maskmem[sl],
+                "maskmem_pos_enc": None if maskmem_pos is None else [maskmem_pos[sl]],
+            })
+        return outs
+
+    def table_track_step(self, spec: BankSpec, state: TableState, frame_t: torch.Tensor, feats, pos, rows: int, *,
+                         no_prev: bool = False, run_mem_encoder: bool = True):
+        """:meth:`bank_track_step` on an :class:`ObjectTable` (its ``spec`` and ``state``): one
+        propagated frame of the objects in the first ``rows`` rows (free rows among them run as
+        zero rows). ``feats``/``pos``: the frame's three levels (1, D, *, *). Compiled or graphed,
+        the step runs the first ``rows`` rounded up to a power of two (<= the table's capacity):
+        the table is the bucket, nothing is padded or concatenated. Returns ``(low_res_masks,
+        high_res_masks, obj_ptr, object_score_logits, iou_score, eff_iou_scores (Cap + 1,) (entry
+        "first row of a session" is that session's score), maskmem_features or None, maskmem_pos
+        or None)``, row tensors over the rows run. Static shapes and no host sync."""
+        if self._step_is_bucketed():
+            rows = 1 << (max(rows, 1) - 1).bit_length()
+        memory, memory_pos, n_ptr, valid = table_memory(spec, state, frame_t, no_prev, self.maskmem_tpos_enc,
+                                                        self.obj_ptr_tpos_proj, rows)
+        if not self._step_is_bucketed():
+            out = self.memory_step(tuple(feats), pos[-1], memory, memory_pos, valid, n_ptr,
+                                   run_mem_encoder=run_mem_encoder)
+        else:
+            out = self._bucketed_step(feats, pos[-1], memory, memory_pos, valid, n_ptr, run_mem_encoder)
+        low, high, obj_ptr, score, iou, maskmem, maskmem_pos = out
+        eff = self.segment_mem_score(score, iou, state.segment[:rows], state.segment.shape[0] + 1)
+        return low, high, obj_ptr, score, iou, eff, maskmem, maskmem_pos
+
+    @staticmethod
+    def segment_mem_score(object_score_logits, iou_score, segment, num_segments):
+        """:meth:`cal_mem_score` of every session at once: rows grouped by ``segment`` (n,) long,
+        the official (B, B)-broadcast mean as mean(score) * mean(iou) per segment (float32 sums,
+        cast back). Returns (num_segments,); a segment without rows holds 0."""
+        norm = torch.where(object_score_logits > 0, object_score_logits.sigmoid() * 2 - 1,
+                           torch.zeros_like(object_score_logits)).reshape(-1)
+        vals = torch.stack((norm.float(), iou_score.reshape(-1).float(), torch.ones_like(norm, dtype=torch.float32)))
+        sums = vals.new_zeros(3, num_segments).index_add_(1, segment, vals)
+        return (sums[0] * sums[1] / (sums[2] * sums[2]).clamp(min=1)).to(object_score_logits.dtype)
 
     def memory_step(self, feats, top_pos, memory, memory_pos, memory_valid, num_obj_ptr_tokens, *,
                     run_mem_encoder: bool = True):
@@ -1462,6 +1586,7 @@ class Sam3TrackerPredictor(nn.Module):
         self.clear_all_points_in_video(inference_state)
 
     def _reset_tracking_results(self, inference_state):
+        self._drop_bank(inference_state)
         for v in inference_state["point_inputs_per_obj"].values():
             v.clear()
         for v in inference_state["mask_inputs_per_obj"].values():
@@ -1495,6 +1620,7 @@ class Sam3TrackerPredictor(nn.Module):
                 f"Cannot remove object id {obj_id} as it doesn't exist. "
                 f"All existing object ids: {inference_state['obj_ids']}."
             )
+        self._drop_bank(inference_state)  # the session leaves its batch (rebuilt at its next frame)
         if len(inference_state["obj_id_to_idx"]) == 1:
             self.clear_all_points_in_video(inference_state)
             return inference_state["obj_ids"], updated_frames
@@ -1704,7 +1830,8 @@ class Sam3TrackerPredictor(nn.Module):
         the stored output (memory bank in bf16 with ``bf16_casts``) and the low-res logits.
         ``memory_bank`` (sam3fast): take the memory from this :class:`MemoryBank` instead of
         the official per-frame selection over ``output_dict``."""
-        image, _, feats, pos, feat_sizes = self._get_image_feature(inference_state, frame_idx, batch_size)
+        image, _, feats, pos, feat_sizes = self._get_image_feature(
+            inference_state, frame_idx, 1 if isinstance(memory_bank, TableRows) else batch_size)
         assert point_inputs is None or mask_inputs is None
         if memory_bank is not None:
             assert point_inputs is None and mask_inputs is None and not is_init_cond_frame
