@@ -45,8 +45,8 @@ and scores are all-gathered after step 2, rank 0 alone associates and runs the h
 (``rank0_metadata``) and broadcasts the plan as one int64 device tensor, every rank executes it on
 its own objects, and rank 0 alone builds outputs.
 
-The tracker step (memory selection on a :class:`~sam3fast.video.memory_bank.MemoryBank`, all
-sessions in one batch) reads nothing; hole filling uses the Triton connected-components kernel on
+The tracker step (memory selection on fixed-capacity banks, the rows of one persistent
+:class:`~sam3fast.video.memory_bank.ObjectTable` shared by all sessions, one batch) reads nothing; hole filling uses the Triton connected-components kernel on
 CUDA. Left on the host, on the frames that need them: adding new objects and removing objects
 (tracker state edits), the periodic re-condition gate (``obj_score > 0.8``),
 ``refined_score.item()`` in partial propagation.
