@@ -31,7 +31,6 @@ import datetime
 import os
 import sys
 import tempfile
-from collections import defaultdict
 
 import numpy as np
 import torch

@@ -138,6 +138,41 @@ class _Entry:
     replays: int = 0
 
 
+def resolve_cuda_graphs(cuda_graphs: Optional[bool], device: torch.device, what: str) -> bool:
+    """A graph runner's ``cuda_graphs`` argument: None = on CUDA devices; True on another device
+    raises (``what``: "a model", "a tracker")."""
+    if cuda_graphs is None:
+        return device.type == "cuda"
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs=True needs {what} on a CUDA device; this one is on {device}")
+    return bool(cuda_graphs)
+
+
+def check_warmup_iters(warmup_iters: int) -> int:
+    if warmup_iters < 1:
+        raise ValueError(f"warmup_iters must be >= 1, got {warmup_iters}")
+    return int(warmup_iters)
+
+
+def warm_up_and_capture(step, warmup_iters: int, pool, stage_name: str, **graph_kw):
+    """The recipe of the CUDA-graphs notes, shared by the graph runners: ``step()`` run
+    ``warmup_iters`` times on a side stream (lazy initialisation, Triton and inductor compilation,
+    cuBLAS workspaces happen there, not in the capture), then captured into ``pool``. Returns
+    ``(graph, captured outputs, the last warm-up's outputs)``; a failed capture raises the
+    RuntimeError of ``torch.cuda.graph``."""
+    cur = torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    side.wait_stream(cur)
+    with torch.cuda.stream(side):
+        for _ in range(warmup_iters):
+            warm = step()
+    cur.wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with stage(stage_name), torch.cuda.graph(g, pool=pool, **graph_kw):
+        out = step()
+    return g, out, warm
+
+
 @dataclass
 class StepOutputs:
     """The step's outputs for the real prompts: scores (B, P, Q), keep (B, P, Q), boxes (B, P, Q, 4),
@@ -185,22 +220,16 @@ class GraphedImageStep:
 
     def __init__(self, model, cuda_graphs: Optional[bool] = None,
                  prompt_buckets: Optional[Sequence[int]] = None, warmup_iters: int = 3):
-        dev = model.device
-        if cuda_graphs is None:
-            cuda_graphs = dev.type == "cuda"
-        elif cuda_graphs and dev.type != "cuda":
-            raise ValueError(f"cuda_graphs=True needs a model on a CUDA device; this one is on {dev}")
+        cuda_graphs = resolve_cuda_graphs(cuda_graphs, model.device, "a model")
         buckets = None
         if prompt_buckets is not None:
             buckets = tuple(sorted(set(int(b) for b in prompt_buckets)))
             if not buckets or buckets[0] < 1:
                 raise ValueError(f"prompt_buckets must be positive integers, got {tuple(prompt_buckets)}")
-        if warmup_iters < 1:
-            raise ValueError(f"warmup_iters must be >= 1, got {warmup_iters}")
         self.model = model
-        self.cuda_graphs = bool(cuda_graphs)
+        self.cuda_graphs = cuda_graphs
         self.prompt_buckets = buckets
-        self.warmup_iters = int(warmup_iters)
+        self.warmup_iters = check_warmup_iters(warmup_iters)
         self.entries: Dict[BucketKey, _Entry] = {}
         self._pool = None
 
@@ -246,21 +275,11 @@ class GraphedImageStep:
                           mask_size=e.key.mask_size)
 
     def _capture(self, e: _Entry) -> None:
-        # The recipe of the CUDA-graphs notes: warm up on a side stream (lazy init, Triton and
-        # inductor compilation, cuBLAS workspaces happen there, not in the capture), then capture.
-        cur = torch.cuda.current_stream()
-        side = torch.cuda.Stream()
-        side.wait_stream(cur)
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup_iters):
-                self._step(e)
-        cur.wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        g = torch.cuda.CUDAGraph()
         try:
-            with stage("graph_capture"), torch.cuda.graph(g, pool=self._pool):
-                e.outputs = self._step(e)
+            g, e.outputs, _ = warm_up_and_capture(lambda: self._step(e), self.warmup_iters, self._pool,
+                                                  "graph_capture")
         except RuntimeError as err:
             del self.entries[e.key]
             raise RuntimeError(

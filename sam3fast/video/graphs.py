@@ -39,7 +39,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..predictor.graphs import _Entry
+from ..predictor.graphs import _Entry, check_warmup_iters, resolve_cuda_graphs, warm_up_and_capture
 from ..profiling import stage
 
 logger = logging.getLogger(__name__)
@@ -99,16 +99,10 @@ class GraphedDetector:
 
     def __init__(self, detector, cuda_graphs: Optional[bool] = None, warmup_iters: int = 2):
         dev = detector.device
-        if cuda_graphs is None:
-            cuda_graphs = dev.type == "cuda"
-        elif cuda_graphs and dev.type != "cuda":
-            raise ValueError(f"cuda_graphs=True needs a model on a CUDA device; this one is on {dev}")
-        if warmup_iters < 1:
-            raise ValueError(f"warmup_iters must be >= 1, got {warmup_iters}")
         self.detector = detector
         self.device, self.dtype = dev, detector.dtype
-        self.cuda_graphs = bool(cuda_graphs)
-        self.warmup_iters = int(warmup_iters)
+        self.cuda_graphs = resolve_cuda_graphs(cuda_graphs, dev, "a model")
+        self.warmup_iters = check_warmup_iters(warmup_iters)
         self.entries: Dict[DetectorKey, _Entry] = {}
         # per captured key: which outputs the graph writes (cloned per call) and which it only
         # hands through (persistent tensors, e.g. the cached position encodings)
@@ -167,24 +161,13 @@ class GraphedDetector:
                              nms_iou_thresh=k.nms_iou_thresh)
 
     def _capture(self, e: _Entry) -> None:
-        # The recipe of the CUDA-graphs notes (and GraphedImageStep): warm up on a side stream, so
-        # lazy initialisation (cuBLAS workspaces, Triton/inductor compilation, the position
-        # encoding cache) happens there and not in the capture; then capture into the shared pool.
-        cur = torch.cuda.current_stream()
-        side = torch.cuda.Stream()
-        side.wait_stream(cur)
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup_iters):
-                warm = _flatten(self._step(e))
-        cur.wait_stream(side)
+        # (warm-up on a side stream also fills the position encoding cache outside the capture)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        g = torch.cuda.CUDAGraph()
         try:
             # thread_local: a frame loader thread may use CUDA while this thread captures
-            with stage("detector_graph_capture"), torch.cuda.graph(g, pool=self._pool,
-                                                                   capture_error_mode="thread_local"):
-                out = _flatten(self._step(e))
+            g, out, warm = warm_up_and_capture(lambda: _flatten(self._step(e)), self.warmup_iters, self._pool,
+                                               "detector_graph_capture", capture_error_mode="thread_local")
         except RuntimeError as err:
             del self.entries[e.key]
             raise RuntimeError(

@@ -36,7 +36,7 @@ from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..predictor.graphs import _Entry
+from ..predictor.graphs import _Entry, check_warmup_iters, resolve_cuda_graphs, warm_up_and_capture
 from ..profiling import stage
 
 logger = logging.getLogger(__name__)
@@ -61,16 +61,9 @@ class GraphedMemoryStep:
     module docstring). ``cuda_graphs``: None = on CUDA devices; True on a non-CUDA model raises."""
 
     def __init__(self, tracker, cuda_graphs: Optional[bool] = None, warmup_iters: int = 2):
-        dev = tracker.device
-        if cuda_graphs is None:
-            cuda_graphs = dev.type == "cuda"
-        elif cuda_graphs and dev.type != "cuda":
-            raise ValueError(f"cuda_graphs=True needs a tracker on a CUDA device; this one is on {dev}")
-        if warmup_iters < 1:
-            raise ValueError(f"warmup_iters must be >= 1, got {warmup_iters}")
         self.tracker = tracker
-        self.cuda_graphs = bool(cuda_graphs)
-        self.warmup_iters = int(warmup_iters)
+        self.cuda_graphs = resolve_cuda_graphs(cuda_graphs, tracker.device, "a tracker")
+        self.warmup_iters = check_warmup_iters(warmup_iters)
         self.entries: Dict[StepKey, _Entry] = {}
         self._present: Dict[StepKey, Tuple[bool, ...]] = {}  # which of the 7 outputs the step returns
         self._failed: Dict[StepKey, str] = {}  # keys whose capture failed: eager from then on
@@ -111,20 +104,11 @@ class GraphedMemoryStep:
 
     def _capture(self, e: _Entry) -> bool:
         """Capture ``e``'s step; False (logged, the key marked eager) if the capture fails."""
-        cur = torch.cuda.current_stream()
-        side = torch.cuda.Stream()
-        side.wait_stream(cur)
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup_iters):  # lazy initialisation (cuBLAS, Triton) outside the capture
-                self._step(e)
-        cur.wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        g = torch.cuda.CUDAGraph()
         try:
-            with stage("tracker_graph_capture"), torch.cuda.graph(g, pool=self._pool,
-                                                                  capture_error_mode="thread_local"):
-                out = self._step(e)
+            g, out, _ = warm_up_and_capture(lambda: self._step(e), self.warmup_iters, self._pool,
+                                            "tracker_graph_capture", capture_error_mode="thread_local")
         except RuntimeError as err:
             why = f"capture failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
             self._failed[e.key] = why
