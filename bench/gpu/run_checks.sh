@@ -72,6 +72,9 @@ else
         --iters 1 --no-compile
     step profile 60 120 python3 bench/profile_gpu.py
     step bench_image 90 240 python3 bench/bench_image.py --iters 10 --compile
+    # 64 clicked objects (the #6 row), if time is left; written beside the 1/5/16 file
+    step bench_video_tracker64 90 150 python3 bench/bench_video.py --parts tracker --dtype bfloat16 --frames 16 \
+        --objects 64 --iters 1 --no-compile --out bench/results/n64
     step gpu_tests_rest 40 150 python3 -m pytest -m "gpu and not slow" -q -p no:cacheprovider --timeout 100 -rfE \
         --junitxml "$OUT/gpu_tests_rest.xml" tests $(for f in $FIRST; do echo --deselect "$f"; done)
 fi
