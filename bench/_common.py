@@ -115,3 +115,17 @@ def write_results(name, header, rows, columns, cells, out=None):
         for r in rows:
             f.write("| " + " | ".join(cells(r)) + " |\n")
     print(f"# wrote {stem}.json and .md")
+
+
+def graphed(fn):
+    """``fn`` captured in a CUDA graph (warmed up on a side stream first); returns the replay (which
+    returns None). For launch-bound ops: the replay's time is the GPU time without the host's."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay

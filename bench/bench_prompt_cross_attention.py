@@ -36,7 +36,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)  # bench/_common.py, also when run through runpy
 
-from _common import machine_header, print_header, time_ms, use_interpreter_without_cuda, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    graphed, machine_header, print_header, time_ms, use_interpreter_without_cuda, write_results,
+)
 
 use_interpreter_without_cuda()  # before the kernel import
 
@@ -111,6 +113,9 @@ def bench_shape(B, P, args, device, dtype, tiles, compile_backend):
         tile = dict(block_m=bm, block_o=bo, num_warps=nw, num_stages=ns)
         cands[f"triton {bm}x{bo} w{nw} s{ns}"] = lambda tile=tile: pca._prompt_cross_attention_triton(*op_args, **tile)
     cands["eager (module: norm2 + mha + residual)"] = eager_module
+    if device.type == "cuda":  # launch-bound sizes: the same calls replayed from CUDA graphs (GPU time only)
+        cands["CUDA graph: entry"] = graphed(entry)
+        cands["CUDA graph: eager module"] = graphed(eager_module)
     if not args.no_compile:
         torch._dynamo.reset()
         comp = torch.compile(eager_module, fullgraph=True, backend=compile_backend)

@@ -38,7 +38,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)  # bench/_common.py, also when run through runpy
 
-from _common import machine_header, print_header, time_ms, use_interpreter_without_cuda, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    graphed, machine_header, print_header, time_ms, use_interpreter_without_cuda, write_results,
+)
 
 use_interpreter_without_cuda()  # before the kernel import
 
@@ -77,6 +79,9 @@ def bench_shape(name, B, side, scale, args, device, dtype, tiles, compile_backen
     for bl, nw in tiles:
         cands[f"triton l{bl} w{nw}"] = lambda bl=bl, nw=nw: rp._rope_triton(x, rope, block_l=bl, num_warps=nw)
     cands["eager apply_rope"] = lambda: apply_rope(x, freqs)
+    if device.type == "cuda":  # the same calls replayed from CUDA graphs (GPU time only)
+        cands["CUDA graph: op"] = graphed(lambda: op(x, rope))
+        cands["CUDA graph: eager apply_rope"] = graphed(lambda: apply_rope(x, freqs))
     if not args.no_compile:
         torch._dynamo.reset()
         comp = torch.compile(apply_rope, fullgraph=True, backend=compile_backend)

@@ -40,7 +40,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)  # bench/_common.py, also when run through runpy
 
-from _common import machine_header, print_header, time_ms, use_interpreter_without_cuda, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    graphed, machine_header, print_header, time_ms, use_interpreter_without_cuda, write_results,
+)
 
 use_interpreter_without_cuda()  # before the kernel import
 
@@ -108,6 +110,10 @@ def bench_shape(B, args, device, dtype, tiles, compile_backend):
         cands[f"triton {bm}x{bn} w{nw} s{ns}"] = lambda tile=tile: ra._rpb_attention_triton(q, k, v, dy, dx, **tile)
     cands["triton default, no split-KV"] = lambda: ra._rpb_attention_triton(q, k, v, dy, dx, num_splits=1)
     cands["eager (bias + sdpa)"] = lambda: eager_rpb_attention(q, k, v, dy, dx)
+    if device.type == "cuda":  # launch-bound sizes: the same calls replayed from CUDA graphs (GPU time only)
+        cands["CUDA graph: op (defaults)"] = graphed(lambda: op(q, k, v, dy, dx))
+        cands["CUDA graph: op, no split-KV"] = graphed(lambda: ra._rpb_attention_triton(q, k, v, dy, dx, num_splits=1))
+        cands["CUDA graph: eager (bias + sdpa)"] = graphed(lambda: eager_rpb_attention(q, k, v, dy, dx))
     if not args.no_compile:
         torch._dynamo.reset()
         comp = torch.compile(eager_rpb_attention, fullgraph=True, backend=compile_backend)

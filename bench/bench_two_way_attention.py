@@ -37,7 +37,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)  # bench/_common.py, also when run through runpy
 
-from _common import machine_header, print_header, time_ms, use_interpreter_without_cuda, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    graphed, machine_header, print_header, time_ms, use_interpreter_without_cuda, write_results,
+)
 
 use_interpreter_without_cuda()  # before the kernel import
 
@@ -64,19 +66,6 @@ def make_inputs(B, T, grid, D, dtype, device, seed=0):
     pe = torch.randn(1, D, grid, grid, generator=g).to(device=device, dtype=dtype)
     tok = torch.randn(B, T, D, generator=g).to(device=device, dtype=dtype)
     return img, pe, tok
-
-
-def graphed(fn):
-    """``fn`` captured in a CUDA graph (warmed up on a side stream first); returns the replay."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def bench_shape(B, args, device, dtype, compile_backend, modules):
