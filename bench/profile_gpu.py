@@ -144,7 +144,7 @@ def profile(fn, calls, per, cuda, label):
     return lines + [""], summary
 
 
-def _video_model(cfg, device, dtype):
+def _video_weights(cfg):
     import sam3fast
     from sam3fast.model.init import stable_random_init_
 
@@ -215,7 +215,7 @@ def main(argv=None):
                 torch.cuda.empty_cache()
 
         if "tracker" in parts or "concept" in parts:
-            weights = _video_model(cfg, device, dtype)
+            weights = _video_weights(cfg)
             with tempfile.TemporaryDirectory(prefix="profile_gpu_") as tmp:
                 clip = write_jpg_folder(make_clip(args.frames, 540 if not args.smoke else 72,
                                                   960 if not args.smoke else 96), os.path.join(tmp, "frames"))

@@ -23,3 +23,20 @@ def pytest_collection_modifyitems(config, items):
             if "CUDA" in reason or "cuda" in reason or "GPU" in reason:
                 item.add_marker(pytest.mark.gpu)
                 break
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """One intra-op thread for a module of tiny-model tests (``pytestmark =
+    pytest.mark.usefixtures("one_thread_module")``): on a busy 2-core machine two threads made tiny
+    sessions 10-20x slower (measured); one is faster and steady. Yields the previous count (for a
+    test that does real work and wants every core back); restored after the module."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield n
+    torch.set_num_threads(n)

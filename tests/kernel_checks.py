@@ -51,3 +51,19 @@ def assert_close_to64(got, want, tol: float) -> None:
     assert not torch.isnan(got).any(), "NaN in the output (an unwritten element?)"
     err = (got.double() - want).abs().max().item()
     assert err <= tol, f"max abs error {err:.3g} > {tol:.3g}"
+
+
+def capture_graph(fn):
+    """``(graph, out)``: ``fn`` warmed up on a side stream (Triton compiles outside the capture),
+    then captured in a CUDA graph; ``out`` is what the capture returned (rewritten by each replay)."""
+    import torch
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out

@@ -16,7 +16,7 @@ import textwrap
 import pytest
 import torch
 
-from kernel_checks import forced_backend_reason, run_compiled
+from kernel_checks import capture_graph, forced_backend_reason, run_compiled
 
 from sam3fast.kernels import connected_components as cc
 
@@ -409,14 +409,7 @@ def test_gpu_cuda_graph_replay():
     N, H, W = 64, 288, 288
     static = _gpu_batch(N, H, W, seed=1).cuda()
     fn = lambda: cc.connected_component_sizes_gpu(static)  # noqa: E731
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()  # warm-up compiles the kernels outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+    graph, out = capture_graph(fn)
     for seed in (2, 3):
         new = _gpu_batch(N, H, W, seed=seed)
         static.copy_(new)

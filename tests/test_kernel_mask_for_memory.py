@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import sam3fast.model.memory as memory_mod
-from kernel_checks import forced_backend_reason, run_compiled
+from kernel_checks import capture_graph, forced_backend_reason, run_compiled
 
 from sam3fast.config import get_config
 from sam3fast.kernels import mask_for_memory as mfm
@@ -470,14 +470,7 @@ def test_gpu_cuda_graph_replay():
         return torch.ops.sam3fast.mask_for_memory(static, [1008, 1008], [1152, 1152], 20.0, -10.0, False,
                                                   torch.bfloat16)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        call()  # warm-up: Triton compiles outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = call()
+    graph, out = capture_graph(call)
     for seed in (4, 5):
         static.copy_(_gpu_logits(16, seed=seed))
         graph.replay()

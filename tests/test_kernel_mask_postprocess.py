@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernel_checks import forced_reference_stdout, run_compiled
+from kernel_checks import capture_graph, forced_reference_stdout, run_compiled
 
 from sam3fast import ops
 from sam3fast.kernels import mask_postprocess as mp
@@ -578,14 +578,7 @@ def test_gpu_cuda_graph_replay():
     static = [masks.clone(), scores.clone(), active.clone()]
     assert ops.mask_postprocess_backend(static[0])[0] == "triton"
     fn = lambda: ops.mask_postprocess(static[0], static[1], (H, W), static[2], non_overlap=True)  # noqa: E731
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()  # warm-up compiles the kernel outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+    graph, out = capture_graph(fn)
     for seed in (5, 6):
         new_masks, new_scores, new_active = _inputs(16, 288, 288, seed=seed, dtype=torch.bfloat16, device="cuda")
         static[0].copy_(new_masks)

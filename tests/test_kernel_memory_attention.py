@@ -16,7 +16,7 @@ import textwrap
 import pytest
 import torch
 
-from kernel_checks import SM90_BUILD, assert_close_to64, forced_backend_reason, run_compiled
+from kernel_checks import SM90_BUILD, assert_close_to64, capture_graph, forced_backend_reason, run_compiled
 
 from sam3fast.kernels import memory_attention as ma
 from sam3fast.model.memory_attention import RoPEAttention
@@ -455,14 +455,7 @@ def test_gpu_sdpa_path_real_shape_bf16(B, pad):
     def fn():
         return ma.memory_attention(static[0], static[1], static[2], freqs, static[3], n_rope_keys=n_rope)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+    graph, out = capture_graph(fn)
     static[0].copy_(torch.randn_like(q).bfloat16())
     static[3][:, 5184:2 * 5184] = False
     graph.replay()
@@ -491,14 +484,7 @@ def test_gpu_cuda_graph_replay():
     def fn():
         return ma.memory_attention(static[0], static[1], static[2], freqs, static[3], n_rope_keys=3 * 5184)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()  # warm-up compiles the kernels outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+    graph, out = capture_graph(fn)
     for seed in (5, 6):
         nq, nk, nv, _, nvalid = _gpu_case(2, 3, 16, seed=seed, pad_frames=seed - 4)
         new = [t.bfloat16() for t in (nq, nk, nv)] + [nvalid]

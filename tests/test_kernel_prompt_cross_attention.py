@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import sam3fast.model.encoder as encoder_mod
-from kernel_checks import assert_close_to64, forced_backend_reason, run_compiled
+from kernel_checks import assert_close_to64, capture_graph, forced_backend_reason, run_compiled
 
 from sam3fast.kernels import prompt_cross_attention as pca
 from sam3fast.model.encoder import FusionEncoder, TransformerEncoderLayer
@@ -516,14 +516,7 @@ def test_gpu_cuda_graph_replay():
         return _entry(layer, *static)
 
     with torch.no_grad():
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()  # warm-up compiles the kernel outside the capture
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = fn()
+        graph, out = capture_graph(fn)
         for seed in (6, 7):
             _, nt, nm, nmask = _gpu_layer_case(2, 40, seed=seed, n_pad=seed)
             for dst, src in zip(static, (nt, nm, nmask)):

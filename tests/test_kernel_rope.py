@@ -28,7 +28,7 @@ import textwrap
 import pytest
 import torch
 
-from kernel_checks import SM90_BUILD, forced_backend_reason, run_compiled
+from kernel_checks import SM90_BUILD, capture_graph, forced_backend_reason, run_compiled
 
 from sam3fast.kernels import rope as rp
 from sam3fast.model import vit as vit_mod
@@ -434,14 +434,7 @@ def test_gpu_cuda_graph_replay():
     def fn():
         return rp.rope(static[:, :, :2], freqs)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()  # warm-up compiles the kernel outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+    graph, out = capture_graph(fn)
     static.copy_(torch.randn_like(qkv, dtype=torch.float32).to(torch.bfloat16))
     graph.replay()
     torch.cuda.synchronize()

@@ -20,7 +20,7 @@ import textwrap
 import pytest
 import torch
 
-from kernel_checks import SM90_BUILD, assert_close_to64, forced_backend_reason, run_compiled
+from kernel_checks import SM90_BUILD, assert_close_to64, capture_graph, forced_backend_reason, run_compiled
 
 from sam3fast.kernels import rpb_attention as ra
 from sam3fast.model import decoder as decoder_mod
@@ -445,14 +445,7 @@ def test_gpu_cuda_graph_replay():
     def fn():
         return ra.rpb_attention(*static)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()  # warm-up compiles the kernels outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+    graph, out = capture_graph(fn)
     for seed in (5, 6):
         new = [t.bfloat16() for t in _gpu_case(2, seed=seed)]
         for dst, src in zip(static, new):

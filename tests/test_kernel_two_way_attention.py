@@ -22,7 +22,7 @@ import textwrap
 import pytest
 import torch
 
-from kernel_checks import SM90_BUILD, assert_close_to64, forced_backend_reason, run_compiled
+from kernel_checks import SM90_BUILD, assert_close_to64, capture_graph, forced_backend_reason, run_compiled
 
 from sam3fast.kernels import two_way_attention as tw
 from sam3fast.model import sam_heads
@@ -568,14 +568,7 @@ def test_gpu_cuda_graph_replay():
         with torch.no_grad():
             return m(*static)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()  # warm-up compiles the kernels outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+    graph, out = capture_graph(fn)
     for seed in (5, 6):
         gg = torch.Generator(device="cuda").manual_seed(seed)
         new = [torch.randn(t.shape, device="cuda", generator=gg).bfloat16() for t in static]

@@ -159,14 +159,7 @@ def compare_states(s, r):
         assert {k: sorted(v) for k, v in s[name].items()} == {k: sorted(v) for k, v in r[name].items()}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny tensors: with 2 intra-op threads every op waits for both, and on a busy 2-core machine
-    # that made sessions 10-20x slower (measured); one thread is faster and steady. Restored after.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield n
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")
@@ -598,10 +591,10 @@ def test_fill_holes_in_mask_scores():
 
 
 @pytest.mark.slow
-def test_full_size_track_step(_one_thread):
+def test_full_size_track_step(one_thread_module):
     """Official sizes: one tracked frame with 1 conditioning + 6 previous memory frames (72x72,
     7 x 5184 memory tokens) and their pointers, features from the cache, one object."""
-    torch.set_num_threads(_one_thread)  # real work here: every core
+    torch.set_num_threads(one_thread_module)  # real work here: every core
     try:
         _full_size_track_step()
     finally:

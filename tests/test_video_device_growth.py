@@ -35,12 +35,7 @@ NUM_FRAMES = 48
 BLOCK = 512  # the CUDA caching allocator's smallest block
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a loaded 2-core machine thrash with 2 threads
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -44,12 +44,7 @@ NO_NMS = dict(run_nms=False, nms_prob_thresh=None, nms_iou_thresh=None)
 FRAMES = (0, 7, 13, 19)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a loaded 2-core machine thrash with 2 threads
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def _setup(checkpoint, clip, device):

@@ -28,12 +28,7 @@ from sam3fast.video.distributed import decode_plan, encode_plan, pack_bytes, pla
 TIMEOUT_S = 60.0  # per collective; faults are detected by polling, well before this
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the workers copy the caller's thread count
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -53,12 +53,7 @@ SCORE_GAIN, PRESENCE_SHIFT, OBJ_SCORE_SHIFT = 10.0, 6.0, 5.0
 RICH_SEED, SIMPLE_SEED = 29, 26
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")
