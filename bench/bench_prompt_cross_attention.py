@@ -50,7 +50,7 @@ from sam3fast.model.init import stable_random_init_  # noqa: E402
 
 # (BLOCK_M, BLOCK_O, num_warps, num_stages); see DEFAULT_TILE's comment for the sm_90 register use.
 TILES = [pca.DEFAULT_TILE, (64, 256, 8, 2), (64, 64, 8, 2), (32, 256, 4, 2), (32, 128, 4, 2), (128, 128, 8, 2),
-         (64, 128, 4, 2)]
+         (64, 128, 8, 2)]
 
 
 def make_layer(D, H, dtype, device, seed=0):

@@ -7,7 +7,9 @@ not-a-point and the pad point), B objects sharing one image embedding (expanded,
 ``MaskDecoder.predict_masks`` passes it) and one PE. Rows, each timed on the same inputs:
   eager                  the module's PyTorch path (``use_kernel=False``): the official op sequence
   compiled               torch.compile of that (inductor on GPU)
-  kernel path            ``use_kernel=True``: the two fused kernels per block + the final one
+  kernel path            ``_forward_kernel``: the two fused kernels per block + the final one
+  module default         ``forward`` as the model calls it eagerly: the kernels from
+                         ``sam_heads.EAGER_KERNEL_MIN_BATCH`` objects on, else the PyTorch path
   kernel path compiled   torch.compile of that (the token-side PyTorch ops fused by inductor)
   ... CUDA graph         the eager / kernel path replayed from a CUDA graph (GPU only): the launch floor
   t2i / i2t rows         one cross attention alone (block 1): the op and its tile sweep, and the
@@ -84,7 +86,7 @@ def bench_shape(B, args, device, dtype, compile_backend, modules):
 
     def kernel_path():
         if cuda:
-            return m_kernel(img, pe, tok)
+            return m_kernel._forward_kernel(img, pe, tok)  # forced: eager forward picks by batch size
         return m_kernel._forward_kernel(img, pe, tok, backend="triton")  # the launchers, interpreted
 
     cands = {"eager (PyTorch path)": lambda: m_eager(img, pe, tok)}
@@ -93,6 +95,8 @@ def bench_shape(B, args, device, dtype, compile_backend, modules):
         comp = torch.compile(m_eager, fullgraph=True, backend=compile_backend)
         cands[f"compiled ({compile_backend})"] = lambda: comp(img, pe, tok)
     cands["kernel path"] = kernel_path
+    if cuda:  # what the module does by default eagerly (sam_heads.EAGER_KERNEL_MIN_BATCH)
+        cands["module default (eager dispatch)"] = lambda: m_kernel(img, pe, tok)
     if cuda and not args.no_compile:
         comp_k = torch.compile(m_kernel, fullgraph=True, backend=compile_backend)
         cands[f"kernel path compiled ({compile_backend})"] = lambda: comp_k(img, pe, tok)

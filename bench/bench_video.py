@@ -11,11 +11,14 @@ the last frame (backbone included), for N objects. Variants:
   frame (official design, sam3fast alike), so a second propagation recomputes the backbone; here
   every frame's ``tracker.forward_image`` output is computed beforehand and put in
   ``state["cached_features"]`` (an ``init_state`` argument of both packages).
-* sam3fast only: ``perframe`` = ``tracker.fixed_capacity_step = False`` (the official per-frame
-  memory selection, host syncs) instead of the preallocated memory bank; ``graphed`` =
-  ``tracker.cuda_graphs = True`` (the propagation step captured as a CUDA graph per object bucket,
-  CUDA only); ``compiled`` = ``tracker.compile_step()`` (``mode="reduce-overhead"``, CUDA graphs,
-  on CUDA).
+* sam3fast only: the plain rows run the defaults (``tracker.cuda_graphs = "auto"``: the step graphed
+  on CUDA up to 2 objects); ``perframe`` = ``tracker.fixed_capacity_step = False`` (the official
+  per-frame memory selection, host syncs) instead of the preallocated memory bank; ``graphed`` =
+  ``tracker.cuda_graphs = True`` (the propagation step captured as a CUDA graph per object bucket at
+  every count, CUDA only); ``eager-step`` = ``cuda_graphs = False`` (CUDA only); ``compiled`` =
+  ``tracker.compile_step()`` (``mode="reduce-overhead"``, CUDA graphs, on CUDA). Eager rows note the
+  memory keys per object and frame that memory attention computes and that it attends (valid):
+  a fixed-capacity bank computes its masked slots too, the official selection only what it keeps.
 
 Part 2, concept video (``build_sam3_video_predictor``: detector on every frame + tracker):
 ``start_session`` on the clip, ``add_prompt(text)`` on frame 0, then the ``propagate_in_video``
@@ -112,6 +115,17 @@ def tracker_session(tracker, clip, n, frames, device, mode, cache=None):
             _sync(device)
             return k, time.perf_counter() - t0, {}
     return session
+
+
+def count_memory_keys(acc, args, kwargs):
+    """Forward pre-hook body for ``MemoryAttention``: adds (keys computed, keys attended, object
+    rows) of one call into the device tensor ``acc`` (no host sync)."""
+    memory = args[2] if len(args) > 2 else kwargs["memory"]
+    valid = args[5] if len(args) > 5 else kwargs.get("memory_valid")
+    B, S = memory.shape[:2]
+    acc[0] += B * S
+    acc[1] += B * S if valid is None else valid.sum()
+    acc[2] += B
 
 
 def feature_cache(tracker, clip, device, mode, strict):
@@ -304,9 +318,22 @@ def _main(args, tmp):
 
             def ours(variant, n, cache=None):
                 before = dict(tracker.step_counts)
-                row = add("tracker", "sam3fast", dtype, variant, n, tracker_session(
-                    tracker, clip, n, args.frames, device, ours_mode, cache))
+                # keys the memory attention computes vs attends (valid), per object and frame: a
+                # fixed-capacity bank computes its masked slots too (eager steps only: a graph
+                # replay runs no hook)
+                keys = torch.zeros(3, dtype=torch.float64, device=device)
+                hook = tracker.transformer.encoder.register_forward_pre_hook(
+                    lambda mod, a, kw: count_memory_keys(keys, a, kw), with_kwargs=True)
+                try:
+                    row = add("tracker", "sam3fast", dtype, variant, n, tracker_session(
+                        tracker, clip, n, args.frames, device, ours_mode, cache))
+                finally:
+                    hook.remove()
                 row["step_counts"] = {k: v - before[k] for k, v in tracker.step_counts.items()}
+                computed, attended, obj_frames = keys.tolist()
+                if obj_frames:
+                    row["memory_keys_per_object_frame"] = {"computed": computed / obj_frames,
+                                                           "attended": attended / obj_frames}
 
             def variants(suffix, per_frame_too):
                 for use_cache in (False, True):  # the feature cache only exists for the cached rows
@@ -321,11 +348,13 @@ def _main(args, tmp):
                     del cache
                     free()
 
-            variants("", per_frame_too=True)
-            if cuda:  # the propagation step as a CUDA graph per bucket (tracker.cuda_graphs)
+            variants("", per_frame_too=True)  # the default: cuda_graphs "auto"
+            if cuda:  # the propagation step as a CUDA graph per bucket at every count (cuda_graphs True)
                 tracker.cuda_graphs = True
                 variants(" graphed", per_frame_too=False)
                 tracker.cuda_graphs = False
+                variants(" eager-step", per_frame_too=False)
+            tracker.cuda_graphs = False
             if compile_rows:
                 tracker.compile_step(mode="reduce-overhead" if cuda else None)
                 variants(" compiled", per_frame_too=False)
@@ -368,12 +397,13 @@ def _main(args, tmp):
             predictor.model.compile_model = compile_model
             return predictor
 
-        def ours_predictor(dtype, compile=False, pipelined=False, det_graphs=True, tracker_graphs=False):
+        def ours_predictor(dtype, compile=False, pipelined=False, det_graphs=True, tracker_graphs=None):
             pred = sam3fast.build_sam3_video_predictor(checkpoint_path=ckpt, config=cfg, device=device, dtype=dtype,
                                                        compile=compile)
             pred.model.pipelined_outputs = pipelined  # outputs copied while the next frame runs
             pred.model.detector.cuda_graphs = det_graphs  # per-frame detector as one CUDA-graph replay (CUDA)
-            pred.model.tracker.cuda_graphs = tracker_graphs  # the propagation step as a CUDA graph (CUDA)
+            if tracker_graphs is not None:  # None: the default ("auto")
+                pred.model.tracker.cuda_graphs = tracker_graphs  # the propagation step as a CUDA graph (CUDA)
             return pred
 
         if not args.no_official:
@@ -425,6 +455,9 @@ def format_table(results):
         note = r.get("error", "")
         if "step_counts" in r:
             note = note or "steps " + ", ".join(f"{k} {v}" for k, v in r["step_counts"].items())
+        if "memory_keys_per_object_frame" in r:
+            mk = r["memory_keys_per_object_frame"]
+            note = (note + "; " if note else "") + f"keys/obj/frame {mk['computed']:.0f} computed, {mk['attended']:.0f} attended"
         if "device_growth_mb_per_100_frames" in r:
             note = (note + "; " if note else "") + f"device +{r['device_growth_mb_per_100_frames']:.1f} MB/100 frames"
         cells = [r["part"], r["engine"], r["dtype"], r["variant"], "" if r["objects"] is None else r["objects"],

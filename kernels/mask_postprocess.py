@@ -338,17 +338,18 @@ def _mask_postprocess_triton(
     W: int,
     non_overlap: bool,
     packed: Optional[Tensor] = None,
-    block_h: int = 4,
-    block_words: int = 4,
+    block_h: int = 8,
+    block_words: int = 2,
     num_warps: int = 4,
     skip_empty: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Launcher. ``packed`` may be a preallocated (N, H, WP) int32 contiguous output (every word is
     written). Tile = ``block_h`` rows x ``block_words`` * 32 columns (powers of two). The default,
-    4 x 128 with 4 warps, was 1.17x (no overlap rule) and 1.31x (with it) faster than 8 x 128 with 8
-    warps for 64 objects, 288^2 -> 1080 x 1920 bf16 on an H100 (2026-11-26, bench/results; measured
-    before the skip of empty pairs). ``skip_empty=False`` turns that skip off (same outputs; for the
-    tests and the benchmark's before/after rows)."""
+    8 x 64 with 4 warps, was the fastest tile of the sweep with the skip of empty pairs for 64
+    objects, 288^2 -> 1080 x 1920 bf16 on an H100 (second run of 2026-11-26, bench/results): 0.320 ms
+    without the overlap rule and 0.226 ms with it, against 0.379 / 0.227-0.392 ms for the previous
+    default 4 x 128 (two timings of the same tile in that run). ``skip_empty=False`` turns that skip
+    off (same outputs; for the tests and the benchmark's before/after rows)."""
     require_triton("mask_postprocess")
     _check_inputs(masks, scores, active, H, W)
     if masks.dtype not in _KERNEL_DTYPES:

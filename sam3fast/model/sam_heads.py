@@ -307,15 +307,35 @@ class TwoWayAttentionBlock(nn.Module):
         return queries, keys
 
 
+# Objects from which the fused kernels also run outside CUDA graphs and compiled code. Measured on an
+# H100 (bf16, 72 x 72 image, 8 tokens; bench/results/two_way_attention_nvidia-h100-80gb-hbm3_2026-11-26):
+# eager, both paths are bound by host launches: the kernel path 1.77 / 1.81 / 1.80 ms at 1 / 16 / 64
+# objects, the PyTorch path 1.37 / 2.22 / 8.18 ms; inside a CUDA graph the kernel path wins at every
+# size (0.28 / 0.60 / 1.68 ms against 0.46 / 2.17 / 8.15). So: always when captured or compiled, and
+# eagerly from this batch on (the crossover lies between 1 and 16; 8 is a guess inside it).
+EAGER_KERNEL_MIN_BATCH = 8
+
+
+def _kernel_path_pays(image_embedding: torch.Tensor) -> bool:
+    """Whether the fused two-way kernels beat the PyTorch path for this call (see
+    ``EAGER_KERNEL_MIN_BATCH``): inside torch.compile or a CUDA-graph capture, or a batch that large."""
+    if torch.compiler.is_compiling():
+        return True
+    if image_embedding.is_cuda and torch.cuda.is_current_stream_capturing():
+        return True
+    return image_embedding.shape[0] >= EAGER_KERNEL_MIN_BATCH
+
+
 class TwoWayTransformer(nn.Module):
     """Official ``TwoWayTransformer``: ``forward(image_embedding (B, D, h, w), image_pe (B|1, D, h, w),
     point_embedding (B, T, D))`` -> (queries (B, T, D), keys (B, h*w, D)). A batch-1 ``image_pe``
     broadcasts (the official repeats it B times).
 
-    ``use_kernel`` (True): where ``two_way_attention_backend`` picks Triton (CUDA), the cross
-    attentions run through the fused kernels of ``sam3fast.kernels.two_way_attention`` (same
-    weights, same math, float32 softmax/LayerNorm inside); False, or on CPU, the exact PyTorch path
-    (the baseline the kernels are measured against)."""
+    ``use_kernel`` (True): where ``two_way_attention_backend`` picks Triton (CUDA) and the kernels
+    pay (captured, compiled, or at least ``EAGER_KERNEL_MIN_BATCH`` objects), the cross attentions
+    run through the fused kernels of ``sam3fast.kernels.two_way_attention`` (same weights, same math,
+    float32 softmax/LayerNorm inside); False, or on CPU, the exact PyTorch path (the baseline the
+    kernels are measured against). ``_forward_kernel`` forces the kernel path."""
 
     def __init__(self, depth: int, embedding_dim: int, num_heads: int, mlp_dim: int,
                  attention_downsample_rate: int = 2):
@@ -335,7 +355,7 @@ class TwoWayTransformer(nn.Module):
 
     def forward(self, image_embedding: torch.Tensor, image_pe: torch.Tensor,
                 point_embedding: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        if self.use_kernel:
+        if self.use_kernel and _kernel_path_pays(image_embedding):
             a = self.final_attn_token_to_image
             backend, _ = two_way_attention_backend(image_embedding, a.num_heads, a.internal_dim, self.embedding_dim,
                                                    point_embedding.shape[1])

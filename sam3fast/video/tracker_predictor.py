@@ -308,6 +308,15 @@ def sam2_frame_store(video_path, image_size, async_loading_frames=False, img_mea
 # ----------------------------------------------------------------------------------------------
 
 
+# ``cuda_graphs="auto"`` graphs the propagation step up to this many objects. Measured on an H100
+# (bf16, 24 frames 540 x 960, bench/results/video_fps_tracker_sam3_NVIDIA_H100_80GB_HBM3_2026-11-26):
+# 1 object, tracker step alone 7.1 ms graphed against 10.5 ms eager (host-bound), 22.2 against
+# 24.2 ms with the backbone; 5 objects (padded to a bucket of 8) 38.8 against 25.2 ms, 16 objects
+# 69.6 against 66.5 ms (device-bound: the graph saves nothing and padding costs). 2 is unmeasured:
+# a bucket of 2 pads nothing and is still mostly launch-bound.
+GRAPH_AUTO_MAX_ROWS = 2
+
+
 def _pad_rows(x, n, fill):
     """``x`` with rows appended (filled with ``fill``) up to ``n`` rows."""
     return torch.cat((x, x.new_full((n - x.shape[0],) + x.shape[1:], fill)))
@@ -469,9 +478,10 @@ class Sam3TrackerPredictor(nn.Module):
         self._memory_step_compiled = None
         # sam3fast: on CUDA, the propagation step (memory_step) captured as a CUDA graph per object
         # bucket and replayed (sam3fast.video.tracker_graphs), without an inductor compile; on CPU
-        # the same padded buffers run eagerly. Off by default until a GPU run has measured it;
-        # compile_step(mode="reduce-overhead") is the compiled alternative.
-        self.cuda_graphs = False
+        # (True) the same padded buffers run eagerly. "auto" (default): graphed on CUDA while the
+        # step has at most GRAPH_AUTO_MAX_ROWS objects, where it is host-bound; True: always;
+        # False: never. compile_step(mode="reduce-overhead") is the compiled alternative.
+        self.cuda_graphs = "auto"
         self._graph_runner = None
         self.iter_use_prev_mask_pred = True
         self.add_all_frames_to_correct_as_cond = True
@@ -1351,7 +1361,7 @@ class Sam3TrackerPredictor(nn.Module):
         memory, memory_pos, n_ptr, valid = _batch_memories(
             parts, [st.cond_feats.shape[1] for st in states], st0.cond_feats.shape[-1] * st0.cond_feats.shape[-2],
             max(1, st0.cond_ptrs.shape[-1] // st0.cond_feats.shape[2]))
-        if not self._step_is_bucketed():
+        if not self._step_is_bucketed(memory.shape[0]):
             low, high, obj_ptr, score, iou, maskmem, maskmem_pos = self.memory_step(
                 tuple(feats), pos[-1], memory, memory_pos, valid, n_ptr, run_mem_encoder=run_mem_encoder)
         else:
@@ -1368,9 +1378,18 @@ class Sam3TrackerPredictor(nn.Module):
             a += b
         return low, high, obj_ptr, score, iou, tuple(effs), maskmem, maskmem_pos
 
-    def _step_is_bucketed(self) -> bool:
-        """Whether the step runs compiled or graphed (on rows padded to a power of two)."""
-        return self._memory_step_compiled is not None or self.cuda_graphs
+    def _step_is_bucketed(self, rows: int) -> bool:
+        """Whether a step of ``rows`` objects runs compiled or graphed (on rows padded to a power of
+        two): compiled always; ``cuda_graphs`` True always, False never, "auto" on CUDA up to
+        ``GRAPH_AUTO_MAX_ROWS`` rows."""
+        if self._memory_step_compiled is not None:
+            return True
+        graphs = self.cuda_graphs
+        if graphs == "auto":
+            return self.device.type == "cuda" and rows <= GRAPH_AUTO_MAX_ROWS
+        if not isinstance(graphs, bool):
+            raise ValueError(f"tracker.cuda_graphs must be True, False or 'auto', got {graphs!r}")
+        return graphs
 
     def _bucketed_step(self, feats, top_pos, memory, memory_pos, valid, n_ptr, run_mem_encoder):
         if self._memory_step_compiled is None:
@@ -1415,11 +1434,12 @@ class Sam3TrackerPredictor(nn.Module):
         high_res_masks, obj_ptr, object_score_logits, iou_score, eff_iou_scores (Cap + 1,) (entry
         "first row of a session" is that session's score), maskmem_features or None, maskmem_pos
         or None)``, row tensors over the rows run. Static shapes and no host sync."""
-        if self._step_is_bucketed():
+        bucketed = self._step_is_bucketed(rows)
+        if bucketed:
             rows = 1 << (max(rows, 1) - 1).bit_length()
         memory, memory_pos, n_ptr, valid = table_memory(spec, state, frame_t, no_prev, self.maskmem_tpos_enc,
                                                         self.obj_ptr_tpos_proj, rows)
-        if not self._step_is_bucketed():
+        if not bucketed:
             out = self.memory_step(tuple(feats), pos[-1], memory, memory_pos, valid, n_ptr,
                                    run_mem_encoder=run_mem_encoder)
         else:
