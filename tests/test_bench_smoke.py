@@ -17,6 +17,7 @@ BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
     ("bench_rope.py", ("# rope benchmark", "triton l2 w4", "eager apply_rope")),
     ("bench_connected_components.py", "connected_components benchmark"),
     ("bench_video.py", "video frames/s benchmark"),
+    ("bench_norms.py", ("# norms benchmark", "channels-first *", "group_norm_fast", "# pixel decoder GroupNorm")),
     # every part's stages were hooked (a renamed module path would drop its row)
     ("profile_gpu.py", ("| vit_trunk |", "| detr_decoder |", "| memory_attention |", "| mask_decoder |",
                         "| detector_fusion_encoder |", "| tracker_memory_encoder |")),

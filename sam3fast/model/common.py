@@ -7,6 +7,7 @@ seq-first and batch-first, which only matters for how callers lay out their inpu
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -113,12 +114,47 @@ class MultiheadAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(B, L, D))
 
 
+def layer_norm2d_channels_last(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over dim 1 of (B, C, H, W) as ``F.layer_norm`` on the channels-last view: one fused
+    kernel, one CUDA block per (b, h, w) row of C elements. Returns a channels-last-strided tensor."""
+    y = F.layer_norm(x.permute(0, 2, 3, 1), weight.shape, weight, bias, eps)
+    return y.permute(0, 3, 1, 2)
+
+
+def layer_norm2d_channels_first(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                                eps: float) -> torch.Tensor:
+    """LayerNorm over dim 1 of (B, C, H, W), channels first: float32 (float64 for float64 input)
+    mean and biased variance reduced over dim 1, then ``(x - mean) * rsqrt(var + eps) * weight +
+    bias`` rounded once to x's dtype. Output in x's layout (contiguous for the contiguous conv outputs
+    it follows). Full-size temporaries: the float32 copy of a half-precision x (freed after the
+    statistics) and the float32 result, updated in place (inference only: no backward through it),
+    never more than two alive."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    var, mean = torch.var_mean(x.to(acc), dim=1, keepdim=True, correction=0)
+    y = x - mean  # promotes to acc
+    y.mul_(torch.rsqrt(var + eps))
+    y.mul_(weight.view(-1, 1, 1)).add_(bias.view(-1, 1, 1))
+    return y.to(x.dtype)
+
+
 class LayerNorm2d(nn.Module):
     """Official ``LayerNorm2d``: normalise over channels of (B, C, H, W), eps 1e-6.
 
-    Computed with ``F.layer_norm`` on a channels-last view (one fused kernel) instead of the
-    official mean/var/sqrt sequence: same math, float32 rounding differences only.
+    Two computations of the same math (float32 statistics, float32 rounding differences only), chosen
+    by C alone (static, so compiled graphs hold one of them):
+
+    - C >= ``SMALL_C``: ``F.layer_norm`` on the channels-last view (one fused kernel); the output is
+      channels-last strided.
+    - C < ``SMALL_C``: ``layer_norm2d_channels_first`` (reductions over dim 1, elementwise ops);
+      the output is contiguous NCHW. PyTorch's CUDA layer norm launches one block per normalised row,
+      so with few channels it runs millions of blocks of 4-64 elements each. Measured on an H100
+      (bf16, the tracker's memory-encoder mask downsampler: C = 4, 16, 64 on 576, 288, 144 px maps per
+      object, and the SAM decoder's C = 64 upscaling): layer norm took 10.8 ms per frame at 16
+      objects against 1.6 ms at 1 object. Only the memory downsampler's last LayerNorm2d (C = 256 at
+      72 x 72) keeps the fused kernel; every other one in SAM 3 has C <= 64.
     """
+
+    SMALL_C = 128  # below: channels-first statistics (bench/bench_norms.py compares both paths)
 
     def __init__(self, num_channels: int, eps: float = 1e-6):
         super().__init__()
@@ -127,5 +163,45 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.layer_norm(x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
+        if x.shape[1] < self.SMALL_C:
+            return layer_norm2d_channels_first(x, self.weight, self.bias, self.eps)
+        return layer_norm2d_channels_last(x, self.weight, self.bias, self.eps)
+
+
+GROUP_NORM_FAST_MIN_NUMEL = 65536  # elements per (batch, group) from which group_norm_fast reduces itself
+
+
+def group_norm_fast(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                    eps: float, min_group_numel: int = GROUP_NORM_FAST_MIN_NUMEL) -> torch.Tensor:
+    """``F.group_norm`` of (B, C, *) with the statistics computed by PyTorch's general reduction.
+
+    PyTorch's CUDA group norm reduces each (batch, group) row in one block (RowwiseMomentsCUDAKernel):
+    the segmentation head's GroupNorm(8, 256) on (1, 256, 288, 288) runs 8 blocks on 132 SMs, each
+    reducing 2.65 M elements; its two calls took 2.4 ms of a ~22 ms image forward on an H100 (bf16).
+    ``torch.var_mean`` over the last dim of x.view(B, G, -1) splits a long row over many blocks.
+    Then, as PyTorch's own kernels do, per-(b, c) ``scale = rsqrt(var + eps) * weight`` and
+    ``shift = bias - mean * scale`` and one elementwise ``x * scale + shift`` in float32 (float64 for
+    float64 input), rounded once to x's dtype. Groups of fewer than ``min_group_numel`` elements
+    (where one block per row is enough) go to ``F.group_norm``.
+    """
+    B, C = x.shape[:2]
+    if C // num_groups * math.prod(x.shape[2:]) < min_group_numel:
+        return F.group_norm(x, num_groups, weight, bias, eps)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    var, mean = torch.var_mean(x.reshape(B, num_groups, -1).to(acc), dim=-1, keepdim=True, correction=0)
+    scale = torch.rsqrt(var + eps).expand(B, num_groups, C // num_groups)  # (B, G, C / G)
+    if weight is not None:
+        scale = scale * weight.to(acc).view(1, num_groups, -1)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(acc).view(1, num_groups, -1)
+    per_channel = (B, C) + (1,) * (x.dim() - 2)
+    return torch.addcmul(shift.reshape(per_channel), x, scale.reshape(per_channel)).to(x.dtype)
+
+
+class FastGroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` (same arguments, parameters and state-dict keys) computed by
+    ``group_norm_fast``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return group_norm_fast(x, self.num_groups, self.weight, self.bias, self.eps)

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import MLP, MultiheadAttention
+from .common import MLP, FastGroupNorm, MultiheadAttention
 
 
 class PixelDecoder(nn.Module):
@@ -33,7 +33,9 @@ class PixelDecoder(nn.Module):
         super().__init__()
         n = num_upsampling_stages
         self.conv_layers = nn.ModuleList(nn.Conv2d(hidden_dim, hidden_dim, 3, 1, 1) for _ in range(n))
-        self.norms = nn.ModuleList(nn.GroupNorm(8, hidden_dim) for _ in range(n))
+        # nn.GroupNorm's keys and eps; its CUDA kernel reduces a (batch, group) row per block (8 blocks
+        # at 288 x 288): see group_norm_fast.
+        self.norms = nn.ModuleList(FastGroupNorm(8, hidden_dim) for _ in range(n))
 
     def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         p = feats[-1]

@@ -1,0 +1,174 @@
+"""Benchmark of the two normalisations replaced for their CUDA launch pattern (sam3fast/model/common.py).
+
+LayerNorm2d at the tracker memory encoder's mask downsampler shapes, N objects: (N, C, S, S) with
+C = 4, 16, 64, 256 on S = I/2, I/4, I/8, I/16 (I = ``mem_interpol_size``, 1152: 576, 288, 144, 72);
+(N, 64, 144, 144) is also the SAM mask decoder's upscaling norm. Rows:
+  channels-last F.layer_norm   the previous LayerNorm2d (``layer_norm2d_channels_last``): one CUDA
+                               block per (n, h, w) row of C elements
+  channels-first               ``layer_norm2d_channels_first``: float32 statistics reduced over dim 1
+  compiled LayerNorm2d         torch.compile of the module (whichever path its C selects)
+GroupNorm(8, D) at the segmentation head's pixel-decoder shapes, B images: (B, D, 2g, 2g) and
+(B, D, 4g, 4g) (144 and 288 at 1008 px). Rows:
+  F.group_norm                 nn.GroupNorm's forward (one block per (batch, group) row)
+  group_norm_fast              statistics by torch.var_mean, one elementwise pass
+  compiled FastGroupNorm       torch.compile of the module
+The row LayerNorm2d / FastGroupNorm itself runs is marked "*" (LayerNorm2d.SMALL_C,
+GROUP_NORM_FAST_MIN_NUMEL). Each row is checked against the previous implementation before it is
+timed. GB/s counts x read once and the output written once. The last lines add up one frame's
+mask downsampler and one image's pixel decoder, previous vs what the modules run now.
+
+    python bench/bench_norms.py                  # GPU: 16 objects, 1 image, bf16
+    python bench/bench_norms.py --objects 1 --dtype float32
+    python bench/bench_norms.py --smoke          # CPU: the tiny config's shapes, seconds
+
+CPU numbers (``--smoke``) check that the script runs; they are not performance numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)  # bench/_common.py, also when run through runpy
+
+from _common import machine_header, print_header, time_ms, write_results  # noqa: E402
+
+from sam3fast.config import get_config  # noqa: E402
+from sam3fast.model.common import (  # noqa: E402
+    GROUP_NORM_FAST_MIN_NUMEL, FastGroupNorm, LayerNorm2d, group_norm_fast, layer_norm2d_channels_first,
+    layer_norm2d_channels_last,
+)
+
+
+def _affine(module, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        module.weight.copy_(1 + 0.5 * torch.randn(module.weight.shape, generator=g))
+        module.bias.copy_(0.5 * torch.randn(module.bias.shape, generator=g))
+    return module
+
+
+def _input(shape, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (3 * torch.randn(shape, generator=g) + 1).to(device=device, dtype=dtype)
+
+
+def _name(row):
+    return row["impl"] + (" *" if row["chosen"] else "")
+
+
+def _run_rows(label, x, cands, want, chosen, args, device):
+    nbytes = 2 * x.numel() * x.element_size()
+    rows = []
+    for impl, fn in cands.items():
+        with torch.no_grad():
+            torch.testing.assert_close(fn().float(), want.float(), rtol=2e-2, atol=2e-2)
+            ms = time_ms(fn, device, args.reps)
+        rows.append({"shape": label, "impl": impl, "chosen": impl == chosen, "ms": ms, "GBs": nbytes / ms / 1e6})
+        print(f"{label:28} {_name(rows[-1]):30} {ms:10.4f} ms  {nbytes / ms / 1e6:9.1f} GB/s")
+    return rows
+
+
+def bench_layer_norm(shape, args, device, dtype, compile_backend):
+    C = shape[1]
+    m = _affine(LayerNorm2d(C), seed=C).to(device=device, dtype=dtype)
+    x = _input(shape, dtype, device, seed=C)
+    w, b, eps = m.weight, m.bias, m.eps
+    cands = {
+        "channels-last F.layer_norm": lambda: layer_norm2d_channels_last(x, w, b, eps),
+        "channels-first": lambda: layer_norm2d_channels_first(x, w, b, eps),
+    }
+    if not args.no_compile:
+        comp = torch.compile(m, fullgraph=True, backend=compile_backend)
+        cands["compiled LayerNorm2d"] = lambda: comp(x)
+    chosen = "channels-first" if C < LayerNorm2d.SMALL_C else "channels-last F.layer_norm"
+    with torch.no_grad():
+        want = layer_norm2d_channels_last(x, w, b, eps)
+    return _run_rows(f"LN2d {tuple(shape)}", x, cands, want, chosen, args, device)
+
+
+def bench_group_norm(shape, args, device, dtype, compile_backend):
+    G = 8
+    m = _affine(FastGroupNorm(G, shape[1]), seed=shape[-1]).to(device=device, dtype=dtype)
+    x = _input(shape, dtype, device, seed=shape[-1])
+    w, b, eps = m.weight, m.bias, m.eps
+    cands = {
+        "F.group_norm": lambda: F.group_norm(x, G, w, b, eps),
+        "group_norm_fast": lambda: group_norm_fast(x, G, w, b, eps, min_group_numel=0),
+    }
+    if not args.no_compile:
+        comp = torch.compile(m, fullgraph=True, backend=compile_backend)
+        cands["compiled FastGroupNorm"] = lambda: comp(x)
+    fast = shape[1] // G * math.prod(shape[2:]) >= GROUP_NORM_FAST_MIN_NUMEL
+    chosen = "group_norm_fast" if fast else "F.group_norm"
+    with torch.no_grad():
+        want = F.group_norm(x, G, w, b, eps)
+    return _run_rows(f"GN8 {tuple(shape)}", x, cands, want, chosen, args, device)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="the tiny config's shapes on CPU (CI); not performance numbers")
+    p.add_argument("--objects", type=int, default=16, help="tracked objects (LayerNorm2d batch)")
+    p.add_argument("--images", type=int, default=1, help="image batch (GroupNorm batch)")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--out", default=None, help="results path stem (GPU: bench/results/norms_<gpu>_<date>)")
+    args = p.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = get_config("tiny" if args.smoke else "sam3")
+    if args.smoke:
+        args.objects, args.images, args.reps = 2, 1, 3
+    elif device.type != "cuda":
+        p.error("full-size runs need a CUDA device; use --smoke on CPU")
+    dtype = getattr(torch, args.dtype)
+    compile_backend = "aot_eager" if device.type == "cpu" else "inductor"  # inductor's CPU cold start is ~20 s
+
+    # The mask downsampler: 4 stride-2 convs from 1 channel, x4 channels each, each followed by LayerNorm2d.
+    size = cfg.tracker.mem_interpol_size
+    ln_shapes = [(args.objects, 4 ** (i + 1), size >> (i + 1), size >> (i + 1)) for i in range(4)]
+    g, D = cfg.feat_size, cfg.d_model
+    gn_shapes = [(args.images, D, 2 * g, 2 * g), (args.images, D, 4 * g, 4 * g)]  # pixel decoder, coarse first
+    header = machine_header(device, {"layer_norm2d": ln_shapes, "group_norm": gn_shapes}, dtype=args.dtype, sms=True)
+    header["compile_backend"] = None if args.no_compile else compile_backend
+    header["small_c"] = LayerNorm2d.SMALL_C
+    header["group_norm_fast_min_numel"] = GROUP_NORM_FAST_MIN_NUMEL
+    print_header("norms", header)
+
+    rows = []
+    for shape in ln_shapes:
+        torch._dynamo.reset()
+        rows += bench_layer_norm(shape, args, device, dtype, compile_backend)
+    for shape in gn_shapes:
+        torch._dynamo.reset()
+        rows += bench_group_norm(shape, args, device, dtype, compile_backend)
+
+    def total(prefix, old):
+        sel = [r for r in rows if r["shape"].startswith(prefix)]
+        return sum(r["ms"] for r in sel if (r["impl"] == old if old else r["chosen"]))
+
+    ln_old, ln_now = total("LN2d", "channels-last F.layer_norm"), total("LN2d", None)
+    gn_old, gn_now = total("GN8", "F.group_norm"), total("GN8", None)
+    print(f"# mask downsampler LayerNorm2d, {args.objects} objects: previous {ln_old:.3f} ms, now {ln_now:.3f} ms")
+    print(f"# pixel decoder GroupNorm, {args.images} image(s): previous {gn_old:.3f} ms, now {gn_now:.3f} ms")
+
+    if device.type == "cuda" or args.out:
+        write_results(
+            "norms", header, rows, ["shape", "impl", "ms", "GB/s"],
+            lambda r: [r["shape"], _name(r), f"{r['ms']:.4f}", f"{r['GBs']:.1f}"],
+            args.out,
+        )
+    assert all(math.isfinite(r["ms"]) for r in rows)
+
+
+if __name__ == "__main__":
+    main()
