@@ -15,11 +15,26 @@ plus 4 tokens per object pointer; B objects. Rows, each timed on the same inputs
                          SDPA backend (flash / efficient / cudnn; math on CPU only); "unsupported"
                          where the backend refuses the inputs (flash takes no mask)
   xformers               ``memory_efficient_attention`` on rotated q/k with the mask as a bias, if installed
-TFLOP/s counts 4 * B * H * Lq * S_valid * Dh (QK^T and PV over the valid keys) for every row. On a
-GPU the dense bf16 matmul rate (8192^3) is measured too, and each row's share of it printed.
+Value fold (cross-attention only; ``RoPEAttention.fold_value``): the values are the raw memory, Dv =
+``--value-dim`` (64, mem_dim) wide instead of Dh, and v_proj is folded into out_proj:
+  op fold (...)          the op with v (B, S, 1, Dv): Triton, or for many objects SDPA with cuDNN /
+                         memory-efficient only, falling back to Triton if both refuse (``SDPA_REFUSED``)
+  triton fold (Dv ..)    the launcher at the default tile and at tiles the BLOCK_M x Dv accumulator allows
+  sdpa cudnn fold, sdpa efficient fold
+                         the attention alone on rotated q/k with the Dv-wide values, one backend each
+                         ("unsupported (...)" where it refuses)
+  module unfolded / module fold
+                         the whole cross-attention as the model runs it (``RoPEAttention`` with
+                         kv_in_dim = Dv, random weights: q/k/v projections, attention, out_proj), without
+                         and with the fold; the fold's derived (D, Dv) weight is included in its time
+TFLOP/s counts the attention's FLOPs over the valid keys, 2 * B * H * Lq * S_valid * (Dh + Dv): QK^T at
+Dh and PV at Dv, i.e. 4 * ... * Dh for the unfolded rows and Dh + Dv for the fold rows (the module
+rows count their attention's only, not the projections). On a GPU the dense bf16 matmul rate
+(8192^3) is measured too, and each row's share of it printed.
 
     python bench/bench_memory_attention.py                     # GPU: B = 1, 4, 16, 7 frames + 16 pointers, bf16
     python bench/bench_memory_attention.py --objects 1,4,16 --frames 10 --self
+    python bench/bench_memory_attention.py --no-fold                  # without the value-fold rows
     python bench/bench_memory_attention.py --smoke             # CPU: tiny shapes, Triton interpreter, < 30 s
 
 CPU numbers (``--smoke``) check that the script runs; they are not performance numbers.
@@ -51,6 +66,10 @@ from sam3fast.model.vit import apply_rope, compute_axial_cis  # noqa: E402
 # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 TILES = [ma.DEFAULT_TILE, (64, 32, 8, 3), (64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2), (64, 16, 8, 2),
          (64, 32, 4, 2)]
+# The value fold's tiles beside the default: its BLOCK_M x Dv float32 accumulator is 4x smaller at
+# Dv 64, so wider query blocks fit (sm_90 builds, ptxas: 64x32 w8 0 B of spill stores, 64x32 w4 44,
+# 128x32 w8 76, 64x64 w4 88, 128x64 w8 200; at Dv 256 the default 64x32 w4 spills 156, 128x32 w8 676).
+FOLD_TILES = [(64, 32, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2)]
 
 
 def make_eager(Dh):
@@ -104,7 +123,82 @@ def _xformers():
         return None
 
 
-def bench_shape(B, self_attn, args, device, dtype, tiles, compile_backend, matmul_tflops):
+def make_module_pair(Dh, Dv, device, dtype, seed=0):
+    """The cross-attention as the model builds it (one head, kv_in_dim = Dv), random weights, and a
+    float32 copy (the reference): (unfolded, folded, reference) sharing one state dict."""
+    torch.manual_seed(seed)
+    ref = RoPEAttention(Dh, 1, kv_in_dim=Dv).to(device).eval()
+    unfolded = RoPEAttention(Dh, 1, kv_in_dim=Dv).to(device).eval()
+    unfolded.load_state_dict(ref.state_dict())
+    folded = RoPEAttention(Dh, 1, kv_in_dim=Dv, fold_value=True).to(device).eval()
+    folded.load_state_dict(ref.state_dict())
+    return unfolded.to(dtype), folded.to(dtype), ref
+
+
+def fold_rows(B, args, device, dtype, q, k, v, rope, freqs, key_valid, n_rope, s_valid, ref, eager_out, qr, k_rot,
+              mask, fold_tiles, label):
+    """(candidates, gates, flops) of the value-fold rows: v is the first Dv columns of the unfolded
+    rows' v, so the fp32 reference and PyTorch's error are those of the same columns there."""
+    Dh, Dv = q.shape[-1], args.value_dim
+    v_fold = v[..., :Dv].contiguous()  # (B, S, 1, Dv), as the memory the folded module passes
+    ref_fold = ref[..., :Dv]
+    torch_err = (eager_out[..., :Dv].float() - ref_fold).abs().max().item()
+    limit = 1e-4 if dtype == torch.float32 else 2 * torch_err
+    cands, gates = {}, {}
+    if device.type == "cuda":
+        op = torch.ops.sam3fast.memory_attention
+        op(q, k, v_fold, rope, key_valid, True, n_rope)  # settles the SDPA try (SDPA_REFUSED)
+        key = (dtype, Dh, Dv)
+        path = ("sdpa path" if key not in ma.SDPA_REFUSED else "triton, sdpa refused") if ma.uses_sdpa_path(q) \
+            else "triton"
+        if key in ma.SDPA_REFUSED:
+            print(f"{label:24} op fold: SDPA refused Dv={Dv}: {ma.SDPA_REFUSED[key][:100]}")
+        cands[f"op fold ({path}, defaults)"] = lambda: op(q, k, v_fold, rope, key_valid, True, n_rope)
+    cands[f"triton fold (Dv {Dv}) default"] = (
+        lambda: ma._memory_attention_triton(q, k, v_fold, rope, key_valid, True, n_rope))
+    for bm, bn, nw, ns in fold_tiles:
+        tile = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
+        cands[f"triton fold (Dv {Dv}) {bm}x{bn} w{nw} s{ns}"] = (
+            lambda tile=tile: ma._memory_attention_triton(q, k, v_fold, rope, key_valid, True, n_rope, **tile))
+    for name in cands:
+        gates[name] = (ref_fold, limit)
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    vt = v_fold.transpose(1, 2)
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        def run(backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(qr, k_rot, vt, attn_mask=mask)
+
+        try:
+            run()
+        except RuntimeError as e:  # this backend refuses Dv != Dh (or the mask): a row saying so
+            print(f"{label:24} sdpa {name} fold{' ' * (23 - len(name))} unsupported ({str(e).splitlines()[0][:80]})")
+            continue
+        cands[f"sdpa {name} fold (attention only)"] = run
+
+    # The whole cross-attention, folded vs not (projections included).
+    g = torch.Generator().manual_seed(1)
+    L, S = q.shape[1], k.shape[1]
+    x = torch.randn(B, L, Dh, generator=g).to(device)
+    mem_k, mem = (torch.randn(B, S, Dv, generator=g).to(device) for _ in range(2))
+    unfolded, folded, ref_module = make_module_pair(Dh, Dv, device, dtype)
+    T = S - n_rope
+    with torch.no_grad():
+        want = ref_module(x, mem_k, mem, freqs, T, key_valid)
+        xd, mkd, md = (t.to(dtype) for t in (x, mem_k, mem))
+        base_err = (unfolded(xd, mkd, md, freqs, T, key_valid).float() - want).abs().max().item()
+    module_limit = 1e-4 * want.abs().max().item() if dtype == torch.float32 else 2 * base_err
+    for name, m in (("module unfolded (proj + attention)", unfolded), ("module fold (proj + attention)", folded)):
+        cands[name] = torch.no_grad()(lambda m=m: m(xd, mkd, md, freqs, T, key_valid))
+        gates[name] = (want, module_limit)
+    flops = {name: 2 * B * 1 * L * s_valid * (Dh + Dv) for name in cands}
+    flops["module unfolded (proj + attention)"] = 4 * B * 1 * L * s_valid * Dh
+    return cands, gates, flops
+
+
+def bench_shape(B, self_attn, args, device, dtype, tiles, compile_backend, matmul_tflops, fold_tiles):
     grid, Dh = args.grid, args.head_dim
     L = grid * grid
     if self_attn:
@@ -123,7 +217,8 @@ def bench_shape(B, self_attn, args, device, dtype, tiles, compile_backend, matmu
     # Accuracy gate before any time means something: the fp32 reference, and PyTorch in this dtype.
     ref = ma.memory_attention_ref(q.float(), k.float(), v.float(), rope, key_valid, True, n_rope)
     eager_rope_attention = make_eager(Dh)
-    torch_err = (eager_rope_attention(q, k, v, freqs, key_valid, n_rope).float() - ref).abs().max().item()
+    eager_out = eager_rope_attention(q, k, v, freqs, key_valid, n_rope)
+    torch_err = (eager_out.float() - ref).abs().max().item()
 
     cands = {}
     if device.type == "cuda":
@@ -184,15 +279,25 @@ def bench_shape(B, self_attn, args, device, dtype, tiles, compile_backend, matmu
         except (RuntimeError, ValueError, NotImplementedError) as e:  # a row saying so, not a fallback
             print(f"{label:24} xformers {' ' * 24} unsupported ({str(e).splitlines()[0][:80]})")
 
+    limit = 1e-4 if dtype == torch.float32 else 2 * torch_err
+    gates = {name: (ref, limit) for name in cands if name.startswith(("triton", "sdpa path", "op"))}
+    row_flops = {name: flops for name in cands}
+    if not self_attn and not args.no_fold:
+        fc, fg, ff = fold_rows(B, args, device, dtype, q, k, v, rope, freqs, key_valid, n_rope, s_valid, ref,
+                               eager_out, qr, k_rot, mask, fold_tiles, label)
+        cands.update(fc)
+        gates.update(fg)
+        row_flops.update(ff)
+
     rows = []
     for name, fn in cands.items():
         out = fn()
-        if name.startswith(("triton", "sdpa path", "op")):
-            err = (out.float() - ref).abs().max().item()
-            limit = 1e-4 if dtype == torch.float32 else 2 * torch_err
-            assert err <= limit, f"{name}: max error {err:.3g} vs the fp32 reference > {limit:.3g}"
+        if name in gates:
+            want, lim = gates[name]
+            err = (out.float() - want).abs().max().item()
+            assert err <= lim, f"{name}: max error {err:.3g} vs the fp32 reference > {lim:.3g}"
         ms = time_ms(fn, device, args.reps)
-        tflops = flops / ms / 1e9
+        tflops = row_flops[name] / ms / 1e9
         row = {"shape": label, "impl": name, "ms": ms, "TFLOPs": tflops}
         if matmul_tflops:
             row["pct_dense_matmul"] = 100 * tflops / matmul_tflops
@@ -215,12 +320,15 @@ def main(argv=None):
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    p.add_argument("--value-dim", type=int, default=64, help="Dv of the value-fold rows (mem_dim)")
+    p.add_argument("--no-fold", action="store_true", help="skip the value-fold rows")
     p.add_argument("--out", default=None, help="results path stem (GPU: bench/results/memory_attention_<gpu>_<date>)")
     args = p.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.smoke:
         args.objects, args.grid, args.head_dim, args.frames, args.ptr_tokens = "2", 4, 32, 2, 4
+        args.value_dim = 16
         args.pad_frames, args.self, args.reps = 1, True, 3
         if device.type == "cpu":
             args.dtype = "float32"  # the interpreter has no bf16 arithmetic
@@ -230,9 +338,11 @@ def main(argv=None):
     objects = [int(b) for b in args.objects.split(",")]
     # The interpreter pays per program iteration: one large tile keeps the smoke run short.
     tiles = [(64, 32, 8, 2)] if device.type == "cpu" else TILES
+    fold_tiles = [] if device.type == "cpu" else FOLD_TILES
     compile_backend = "aot_eager" if device.type == "cpu" else "inductor"  # inductor's CPU cold start is ~20 s
 
-    shape = {"objects": args.objects, "grid": args.grid, "Dh": args.head_dim, "frames": args.frames,
+    shape = {"objects": args.objects, "grid": args.grid, "Dh": args.head_dim,
+             "Dv_fold": None if args.no_fold else args.value_dim, "frames": args.frames,
              "pointer_tokens": args.ptr_tokens, "padded_frames": args.pad_frames, "self_attention": args.self}
     header = machine_header(device, shape, dtype=args.dtype, sms=True)
     header["compile_backend"] = compile_backend
@@ -243,7 +353,7 @@ def main(argv=None):
     rows = []
     for B in objects:
         for self_attn in ((False, True) if args.self else (False,)):
-            rows += bench_shape(B, self_attn, args, device, dtype, tiles, compile_backend, matmul_tflops)
+            rows += bench_shape(B, self_attn, args, device, dtype, tiles, compile_backend, matmul_tflops, fold_tiles)
 
     if device.type == "cuda" or args.out:
         write_results(

@@ -3,7 +3,8 @@ outputs and the SM count their split choice reads.
 
 Partial results of split s for (batch*head) bh and query i sit at row ``(s * BH + bh) * L + i`` of
 ``part_o`` (rows of DH float32) and ``part_lse`` (base-2 log-sum-exp, float32, -inf for a split
-that saw no valid key). The merge writes ``out`` (B, L, H, DH) in its dtype:
+that saw no valid key). DH is the output's (the values') width, which may differ from the query and
+key width (``memory_attention`` with a value fold). The merge writes ``out`` (B, L, H, DH) in its dtype:
 ``out = sum_s 2^lse_s o_s / sum_s 2^lse_s``, a row with no valid key anywhere giving zeros.
 Used by ``memory_attention`` and ``rpb_attention``.
 """
@@ -81,15 +82,20 @@ def attention_backend(q, dtypes, head_dims, force_reference: bool):
     return "triton", "CUDA tensors, triton available"
 
 
-def check_qkv(q, k, v, keys: str = "S") -> None:
+def check_qkv(q, k, v, keys: str = "S", value_dim: bool = False) -> None:
     """q (B, L, H, Dh) floating; k and v (B, S, H, Dh) of q's dtype; at least one query and key
-    (``keys``: the name of the key count in the messages)."""
+    (``keys``: the name of the key count in the messages). ``value_dim``: v may have its own last
+    dim, (B, S, H, Dv) with Dv >= 1."""
     if q.dim() != 4 or not q.is_floating_point():
         raise ValueError(f"q must be a floating (B, L, H, Dh) tensor, got {q.dtype} {tuple(q.shape)}")
     B, L, H, Dh = q.shape
     if k.dim() != 4 or k.shape[0] != B or k.shape[2:] != (H, Dh):
         raise ValueError(f"k must be (B={B}, {keys}, H={H}, Dh={Dh}), got {tuple(k.shape)}")
-    if v.shape != k.shape:
+    if value_dim:
+        if v.dim() != 4 or v.shape[:3] != k.shape[:3] or v.shape[3] < 1:
+            raise ValueError(f"v must have k's (B, {keys}, H) = {tuple(k.shape[:3])} and a last dim Dv >= 1, "
+                             f"got {tuple(v.shape)}")
+    elif v.shape != k.shape:
         raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")

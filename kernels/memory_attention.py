@@ -1,12 +1,15 @@
 """Memory attention: flash attention with the tracker's 2-D axial RoPE applied inside the op, a key
 validity mask for a fixed-capacity memory bank, and a split-KV schedule so one object fills the GPU.
 
-Letters: B batch (objects), Lq queries, S keys, H heads, Dh head dim, L RoPE table rows (the g x g
-frame tokens, 72 x 72 = 5184 in SAM 3).
+Letters: B batch (objects), Lq queries, S keys, H heads, Dh head dim (queries and keys), Dv value
+width, L RoPE table rows (the g x g frame tokens, 72 x 72 = 5184 in SAM 3).
 
 Inputs
     q          (B, Lq, H, Dh)  float32 / bfloat16 / float16 (the reference also takes float64)
-    k, v       (B, S, H, Dh)   q's dtype; any strides with the last dim contiguous
+    k          (B, S, H, Dh)   q's dtype; any strides with the last dim contiguous
+    v          (B, S, H, Dv)   q's dtype; any strides with the last dim contiguous, including stride 0
+                               on the head dim (one value tensor shared by every head, ``expand``);
+                               Dv == Dh normally, Dv != Dh for the value fold below
     rope       (L, Dh/2, 2)    float32 (cos, sin) pairs: ``torch.view_as_real(freqs_cis)`` of the
                                complex table of ``sam3fast.model.vit.compute_axial_cis`` (a view)
     key_valid  (B, S) bool or None (all valid): False keys are ignored
@@ -20,7 +23,7 @@ number multiplied by table entry j, in float32, the result rounded back to the i
     rot(x, r)[2j+1] = x[2j] sin[r, j] + x[2j+1] cos[r, j]
     q'_i = rot(q_i, i) if rope_q else q_i;   k'_s = rot(k_s, s mod L) if s < n_rope_keys else k_s
     out_i = sum_{s valid} softmax_s(q'_i . k'_s / sqrt(Dh)) v_s        (per batch and head)
-Accumulation in float32 (float64 for float64 input); output in q's dtype, (B, Lq, H, Dh) contiguous.
+Accumulation in float32 (float64 for float64 input); output in q's dtype, (B, Lq, H, Dv) contiguous.
 A row whose keys are all invalid gives zeros, not NaN (the official SDPA would give NaN there; the
 tracker never builds such a row, every object has at least its conditioning frame). The repeated
 (S, Dh/2) table of the official ``rope_k_repeat`` is never built: the key's row is s mod L.
@@ -29,6 +32,13 @@ Against the model: ``sam3fast.model.memory_attention.RoPEAttention.forward(x, m,
 mask)`` equals ``out_proj(memory_attention(q_proj(x).view(B, L, H, -1), k_proj(m).view(...),
 v_proj(m).view(...), view_as_real(freqs_cis), mask, True, S - T).reshape(B, L, -1))``, the
 self-attention being ``n_rope_keys = S = L``.
+
+Value fold (Dv != Dh). The values carry no RoPE and softmax rows sum to 1, so for a row with at
+least one valid key ``attn(Q, K, M Wv^T + bv) = attn(Q, K, M) Wv^T + bv``: the cross-attention can
+attend over the raw (B, S, M) memory (v = memory, Dv = M = 64, shared by the heads) and fold v_proj
+into out_proj (``RoPEAttention.fold_value``). P.V then runs 64 wide instead of 256: FLOPs
+2 Lq S (Dh + Dv) instead of 4 Lq S Dh (5/8 at Dh 256, Dv 64), and the kernel's float32 accumulator
+is BLOCK_M x Dv. The Triton kernel takes Dv in ``_KERNEL_HEAD_DIMS``; the reference any Dv.
 
 Schedule (flash decoding). Grid (cdiv(Lq, BLOCK_M), B * H, SPLITS): a program owns BLOCK_M queries
 of one (batch, head) and one BLOCK_N-aligned chunk of the keys. With SPLITS > 1 each program writes
@@ -41,12 +51,18 @@ gives only 81 query blocks for 132 SMs: 3 splits make 243 programs, 92 % of two 
     "inline"  keys are rotated per tile inside the attention loop: no workspace, but every query
               block re-reads the float32 (cos, sin) rows, 4 Dh bytes per key beside 2 Dh for a
               bf16 key, and redoes the rotation. The benchmark compares the two.
+
+Many objects (``uses_sdpa_path``): q and the keys rotated by the prepass kernel, then PyTorch's
+SDPA. With Dv == Dh every backend may serve (cuDNN first). With Dv != Dh only cuDNN and
+memory-efficient are allowed (the math backend would materialise an Lq x S score matrix per
+object, 5184 x 36352 in SAM 3); if both refuse (a RuntimeError) the call goes to the Triton kernel,
+and the refusal is remembered per (dtype, Dh, Dv) in ``SDPA_REFUSED`` so SDPA is tried once.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -78,11 +94,14 @@ DEFAULT_TILE = (64, 32, 4, 2)
 # B = 16 is not measured yet; 4 is a guess between the two, and the benchmark's "sdpa path" row
 # over B = 1, 2, 4, 8, 16 is what should set it.
 SDPA_MIN_BATCH_HEADS: Optional[int] = 4
+# (dtype, Dh, Dv) with Dv != Dh that cuDNN and memory-efficient SDPA both refused -> the first line
+# of the refusal; such calls go straight to the Triton kernel (see the module docstring).
+SDPA_REFUSED: Dict[Tuple[torch.dtype, int, int], str] = {}
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, rope: Tensor, key_valid: Optional[Tensor], rope_q: bool,
                   n_rope_keys: int) -> None:
-    check_qkv(q, k, v, "S")
+    check_qkv(q, k, v, "S", value_dim=True)
     B, Lq, H, Dh = q.shape
     S = k.shape[1]
     if Dh % 2:
@@ -116,7 +135,7 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 def memory_attention_ref(
     q: Tensor, k: Tensor, v: Tensor, rope: Tensor, key_valid: Optional[Tensor], rope_q: bool, n_rope_keys: int
 ) -> Tensor:
-    """The spec (and the op's CPU kernel): (B, Lq, H, Dh) in q's dtype. RoPE in float32 (float64 for
+    """The spec (and the op's CPU kernel): (B, Lq, H, Dv) in q's dtype. RoPE in float32 (float64 for
     float64 input) rounded to the input dtype, attention in float32 (float64)."""
     _check_inputs(q, k, v, rope, key_valid, rope_q, n_rope_keys)
     B, Lq, H, Dh = q.shape
@@ -175,7 +194,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _attend_tile(
-        q, k_base, v_base, rope_ptr, offs_n, n_mask, keep, offs_d, offs_j, m_i, l_i, acc,
+        q, k_base, v_base, rope_ptr, offs_n, n_mask, keep, offs_d, offs_dv, offs_j, m_i, l_i, acc,
         L, n_rope, skn, svn, qk_scale,
         ROPE_K: tl.constexpr, DOT_PRECISION: tl.constexpr, DH: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
@@ -197,7 +216,7 @@ if HAS_TRITON:
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :], mask=n_mask[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v, input_precision=DOT_PRECISION)
         return m_new, l_i, acc
 
@@ -208,10 +227,11 @@ if HAS_TRITON:
         sqb, sqm, sqh, skb, skn, skh, svb, svn, svh,
         ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, HAS_VALID: tl.constexpr, SKIP_INVALID: tl.constexpr,
         SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        DH: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         # Grid (cdiv(Lq, BLOCK_M), B * H, splits): BLOCK_M queries of one (batch, head) against the
         # keys [pid_s * kv_per_split, (pid_s + 1) * kv_per_split) (kv_per_split a multiple of BLOCK_N).
+        # q and k are DH wide; v, the accumulator and the output DV wide (DV < DH: the value fold).
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         pid_s = tl.program_id(2)
@@ -220,6 +240,7 @@ if HAS_TRITON:
         dtype = q_ptr.dtype.element_ty
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, DH)
+        offs_dv = tl.arange(0, DV)
         offs_j = tl.arange(0, DH // 2)
         m_mask = offs_m < Lq
 
@@ -238,7 +259,7 @@ if HAS_TRITON:
         n_end = tl.minimum(n_start + kv_per_split, S)
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        acc = tl.zeros((BLOCK_M, DH), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, DV), dtype=tl.float32)
         for start_n in range(n_start, n_end, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             n_mask = offs_n < n_end
@@ -250,11 +271,11 @@ if HAS_TRITON:
                 # A tile of an empty bank slot (a whole padded frame) costs one byte load per key.
                 if tl.max(keep.to(tl.int32), axis=0) > 0:
                     m_i, l_i, acc = _attend_tile(
-                        q, k_base, v_base, rope_ptr, offs_n, n_mask, keep, offs_d, offs_j, m_i, l_i, acc,
+                        q, k_base, v_base, rope_ptr, offs_n, n_mask, keep, offs_d, offs_dv, offs_j, m_i, l_i, acc,
                         L, n_rope, skn, svn, qk_scale, ROPE_K, DOT_PRECISION, DH, BLOCK_N)
             else:
                 m_i, l_i, acc = _attend_tile(
-                    q, k_base, v_base, rope_ptr, offs_n, n_mask, keep, offs_d, offs_j, m_i, l_i, acc,
+                    q, k_base, v_base, rope_ptr, offs_n, n_mask, keep, offs_d, offs_dv, offs_j, m_i, l_i, acc,
                     L, n_rope, skn, svn, qk_scale, ROPE_K, DOT_PRECISION, DH, BLOCK_N)
 
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # no valid key: acc is 0, the output row is 0
@@ -263,9 +284,9 @@ if HAS_TRITON:
             row = (pid_s * tl.num_programs(1) + pid_bh).to(tl.int64) * Lq + offs_m
             lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
             tl.store(part_lse_ptr + row, lse, mask=m_mask)
-            tl.store(part_o_ptr + row[:, None] * DH + offs_d[None, :], o, mask=m_mask[:, None])
+            tl.store(part_o_ptr + row[:, None] * DV + offs_dv[None, :], o, mask=m_mask[:, None])
         else:
-            dst = out_ptr + ((b * Lq + offs_m[:, None]) * H + h) * DH + offs_d[None, :]
+            dst = out_ptr + ((b * Lq + offs_m[:, None]) * H + h) * DV + offs_dv[None, :]
             tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
 
 
@@ -305,7 +326,7 @@ def _memory_attention_triton(
     num_warps: int = DEFAULT_TILE[2],
     num_stages: int = DEFAULT_TILE[3],
 ) -> Tensor:
-    """Launcher. ``out`` may be a preallocated contiguous (B, Lq, H, Dh) tensor of q's dtype (every
+    """Launcher. ``out`` may be a preallocated contiguous (B, Lq, H, Dv) tensor of q's dtype (every
     element is written). ``num_splits`` None picks one from the SM count (1 off CUDA); the number
     launched may be lower so that no split is empty. ``block_m``/``block_n`` powers of two >= 16."""
     require_triton("memory_attention")
@@ -313,9 +334,11 @@ def _memory_attention_triton(
     if q.dtype not in _KERNEL_DTYPES:
         raise ValueError(f"the Triton kernel takes float32/bfloat16/float16, got {q.dtype}")
     B, Lq, H, Dh = q.shape
-    S, L = k.shape[1], rope.shape[0]
+    S, L, Dv = k.shape[1], rope.shape[0], v.shape[-1]
     if Dh not in _KERNEL_HEAD_DIMS:
         raise ValueError(f"the Triton kernel takes head dims {_KERNEL_HEAD_DIMS}, got {Dh}")
+    if Dv not in _KERNEL_HEAD_DIMS:
+        raise ValueError(f"the Triton kernel takes value dims Dv in {_KERNEL_HEAD_DIMS}, got {Dv}")
     if rope.dtype != torch.float32:
         raise ValueError(f"the Triton kernel takes a float32 rope table, got {rope.dtype}")
     check_power_of_two("block_m", block_m, minimum=16)
@@ -325,10 +348,11 @@ def _memory_attention_triton(
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     dev = q.device
-    out = output_buffer(out, (B, Lq, H, Dh), q.dtype, dev)
+    out = output_buffer(out, (B, Lq, H, Dv), q.dtype, dev)
     if B == 0:
         return out
-    # Only the last dim must be contiguous: the projections' (B, L, D) -> (B, L, H, Dh) views pass as is.
+    # Only the last dim must be contiguous: the projections' (B, L, D) -> (B, L, H, Dh) views pass as
+    # is, and so does a v expanded over the heads (stride 0: every head reads the same rows).
     q, k, v = rows_contiguous(q, k, v)
     rope = rope.contiguous()
     valid = key_valid.contiguous().view(torch.uint8) if key_valid is not None else q  # unread when absent
@@ -355,7 +379,7 @@ def _memory_attention_triton(
             )
             k = k_rot
         if splits > 1:
-            part_o = torch.empty((splits, B * H, Lq, Dh), dtype=torch.float32, device=dev)
+            part_o = torch.empty((splits, B * H, Lq, Dv), dtype=torch.float32, device=dev)
             part_lse = torch.empty((splits, B * H, Lq), dtype=torch.float32, device=dev)
         else:
             part_o = part_lse = out  # unread
@@ -367,7 +391,7 @@ def _memory_attention_triton(
             ROPE_Q=bool(rope_q), ROPE_K=(rope_k == "inline" and n_rope_keys > 0),
             HAS_VALID=key_valid is not None, SKIP_INVALID=bool(skip_invalid_tiles) and key_valid is not None,
             SPLIT=splits > 1, DOT_PRECISION=dot_precision,
-            DH=Dh, BLOCK_M=block_m, BLOCK_N=block_n,
+            DH=Dh, DV=Dv, BLOCK_M=block_m, BLOCK_N=block_n,
             num_warps=num_warps, num_stages=num_stages,
         )
         if splits > 1:
@@ -395,11 +419,14 @@ def _memory_attention_sdpa(
 ) -> Tensor:
     """Many objects: q and the keys rotated by the prepass kernel (in the input dtype, as the
     official rounds them), then ``F.scaled_dot_product_attention`` with the validity mask, cuDNN's
-    backend first, then flash (no mask only), memory-efficient and math. Same contract as the
-    Triton launcher (a row with no valid key gives zeros)."""
+    backend first, then flash (no mask only), memory-efficient and math. With Dv != Dh only cuDNN
+    and memory-efficient: a RuntimeError when both refuse (never the math backend's Lq x S scores).
+    Same contract as the Triton launcher (a row with no valid key gives zeros)."""
     require_triton("memory_attention")
     _check_inputs(q, k, v, rope, key_valid, rope_q, n_rope_keys)
     q, k, v = rows_contiguous(q, k, v)
+    if v.shape[2] > 1 and v.stride(2) == 0:
+        v = v.contiguous()  # a value shared by the heads: SDPA backends are not promised stride-0 heads
     rope = rope.contiguous()
     if rope_q:
         q = _rope_prepass(q, rope, q.shape[1])
@@ -408,8 +435,11 @@ def _memory_attention_sdpa(
     mask = None if key_valid is None else key_valid[:, None, None, :]
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-             SDPBackend.MATH]
+    if v.shape[-1] == q.shape[-1]:
+        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                 SDPBackend.MATH]
+    else:
+        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
     with sdpa_kernel(order, set_priority=True):
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=mask).transpose(1, 2)
@@ -431,8 +461,26 @@ def memory_attention_op(
 ) -> Tensor:
     """``sam3fast::memory_attention``: on CUDA the Triton kernel, or for many objects in bf16/fp16
     the RoPE prepass + SDPA (``uses_sdpa_path``); ``memory_attention_ref`` on CPU."""
+    return _memory_attention_dispatch(q, k, v, rope, key_valid, rope_q, n_rope_keys)
+
+
+def _memory_attention_dispatch(
+    q: Tensor, k: Tensor, v: Tensor, rope: Tensor, key_valid: Optional[Tensor], rope_q: bool, n_rope_keys: int
+) -> Tensor:
+    """The CUDA op's body (callable on any device the launchers take): SDPA for many objects, where
+    it accepts a Dv != Dh (tried once per (dtype, Dh, Dv), see ``SDPA_REFUSED``), else Triton."""
     if uses_sdpa_path(q):
-        return _memory_attention_sdpa(q, k, v, rope, key_valid, rope_q, n_rope_keys)
+        Dh, Dv = q.shape[-1], v.shape[-1]
+        if Dv == Dh:
+            return _memory_attention_sdpa(q, k, v, rope, key_valid, rope_q, n_rope_keys)
+        key = (q.dtype, Dh, Dv)
+        if key not in SDPA_REFUSED:
+            try:
+                return _memory_attention_sdpa(q, k, v, rope, key_valid, rope_q, n_rope_keys)
+            except torch.OutOfMemoryError:
+                raise  # not a refusal
+            except RuntimeError as e:  # cuDNN and memory-efficient both refused these widths
+                SDPA_REFUSED[key] = (str(e).strip().splitlines() or [type(e).__name__])[0]
     return _memory_attention_triton(q, k, v, rope, key_valid, rope_q, n_rope_keys)
 
 
@@ -441,15 +489,19 @@ memory_attention_op.register_kernel("cpu")(memory_attention_ref)
 
 @memory_attention_op.register_fake
 def _memory_attention_fake(q, k, v, rope, key_valid, rope_q, n_rope_keys):
-    return q.new_empty(q.shape)
+    return q.new_empty((*q.shape[:3], v.shape[-1]))
 
 
 # ---- typed entry point (re-exported by sam3fast.ops) ------------------------------------------
 
 
-def memory_attention_backend(q: Tensor) -> Tuple[str, str]:
-    """("triton" | "reference", reason) for queries of this device, dtype and head dim."""
-    return attention_backend(q, _KERNEL_DTYPES, _KERNEL_HEAD_DIMS, env.FORCE_REFERENCE)
+def memory_attention_backend(q: Tensor, value_dim: Optional[int] = None) -> Tuple[str, str]:
+    """("triton" | "reference", reason) for queries of this device, dtype and head dim, and values
+    ``value_dim`` wide (None: q's head dim)."""
+    backend, why = attention_backend(q, _KERNEL_DTYPES, _KERNEL_HEAD_DIMS, env.FORCE_REFERENCE)
+    if backend == "triton" and value_dim is not None and value_dim not in _KERNEL_HEAD_DIMS:
+        return "reference", f"value dim {value_dim} (the Triton kernel takes {_KERNEL_HEAD_DIMS})"
+    return backend, why
 
 
 def memory_attention(
@@ -464,14 +516,15 @@ def memory_attention(
 ) -> Tensor:
     """RoPE attention of the tracker's memory attention, after its projections.
 
-    q (B, Lq, H, Dh); k, v (B, S, H, Dh); freqs_cis (L, Dh/2) complex64 (``compute_axial_cis``) or
-    its (L, Dh/2, 2) float32 ``view_as_real``; key_valid (B, S) bool or None (all valid). Query i
-    is rotated by row i when ``rope_q``; keys s < ``n_rope_keys`` (None: all S) by row s mod L.
-    Returns (B, Lq, H, Dh) in q's dtype; see ``sam3fast.kernels.memory_attention`` for the math.
+    q (B, Lq, H, Dh); k (B, S, H, Dh); v (B, S, H, Dv), Dv == Dh or not (the value fold; stride 0
+    on the head dim allowed); freqs_cis (L, Dh/2) complex64 (``compute_axial_cis``) or its
+    (L, Dh/2, 2) float32 ``view_as_real``; key_valid (B, S) bool or None (all valid). Query i is
+    rotated by row i when ``rope_q``; keys s < ``n_rope_keys`` (None: all S) by row s mod L.
+    Returns (B, Lq, H, Dv) in q's dtype; see ``sam3fast.kernels.memory_attention`` for the math.
     """
     rope = torch.view_as_real(freqs_cis) if freqs_cis.is_complex() else freqs_cis
     n_rope_keys = k.shape[1] if n_rope_keys is None else int(n_rope_keys)
-    backend, _ = memory_attention_backend(q)
+    backend, _ = memory_attention_backend(q, v.shape[-1])
     if backend == "triton":
         return torch.ops.sam3fast.memory_attention(q, k, v, rope.float(), key_valid, bool(rope_q), n_rope_keys)
     return memory_attention_ref(q, k, v, rope, key_valid, bool(rope_q), n_rope_keys)

@@ -75,7 +75,7 @@ def _case(B, H, Dh, grid, n_frames, n_ptr, seed, dtype=torch.float32, valid="ran
 
 
 def _run(q, k, v, freqs, key_valid, rope_q, n_rope_keys, **launch):
-    out = torch.full(q.shape, float("nan"), dtype=q.dtype)
+    out = torch.full((*q.shape[:3], v.shape[-1]), float("nan"), dtype=q.dtype)
     got = ma._memory_attention_triton(q, k, v, torch.view_as_real(freqs), key_valid, rope_q, n_rope_keys,
                                       out=out, **launch)
     assert got.data_ptr() == out.data_ptr()
@@ -359,11 +359,17 @@ def test_kernels_compile_for_sm90():
                 "out_ptr": "*bf16", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "qk_scale": "fp32"}
         main.update({n: i32 for n in "Lq S H L n_rope kv_per_split sqb sqm sqh skb skn skh svb svn svh".split()})
         bm, bn, nw, ns = ma.DEFAULT_TILE
-        for rope_k, valid, split in ((False, True, True), (True, False, False)):
+        # (DV 64: the value fold, at its default tile and at a wider BLOCK_M its smaller accumulator allows)
+        for rope_k, valid, split, dv, tile in ((False, True, True, 256, ma.DEFAULT_TILE),
+                                               (True, False, False, 256, ma.DEFAULT_TILE),
+                                               (False, True, True, 64, ma.DEFAULT_TILE),
+                                               (False, True, False, 64, (128, 64, 8, 2))):
+            bm, bn, nw, ns = tile
             cx = dict(ROPE_Q=True, ROPE_K=rope_k, HAS_VALID=valid, SKIP_INVALID=valid, SPLIT=split,
-                      DOT_PRECISION="tf32", DH=256, BLOCK_M=bm, BLOCK_N=bn)
+                      DOT_PRECISION="tf32", DH=256, DV=dv, BLOCK_M=bm, BLOCK_N=bn)
             k = build(ma._memory_attention_kernel, main, cx, nw, ns)
             assert "wgmma.mma_async" in k.asm["ptx"], "the attention should use wgmma on sm_90"
+        bm, bn, nw, ns = ma.DEFAULT_TILE
         build(ma._rope_keys_kernel, {"k_ptr": "*bf16", "rope_ptr": "*fp32", "out_ptr": "*bf16",
               **{n: i32 for n in "S H L n_rope skb skn skh".split()}}, dict(DH=256, BLOCK_N=bn), 4)
         build(_split_kv._merge_splits_kernel, {"part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": "*bf16",
@@ -372,6 +378,195 @@ def test_kernels_compile_for_sm90():
         """
     )
     run_compiled(code)
+
+
+# ---- values of their own width (Dv != Dh: the value fold of RoPEAttention.fold_value) ----------
+
+
+def _fold_case(B, H, Dh, Dv, grid, n_frames, n_ptr, seed, shared=False, **kw):
+    """``_case`` with v (B, S, H, Dv); ``shared``: one (B, S, 1, Dv) value expanded over the heads
+    (stride 0 on the head dim), as the folded cross-attention passes its memory."""
+    q, k, _, freqs, key_valid = _case(B, H, Dh, grid, n_frames, n_ptr, seed, **kw)
+    g = torch.Generator().manual_seed(1000 + seed)
+    S = k.shape[1]
+    if shared:
+        v = torch.randn(B, S, 1, Dv, generator=g).to(q.dtype).expand(B, S, H, Dv)
+    else:
+        v = torch.randn(B, S, H, Dv, generator=g).to(q.dtype)
+    return q, k, v, freqs, key_valid
+
+
+# (B, H, Dh, Dv, grid, memory frames, pointer tokens, v shared by the heads)
+FOLD_CASES = {
+    "dh32_dv16_3x3_3f_4p": (2, 1, 32, 16, (3, 3), 3, 4, False),
+    "dh64_dv16_4x3_2f_5p": (2, 1, 64, 16, (4, 3), 2, 5, False),
+    "dh16_dv32_3x3_2f_3p": (1, 1, 16, 32, (3, 3), 2, 3, False),  # values wider than the keys
+    "dh32_dv16_4x4_2f_4p_h2_shared": (3, 2, 32, 16, (4, 4), 2, 4, True),
+    "dh16_dv64_3x3_2f_4p_h2": (2, 2, 16, 64, (3, 3), 2, 4, False),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("launch", list(LAUNCH), ids=list(LAUNCH))
+@pytest.mark.parametrize("case", list(FOLD_CASES), ids=list(FOLD_CASES))
+def test_kernel_value_dim_matches_float64(case, launch):
+    """Dv != Dh: (B, Lq, H, Dv) out of the kernel (split and not, inline key RoPE, no tile skip),
+    padded frames and pointer slots masked, against the float64 spec; the reference too."""
+    B, H, Dh, Dv, grid, n_frames, n_ptr, shared = FOLD_CASES[case]
+    L = grid[0] * grid[1]
+    q, k, v, freqs, key_valid = _fold_case(B, H, Dh, Dv, grid, n_frames, n_ptr, seed=len(case), shared=shared)
+    n_rope = n_frames * L
+    want = naive64(q, k, v, freqs, key_valid, True, n_rope)
+    assert want.shape == (B, L, H, Dv)
+    got = _run(q, k, v, freqs, key_valid, True, n_rope, **LAUNCH[launch])
+    assert got.shape == (B, L, H, Dv)
+    _assert_close(got, want, 2e-5)
+    rope = torch.view_as_real(freqs)
+    _assert_close(ma.memory_attention_ref(q, k, v, rope, key_valid, True, n_rope), want, 2e-5)
+    _assert_close(ma.memory_attention_ref(q.double(), k.double(), v.double(), rope, key_valid, True, n_rope),
+                  want, 1e-6)
+
+
+@needs_triton
+def test_kernel_value_dim_variants():
+    """Dv != Dh with unrotated queries (Lq != L), keys all unrotated (pointer-like), keys all rotated,
+    a row with no valid key and splits left empty by padded frames; the head-shared (stride 0) v gives
+    the same bits as its contiguous copy."""
+    q, k, v, freqs, _ = _fold_case(3, 2, 32, 16, (4, 4), 4, 4, seed=11, shared=True)
+    key_valid = torch.ones(3, 68, dtype=torch.bool)
+    key_valid[0, 16:48] = False  # frames 1 and 2: with one tile of 16 per split, splits 1, 2 empty
+    key_valid[1, :] = False  # nothing to attend to: zeros
+    key_valid[2, 64:] = False
+    for rope_q, n_rope, qq in ((True, 64, q), (False, 0, q[:, :7]), (False, 32, q[:, :5]), (True, 0, q)):
+        want = naive64(qq, k, v, freqs, key_valid, rope_q, n_rope)
+        for launch in ({}, dict(block_n=16, num_splits=5), dict(block_n=16, num_splits=5, skip_invalid_tiles=False),
+                       dict(block_m=32, block_n=16, num_splits=2, rope_k="inline")):
+            got = _run(qq, k, v, freqs, key_valid, rope_q, n_rope, **launch)
+            _assert_close(got, want, 2e-5)
+            assert (got[1] == 0).all()
+            assert torch.equal(_run(qq, k, v.contiguous(), freqs, key_valid, rope_q, n_rope, **launch), got)
+    assert v.stride(2) == 0
+
+
+@needs_triton
+def test_kernel_value_dim_fp16():
+    """fp16 with Dv != Dh: error vs the float64 spec within 2x that of the op's reference in fp16."""
+    q, k, v, freqs, key_valid = (t.half() if t is not None and t.is_floating_point() else t
+                                 for t in _fold_case(2, 1, 32, 16, (3, 3), 2, 3, seed=12))
+    freqs = compute_axial_cis(32, 3, 3)
+    want = naive64(q, k, v, freqs, key_valid, True, 18)
+    ref = ma.memory_attention_ref(q, k, v, torch.view_as_real(freqs), key_valid, True, 18)
+    ref_err = (ref.double() - want).abs().max().item()
+    for launch in ({}, dict(block_n=16, num_splits=2, rope_k="inline")):
+        got = _run(q, k, v, freqs, key_valid, True, 18, **launch)
+        assert got.dtype == torch.float16 and got.shape == (2, 9, 1, 16)
+        _assert_close(got, want, max(2 * ref_err, 2e-3))
+
+
+@needs_triton
+def test_sdpa_value_dim_refusal_falls_back_to_triton(monkeypatch):
+    """Many objects with Dv != Dh: SDPA is asked with cuDNN and memory-efficient only (no math
+    fallback; on CPU neither exists, so it refuses with a RuntimeError), the op's body then runs the
+    Triton kernel, and the refusal is remembered per (dtype, Dh, Dv): SDPA is tried once."""
+    monkeypatch.setattr(ma, "SDPA_MIN_BATCH_HEADS", 4)
+    monkeypatch.setattr(ma, "SDPA_REFUSED", {})
+    q, k, v, freqs, key_valid = _fold_case(4, 1, 32, 16, (3, 3), 2, 3, seed=13, dtype=torch.float16)
+    rope = torch.view_as_real(freqs)
+    assert ma.uses_sdpa_path(q)
+    with pytest.raises(RuntimeError):
+        ma._memory_attention_sdpa(q, k, v, rope, key_valid, True, 18)
+    tries = []
+    real_sdpa = ma._memory_attention_sdpa
+
+    def counting_sdpa(*args):
+        tries.append(args[2].shape[-1])
+        return real_sdpa(*args)
+
+    monkeypatch.setattr(ma, "_memory_attention_sdpa", counting_sdpa)
+    want = naive64(q, k, v, freqs, key_valid, True, 18)
+    ref_err = (ma.memory_attention_ref(q, k, v, rope, key_valid, True, 18).double() - want).abs().max().item()
+    for _ in range(2):
+        got = ma._memory_attention_dispatch(q, k, v, rope, key_valid, True, 18)
+        assert got.shape == (4, 9, 1, 16) and got.dtype == torch.float16
+        _assert_close(got, want, max(2 * ref_err, 2e-3))
+    assert tries == [16], "SDPA should be tried once per (dtype, Dh, Dv)"
+    assert list(ma.SDPA_REFUSED) == [(torch.float16, 32, 16)]
+    # Dv == Dh keeps the full backend order (math included): no refusal recorded, no Triton fallback.
+    q2, k2, v2, _, _ = _case(4, 1, 32, (3, 3), 2, 3, seed=14, dtype=torch.float16)
+    got = ma._memory_attention_dispatch(q2, k2, v2, rope, key_valid, True, 18)
+    _assert_close(got, naive64(q2, k2, v2, freqs, key_valid, True, 18), 2e-3)
+    assert tries == [16, 32] and len(ma.SDPA_REFUSED) == 1
+
+
+def test_value_dim_bad_inputs():
+    q, k, v, freqs, key_valid = _fold_case(2, 1, 32, 16, (3, 3), 2, 4, seed=0)
+    rope = torch.view_as_real(freqs)
+    with pytest.raises(ValueError, match="v must have"):
+        ma.memory_attention_ref(q, k, v[:, :-1], rope, key_valid, True, 18)
+    with pytest.raises(ValueError, match="v must have"):
+        ma.memory_attention_ref(q, k, v[:, :, None], rope, key_valid, True, 18)  # 5-D
+    with pytest.raises(ValueError, match="v must have"):
+        ma.memory_attention_ref(q, k, v[..., :0], rope, key_valid, True, 18)  # Dv = 0
+    with pytest.raises(ValueError, match="v must have"):
+        ma.memory_attention_ref(q, k, v.expand(2, 22, 2, 16), rope, key_valid, True, 18)  # H mismatch
+    # Any Dv >= 1 is the reference's; the kernel's are _KERNEL_HEAD_DIMS.
+    assert ma.memory_attention_ref(q, k, v[..., :12], rope, key_valid, True, 18).shape == (2, 9, 1, 12)
+    if ma.HAS_TRITON:
+        with pytest.raises(ValueError, match="value dims"):
+            ma._memory_attention_triton(q, k, v[..., :12], rope, key_valid, True, 18)
+        with pytest.raises(ValueError, match="value dims"):
+            ma._memory_attention_triton(q, k, torch.randn(2, 22, 1, 8), rope, key_valid, True, 18)
+        with pytest.raises(ValueError, match="out must be"):  # out is Dv wide, not Dh
+            ma._memory_attention_triton(q, k, v, rope, key_valid, True, 18, out=torch.empty(2, 9, 1, 32))
+    backend, why = ma.memory_attention_backend(q, 12)
+    assert backend == "reference"
+
+
+def test_value_dim_backend_choice(monkeypatch):
+    """memory_attention_backend(q, Dv) refuses a value width the kernel lacks, with the reason."""
+    monkeypatch.setattr(ma, "attention_backend", lambda *a: ("triton", "CUDA tensors, triton available"))
+    q = torch.zeros(1, 9, 1, 256)
+    assert ma.memory_attention_backend(q) == ma.memory_attention_backend(q, 64) == ("triton",
+                                                                                    "CUDA tensors, triton available")
+    backend, why = ma.memory_attention_backend(q, 48)
+    assert backend == "reference" and "value dim 48" in why
+
+
+def _fold_op_args(valid=True, rope_q=True, shared=False):
+    q, k, v, freqs, key_valid = _fold_case(2, 2, 32, 16, (3, 3), 2, 3, seed=15, shared=shared)
+    return (q, k, v, torch.view_as_real(freqs), key_valid if valid else None, rope_q, 18)
+
+
+@pytest.mark.parametrize("valid, rope_q, shared", [(True, True, False), (False, True, True), (True, False, True)])
+def test_opcheck_value_dim(valid, rope_q, shared):
+    args = _fold_op_args(valid, rope_q, shared)
+    torch.library.opcheck(torch.ops.sam3fast.memory_attention.default, args)
+    out = torch.ops.sam3fast.memory_attention(*args)
+    assert out.shape == (2, 9, 2, 16)
+    assert torch.equal(out, ma.memory_attention_ref(*args))  # the CPU kernel is the reference
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = torch.ops.sam3fast.memory_attention(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                                                     for a in args))
+    assert fake.shape == (2, 9, 2, 16) and fake.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compile_fullgraph_value_dim(backend):
+    """The entry point with a head-shared Dv != Dh value compiles with no graph break."""
+    q, k, v, rope, key_valid, _, _ = _fold_op_args(shared=True)
+    freqs = torch.view_as_complex(rope.contiguous())
+    mem = v[:, :, :1].contiguous()
+
+    def via_entry(q, k, mem, key_valid):
+        vv = mem.expand(-1, -1, q.shape[2], -1)
+        return ma.memory_attention(q, k, vv, freqs, key_valid, n_rope_keys=18) * 2.0
+
+    torch._dynamo.reset()
+    got = torch.compile(via_entry, fullgraph=True, backend=backend)(q, k, mem, key_valid)
+    assert got.shape == (2, 9, 2, 16)
+    torch.testing.assert_close(got, via_entry(q, k, mem, key_valid), rtol=0, atol=0)
 
 
 # ---- GPU only --------------------------------------------------------------------------------
@@ -507,3 +702,63 @@ def test_gpu_compile_inductor():
 
     got = torch.compile(fn, fullgraph=True)(qb, kb, vb, key_valid)
     assert torch.equal(got, fn(qb, kb, vb, key_valid))
+
+
+def _gpu_fold_case(B, seed, Dv=64, pad=False):
+    """7 memory frames of 72 x 72 + 64 pointer tokens, Dh 256, v (B, S, 1, Dv)."""
+    q, k, _, freqs, key_valid = _gpu_case(B, 7, 64, seed, pad_frames=2 if pad else 0)
+    g = torch.Generator(device="cuda").manual_seed(seed + 100)
+    v = torch.randn(B, k.shape[1], 1, Dv, device="cuda", generator=g)
+    return q, k, v, freqs, key_valid
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("B, pad", [(1, False), (16, True)], ids=["B1", "B16_pad2"])
+def test_gpu_value_dim_real_shape_bf16(B, pad):
+    """The value fold's attention at SAM 3 sizes in bf16 (Dh 256, Dv 64): the op (Triton for one
+    object, SDPA or its Triton fallback for 16) and the Triton launcher (split and not) within 2x
+    PyTorch bf16's error vs the fp32 reference, per object so no (B, Lq, S) scores are built at once;
+    the op also replays inside a CUDA graph."""
+    q, k, v, freqs, key_valid = _gpu_fold_case(B, seed=30 + B, pad=pad)
+    n_rope = 7 * 5184
+    rope = torch.view_as_real(freqs)
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    assert ma.memory_attention_backend(qb, 64)[0] == "triton"
+    cands = {
+        "op": lambda: ma.memory_attention(qb, kb, vb, freqs, key_valid, n_rope_keys=n_rope),
+        "triton": lambda: ma._memory_attention_triton(qb, kb, vb, rope, key_valid, True, n_rope),
+        "triton, no split": lambda: ma._memory_attention_triton(qb, kb, vb, rope, key_valid, True, n_rope,
+                                                                num_splits=1),
+        "triton 128x64 w8": lambda: ma._memory_attention_triton(qb, kb, vb, rope, key_valid, True, n_rope,
+                                                                block_m=128, block_n=64, num_warps=8),
+    }
+    outs = {name: fn() for name, fn in cands.items()}
+    torch_max = torch_sq = 0.0
+    errs = {name: [0.0, 0.0] for name in outs}
+    for b in range(B):
+        sl = slice(b, b + 1)
+        ref = ma.memory_attention_ref(q[sl], k[sl], v[sl], rope, key_valid[sl], True, n_rope)
+        t = (_torch_bf16(qb[sl], kb[sl], vb[sl], freqs, key_valid[sl], n_rope).float() - ref).abs()
+        torch_max, torch_sq = max(torch_max, t.max().item()), torch_sq + t.pow(2).sum().item()
+        for name, out in outs.items():
+            e = (out[sl].float() - ref).abs()
+            errs[name] = [max(errs[name][0], e.max().item()), errs[name][1] + e.pow(2).sum().item()]
+    path = "sdpa" if ma.uses_sdpa_path(qb) and (torch.bfloat16, 256, 64) not in ma.SDPA_REFUSED else "triton"
+    for name, out in outs.items():
+        assert out.shape == (B, 5184, 1, 64) and out.dtype == torch.bfloat16 and not out.isnan().any()
+        emax, esq = errs[name]
+        assert emax <= 2 * torch_max, (name, path, emax, torch_max)
+        assert esq <= 4 * torch_sq, (name, path, esq, torch_sq)  # RMS within 2x
+
+    static = [qb.clone(), kb.clone(), vb.clone(), key_valid.clone()]
+
+    def fn():
+        return ma.memory_attention(static[0], static[1], static[2], freqs, static[3], n_rope_keys=n_rope)
+
+    graph, out = capture_graph(fn)
+    static[2].copy_(torch.randn_like(v).bfloat16())
+    static[3][:, 5184:2 * 5184] = False
+    graph.replay()
+    torch.testing.assert_close(out, fn(), rtol=0, atol=0)

@@ -4,9 +4,9 @@ The official modules come from ``build_official_tracker(cfg)`` (a whole ``Sam3Tr
 the config's sizes) re-drawn with ``redraw_``; ours load ``maskmem_backbone`` /
 ``transformer.encoder`` state dicts with ``strict=True``. Covered: the memory encoder (both mask
 modes, with and without the antialiased resize, objects present and absent), the tracker's
-``_encode_new_memory``, the memory attention (1 and 3 memory frames plus pointer tokens), key
-masking of padded memory slots, and the memory assembly of ``_prepare_memory_conditioned_features``
-on a hand-built ``output_dict``.
+``_encode_new_memory``, the memory attention (1 and 3 memory frames plus pointer tokens) and key
+masking of padded memory slots (each with and without ``MemoryAttention.fold_value``), and the
+memory assembly of ``_prepare_memory_conditioned_features`` on a hand-built ``output_dict``.
 """
 
 from __future__ import annotations
@@ -75,6 +75,14 @@ def tiny():
     return Setup("tiny")
 
 
+@pytest.fixture(params=[False, True], ids=["unfolded", "fold_value"])
+def fold(request, tiny):
+    """The memory attention with and without its value fold (restored off after the test)."""
+    tiny.attn.fold_value = request.param
+    yield request.param
+    tiny.attn.fold_value = False
+
+
 # ----------------------------------------------------------------------------------------------
 # Memory encoder
 
@@ -138,7 +146,7 @@ def test_encode_new_memory(tiny, is_mask_from_pts):
 
 
 @pytest.mark.parametrize("n_mem,n_ptrs", [(1, 1), (3, 3)])
-def test_memory_attention(tiny, n_mem, n_ptrs):
+def test_memory_attention(tiny, fold, n_mem, n_ptrs):
     curr, curr_pos, memory, memory_pos, T = tiny.attn_inputs(2, n_mem, n_ptrs, seed=3 + n_mem)
     ref = tiny.run_official_attn(curr, curr_pos, memory, memory_pos, T)
     with torch.no_grad():
@@ -157,7 +165,7 @@ def test_memory_attention(tiny, n_mem, n_ptrs):
     assert _rel(other, out) > 1e-2 and _rel(other_ptr, out) > 1e-3
 
 
-def test_memory_valid_padding(tiny):
+def test_memory_valid_padding(tiny, fold):
     """A padded frame slot (in the middle) and a padded pointer slot, masked out, give the
     official result on the real slots alone."""
     B, L, D, M = 2, tiny.g * tiny.g, tiny.D, tiny.M

@@ -32,6 +32,14 @@ equals ``MemoryAttention(curr, curr_pos, memory, memory_pos, T)``.
 with padded frame or pointer slots gives the same result as the official run on the valid slots
 alone (RoPE depends only on a key's frame-local index, so padded slots can sit anywhere). Every
 row needs at least one valid key.
+
+Value fold (``MemoryAttention.fold_value``, off by default). The cross-attention's values carry no
+RoPE and softmax rows sum to 1, so ``attn(Q, K, M Wv^T + bv) = attn(Q, K, M) Wv^T + bv`` for a
+row with a valid key: with the fold on, it attends over the raw M-wide memory (one value tensor
+for every head) and applies ``out_proj . v_proj`` as one linear, W = concat_h(Wo[:, h] Wv[h, :])
+(D, H * M), b = Wo bv + bo, both derived from the parameters at each call. The attention's P.V
+then runs M = 64 wide instead of D = 256 (FLOPs 5/8 in SAM 3). Exact in real arithmetic; rounding
+differs (the attention output is rounded at width M, W once in the compute dtype).
 """
 
 from __future__ import annotations
@@ -67,19 +75,44 @@ class RoPEAttention(nn.Module):
     The first S - num_k_exclude_rope keys (a multiple of L) are rotated by their index mod L.
     Between the projections: the ``sam3fast::memory_attention`` Triton kernel (RoPE inside, no
     repeated table) where ``memory_attention_backend`` picks it (CUDA), else SDPA on rotated q/k.
+
+    ``fold_value`` (False): for a cross-attention (kv_in_dim != embedding_dim) attend over the
+    kv_in-wide ``v`` itself and fold ``v_proj`` into ``out_proj`` (module docstring of
+    ``sam3fast.model.memory_attention``); ignored for a self-attention. Off by default until an H100
+    measures it against the unfolded kernel (bench/bench_memory_attention.py, "fold" rows).
     """
 
-    def __init__(self, embedding_dim: int, num_heads: int = 1, kv_in_dim: Optional[int] = None):
+    def __init__(self, embedding_dim: int, num_heads: int = 1, kv_in_dim: Optional[int] = None,
+                 fold_value: bool = False):
         super().__init__()
         kv_in_dim = embedding_dim if kv_in_dim is None else kv_in_dim
         if embedding_dim % num_heads:
             raise ValueError(f"num_heads {num_heads} must divide {embedding_dim}")
         self.num_heads = num_heads
+        self.embedding_dim = embedding_dim
+        self.kv_in_dim = kv_in_dim
         self.q_proj = nn.Linear(embedding_dim, embedding_dim)
         self.k_proj = nn.Linear(kv_in_dim, embedding_dim)
         self.v_proj = nn.Linear(kv_in_dim, embedding_dim)
         self.out_proj = nn.Linear(embedding_dim, embedding_dim)
         self.use_kernel = True  # False: always SDPA (the baseline the kernel is measured against)
+        self.fold_value = fold_value
+
+    @property
+    def folds_value(self) -> bool:
+        """Whether forward folds v_proj into out_proj: ``fold_value`` on a cross-attention."""
+        return self.fold_value and self.kv_in_dim != self.embedding_dim
+
+    def folded_out_proj(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(W (D, H * kv_in), b (D,))`` in ``dtype``: out_proj(concat_h(o_h Wv_h^T + bv_h)) =
+        concat_h(o_h) W^T + b for per-head kv_in-wide o_h. Computed from the current parameters in
+        float32 (float64 for float64) each call: a D x D x kv_in product, nothing cached to go stale."""
+        H, D = self.num_heads, self.embedding_dim
+        acc = torch.promote_types(dtype, torch.float32)
+        wo, bo = self.out_proj.weight.to(acc), self.out_proj.bias.to(acc)
+        wv, bv = self.v_proj.weight.to(acc), self.v_proj.bias.to(acc)
+        w = torch.einsum("ohd,hdm->ohm", wo.view(-1, H, D // H), wv.view(H, D // H, -1)).flatten(1)
+        return w.to(dtype), (bo + wo @ bv).to(dtype)
 
     def forward(
         self,
@@ -93,15 +126,17 @@ class RoPEAttention(nn.Module):
         B, L, _ = q.shape
         S = k.shape[1]
         H = self.num_heads
+        fold = self.folds_value
         q = self.q_proj(q).view(B, L, H, -1)
         k = self.k_proj(k).view(B, S, H, -1)
-        v = self.v_proj(v).view(B, S, H, -1)
+        # Folded: every head attends over the same kv_in-wide values (stride 0 over the heads).
+        v = v.unsqueeze(2).expand(B, S, H, v.shape[-1]) if fold else self.v_proj(v).view(B, S, H, -1)
         n_rope = S - num_k_exclude_rope
         if n_rope % L:
             raise ValueError(f"{n_rope} rotated keys are not a whole number of {L}-token frames")
-        if self.use_kernel and memory_attention_backend(q)[0] == "triton":
+        if self.use_kernel and memory_attention_backend(q, v.shape[-1])[0] == "triton":
             out = memory_attention(q, k, v, freqs_cis, key_valid, rope_q=True, n_rope_keys=n_rope)
-            return self.out_proj(out.reshape(B, L, -1))
+            return self._project_out(out.reshape(B, L, -1), fold, key_valid)
         q = apply_rope(q, freqs_cis)
         if n_rope == S and n_rope == L:
             k = apply_rope(k, freqs_cis)
@@ -113,7 +148,18 @@ class RoPEAttention(nn.Module):
         attn_mask = None if key_valid is None else key_valid[:, None, None, :]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=attn_mask)
-        return self.out_proj(out.transpose(1, 2).reshape(B, L, -1))
+        return self._project_out(out.transpose(1, 2).reshape(B, L, -1), fold, key_valid)
+
+    def _project_out(self, out: torch.Tensor, fold: bool, key_valid: Optional[torch.Tensor]) -> torch.Tensor:
+        if not fold:
+            return self.out_proj(out)
+        w, b = self.folded_out_proj(out.dtype)
+        y = F.linear(out, w, b)
+        if key_valid is None:
+            return y
+        # A row with no valid key: the attention gives zeros, the unfolded path out_proj(0) = bo
+        # (not the folded bias Wo bv + bo, which assumes softmax weights summing to 1).
+        return torch.where(key_valid.any(dim=1)[:, None, None], y, self.out_proj.bias.to(y.dtype))
 
 
 class MemoryAttentionLayer(nn.Module):
@@ -121,10 +167,11 @@ class MemoryAttentionLayer(nn.Module):
     no position on queries, ``memory_pos`` on keys, ReLU FFN). Takes the keys' input
     ``memory + memory_pos`` precomputed once for all layers."""
 
-    def __init__(self, d_model: int, mem_dim: int, dim_feedforward: int, num_heads: int = 1):
+    def __init__(self, d_model: int, mem_dim: int, dim_feedforward: int, num_heads: int = 1,
+                 fold_value: bool = False):
         super().__init__()
         self.self_attn = RoPEAttention(d_model, num_heads)
-        self.cross_attn_image = RoPEAttention(d_model, num_heads, kv_in_dim=mem_dim)
+        self.cross_attn_image = RoPEAttention(d_model, num_heads, kv_in_dim=mem_dim, fold_value=fold_value)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
@@ -162,22 +209,36 @@ class MemoryAttention(KeepComplexBuffers, nn.Module):
 
     The output is the final LayerNorm'd features; the tracker reshapes it to (B, D, g, g) as
     ``out.transpose(1, 2).view(B, D, g, g)`` (``pix_feat_with_mem``).
+
+    ``fold_value`` (constructor argument and settable property, False by default): every layer's
+    cross-attention folds v_proj into out_proj (see the module docstring); the state dict is the
+    same either way.
     """
 
     def __init__(self, d_model: int = 256, mem_dim: int = 64, num_layers: int = 4, dim_feedforward: int = 2048,
-                 grid: int = 72, num_heads: int = 1, rope_theta: float = 10000.0):
+                 grid: int = 72, num_heads: int = 1, rope_theta: float = 10000.0, fold_value: bool = False):
         super().__init__()
         self.d_model = d_model
         self.head_dim = d_model // num_heads
         self.rope_theta = rope_theta
         self.grid = grid
         self.layers = nn.ModuleList(
-            MemoryAttentionLayer(d_model, mem_dim, dim_feedforward, num_heads) for _ in range(num_layers)
+            MemoryAttentionLayer(d_model, mem_dim, dim_feedforward, num_heads, fold_value) for _ in range(num_layers)
         )
         self.norm = nn.LayerNorm(d_model)
         # Not in the checkpoint (the official recomputes it at build); one table shared by every
         # self- and cross-attention, since all of them rotate head_dim-wide heads on the same grid.
         self.register_buffer("freqs_cis", compute_axial_cis(self.head_dim, grid, grid, rope_theta), persistent=False)
+
+    @property
+    def fold_value(self) -> bool:
+        """Whether every layer's cross-attention folds v_proj into out_proj; set it to switch all."""
+        return all(layer.cross_attn_image.fold_value for layer in self.layers)
+
+    @fold_value.setter
+    def fold_value(self, value: bool) -> None:
+        for layer in self.layers:
+            layer.cross_attn_image.fold_value = bool(value)
 
     @classmethod
     def from_config(cls, cfg) -> "MemoryAttention":
