@@ -15,7 +15,9 @@ the last frame (backbone included), for N objects. Variants:
   on CUDA up to 2 objects); ``perframe`` = ``tracker.fixed_capacity_step = False`` (the official
   per-frame memory selection, host syncs) instead of the preallocated memory bank; ``graphed`` =
   ``tracker.cuda_graphs = True`` (the propagation step captured as a CUDA graph per object bucket at
-  every count, CUDA only); ``eager-step`` = ``cuda_graphs = False`` (CUDA only); ``compiled`` =
+  every count, CUDA only); ``eager-step`` = ``cuda_graphs = False`` (CUDA only); ``fold`` =
+  ``tracker.transformer.encoder.fold_value = True`` (memory attention's v_proj folded into out_proj, cached
+  rows only); ``compiled`` =
   ``tracker.compile_step()`` (``mode="reduce-overhead"``, CUDA graphs, on CUDA). Eager rows note the
   memory keys per object and frame that memory attention computes and that it attends (valid):
   a fixed-capacity bank computes its masked slots too, the official selection only what it keeps.
@@ -335,8 +337,8 @@ def _main(args, tmp):
                     row["memory_keys_per_object_frame"] = {"computed": computed / obj_frames,
                                                            "attended": attended / obj_frames}
 
-            def variants(suffix, per_frame_too):
-                for use_cache in (False, True):  # the feature cache only exists for the cached rows
+            def variants(suffix, per_frame_too, kinds=("e2e", "cached")):
+                for use_cache in [k == "cached" for k in kinds]:  # the feature cache: the cached rows only
                     cache = feature_cache(tracker, clip, device, ours_mode, args.smoke) if use_cache else None
                     kind = "cached" if use_cache else "e2e"
                     for n in objects:
@@ -354,7 +356,12 @@ def _main(args, tmp):
                 variants(" graphed", per_frame_too=False)
                 tracker.cuda_graphs = False
                 variants(" eager-step", per_frame_too=False)
-            tracker.cuda_graphs = False
+            tracker.cuda_graphs = "auto"
+            # memory attention with v_proj folded into out_proj (P.V 64 wide instead of 256): the
+            # tracker step alone, where the difference shows
+            tracker.transformer.encoder.fold_value = True
+            variants(" fold", per_frame_too=False, kinds=("cached",))
+            tracker.transformer.encoder.fold_value = False
             if compile_rows:
                 tracker.compile_step(mode="reduce-overhead" if cuda else None)
                 variants(" compiled", per_frame_too=False)

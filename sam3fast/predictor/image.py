@@ -102,9 +102,20 @@ class _TextCache:
 
 
 class Sam3Processor:
-    """Drop-in for ``sam3.model.sam3_image_processor.Sam3Processor``."""
+    """Drop-in for ``sam3.model.sam3_image_processor.Sam3Processor``.
 
-    def __init__(self, model, resolution: int = 1008, device=None, confidence_threshold: float = 0.5):
+    sam3fast: ``cuda_graphs`` (keyword only; None = on a CUDA model): the backbone of ``set_image``
+    and the heads of each prompt call replay from CUDA graphs
+    (:class:`~sam3fast.predictor.graphed_call.GraphedCall`), one per input shape, captured the
+    second time a shape is seen (the first call runs eagerly, so a one-off shape costs no capture).
+    Eagerly both are host-bound on an H100. The outputs are the eager ones (the same kernels,
+    replayed).
+    """
+
+    def __init__(self, model, resolution: int = 1008, device=None, confidence_threshold: float = 0.5, *,
+                 cuda_graphs: Optional[bool] = None):
+        from .graphed_call import GraphedCall
+
         if resolution != model.cfg.resolution:
             raise ValueError(
                 f"resolution {resolution} does not match the model's input size {model.cfg.resolution}"
@@ -114,6 +125,14 @@ class Sam3Processor:
         self.device = torch.device(device) if device is not None else model.device
         self.confidence_threshold = _check_threshold(confidence_threshold)
         self._text = _TextCache(model)
+        # off CUDA the calls go straight to the model (buffers=False): the CPU path is unchanged
+        kw = dict(cuda_graphs=cuda_graphs, capture_after=1, buffers=False)
+        self._backbone = GraphedCall(model.encode_image, model.device, name="processor backbone", **kw)
+        self._heads = GraphedCall(model.forward_heads, model.device, name="processor heads", **kw)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self._backbone.cuda_graphs
 
     # -------------------------------------------------------------------- images
     @torch.inference_mode()
@@ -125,7 +144,7 @@ class Sam3Processor:
         state["original_height"] = h
         state["original_width"] = w
         with stage("backbone"):
-            state["backbone_out"] = dict(self.model.encode_image(x[None]))
+            state["backbone_out"] = dict(self._backbone(x[None]))
         return state
 
     @torch.inference_mode()
@@ -147,7 +166,7 @@ class Sam3Processor:
             ws.append(w)
         state["original_heights"] = hs
         state["original_widths"] = ws
-        state["backbone_out"] = dict(self.model.encode_image(torch.stack(xs)))
+        state["backbone_out"] = dict(self._backbone(torch.stack(xs)))
         return state
 
     # -------------------------------------------------------------------- prompts
@@ -209,7 +228,7 @@ class Sam3Processor:
             labels = torch.tensor([gp["labels"]], dtype=torch.bool, device=dev)
             bmask = torch.zeros(labels.shape, dtype=torch.bool, device=dev)
         with stage("heads"):
-            out = self.model.forward_heads(
+            out = self._heads(
                 bo, torch.zeros(1, dtype=torch.long, device=dev), bo["language_features"], bo["language_mask"],
                 boxes=boxes, box_labels=labels, box_mask=bmask,
             )
