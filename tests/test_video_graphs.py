@@ -428,3 +428,47 @@ def test_gpu_session_memory_is_flat_and_outputs_unchanged(gpu_weights, tmp_path)
         assert np.array_equal(a["out_probs"], b["out_probs"])
     assert growth[False] > 0, growth  # the official placement grows with the video
     assert growth[True] <= 0.05 * growth[False], growth
+
+
+def test_next_detection_launched_behind_the_planning_read(checkpoints, clip_dir, monkeypatch):  # noqa: F811
+    """``overlap_next_detection`` (default): frame t+1's detection is launched after frame t's
+    tracker step and planning copy (so the host's wait covers frame t only), not before the tracker
+    step as the official order has it; the outputs are the same either way (same computations), and
+    a reset session leaves nothing queued."""
+    runs, orders = {}, {}
+    for overlap in (False, True):
+        pred = build_sam3_video_predictor(checkpoint_path=checkpoints[RICH_SEED], config=CFG, device="cpu")
+        model = pred.model
+        model.overlap_next_detection = overlap
+        log = []
+        det = model.detector
+        monkeypatch.setattr(det, "_detect_frame",
+                            lambda t, *a, _f=det._detect_frame, _l=log, **k: _l.append(("detect", t)) or _f(t, *a, **k))
+        monkeypatch.setattr(model, "_read_for_planning",
+                            lambda flat, _f=model._read_for_planning, _l=log: _l.append(("read", None)) or _f(flat))
+        monkeypatch.setattr(model, "run_tracker_propagation",
+                            lambda *a, _f=model.run_tracker_propagation, _l=log, **k:
+                            _l.append(("track", k["frame_idx"])) or _f(*a, **k))
+        runs[overlap] = _responses(run_our_session(pred, clip_dir, STEPS[:2]))
+        orders[overlap] = log
+        det._deferred = (3, {}, {})  # as if a session stopped with the next detection queued
+        with torch.inference_mode():
+            model.reset_state(model.init_state(resource_path=clip_dir))
+        assert det._deferred is None  # a reset drops it (nothing would launch it for the old buffer)
+    _assert_same_frames(runs[False], runs[True])
+
+    def gaps(log):
+        """For every "track t, read, detect f" run: f - t (which frame the detection after frame t's
+        planning read is for)."""
+        return [log[i + 2][1] - log[i][1] for i in range(len(log) - 2)
+                if log[i][0] == "track" and log[i + 1][0] == "read" and log[i + 2][0] == "detect"]
+
+    # overlapped: right after frame t's read comes frame t +- 1's detection (the next frame); in the
+    # official order it is frame t +- 2's, launched at the start of frame t +- 1 (nothing between).
+    # Where a propagation turns (the reverse pass starts away from the last forward frame) the
+    # first detection is a plain one-frame call: at most two such gaps.
+    for overlap, dist in ((True, 1), (False, 2)):
+        g = gaps(orders[overlap])
+        assert sum(abs(x) == dist for x in g) >= NUM_FRAMES - 4, (overlap, g)
+        assert sum(abs(x) != dist for x in g) <= 2, (overlap, g)
+    assert sorted(t for k, t in orders[False] if k == "detect") == sorted(t for k, t in orders[True] if k == "detect")

@@ -16,7 +16,11 @@ Per frame t (one text/visual prompt, Q queries, g feature grid, D = d_model):
 Frames are processed one ahead (:meth:`forward_video_grounding_multigpu` with world size 1): a
 call for frame t returns t from the buffer (computing it if missing), drops t-1 (t+1 in reverse)
 and pre-computes t+1 (t-1 in reverse). The next frame is computed with the prompt passed for the
-current one, as the official does.
+current one, as the official does. sam3fast: with ``defer_next`` the pre-computation is only
+queued (:meth:`run_deferred` launches it): the video model launches it right behind the copy that
+its planning step reads, so the GPU computes frame t+1's detection while the host waits for that
+copy and plans frame t, instead of the host waiting for t+1's detection too and the GPU idling
+while it plans.
 
 With W > 1 ranks (``self.dist``, a :class:`~sam3fast.video.distributed.DistContext`) frames go in
 chunks of W, as the official ``Sam3ImageOnVideoMultiGPU``: the chunk [b, b + W) holding t (b = t -
@@ -113,6 +117,7 @@ class Sam3VideoDetector(Sam3ImageModel):
         # (:mod:`sam3fast.video.graphs`); False: the eager path. W > 1 ranks always run eagerly.
         self.cuda_graphs = True
         self._graph_runner = None
+        self._deferred = None  # the queued one-ahead detection (forward_video_grounding_multigpu)
 
     # ------------------------------------------------------------------ one frame
     def forward_frame(
@@ -175,6 +180,7 @@ class Sam3VideoDetector(Sam3ImageModel):
         run_nms: bool = False,
         nms_prob_thresh: Optional[float] = None,
         nms_iou_thresh: Optional[float] = None,
+        defer_next: bool = False,
         **kwargs,
     ) -> Dict[str, torch.Tensor]:
         """Detector outputs for ``frame_idx`` (see :meth:`forward_frame`), through the one-ahead
@@ -182,7 +188,10 @@ class Sam3VideoDetector(Sam3ImageModel):
 
         images: indexable frames (T, 3, R, R) (float16 normalised, as the loaders store them);
         geometric_prompt: None or ``{"boxes": (1, Nb, 4) cxcywh, "box_labels": (1, Nb) bool}``.
+        ``defer_next`` (world size 1): queue the next frame's detection for :meth:`run_deferred`
+        instead of launching it now (a queued one still pending is launched first).
         """
+        self.run_deferred()
         args = dict(images=images, text_feats=text_feats, text_mask=text_mask, geometric_prompt=geometric_prompt,
                     run_nms=run_nms, nms_prob_thresh=nms_prob_thresh, nms_iou_thresh=nms_iou_thresh)
         if self.world_size > 1:
@@ -197,8 +206,25 @@ class Sam3VideoDetector(Sam3ImageModel):
             multigpu_buffer.pop(prev, None)
         nxt = frame_idx - 1 if track_in_reverse else frame_idx + 1
         if 0 <= nxt < num_frames and nxt not in multigpu_buffer:
-            multigpu_buffer[nxt] = self._detect_frame(nxt, **args)
+            if defer_next:
+                self._deferred = (nxt, multigpu_buffer, args)
+            else:
+                multigpu_buffer[nxt] = self._detect_frame(nxt, **args)
         return out
+
+    def run_deferred(self) -> None:
+        """Launch the one-ahead detection that ``defer_next`` queued, if any (asynchronous on CUDA:
+        its outputs are the buffer's next entry, as without deferring)."""
+        if self._deferred is None:
+            return
+        nxt, buf, args = self._deferred
+        self._deferred = None
+        if nxt not in buf:
+            buf[nxt] = self._detect_frame(nxt, **args)
+
+    def drop_deferred(self) -> None:
+        """Forget a queued one-ahead detection (a session that ends or resets: nothing launches it)."""
+        self._deferred = None
 
     # ------------------------------------------------------------------ W ranks
     def _forward_chunked(self, frame_idx, num_frames, buf, reverse, fpn_convs, args):

@@ -286,6 +286,12 @@ class Sam3VideoBase(nn.Module):
         # after the next frame's work is queued and its planning read (the one sync left per frame)
         # has passed; the same outputs, one frame later (the CLI and the benchmarks use it).
         self.pipelined_outputs = False
+        # sam3fast: the detector's one-ahead frame is launched behind the planning read's copy, not
+        # before the tracker step (``Sam3VideoDetector.forward_video_grounding_multigpu`` with
+        # ``defer_next``): the host's wait then covers this frame's work only, and the GPU detects
+        # the next frame while the host plans this one. The same computations in another order;
+        # False: the official order.
+        self.overlap_next_detection = True
         self.world_size = 1
         self.dist = None  # DistContext on several ranks (set_distributed)
         self.max_num_objects = max_num_objects if max_num_objects > 0 else 10000
@@ -418,6 +424,7 @@ class Sam3VideoBase(nn.Module):
             run_nms=self.det_nms_thresh > 0.0,
             nms_prob_thresh=self.score_threshold_detection,
             nms_iou_thresh=self.det_nms_thresh,
+            defer_next=self.overlap_next_detection,
             **({"fpn_convs": (self.tracker.sam_mask_decoder.conv_s0, self.tracker.sam_mask_decoder.conv_s1)}
                if self.world_size > 1 else {}),
         )
@@ -856,7 +863,7 @@ class Sam3VideoBase(nn.Module):
                  res.empty_trk, res.det_matches.flatten()]
         if extra is not None:
             parts.append(extra.reshape(-1))
-        packed = torch.cat([x.double() for x in parts]).cpu().numpy()  # host sync (the one read)
+        packed = self._read_for_planning(torch.cat([x.double() for x in parts]))
         valid, scores, new_det, high, best = packed[:5 * Q].reshape(5, Q)
         unmatched, empty = packed[5 * Q:5 * Q + 2 * M].reshape(2, M).astype(bool)
         matches = packed[5 * Q + 2 * M:5 * Q + 2 * M + Q * M].reshape(Q, M).astype(bool)
@@ -873,6 +880,21 @@ class Sam3VideoBase(nn.Module):
         out = (new_det_fa_inds, trk_obj_ids[unmatched], det_to_matched_trk_obj_ids, trk_id_to_max_iou_high_conf_det,
                trk_obj_ids[empty])
         return out, det_scores_np, extra_host
+
+    def _read_for_planning(self, flat: Tensor) -> np.ndarray:
+        """The frame's one host read. On CUDA: an asynchronous copy into pinned memory and an event,
+        then the next frame's detection (queued with ``defer_next``) is launched behind it, then the
+        host waits for the event only: the GPU runs that detection while the host plans."""
+        if flat.device.type != "cuda":
+            self.detector.run_deferred()
+            return flat.numpy()
+        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+        host.copy_(flat, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        self.detector.run_deferred()
+        ready.synchronize()  # host sync (the one read)
+        return host.numpy()
 
     def _assign_new_det_to_gpus(self, new_det_num, prev_workload_per_gpu):
         workload = np.asarray(prev_workload_per_gpu).copy()
@@ -1150,6 +1172,7 @@ class Sam3VideoInference(Sam3VideoBase):
         inference_state["feature_cache"].clear()
         inference_state["cached_frame_outputs"].clear()
         inference_state["action_history"].clear()
+        self.detector.drop_deferred()  # (a one-ahead detection queued for the cleared buffer)
 
     def _construct_initial_input_batch(self, inference_state, images):
         num_frames = len(images)

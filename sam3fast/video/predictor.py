@@ -191,6 +191,7 @@ class Sam3VideoPredictor:
         if session is None:
             logger.warning(f"cannot close session {session_id} as it does not exist (it might have expired)")
         else:
+            self.model.detector.drop_deferred()  # (a one-ahead detection queued for this session)
             del session
             gc.collect()
         return {"is_success": True}
