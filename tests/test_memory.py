@@ -316,3 +316,28 @@ def test_memory_attention_uses_kernel_on_cuda(dtype):
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     assert torch.isfinite(got).all()
     assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < tol
+
+
+def test_memory_attention_shared_frame_rows(tiny, fold):
+    """One frame's features expanded over the objects (the tracker's call: batch stride 0): the
+    first self-attention runs once (``MemoryAttention`` detects the stride) and the result equals
+    the official run on the same rows repeated in memory."""
+    B = 3
+    curr, curr_pos, memory, memory_pos, T = tiny.attn_inputs(B, 2, 2, seed=11)
+    curr1, pos1 = curr[:1], curr_pos[:1]
+    ref = tiny.run_official_attn(curr1.repeat(B, 1, 1), pos1.repeat(B, 1, 1), memory, memory_pos, T)
+    calls = []
+    sa = tiny.attn.layers[0].self_attn
+    hook = sa.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    try:
+        with torch.no_grad():
+            shared = tiny.attn(curr1.expand(B, -1, -1), pos1.expand(B, -1, -1), memory, memory_pos, T)
+            shared_pos1 = tiny.attn(curr1.expand(B, -1, -1), pos1, memory, memory_pos, T)
+            plain = tiny.attn(curr1.repeat(B, 1, 1), pos1.repeat(B, 1, 1), memory, memory_pos, T)
+    finally:
+        hook.remove()
+    assert calls == [1, 1, B]  # once per shared call; the repeated rows run as they are
+    for out in (shared, shared_pos1, plain):
+        _close(out, ref, "pix_feat_with_mem (shared frame rows)")
+    torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
+    assert _rel(shared[0], shared[1]) > 1e-3  # the memories differ per object: so do the outputs

@@ -186,9 +186,15 @@ class MemoryAttentionLayer(nn.Module):
         freqs_cis: torch.Tensor,
         num_k_exclude_rope: int,
         key_valid: Optional[torch.Tensor],
+        batch: Optional[int] = None,
     ) -> torch.Tensor:
+        """``batch``: x is one row standing for ``batch`` equal rows (the first layer, before any
+        memory: every object starts from the same frame features), so the self-attention runs once
+        and its result is broadcast to the objects for the cross-attention."""
         y = self.norm1(x)
         x = x + self.self_attn(y, y, y, freqs_cis)
+        if batch is not None:
+            x = x.expand(batch, -1, -1)
         y = self.norm2(x)
         x = x + self.cross_attn_image(y, memory_k, memory, freqs_cis, num_k_exclude_rope, key_valid)
         y = self.norm3(x)
@@ -259,12 +265,20 @@ class MemoryAttention(KeepComplexBuffers, nn.Module):
         num_obj_ptr_tokens: int,
         memory_valid: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        L = curr.shape[1]
+        B, L = curr.shape[:2]
         freqs_cis = _rope_table(self.freqs_cis, L, self.head_dim, self.rope_theta)
+        # The tracker passes one frame's features expanded over the objects (batch stride 0): then
+        # every row is the same until the first cross-attention, and the first layer's
+        # self-attention runs on one row (exact: the rows would be computed alike; a static
+        # stride check, so a compiled graph holds one branch).
+        shared = B > 1 and curr.stride(0) == 0 and (curr_pos.shape[0] == 1 or curr_pos.stride(0) == 0)
+        if shared:
+            curr, curr_pos = curr[:1], curr_pos[:1]
         x = curr + 0.1 * curr_pos
         memory_k = memory + memory_pos
-        for layer in self.layers:
-            x = layer(x, memory_k, memory, freqs_cis, num_obj_ptr_tokens, memory_valid)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, memory_k, memory, freqs_cis, num_obj_ptr_tokens, memory_valid,
+                      batch=B if shared and i == 0 else None)
         return self.norm(x)
 
 
