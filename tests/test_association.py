@@ -30,6 +30,8 @@ def _official_associate(o2o):
 def _ours_associate(o2o):
     fake = types.SimpleNamespace(**THRESH, o2o_matching_masklets_enable=o2o)
     fake._associate = types.MethodType(OurBase._associate, fake)
+    fake._read_for_planning = types.MethodType(OurBase._read_for_planning, fake)
+    fake.detector = types.SimpleNamespace(run_deferred=lambda: None)  # (no queued detection here)
     return lambda **kw: OurBase._associate_det_trk(fake, **kw)
 
 
