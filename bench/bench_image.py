@@ -1,7 +1,9 @@
 """End-to-end image latency: sam3fast vs the official package on the same random weights.
 
 Times one image through the drop-in processors (``set_image`` + ``set_text_prompt``: backbone,
-text, heads, post-processing) and, for sam3fast, the native batched API. Both models are built from
+text, heads, post-processing) and, for sam3fast, the native batched API. sam3fast's processor row
+runs its default (on CUDA the backbone and heads replayed from CUDA graphs); ``..._processor_eager``
+is the same processor with ``cuda_graphs=False``. Both models are built from
 one checkpoint file of re-drawn random weights (speed does not depend on weight values).
 
     python bench/bench_image.py                 # GPU: full size, fp32 + bf16, official baselines
@@ -125,6 +127,10 @@ def main(argv=None):
         model = sam3fast.build_image_model(cfg, checkpoint_path=ckpt, device=device, dtype=dtype)
         proc = sam3fast.Sam3Processor(model, resolution=cfg.resolution, device=device)
         record(f"sam3fast_{dtype}", timeit(run_processor(proc), device, args.warmup, args.iters))
+        if device.type == "cuda":
+            eager = sam3fast.Sam3Processor(model, resolution=cfg.resolution, device=device, cuda_graphs=False)
+            record(f"sam3fast_{dtype}_processor_eager", timeit(run_processor(eager), device, args.warmup, args.iters))
+            del eager
         graph_modes = {"on": [True], "off": [False], "both": [False, True]}[args.cuda_graphs]
         if device.type != "cuda":
             graph_modes = [False]
