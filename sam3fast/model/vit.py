@@ -93,26 +93,14 @@ def window_unpartition(x: torch.Tensor, w: int, pad_hw: Tuple[int, int], hw: Tup
 
 
 class PatchEmbed(nn.Module):
-    """Conv2d(3, C, P, stride P) without bias; (B, 3, S, S) -> (B, g, g, C).
-
-    Computed as one matmul of the (B, g, g, 3 P P) patches (a reshaped copy of the image) with the
-    (C, 3 P P) kernel when P divides the image (the same sums in another order): on an H100 cuDNN
-    ran the bf16 convolution with a generic implicit-GEMM kernel, 0.31 ms for a 6 GFLOP product
-    (bench/results/profile_image_*_2026-11-26_run2.md). Other sizes take the convolution."""
+    """Conv2d(3, C, P, stride P) without bias; (B, 3, S, S) -> (B, g, g, C)."""
 
     def __init__(self, patch_size: int, embed_dim: int, in_chans: int = 3):
         super().__init__()
-        self.patch_size = patch_size
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, c, H, W = x.shape
-        P = self.patch_size
-        if H % P or W % P:
-            return self.proj(x).permute(0, 2, 3, 1)
-        gh, gw = H // P, W // P
-        patches = x.reshape(B, c, gh, P, gw, P).permute(0, 2, 4, 1, 3, 5).reshape(B, gh, gw, c * P * P)
-        return patches @ self.proj.weight.reshape(self.proj.out_channels, -1).t()
+        return self.proj(x).permute(0, 2, 3, 1)
 
 
 class Mlp(nn.Module):
