@@ -13,9 +13,10 @@ the last frame (backbone included), for N objects. Variants:
   ``state["cached_features"]`` (an ``init_state`` argument of both packages).
 * sam3fast only: the plain rows run the defaults (``tracker.cuda_graphs = "auto"``: the step graphed
   on CUDA up to 2 objects); ``perframe`` = ``tracker.fixed_capacity_step = False`` (the official
-  per-frame memory selection, host syncs) instead of the preallocated memory bank; ``graphed`` =
-  ``tracker.cuda_graphs = True`` (the propagation step captured as a CUDA graph per object bucket at
-  every count, CUDA only); ``eager-step`` = ``cuda_graphs = False`` (CUDA only); ``fold`` =
+  per-frame memory selection, host syncs) instead of the preallocated memory bank; ``eager-step`` =
+  ``cuda_graphs = False`` at the counts the default graphs (CUDA only); ``graphed`` (with
+  ``--graphed-rows``) = ``tracker.cuda_graphs = True`` at the counts it does not (the step captured
+  as a CUDA graph per object bucket, CUDA only); ``fold`` =
   ``tracker.transformer.encoder.fold_value = True`` (memory attention's v_proj folded into out_proj, cached
   rows only); ``compiled`` =
   ``tracker.compile_step()`` (``mode="reduce-overhead"``, CUDA graphs, on CUDA). Eager rows note the
@@ -198,6 +199,8 @@ def main(argv=None):
     ap.add_argument("--no-official", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled rows (default on CUDA only)")
     ap.add_argument("--official-compile", action="store_true", help="also the official compile_model=True row")
+    ap.add_argument("--graphed-rows", action="store_true",
+                    help="tracker part: also the step graphed at the counts the default runs eagerly")
     ap.add_argument("--prompt", default=None, help="concept part text prompt (default: the recipe's)")
     ap.add_argument("--score-gain", type=float, default=None, help="weight recipe: detector score gain")
     ap.add_argument("--presence-shift", type=float, default=None, help="weight recipe: presence-logit shift")
@@ -337,11 +340,14 @@ def _main(args, tmp):
                     row["memory_keys_per_object_frame"] = {"computed": computed / obj_frames,
                                                            "attended": attended / obj_frames}
 
-            def variants(suffix, per_frame_too, kinds=("e2e", "cached")):
+            def variants(suffix, per_frame_too, kinds=("e2e", "cached"), counts=None):
+                counts = objects if counts is None else counts
+                if not counts:
+                    return
                 for use_cache in [k == "cached" for k in kinds]:  # the feature cache: the cached rows only
                     cache = feature_cache(tracker, clip, device, ours_mode, args.smoke) if use_cache else None
                     kind = "cached" if use_cache else "e2e"
-                    for n in objects:
+                    for n in counts:
                         ours(kind + suffix, n, cache)
                         if per_frame_too:
                             tracker.fixed_capacity_step = False
@@ -351,11 +357,16 @@ def _main(args, tmp):
                     free()
 
             variants("", per_frame_too=True)  # the default: cuda_graphs "auto"
-            if cuda:  # the propagation step as a CUDA graph per bucket at every count (cuda_graphs True)
-                tracker.cuda_graphs = True
-                variants(" graphed", per_frame_too=False)
+            if cuda:
+                # where "auto" graphs the step (up to GRAPH_AUTO_MAX_ROWS objects): the same counts
+                # eagerly; where it does not: graphed at every count (cuda_graphs True), with --graphed-rows
+                from sam3fast.video.tracker_predictor import GRAPH_AUTO_MAX_ROWS
+
                 tracker.cuda_graphs = False
-                variants(" eager-step", per_frame_too=False)
+                variants(" eager-step", per_frame_too=False, counts=[n for n in objects if n <= GRAPH_AUTO_MAX_ROWS])
+                if args.graphed_rows:
+                    tracker.cuda_graphs = True
+                    variants(" graphed", per_frame_too=False, counts=[n for n in objects if n > GRAPH_AUTO_MAX_ROWS])
             tracker.cuda_graphs = "auto"
             # memory attention with v_proj folded into out_proj (P.V 64 wide instead of 256): the
             # tracker step alone, where the difference shows
