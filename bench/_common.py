@@ -118,14 +118,10 @@ def write_results(name, header, rows, columns, cells, out=None):
 
 
 def graphed(fn):
-    """``fn`` captured in a CUDA graph (warmed up on a side stream first); returns the replay (which
-    returns None). For launch-bound ops: the replay's time is the GPU time without the host's."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    """``fn`` captured in a CUDA graph (warmed up on a side stream first, the graph runners' recipe
+    ``sam3fast.predictor.graphs.warm_up_and_capture``); returns the replay (which returns None). For
+    launch-bound ops: the replay's time is the GPU time without the host's."""
+    from sam3fast.predictor.graphs import warm_up_and_capture
+
+    graph, _, _ = warm_up_and_capture(fn, 1, None, "bench_capture")
     return graph.replay

@@ -55,15 +55,9 @@ def assert_close_to64(got, want, tol: float) -> None:
 
 def capture_graph(fn):
     """``(graph, out)``: ``fn`` warmed up on a side stream (Triton compiles outside the capture),
-    then captured in a CUDA graph; ``out`` is what the capture returned (rewritten by each replay)."""
-    import torch
+    then captured in a CUDA graph (``sam3fast.predictor.graphs.warm_up_and_capture``); ``out`` is what
+    the capture returned (rewritten by each replay)."""
+    from sam3fast.predictor.graphs import warm_up_and_capture
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+    graph, out, _ = warm_up_and_capture(fn, 1, None, "test_capture")
     return graph, out

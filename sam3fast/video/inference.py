@@ -218,6 +218,16 @@ def _propagate_states_one_by_one(inference_states, frame_idx, reverse, run_mem_e
     return results
 
 
+
+def _copy_to_host_async(t: Tensor):
+    """``(host, ready)``: ``t`` (CUDA) copied asynchronously into pinned host memory, on the current
+    stream, and an event recorded after the copy (wait on it before reading ``host``)."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
 class Sam3VideoBase(nn.Module):
     """``detector`` (:class:`~sam3fast.video.detector.Sam3VideoDetector`) + ``tracker`` and the
     per-frame detect-and-track step. Arguments are the official ones (see the official
@@ -888,10 +898,7 @@ class Sam3VideoBase(nn.Module):
         if flat.device.type != "cuda":
             self.detector.run_deferred()
             return flat.numpy()
-        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-        host.copy_(flat, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
+        host, ready = _copy_to_host_async(flat)
         self.detector.run_deferred()
         ready.synchronize()  # host sync (the one read)
         return host.numpy()
@@ -1387,10 +1394,7 @@ class Sam3VideoInference(Sam3VideoBase):
                             masks.view(torch.uint8).flatten()))
         ready = None
         if dev.type == "cuda":  # the one host copy, asynchronous into pinned memory
-            host = torch.empty(packed.shape, dtype=torch.uint8, pin_memory=True)
-            host.copy_(packed, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
+            host, ready = _copy_to_host_async(packed)
         else:
             host = packed
         scores = out["obj_id_to_score"]
