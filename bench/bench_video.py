@@ -160,11 +160,14 @@ def concept_session(predictor, clip, prompt, device, mode):
                                               "text": prompt})
             _sync(device)
             cuda = device.type == "cuda"
-            counts, mem = [], []
+            counts, tracked, mem = [], [], []
             t0 = time.perf_counter()
             for r in predictor.handle_stream_request(
                     request={"type": "propagate_in_video", "session_id": sid, "propagation_direction": "forward"}):
                 counts.append(len(r["outputs"]["out_obj_ids"]))
+                stats = r["outputs"].get("frame_stats") or {}
+                if "num_obj_tracked" in stats:  # objects the tracker ran, hidden ones included
+                    tracked.append(int(stats["num_obj_tracked"]))
                 if cuda:  # (a counter read: no sync)
                     mem.append(torch.cuda.memory_allocated(device))
             _sync(device)
@@ -172,6 +175,9 @@ def concept_session(predictor, clip, prompt, device, mode):
             predictor.handle_request(request={"type": "close_session", "session_id": sid})
         extra = {"objects_per_frame": [int(min(counts)), float(np.median(counts)), int(max(counts))],
                  "object_counts": counts}
+        if tracked:
+            extra["tracked_per_frame"] = [int(min(tracked)), float(np.median(tracked)), int(max(tracked))]
+            extra["tracked_counts"] = tracked
         if len(mem) >= 6:  # device memory growth over the last two thirds of the frames (flat: ~0)
             a = len(mem) // 3
             extra["device_growth_mb_per_100_frames"] = (mem[-1] - mem[a]) / 2**20 * 100 / (len(mem) - 1 - a)
@@ -463,7 +469,8 @@ def format_table(results):
              f"det_nms_thresh {results['det_nms_thresh'] or 'official (0.1)'}",
              "frames/s = frames yielded / seconds of the whole propagate_in_video stream (median of timed sessions); "
              "e2e includes the backbone, cached = tracker step only (features precomputed); "
-             "objects/frame = min/median/max of len(out_obj_ids) (random weights: the count is what they produce)",
+             "objects/frame = min/median/max of len(out_obj_ids) (random weights: the count is what they produce); "
+             "tracked/frame = the same of the objects the tracker ran (hidden ones included)",
              "",
              "| part | engine | dtype | variant | objects | frames | frames/s | ms/frame | vs official | peak GiB | "
              "objects/frame | note |",
@@ -476,6 +483,9 @@ def format_table(results):
         if "memory_keys_per_object_frame" in r:
             mk = r["memory_keys_per_object_frame"]
             note = (note + "; " if note else "") + f"keys/obj/frame {mk['computed']:.0f} computed, {mk['attended']:.0f} attended"
+        if "tracked_per_frame" in r:
+            tr = r["tracked_per_frame"]
+            note = (note + "; " if note else "") + f"tracked/frame {tr[0]}/{tr[1]:g}/{tr[2]}"
         if "device_growth_mb_per_100_frames" in r:
             note = (note + "; " if note else "") + f"device +{r['device_growth_mb_per_100_frames']:.1f} MB/100 frames"
         cells = [r["part"], r["engine"], r["dtype"], r["variant"], "" if r["objects"] is None else r["objects"],

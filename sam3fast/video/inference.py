@@ -16,10 +16,14 @@ detections, masks at the low resolution 4g (288 at full size):
    within ``hotstart_delay`` of first appearance), periodic re-conditioning on high-confidence
    detections, occlusion-based suppression, memory encoding of the tracker masks;
 4. execution: new detections become one new tracker state, removed objects leave their state;
-5. outputs: per object a (1, H, W) bool mask at video resolution.
+5. outputs: per object a (1, H, W) bool mask at video resolution (sam3fast: a
+   :class:`~sam3fast.video.frame_masks.FrameMasks`, the frame's (N, 4g, 4g) logits, from which a
+   mask is made only when read).
 
 Outputs of ``propagate_in_video`` are held ``hotstart_delay`` frames and then post-processed
 (``_postprocess_output``): hidden objects dropped, boxes from the masks, object-wise non-overlap.
+sam3fast: from the held logits in one fused pass (``sam3fast::mask_postprocess``), bit-packed for
+the copy to the host; frames whose masks came from clicks go the official way.
 
 The tracker is any object with the official ``Sam3TrackerPredictor`` API (``init_state``,
 ``add_new_mask``, ``add_new_points``, ``propagate_in_video``, ``propagate_in_video_preflight``,
@@ -37,8 +41,8 @@ step, per track flag and per output array:
   (:func:`~sam3fast.video.association.associate_detections`), and one copy brings the decisions,
   the detection scores and the tracker scores to the host, where the official heuristics
   (hotstart, new ids, removals) run on numpy as the official's do;
-- the output read (``_postprocess_output``): keep flags, boxes and masks of all objects in one
-  copy, filtered on the host.
+- the output read (``_postprocess_output``): keep flags, boxes and bit-packed masks of all objects
+  in one copy, filtered and unpacked on the host.
 On several ranks (:meth:`Sam3VideoBase.set_distributed`, see :mod:`sam3fast.video.distributed`):
 the detector runs frame-parallel, objects are sharded (``obj_ids_per_gpu``), the tracker's masks
 and scores are all-gathered after step 2, rank 0 alone associates and runs the hotstart heuristics
@@ -69,9 +73,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..ops import connected_component_sizes
+from ..ops import connected_component_sizes, mask_postprocess
 from .association import associate_detections
 from .detector import mask_iou_matrix
+from .frame_masks import FrameMasks
 
 logger = logging.getLogger(__name__)
 
@@ -793,31 +798,39 @@ class Sam3VideoBase(nn.Module):
                       tracker_metadata_prev: Dict[str, Any], tracker_update_plan: Dict[str, Any],
                       orig_vid_height: int, orig_vid_width: int, reconditioned_obj_ids: Optional[set] = None,
                       det_to_matched_trk_obj_ids: Optional[dict] = None) -> Dict[int, Tensor]:
+        """The frame's masks, ``obj_id -> (1, H, W) bool`` as the official's: the tracked objects'
+        low-res masks, the new detections' (hole-filled) and the re-conditioning detections',
+        resized to the video and thresholded. sam3fast: a :class:`FrameMasks` that holds the
+        (N, h, w) logits and makes a mask only when one is read (the output path post-processes
+        the logits in one fused pass); ``{}`` without objects."""
         new_det_fa_inds = tracker_update_plan["new_det_fa_inds"]
         new_det_obj_ids = tracker_update_plan["new_det_obj_ids"]
-        obj_id_to_mask = {}
-        size = (orig_vid_height, orig_vid_width)
+        parts, ids = [], []
         existing_ids = tracker_metadata_prev["obj_ids_all_gpu"]
         if len(existing_ids) > 0:
-            existing = F.interpolate(tracker_low_res_masks_global.unsqueeze(1), size=size, mode="bilinear",
-                                     align_corners=False) > 0
-            for obj_id, mask in zip(existing_ids, existing):
-                obj_id_to_mask[obj_id] = mask  # (1, H, W)
+            parts.append(tracker_low_res_masks_global)
+            ids += [int(i) for i in existing_ids]
         if len(new_det_fa_inds) > 0:
             idx = torch.from_numpy(new_det_fa_inds).to(det_out["mask"].device)
             new_low = fill_holes_in_mask_scores(det_out["mask"][idx].unsqueeze(1), max_area=self.fill_hole_area,
                                                 fill_holes=True, remove_sprinkles=True)
-            new_bin = F.interpolate(new_low, size=size, mode="bilinear", align_corners=False) > 0
-            for obj_id, mask in zip(new_det_obj_ids, new_bin):
-                obj_id_to_mask[obj_id] = mask
+            parts.append(new_low.squeeze(1))
+            ids += [int(i) for i in new_det_obj_ids]
+        recondition = {}
         if reconditioned_obj_ids:
             trk_id_to_det = tracker_update_plan.get("trk_id_to_max_iou_high_conf_det", {})
-            for obj_id in reconditioned_obj_ids:
-                det_idx = trk_id_to_det.get(obj_id)
-                if det_idx is not None:
-                    m = det_out["mask"][det_idx][None, None].float()
-                    obj_id_to_mask[obj_id] = (F.interpolate(m, size=size, mode="bilinear", align_corners=False) > 0)[0]
-        return obj_id_to_mask
+            recondition = {int(i): trk_id_to_det[i] for i in reconditioned_obj_ids if trk_id_to_det.get(i) is not None}
+        for obj_id in recondition:
+            if obj_id not in ids:  # (a re-conditioned id is a tracked one; the official would add it)
+                parts.append(det_out["mask"][:1])
+                ids.append(obj_id)
+        if not ids:
+            return {}
+        dtype = functools.reduce(torch.promote_types, [p.dtype for p in parts])
+        low = torch.cat([p.to(dtype) for p in parts])  # a new tensor: later frames write nothing here
+        for obj_id, det_idx in recondition.items():
+            low[ids.index(obj_id)] = det_out["mask"][det_idx]
+        return FrameMasks(low, ids, (orig_vid_height, orig_vid_width))
 
     def _propogate_tracker_one_frame_local_gpu(self, inference_states: List[Any], frame_idx: int, reverse: bool,
                                                run_mem_encoder: bool = False):
@@ -1373,12 +1386,16 @@ class Sam3VideoInference(Sam3VideoBase):
         # (a zeroed mask never wins a pixel from a kept object with a positive score, and a kept
         # object with score 0 loses its pixels either way), then read with one device-to-host copy
         # and filtered on the host.
-        dev = obj_id_to_mask[curr_obj_ids[0]].device
         hide = set()
         for ids in (suppressed_obj_ids, removed_obj_ids, unconfirmed_obj_ids):
             if ids is not None:
                 hide.update(int(i) for i in ids)
         trk = out["obj_id_to_tracker_score"]
+        scores = out["obj_id_to_score"]
+        probs = np.asarray([scores[i] for i in curr_obj_ids], dtype=np.float32)
+        if isinstance(obj_id_to_mask, FrameMasks) and obj_id_to_mask.size == (H_video, W_video):
+            return self._postprocess_low_res(obj_id_to_mask, curr_obj_ids, hide, trk, probs, frame_stats)
+        dev = obj_id_to_mask[curr_obj_ids[0]].device
         masks = torch.cat([obj_id_to_mask[obj_id] for obj_id in curr_obj_ids], dim=0)
         keep = masks.any(dim=(1, 2)) & torch.tensor([i not in hide for i in curr_obj_ids], device=dev)
         masks = masks & keep[:, None, None]
@@ -1397,8 +1414,6 @@ class Sam3VideoInference(Sam3VideoBase):
             host, ready = _copy_to_host_async(packed)
         else:
             host = packed
-        scores = out["obj_id_to_score"]
-        probs = np.asarray([scores[i] for i in curr_obj_ids], dtype=np.float32)
 
         def read_outputs():
             if ready is not None:
@@ -1410,6 +1425,52 @@ class Sam3VideoInference(Sam3VideoBase):
                 "out_probs": probs[keep_np],
                 "out_boxes_xywh": flat[N:N + 16 * N].view(np.float32).reshape(N, 4)[keep_np],
                 "out_binary_masks": flat[N + 16 * N:].view(np.bool_).reshape(N, H_video, W_video)[keep_np],
+                "frame_stats": frame_stats,
+            }
+
+        return read_outputs
+
+    def _postprocess_low_res(self, frame_masks: FrameMasks, curr_obj_ids, hide, trk, probs, frame_stats):
+        """:meth:`_postprocess_launch` for a :class:`FrameMasks` (``curr_obj_ids`` sorted, ``hide``
+        the hidden ids, ``trk`` the tracker scores, ``probs`` the output scores): the same outputs
+        from the low-res logits through ``sam3fast::mask_postprocess`` (the Triton kernel on CUDA),
+        with no full-resolution float or bool mask on the device and the masks bit-packed on their
+        way to the host (8x fewer bytes). Two passes: without the non-overlap rule (keep flags and
+        boxes: the official measures both before the rule), then with it on the kept objects, as
+        the official applies it (only with 2+ kept objects, where an object with score <= 0 loses
+        every pixel)."""
+        H, W = frame_masks.size
+        low = frame_masks.logits(curr_obj_ids)
+        dev = low.device
+        N = len(curr_obj_ids)
+        visible = torch.tensor([i not in hide for i in curr_obj_ids], device=dev)
+        tracker_probs = torch.tensor([trk[i] if i in trk else 0.0 for i in curr_obj_ids], dtype=torch.float32,
+                                     device=dev)
+        _, boxes_px, areas = mask_postprocess(low, tracker_probs, (H, W), active=visible, non_overlap=False)
+        keep = areas > 0
+        contest = keep & ((tracker_probs > 0) | (keep.sum() <= 1))
+        packed, _, _ = mask_postprocess(low, tracker_probs, (H, W), active=contest, non_overlap=True)
+        boxes = box_xyxy_to_xywh(boxes_px.float()) / torch.tensor([W, H, W, H], dtype=torch.float32, device=dev)
+        WP = packed.shape[-1]
+        flat = torch.cat((keep.view(torch.uint8), boxes.contiguous().view(torch.uint8).flatten(),
+                          packed.contiguous().view(torch.uint8).flatten()))
+        ready = None
+        if dev.type == "cuda":  # the one host copy, asynchronous into pinned memory
+            host, ready = _copy_to_host_async(flat)
+        else:
+            host = flat
+
+        def read_outputs():
+            if ready is not None:
+                ready.synchronize()  # (already passed when the next frame's planning read came first)
+            a = host.numpy()
+            keep_np = a[:N].view(np.bool_)
+            bits = np.unpackbits(a[17 * N:].reshape(N, H, 4 * WP)[keep_np], axis=-1, bitorder="little")
+            return {
+                "out_obj_ids": np.asarray(curr_obj_ids, dtype=np.int64)[keep_np],
+                "out_probs": probs[keep_np],
+                "out_boxes_xywh": a[N:17 * N].view(np.float32).reshape(N, 4)[keep_np],
+                "out_binary_masks": bits[..., :W].astype(np.bool_),
                 "frame_stats": frame_stats,
             }
 
@@ -1429,9 +1490,15 @@ class Sam3VideoInference(Sam3VideoBase):
             if ids is not None:
                 exclude.update(ids)
         if refilter and frame_idx in cache and cache[frame_idx].keys() == obj_id_to_mask.keys():
-            cache[frame_idx] = {k: v for k, v in cache[frame_idx].items() if k not in exclude}
+            entry = cache[frame_idx]
+            cache[frame_idx] = (entry.subset(k for k in entry if k not in exclude) if isinstance(entry, FrameMasks)
+                                else {k: v for k, v in entry.items() if k not in exclude})
             return
         retire = self._retires_outputs()
+        if isinstance(obj_id_to_mask, FrameMasks):  # one copy of the frame's logits
+            fm = obj_id_to_mask.subset(k for k in obj_id_to_mask if k not in exclude)
+            cache[frame_idx] = fm.with_low(self._to_host(fm.low)) if retire else fm
+            return
         cache[frame_idx] = {k: (self._to_host(v) if retire and isinstance(v, Tensor) else v)
                             for k, v in obj_id_to_mask.items() if k not in exclude}
 
@@ -1448,6 +1515,8 @@ class Sam3VideoInference(Sam3VideoBase):
 
     def _masks_to_device(self, obj_id_to_mask):
         # from pinned memory, asynchronous and after the copy that retired them (same stream)
+        if isinstance(obj_id_to_mask, FrameMasks):
+            return obj_id_to_mask.to(self.device, non_blocking=True)
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v
                 for k, v in obj_id_to_mask.items()}
 
@@ -1460,7 +1529,7 @@ class Sam3VideoInference(Sam3VideoBase):
         cached = inference_state["cached_frame_outputs"].get(frame_idx)
         if not self._retires_outputs() or cached is None or cached.keys() != out["obj_id_to_mask"].keys():
             return out
-        return dict(out, obj_id_to_mask=dict(cached))
+        return dict(out, obj_id_to_mask=cached.copy())
 
     def _on_device(self, out):
         """A held frame's outputs with its masks on the device again (see :meth:`_held_outputs`)."""
@@ -1472,6 +1541,8 @@ class Sam3VideoInference(Sam3VideoBase):
         if frame_idx not in inference_state.get("cached_frame_outputs", {}):
             raise RuntimeError(f"no cached outputs for frame {frame_idx}: run propagation over it first")
         obj_id_to_mask = self._cached_masks(inference_state, frame_idx)
+        if isinstance(obj_id_to_mask, FrameMasks):
+            obj_id_to_mask = obj_id_to_mask.materialize()
         if refined_obj_id_to_mask is not None:
             obj_id_to_mask.update(refined_obj_id_to_mask)
         return obj_id_to_mask
@@ -1681,7 +1752,8 @@ class Sam3VideoInferenceWithInstanceInteractivity(Sam3VideoInference):
         md["obj_ids_all_gpu"] = np.concatenate(md["obj_ids_per_gpu"])
         md["obj_id_to_score"].pop(obj_id, None)
         for frame_cache in inference_state.get("cached_frame_outputs", {}).values():
-            frame_cache.pop(obj_id, None)
+            if obj_id in frame_cache:
+                del frame_cache[obj_id]
 
     def _get_gpu_id_by_obj_id(self, inference_state, obj_id):
         md = inference_state["tracker_metadata"]
