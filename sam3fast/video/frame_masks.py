@@ -73,6 +73,9 @@ class FrameMasks(MutableMapping):
     def __delitem__(self, obj_id) -> None:
         del self._rows[obj_id]
 
+    def __contains__(self, obj_id) -> bool:  # (Mapping's default reads the value: it would make the mask)
+        return obj_id in self._rows
+
     def __iter__(self) -> Iterator[int]:
         return iter(self._rows)
 

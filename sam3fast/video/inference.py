@@ -1003,16 +1003,23 @@ class Sam3VideoBase(nn.Module):
         high_res_masks = suppress_object_pw_area_shrinkage(high_res_masks)
         # mask areas stand in for the object scores
         object_score_logits = torch.where((high_res_masks > 0).any(dim=(-1, -2)), 10.0, -10.0)
-        start = int(sum(tracker_metadata["num_obj_per_gpu"][: self.rank]))
-        for tracker_state in tracker_inference_states:
-            n = len(tracker_state["obj_ids"])
-            if n == 0:
-                continue
-            end = start + n
-            maskmem_features, maskmem_pos_enc = self.tracker._run_memory_encoder(
-                tracker_state, frame_idx, n, high_res_masks[start:end], object_score_logits[start:end],
-                is_mask_from_pts=False,
-            )
+        states = [st for st in tracker_inference_states if len(st["obj_ids"]) > 0]
+        if not states:
+            return
+        # sam3fast: one memory-encoder pass over the objects of every session (the official runs
+        # one per session; they share the frame's features), each session keeping its rows
+        first = int(sum(tracker_metadata["num_obj_per_gpu"][: self.rank]))
+        total = sum(len(st["obj_ids"]) for st in states)
+        features_all, pos_all = self.tracker._run_memory_encoder(
+            states[0], frame_idx, total, high_res_masks[first:first + total],
+            object_score_logits[first:first + total], is_mask_from_pts=False,
+        )
+        start = 0
+        for tracker_state in states:
+            end = start + len(tracker_state["obj_ids"])
+            maskmem_features = features_all[start:end]
+            maskmem_pos_enc = self.tracker._get_maskmem_pos_enc(
+                tracker_state, {"maskmem_pos_enc": [p[start:end] for p in pos_all]})
             output_dict = tracker_state["output_dict"]
             for storage_key in ["cond_frame_outputs", "non_cond_frame_outputs"]:
                 if frame_idx not in output_dict[storage_key]:
