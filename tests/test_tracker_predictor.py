@@ -500,6 +500,53 @@ def test_orchestration_calls_on_cached_features(pair):
     assert all(f.dtype == torch.bfloat16 for f in feats)
 
 
+@torch.inference_mode()
+def batched_new_objects(pred, p):
+    """A frame's new detections added as ``Sam3VideoBase._tracker_add_new_objects`` does: ours in
+    one ``add_new_masks`` batch, the official one ``add_new_mask`` at a time; an object already
+    on the frame (added before) and masks that overlap each other and it."""
+    is_off = not isinstance(pred, Sam3TrackerPredictor)
+    cache = {}
+    for f in range(4):
+        o = p.vb(p.frames[f: f + 1])
+        entry = official_cache_entry(pred, o) if is_off else \
+            {"tracker_backbone_out": pred.make_tracker_backbone_out(o["sam2_backbone_fpn"], o["sam2_pos_enc"])}
+        cache[f] = (p.frames[f], entry)
+    st = pred.init_state(cached_features=cache, video_height=VIDEO_H, video_width=VIDEO_W, num_frames=4)
+    res = pred.input_mask_size
+    first = disc_mask(res, res, 0.5, 0.5, 0.25)
+    pred.add_new_mask(inference_state=st, frame_idx=0, obj_id=9, mask=first)
+    masks = torch.stack([disc_mask(res, res, 0.45, 0.35, 0.2), disc_mask(res, res, 0.55, 0.6, 0.22),
+                         torch.zeros(res, res, dtype=torch.bool), disc_mask(res, res, 0.5, 0.45, 0.12)])
+    ids = [12, 10, 14, 11]
+    if is_off:
+        for obj_id, m in zip(ids, masks):
+            pred.add_new_mask(inference_state=st, frame_idx=0, obj_id=obj_id, mask=m, add_mask_to_memory=True)
+    else:
+        assert pred.add_new_masks(st, 0, ids, masks) is None
+    rec = [("video-res inputs", torch.cat([st["temp_output_dict_per_obj"][st["obj_id_to_idx"][i]][
+        "cond_frame_outputs"][0]["pred_masks_video_res"] for i in [9] + ids]))]
+    pred.propagate_in_video_preflight(st, run_mem_encoder=True)
+    for f in range(1, 4):
+        outs = list(pred.propagate_in_video(st, start_frame_idx=f, max_frame_num_to_track=0, reverse=False,
+                                            tqdm_disable=True, run_mem_encoder=True))
+        _, out_ids, lo, _, scores = outs[0]
+        rec.append((f"track {f}", list(out_ids), lo, scores))
+    return rec, st
+
+
+def test_add_new_masks_equals_official_one_by_one(pair):
+    ref, got = pair.run(batched_new_objects)
+    vid = ref[0][1]
+    assert (vid[1:] > 0).sum() > 0 and ((vid[1] > 0) & (vid[2] > 0)).sum() == 0  # overlaps were cut
+    assert torch.equal(got[0][1], vid)
+    with pytest.raises(ValueError, match="distinct"):
+        st = pair.state(pair.ours)
+        pair.ours.add_new_masks(st, 0, [1, 1], torch.zeros(2, 8, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"\(B, H, W\)"):
+        pair.ours.add_new_masks(st, 0, [1, 2], torch.zeros(3, 8, 8, dtype=torch.bool))
+
+
 def test_bf16_rounding_matters(pair):
     """Without the bf16 casts the same session drifts from the official (the flag is not dead)."""
     pair.ours.bf16_casts = False

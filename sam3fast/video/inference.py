@@ -1042,9 +1042,12 @@ class Sam3VideoBase(nn.Module):
         res = self.tracker.input_mask_size
         masks = F.interpolate(new_obj_masks.unsqueeze(1), size=(res, res), mode="bilinear",
                               align_corners=False).squeeze(1) > 0
-        for obj_id, mask in zip(new_obj_ids, masks):
-            self.tracker.add_new_mask(inference_state=new_state, frame_idx=frame_idx, obj_id=obj_id, mask=mask,
-                                      add_mask_to_memory=True)
+        if hasattr(self.tracker, "add_new_masks"):  # sam3fast's tracker: the new objects as one batch
+            self.tracker.add_new_masks(new_state, frame_idx, new_obj_ids, masks)
+        else:
+            for obj_id, mask in zip(new_obj_ids, masks):
+                self.tracker.add_new_mask(inference_state=new_state, frame_idx=frame_idx, obj_id=obj_id, mask=mask,
+                                          add_mask_to_memory=True)
         self.tracker.propagate_in_video_preflight(new_state, run_mem_encoder=True)
         tracker_states_local.append(new_state)
         return tracker_states_local

@@ -815,6 +815,71 @@ class Sam3TrackerPredictor(nn.Module):
         _, video_res_masks = self._get_orig_video_res_output(inference_state, consolidated_out["pred_masks_video_res"])
         return frame_idx, obj_ids, None, video_res_masks
 
+    @torch.inference_mode()
+    def add_new_masks(self, inference_state, frame_idx, obj_ids, masks):
+        """sam3fast: :meth:`add_new_mask` for several objects on one frame, as one batch (the SAM 3
+        video model adds each frame's new detections this way). ``masks`` (B, Hm, Wm) bool/float
+        (0-1), one per id of ``obj_ids``. The state is left as B ``add_new_mask`` calls in this
+        order leave it: each object's input mask becomes its output (heads run once, on the batch,
+        for the pointers), its video-resolution output loses the pixels of the masks added after
+        it, and the objects that already hold an input on this frame lose those of all B masks.
+        Each official call also consolidates the frame for its return value, which the video model
+        drops (B consolidations at video resolution); this returns nothing:
+        :meth:`propagate_in_video_preflight` consolidates once."""
+        self._check_frame_idx(inference_state, frame_idx)
+        obj_ids = [int(i) for i in obj_ids]
+        if masks.dim() != 3 or masks.shape[0] != len(obj_ids):
+            raise ValueError(f"masks must be (B, H, W) with B = {len(obj_ids)} object ids, got {tuple(masks.shape)}")
+        if len(set(obj_ids)) != len(obj_ids):
+            raise ValueError(f"object ids must be distinct, got {obj_ids}")
+        B = len(obj_ids)
+        if B == 0:
+            return
+        if self.trim_past_non_cond_mem_for_eval:  # (each official call trims its object's memory)
+            for obj_id, mask in zip(obj_ids, masks):
+                self.add_new_mask(inference_state, frame_idx, obj_id, mask)
+            return
+        obj_idxs = [self._obj_id_to_idx(inference_state, obj_id) for obj_id in obj_ids]
+        orig = masks[:, None].float().to(inference_state["device"])
+        size_in = (self.input_mask_size, self.input_mask_size)
+        mask_inputs = orig if tuple(orig.shape[-2:]) == size_in else F.interpolate(
+            orig, size=size_in, align_corners=False, mode="bilinear", antialias=True)
+        video = (inference_state["video_height"], inference_state["video_width"])
+        video_res = (orig if tuple(orig.shape[-2:]) == video else F.interpolate(
+            orig, size=video, align_corners=False, mode="bilinear", antialias=True)) > 0.5  # (B, 1, H, W)
+        is_init_cond_frame = frame_idx not in inference_state["frames_already_tracked"]
+        reverse = False if is_init_cond_frame else inference_state["frames_already_tracked"][frame_idx]["reverse"]
+        storage_key = ("cond_frame_outputs" if is_init_cond_frame or self.add_all_frames_to_correct_as_cond
+                       else "non_cond_frame_outputs")
+        image, _, feats, pos, feat_sizes = self._get_image_feature(inference_state, frame_idx, B)
+        out = self.track_step(  # a mask input: no memory is read (_use_mask_as_output)
+            frame_idx=frame_idx, is_init_cond_frame=is_init_cond_frame, current_vision_feats=feats,
+            current_vision_pos_embeds=pos, feat_sizes=feat_sizes, image=image, point_inputs=None,
+            mask_inputs=mask_inputs, output_dict=inference_state["output_dict"],
+            num_frames=inference_state["num_frames"], track_in_reverse=reverse, run_mem_encoder=False)
+        # object i loses the pixels of every object added after it: a suffix OR over the batch
+        later = torch.flip(torch.cummax(torch.flip(video_res.to(torch.uint8), (0,)), dim=0).values, (0,)).bool()
+        later = torch.cat([later[1:], torch.zeros_like(later[:1])])
+        own = torch.where(video_res, -NO_OBJ_SCORE, NO_OBJ_SCORE)
+        video_res_out = torch.where(later, NO_OBJ_SCORE, own)
+        batch = set(obj_idxs)
+        any_new = video_res.any(dim=0, keepdim=True)
+        for obj_idx2, temp2 in inference_state["temp_output_dict_per_obj"].items():
+            prev = temp2[storage_key].get(frame_idx, None)
+            if obj_idx2 not in batch and prev is not None and "pred_masks_video_res" in prev:
+                prev["pred_masks_video_res"] = torch.where(any_new[0], NO_OBJ_SCORE, prev["pred_masks_video_res"])
+        for i, obj_idx in enumerate(obj_idxs):
+            inference_state["mask_inputs_per_obj"][obj_idx][frame_idx] = video_res[i:i + 1]
+            inference_state["point_inputs_per_obj"][obj_idx].pop(frame_idx, None)
+            sl = slice(i, i + 1)
+            current_out = {"maskmem_features": None, "maskmem_pos_enc": None, "pred_masks": None,
+                           "obj_ptr": out["obj_ptr"][sl], "object_score_logits": out["object_score_logits"][sl]}
+            if self.use_memory_selection:
+                current_out["iou_score"] = out["iou_score"][sl]
+                current_out["eff_iou_score"] = self.cal_mem_score(out["object_score_logits"][sl], out["iou_score"][sl])
+            current_out["pred_masks_video_res"] = video_res_out[sl]
+            inference_state["temp_output_dict_per_obj"][obj_idx][storage_key][frame_idx] = current_out
+
     # ------------------------------------------------------------------------------------------
     # Output assembly
 
