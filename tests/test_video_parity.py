@@ -41,6 +41,7 @@ from sam3fast.video import (
     mask_iou_matrix,
     nms_masks,
 )
+from sam3fast.video.device_plan import device_plan_refusal
 from sam3fast.video.frame_masks import FrameMasks
 from sam3fast.video.inference import (
     apply_object_wise_non_overlapping_constraints,
@@ -274,14 +275,17 @@ HEURISTIC_VARIANTS = {
 }
 
 
+@pytest.mark.parametrize("planning", ["device", "host"])
 @pytest.mark.parametrize("variant", sorted(HEURISTIC_VARIANTS))
-def test_heuristic_variants_model_parity(checkpoints, clip_dir, variant):
+def test_heuristic_variants_model_parity(checkpoints, clip_dir, variant, planning):
     """Heuristics that the released configs leave off, at the model level (``init_state`` /
-    ``add_prompt`` / ``propagate_in_video``), both engines built with the same overrides."""
+    ``add_prompt`` / ``propagate_in_video``), both engines built with the same overrides; ours
+    planning on the device (where it does not refuse) and on the host."""
     overrides = HEURISTIC_VARIANTS[variant]
     official = _official_model(RICH_SEED, **overrides)
     official.load_state_dict(torch.load(checkpoints[RICH_SEED], weights_only=True)["model"])
     ours = build_video_model(CFG, checkpoint_path=checkpoints[RICH_SEED], device="cpu", **overrides)
+    ours.device_planning = planning == "device"
 
     official_rec, md_o = _model_session(official, official_video_mode, clip_dir)
     ours_rec, md_u = _model_session(ours, contextlib.nullcontext, clip_dir)
@@ -290,7 +294,13 @@ def test_heuristic_variants_model_parity(checkpoints, clip_dir, variant):
     assert md_u["max_obj_id"] == md_o["max_obj_id"] and md_u["max_obj_id"] >= 3
     r0o, r0u = md_o["rank0_metadata"], md_u["rank0_metadata"]
     assert r0u["removed_obj_ids"] == r0o["removed_obj_ids"]
-    assert dict(r0u["trk_keep_alive"]) == dict(r0o["trk_keep_alive"])
+    refused = device_plan_refusal(ours) is not None
+    assert ("plan_state" in r0u) == (planning == "device" and not refused)
+    if "plan_state" in r0u:  # the device counters, a row per tracked object
+        ids = md_u["obj_ids_all_gpu"].tolist()
+        assert len(ids) > 0 and r0u["plan_state"].keep_alive.tolist() == [r0o["trk_keep_alive"][i] for i in ids]
+    else:
+        assert dict(r0u["trk_keep_alive"]) == dict(r0o["trk_keep_alive"])
     assert {k: v for k, v in r0u["suppressed_obj_ids"].items() if v} == \
         {k: v for k, v in r0o["suppressed_obj_ids"].items() if v}
     if "masklet_confirmation" in r0o:

@@ -38,9 +38,12 @@ two in the steady state, where the official makes one per scanned memory frame, 
 step, per track flag and per output array:
 - the planning read (``_associate``): detections stay as padded query slots with a validity
   mask, association runs on the device on fixed shapes
-  (:func:`~sam3fast.video.association.associate_detections`), and one copy brings the decisions,
-  the detection scores and the tracker scores to the host, where the official heuristics
-  (hotstart, new ids, removals) run on numpy as the official's do;
+  (:func:`~sam3fast.video.association.associate_detections`), and so do the decisions
+  (``device_planning``: boundary rule, object limit, hotstart removal and suppression on a
+  per-track state, :mod:`~sam3fast.video.device_plan`); one copy brings them, the detection
+  scores and the tracker scores to the host, which applies them to its bookkeeping (new ids,
+  tracker states). Where ``device_plan_refusal`` names a reason (masklet confirmation, several
+  ranks) the official heuristics run on numpy as the official's do;
 - the output read (``_postprocess_output``): keep flags, boxes and bit-packed masks of all objects
   in one copy, filtered and unpacked on the host.
 On several ranks (:meth:`Sam3VideoBase.set_distributed`, see :mod:`sam3fast.video.distributed`):
@@ -76,6 +79,8 @@ from tqdm.auto import tqdm
 from ..ops import connected_component_sizes, mask_postprocess
 from .association import associate_detections
 from .detector import mask_iou_matrix
+from .device_plan import (NO_FRAME, PlanSettings, decode_plan, device_plan_refusal, empty_state, layout_rows,
+                          next_state, plan_frame)
 from .frame_masks import FrameMasks
 
 logger = logging.getLogger(__name__)
@@ -307,6 +312,12 @@ class Sam3VideoBase(nn.Module):
         # the next frame while the host plans this one. The same computations in another order;
         # False: the official order.
         self.overlap_next_detection = True
+        # sam3fast: the planning decisions (boundary rule, object limit, hotstart removal and
+        # suppression) as tensor ops on the device (sam3fast.video.device_plan), read with the
+        # association in the one planning copy; where device_plan_refusal names a reason (masklet
+        # confirmation, several ranks) the official host path runs. Read when a session's metadata
+        # is made. False: the host path (numpy and per-object dicts, as the official).
+        self.device_planning = True
         self.world_size = 1
         self.dist = None  # DistContext on several ranks (set_distributed)
         self.max_num_objects = max_num_objects if max_num_objects > 0 else 10000
@@ -550,39 +561,57 @@ class Sam3VideoBase(nn.Module):
             return self._planning_tail(frame_idx, reverse, det_out, tracker_low_res_masks_global,
                                        tracker_obj_scores_global, tracker_metadata_prev, tracker_metadata_new,
                                        tracker_states_local, tracker_update_plan, recondition, None)
-        # association on the device; the host reads the frame's decisions, the detection scores and
-        # the tracker scores with one copy
-        association, det_scores_np, tracker_scores_host = self._associate(
+        # association (and, with a device plan, the decisions) on the device; the host reads the
+        # frame's decisions, the detection scores and the tracker scores with one copy
+        rank0_prev = tracker_metadata_prev["rank0_metadata"]
+        planner = None
+        if "plan_state" in rank0_prev:
+            planner = functools.partial(
+                self._plan_on_device, rank0_prev["plan_state"], det_out, frame_idx=frame_idx, reverse=reverse,
+                is_image_only=is_image_only)
+        association, det_scores_np, tracker_scores_host, planned = self._associate(
             det_out["mask"], det_out["scores"], det_out["valid"], tracker_low_res_masks_global,
-            tracker_metadata_prev["obj_ids_all_gpu"], extra=tracker_obj_scores_global.sigmoid(),
+            tracker_metadata_prev["obj_ids_all_gpu"], extra=tracker_obj_scores_global.sigmoid(), plan=planner,
         )
         (new_det_fa_inds, unmatched_trk_obj_ids, det_to_matched_trk_obj_ids, trk_id_to_max_iou_high_conf_det,
          empty_trk_obj_ids) = association
-        if self.suppress_det_close_to_boundary:
-            keep = self._suppress_detections_close_to_boundary(det_bbox_xyxy[torch.from_numpy(new_det_fa_inds)])
-            new_det_fa_inds = new_det_fa_inds[keep.cpu().numpy()]
-
         prev_obj_num = np.sum(tracker_metadata_prev["num_obj_per_gpu"])
-        new_det_num = len(new_det_fa_inds)
-        num_obj_dropped_due_to_limit = 0
-        if not is_image_only and prev_obj_num + new_det_num > self.max_num_objects:
-            logger.warning(f"hitting {self.max_num_objects=} with {new_det_num=} and {prev_obj_num=}")
-            new_det_num_to_keep = self.max_num_objects - prev_obj_num
-            num_obj_dropped_due_to_limit = new_det_num - new_det_num_to_keep
-            new_det_fa_inds = self._drop_new_det_with_obj_limit(new_det_fa_inds, det_scores_np, new_det_num_to_keep)
+        if planned is not None:  # boundary rule and object limit decided on the device
+            new_det_fa_inds = planned[0]["new_det_fa_inds"]
+            num_obj_dropped_due_to_limit = planned[0]["num_obj_dropped_due_to_limit"]
+            if num_obj_dropped_due_to_limit > 0:
+                new_det_num = planned[0]["num_new_before_limit"]
+                logger.warning(f"hitting {self.max_num_objects=} with {new_det_num=} and {prev_obj_num=}")
             new_det_num = len(new_det_fa_inds)
+        else:
+            if self.suppress_det_close_to_boundary:
+                keep = self._suppress_detections_close_to_boundary(det_bbox_xyxy[torch.from_numpy(new_det_fa_inds)])
+                new_det_fa_inds = new_det_fa_inds[keep.cpu().numpy()]
+            new_det_num = len(new_det_fa_inds)
+            num_obj_dropped_due_to_limit = 0
+            if not is_image_only and prev_obj_num + new_det_num > self.max_num_objects:
+                logger.warning(f"hitting {self.max_num_objects=} with {new_det_num=} and {prev_obj_num=}")
+                new_det_num_to_keep = self.max_num_objects - prev_obj_num
+                num_obj_dropped_due_to_limit = new_det_num - new_det_num_to_keep
+                new_det_fa_inds = self._drop_new_det_with_obj_limit(new_det_fa_inds, det_scores_np,
+                                                                    new_det_num_to_keep)
+                new_det_num = len(new_det_fa_inds)
 
         new_det_start_obj_id = tracker_metadata_prev["max_obj_id"] + 1
         new_det_obj_ids = new_det_start_obj_id + np.arange(new_det_num)
         new_det_gpu_ids = self._assign_new_det_to_gpus(new_det_num, tracker_metadata_prev["num_obj_per_gpu"])
 
-        rank0_metadata_new = copy.deepcopy(tracker_metadata_prev["rank0_metadata"])
-        obj_ids_newly_removed, rank0_metadata_new = self._process_hotstart(
-            frame_idx=frame_idx, num_frames=num_frames, reverse=reverse,
-            det_to_matched_trk_obj_ids=det_to_matched_trk_obj_ids, new_det_obj_ids=new_det_obj_ids,
-            empty_trk_obj_ids=empty_trk_obj_ids, unmatched_trk_obj_ids=unmatched_trk_obj_ids,
-            rank0_metadata=rank0_metadata_new, tracker_metadata=tracker_metadata_prev,
-        )
+        if planned is not None:
+            obj_ids_newly_removed, rank0_metadata_new = self._apply_device_plan(
+                frame_idx, planned, rank0_prev, tracker_metadata_prev["obj_ids_all_gpu"], new_det_num)
+        else:
+            rank0_metadata_new = copy.deepcopy(rank0_prev)
+            obj_ids_newly_removed, rank0_metadata_new = self._process_hotstart(
+                frame_idx=frame_idx, num_frames=num_frames, reverse=reverse,
+                det_to_matched_trk_obj_ids=det_to_matched_trk_obj_ids, new_det_obj_ids=new_det_obj_ids,
+                empty_trk_obj_ids=empty_trk_obj_ids, unmatched_trk_obj_ids=unmatched_trk_obj_ids,
+                rank0_metadata=rank0_metadata_new, tracker_metadata=tracker_metadata_prev,
+            )
         tracker_metadata_new["rank0_metadata"] = rank0_metadata_new
 
         tracker_update_plan = {
@@ -615,6 +644,34 @@ class Sam3VideoBase(nn.Module):
         return self._planning_tail(frame_idx, reverse, det_out, tracker_low_res_masks_global,
                                    tracker_obj_scores_global, tracker_metadata_prev, tracker_metadata_new,
                                    tracker_states_local, tracker_update_plan, recondition, det_scores_np)
+
+    def _plan_on_device(self, state, det_out, assoc, *, frame_idx, reverse, is_image_only):
+        """:func:`~sam3fast.video.device_plan.plan_frame` of this frame (queued before the planning
+        read, which brings its flat plan with the association)."""
+        return plan_frame(state, assoc, det_out["scores"].float(), det_out["bbox"], frame_idx=frame_idx,
+                          reverse=reverse, settings=PlanSettings.from_model(self), is_image_only=is_image_only)
+
+    def _apply_device_plan(self, frame_idx, planned, rank0_prev, prev_ids, num_new):
+        """The host side of a device plan (:mod:`sam3fast.video.device_plan`): the frame's newly
+        removed ids, the new rank-0 metadata (new ``removed_obj_ids`` and suppressed sets, so held
+        outputs keep their frame's view, as the official's per-frame deep copy gives them) and the
+        plan state in the next frame's track layout (kept rows in order, then the new tracks)."""
+        d, updated = planned
+        newly_removed = {int(i) for i in prev_ids[d["removed"]]}
+        rank0 = dict(rank0_prev)
+        rank0["removed_obj_ids"] = rank0_prev["removed_obj_ids"] | newly_removed
+        suppressed = defaultdict(set, rank0_prev["suppressed_obj_ids"])
+        suppressed[frame_idx] = set(suppressed.get(frame_idx, ())) | {int(i) for i in prev_ids[d["suppressed"]]}
+        rank0["suppressed_obj_ids"] = suppressed
+        rank0["plan_state"] = next_state(updated, self._host_index(layout_rows(d["removed"], num_new)),
+                                         new_first_frame=frame_idx, new_keep_alive=self.init_trk_keep_alive)
+        return newly_removed, rank0
+
+    def _host_index(self, rows: np.ndarray) -> Tensor:
+        """An int64 index tensor from host numpy, pinned on CUDA (its copy to the device is then
+        asynchronous)."""
+        t = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
+        return t.pin_memory() if self.device.type == "cuda" else t
 
     def _broadcast_plan(self, frame_idx, plan, recondition, det_out, tracker_metadata_prev):
         """Rank 0's plan to every rank as one int64 device tensor
@@ -869,12 +926,15 @@ class Sam3VideoBase(nn.Module):
                                trk_obj_ids)[0]
 
     def _associate(self, det_masks: Tensor, det_scores: Tensor, det_valid: Tensor, trk_masks: Tensor,
-                   trk_obj_ids: np.ndarray, extra: Optional[Tensor] = None):
+                   trk_obj_ids: np.ndarray, extra: Optional[Tensor] = None, plan=None):
         """:meth:`_associate_det_trk` on Q padded detection slots (``det_valid``; indices are slot
         indices). Matching runs on the device on fixed-shape tensors
         (:func:`~sam3fast.video.association.associate_detections`); the host reads the answer, the
-        detection scores and ``extra`` (any 1-d float tensor) with one copy. Returns
-        ``(official 5-tuple, det_scores (Q,) float32 numpy, extra as a list of floats or None)``."""
+        detection scores, ``extra`` (any 1-d float tensor) and the device plan with one copy.
+        ``plan``: None, or ``AssociationResult -> (FramePlan, PlanState)`` (the
+        :func:`~sam3fast.video.device_plan.plan_frame` of the frame), queued before the copy.
+        Returns ``(official 5-tuple, det_scores (Q,) float32 numpy, extra as a list of floats or
+        None, (decoded plan, updated PlanState) or None)``."""
         Q, M = det_masks.size(0), trk_masks.size(0)
         dev = det_masks.device
         res = associate_detections(
@@ -882,27 +942,34 @@ class Sam3VideoBase(nn.Module):
             assoc_iou_thresh=self.assoc_iou_thresh, trk_assoc_iou_thresh=self.trk_assoc_iou_thresh,
             new_det_thresh=self.new_det_thresh, o2o=self.o2o_matching_masklets_enable,
         )
+        planned = None if plan is None else plan(res)
         parts = [det_valid, det_scores.float(), res.new_det, res.det_high_conf, res.det_best_trk, res.unmatched_trk,
                  res.empty_trk, res.det_matches.flatten()]
+        n_extra = 0
         if extra is not None:
             parts.append(extra.reshape(-1))
+            n_extra = parts[-1].numel()
+        if planned is not None:
+            parts.append(planned[0].flat)  # small integers: exact in float64
         packed = self._read_for_planning(torch.cat([x.double() for x in parts]))
         valid, scores, new_det, high, best = packed[:5 * Q].reshape(5, Q)
         unmatched, empty = packed[5 * Q:5 * Q + 2 * M].reshape(2, M).astype(bool)
         matches = packed[5 * Q + 2 * M:5 * Q + 2 * M + Q * M].reshape(Q, M).astype(bool)
-        extra_host = packed[5 * Q + 2 * M + Q * M:].tolist() if extra is not None else None
+        o = 5 * Q + 2 * M + Q * M
+        extra_host = packed[o:o + n_extra].tolist() if extra is not None else None
+        plan_host = None if planned is None else (decode_plan(packed[o + n_extra:], Q, M), planned[1])
         det_scores_np = scores.astype(np.float32)
         new_det_fa_inds = np.nonzero(new_det)[0]
         if M == 0:
             out = (new_det_fa_inds, np.array([], np.int64), {}, {}, np.array([], np.int64))
-            return out, det_scores_np, extra_host
+            return out, det_scores_np, extra_host, plan_host
         det_to_matched_trk_obj_ids = {int(d): trk_obj_ids[matches[d]] for d in np.nonzero(valid)[0]}
         trk_id_to_max_iou_high_conf_det = {}  # filled in detection order (the last one wins), as the official
         for d in np.nonzero(high)[0]:
             trk_id_to_max_iou_high_conf_det[trk_obj_ids[int(best[d])].item()] = int(d)
         out = (new_det_fa_inds, trk_obj_ids[unmatched], det_to_matched_trk_obj_ids, trk_id_to_max_iou_high_conf_det,
                trk_obj_ids[empty])
-        return out, det_scores_np, extra_host
+        return out, det_scores_np, extra_host, plan_host
 
     def _read_for_planning(self, flat: Tensor) -> np.ndarray:
         """The frame's one host read. On CUDA: an asynchronous copy into pinned memory and an event,
@@ -1085,6 +1152,10 @@ class Sam3VideoBase(nn.Module):
         if self.masklet_confirmation_enable:
             rank0["masklet_confirmation"] = {"status": np.array([], np.int64),
                                              "consecutive_det_num": np.array([], np.int64)}
+        if self.device_planning and device_plan_refusal(self) is None:
+            # sam3fast: the hotstart counters live on the device (device_plan.PlanState, rows in
+            # obj_ids_all_gpu order); the three dicts above stay empty
+            rank0["plan_state"] = empty_state(self.device)
         md["rank0_metadata"] = rank0
         return md
 
@@ -1756,6 +1827,11 @@ class Sam3VideoInferenceWithInstanceInteractivity(Sam3VideoInference):
         if is_user_action:
             self.add_action_history(inference_state, action_type="remove", obj_ids=[obj_id])
         md = inference_state["tracker_metadata"]
+        rank0 = md.get("rank0_metadata", {})
+        if "plan_state" in rank0:  # the device plan's rows follow obj_ids_all_gpu
+            rows = np.flatnonzero(md["obj_ids_all_gpu"] != obj_id)
+            rank0["plan_state"] = next_state(rank0["plan_state"], self._host_index(rows), new_first_frame=0,
+                                             new_keep_alive=0)
         ids = md["obj_ids_per_gpu"][obj_rank]
         md["obj_ids_per_gpu"][obj_rank] = ids[ids != obj_id]
         md["num_obj_per_gpu"][obj_rank] = len(md["obj_ids_per_gpu"][obj_rank])
@@ -1855,6 +1931,11 @@ class Sam3VideoInferenceWithInstanceInteractivity(Sam3VideoInference):
             if obj_rank == self.rank:
                 tracker_state = self._init_new_tracker_state(inference_state)
                 inference_state["tracker_inference_states"].append(tracker_state)
+            rank0 = tracker_metadata["rank0_metadata"]
+            if "plan_state" in rank0:  # a clicked track: no first-detection frame (one rank: the last row)
+                rows = np.append(np.arange(len(tracker_metadata["obj_ids_all_gpu"])), -1)
+                rank0["plan_state"] = next_state(rank0["plan_state"], self._host_index(rows),
+                                                 new_first_frame=NO_FRAME, new_keep_alive=0)
             tracker_metadata["obj_ids_per_gpu"][obj_rank] = np.concatenate(
                 [tracker_metadata["obj_ids_per_gpu"][obj_rank], np.array([obj_id], dtype=np.int64)]
             )
