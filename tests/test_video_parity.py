@@ -616,6 +616,44 @@ def test_concept_video_host_reads_per_frame(checkpoints, clip_dir, monkeypatch):
     assert by_function.get("read_outputs", 0) <= 2 * NUM_FRAMES, by_function
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_concept_frames_make_no_implicit_sync(checkpoints, clip_dir, monkeypatch):
+    """On CUDA, a concept-video frame that neither adds nor removes objects waits for the device
+    only where it means to (the planning read and the output read, each an event):
+    ``torch.cuda.set_sync_debug_mode("warn")`` reports no synchronising call (a copy from or to
+    pageable memory, ``.item()``, ``nonzero``...). A blocking host-to-device copy would also wait
+    for the next frame's detection, queued behind the planning copy."""
+    import warnings
+
+    pred = build_sam3_video_predictor(checkpoint_path=checkpoints[RICH_SEED], config=CFG, device="cuda")
+    model = pred.model
+    sid = pred.handle_request({"type": "start_session", "resource_path": clip_dir})["session_id"]
+    pred.handle_request({"type": "add_prompt", "session_id": sid, "frame_index": 0, "text": "blob"})
+    orig, per_frame = model._run_single_frame_inference, {}
+
+    def run(inference_state, frame_idx, reverse):
+        before = inference_state["tracker_metadata"].get("obj_ids_all_gpu")
+        before = None if before is None else before.tolist()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                out = orig(inference_state, frame_idx, reverse)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        after = inference_state["tracker_metadata"]["obj_ids_all_gpu"].tolist()
+        syncs = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "synchroniz" in str(w.message)]
+        per_frame[frame_idx] = (before == after and len(after) > 0, syncs)
+        return out
+
+    monkeypatch.setattr(model, "_run_single_frame_inference", run)
+    frames = list(pred.handle_stream_request({"type": "propagate_in_video", "session_id": sid}))
+    assert len(frames) == NUM_FRAMES
+    steady = {f: syncs for f, (same, syncs) in per_frame.items() if same and f >= 3}
+    assert len(steady) >= 3, {f: same for f, (same, _) in per_frame.items()}
+    assert all(not syncs for syncs in steady.values()), steady
+
+
 # ----------------------------------------------------------------------------------------------
 # Device memory stays flat as the video grows
 

@@ -27,11 +27,23 @@ from __future__ import annotations
 from collections.abc import MutableMapping
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["FrameMasks", "resize_threshold"]
+__all__ = ["FrameMasks", "resize_threshold", "to_device_async"]
+
+
+def to_device_async(values, dtype: torch.dtype, device) -> Tensor:
+    """Host values (a list or numpy array) as a ``dtype`` tensor on ``device``. On CUDA through
+    pinned memory without waiting: a copy from pageable memory synchronises the stream, i.e. waits
+    for every kernel queued before it (in the video loop, the next frame's detection)."""
+    t = torch.as_tensor(np.asarray(values), dtype=dtype)
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def resize_threshold(logits: Tensor, size: Tuple[int, int]) -> Tensor:
@@ -113,7 +125,7 @@ class FrameMasks(MutableMapping):
             return self.low[:0]
         if rows == list(range(rows[0], rows[0] + len(rows))):
             return self.low[rows[0]:rows[0] + len(rows)]
-        return self.low.index_select(0, torch.tensor(rows, dtype=torch.long, device=self.low.device))
+        return self.low.index_select(0, to_device_async(rows, torch.long, self.low.device))
 
     def materialize(self) -> Dict[int, Tensor]:
         """A plain dict ``obj_id -> (1, H, W) bool`` (one resize for all objects)."""

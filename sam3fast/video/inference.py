@@ -81,7 +81,7 @@ from .association import associate_detections
 from .detector import mask_iou_matrix
 from .device_plan import (NO_FRAME, PlanSettings, decode_plan, device_plan_refusal, empty_state, layout_rows,
                           next_state, plan_frame)
-from .frame_masks import FrameMasks
+from .frame_masks import FrameMasks, to_device_async
 
 logger = logging.getLogger(__name__)
 
@@ -104,14 +104,14 @@ def fill_holes_in_mask_scores(mask: Tensor, max_area: int, fill_holes: bool = Tr
         mask_bg = mask <= 0
         areas_bg = connected_component_sizes(mask_bg.reshape(N * C, H, W)).reshape(N, C, H, W)
         small_bg = mask_bg & (areas_bg <= max_area)
-        mask = torch.where(small_bg, torch.tensor(0.1, dtype=mask.dtype, device=mask.device), mask)
+        mask = torch.where(small_bg, 0.1, mask)  # (a Python scalar: no host-to-device copy)
     if remove_sprinkles:
         mask_fg = mask > 0
         fg_area_thresh = torch.sum(mask_fg, dim=(2, 3), keepdim=True, dtype=torch.int32)
         fg_area_thresh = fg_area_thresh.floor_divide(2).clamp(max=max_area)
         areas_fg = connected_component_sizes(mask_fg.reshape(N * C, H, W)).reshape(N, C, H, W)
         small_fg = mask_fg & (areas_fg <= fg_area_thresh)
-        mask = torch.where(small_fg, torch.tensor(-0.1, dtype=mask.dtype, device=mask.device), mask)
+        mask = torch.where(small_fg, -0.1, mask)
     return mask
 
 
@@ -504,20 +504,28 @@ class Sam3VideoBase(nn.Module):
         return allrows[:, :h * w].reshape(-1, h, w), allrows[:, h * w]
 
     def _recondition_masklets(self, frame_idx, det_out, trk_id_to_max_iou_high_conf_det, tracker_states_local,
-                              tracker_metadata, tracker_obj_scores_global):
+                              tracker_metadata, tracker_obj_scores_global, scores_dtype=None):
+        """The official periodic re-conditioning. ``tracker_obj_scores_global``: the (N,) object-score
+        logits, a tensor (the official; one host sync per compared object) or the host floats read
+        with the plan (sam3fast; compared in ``scores_dtype``, the tensor's, as the official's
+        ``tensor > 0.8`` does)."""
+        HIGH_CONF_THRESH = 0.8
+        if not isinstance(tracker_obj_scores_global, Tensor):
+            # 0.8 rounded to the logits' dtype, on the host (the official compares in that dtype)
+            thresh = float(torch.tensor(HIGH_CONF_THRESH, dtype=scores_dtype or torch.float32))
         for trk_obj_id, det_idx in trk_id_to_max_iou_high_conf_det.items():
             new_mask = det_out["mask"][det_idx : det_idx + 1]
             input_mask_res = self.tracker.input_mask_size
             new_mask_binary = F.interpolate(
                 new_mask.unsqueeze(1), size=(input_mask_res, input_mask_res), mode="bilinear", align_corners=False,
             ).squeeze(1)[0] > 0
-            HIGH_CONF_THRESH = 0.8
             reconditioned_states_idx = set()
             obj_idx = np.where(tracker_metadata["obj_ids_all_gpu"] == trk_obj_id)[0].item()
             obj_score = tracker_obj_scores_global[obj_idx]
+            # the official compares the object-score *logit* with 0.8 (a host sync on a tensor)
+            high = obj_score > HIGH_CONF_THRESH if isinstance(obj_score, Tensor) else obj_score > thresh
             for state_idx, inference_state in enumerate(tracker_states_local):
-                # the official compares the object-score *logit* with 0.8 (host sync)
-                if trk_obj_id in inference_state["obj_ids"] and obj_score > HIGH_CONF_THRESH:
+                if trk_obj_id in inference_state["obj_ids"] and high:
                     self.tracker.add_new_mask(inference_state=inference_state, frame_idx=frame_idx,
                                               obj_id=trk_obj_id, mask=new_mask_binary)
                     reconditioned_states_idx.add(state_idx)
@@ -569,10 +577,14 @@ class Sam3VideoBase(nn.Module):
             planner = functools.partial(
                 self._plan_on_device, rank0_prev["plan_state"], det_out, frame_idx=frame_idx, reverse=reverse,
                 is_image_only=is_image_only)
+        # extra: the tracker scores (as the outputs show them) and logits (the re-condition gate)
+        M = tracker_obj_scores_global.shape[0]
         association, det_scores_np, tracker_scores_host, planned = self._associate(
             det_out["mask"], det_out["scores"], det_out["valid"], tracker_low_res_masks_global,
-            tracker_metadata_prev["obj_ids_all_gpu"], extra=tracker_obj_scores_global.sigmoid(), plan=planner,
+            tracker_metadata_prev["obj_ids_all_gpu"], plan=planner,
+            extra=torch.cat([tracker_obj_scores_global.sigmoid().double(), tracker_obj_scores_global.double()]),
         )
+        tracker_scores_host, tracker_logits_host = tracker_scores_host[:M], tracker_scores_host[M:]
         (new_det_fa_inds, unmatched_trk_obj_ids, det_to_matched_trk_obj_ids, trk_id_to_max_iou_high_conf_det,
          empty_trk_obj_ids) = association
         prev_obj_num = np.sum(tracker_metadata_prev["num_obj_per_gpu"])
@@ -625,6 +637,7 @@ class Sam3VideoBase(nn.Module):
             "trk_id_to_max_iou_high_conf_det": trk_id_to_max_iou_high_conf_det,
             "reconditioned_obj_ids": reconditioned_obj_ids,
             "tracker_obj_scores_host": tracker_scores_host,
+            "tracker_obj_logits_host": tracker_logits_host,
         }
 
         should_recondition_iou = False
@@ -663,15 +676,10 @@ class Sam3VideoBase(nn.Module):
         suppressed = defaultdict(set, rank0_prev["suppressed_obj_ids"])
         suppressed[frame_idx] = set(suppressed.get(frame_idx, ())) | {int(i) for i in prev_ids[d["suppressed"]]}
         rank0["suppressed_obj_ids"] = suppressed
-        rank0["plan_state"] = next_state(updated, self._host_index(layout_rows(d["removed"], num_new)),
-                                         new_first_frame=frame_idx, new_keep_alive=self.init_trk_keep_alive)
+        rows = to_device_async(layout_rows(d["removed"], num_new), torch.long, self.device)
+        rank0["plan_state"] = next_state(updated, rows, new_first_frame=frame_idx,
+                                         new_keep_alive=self.init_trk_keep_alive)
         return newly_removed, rank0
-
-    def _host_index(self, rows: np.ndarray) -> Tensor:
-        """An int64 index tensor from host numpy, pinned on CUDA (its copy to the device is then
-        asynchronous)."""
-        t = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
-        return t.pin_memory() if self.device.type == "cuda" else t
 
     def _broadcast_plan(self, frame_idx, plan, recondition, det_out, tracker_metadata_prev):
         """Rank 0's plan to every rank as one int64 device tensor
@@ -696,7 +704,7 @@ class Sam3VideoBase(nn.Module):
         plan = {k: d[k] for k in ("new_det_fa_inds", "new_det_obj_ids", "new_det_gpu_ids", "obj_ids_newly_removed",
                                   "num_obj_dropped_due_to_limit", "trk_id_to_max_iou_high_conf_det")}
         plan.update(unmatched_trk_obj_ids=np.array([], np.int64), det_to_matched_trk_obj_ids={},
-                    reconditioned_obj_ids=set(), tracker_obj_scores_host=None)
+                    reconditioned_obj_ids=set(), tracker_obj_scores_host=None, tracker_obj_logits_host=None)
         return plan, d["recondition"]
 
     def _planning_tail(self, frame_idx, reverse, det_out, tracker_low_res_masks_global, tracker_obj_scores_global,
@@ -711,8 +719,11 @@ class Sam3VideoBase(nn.Module):
         obj_ids_newly_removed = tracker_update_plan["obj_ids_newly_removed"]
         det_to_matched_trk_obj_ids = tracker_update_plan["det_to_matched_trk_obj_ids"]
         if recondition:
+            logits = tracker_update_plan.get("tracker_obj_logits_host")
             self._recondition_masklets(frame_idx, det_out, tracker_update_plan["trk_id_to_max_iou_high_conf_det"],
-                                       tracker_states_local, tracker_metadata_prev, tracker_obj_scores_global)
+                                       tracker_states_local, tracker_metadata_prev,
+                                       tracker_obj_scores_global if logits is None else logits,
+                                       tracker_obj_scores_global.dtype)
 
         batch_size = tracker_low_res_masks_global.size(0)
         if batch_size > 0:
@@ -840,7 +851,7 @@ class Sam3VideoBase(nn.Module):
         new_det_fa_inds_local = new_det_fa_inds[on_this]
         obj_ids_newly_removed = tracker_update_plan["obj_ids_newly_removed"]
         if len(new_det_fa_inds_local) > 0:
-            idx = torch.from_numpy(new_det_fa_inds_local).to(det_out["mask"].device)
+            idx = to_device_async(new_det_fa_inds_local, torch.long, det_out["mask"].device)
             tracker_states_local = self._tracker_add_new_objects(
                 frame_idx=frame_idx, num_frames=num_frames, new_obj_ids=new_det_obj_ids_local,
                 new_obj_masks=det_out["mask"][idx], tracker_states_local=tracker_states_local,
@@ -868,7 +879,7 @@ class Sam3VideoBase(nn.Module):
             parts.append(tracker_low_res_masks_global)
             ids += [int(i) for i in existing_ids]
         if len(new_det_fa_inds) > 0:
-            idx = torch.from_numpy(new_det_fa_inds).to(det_out["mask"].device)
+            idx = to_device_async(new_det_fa_inds, torch.long, det_out["mask"].device)
             new_low = fill_holes_in_mask_scores(det_out["mask"][idx].unsqueeze(1), max_area=self.fill_hole_area,
                                                 fill_holes=True, remove_sprinkles=True)
             parts.append(new_low.squeeze(1))
@@ -1524,14 +1535,14 @@ class Sam3VideoInference(Sam3VideoBase):
         low = frame_masks.logits(curr_obj_ids)
         dev = low.device
         N = len(curr_obj_ids)
-        visible = torch.tensor([i not in hide for i in curr_obj_ids], device=dev)
-        tracker_probs = torch.tensor([trk[i] if i in trk else 0.0 for i in curr_obj_ids], dtype=torch.float32,
-                                     device=dev)
+        visible = to_device_async([i not in hide for i in curr_obj_ids], torch.bool, dev)
+        tracker_probs = to_device_async([trk[i] if i in trk else 0.0 for i in curr_obj_ids], torch.float32, dev)
         _, boxes_px, areas = mask_postprocess(low, tracker_probs, (H, W), active=visible, non_overlap=False)
         keep = areas > 0
         contest = keep & ((tracker_probs > 0) | (keep.sum() <= 1))
         packed, _, _ = mask_postprocess(low, tracker_probs, (H, W), active=contest, non_overlap=True)
-        boxes = box_xyxy_to_xywh(boxes_px.float()) / torch.tensor([W, H, W, H], dtype=torch.float32, device=dev)
+        x0, y0, x1, y1 = boxes_px.float().unbind(-1)  # (divided by Python scalars: no copy to the device)
+        boxes = torch.stack([x0 / W, y0 / H, (x1 - x0) / W, (y1 - y0) / H], dim=-1)
         WP = packed.shape[-1]
         flat = torch.cat((keep.view(torch.uint8), boxes.contiguous().view(torch.uint8).flatten(),
                           packed.contiguous().view(torch.uint8).flatten()))
@@ -1830,8 +1841,8 @@ class Sam3VideoInferenceWithInstanceInteractivity(Sam3VideoInference):
         rank0 = md.get("rank0_metadata", {})
         if "plan_state" in rank0:  # the device plan's rows follow obj_ids_all_gpu
             rows = np.flatnonzero(md["obj_ids_all_gpu"] != obj_id)
-            rank0["plan_state"] = next_state(rank0["plan_state"], self._host_index(rows), new_first_frame=0,
-                                             new_keep_alive=0)
+            rank0["plan_state"] = next_state(rank0["plan_state"], to_device_async(rows, torch.long, self.device),
+                                             new_first_frame=0, new_keep_alive=0)
         ids = md["obj_ids_per_gpu"][obj_rank]
         md["obj_ids_per_gpu"][obj_rank] = ids[ids != obj_id]
         md["num_obj_per_gpu"][obj_rank] = len(md["obj_ids_per_gpu"][obj_rank])
@@ -1934,7 +1945,7 @@ class Sam3VideoInferenceWithInstanceInteractivity(Sam3VideoInference):
             rank0 = tracker_metadata["rank0_metadata"]
             if "plan_state" in rank0:  # a clicked track: no first-detection frame (one rank: the last row)
                 rows = np.append(np.arange(len(tracker_metadata["obj_ids_all_gpu"])), -1)
-                rank0["plan_state"] = next_state(rank0["plan_state"], self._host_index(rows),
+                rank0["plan_state"] = next_state(rank0["plan_state"], to_device_async(rows, torch.long, self.device),
                                                  new_first_frame=NO_FRAME, new_keep_alive=0)
             tracker_metadata["obj_ids_per_gpu"][obj_rank] = np.concatenate(
                 [tracker_metadata["obj_ids_per_gpu"][obj_rank], np.array([obj_id], dtype=np.int64)]
