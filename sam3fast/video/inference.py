@@ -53,10 +53,12 @@ and scores are all-gathered after step 2, rank 0 alone associates and runs the h
 its own objects, and rank 0 alone builds outputs.
 
 The tracker step (memory selection on fixed-capacity banks, the rows of one persistent
-:class:`~sam3fast.video.memory_bank.ObjectTable` shared by all sessions, one batch) reads nothing; hole filling uses the Triton connected-components kernel on
-CUDA. Left on the host, on the frames that need them: adding new objects and removing objects
-(tracker state edits), the periodic re-condition gate (``obj_score > 0.8``),
-``refined_score.item()`` in partial propagation.
+:class:`~sam3fast.video.memory_bank.ObjectTable` shared by all sessions, one batch) reads nothing;
+hole filling uses the Triton connected-components kernel on CUDA; host values reach the device
+through pinned memory without a wait (``to_device_async``); the periodic re-condition gate
+(``obj_score > 0.8``) compares the logits read with the plan. Left on the host, on the frames that
+need them: adding new objects (one batch per frame, ``add_new_masks``) and removing objects
+(tracker state edits), ``refined_score.item()`` in partial propagation.
 """
 
 from __future__ import annotations
