@@ -28,7 +28,10 @@ Part 2, concept video (``build_sam3_video_predictor``: detector on every frame +
 stream (forward) timed; the number of objects per frame is read from the outputs. With random
 weights it depends on the weight recipe: ``--score-gain``/``--presence-shift`` (detector scores)
 and ``--det-nms-thresh`` (the detector's NMS IoU threshold, official 0.1, set on both models) raise
-it; the counts reached are reported as measured, per side.
+it; the counts reached are reported as measured, per side, with the objects the tracker ran
+(hidden ones included). sam3fast variants: ``pipelined`` (outputs copied while the next frame
+runs), ``host-planning`` (``model.device_planning = False``: the hotstart heuristics on the host,
+as the official), ``det-eager`` (the detector without its CUDA graph), ``tracker-graphed``.
 
 Precision: the official video code has no float32 mode on CUDA. Its tracker enters a global
 ``torch.autocast("cuda", bfloat16)`` when constructed (``sam3_tracking_predictor.py`` 49-50,
@@ -421,10 +424,12 @@ def _main(args, tmp):
             predictor.model.compile_model = compile_model
             return predictor
 
-        def ours_predictor(dtype, compile=False, pipelined=False, det_graphs=True, tracker_graphs=None):
+        def ours_predictor(dtype, compile=False, pipelined=False, det_graphs=True, tracker_graphs=None,
+                           device_planning=True):
             pred = sam3fast.build_sam3_video_predictor(checkpoint_path=ckpt, config=cfg, device=device, dtype=dtype,
                                                        compile=compile)
             pred.model.pipelined_outputs = pipelined  # outputs copied while the next frame runs
+            pred.model.device_planning = device_planning  # False: the hotstart heuristics on the host
             pred.model.detector.cuda_graphs = det_graphs  # per-frame detector as one CUDA-graph replay (CUDA)
             if tracker_graphs is not None:  # None: the default ("auto")
                 pred.model.tracker.cuda_graphs = tracker_graphs  # the propagation step as a CUDA graph (CUDA)
@@ -435,6 +440,8 @@ def _main(args, tmp):
         for dtype in dtypes:
             concept("sam3fast", dtype, "e2e", lambda d=dtype: ours_predictor(d), ours_mode)
             concept("sam3fast", dtype, "e2e pipelined", lambda d=dtype: ours_predictor(d, pipelined=True), ours_mode)
+            concept("sam3fast", dtype, "e2e host-planning", lambda d=dtype: ours_predictor(d, device_planning=False),
+                    ours_mode)
             if cuda:  # on CPU the detector runs eagerly either way
                 concept("sam3fast", dtype, "e2e det-eager", lambda d=dtype: ours_predictor(d, det_graphs=False),
                         ours_mode)

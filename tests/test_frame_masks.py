@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sam3fast.video.frame_masks import FrameMasks, resize_threshold
+from sam3fast.video.frame_masks import FrameMasks, resize_threshold, to_device_async
 from sam3fast.video.inference import Sam3VideoInference
 
 CUDA = torch.cuda.is_available()
@@ -162,3 +162,28 @@ def test_fused_outputs_on_cuda_equal_the_official_port(dtype):
         fm = FrameMasks(low, ids, size)
         hidden = tuple(ids[3:6])
         _assert_same(_outputs(fm, scores, trk, size, hidden), _outputs(fm.materialize(), scores, trk, size, hidden))
+
+
+def test_clear_compact_and_no_equality():
+    gen = torch.Generator().manual_seed(7)
+    low = _blobs(4, 8, 8, gen)
+    fm = FrameMasks(low, [1, 2, 3, 4], (16, 16))
+    sub = fm.subset([2, 4])
+    small = sub.compact()
+    assert list(small) == [2, 4] and small.low.shape[0] == 2 and torch.equal(small.low, low[[1, 3]])
+    assert fm.compact() is fm
+    with pytest.raises(TypeError, match="not compared"):
+        fm == fm.copy()  # noqa: B015
+    cp = fm.copy()
+    cp.clear()
+    assert len(cp) == 0 and len(fm) == 4
+
+
+def test_to_device_async_copies():
+    a = np.arange(6)[::-1]  # negative strides
+    t = to_device_async(a, torch.long, "cpu")
+    assert t.tolist() == [5, 4, 3, 2, 1, 0]
+    b = np.arange(3)
+    t = to_device_async(b, torch.long, "cpu")
+    b[0] = 9
+    assert t.tolist() == [0, 1, 2]  # a copy, not a view of the caller's array

@@ -618,11 +618,12 @@ def test_concept_video_host_reads_per_frame(checkpoints, clip_dir, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_concept_frames_make_no_implicit_sync(checkpoints, clip_dir, monkeypatch):
-    """On CUDA, a concept-video frame that neither adds nor removes objects waits for the device
-    only where it means to (the planning read and the output read, each an event):
-    ``torch.cuda.set_sync_debug_mode("warn")`` reports no synchronising call (a copy from or to
-    pageable memory, ``.item()``, ``nonzero``...). A blocking host-to-device copy would also wait
-    for the next frame's detection, queued behind the planning copy."""
+    """On CUDA, a concept-video frame that neither adds nor removes objects (nor re-conditions
+    them) waits for the device only where it means to (the planning read, an event), and so does
+    the output path of every frame (its read is an event): ``torch.cuda.set_sync_debug_mode("warn")``
+    reports no synchronising call (a copy from or to pageable memory, ``.item()``, ``nonzero``...).
+    A blocking host-to-device copy would also wait for the next frame's detection, queued behind
+    the planning copy."""
     import warnings
 
     pred = build_sam3_video_predictor(checkpoint_path=checkpoints[RICH_SEED], config=CFG, device="cuda")
@@ -646,12 +647,31 @@ def test_cuda_concept_frames_make_no_implicit_sync(checkpoints, clip_dir, monkey
         per_frame[frame_idx] = (before == after and len(after) > 0, syncs)
         return out
 
+    launch, output_syncs = model._postprocess_launch, []
+
+    def post(*args, **kwargs):  # the output path: launch and read, on every yielded frame
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                read = launch(*args, **kwargs)
+                out = read()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        output_syncs.extend(f"{w.filename}:{w.lineno}: {w.message}" for w in caught
+                            if "synchroniz" in str(w.message))
+        return lambda: out
+
     monkeypatch.setattr(model, "_run_single_frame_inference", run)
+    monkeypatch.setattr(model, "_postprocess_launch", post)
     frames = list(pred.handle_stream_request({"type": "propagate_in_video", "session_id": sid}))
     assert len(frames) == NUM_FRAMES
-    steady = {f: syncs for f, (same, syncs) in per_frame.items() if same and f >= 3}
+    # steady: no object added or removed, and no periodic re-conditioning (tracker state edits)
+    nth = model.recondition_every_nth_frame
+    steady = {f: syncs for f, (same, syncs) in per_frame.items() if same and f >= 3 and not (nth > 0 and f % nth == 0)}
     assert len(steady) >= 3, {f: same for f, (same, _) in per_frame.items()}
     assert all(not syncs for syncs in steady.values()), steady
+    assert not output_syncs, output_syncs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -737,6 +757,62 @@ def test_retired_outputs_session_matches(checkpoints, clip_dir, monkeypatch):
             assert fa["outputs"]["out_obj_ids"].tolist() == fb["outputs"]["out_obj_ids"].tolist()
             assert np.array_equal(fa["outputs"]["out_binary_masks"], fb["outputs"]["out_binary_masks"])
             assert np.array_equal(fa["outputs"]["out_probs"], fb["outputs"]["out_probs"])
+
+
+def test_retired_frame_masks_are_host_copies(checkpoints, clip_dir, monkeypatch):
+    """A full propagation caches every frame with objects as FrameMasks whose logits are the
+    retired (host) copy, one per frame, holding the rows of its unhidden objects only."""
+    copies = set()
+
+    def to_host(v):
+        c = v.clone()
+        copies.add(c.data_ptr())
+        return c
+
+    pred = build_sam3_video_predictor(checkpoint_path=checkpoints[RICH_SEED], config=CFG, device="cpu")
+    monkeypatch.setattr(pred.model, "_retires_outputs", lambda: True)
+    monkeypatch.setattr(pred.model, "_to_host", to_host)
+    steps = [{"type": "add_prompt", "frame_index": 0, "text": "blob"},
+             {"type": "propagate_in_video", "propagation_direction": "forward"}]
+    records = run_our_session(pred, clip_dir, steps, close=False)
+    state = next(iter(pred._ALL_INFERENCE_STATES.values()))["state"]
+    cache = state["cached_frame_outputs"]
+    assert sorted(cache) == list(range(NUM_FRAMES))
+    assert all(isinstance(f, FrameMasks) or len(f) == 0 for f in cache.values())  # ({} without objects)
+    held = [f for f in cache.values() if isinstance(f, FrameMasks)]
+    assert len(held) >= NUM_FRAMES // 2
+    # one host copy per frame (not per object; the prompt frame runs twice); a frame with hidden
+    # objects keeps a gather of it
+    assert len(held) <= len(copies) <= len(held) + 1 and any(f.low.data_ptr() in copies for f in held)
+    assert all(f.low.shape[0] == len(f) for f in held)
+    shown = {r["frame_index"]: set(r["outputs"]["out_obj_ids"].tolist()) for r in records[-1]["response"]}
+    assert any(shown.values())
+    for t, f in cache.items():  # the cache holds at least the shown objects (empty ones too)
+        assert shown[t] <= set(f), (t, shown[t], list(f))
+
+
+def test_memory_encoder_passes_do_not_change_the_session(checkpoints, clip_dir, monkeypatch):
+    """The memory encoder over several sessions in one pass (the default) or one pass per session
+    (the official's way, MEMORY_ENCODER_ROWS = 1): the same session."""
+    from sam3fast.video import inference
+
+    steps = [{"type": "add_prompt", "frame_index": 0, "text": "blob"},
+             {"type": "propagate_in_video", "propagation_direction": "forward"}]
+    runs, calls = {}, {}
+    for rows in (64, 1):
+        monkeypatch.setattr(inference, "MEMORY_ENCODER_ROWS", rows)
+        pred = build_sam3_video_predictor(checkpoint_path=checkpoints[RICH_SEED], config=CFG, device="cpu")
+        encode, n = pred.model.tracker._run_memory_encoder, [0]
+
+        def counted(*a, encode=encode, n=n, **k):
+            n[0] += 1
+            return encode(*a, **k)
+
+        monkeypatch.setattr(pred.model.tracker, "_run_memory_encoder", counted)
+        runs[rows] = run_our_session(pred, clip_dir, steps)
+        calls[rows] = n[0]
+    compare_sessions(runs[1], runs[64])
+    assert calls[1] > calls[64] + 3, calls  # frames with several sessions occurred
 
 
 @pytest.mark.parametrize("hotstart", [True, False], ids=["hotstart", "no_hotstart"])

@@ -79,6 +79,11 @@ j within again, and the official removes j on its first frame for the pair (i, j
 
 Device-side, no host sync and no Python branch on tensor values (branches on shapes and settings
 only): every output has a fixed shape given (Q, M); the re-layout takes a host-built index tensor.
+
+Memory: the pair counts are an (M, M) int64 matrix, and a frame makes a few temporaries of that
+size: 8 MB each at 1000 tracks, 200 MB at 5000 (the official's dict grows with the pairs seen
+only). SAM 3 videos track tens of objects; ``device_planning = False`` is the way out for
+thousands.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ one row per object, and the output size. Reading ``masks[obj_id]`` makes that ma
 resize and threshold, in float32) and gives the very values the official builds: float32
 bilinear interpolation of float32 logits is the official's computation, and for bfloat16 or
 float16 logits it only skips the final rounding of the interpolated value to that dtype, which
-never changes its sign. The video model's output path does not read the masks one by one: it hands
+keeps its sign unless it underflows to 0 there (below ~6e-8 in float16, ~1e-40 in bfloat16; the
+SAM 3 tracker's logits are float32 in a bfloat16 model, the detector's masks bfloat16). The video model's output path does not read the masks one by one: it hands
 the logits to ``sam3fast::mask_postprocess`` (:func:`sam3fast.ops.mask_postprocess`), which
 resizes, thresholds, applies the non-overlap rule, measures boxes and bit-packs in one pass, so
 neither the held frames, the cache, nor the copy to the host carry full-resolution bytes
@@ -36,14 +37,15 @@ __all__ = ["FrameMasks", "resize_threshold", "to_device_async"]
 
 
 def to_device_async(values, dtype: torch.dtype, device) -> Tensor:
-    """Host values (a list or numpy array) as a ``dtype`` tensor on ``device``. On CUDA through
-    pinned memory without waiting: a copy from pageable memory synchronises the stream, i.e. waits
-    for every kernel queued before it (in the video loop, the next frame's detection)."""
-    t = torch.as_tensor(np.asarray(values), dtype=dtype)
+    """Host values (a list or numpy array) as a new ``dtype`` tensor on ``device`` (never a view
+    of ``values``). On CUDA through pinned memory without waiting: a copy from pageable memory
+    synchronises the stream, i.e. waits for every kernel queued before it (in the video loop, the
+    next frame's detection)."""
+    t = torch.as_tensor(np.ascontiguousarray(values), dtype=dtype)
     device = torch.device(device)
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    return t.to(device, copy=True)
 
 
 def resize_threshold(logits: Tensor, size: Tuple[int, int]) -> Tensor:
@@ -58,7 +60,9 @@ class FrameMasks(MutableMapping):
     """``obj_id -> (1, H, W) bool`` for one frame, stored as ``low`` (N, h, w) logits (any floating
     dtype, any device) and ``size`` (H, W). Rows may be shared by several instances (``subset``,
     ``copy``): nothing writes into ``low`` after construction. Deleting a key (``pop``, ``del``)
-    forgets that object; setting a key is refused (:meth:`materialize` gives a plain dict)."""
+    forgets that object; setting a key is refused (:meth:`materialize` gives a plain dict). Every
+    read of a value makes that mask (``[k]``, ``get``, ``values``, ``items``, ``pop``): the video
+    model reads keys and logits only; ``==`` is refused (it would compare masks)."""
 
     __slots__ = ("low", "size", "_rows")
 
@@ -88,6 +92,14 @@ class FrameMasks(MutableMapping):
     def __contains__(self, obj_id) -> bool:  # (Mapping's default reads the value: it would make the mask)
         return obj_id in self._rows
 
+    def clear(self) -> None:  # (MutableMapping's pops every item: it would make every mask)
+        self._rows.clear()
+
+    def __eq__(self, other):
+        raise TypeError("FrameMasks are not compared (that would make every mask); compare keys or logits")
+
+    __hash__ = None
+
     def __iter__(self) -> Iterator[int]:
         return iter(self._rows)
 
@@ -107,6 +119,17 @@ class FrameMasks(MutableMapping):
         """The objects of ``keys`` (in this mapping's order), sharing ``low``."""
         keep = set(keys)
         return FrameMasks(self.low, (), self.size, rows={k: r for k, r in self._rows.items() if k in keep})
+
+    def compact(self) -> "FrameMasks":
+        """The same objects over a ``low`` holding their rows only (a gather when other rows are
+        held: objects deleted or left out by ``subset``)."""
+        if len(self._rows) == self.low.shape[0]:
+            return self
+        ids = list(self._rows)
+        low = self.logits(ids)
+        if low.device.type == "cpu" and self.low.is_pinned():
+            low = low.pin_memory()  # (retired logits go back to the device without a wait)
+        return FrameMasks(low, ids, self.size)
 
     def with_low(self, low: Tensor) -> "FrameMasks":
         """The same objects over ``low`` (the same rows elsewhere, e.g. a host copy)."""

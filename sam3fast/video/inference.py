@@ -231,6 +231,27 @@ def _propagate_states_one_by_one(inference_states, frame_idx, reverse, run_mem_e
 
 
 
+# Rows (objects) of one memory-encoder pass over several tracker sessions
+# (Sam3VideoBase._tracker_update_memories); a larger session runs alone, as the official runs each.
+MEMORY_ENCODER_ROWS = 64
+
+
+def _row_groups(states, max_rows: int):
+    """``states`` (tracker sessions, in order) split into consecutive groups of at most
+    ``max_rows`` objects in all (a session with more forms a group of its own)."""
+    groups, cur, n = [], [], 0
+    for st in states:
+        k = len(st["obj_ids"])
+        if cur and n + k > max_rows:
+            groups.append(cur)
+            cur, n = [], 0
+        cur.append(st)
+        n += k
+    if cur:
+        groups.append(cur)
+    return groups
+
+
 def _copy_to_host_async(t: Tensor):
     """``(host, ready)``: ``t`` (CUDA) copied asynchronously into pinned host memory, on the current
     stream, and an event recorded after the copy (wait on it before reading ``host``)."""
@@ -896,7 +917,8 @@ class Sam3VideoBase(nn.Module):
                 ids.append(obj_id)
         if not ids:
             return {}
-        dtype = functools.reduce(torch.promote_types, [p.dtype for p in parts])
+        dtypes = [p.dtype for p in parts] + ([det_out["mask"].dtype] if recondition else [])
+        dtype = functools.reduce(torch.promote_types, dtypes)
         low = torch.cat([p.to(dtype) for p in parts])  # a new tensor: later frames write nothing here
         for obj_id, det_idx in recondition.items():
             low[ids.index(obj_id)] = det_out["mask"][det_idx]
@@ -1086,30 +1108,33 @@ class Sam3VideoBase(nn.Module):
         states = [st for st in tracker_inference_states if len(st["obj_ids"]) > 0]
         if not states:
             return
-        # sam3fast: one memory-encoder pass over the objects of every session (the official runs
-        # one per session; they share the frame's features), each session keeping its rows
-        first = int(sum(tracker_metadata["num_obj_per_gpu"][: self.rank]))
-        total = sum(len(st["obj_ids"]) for st in states)
-        features_all, pos_all = self.tracker._run_memory_encoder(
-            states[0], frame_idx, total, high_res_masks[first:first + total],
-            object_score_logits[first:first + total], is_mask_from_pts=False,
-        )
-        start = 0
-        for tracker_state in states:
-            end = start + len(tracker_state["obj_ids"])
-            maskmem_features = features_all[start:end]
-            maskmem_pos_enc = self.tracker._get_maskmem_pos_enc(
-                tracker_state, {"maskmem_pos_enc": [p[start:end] for p in pos_all]})
-            output_dict = tracker_state["output_dict"]
-            for storage_key in ["cond_frame_outputs", "non_cond_frame_outputs"]:
-                if frame_idx not in output_dict[storage_key]:
-                    continue
-                output_dict[storage_key][frame_idx]["maskmem_features"] = maskmem_features
-                output_dict[storage_key][frame_idx]["maskmem_pos_enc"] = [p for p in maskmem_pos_enc]
-                self.tracker._add_output_per_object(inference_state=tracker_state, frame_idx=frame_idx,
-                                                    current_out=output_dict[storage_key][frame_idx],
-                                                    storage_key=storage_key)
-            start = end
+        # sam3fast: one memory-encoder pass over the objects of several sessions (the official runs
+        # one per session; they share the frame's features), each session keeping its rows; passes
+        # of at most MEMORY_ENCODER_ROWS rows (or one larger session), which bounds the activations
+        start = int(sum(tracker_metadata["num_obj_per_gpu"][: self.rank]))
+        for group in _row_groups(states, MEMORY_ENCODER_ROWS):
+            total = sum(len(st["obj_ids"]) for st in group)
+            features_all, pos_all = self.tracker._run_memory_encoder(
+                group[0], frame_idx, total, high_res_masks[start:start + total],
+                object_score_logits[start:start + total], is_mask_from_pts=False,
+            )
+            a = 0
+            for tracker_state in group:
+                b = a + len(tracker_state["obj_ids"])
+                maskmem_features = features_all[a:b]
+                maskmem_pos_enc = self.tracker._get_maskmem_pos_enc(
+                    tracker_state, {"maskmem_pos_enc": [p[a:b] for p in pos_all]})
+                output_dict = tracker_state["output_dict"]
+                for storage_key in ["cond_frame_outputs", "non_cond_frame_outputs"]:
+                    if frame_idx not in output_dict[storage_key]:
+                        continue
+                    output_dict[storage_key][frame_idx]["maskmem_features"] = maskmem_features
+                    output_dict[storage_key][frame_idx]["maskmem_pos_enc"] = [p for p in maskmem_pos_enc]
+                    self.tracker._add_output_per_object(inference_state=tracker_state, frame_idx=frame_idx,
+                                                        current_out=output_dict[storage_key][frame_idx],
+                                                        storage_key=storage_key)
+                a = b
+            start += total
 
     def _tracker_add_new_objects(self, frame_idx: int, num_frames: int, new_obj_ids, new_obj_masks: Tensor,
                                  tracker_states_local: List[Any], orig_vid_height: int, orig_vid_width: int,
@@ -1585,12 +1610,13 @@ class Sam3VideoInference(Sam3VideoBase):
                 exclude.update(ids)
         if refilter and frame_idx in cache and cache[frame_idx].keys() == obj_id_to_mask.keys():
             entry = cache[frame_idx]
-            cache[frame_idx] = (entry.subset(k for k in entry if k not in exclude) if isinstance(entry, FrameMasks)
-                                else {k: v for k, v in entry.items() if k not in exclude})
+            # (the hidden objects' rows leave the cached logits)
+            cache[frame_idx] = (entry.subset(k for k in entry if k not in exclude).compact()
+                                if isinstance(entry, FrameMasks) else {k: v for k, v in entry.items() if k not in exclude})
             return
         retire = self._retires_outputs()
         if isinstance(obj_id_to_mask, FrameMasks):  # one copy of the frame's logits
-            fm = obj_id_to_mask.subset(k for k in obj_id_to_mask if k not in exclude)
+            fm = obj_id_to_mask.subset(k for k in obj_id_to_mask if k not in exclude).compact()
             cache[frame_idx] = fm.with_low(self._to_host(fm.low)) if retire else fm
             return
         cache[frame_idx] = {k: (self._to_host(v) if retire and isinstance(v, Tensor) else v)
