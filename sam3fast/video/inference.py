@@ -79,6 +79,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..ops import connected_component_sizes, mask_postprocess
+from ..profiling import stage
 from .association import associate_detections
 from .detector import mask_iou_matrix
 from .device_plan import (NO_FRAME, PlanSettings, decode_plan, device_plan_refusal, empty_state, layout_rows,
@@ -381,33 +382,37 @@ class Sam3VideoBase(nn.Module):
         is_image_only: bool = False,
         allow_new_detections: bool = True,
     ):
-        det_out = self.run_backbone_and_detection(
-            frame_idx=frame_idx, num_frames=num_frames, reverse=reverse, input_batch=input_batch,
-            geometric_prompt=geometric_prompt, feature_cache=feature_cache,
-            allow_new_detections=allow_new_detections,
-        )
+        with stage("video_detection"):
+            det_out = self.run_backbone_and_detection(
+                frame_idx=frame_idx, num_frames=num_frames, reverse=reverse, input_batch=input_batch,
+                geometric_prompt=geometric_prompt, feature_cache=feature_cache,
+                allow_new_detections=allow_new_detections,
+            )
         if tracker_metadata_prev == {}:
             tracker_metadata_prev.update(self._initialize_metadata())
-        tracker_low_res_masks_global, tracker_obj_scores_global = self.run_tracker_propagation(
-            frame_idx=frame_idx, num_frames=num_frames, reverse=reverse,
-            tracker_states_local=tracker_states_local, tracker_metadata_prev=tracker_metadata_prev,
-        )
+        with stage("video_tracker_propagation"):
+            tracker_low_res_masks_global, tracker_obj_scores_global = self.run_tracker_propagation(
+                frame_idx=frame_idx, num_frames=num_frames, reverse=reverse,
+                tracker_states_local=tracker_states_local, tracker_metadata_prev=tracker_metadata_prev,
+            )
         # note: planning suppresses occluded objects in ``tracker_low_res_masks_global`` in place;
         # the outputs below see that, as the official's do
-        tracker_update_plan, tracker_metadata_new = self.run_tracker_update_planning_phase(
-            frame_idx=frame_idx, num_frames=num_frames, reverse=reverse, det_out=det_out,
-            tracker_low_res_masks_global=tracker_low_res_masks_global,
-            tracker_obj_scores_global=tracker_obj_scores_global,
-            tracker_metadata_prev=tracker_metadata_prev, tracker_states_local=tracker_states_local,
-            is_image_only=is_image_only,
-        )
+        with stage("video_planning"):
+            tracker_update_plan, tracker_metadata_new = self.run_tracker_update_planning_phase(
+                frame_idx=frame_idx, num_frames=num_frames, reverse=reverse, det_out=det_out,
+                tracker_low_res_masks_global=tracker_low_res_masks_global,
+                tracker_obj_scores_global=tracker_obj_scores_global,
+                tracker_metadata_prev=tracker_metadata_prev, tracker_states_local=tracker_states_local,
+                is_image_only=is_image_only,
+            )
         reconditioned_obj_ids = tracker_update_plan.get("reconditioned_obj_ids", set())
         det_to_matched_trk_obj_ids = tracker_update_plan.get("det_to_matched_trk_obj_ids", {})
-        tracker_states_local_new = self.run_tracker_update_execution_phase(
-            frame_idx=frame_idx, num_frames=num_frames, reverse=reverse, det_out=det_out,
-            tracker_states_local=tracker_states_local, tracker_update_plan=tracker_update_plan,
-            orig_vid_height=orig_vid_height, orig_vid_width=orig_vid_width, feature_cache=feature_cache,
-        )
+        with stage("video_execution"):
+            tracker_states_local_new = self.run_tracker_update_execution_phase(
+                frame_idx=frame_idx, num_frames=num_frames, reverse=reverse, det_out=det_out,
+                tracker_states_local=tracker_states_local, tracker_update_plan=tracker_update_plan,
+                orig_vid_height=orig_vid_height, orig_vid_width=orig_vid_width, feature_cache=feature_cache,
+            )
         if self.rank == 0:
             obj_id_to_mask = self.build_outputs(
                 frame_idx=frame_idx, num_frames=num_frames, reverse=reverse, det_out=det_out,
@@ -1015,7 +1020,8 @@ class Sam3VideoBase(nn.Module):
             return flat.numpy()
         host, ready = _copy_to_host_async(flat)
         self.detector.run_deferred()
-        ready.synchronize()  # host sync (the one read)
+        with stage("video_planning_read"):
+            ready.synchronize()  # host sync (the one read)
         return host.numpy()
 
     def _assign_new_det_to_gpus(self, new_det_num, prev_workload_per_gpu):
@@ -1108,6 +1114,11 @@ class Sam3VideoBase(nn.Module):
         states = [st for st in tracker_inference_states if len(st["obj_ids"]) > 0]
         if not states:
             return
+        with stage("video_memory_encoder"):
+            self._encode_session_memories(states, frame_idx, tracker_metadata, high_res_masks, object_score_logits)
+
+    def _encode_session_memories(self, states, frame_idx, tracker_metadata, high_res_masks, object_score_logits):
+        """:meth:`_tracker_update_memories`'s encoding and storing, for the sessions with objects."""
         # sam3fast: one memory-encoder pass over the objects of several sessions (the official runs
         # one per session; they share the frame's features), each session keeping its rows; passes
         # of at most MEMORY_ENCODER_ROWS rows (or one larger session), which bounds the activations
@@ -1423,8 +1434,10 @@ class Sam3VideoInference(Sam3VideoBase):
                                 else yield_frame_idx - unconfirmed_status_delay)
                 status_frame = max(0, min(status_frame, inference_state["num_frames"] - 1))
                 unconfirmed_obj_ids = unconfirmed_obj_ids_per_frame.get(status_frame, None)
-                finish = self._postprocess_launch(inference_state, self._on_device(yield_out),
-                                                  hotstart_removed_obj_ids, suppressed_obj_ids, unconfirmed_obj_ids)
+                with stage("video_postprocess"):
+                    finish = self._postprocess_launch(inference_state, self._on_device(yield_out),
+                                                      hotstart_removed_obj_ids, suppressed_obj_ids,
+                                                      unconfirmed_obj_ids)
                 self._cache_frame_outputs(inference_state, yield_frame_idx, yield_out["obj_id_to_mask"],
                                           suppressed_obj_ids=suppressed_obj_ids,
                                           removed_obj_ids=hotstart_removed_obj_ids,
@@ -1536,7 +1549,8 @@ class Sam3VideoInference(Sam3VideoBase):
 
         def read_outputs():
             if ready is not None:
-                ready.synchronize()  # (already passed when the next frame's planning read came first)
+                with stage("video_output_read"):
+                    ready.synchronize()  # (already passed when the next frame's planning read came first)
             flat = host.numpy()
             keep_np = flat[:N].view(np.bool_)
             return {
@@ -1581,7 +1595,8 @@ class Sam3VideoInference(Sam3VideoBase):
 
         def read_outputs():
             if ready is not None:
-                ready.synchronize()  # (already passed when the next frame's planning read came first)
+                with stage("video_output_read"):
+                    ready.synchronize()  # (already passed when the next frame's planning read came first)
             a = host.numpy()
             keep_np = a[:N].view(np.bool_)
             bits = np.unpackbits(a[17 * N:].reshape(N, H, 4 * WP)[keep_np], axis=-1, bitorder="little")
