@@ -1625,9 +1625,14 @@ class Sam3VideoInference(Sam3VideoBase):
                 exclude.update(ids)
         if refilter and frame_idx in cache and cache[frame_idx].keys() == obj_id_to_mask.keys():
             entry = cache[frame_idx]
-            # (the hidden objects' rows leave the cached logits)
-            cache[frame_idx] = (entry.subset(k for k in entry if k not in exclude).compact()
-                                if isinstance(entry, FrameMasks) else {k: v for k, v in entry.items() if k not in exclude})
+            if isinstance(entry, FrameMasks):
+                # the hidden objects' rows leave the cached logits (a gather of the retired host
+                # copy stays on the host: _to_host of a host tensor is that tensor)
+                fm = entry.subset(k for k in entry if k not in exclude).compact()
+                retired = fm.low is not entry.low and self._retires_outputs()
+                cache[frame_idx] = fm.with_low(self._to_host(fm.low)) if retired else fm
+            else:
+                cache[frame_idx] = {k: v for k, v in entry.items() if k not in exclude}
             return
         retire = self._retires_outputs()
         if isinstance(obj_id_to_mask, FrameMasks):  # one copy of the frame's logits
