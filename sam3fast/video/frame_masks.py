@@ -126,7 +126,7 @@ class FrameMasks(MutableMapping):
         if len(self._rows) == self.low.shape[0]:
             return self
         ids = list(self._rows)
-        low = self.logits(ids)
+        low = self.logits(ids).clone()  # (a slice would keep the whole storage alive)
         if low.device.type == "cpu" and self.low.is_pinned():
             low = low.pin_memory()  # (retired logits go back to the device without a wait)
         return FrameMasks(low, ids, self.size)
