@@ -8,7 +8,15 @@ Each case is B problems of (N, M) float32 costs. Methods (those that are availab
   tla_cuda        torch_linear_assignment.batch_linear_assignment on a CUDA tensor, if installed
 Times are medians over repeats, in ms per batch; every answer is checked against scipy's
 optimal cost. Usage: python bench/bench_assignment.py [--smoke] [--repeats R] [--cases B,N,M ...]
-(--smoke: small CPU cases, a few seconds; for CI).
+[--no-knobs | --knobs-only] (--smoke: small CPU cases, a few seconds; for CI).
+
+On CUDA a second table times sam3fast_cuda alone under the launcher's tuning knobs
+(csrc/cuda/assignment_tuning.h), one 200x128 problem and 1000 of 64x64: SAM3FAST_LSA_THREADS
+(0 = the size rule, 32 = one warp, 64), SAM3FAST_LSA_INIT (0 none, 1 row reduction + greedy, 2 + reduction
+transfer) and SAM3FAST_LSA_STAGE (1 = stage the costs in shared memory up to the opt-in limit). The launcher
+reads them at every call, so the script sets them in os.environ between calls (and restores them). Columns:
+ms/batch as above (host clock around a synchronised call: includes the op's dispatch and launch) and
+graph us/call, the device time per call of 20 calls replayed from one CUDA graph (no host overhead).
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 
 import numpy as np
@@ -38,6 +47,11 @@ except ImportError:
 FULL_CASES = [(1, 16, 16), (1, 100, 100), (1, 256, 256), (1, 200, 300), (1, 200, 128), (64, 32, 32), (1024, 16, 16),
               (1000, 64, 64), (4096, 8, 12), (256, 64, 100), (64, 256, 256)]
 SMOKE_CASES = [(1, 32, 32), (64, 8, 12), (200, 6, 9), (8, 40, 25)]
+KNOB_CASES = [(1, 200, 128), (1000, 64, 64)]
+# (SAM3FAST_LSA_THREADS, SAM3FAST_LSA_INIT, SAM3FAST_LSA_STAGE); the first is the launcher's default
+KNOB_SETTINGS = [("0", "2", "0"), ("0", "1", "0"), ("0", "0", "0"), ("32", "2", "0"), ("32", "0", "0"),
+                 ("64", "2", "0"), ("64", "0", "0"), ("0", "2", "1"), ("32", "2", "1")]
+KNOB_VARS = ("SAM3FAST_LSA_THREADS", "SAM3FAST_LSA_INIT", "SAM3FAST_LSA_STAGE")
 
 
 def scipy_loop(cost_cpu: torch.Tensor) -> torch.Tensor:
@@ -70,12 +84,69 @@ def methods(cost_cpu: torch.Tensor, use_cuda: bool):
             yield "tla_cuda", True, lambda: tla_batch(cost_gpu)
 
 
+def graphed_us(fn, calls: int = 20, reps: int = 5) -> float:
+    """Median device microseconds per call of ``fn`` over ``reps`` replays of one CUDA graph of ``calls``
+    calls (CUDA events around each replay)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def knob_rows(repeats: int, g: torch.Generator) -> None:
+    """sam3fast_cuda under each KNOB_SETTINGS entry (set in os.environ, restored after)."""
+    print("# launcher knobs (csrc/cuda/assignment_tuning.h), sam3fast_cuda only; threads 0 = the size rule; "
+          "first row of each case = the defaults")
+    print(f"{'B':>5} {'N':>4} {'M':>4}  {'threads':>7} {'init':>4} {'stage':>5} {'ms/batch':>10} {'graph us/call':>14}")
+    saved = {k: os.environ.get(k) for k in KNOB_VARS}
+    try:
+        for B, n, m in KNOB_CASES:
+            cost = torch.rand(B, n, m, generator=g)
+            ref_cost = total_cost(cost, batched_linear_sum_assignment(cost))  # the CPU op: scipy's answers
+            cost_gpu = cost.cuda()
+            fn = lambda: batched_linear_sum_assignment(cost_gpu)  # noqa: E731
+            for setting in KNOB_SETTINGS:
+                os.environ.update(zip(KNOB_VARS, setting))
+                ms, out = timed(fn, repeats, True)
+                got = total_cost(cost, out)
+                if not torch.allclose(got, ref_cost, rtol=1e-9, atol=1e-9):
+                    raise AssertionError(f"knobs {setting} on {(B, n, m)}: not optimal "
+                                         f"(max diff {(got - ref_cost).abs().max()})")
+                us = graphed_us(fn)
+                threads, init, stage = setting
+                print(f"{B:>5} {n:>4} {m:>4}  {threads:>7} {init:>4} {stage:>5} {ms:>10.3f} {us:>14.1f}")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="small CPU cases only (CI)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--cases", nargs="*", default=None, help="B,N,M triples")
     ap.add_argument("--cpu-only", action="store_true")
+    ap.add_argument("--no-knobs", action="store_true", help="skip the CUDA launcher knob table")
+    ap.add_argument("--knobs-only", action="store_true", help="only the CUDA launcher knob table")
     args = ap.parse_args()
 
     cases = [tuple(int(x) for x in c.split(",")) for c in args.cases] if args.cases else (
@@ -89,6 +160,8 @@ def main() -> None:
     print(f"# tla = torch-linear-assignment: {'installed' if tla_batch is not None else 'not installed'}")
     print(f"{'B':>5} {'N':>4} {'M':>4}  {'method':<16} {'ms/batch':>10} {'us/problem':>11} {'vs scipy':>9}")
     g = torch.Generator().manual_seed(0)
+    if args.knobs_only:
+        cases = []
     for B, n, m in cases:
         cost = torch.rand(B, n, m, generator=g)
         ref_cost = total_cost(cost, scipy_loop(cost))
@@ -102,6 +175,9 @@ def main() -> None:
         base = dict(rows)["scipy_cpu"]
         for name, ms in rows:
             print(f"{B:>5} {n:>4} {m:>4}  {name:<16} {ms:>10.3f} {ms * 1e3 / B:>11.1f} {base / ms:>8.1f}x")
+    has_op = use_cuda and torch._C._dispatch_has_kernel_for_dispatch_key("sam3fast::linear_sum_assignment", "CUDA")
+    if has_op and not args.no_knobs:
+        knob_rows(repeats, g)
 
 if __name__ == "__main__":
     main()

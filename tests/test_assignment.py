@@ -235,6 +235,44 @@ def test_cuda_matches_cpu(n, m, dtype, kind):
 
 @pytest.mark.gpu
 @needs_cuda_op
+def test_cuda_launcher_knobs(monkeypatch, capfd):
+    """Every setting of the launcher's tuning knobs (csrc/cuda/assignment_tuning.h; read at every
+    call) reaches the CPU optimum: block size rule / 32 (one warp, __syncwarp) / 64 / 256 threads,
+    initialisation none / row reduction / + reduction transfer, shared-memory staging up to 48 KiB
+    or the opt-in limit (200x128 and 200x256 float32 stage only with the opt-in)."""
+    wide = random_cost(6, 6, 9, torch.float64, seed=24, kind="inf", inf_rate=0.4)
+    wide[0, 2, :] = float("inf")  # a row with no allowed column (caught by the initialisation)
+    wide[1, :3, 1:] = float("inf")  # three rows share one column (caught by a search)
+    tall = wide.transpose(1, 2).contiguous()
+    cases = [random_cost(1, 200, 128, torch.float32, seed=21), random_cost(2, 200, 256, torch.float32, seed=22),
+             random_cost(8, 64, 64, torch.float32, seed=23, kind="ties"), wide, tall,
+             random_cost(4, 1, 7, torch.float32, seed=26), random_cost(4, 7, 1, torch.float32, seed=27),
+             torch.full((3, 5, 9), 2.0)]
+    refs = [linear_sum_assignment_with_status(c) for c in cases]
+    assert refs[3][1][:2].tolist() == [False, False] and refs[3][1][2:].any()
+    settings = [(t, i, s) for t in ("0", "32", "64", "256") for i in ("0", "1", "2") for s in ("0", "1")]
+    for threads, init, stage in settings + [("48", "7", "x")]:  # invalid values: the defaults
+        monkeypatch.setenv("SAM3FAST_LSA_THREADS", threads)
+        monkeypatch.setenv("SAM3FAST_LSA_INIT", init)
+        monkeypatch.setenv("SAM3FAST_LSA_STAGE", stage)
+        for cost, (want, want_ok) in zip(cases, refs):
+            got, got_ok = linear_sum_assignment_with_status(cost.cuda())
+            got, got_ok = got.cpu(), got_ok.cpu()
+            where = f"threads={threads} init={init} stage={stage} shape={tuple(cost.shape)}"
+            assert torch.equal(got_ok, want_ok), where
+            assert (got[~want_ok] == -1).all(), where
+            if want_ok.any():
+                n, m = cost.shape[1:]
+                check_valid(got[want_ok], n, m)
+                torch.testing.assert_close(total_cost(cost[want_ok], got[want_ok]),
+                                           total_cost(cost[want_ok], want[want_ok]), rtol=1e-12, atol=1e-9,
+                                           msg=where)
+        assert torch.equal(got, torch.arange(5).expand(3, 5))  # all-equal costs: the identity, as on CPU
+    assert "ignoring SAM3FAST_LSA_THREADS=48" in capfd.readouterr().err
+
+
+@pytest.mark.gpu
+@needs_cuda_op
 def test_cuda_large_batch_and_flags():
     cost = random_cost(4096, 8, 12, torch.float32, seed=5)
     cost[7, 0, 0] = float("nan")

@@ -63,7 +63,7 @@ if [[ $PHASE == a ]]; then
     python3 -m sam3fast.info >"$OUT/info.txt" 2>&1
     step gpu_tests_first 120 220 python3 -m pytest -m "gpu and not slow" -q -p no:cacheprovider --timeout 120 -rfE \
         --junitxml "$OUT/gpu_tests_first.xml" $FIRST
-    step bench_assignment 40 35 python3 bench/bench_assignment.py
+    step bench_assignment 70 60 python3 bench/bench_assignment.py
     step bench_mask_iou 30 30 python3 bench/bench_mask_iou.py
     step bench_rpb 30 40 python3 bench/bench_rpb_attention.py --no-compile
 else

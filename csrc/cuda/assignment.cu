@@ -1,11 +1,22 @@
 // Batched exact linear sum assignment: one thread block per problem (see assignment_block.cuh).
 //
-// Grid: B blocks. Block: 32..256 threads, about two columns per thread; problems up to 32 columns
-// run in one warp, whose argmin is a register butterfly with no __syncthreads. When the cost
-// matrix fits in 48 KiB of shared memory alongside the search state it is staged there, since
-// each Dijkstra step re-reads one row of it with a dependent (latency-bound) load.
+// Grid: B blocks. Block: 32..256 threads, about two columns per thread; problems up to 64 columns
+// run in one warp, which synchronises with __syncwarp and takes its argmin from a register
+// butterfly (no shared memory, no __syncthreads). When the cost matrix fits in 48 KiB of shared
+// memory alongside the search state it is staged there, since each Dijkstra step re-reads one row
+// of it with a dependent (latency-bound) load. Before the searches, row reduction, a greedy
+// matching and reduction transfer (assignment_block.cuh) leave only the conflicting rows to
+// search for: with few problems the time is about the number of searches and Dijkstra steps, each
+// a few barriers, not the arithmetic. The block size, the initialisation and the staging limit
+// can be forced (SAM3FAST_LSA_THREADS / _INIT / _STAGE, read at every call: see
+// assignment_tuning.h) for benchmarks (bench/bench_assignment.py) and tests.
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+
 #include "assignment.h"
 #include "assignment_block.cuh"
+#include "assignment_tuning.h"
 
 namespace sam3fast {
 namespace {
@@ -15,7 +26,9 @@ using lsa_block::LsaCand;
 constexpr int kMaxThreads = 256;
 constexpr int kColsPerThread = 2;
 constexpr int64_t kDefaultSmem = 48 * 1024;
+constexpr int64_t kScratchBytes = sizeof(LsaCand) * 64;  // CudaBlock's static shared memory
 
+// Two or more warps: barriers are __syncthreads, the argmin goes through shared memory.
 struct CudaBlock {
   LsaCand* scratch;  // 2 x 32 warp minima; alternating halves make back-to-back argmins safe
   int parity;
@@ -24,6 +37,7 @@ struct CudaBlock {
   __device__ int size() const { return blockDim.x; }
   __device__ void sync() { __syncthreads(); }
   __device__ bool any(bool p) { return __syncthreads_or(p) != 0; }
+  __device__ bool argmin_fences() const { return blockDim.x > 32; }
 
   __device__ LsaCand argmin(LsaCand c) {
 #pragma unroll
@@ -46,58 +60,154 @@ struct CudaBlock {
   }
 };
 
-template <typename T, bool kStage>
-__global__ void __launch_bounds__(kMaxThreads)
+// Exactly one warp: __syncwarp orders shared memory among its lanes at a fraction of the cost of
+// __syncthreads; size() is a constant, so the column ownership test j % 32 is a mask.
+struct WarpBlock {
+  __device__ int tid() const { return threadIdx.x; }
+  __device__ int size() const { return 32; }
+  __device__ void sync() { __syncwarp(); }
+  __device__ bool any(bool p) {
+    __syncwarp();  // the vote alone orders no memory accesses
+    return __any_sync(0xffffffffu, p) != 0;
+  }
+  __device__ bool argmin_fences() const { return false; }
+
+  __device__ LsaCand argmin(LsaCand c) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const LsaCand o{__shfl_xor_sync(0xffffffffu, c.value, off),
+                      __shfl_xor_sync(0xffffffffu, c.key, off)};
+      if (lsa_block::cand_less(o, c)) c = o;
+    }
+    return c;
+  }
+};
+
+template <typename T, bool kStage, bool kWarp>
+__global__ void __launch_bounds__(kWarp ? 32 : kMaxThreads)
     lsa_kernel(const T* __restrict__ cost, int n, int m, int64_t* __restrict__ assignment,
-               bool* __restrict__ feasible) {
+               bool* __restrict__ feasible, int init) {
   extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ LsaCand scratch[64];
-  CudaBlock blk{scratch, 0};
   const int64_t b = blockIdx.x;
-  lsa_block::solve_block<T, kStage>(blk, cost + b * n * m, n, m, assignment + b * n,
-                                    feasible + b, smem);
+  if constexpr (kWarp) {
+    WarpBlock blk;
+    lsa_block::solve_block<T, kStage>(blk, cost + b * n * m, n, m, assignment + b * n,
+                                      feasible + b, smem, init);
+  } else {
+    __shared__ LsaCand scratch[64];
+    CudaBlock blk{scratch, 0};
+    lsa_block::solve_block<T, kStage>(blk, cost + b * n * m, n, m, assignment + b * n,
+                                      feasible + b, smem, init);
+  }
+}
+
+// Launches lsa_kernel<T, kStage, kWarp> with smem bytes of dynamic shared memory, raising the
+// kernel's limit first when that and the static scratch are over the default 48 KiB (the caller
+// checked the opt-in limit).
+template <typename T, bool kStage, bool kWarp>
+cudaError_t launch(const T* cost, int64_t B, int64_t n, int64_t m, int64_t* assignment,
+                   bool* feasible, cudaStream_t stream, int threads, int64_t smem, int init) {
+  if (smem + (kWarp ? 0 : kScratchBytes) > kDefaultSmem) {
+    const cudaError_t err = cudaFuncSetAttribute(
+        lsa_kernel<T, kStage, kWarp>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  lsa_kernel<T, kStage, kWarp><<<static_cast<unsigned>(B), threads, smem, stream>>>(
+      cost, static_cast<int>(n), static_cast<int>(m), assignment, feasible, init);
+  return cudaGetLastError();
+}
+
+template <typename T, bool kStage>
+cudaError_t launch(const T* cost, int64_t B, int64_t n, int64_t m, int64_t* assignment,
+                   bool* feasible, cudaStream_t stream, int threads, int64_t smem, int init) {
+  return threads == 32
+             ? launch<T, kStage, true>(cost, B, n, m, assignment, feasible, stream, threads, smem, init)
+             : launch<T, kStage, false>(cost, B, n, m, assignment, feasible, stream, threads, smem, init);
+}
+
+bool valid_threads(long t) { return t == 0 || (t >= 32 && t <= kMaxThreads && t % 32 == 0); }
+
+// One knob: its value when set and valid, else the default (an invalid value is reported once).
+int env_knob(const char* name, int fallback, bool (*valid)(long), std::atomic<bool>* warned) {
+  const char* s = std::getenv(name);
+  if (s == nullptr || *s == '\0') return fallback;
+  char* end = nullptr;
+  const long x = std::strtol(s, &end, 10);
+  if (*end != '\0' || !valid(x)) {
+    if (!warned->exchange(true)) {
+      std::fprintf(stderr, "sam3fast: ignoring %s=%s (see csrc/cuda/assignment_tuning.h)\n", name, s);
+    }
+    return fallback;
+  }
+  return static_cast<int>(x);
 }
 
 }  // namespace
 
+LsaCudaOptions lsa_cuda_options() {
+  static std::atomic<bool> warned[3];
+  LsaCudaOptions o;
+  o.threads = env_knob("SAM3FAST_LSA_THREADS", o.threads, valid_threads, &warned[0]);
+  o.init = env_knob("SAM3FAST_LSA_INIT", o.init, [](long x) { return x >= 0 && x <= 2; }, &warned[1]);
+  o.stage = env_knob("SAM3FAST_LSA_STAGE", o.stage, [](long x) { return x == 0 || x == 1; }, &warned[2]);
+  return o;
+}
+
 template <typename T>
 cudaError_t linear_sum_assignment_cuda(const T* cost, int64_t B, int64_t n, int64_t m,
-                                       int64_t* assignment, bool* feasible, cudaStream_t stream) {
+                                       int64_t* assignment, bool* feasible, cudaStream_t stream,
+                                       const LsaCudaOptions& options) {
+  if (!valid_threads(options.threads) || options.init < 0 || options.init > 2 ||
+      (options.stage != 0 && options.stage != 1)) {
+    return cudaErrorInvalidValue;
+  }
   if (B == 0) return cudaSuccess;
   if (B > 0x7fffffff || n > (1 << 24) || m > (1 << 24)) return cudaErrorInvalidValue;
   const int64_t R = n < m ? n : m;
   const int64_t C = n < m ? m : n;
-  int threads = static_cast<int>((C + kColsPerThread - 1) / kColsPerThread);
-  threads = (threads + 31) / 32 * 32;
-  threads = threads < 32 ? 32 : (threads > kMaxThreads ? kMaxThreads : threads);
+  int threads = options.threads;
+  if (threads == 0) {
+    threads = static_cast<int>((C + kColsPerThread - 1) / kColsPerThread);
+    threads = (threads + 31) / 32 * 32;
+    threads = threads < 32 ? 32 : (threads > kMaxThreads ? kMaxThreads : threads);
+  }
 
   const int64_t staged = lsa_block::lsa_smem_layout(R, C, sizeof(T)).total;
-  if (staged <= kDefaultSmem) {
-    lsa_kernel<T, true><<<static_cast<unsigned>(B), threads, staged, stream>>>(
-        cost, static_cast<int>(n), static_cast<int>(m), assignment, feasible);
-    return cudaGetLastError();
-  }
   const int64_t plain = lsa_block::lsa_smem_layout(R, C, 0).total;
-  if (plain > kDefaultSmem) {
-    int device = 0, optin = 0;
+  int64_t optin = kDefaultSmem;
+  if (plain > kDefaultSmem || (options.stage == 1 && staged > kDefaultSmem)) {
+    int device = 0, limit = 0;
     cudaError_t err = cudaGetDevice(&device);
     if (err == cudaSuccess) {
-      err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+      err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
     }
     if (err != cudaSuccess) return err;
-    if (plain + static_cast<int64_t>(sizeof(LsaCand)) * 64 > optin) return cudaErrorInvalidValue;
-    err = cudaFuncSetAttribute(lsa_kernel<T, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(plain));
-    if (err != cudaSuccess) return err;
+    optin = limit - kScratchBytes;
   }
-  lsa_kernel<T, false><<<static_cast<unsigned>(B), threads, plain, stream>>>(
-      cost, static_cast<int>(n), static_cast<int>(m), assignment, feasible);
-  return cudaGetLastError();
+  const bool stage = staged <= kDefaultSmem || (options.stage == 1 && staged <= optin);
+  if (stage) {
+    return launch<T, true>(cost, B, n, m, assignment, feasible, stream, threads, staged, options.init);
+  }
+  if (plain > optin) return cudaErrorInvalidValue;
+  return launch<T, false>(cost, B, n, m, assignment, feasible, stream, threads, plain, options.init);
+}
+
+template <typename T>
+cudaError_t linear_sum_assignment_cuda(const T* cost, int64_t B, int64_t n, int64_t m,
+                                       int64_t* assignment, bool* feasible, cudaStream_t stream) {
+  return linear_sum_assignment_cuda(cost, B, n, m, assignment, feasible, stream, lsa_cuda_options());
 }
 
 template cudaError_t linear_sum_assignment_cuda<float>(const float*, int64_t, int64_t, int64_t,
                                                        int64_t*, bool*, cudaStream_t);
 template cudaError_t linear_sum_assignment_cuda<double>(const double*, int64_t, int64_t, int64_t,
                                                         int64_t*, bool*, cudaStream_t);
+template cudaError_t linear_sum_assignment_cuda<float>(const float*, int64_t, int64_t, int64_t,
+                                                       int64_t*, bool*, cudaStream_t,
+                                                       const LsaCudaOptions&);
+template cudaError_t linear_sum_assignment_cuda<double>(const double*, int64_t, int64_t, int64_t,
+                                                        int64_t*, bool*, cudaStream_t,
+                                                        const LsaCudaOptions&);
 
 }  // namespace sam3fast

@@ -6,7 +6,12 @@
 //    stand in for the CUDA threads of one block. "Warp" mode exchanges the argmin candidates
 //    through relaxed atomics only (like __shfl_xor_sync: values, no memory ordering), "block" mode
 //    through a mutex barrier (like __syncthreads). Built with -fsanitize=thread, any shared-memory
-//    access the algorithm's barriers do not order is reported as a data race.
+//    access the algorithm's barriers do not order is reported as a data race. Every initialisation
+//    level (none, row reduction + greedy, + reduction transfer) at 1, 4 and 32 threads (and odd
+//    counts), on random, tied, degenerate (constant, separable, one column every row wants),
+//    rectangular both ways, empty, forbidden (+inf, infeasible) and invalid (NaN/-inf) inputs:
+//    small ones against brute force, larger ones (long augmenting paths, many columns per thread)
+//    against the CPU solver, the levels' costs and feasibility against each other.
 //
 // Usage: sam3fast_test_assignment [problems_per_case]   (exit 0 = pass)
 #include <algorithm>
@@ -73,16 +78,36 @@ double assignment_cost(const std::vector<T>& cost, int n, int m, const int64_t* 
   return s;
 }
 
+// kind 0 uniform, 1 small-integer ties, 2/3 +inf entries (30% / 70%: some infeasible), 4 constant,
+// 5 separable a[i] + b[j] (square: every assignment is optimal), 6 uniform but one column is every
+// row's cheapest (the greedy initialisation matches one row, the rest conflict), 7 rows whose two
+// cheapest entries tie, with +inf entries.
 template <typename T>
 std::vector<T> random_problem(std::mt19937& rng, int n, int m, int kind) {
   std::vector<T> c(size_t(n) * m);
   std::uniform_real_distribution<double> uni(-1.0, 1.0);
   std::uniform_int_distribution<int> small(0, 3);
   std::uniform_real_distribution<double> p(0.0, 1.0);
-  const double inf_rate = kind == 2 ? 0.3 : (kind == 3 ? 0.7 : 0.0);
-  for (auto& x : c) {
-    x = kind == 1 ? T(small(rng)) : T(uni(rng) * 100.0);
-    if (p(rng) < inf_rate) x = std::numeric_limits<T>::infinity();
+  const double inf_rate = kind == 2 || kind == 7 ? 0.3 : (kind == 3 ? 0.7 : 0.0);
+  const double constant = std::round(uni(rng) * 10.0);
+  std::vector<double> a(n), b(m);
+  for (auto& x : a) x = std::round(uni(rng) * 50.0);
+  for (auto& x : b) x = std::round(uni(rng) * 50.0);
+  const int cheap = m > 0 ? std::uniform_int_distribution<int>(0, m - 1)(rng) : 0;
+  for (int i = 0; i < n; ++i) {
+    for (int j = 0; j < m; ++j) {
+      T& x = c[size_t(i) * m + j];
+      x = kind == 1 ? T(small(rng)) : T(uni(rng) * 100.0);
+      if (kind == 4) x = T(constant);
+      if (kind == 5) x = T(a[i] + b[j]);
+      if (kind == 6 && j == cheap) x = T(-1000.0 + uni(rng));
+      if (p(rng) < inf_rate) x = std::numeric_limits<T>::infinity();
+    }
+    if (kind == 7 && m >= 2) {  // the row's two cheapest: equal, at random columns
+      const int j1 = std::uniform_int_distribution<int>(0, m - 1)(rng);
+      const int j2 = (j1 + 1 + std::uniform_int_distribution<int>(0, m - 2)(rng)) % m;
+      c[size_t(i) * m + j1] = c[size_t(i) * m + j2] = T(-200.0);
+    }
   }
   return c;
 }
@@ -134,7 +159,7 @@ struct EmuShared {
   int arrived = 0;
   uint64_t generation = 0;
   std::vector<LsaCand> buf[2];
-  std::vector<char> flags;
+  std::vector<char> flags[2];
   // Warp mode: one slot per thread and buffer; key_gen = (step << 32) | key.
   struct Slot {
     std::atomic<uint64_t> value_bits{0};
@@ -142,8 +167,9 @@ struct EmuShared {
   };
   std::vector<Slot> slots[2];
 
-  EmuShared(int nt_, bool warp) : nt(nt_), warp_mode(warp), flags(nt_) {
+  EmuShared(int nt_, bool warp) : nt(nt_), warp_mode(warp) {
     for (int p = 0; p < 2; ++p) {
+      flags[p].resize(nt_);
       buf[p].resize(nt_);
       slots[p] = std::vector<Slot>(nt_);
     }
@@ -166,16 +192,22 @@ struct EmuBlock {
   EmuShared* s;
   int t;
   int parity = 0;
+  int any_parity = 0;
   uint64_t step = 0;
 
   int tid() const { return t; }
   int size() const { return s->nt; }
   void sync() { s->barrier(); }
+  bool argmin_fences() const { return !s->warp_mode; }
   bool any(bool p) {
-    s->flags[t] = p;
+    // Two flag buffers, alternating: a thread leaving one any() may enter the next (the
+    // initialisation has two back to back) while another still reads the first one's flags.
+    std::vector<char>& flags = s->flags[any_parity];
+    any_parity ^= 1;
+    flags[t] = p;
     s->barrier();
     bool r = false;
-    for (int i = 0; i < s->nt; ++i) r = r || s->flags[i];
+    for (int i = 0; i < s->nt; ++i) r = r || flags[i];
     return r;
   }
   LsaCand argmin(LsaCand c) {
@@ -212,7 +244,7 @@ struct EmuBlock {
 };
 
 template <typename T, bool kStage>
-bool run_block(const std::vector<T>& c, int n, int m, int nt, bool warp, int64_t* out) {
+bool run_block(const std::vector<T>& c, int n, int m, int nt, bool warp, int init, int64_t* out) {
   const int R = std::min(n, m), C = std::max(n, m);
   const int64_t bytes = sam3fast::lsa_block::lsa_smem_layout(R, C, kStage ? sizeof(T) : 0).total;
   std::vector<double> smem(bytes / 8 + 1, std::nan(""));
@@ -223,47 +255,116 @@ bool run_block(const std::vector<T>& c, int n, int m, int nt, bool warp, int64_t
     threads.emplace_back([&, t] {
       EmuBlock blk{&shared, t};
       sam3fast::lsa_block::solve_block<T, kStage>(blk, c.data(), n, m, out, &feasible,
-                                                  reinterpret_cast<unsigned char*>(smem.data()));
+                                                  reinterpret_cast<unsigned char*>(smem.data()), init);
     });
   }
   for (auto& th : threads) th.join();
   return feasible;
 }
 
+struct BlockConfig {
+  int nt;
+  bool warp;
+  int init;
+};
+
 template <typename T, bool kStage>
-void test_block(int problems, int nt, bool warp) {
-  std::mt19937 rng(99 + nt + 7 * warp + 13 * kStage + sizeof(T));
+void test_block(int problems, BlockConfig cfg) {
+  const int nt = cfg.nt, init = cfg.init;
+  const bool warp = cfg.warp;
+  std::mt19937 rng(99 + nt + 7 * warp + 13 * kStage + sizeof(T) + 101 * init);
   std::uniform_int_distribution<int> dim(0, 6);
-  char what[64];
-  std::snprintf(what, sizeof(what), "block(nt=%d,%s,%s,%s)", nt, warp ? "warp" : "barrier",
-                kStage ? "staged" : "global", sizeof(T) == 4 ? "f32" : "f64");
-  for (int k = 0; k < problems; ++k) {
+  char what[96];
+  std::snprintf(what, sizeof(what), "block(nt=%d,%s,%s,%s,init=%d)", nt, warp ? "warp" : "barrier",
+                kStage ? "staged" : "global", sizeof(T) == 4 ? "f32" : "f64", init);
+  // 32 host threads on a few cores make every barrier slow: a quarter of the problems there.
+  const int small_problems = nt >= 32 ? std::max(8, problems / 4) : problems;
+  for (int k = 0; k < small_problems; ++k) {
     const int n = dim(rng), m = dim(rng);
-    const auto c = random_problem<T>(rng, n, m, k % 4);
+    const auto c = random_problem<T>(rng, n, m, k % 8);
     std::vector<int64_t> a(n, 7);
-    const bool ok = run_block<T, kStage>(c, n, m, nt, warp, a.data());
+    const bool ok = run_block<T, kStage>(c, n, m, nt, warp, init, a.data());
     check_answer(c, n, m, a.data(), ok, what);
   }
-  // Larger problems (several columns per thread, long augmenting paths) against the CPU solver.
+  // One row, one column (the transpose), no rows / no columns, all constant: the answer is the
+  // identity at every level, as scipy's (the initialisation's ties go to the smaller column, the
+  // searches' to a free one, then the smaller).
+  for (const auto& nm : {std::pair<int, int>{1, 6}, {6, 1}, {1, 1}, {4, 4}, {3, 5}, {5, 3}, {0, 3}, {3, 0}}) {
+    const int n = nm.first, m = nm.second;
+    const auto c = random_problem<T>(rng, n, m, 4);
+    std::vector<int64_t> a(n, 7);
+    const bool ok = run_block<T, kStage>(c, n, m, nt, warp, init, a.data());
+    check_answer(c, n, m, a.data(), ok, what);
+    for (int i = 0; i < n; ++i) {
+      CHECK(a[i] == (i < m ? i : -1), "%s %dx%d constant: a[%d]=%lld, not the identity", what, n, m, i,
+            (long long)a[i]);
+    }
+  }
+  // Larger problems (several columns per thread, long augmenting paths) against the CPU solver,
+  // wide and tall, every kind.
   sam3fast::LsaWorkspace ws;
-  for (int k = 0; k < 6; ++k) {
-    const int n = 20 + 11 * k, m = 75 - 9 * k;
-    const auto c = random_problem<T>(rng, n, m, k % 2);
+  for (int k = 0; k < 8; k += nt >= 32 ? 3 : 1) {  // 32 threads: 20x75, 47x51, 74x27
+    const int n = 20 + 9 * k, m = 75 - 8 * k;
+    const auto c = random_problem<T>(rng, n, m, k == 3 ? 2 : k);  // kind 3 is almost never feasible here
     std::vector<int64_t> a(n, 7), ref(n);
-    const bool ok = run_block<T, kStage>(c, n, m, nt, warp, a.data());
+    const bool ok = run_block<T, kStage>(c, n, m, nt, warp, init, a.data());
     const bool ref_ok =
         sam3fast::linear_sum_assignment_cpu(c.data(), n, m, ref.data(), ws) == LsaStatus::kOk;
-    CHECK(ok && ref_ok, "%s %dx%d: feasible %d, cpu %d", what, n, m, int(ok), int(ref_ok));
+    CHECK(ok == ref_ok, "%s %dx%d kind %d: feasible %d, cpu %d", what, n, m, k, int(ok), int(ref_ok));
+    if (!ok || !ref_ok) {
+      for (int i = 0; i < n; ++i) CHECK(a[i] == -1, "%s: infeasible problem with a[%d]=%lld", what, i, (long long)a[i]);
+      continue;
+    }
     const double got = assignment_cost(c, n, m, a.data(), what);
     const double want = assignment_cost(c, n, m, ref.data(), "cpu");
-    CHECK(std::fabs(got - want) <= 1e-9 * (1.0 + std::fabs(want)), "%s %dx%d: cost %.17g, cpu %.17g",
-          what, n, m, got, want);
+    CHECK(std::fabs(got - want) <= 1e-9 * (1.0 + std::fabs(want)), "%s %dx%d kind %d: cost %.17g, cpu %.17g",
+          what, n, m, k, got, want);
+  }
+  // An infeasible problem whose every row has an allowed column (the initialisation passes it,
+  // a search finds it): rows 0-2 may only use column 0.
+  {
+    std::vector<T> c(4 * 5, std::numeric_limits<T>::infinity());
+    for (int i = 0; i < 3; ++i) c[i * 5] = T(i);
+    for (int j = 0; j < 5; ++j) c[3 * 5 + j] = T(j);
+    std::vector<int64_t> a(4, 7);
+    const bool ok = run_block<T, kStage>(c, 4, 5, nt, warp, init, a.data());
+    check_answer(c, 4, 5, a.data(), ok, what);
+    CHECK(!ok, "%s: infeasible problem accepted", what);
   }
   for (T bad : {std::numeric_limits<T>::quiet_NaN(), -std::numeric_limits<T>::infinity()}) {
-    std::vector<T> c = {T(1), T(2), T(3), bad, T(4), T(5)};
-    std::vector<int64_t> a(2, 7);
-    const bool ok = run_block<T, kStage>(c, 2, 3, nt, warp, a.data());
-    CHECK(!ok && a[0] == -1 && a[1] == -1, "%s: NaN/-inf not rejected", what);
+    for (const auto& nm : {std::pair<int, int>{2, 3}, {3, 2}}) {
+      std::vector<T> c = {T(1), T(2), T(3), bad, T(4), T(5)};
+      std::vector<int64_t> a(nm.first, 7);
+      const bool ok = run_block<T, kStage>(c, nm.first, nm.second, nt, warp, init, a.data());
+      bool all_unset = true;
+      for (int64_t x : a) all_unset = all_unset && x == -1;
+      CHECK(!ok && all_unset, "%s %dx%d: NaN/-inf not rejected", what, nm.first, nm.second);
+    }
+  }
+}
+
+// The initialisation levels on the same problems: the same feasibility and optimal cost (tied
+// problems may get different optimal assignments), at the largest block.
+template <typename T>
+void test_init_levels_agree(int problems) {
+  std::mt19937 rng(4242 + sizeof(T));
+  std::uniform_int_distribution<int> dim(1, 40);
+  for (int k = 0; k < problems; ++k) {
+    const int n = dim(rng), m = dim(rng), kind = k % 8;
+    const auto c = random_problem<T>(rng, n, m, kind == 3 ? 2 : kind);
+    double cost[3];
+    bool ok[3];
+    for (int init = 0; init < 3; ++init) {
+      std::vector<int64_t> a(n, 7);
+      ok[init] = run_block<T, true>(c, n, m, 4, false, init, a.data());
+      cost[init] = ok[init] ? assignment_cost(c, n, m, a.data(), "init levels") : kInf;
+    }
+    for (int init = 1; init < 3; ++init) {
+      CHECK(ok[init] == ok[0], "init %d vs 0 on %dx%d kind %d: feasible %d vs %d", init, n, m, kind,
+            int(ok[init]), int(ok[0]));
+      CHECK(!ok[0] || std::fabs(cost[init] - cost[0]) <= 1e-9 * (1.0 + std::fabs(cost[0])),
+            "init %d vs 0 on %dx%d kind %d: cost %.17g vs %.17g", init, n, m, kind, cost[init], cost[0]);
+    }
   }
 }
 
@@ -271,17 +372,26 @@ void test_block(int problems, int nt, bool warp) {
 
 int main(int argc, char** argv) {
   const int problems = argc > 1 ? std::atoi(argv[1]) : 2000;
-  const int block_problems = std::max(1, problems / 10);
+  const int block_problems = std::max(1, problems / 20);
   test_cpu<double>(problems);
   test_cpu<float>(problems);
-  for (int nt : {1, 3, 8}) {
-    test_block<double, true>(block_problems, nt, true);
-    test_block<float, false>(block_problems, nt, true);
+  for (int init = 0; init < 3; ++init) {
+    // "warp": argmin through relaxed atomics (a one-warp block, shuffles); "barrier": __syncthreads.
+    // 32 threads (slow on the host: one dtype and layout per mode) stand in for one warp and
+    // for a block with fewer columns than threads.
+    for (int nt : {1, 3, 4}) {
+      test_block<double, true>(block_problems, {nt, true, init});
+      test_block<float, false>(block_problems, {nt, true, init});
+    }
+    test_block<float, true>(block_problems, {32, true, init});
+    for (int nt : {4, 5}) {
+      test_block<double, false>(block_problems, {nt, false, init});
+      test_block<float, true>(block_problems, {nt, false, init});
+    }
+    test_block<double, false>(block_problems, {32, false, init});
   }
-  for (int nt : {2, 5, 8}) {
-    test_block<double, false>(block_problems, nt, false);
-    test_block<float, true>(block_problems, nt, false);
-  }
+  test_init_levels_agree<double>(block_problems);
+  test_init_levels_agree<float>(block_problems);
   if (g_failures) {
     std::fprintf(stderr, "%d check(s) failed\n", g_failures);
     return 1;

@@ -1,4 +1,6 @@
-// The CUDA assignment kernel (csrc/cuda/assignment.cu) against the CPU solver on a real device.
+// The CUDA assignment kernel (csrc/cuda/assignment.cu) against the CPU solver on a real device:
+// the environment's options (SAM3FAST_LSA_*), then every initialisation level at 32, 64 and 256
+// threads and the size rule, with the default and the opt-in staging limit.
 // Exit 0 = pass, 77 = no CUDA device (ctest SKIP_RETURN_CODE), 1 = failure.
 #include <cuda_runtime_api.h>
 
@@ -10,6 +12,7 @@
 
 #include "cpu/assignment.h"
 #include "cuda/assignment.h"
+#include "cuda/assignment_tuning.h"
 #include "check.h"
 
 namespace {
@@ -21,6 +24,27 @@ double cost_of(const T* c, int n, int m, const int64_t* a) {
     if (a[i] >= 0) s += double(c[i * m + a[i]]);
   }
   return s;
+}
+
+// The options every case runs with: nullptr = the environment's (the public entry point).
+std::vector<const sam3fast::LsaCudaOptions*> option_sets() {
+  static std::vector<sam3fast::LsaCudaOptions> sets;
+  if (sets.empty()) {
+    for (int init = 0; init < 3; ++init) {
+      for (int threads : {0, 32, 64, 256}) {
+        for (int stage = 0; stage < 2; ++stage) {
+          sam3fast::LsaCudaOptions o;
+          o.threads = threads;
+          o.init = init;
+          o.stage = stage;
+          sets.push_back(o);
+        }
+      }
+    }
+  }
+  std::vector<const sam3fast::LsaCudaOptions*> out{nullptr};
+  for (const auto& o : sets) out.push_back(&o);
+  return out;
 }
 
 // B problems of (n, m); kind 0 uniform, 1 small-integer ties, 2 +inf entries.
@@ -37,6 +61,14 @@ void run_case(int B, int n, int m, int kind, unsigned seed) {
   }
   if (B > 3) cost[size_t(2) * n * m] = std::numeric_limits<T>::quiet_NaN();
 
+  std::vector<int64_t> ref(size_t(B) * n);
+  std::vector<char> ref_ok(B);
+  sam3fast::LsaWorkspace ws;
+  for (int b = 0; b < B; ++b) {
+    ref_ok[b] = sam3fast::linear_sum_assignment_cpu(cost.data() + size_t(b) * n * m, n, m, ref.data() + size_t(b) * n,
+                                                    ws) == sam3fast::LsaStatus::kOk;
+  }
+
   T* d_cost = nullptr;
   int64_t* d_a = nullptr;
   bool* d_f = nullptr;
@@ -44,38 +76,52 @@ void run_case(int B, int n, int m, int kind, unsigned seed) {
   CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&d_a), size_t(B) * n * sizeof(int64_t) + 1));
   CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&d_f), size_t(B) + 1));
   CUDA_OK(cudaMemcpy(d_cost, cost.data(), cost.size() * sizeof(T), cudaMemcpyHostToDevice));
-  CUDA_OK(sam3fast::linear_sum_assignment_cuda(d_cost, B, n, m, d_a, d_f, nullptr));
   std::vector<int64_t> a(size_t(B) * n);
   std::vector<char> f(B);
-  CUDA_OK(cudaMemcpy(a.data(), d_a, a.size() * sizeof(int64_t), cudaMemcpyDeviceToHost));
-  CUDA_OK(cudaMemcpy(f.data(), d_f, f.size(), cudaMemcpyDeviceToHost));
+  for (const sam3fast::LsaCudaOptions* opt : option_sets()) {
+    char what[96];
+    if (opt) {
+      std::snprintf(what, sizeof(what), "%dx%d kind %d threads %d init %d stage %d", n, m, kind, opt->threads,
+                    opt->init, opt->stage);
+    } else {
+      std::snprintf(what, sizeof(what), "%dx%d kind %d (environment's options)", n, m, kind);
+    }
+    // Poison the outputs: an unwritten entry fails below.
+    CUDA_OK(cudaMemset(d_a, 0x7f, size_t(B) * n * sizeof(int64_t)));
+    CUDA_OK(cudaMemset(d_f, 0x7f, size_t(B)));
+    CUDA_OK(opt ? sam3fast::linear_sum_assignment_cuda(d_cost, B, n, m, d_a, d_f, nullptr, *opt)
+                : sam3fast::linear_sum_assignment_cuda(d_cost, B, n, m, d_a, d_f, nullptr));
+    CUDA_OK(cudaMemcpy(a.data(), d_a, a.size() * sizeof(int64_t), cudaMemcpyDeviceToHost));
+    CUDA_OK(cudaMemcpy(f.data(), d_f, f.size(), cudaMemcpyDeviceToHost));
+
+    for (int b = 0; b < B; ++b) {
+      const T* c = cost.data() + size_t(b) * n * m;
+      const bool ok = ref_ok[b];
+      const int64_t* got = a.data() + size_t(b) * n;
+      CHECK(f[b] == char(ok), "%s problem %d: feasible %d, cpu %d", what, b, int(f[b]), int(ok));
+      if (!ok) {
+        for (int i = 0; i < n; ++i) CHECK(got[i] == -1, "%s: infeasible problem %d has a[%d]=%lld", what, b, i, (long long)got[i]);
+        continue;
+      }
+      std::vector<int> used(m, 0);
+      int count = 0;
+      for (int i = 0; i < n; ++i) {
+        if (got[i] == -1) continue;
+        CHECK(got[i] >= 0 && got[i] < m && !used[got[i]]++, "%s problem %d: bad or repeated column %lld", what, b,
+              (long long)got[i]);
+        if (got[i] < 0 || got[i] >= m) break;
+        ++count;
+      }
+      CHECK(count == (n < m ? n : m), "%s problem %d: %d pairs", what, b, count);
+      if (count != (n < m ? n : m)) continue;
+      const double want = cost_of(c, n, m, ref.data() + size_t(b) * n), have = cost_of(c, n, m, got);
+      CHECK(std::fabs(have - want) <= 1e-9 * (1.0 + std::fabs(want)), "%s problem %d: cost %.17g, cpu %.17g", what, b,
+            have, want);
+    }
+  }
   CUDA_OK(cudaFree(d_cost));
   CUDA_OK(cudaFree(d_a));
   CUDA_OK(cudaFree(d_f));
-
-  std::vector<int64_t> ref(n);
-  sam3fast::LsaWorkspace ws;
-  for (int b = 0; b < B; ++b) {
-    const T* c = cost.data() + size_t(b) * n * m;
-    const bool ok = sam3fast::linear_sum_assignment_cpu(c, n, m, ref.data(), ws) == sam3fast::LsaStatus::kOk;
-    const int64_t* got = a.data() + size_t(b) * n;
-    CHECK(bool(f[b]) == ok, "%dx%d kind %d problem %d: feasible %d, cpu %d", n, m, kind, b, int(f[b]), int(ok));
-    if (!ok) {
-      for (int i = 0; i < n; ++i) CHECK(got[i] == -1, "infeasible problem %d has a[%d]=%lld", b, i, (long long)got[i]);
-      continue;
-    }
-    std::vector<int> used(m, 0);
-    int count = 0;
-    for (int i = 0; i < n; ++i) {
-      if (got[i] < 0) continue;
-      CHECK(got[i] < m && !used[got[i]]++, "problem %d: bad or repeated column %lld", b, (long long)got[i]);
-      ++count;
-    }
-    CHECK(count == (n < m ? n : m), "problem %d: %d pairs", b, count);
-    const double want = cost_of(c, n, m, ref.data()), have = cost_of(c, n, m, got);
-    CHECK(std::fabs(have - want) <= 1e-9 * (1.0 + std::fabs(want)), "%dx%d kind %d problem %d: cost %.17g, cpu %.17g",
-          n, m, kind, b, have, want);
-  }
 }
 
 }  // namespace
@@ -86,8 +132,24 @@ int main() {
     std::printf("no CUDA device: skipped\n");
     return 77;
   }
+  // 200x128 f32 is over 48 KiB staged (the opt-in staging runs it from shared memory), so are
+  // 200x256 f32 and 256x100; 700x500 and 256x256 are too large to stage at all.
   const int shapes[][2] = {{1, 1}, {5, 5}, {7, 3}, {3, 7}, {32, 32}, {33, 40}, {64, 64}, {100, 60},
-                           {256, 256}, {200, 256}, {256, 100}, {700, 500}};
+                           {256, 256}, {200, 256}, {200, 128}, {256, 100}, {700, 500}};
+  for (int t : {-32, 16, 48, 512}) {
+    sam3fast::LsaCudaOptions bad;
+    bad.threads = t;
+    CHECK(sam3fast::linear_sum_assignment_cuda<float>(nullptr, 1, 2, 2, nullptr, nullptr, nullptr, bad) ==
+              cudaErrorInvalidValue,
+          "threads=%d accepted", t);
+  }
+  for (int init : {-1, 3}) {
+    sam3fast::LsaCudaOptions bad;
+    bad.init = init;
+    CHECK(sam3fast::linear_sum_assignment_cuda<float>(nullptr, 1, 2, 2, nullptr, nullptr, nullptr, bad) ==
+              cudaErrorInvalidValue,
+          "init=%d accepted", init);
+  }
   unsigned seed = 1;
   for (const auto& s : shapes) {
     for (int kind = 0; kind < 3; ++kind) {

@@ -1,0 +1,41 @@
+// Tuning knobs of the CUDA assignment launcher (csrc/cuda/assignment.cu), for benchmarks and tests.
+//
+// linear_sum_assignment_cuda (cuda/assignment.h) uses lsa_cuda_options(), which reads the
+// environment at every call (three getenv, well under a microsecond next to the launch), so a
+// benchmark or test can switch them between calls in one process; a CUDA graph keeps the choice
+// made when it was captured:
+//   SAM3FAST_LSA_THREADS  0 (default): about two columns per thread, 32..256 threads;
+//                         32, 64, ..., 256: that many threads per block, whatever the size.
+//                         A 32-thread block synchronises with __syncwarp and takes its argmin
+//                         from register shuffles alone.
+//   SAM3FAST_LSA_INIT     2 (default): row reduction, greedy matching and reduction transfer
+//                         before the searches; 1: without the transfer; 0: none (every row is
+//                         searched for). All give an optimal assignment (on ties maybe another).
+//   SAM3FAST_LSA_STAGE    0 (default): stage the cost matrix in shared memory when the search
+//                         state and it fit 48 KiB; 1: whenever they fit the device's opt-in limit
+//                         (227 KiB on H100; then fewer blocks share an SM).
+// An unparsable or out-of-range value is reported once on stderr and the default used. These are
+// tuning switches for measurements, not settings: every combination gives an optimal assignment.
+#pragma once
+
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+
+namespace sam3fast {
+
+struct LsaCudaOptions {
+  int threads = 0;  // 0 = the size rule, else a multiple of 32 in [32, 256]
+  int init = 2;     // lsa_block::kLsaInitOff / kLsaInitRows / kLsaInitTransfer
+  int stage = 0;    // 0 = up to 48 KiB of shared memory, 1 = up to the opt-in limit
+};
+
+// The options the environment sets now.
+LsaCudaOptions lsa_cuda_options();
+
+// linear_sum_assignment_cuda with explicit options (cudaErrorInvalidValue for invalid ones).
+template <typename T>
+cudaError_t linear_sum_assignment_cuda(const T* cost, int64_t B, int64_t n, int64_t m,
+                                       int64_t* assignment, bool* feasible, cudaStream_t stream,
+                                       const LsaCudaOptions& options);
+
+}  // namespace sam3fast
