@@ -443,16 +443,22 @@ def official_cache_entry(off, vb_out):
                                      "backbone_fpn": tb}}
 
 
-@torch.inference_mode()  # (the orchestration runs under inference mode)
-def orchestration(pred, p):
+def cached_state(pred, p, num_frames):
+    """A state on ``num_frames`` frames whose tracker features are cached, as the SAM 3 video model
+    caches them (the official's with its bf16 rounding, see ``official_cache_entry``)."""
     is_off = not isinstance(pred, Sam3TrackerPredictor)
     cache = {}
-    for f in range(6):
+    for f in range(num_frames):
         o = p.vb(p.frames[f: f + 1])
         entry = official_cache_entry(pred, o) if is_off else \
             {"tracker_backbone_out": pred.make_tracker_backbone_out(o["sam2_backbone_fpn"], o["sam2_pos_enc"])}
         cache[f] = (p.frames[f], entry)
-    st = pred.init_state(cached_features=cache, video_height=VIDEO_H, video_width=VIDEO_W, num_frames=6)
+    return pred.init_state(cached_features=cache, video_height=VIDEO_H, video_width=VIDEO_W, num_frames=num_frames)
+
+
+@torch.inference_mode()  # (the orchestration runs under inference mode)
+def orchestration(pred, p):
+    st = cached_state(pred, p, 6)
     rec = []
     # _tracker_add_new_objects: detector masks (low res) -> input_mask_size, binarised, one by one
     low = torch.stack([disc_mask(32, 32, 0.5, 0.12, 0.2), disc_mask(32, 32, 0.3, 0.8, 0.15)]).float() * 8 - 4
@@ -506,13 +512,7 @@ def batched_new_objects(pred, p):
     one ``add_new_masks`` batch, the official one ``add_new_mask`` at a time; an object already
     on the frame (added before) and masks that overlap each other and it."""
     is_off = not isinstance(pred, Sam3TrackerPredictor)
-    cache = {}
-    for f in range(4):
-        o = p.vb(p.frames[f: f + 1])
-        entry = official_cache_entry(pred, o) if is_off else \
-            {"tracker_backbone_out": pred.make_tracker_backbone_out(o["sam2_backbone_fpn"], o["sam2_pos_enc"])}
-        cache[f] = (p.frames[f], entry)
-    st = pred.init_state(cached_features=cache, video_height=VIDEO_H, video_width=VIDEO_W, num_frames=4)
+    st = cached_state(pred, p, 4)
     res = pred.input_mask_size
     first = disc_mask(res, res, 0.5, 0.5, 0.25)
     pred.add_new_mask(inference_state=st, frame_idx=0, obj_id=9, mask=first)

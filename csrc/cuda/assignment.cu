@@ -28,6 +28,16 @@ constexpr int kColsPerThread = 2;
 constexpr int64_t kDefaultSmem = 48 * 1024;
 constexpr int64_t kScratchBytes = sizeof(LsaCand) * 64;  // CudaBlock's static shared memory
 
+// The warp's minimum candidate, returned to every lane (register shuffles: no memory ordering).
+__device__ __forceinline__ LsaCand warp_argmin(LsaCand c) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const LsaCand o{__shfl_xor_sync(0xffffffffu, c.value, off), __shfl_xor_sync(0xffffffffu, c.key, off)};
+    if (lsa_block::cand_less(o, c)) c = o;
+  }
+  return c;
+}
+
 // Two or more warps: barriers are __syncthreads, the argmin goes through shared memory.
 struct CudaBlock {
   LsaCand* scratch;  // 2 x 32 warp minima; alternating halves make back-to-back argmins safe
@@ -40,12 +50,7 @@ struct CudaBlock {
   __device__ bool argmin_fences() const { return blockDim.x > 32; }
 
   __device__ LsaCand argmin(LsaCand c) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      const LsaCand o{__shfl_xor_sync(0xffffffffu, c.value, off),
-                      __shfl_xor_sync(0xffffffffu, c.key, off)};
-      if (lsa_block::cand_less(o, c)) c = o;
-    }
+    c = warp_argmin(c);
     const int nw = blockDim.x >> 5;
     if (nw == 1) return c;
     LsaCand* buf = scratch + parity * 32;
@@ -72,15 +77,7 @@ struct WarpBlock {
   }
   __device__ bool argmin_fences() const { return false; }
 
-  __device__ LsaCand argmin(LsaCand c) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      const LsaCand o{__shfl_xor_sync(0xffffffffu, c.value, off),
-                      __shfl_xor_sync(0xffffffffu, c.key, off)};
-      if (lsa_block::cand_less(o, c)) c = o;
-    }
-    return c;
-  }
+  __device__ LsaCand argmin(LsaCand c) { return warp_argmin(c); }
 };
 
 template <typename T, bool kStage, bool kWarp>

@@ -136,11 +136,6 @@ def masks_to_boxes(masks: Tensor) -> Tensor:
     return torch.stack([x0, y0, x1, y1], dim=1).to(dtype=torch.float)
 
 
-def box_xyxy_to_xywh(x: Tensor) -> Tensor:
-    x0, y0, x1, y1 = x.unbind(-1)
-    return torch.stack([x0, y0, x1 - x0, y1 - y0], dim=-1)
-
-
 def box_xywh_to_cxcywh(x: Tensor) -> Tensor:
     x0, y0, w, h = x.unbind(-1)
     return torch.stack([x0 + 0.5 * w, y0 + 0.5 * h, w, h], dim=-1)
@@ -251,6 +246,37 @@ def _row_groups(states, max_rows: int):
     if cur:
         groups.append(cur)
     return groups
+
+
+def _output_reader(keep: Tensor, boxes: Tensor, mask_bytes: Tensor, obj_ids, probs: np.ndarray, frame_stats,
+                   masks_from_bytes):
+    """Launch a frame's one output copy (N keep flags, (N, 4) float32 xywh boxes, the masks as
+    bytes) to the host (on CUDA asynchronous, into pinned memory) and return ``read_outputs() ->
+    outputs``, which waits for it and keeps the flagged objects; ``masks_from_bytes(bytes, keep)``
+    turns the mask bytes into the kept (K, H, W) bool masks."""
+    N = len(obj_ids)
+    flat = torch.cat((keep.view(torch.uint8), boxes.contiguous().view(torch.uint8).flatten(), mask_bytes))
+    ready = None
+    if flat.device.type == "cuda":
+        host, ready = _copy_to_host_async(flat)
+    else:
+        host = flat
+
+    def read_outputs():
+        if ready is not None:
+            with stage("video_output_read"):
+                ready.synchronize()  # (already passed when the next frame's planning read came first)
+        a = host.numpy()
+        keep_np = a[:N].view(np.bool_)
+        return {
+            "out_obj_ids": np.asarray(obj_ids, dtype=np.int64)[keep_np],
+            "out_probs": probs[keep_np],
+            "out_boxes_xywh": a[N:17 * N].view(np.float32).reshape(N, 4)[keep_np],
+            "out_binary_masks": masks_from_bytes(a[17 * N:], keep_np),
+            "frame_stats": frame_stats,
+        }
+
+    return read_outputs
 
 
 def _copy_to_host_async(t: Tensor):
@@ -1529,39 +1555,17 @@ class Sam3VideoInference(Sam3VideoBase):
             return self._postprocess_low_res(obj_id_to_mask, curr_obj_ids, hide, trk, probs, frame_stats)
         dev = obj_id_to_mask[curr_obj_ids[0]].device
         masks = torch.cat([obj_id_to_mask[obj_id] for obj_id in curr_obj_ids], dim=0)
-        keep = masks.any(dim=(1, 2)) & torch.tensor([i not in hide for i in curr_obj_ids], device=dev)
+        keep = masks.any(dim=(1, 2)) & to_device_async([i not in hide for i in curr_obj_ids], torch.bool, dev)
         masks = masks & keep[:, None, None]
-        boxes = box_xyxy_to_xywh(masks_to_boxes(masks)) / torch.tensor(
-            [W_video, H_video, W_video, H_video], dtype=torch.float32, device=dev)
-        tracker_probs = torch.tensor([trk[obj_id] if obj_id in trk else 0.0 for obj_id in curr_obj_ids],
-                                     dtype=torch.float32, device=dev)
+        x0, y0, x1, y1 = masks_to_boxes(masks).unbind(-1)
+        boxes = torch.stack([x0 / W_video, y0 / H_video, (x1 - x0) / W_video, (y1 - y0) / H_video], dim=-1)
+        tracker_probs = to_device_async([trk[i] if i in trk else 0.0 for i in curr_obj_ids], torch.float32, dev)
         separated = apply_object_wise_non_overlapping_constraints(
             masks.unsqueeze(1), tracker_probs.unsqueeze(1), background_value=0).squeeze(1) > 0
         masks = torch.where(keep.sum() > 1, separated, masks)  # (the official: only for 2+ objects)
         N = len(curr_obj_ids)
-        packed = torch.cat((keep.view(torch.uint8), boxes.contiguous().view(torch.uint8).flatten(),
-                            masks.view(torch.uint8).flatten()))
-        ready = None
-        if dev.type == "cuda":  # the one host copy, asynchronous into pinned memory
-            host, ready = _copy_to_host_async(packed)
-        else:
-            host = packed
-
-        def read_outputs():
-            if ready is not None:
-                with stage("video_output_read"):
-                    ready.synchronize()  # (already passed when the next frame's planning read came first)
-            flat = host.numpy()
-            keep_np = flat[:N].view(np.bool_)
-            return {
-                "out_obj_ids": np.asarray(curr_obj_ids, dtype=np.int64)[keep_np],
-                "out_probs": probs[keep_np],
-                "out_boxes_xywh": flat[N:N + 16 * N].view(np.float32).reshape(N, 4)[keep_np],
-                "out_binary_masks": flat[N + 16 * N:].view(np.bool_).reshape(N, H_video, W_video)[keep_np],
-                "frame_stats": frame_stats,
-            }
-
-        return read_outputs
+        return _output_reader(keep, boxes, masks.view(torch.uint8).flatten(), curr_obj_ids, probs, frame_stats,
+                              lambda b, k: b.view(np.bool_).reshape(N, H_video, W_video)[k])
 
     def _postprocess_low_res(self, frame_masks: FrameMasks, curr_obj_ids, hide, trk, probs, frame_stats):
         """:meth:`_postprocess_launch` for a :class:`FrameMasks` (``curr_obj_ids`` sorted, ``hide``
@@ -1585,30 +1589,12 @@ class Sam3VideoInference(Sam3VideoBase):
         x0, y0, x1, y1 = boxes_px.float().unbind(-1)  # (divided by Python scalars: no copy to the device)
         boxes = torch.stack([x0 / W, y0 / H, (x1 - x0) / W, (y1 - y0) / H], dim=-1)
         WP = packed.shape[-1]
-        flat = torch.cat((keep.view(torch.uint8), boxes.contiguous().view(torch.uint8).flatten(),
-                          packed.contiguous().view(torch.uint8).flatten()))
-        ready = None
-        if dev.type == "cuda":  # the one host copy, asynchronous into pinned memory
-            host, ready = _copy_to_host_async(flat)
-        else:
-            host = flat
 
-        def read_outputs():
-            if ready is not None:
-                with stage("video_output_read"):
-                    ready.synchronize()  # (already passed when the next frame's planning read came first)
-            a = host.numpy()
-            keep_np = a[:N].view(np.bool_)
-            bits = np.unpackbits(a[17 * N:].reshape(N, H, 4 * WP)[keep_np], axis=-1, bitorder="little")
-            return {
-                "out_obj_ids": np.asarray(curr_obj_ids, dtype=np.int64)[keep_np],
-                "out_probs": probs[keep_np],
-                "out_boxes_xywh": a[N:17 * N].view(np.float32).reshape(N, 4)[keep_np],
-                "out_binary_masks": bits[..., :W].astype(np.bool_),
-                "frame_stats": frame_stats,
-            }
+        def unpack(b, k):  # bit j of little-endian word w of a row = pixel 32 w + j
+            return np.unpackbits(b.reshape(N, H, 4 * WP)[k], axis=-1, bitorder="little")[..., :W].astype(np.bool_)
 
-        return read_outputs
+        return _output_reader(keep, boxes, packed.contiguous().view(torch.uint8).flatten(), curr_obj_ids, probs,
+                              frame_stats, unpack)
 
     def _cache_frame_outputs(self, inference_state, frame_idx, obj_id_to_mask, suppressed_obj_ids=None,
                              removed_obj_ids=None, unconfirmed_obj_ids=None, refilter=False):
