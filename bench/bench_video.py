@@ -29,8 +29,10 @@ stream (forward) timed; the number of objects per frame is read from the outputs
 weights it depends on the weight recipe: ``--score-gain``/``--presence-shift`` (detector scores)
 and ``--det-nms-thresh`` (the detector's NMS IoU threshold, official 0.1, set on both models) raise
 it; the counts reached are reported as measured, per side, with the objects the tracker ran
-(hidden ones included). sam3fast variants: ``pipelined`` (outputs copied while the next frame
-runs), ``host-planning`` (``model.device_planning = False``: the hotstart heuristics on the host,
+(hidden ones included). sam3fast rows run with the default ``pipelined_outputs`` (each frame's
+outputs ride to the host in the next frame's planning copy: one copy per frame); variants:
+``sequential`` (``pipelined_outputs = False``: the outputs read before the next frame starts, as
+the official interleaves), ``host-planning`` (``model.device_planning = False``: the hotstart heuristics on the host,
 as the official), ``det-eager`` (the detector without its CUDA graph), ``tracker-graphed``.
 
 Precision: the official video code has no float32 mode on CUDA. Its tracker enters a global
@@ -424,11 +426,11 @@ def _main(args, tmp):
             predictor.model.compile_model = compile_model
             return predictor
 
-        def ours_predictor(dtype, compile=False, pipelined=False, det_graphs=True, tracker_graphs=None,
+        def ours_predictor(dtype, compile=False, pipelined=True, det_graphs=True, tracker_graphs=None,
                            device_planning=True):
             pred = sam3fast.build_sam3_video_predictor(checkpoint_path=ckpt, config=cfg, device=device, dtype=dtype,
                                                        compile=compile)
-            pred.model.pipelined_outputs = pipelined  # outputs copied while the next frame runs
+            pred.model.pipelined_outputs = pipelined  # outputs ride in the next frame's planning copy
             pred.model.device_planning = device_planning  # False: the hotstart heuristics on the host
             pred.model.detector.cuda_graphs = det_graphs  # per-frame detector as one CUDA-graph replay (CUDA)
             if tracker_graphs is not None:  # None: the default ("auto")
@@ -439,14 +441,15 @@ def _main(args, tmp):
             concept("official", official_dtype, "e2e", official_predictor, omode)
         for dtype in dtypes:
             concept("sam3fast", dtype, "e2e", lambda d=dtype: ours_predictor(d), ours_mode)
-            concept("sam3fast", dtype, "e2e pipelined", lambda d=dtype: ours_predictor(d, pipelined=True), ours_mode)
+            concept("sam3fast", dtype, "e2e sequential", lambda d=dtype: ours_predictor(d, pipelined=False),
+                    ours_mode)
             concept("sam3fast", dtype, "e2e host-planning", lambda d=dtype: ours_predictor(d, device_planning=False),
                     ours_mode)
             if cuda:  # on CPU the detector runs eagerly either way
                 concept("sam3fast", dtype, "e2e det-eager", lambda d=dtype: ours_predictor(d, det_graphs=False),
                         ours_mode)
-                concept("sam3fast", dtype, "e2e pipelined tracker-graphed",
-                        lambda d=dtype: ours_predictor(d, pipelined=True, tracker_graphs=True), ours_mode)
+                concept("sam3fast", dtype, "e2e tracker-graphed",
+                        lambda d=dtype: ours_predictor(d, tracker_graphs=True), ours_mode)
             if compile_rows:
                 concept("sam3fast", dtype, "compiled", lambda d=dtype: ours_predictor(d, compile=True), ours_mode)
         if args.official_compile and not args.no_official:  # last: it changes global dynamo settings

@@ -363,7 +363,6 @@ def _track(args) -> int:
         # async_loading_frames: a frame folder decodes in the background while tracking starts
         pred = build_sam3_video_predictor(checkpoint_path=ckpt, load_from_HF=False, config=args.config,
                                           device=args.device, dtype=args.dtype, async_loading_frames=True)
-        pred.model.pipelined_outputs = True  # each frame's outputs reach the host while the next runs
         # (the propagation draws its own tqdm progress bar, as the official does)
         doc, frames_out = _track_one(pred, args.video, args, ckpt)
     except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:
@@ -405,7 +404,6 @@ def _track_batch(args) -> int:
         pred = build_sam3_video_predictor(checkpoint_path=ckpt, load_from_HF=False, config=args.config,
                                           device=device, dtype=args.dtype, async_loading_frames=True)
         pred.model.progress = False  # the job draws one bar for all videos
-        pred.model.pipelined_outputs = True
         return pred
 
     def process(pred, chunk):

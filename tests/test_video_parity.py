@@ -581,39 +581,53 @@ def test_bf16_video_session_runs_and_follows_fp32(checkpoints, clip_dir):
     assert ious and np.mean(np.array(ious) > 0.95) >= 0.9, sorted(ious)
 
 
-def test_concept_video_host_reads_per_frame(checkpoints, clip_dir, monkeypatch):
-    """Steady state of a text-prompted propagation: the host reads tensor values twice per frame
-    (the planning read and the output read; on a GPU each is one sync), not counting the CPU
-    backend of hole filling (scipy; on CUDA the Triton kernel reads nothing)."""
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "sequential"])
+def test_concept_video_host_reads_per_frame(checkpoints, clip_dir, monkeypatch, pipelined):
+    """Steady state of a text-prompted propagation: the host reads tensor values only through the
+    model's ``host_channel``, and (``pipelined_outputs``, the default) with one copy per frame: the
+    planning copy, which also carries the outputs queued after the frame before, plus one at the end
+    for the last frame's held outputs. Without pipelining each yielded frame's outputs take a copy
+    of their own. (On a GPU each copy is one wait on an event; not counted here: the CPU backend of
+    hole filling, scipy, which on CUDA is a Triton kernel reading nothing.)"""
     from host_reads import record_host_reads
 
     pred = build_sam3_video_predictor(checkpoint_path=checkpoints[RICH_SEED], config=CFG, device="cpu")
     model = pred.model
+    model.pipelined_outputs = pipelined
     sid = pred.handle_request({"type": "start_session", "resource_path": clip_dir})["session_id"]
     pred.handle_request({"type": "add_prompt", "session_id": sid, "frame_index": 0, "text": "blob"})
-    armed, per_frame = [False], {}
+    armed, ran, start = [False], [], {}
     orig = model._run_single_frame_inference
 
     def run(inference_state, frame_idx, reverse):
-        armed[0] = frame_idx >= 3  # (frames 1-2: tracker banks are built, with the official scan)
-        per_frame[frame_idx] = len(hits)
+        if frame_idx == 3:  # (frames 1-2: tracker banks are built, with the official scan)
+            armed[0], start["transfers"] = True, model.host_channel.transfers
+        if armed[0]:
+            ran.append(frame_idx)
         return orig(inference_state, frame_idx, reverse)
 
     monkeypatch.setattr(model, "_run_single_frame_inference", run)
+    reads = model._read_for_planning
+    planning = []
+    monkeypatch.setattr(model, "_read_for_planning", lambda flat: planning.append(1) or reads(flat))
+    yielded = []
     with record_host_reads(monkeypatch, armed) as hits:
-        frames = list(pred.handle_stream_request({"type": "propagate_in_video", "session_id": sid}))
+        for r in pred.handle_stream_request({"type": "propagate_in_video", "session_id": sid}):
+            if armed[0]:
+                yielded.append(r["frame_index"])
         armed[0] = False
-    assert len(frames) == NUM_FRAMES
+    assert len(ran) == NUM_FRAMES - 3 and len(yielded) > 0
+    transfers = model.host_channel.transfers - start["transfers"]
+    assert len(planning) >= len(ran)  # every frame plans (and reads) once
     counted = [h for h in hits if not h[1].startswith("connected_components.py")]
-    by_function = {}
-    for name, site in counted:
-        assert name in ("cpu", "numpy"), (name, site)
-        by_function[site.rsplit(":", 1)[-1]] = by_function.get(site.rsplit(":", 1)[-1], 0) + 1
-    # one .numpy() per tracked frame in planning, one per output frame (the frames held by
-    # hotstart come out at the end, all while counting)
-    assert set(by_function) <= {"_read_for_planning", "read_outputs"}, by_function
-    assert 0 < by_function.get("_read_for_planning", 0) <= 2 * (NUM_FRAMES - 3), by_function  # (it sees reads)
-    assert by_function.get("read_outputs", 0) <= 2 * NUM_FRAMES, by_function
+    assert counted and all(name == "numpy" and site.startswith("host_channel.py:") for name, site in counted), counted
+    if pipelined:
+        assert transfers == len(ran) + 1, (transfers, len(ran))
+    else:
+        # one copy per frame yielded before the last; the hotstart_delay frames held at the end
+        # come out together after it, with one copy
+        at_end = model.hotstart_delay
+        assert transfers == len(ran) + len(yielded) - at_end + 1, (transfers, len(ran), len(yielded))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

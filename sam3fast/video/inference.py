@@ -33,9 +33,10 @@ The tracker is any object with the official ``Sam3TrackerPredictor`` API (``init
 session's ``feature_cache``: frame index -> (frame, {"tracker_backbone_out": {"vision_features",
 "vision_pos_enc", "backbone_fpn"}}).
 
-Host syncs per frame (measured on the CPU by counting host reads of tensor values, tiny config):
-two in the steady state, where the official makes one per scanned memory frame, per detection
-step, per track flag and per output array:
+Host copies per frame (counted on the CPU through the host reads of tensor values, tiny config):
+one in the steady state, with one sync, where the official makes one per scanned memory frame,
+per detection step, per track flag and per output array. Everything the host reads goes through
+``host_channel`` (:class:`~sam3fast.video.host_channel.HostChannel`):
 - the planning read (``_associate``): detections stay as padded query slots with a validity
   mask, association runs on the device on fixed shapes
   (:func:`~sam3fast.video.association.associate_detections`), and so do the decisions
@@ -44,8 +45,9 @@ step, per track flag and per output array:
   scores and the tracker scores to the host, which applies them to its bookkeeping (new ids,
   tracker states). Where ``device_plan_refusal`` names a reason (masklet confirmation, several
   ranks) the official heuristics run on numpy as the official's do;
-- the output read (``_postprocess_output``): keep flags, boxes and bit-packed masks of all objects
-  in one copy, filtered and unpacked on the host.
+- the outputs (``_postprocess_launch``): keep flags, boxes and bit-packed masks of all objects,
+  filtered and unpacked on the host. With ``pipelined_outputs`` (default) they ride in the next
+  frame's planning copy; without, and for the frames held to the end, in a copy of their own.
 On several ranks (:meth:`Sam3VideoBase.set_distributed`, see :mod:`sam3fast.video.distributed`):
 the detector runs frame-parallel, objects are sharded (``obj_ids_per_gpu``), the tracker's masks
 and scores are all-gathered after step 2, rank 0 alone associates and runs the hotstart heuristics
@@ -85,6 +87,7 @@ from .detector import mask_iou_matrix
 from .device_plan import (NO_FRAME, PlanSettings, decode_plan, device_plan_refusal, empty_state, layout_rows,
                           next_state, plan_frame)
 from .frame_masks import FrameMasks, to_device_async
+from .host_channel import HostChannel
 
 logger = logging.getLogger(__name__)
 
@@ -248,25 +251,19 @@ def _row_groups(states, max_rows: int):
     return groups
 
 
-def _output_reader(keep: Tensor, boxes: Tensor, mask_bytes: Tensor, obj_ids, probs: np.ndarray, frame_stats,
-                   masks_from_bytes):
-    """Launch a frame's one output copy (N keep flags, (N, 4) float32 xywh boxes, the masks as
-    bytes) to the host (on CUDA asynchronous, into pinned memory) and return ``read_outputs() ->
-    outputs``, which waits for it and keeps the flagged objects; ``masks_from_bytes(bytes, keep)``
-    turns the mask bytes into the kept (K, H, W) bool masks."""
+def _output_reader(channel: HostChannel, keep: Tensor, boxes: Tensor, mask_bytes: Tensor, obj_ids,
+                   probs: np.ndarray, frame_stats, masks_from_bytes):
+    """Queue a frame's outputs (N keep flags, (N, 4) float32 xywh boxes, the masks as bytes) for the
+    host on ``channel`` (they ride in the next planning copy, or in their own copy when read first)
+    and return ``read_outputs() -> outputs``, which gets them and keeps the flagged objects;
+    ``masks_from_bytes(bytes, keep)`` turns the mask bytes into the kept (K, H, W) bool masks."""
     N = len(obj_ids)
-    flat = torch.cat((keep.view(torch.uint8), boxes.contiguous().view(torch.uint8).flatten(), mask_bytes))
-    ready = None
-    if flat.device.type == "cuda":
-        host, ready = _copy_to_host_async(flat)
-    else:
-        host = flat
+    slot = channel.submit(torch.cat((keep.view(torch.uint8), boxes.contiguous().view(torch.uint8).flatten(),
+                                     mask_bytes)))
 
     def read_outputs():
-        if ready is not None:
-            with stage("video_output_read"):
-                ready.synchronize()  # (already passed when the next frame's planning read came first)
-        a = host.numpy()
+        with stage("video_output_read"):
+            a = slot.get()  # (no wait when the next frame's planning copy carried it)
         keep_np = a[:N].view(np.bool_)
         return {
             "out_obj_ids": np.asarray(obj_ids, dtype=np.int64)[keep_np],
@@ -278,15 +275,6 @@ def _output_reader(keep: Tensor, boxes: Tensor, mask_bytes: Tensor, obj_ids, pro
 
     return read_outputs
 
-
-def _copy_to_host_async(t: Tensor):
-    """``(host, ready)``: ``t`` (CUDA) copied asynchronously into pinned host memory, on the current
-    stream, and an event recorded after the copy (wait on it before reading ``host``)."""
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    ready = torch.cuda.Event()
-    ready.record()
-    return host, ready
 
 class Sam3VideoBase(nn.Module):
     """``detector`` (:class:`~sam3fast.video.detector.Sam3VideoDetector`) + ``tracker`` and the
@@ -351,11 +339,12 @@ class Sam3VideoBase(nn.Module):
         # sam3fast: on CUDA, finished per-frame outputs (cached masks, the tracker's stored frames)
         # move to pinned host memory so device memory stays flat; False keeps them on the device.
         self.retire_finished_outputs = True
-        # sam3fast: False (the official timing): a frame's outputs are read (one sync) and yielded
-        # before the next frame starts. True: they are copied to the host asynchronously and yielded
-        # after the next frame's work is queued and its planning read (the one sync left per frame)
-        # has passed; the same outputs, one frame later (the CLI and the benchmarks use it).
-        self.pipelined_outputs = False
+        # sam3fast: True: a frame's outputs ride to the host in the next frame's planning copy
+        # (host_channel) and are yielded after it: one copy and one sync per frame, the same
+        # outputs, yielded one frame of work later. False (the official interleaving): they are
+        # read (a copy and a sync of their own) and yielded before the next frame starts.
+        self.pipelined_outputs = True
+        self.host_channel = HostChannel()
         # sam3fast: the detector's one-ahead frame is launched behind the planning read's copy, not
         # before the tracker step (``Sam3VideoDetector.forward_video_grounding_multigpu`` with
         # ``defer_next``): the host's wait then covers this frame's work only, and the GPU detects
@@ -1038,17 +1027,13 @@ class Sam3VideoBase(nn.Module):
         return out, det_scores_np, extra_host, plan_host
 
     def _read_for_planning(self, flat: Tensor) -> np.ndarray:
-        """The frame's one host read. On CUDA: an asynchronous copy into pinned memory and an event,
-        then the next frame's detection (queued with ``defer_next``) is launched behind it, then the
-        host waits for the event only: the GPU runs that detection while the host plans."""
-        if flat.device.type != "cuda":
-            self.detector.run_deferred()
-            return flat.numpy()
-        host, ready = _copy_to_host_async(flat)
-        self.detector.run_deferred()
-        with stage("video_planning_read"):
-            ready.synchronize()  # host sync (the one read)
-        return host.numpy()
+        """The frame's one host read, on ``host_channel``: the planning values and every output
+        queued since the last read (a held frame's, with ``pipelined_outputs``) in one copy. On
+        CUDA: one asynchronous copy into pinned memory and an event, then the next frame's
+        detection (queued with ``defer_next``) is launched behind it, then the host waits for the
+        event only: the GPU runs that detection while the host plans."""
+        return self.host_channel.read(flat, before_wait=self.detector.run_deferred,
+                                      wait_range="video_planning_read")
 
     def _assign_new_det_to_gpus(self, new_det_num, prev_workload_per_gpu):
         workload = np.asarray(prev_workload_per_gpu).copy()
@@ -1450,8 +1435,8 @@ class Sam3VideoInference(Sam3VideoBase):
                     yield_list = []
             else:
                 yield_list = [(frame_idx, out)]
-            # pipelined: the outputs launched after the previous frame are ready now (this frame's
-            # planning read came after their copy on the stream)
+            # pipelined: the outputs queued after the previous frame came to the host with this
+            # frame's planning copy
             while pending:
                 yield pending.pop(0)()
             for yield_frame_idx, yield_out in yield_list:
@@ -1468,11 +1453,11 @@ class Sam3VideoInference(Sam3VideoBase):
                                           suppressed_obj_ids=suppressed_obj_ids,
                                           removed_obj_ids=hotstart_removed_obj_ids,
                                           unconfirmed_obj_ids=unconfirmed_obj_ids, refilter=True)
-                item = lambda f=yield_frame_idx, fin=finish: (f, fin())  # noqa: E731
-                if self.pipelined_outputs and frame_idx != end_frame_idx:
-                    pending.append(item)
-                else:
-                    yield item()
+                pending.append(lambda f=yield_frame_idx, fin=finish: (f, fin()))
+            if not self.pipelined_outputs or frame_idx == end_frame_idx:
+                # (the last frame's held outputs were all queued above: one copy carries them)
+                while pending:
+                    yield pending.pop(0)()
         while pending:
             yield pending.pop(0)()
 
@@ -1564,7 +1549,8 @@ class Sam3VideoInference(Sam3VideoBase):
             masks.unsqueeze(1), tracker_probs.unsqueeze(1), background_value=0).squeeze(1) > 0
         masks = torch.where(keep.sum() > 1, separated, masks)  # (the official: only for 2+ objects)
         N = len(curr_obj_ids)
-        return _output_reader(keep, boxes, masks.view(torch.uint8).flatten(), curr_obj_ids, probs, frame_stats,
+        return _output_reader(self.host_channel, keep, boxes, masks.view(torch.uint8).flatten(), curr_obj_ids,
+                              probs, frame_stats,
                               lambda b, k: b.view(np.bool_).reshape(N, H_video, W_video)[k])
 
     def _postprocess_low_res(self, frame_masks: FrameMasks, curr_obj_ids, hide, trk, probs, frame_stats):
@@ -1593,8 +1579,8 @@ class Sam3VideoInference(Sam3VideoBase):
         def unpack(b, k):  # bit j of little-endian word w of a row = pixel 32 w + j
             return np.unpackbits(b.reshape(N, H, 4 * WP)[k], axis=-1, bitorder="little")[..., :W].astype(np.bool_)
 
-        return _output_reader(keep, boxes, packed.contiguous().view(torch.uint8).flatten(), curr_obj_ids, probs,
-                              frame_stats, unpack)
+        return _output_reader(self.host_channel, keep, boxes, packed.contiguous().view(torch.uint8).flatten(),
+                              curr_obj_ids, probs, frame_stats, unpack)
 
     def _cache_frame_outputs(self, inference_state, frame_idx, obj_id_to_mask, suppressed_obj_ids=None,
                              removed_obj_ids=None, unconfirmed_obj_ids=None, refilter=False):
