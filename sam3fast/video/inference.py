@@ -894,15 +894,27 @@ class Sam3VideoBase(nn.Module):
         new_det_fa_inds_local = new_det_fa_inds[on_this]
         obj_ids_newly_removed = tracker_update_plan["obj_ids_newly_removed"]
         if len(new_det_fa_inds_local) > 0:
-            idx = to_device_async(new_det_fa_inds_local, torch.long, det_out["mask"].device)
+            new_masks = self._new_det_masks(det_out, tracker_update_plan)
+            if not on_this.all():  # (several ranks: this rank's share)
+                new_masks = new_masks[to_device_async(np.flatnonzero(on_this), torch.long, new_masks.device)]
             tracker_states_local = self._tracker_add_new_objects(
                 frame_idx=frame_idx, num_frames=num_frames, new_obj_ids=new_det_obj_ids_local,
-                new_obj_masks=det_out["mask"][idx], tracker_states_local=tracker_states_local,
+                new_obj_masks=new_masks, tracker_states_local=tracker_states_local,
                 orig_vid_height=orig_vid_height, orig_vid_width=orig_vid_width, feature_cache=feature_cache,
             )
         if len(obj_ids_newly_removed) > 0:
             self._tracker_remove_objects(tracker_states_local, obj_ids_newly_removed)
         return tracker_states_local
+
+    @staticmethod
+    def _new_det_masks(det_out: Dict[str, Tensor], tracker_update_plan: Dict[str, Any]) -> Tensor:
+        """The frame's new detections' low-res mask logits (K, h, w), gathered once (the execution
+        phase and :meth:`build_outputs` both read them; nothing writes into them)."""
+        masks = tracker_update_plan.get("new_det_masks")
+        if masks is None:
+            idx = to_device_async(tracker_update_plan["new_det_fa_inds"], torch.long, det_out["mask"].device)
+            masks = tracker_update_plan["new_det_masks"] = det_out["mask"][idx]
+        return masks
 
     def build_outputs(self, frame_idx: int, num_frames: int, reverse: bool, det_out: Dict[str, Tensor],
                       tracker_low_res_masks_global: Tensor, tracker_obj_scores_global: Tensor,
@@ -922,8 +934,8 @@ class Sam3VideoBase(nn.Module):
             parts.append(tracker_low_res_masks_global)
             ids += [int(i) for i in existing_ids]
         if len(new_det_fa_inds) > 0:
-            idx = to_device_async(new_det_fa_inds, torch.long, det_out["mask"].device)
-            new_low = fill_holes_in_mask_scores(det_out["mask"][idx].unsqueeze(1), max_area=self.fill_hole_area,
+            new_low = fill_holes_in_mask_scores(self._new_det_masks(det_out, tracker_update_plan).unsqueeze(1),
+                                                max_area=self.fill_hole_area,
                                                 fill_holes=True, remove_sprinkles=True)
             parts.append(new_low.squeeze(1))
             ids += [int(i) for i in new_det_obj_ids]
@@ -1858,11 +1870,7 @@ class Sam3VideoInferenceWithInstanceInteractivity(Sam3VideoInference):
         if is_user_action:
             self.add_action_history(inference_state, action_type="remove", obj_ids=[obj_id])
         md = inference_state["tracker_metadata"]
-        rank0 = md.get("rank0_metadata", {})
-        if "plan_state" in rank0:  # the device plan's rows follow obj_ids_all_gpu
-            rows = np.flatnonzero(md["obj_ids_all_gpu"] != obj_id)
-            rank0["plan_state"] = next_state(rank0["plan_state"], to_device_async(rows, torch.long, self.device),
-                                             new_first_frame=0, new_keep_alive=0)
+        self._relayout_plan(md, np.flatnonzero(md["obj_ids_all_gpu"] != obj_id))
         ids = md["obj_ids_per_gpu"][obj_rank]
         md["obj_ids_per_gpu"][obj_rank] = ids[ids != obj_id]
         md["num_obj_per_gpu"][obj_rank] = len(md["obj_ids_per_gpu"][obj_rank])
@@ -1871,6 +1879,15 @@ class Sam3VideoInferenceWithInstanceInteractivity(Sam3VideoInference):
         for frame_cache in inference_state.get("cached_frame_outputs", {}).values():
             if obj_id in frame_cache:
                 del frame_cache[obj_id]
+
+    def _relayout_plan(self, tracker_metadata, rows, new_first_frame=0):
+        """After a user edit of the tracks: the device plan state (if the session has one) in the new
+        track layout, ``rows`` the old row of each new row (-1: a new track, first detected on
+        ``new_first_frame``, keep-alive 0), so its rows keep following ``obj_ids_all_gpu``."""
+        rank0 = tracker_metadata.get("rank0_metadata", {})
+        if "plan_state" in rank0:
+            rank0["plan_state"] = next_state(rank0["plan_state"], to_device_async(rows, torch.long, self.device),
+                                             new_first_frame=new_first_frame, new_keep_alive=0)
 
     def _get_gpu_id_by_obj_id(self, inference_state, obj_id):
         md = inference_state["tracker_metadata"]
@@ -1962,11 +1979,9 @@ class Sam3VideoInferenceWithInstanceInteractivity(Sam3VideoInference):
             if obj_rank == self.rank:
                 tracker_state = self._init_new_tracker_state(inference_state)
                 inference_state["tracker_inference_states"].append(tracker_state)
-            rank0 = tracker_metadata["rank0_metadata"]
-            if "plan_state" in rank0:  # a clicked track: no first-detection frame (one rank: the last row)
-                rows = np.append(np.arange(len(tracker_metadata["obj_ids_all_gpu"])), -1)
-                rank0["plan_state"] = next_state(rank0["plan_state"], to_device_async(rows, torch.long, self.device),
-                                                 new_first_frame=NO_FRAME, new_keep_alive=0)
+            # a clicked track: no first-detection frame (one rank: the last row)
+            self._relayout_plan(tracker_metadata, np.append(np.arange(len(tracker_metadata["obj_ids_all_gpu"])), -1),
+                                new_first_frame=NO_FRAME)
             tracker_metadata["obj_ids_per_gpu"][obj_rank] = np.concatenate(
                 [tracker_metadata["obj_ids_per_gpu"][obj_rank], np.array([obj_id], dtype=np.int64)]
             )
