@@ -69,10 +69,13 @@ if [[ $PHASE == a ]]; then
     step bench_image 100 150 python3 bench/bench_image.py --iters 10
     step bench_video_concept 60 100 python3 bench/bench_video.py --parts concept --dtype bfloat16 --frames 24 \
         --iters 1 --no-compile
+    # where the concept loop's host time goes (run 2: 74.6 ms a frame at a median of 0 objects,
+    # against ~22 ms of detector kernels): its by-stage profile and cProfile
+    step profile_concept 45 70 python3 bench/profile_gpu.py --parts concept
 else
     # the rest, on the still-warm machine if device time is left: the by-stage profile, the other
     # kernel benchmarks, 64 clicked objects, the remaining GPU tests
-    step profile 60 120 python3 bench/profile_gpu.py
+    step profile 60 100 python3 bench/profile_gpu.py --parts image,tracker
     step bench_norms 40 40 python3 bench/bench_norms.py
     step bench_two_way 40 60 python3 bench/bench_two_way_attention.py --no-compile
     step bench_prompt_ca 40 45 python3 bench/bench_prompt_cross_attention.py --no-compile
