@@ -84,7 +84,15 @@ class CXBlock(nn.Module):
 
     The LayerNorm runs on the channels-last tensor that the pointwise Linears need anyway, so the
     block permutes once each way (the official permutes after its channels-first LayerNorm2d).
+    On CUDA the depthwise convolution reads a channels-last copy of its input
+    (``CHANNELS_LAST_DWCONV``): PyTorch sends a contiguous bfloat16 depthwise convolution to its
+    generic kernel (cuDNN only takes float16 there) but every channels-last one to cuDNN; in the
+    second H100 profile of 2026-11-26 the generic kernel took 0.73 ms a call at 16 objects
+    (bench/results/profile_tracker_*_run2.md), for a (16, 256, 72, 72) map. Its output, permuted,
+    is then the contiguous (B, g, g, D) tensor the LayerNorm reads.
     """
+
+    CHANNELS_LAST_DWCONV = True
 
     def __init__(self, dim: int, kernel_size: int = 7, padding: int = 3):
         super().__init__()
@@ -95,7 +103,8 @@ class CXBlock(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.dwconv(x).permute(0, 2, 3, 1)
+        dw_in = x.contiguous(memory_format=torch.channels_last) if x.is_cuda and self.CHANNELS_LAST_DWCONV else x
+        y = self.dwconv(dw_in).permute(0, 2, 3, 1)
         y = F.layer_norm(y, self.norm.weight.shape, self.norm.weight, self.norm.bias, self.norm.eps)
         y = self.pwconv2(F.gelu(self.pwconv1(y))) * self.gamma
         return x + y.permute(0, 3, 1, 2)
