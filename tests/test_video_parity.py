@@ -688,6 +688,31 @@ def test_cuda_concept_frames_make_no_implicit_sync(checkpoints, clip_dir, monkey
     assert not output_syncs, output_syncs
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_pipelined_outputs_ride_in_the_planning_copy(checkpoints, clip_dir):
+    """On CUDA the default (``pipelined_outputs``) sends each frame's outputs to the host inside the
+    next frame's planning copy (one gathered, 16-byte aligned, pinned copy per frame): the
+    outputs equal those of the sequential mode, where each frame's outputs take a copy of their
+    own, and the copies number one per frame plus one at the end."""
+    runs, transfers = {}, {}
+    for pipelined in (False, True):
+        pred = build_sam3_video_predictor(checkpoint_path=checkpoints[RICH_SEED], config=CFG, device="cuda")
+        pred.model.pipelined_outputs = pipelined
+        sid = _session_frames(pred, clip_dir)
+        before = pred.model.host_channel.transfers
+        runs[pipelined] = [to_numpy_outputs(r["outputs"])
+                           for r in pred.handle_stream_request({"type": "propagate_in_video", "session_id": sid})]
+        transfers[pipelined] = pred.model.host_channel.transfers - before
+    assert len(runs[True]) == len(runs[False]) == NUM_FRAMES
+    assert sum(len(o["out_obj_ids"]) for o in runs[True]) > 0  # objects were output
+    for t, (a, b) in enumerate(zip(runs[False], runs[True])):
+        assert a["out_obj_ids"].tolist() == b["out_obj_ids"].tolist(), t
+        assert np.array_equal(a["out_binary_masks"], b["out_binary_masks"]), t
+        assert np.array_equal(a["out_probs"], b["out_probs"]) and np.array_equal(a["out_boxes_xywh"],
+                                                                                 b["out_boxes_xywh"]), t
+    assert transfers[True] <= NUM_FRAMES + 1 < transfers[False], transfers
+
+
 # ----------------------------------------------------------------------------------------------
 # Device memory stays flat as the video grows
 
