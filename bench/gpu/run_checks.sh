@@ -78,6 +78,10 @@ else
     # kernel benchmarks, 64 clicked objects, the remaining GPU tests
     step profile 60 100 python3 bench/profile_gpu.py --parts image,tracker
     step bench_norms 40 40 python3 bench/bench_norms.py
+    # a fixed-capacity bank with 4 of 7 memory frames masked (a young or occluded track): SDPA
+    # computes the masked keys, the Triton kernel skips their tiles
+    step bench_memory_attention_pad4 40 60 python3 bench/bench_memory_attention.py --objects 5,16 --pad-frames 4 \
+        --no-compile --no-fold --out "bench/results/memory_attention_pad4_$(date +%F)"
     step bench_two_way 40 60 python3 bench/bench_two_way_attention.py --no-compile
     step bench_prompt_ca 40 45 python3 bench/bench_prompt_cross_attention.py --no-compile
     step bench_mask_iou 30 30 python3 bench/bench_mask_iou.py
