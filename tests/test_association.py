@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from official_ref import official
 from sam3fast.video.association import associate_detections
+from sam3fast.video.host_channel import HostChannel
 from sam3fast.video.inference import Sam3VideoBase as OurBase
 
 THRESH = dict(assoc_iou_thresh=0.3, trk_assoc_iou_thresh=0.5, new_det_thresh=0.7)
@@ -32,6 +33,7 @@ def _ours_associate(o2o):
     fake._associate = types.MethodType(OurBase._associate, fake)
     fake._read_for_planning = types.MethodType(OurBase._read_for_planning, fake)
     fake.detector = types.SimpleNamespace(run_deferred=lambda: None)  # (no queued detection here)
+    fake.host_channel = HostChannel()
     return lambda **kw: OurBase._associate_det_trk(fake, **kw)
 
 

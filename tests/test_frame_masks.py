@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from sam3fast.video.frame_masks import FrameMasks, resize_threshold, to_device_async
+from sam3fast.video.host_channel import HostChannel
 from sam3fast.video.inference import Sam3VideoInference
 
 CUDA = torch.cuda.is_available()
@@ -32,8 +33,13 @@ def _blobs(n, h, w, gen, dtype=torch.float32, device="cpu", empty=()):
 
 
 class _Model:
-    """The two output methods of the video model on their own (they read ``rank`` only)."""
+    """The two output methods of the video model on their own (they read ``rank`` and send their
+    outputs to the host on ``host_channel``)."""
     rank = 0
+
+    def __init__(self):
+        self.host_channel = HostChannel()
+
     _postprocess_launch = Sam3VideoInference._postprocess_launch
     _postprocess_low_res = Sam3VideoInference._postprocess_low_res
 
