@@ -505,7 +505,41 @@ def format_table(results):
                  f"{r['peak_gib']:.2f}" if "peak_gib" in r else "",
                  "" if objs is None else f"{objs[0]}/{objs[1]:g}/{objs[2]}", note]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + target_lines(results["rows"]))
+
+
+# The issue's video targets (#6, H100, bf16): frames/s of the tracker with N objects, or a ratio
+# to the official video predictor at N objects.
+FPS_TARGETS = {1: ("fps", 60.0), 5: ("ratio", 3.0), 16: ("fps", 25.0)}
+
+
+def target_lines(rows):
+    """Markdown lines comparing the tracker part's e2e rows (backbone included) with
+    ``FPS_TARGETS``: sam3fast's default row ("e2e") and its best e2e variant per object count,
+    against the official "e2e" row of the same run. Empty when no such rows ran."""
+    out = []
+    for n, (kind, goal) in FPS_TARGETS.items():
+        ours = [r for r in rows if r["part"] == "tracker" and r["engine"] == "sam3fast" and r["objects"] == n
+                and r["variant"].split()[0] == "e2e" and "fps" in r]
+        if not ours:
+            continue
+        official = next((r["fps"] for r in rows if r["part"] == "tracker" and r["engine"] == "official"
+                         and r["objects"] == n and r["variant"] == "e2e" and "fps" in r), None)
+        best = max(ours, key=lambda r: r["fps"])
+        default = next((r for r in ours if r["variant"] == "e2e"), None)
+        parts = []
+        for label, r in (("default", default), ("best", best)):
+            if r is None:
+                continue
+            ratio = f", {r['fps'] / official:.2f}x official" if official else ""
+            parts.append(f"{label} {r['fps']:.1f} frames/s ({r['dtype']} {r['variant']}{ratio})")
+        value = best["fps"] if kind == "fps" else (best["fps"] / official if official else None)
+        want = f">= {goal:g} frames/s" if kind == "fps" else f">= {goal:g}x the official"
+        verdict = "no official row" if value is None else ("met" if value >= goal else "not met")
+        out.append(f"- {n} object{'s' if n > 1 else ''}: " + "; ".join(parts) + f". Target {want}: {verdict}.")
+    if out:
+        out = ["", "Against the video targets of issue #6 (tracker, backbone included, this machine):", ""] + out
+    return out
 
 
 if __name__ == "__main__":
