@@ -107,3 +107,27 @@ def test_read_of_an_unsupported_dtype_is_refused():
     ch = HostChannel()
     with pytest.raises(TypeError, match="no numpy dtype"):
         ch.read(torch.zeros(2, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("kind", [HostChannel, _Gathering], ids=["host", "gathered"])
+def test_a_slot_of_several_tensors_gets_their_bytes_back_to_back(kind):
+    """``submit(a, b, c)``: one slot, the parts' bytes in order with no gap (on the gathered path
+    straight from the parts into the one copy, padded only after the slot)."""
+    rng = np.random.default_rng(2)
+    ch = kind()
+    keep = torch.from_numpy(rng.random(3) > 0.5)
+    boxes = torch.from_numpy(rng.standard_normal((3, 4)).astype(np.float32))
+    masks = torch.from_numpy(rng.integers(0, 255, 29).astype(np.uint8))
+    slot = ch.submit(keep, boxes, masks)
+    other = ch.submit(masks)
+    head = torch.arange(3, dtype=torch.float64)
+    assert np.array_equal(ch.read(head), head.numpy()) and ch.transfers == 1
+    got = slot.get()
+    want = np.concatenate([keep.numpy().view(np.uint8), boxes.numpy().reshape(-1).view(np.uint8), masks.numpy()])
+    assert got.dtype == np.uint8 and np.array_equal(got, want)
+    assert np.array_equal(got[3:51].view(np.float32).reshape(3, 4), boxes.numpy())
+    assert np.array_equal(other.get(), masks.numpy()) and ch.transfers == 1
+    if kind is _Gathering:
+        assert ch.copied == [32 + 80 + 32]  # head 24 -> 32, slot 3 + 48 + 29 = 80 (aligned), other 29 -> 32
+    with pytest.raises(ValueError, match="nothing to send"):
+        ch.submit()

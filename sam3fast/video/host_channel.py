@@ -38,14 +38,15 @@ def _as_bytes(t: Tensor) -> Tensor:
 
 
 class HostSlot:
-    """One submitted tensor on its way to the host. :meth:`get` gives its bytes as a numpy uint8
-    array, sending the channel's pending tensors first when no read has carried it yet."""
+    """Submitted tensors on their way to the host. :meth:`get` gives their bytes, back to back, as
+    one numpy uint8 array, sending the channel's pending tensors first when no read has carried
+    them yet."""
 
     __slots__ = ("_channel", "_device_bytes", "_host", "_ready")
 
-    def __init__(self, channel: "HostChannel", device_bytes: Tensor):
+    def __init__(self, channel: "HostChannel", device_bytes: List[Tensor]):
         self._channel = channel
-        self._device_bytes: Optional[Tensor] = device_bytes
+        self._device_bytes: Optional[List[Tensor]] = device_bytes  # flat uint8 parts
         self._host: Optional[np.ndarray] = None
         self._ready = None  # the CUDA event of the copy that carried it
 
@@ -75,10 +76,14 @@ class HostChannel:
         self._pads = {}
         self.transfers = 0  # copies made (one per read or flush that had something to send)
 
-    def submit(self, t: Tensor) -> HostSlot:
-        """Queue ``t`` (any dtype, any shape; its values at this point of the stream) for the host.
-        Off CUDA the slot reads ``t`` itself: nothing may write into it afterwards."""
-        slot = HostSlot(self, _as_bytes(t))
+    def submit(self, *tensors: Tensor) -> HostSlot:
+        """Queue ``tensors`` (any dtypes and shapes; their values at this point of the stream) for
+        the host as one slot, their bytes back to back: on CUDA they go straight into the gathered
+        copy (no concatenation of their own). Off CUDA a single tensor is read where it is: nothing
+        may write into it afterwards."""
+        if not tensors:
+            raise ValueError("HostChannel.submit: nothing to send")
+        slot = HostSlot(self, [_as_bytes(t) for t in tensors])
         self._pending.append(slot)
         return slot
 
@@ -125,28 +130,29 @@ class HostChannel:
 
     def _transfer(self, head: List[Tensor], before_wait, wait_range) -> np.ndarray:
         slots, self._pending = self._pending, []
-        parts = head + [s._device_bytes for s in slots]
+        runs = [head] + [s._device_bytes for s in slots]  # runs of parts, each starting aligned
         self.transfers += 1
-        device = parts[0].device
+        device = next(p.device for run in runs for p in run)
         if not self._gathers(device):  # the bytes are on the host already
             if before_wait is not None:
                 before_wait()
             for s in slots:
-                s._deliver(s._device_bytes.numpy(), None)
+                parts = s._device_bytes
+                s._deliver(parts[0].numpy() if len(parts) == 1 else np.concatenate([p.numpy() for p in parts]), None)
             return head[0].numpy() if head else np.zeros(0, np.uint8)
-        pieces, offsets, o = [], [], 0
-        for p in parts:
-            n = p.numel()
-            offsets.append(o)
-            pieces.append(p)
+        pieces, spans, o = [], [], 0
+        for run in runs:
+            n = sum(p.numel() for p in run)
+            spans.append((o, n))
+            pieces += run
             pad = -n % _ALIGN
             if pad:
                 pieces.append(self._pad(device, pad))
             o += n + pad
         host, ready = self._copy_async(torch.cat(pieces) if len(pieces) > 1 else pieces[0])
         a = host.numpy()
-        for s, off in zip(slots, offsets[len(head):]):
-            s._deliver(a[off:off + s._device_bytes.numel()], ready)
+        for s, (off, n) in zip(slots, spans[1:]):
+            s._deliver(a[off:off + n], ready)
         if before_wait is not None:
             before_wait()
         if wait_range is None:

@@ -258,8 +258,7 @@ def _output_reader(channel: HostChannel, keep: Tensor, boxes: Tensor, mask_bytes
     and return ``read_outputs() -> outputs``, which gets them and keeps the flagged objects;
     ``masks_from_bytes(bytes, keep)`` turns the mask bytes into the kept (K, H, W) bool masks."""
     N = len(obj_ids)
-    slot = channel.submit(torch.cat((keep.view(torch.uint8), boxes.contiguous().view(torch.uint8).flatten(),
-                                     mask_bytes)))
+    slot = channel.submit(keep, boxes, mask_bytes)  # (on CUDA: gathered straight into the copy)
 
     def read_outputs():
         with stage("video_output_read"):
