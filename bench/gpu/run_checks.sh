@@ -70,8 +70,8 @@ if [[ $PHASE == a ]]; then
     step bench_image 100 150 python3 bench/bench_image.py --iters 10
     step bench_video_concept 60 100 python3 bench/bench_video.py --parts concept --dtype bfloat16 --frames 24 \
         --iters 1 --no-compile
-    # where the concept loop's host time goes (run 2: 74.6 ms a frame at a median of 0 objects,
-    # against ~22 ms of detector kernels): its by-stage profile and cProfile
+    # the concept loop's by-stage profile and host cProfile (run 2: 74.6 ms a frame, H100 bf16, with
+    # a growing number of tracked objects hidden by hotstart; the benchmark now reports them)
     step profile_concept 45 70 python3 bench/profile_gpu.py --parts concept
 else
     # the rest, on the still-warm machine if device time is left: the by-stage profile, the other
