@@ -51,6 +51,12 @@ gives only 81 query blocks for 132 SMs: 3 splits make 243 programs, 92 % of two 
     "inline"  keys are rotated per tile inside the attention loop: no workspace, but every query
               block re-reads the float32 (cos, sin) rows, 4 Dh bytes per key beside 2 Dh for a
               bf16 key, and redoes the rotation. The benchmark compares the two.
+Invalid keys (``skip_invalid_tiles``, on by default when ``key_valid`` is given): a small kernel
+lists, per batch element, the BLOCK_N-key tiles that hold a valid key, and each split takes its
+share of that list (an empty bank slot then costs nothing but its bytes of ``key_valid``). The loop
+over the list is indirect but branch-free, so the K/V loads stay software-pipelined (cp.async on
+sm_90). The earlier form, an ``if`` around each tile's work, compiled without any pipelining: a
+static sm_90 build (``sam3fast.kernels._static_build``) shows it, and a test keeps it so.
 
 Many objects (``uses_sdpa_path``): q and the keys rotated by the prepass kernel, then PyTorch's
 SDPA. With Dv == Dh every backend may serve (cuDNN first). With Dv != Dh only cuDNN and
@@ -193,6 +199,24 @@ if HAS_TRITON:
         tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=n_mask)
 
     @triton.jit
+    def _tile_list_kernel(valid_ptr, tiles_ptr, count_ptr, S, n_tiles, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+        # Grid (B,): the indices of the BLOCK_N-key tiles of key_valid[b] that hold a valid key, in
+        # ascending order, to tiles[b, :count_b], and count_b to count[b] (the rest of the row unwritten).
+        b = tl.program_id(0).to(tl.int64)
+        offs_t = tl.arange(0, CHUNK)
+        offs_k = tl.arange(0, BLOCK_N)
+        count = tl.sum(tl.zeros((CHUNK,), dtype=tl.int32), axis=0)
+        for t0 in range(0, n_tiles, CHUNK):
+            tiles = t0 + offs_t
+            keys = tiles[:, None] * BLOCK_N + offs_k[None, :]
+            v = tl.load(valid_ptr + b * S + keys, mask=keys < S, other=0)
+            flag = tl.max((v != 0).to(tl.int32), axis=1)  # (CHUNK,) 1 where the tile has a valid key
+            pos = count + tl.cumsum(flag, axis=0) - flag  # exclusive prefix sum: the slot of each listed tile
+            tl.store(tiles_ptr + b * n_tiles + pos, tiles, mask=flag > 0)
+            count += tl.sum(flag, axis=0)
+        tl.store(count_ptr + b, count)
+
+    @triton.jit
     def _attend_tile(
         q, k_base, v_base, rope_ptr, offs_n, n_mask, keep, offs_d, offs_dv, offs_j, m_i, l_i, acc,
         L, n_rope, skn, svn, qk_scale,
@@ -222,15 +246,16 @@ if HAS_TRITON:
 
     @triton.jit
     def _memory_attention_kernel(
-        q_ptr, k_ptr, v_ptr, rope_ptr, valid_ptr, out_ptr, part_o_ptr, part_lse_ptr,
-        Lq, S, H, L, n_rope, kv_per_split, qk_scale,
+        q_ptr, k_ptr, v_ptr, rope_ptr, valid_ptr, tiles_ptr, count_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+        Lq, S, H, L, n_rope, kv_per_split, n_tiles, qk_scale,
         sqb, sqm, sqh, skb, skn, skh, svb, svn, svh,
         ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, HAS_VALID: tl.constexpr, SKIP_INVALID: tl.constexpr,
         SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
         DH: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         # Grid (cdiv(Lq, BLOCK_M), B * H, splits): BLOCK_M queries of one (batch, head) against the
-        # keys [pid_s * kv_per_split, (pid_s + 1) * kv_per_split) (kv_per_split a multiple of BLOCK_N).
+        # keys [pid_s * kv_per_split, (pid_s + 1) * kv_per_split) (kv_per_split a multiple of BLOCK_N),
+        # or with SKIP_INVALID against split pid_s's share of the listed tiles (tiles_ptr, count_ptr).
         # q and k are DH wide; v, the accumulator and the output DV wide (DV < DH: the value fold).
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -255,25 +280,37 @@ if HAS_TRITON:
 
         k_base = k_ptr + b * skb + h * skh
         v_base = v_ptr + b * svb + h * svh
-        n_start = pid_s * kv_per_split
-        n_end = tl.minimum(n_start + kv_per_split, S)
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, DV), dtype=tl.float32)
-        for start_n in range(n_start, n_end, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < n_end
-            if HAS_VALID:
+        if SKIP_INVALID:
+            # Only the key tiles that hold a valid key, from the list _tile_list_kernel wrote: the
+            # program's share of this batch element's count_b listed tiles. An indirect but
+            # branch-free loop, so the compiler still software-pipelines the K/V loads (cp.async);
+            # a per-tile `if` around the loads would stop it (a static sm_90 build showed no
+            # cp.async at all in that form).
+            count = tl.load(count_ptr + b)
+            per_split = tl.cdiv(count, tl.num_programs(2))
+            t_start = pid_s * per_split
+            t_end = tl.minimum(t_start + per_split, count)
+            for t in range(t_start, t_end):
+                tile = tl.load(tiles_ptr + b * n_tiles + t)
+                offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+                n_mask = offs_n < S
                 keep = n_mask & (tl.load(valid_ptr + b * S + offs_n, mask=n_mask, other=0) != 0)
-            else:
-                keep = n_mask
-            if SKIP_INVALID:
-                # A tile of an empty bank slot (a whole padded frame) costs one byte load per key.
-                if tl.max(keep.to(tl.int32), axis=0) > 0:
-                    m_i, l_i, acc = _attend_tile(
-                        q, k_base, v_base, rope_ptr, offs_n, n_mask, keep, offs_d, offs_dv, offs_j, m_i, l_i, acc,
-                        L, n_rope, skn, svn, qk_scale, ROPE_K, DOT_PRECISION, DH, BLOCK_N)
-            else:
+                m_i, l_i, acc = _attend_tile(
+                    q, k_base, v_base, rope_ptr, offs_n, n_mask, keep, offs_d, offs_dv, offs_j, m_i, l_i, acc,
+                    L, n_rope, skn, svn, qk_scale, ROPE_K, DOT_PRECISION, DH, BLOCK_N)
+        else:
+            n_start = pid_s * kv_per_split
+            n_end = tl.minimum(n_start + kv_per_split, S)
+            for start_n in range(n_start, n_end, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                n_mask = offs_n < n_end
+                if HAS_VALID:
+                    keep = n_mask & (tl.load(valid_ptr + b * S + offs_n, mask=n_mask, other=0) != 0)
+                else:
+                    keep = n_mask
                 m_i, l_i, acc = _attend_tile(
                     q, k_base, v_base, rope_ptr, offs_n, n_mask, keep, offs_d, offs_dv, offs_j, m_i, l_i, acc,
                     L, n_rope, skn, svn, qk_scale, ROPE_K, DOT_PRECISION, DH, BLOCK_N)
@@ -367,6 +404,7 @@ def _memory_attention_triton(
     tiles_per_split = cdiv(kv_tiles, min(num_splits, kv_tiles))
     splits = cdiv(kv_tiles, tiles_per_split)  # no split left empty
     kv_per_split = tiles_per_split * block_n
+    skip = bool(skip_invalid_tiles) and key_valid is not None
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 inputs: no TF32 rounding
     qk_scale = _LOG2E / math.sqrt(Dh)
 
@@ -378,18 +416,24 @@ def _memory_attention_triton(
                 DH=Dh, BLOCK_N=block_n, num_warps=4,
             )
             k = k_rot
+        if skip:
+            # No host sync: the attention loops over a count it reads on the device; splits left
+            # without a tile give -inf / zero partials, which the merge ignores.
+            tiles, counts = _valid_tiles(valid, S, block_n)
+        else:
+            tiles = counts = valid  # unread
         if splits > 1:
             part_o = torch.empty((splits, B * H, Lq, Dv), dtype=torch.float32, device=dev)
             part_lse = torch.empty((splits, B * H, Lq), dtype=torch.float32, device=dev)
         else:
             part_o = part_lse = out  # unread
         _memory_attention_kernel[(cdiv(Lq, block_m), B * H, splits)](
-            q, k, v, rope, valid, out, part_o, part_lse,
-            Lq, S, H, L, n_rope_keys, kv_per_split, qk_scale,
+            q, k, v, rope, valid, tiles, counts, out, part_o, part_lse,
+            Lq, S, H, L, n_rope_keys, kv_per_split, kv_tiles, qk_scale,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             ROPE_Q=bool(rope_q), ROPE_K=(rope_k == "inline" and n_rope_keys > 0),
-            HAS_VALID=key_valid is not None, SKIP_INVALID=bool(skip_invalid_tiles) and key_valid is not None,
+            HAS_VALID=key_valid is not None, SKIP_INVALID=skip,
             SPLIT=splits > 1, DOT_PRECISION=dot_precision,
             DH=Dh, DV=Dv, BLOCK_M=block_m, BLOCK_N=block_n,
             num_warps=num_warps, num_stages=num_stages,
@@ -397,6 +441,20 @@ def _memory_attention_triton(
         if splits > 1:
             merge_splits(part_o, part_lse, out, splits)
     return out
+
+
+def _valid_tiles(valid_u8: Tensor, S: int, block_n: int) -> Tuple[Tensor, Tensor]:
+    """(tiles (B, cdiv(S, block_n)) int32, counts (B,) int32) for (B, S) key-validity bytes: row b
+    lists, in ascending order, the block_n-key tiles holding a nonzero byte in its first counts[b]
+    entries (the rest unwritten). One launch of ``_tile_list_kernel``."""
+    B = valid_u8.shape[0]
+    n_tiles = cdiv(S, block_n)
+    tiles = torch.empty((B, n_tiles), dtype=torch.int32, device=valid_u8.device)
+    counts = torch.empty((B,), dtype=torch.int32, device=valid_u8.device)
+    if B > 0:
+        _tile_list_kernel[(B,)](valid_u8, tiles, counts, S, n_tiles, BLOCK_N=block_n,
+                                CHUNK=min(128, triton.next_power_of_2(n_tiles)), num_warps=4)
+    return tiles, counts
 
 
 def _rope_prepass(x: Tensor, rope: Tensor, n_rope: int, block_n: int = 64) -> Tensor:

@@ -16,7 +16,7 @@ import textwrap
 import pytest
 import torch
 
-from kernel_checks import SM90_BUILD, assert_close_to64, capture_graph, forced_backend_reason, run_compiled
+from kernel_checks import assert_close_to64, capture_graph, forced_backend_reason, run_compiled
 
 from sam3fast.kernels import memory_attention as ma
 from sam3fast.model.memory_attention import RoPEAttention
@@ -211,6 +211,30 @@ def test_kernel_empty_splits_and_rows():
 
 
 @needs_triton
+@pytest.mark.parametrize("S, block_n", [(5000, 16), (37, 16), (4096, 32), (1, 16)])
+def test_valid_tile_list(S, block_n):
+    """The list of tiles holding a valid key (the attention's skip of invalid keys): in ascending
+    order, the count right, over several chunks of 128 tiles and a partial last tile, for rows all
+    valid, all invalid, whole padded frames and scattered single keys."""
+    g = torch.Generator().manual_seed(S)
+    rows = [torch.ones(S, dtype=torch.bool), torch.zeros(S, dtype=torch.bool), torch.rand(S, generator=g) < 0.002]
+    framed = torch.ones(S, dtype=torch.bool)
+    framed[S // 5:3 * S // 5] = False
+    rows.append(framed)
+    valid = torch.stack(rows)
+    n_tiles = (S + block_n - 1) // block_n
+    t, c = ma._valid_tiles(valid.view(torch.uint8), S, block_n)
+    assert t.shape == (len(rows), n_tiles)
+    padded = torch.zeros(len(rows), n_tiles * block_n, dtype=torch.bool)
+    padded[:, :S] = valid
+    want_flags = padded.view(len(rows), n_tiles, block_n).any(-1)
+    for b in range(len(rows)):
+        want = want_flags[b].nonzero().flatten().to(torch.int32)
+        assert int(c[b]) == want.numel()
+        assert torch.equal(t[b, :want.numel()], want)
+
+
+@needs_triton
 def test_kernel_masked_keys_do_not_matter():
     """Changing k and v at invalid slots, even to huge values, changes nothing, bit for bit."""
     q, k, v, freqs, key_valid = _case(2, 1, 32, (3, 3), 3, 4, seed=6)
@@ -349,31 +373,48 @@ def test_force_reference_env():
 
 @needs_triton
 def test_kernels_compile_for_sm90():
-    """The real (not interpreted) Triton compiler builds the GPU variants for an H100 without a GPU
-    (bf16, Dh 256, the launcher's default tiles), and the attention uses Hopper's wgmma."""
-    code = SM90_BUILD + textwrap.dedent(
+    """The real (not interpreted) Triton compiler builds what the launcher launches for an H100,
+    without a GPU (sam3fast.kernels._static_build: the launcher runs on CPU tensors of SAM 3's shapes
+    in bf16, each launch compiled with the specialisation Triton would give its arguments). At the
+    default tile, with and without a key-validity mask (the fixed-capacity bank's skip of invalid
+    tiles), the attention uses Hopper's wgmma and its K/V loads are software-pipelined (cp.async):
+    the earlier skip, an `if` around each tile's work, compiled with no cp.async at all. Also the
+    inline-RoPE, single-split and value-fold variants build."""
+    code = textwrap.dedent(
         """
-        from sam3fast.kernels import memory_attention as ma
-        from sam3fast.kernels import _split_kv
-        main = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "rope_ptr": "*fp32", "valid_ptr": "*u8",
-                "out_ptr": "*bf16", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "qk_scale": "fp32"}
-        main.update({n: i32 for n in "Lq S H L n_rope kv_per_split sqb sqm sqh skb skn skh svb svn svh".split()})
-        bm, bn, nw, ns = ma.DEFAULT_TILE
-        # (DV 64: the value fold, at its default tile and at a wider BLOCK_M its smaller accumulator allows)
-        for rope_k, valid, split, dv, tile in ((False, True, True, 256, ma.DEFAULT_TILE),
-                                               (True, False, False, 256, ma.DEFAULT_TILE),
-                                               (False, True, True, 64, ma.DEFAULT_TILE),
-                                               (False, True, False, 64, (128, 64, 8, 2))):
-            bm, bn, nw, ns = tile
-            cx = dict(ROPE_Q=True, ROPE_K=rope_k, HAS_VALID=valid, SKIP_INVALID=valid, SPLIT=split,
-                      DOT_PRECISION="tf32", DH=256, DV=dv, BLOCK_M=bm, BLOCK_N=bn)
-            k = build(ma._memory_attention_kernel, main, cx, nw, ns)
-            assert "wgmma.mma_async" in k.asm["ptx"], "the attention should use wgmma on sm_90"
-        bm, bn, nw, ns = ma.DEFAULT_TILE
-        build(ma._rope_keys_kernel, {"k_ptr": "*bf16", "rope_ptr": "*fp32", "out_ptr": "*bf16",
-              **{n: i32 for n in "S H L n_rope skb skn skh".split()}}, dict(DH=256, BLOCK_N=bn), 4)
-        build(_split_kv._merge_splits_kernel, {"part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": "*bf16",
-              "L": i32, "H": i32, "n_splits": i32}, dict(DH=256, BLOCK_M=32), 4)
+        import torch
+        from sam3fast.kernels import memory_attention as ma, _split_kv
+        from sam3fast.kernels._static_build import capture, sass_stats
+        from sam3fast.model.vit import compute_axial_cis
+        L, Dh, S = 5184, 256, 7 * 5184 + 64
+        q = torch.empty(1, L, 1, Dh, dtype=torch.bfloat16)
+        k = torch.empty(1, S, 1, Dh, dtype=torch.bfloat16)
+        v = torch.empty(1, S, 1, Dh, dtype=torch.bfloat16)
+        v64 = torch.empty(1, S, 1, 64, dtype=torch.bfloat16)
+        rope = torch.view_as_real(compute_axial_cis(Dh, 72, 72, 10000.0)).float()
+        valid = torch.ones(1, S, dtype=torch.bool)
+        kernels = (ma._memory_attention_kernel, ma._tile_list_kernel, ma._rope_keys_kernel,
+                   _split_kv._merge_splits_kernel)
+        cases = {
+            "valid, skip": (v, valid, dict(num_splits=3)),
+            "valid, no skip": (v, valid, dict(num_splits=3, skip_invalid_tiles=False)),
+            "no mask": (v, None, dict(num_splits=3)),
+            "rope_k inline, one split": (v, valid, dict(num_splits=1, rope_k="inline")),
+            "fold": (v64, valid, dict(num_splits=3)),
+            "fold 128x64 w8": (v64, None, dict(num_splits=1, block_m=128, block_n=64, num_warps=8)),
+        }
+        for name, (vv, kv, launch) in cases.items():
+            with capture(*kernels) as builds:
+                ma._memory_attention_triton(q, k, vv, rope, kv, True, 7 * L, **launch)
+            names = [b.name for b in builds]
+            assert ("_rope_keys_kernel" in names) == (launch.get("rope_k", "prepass") == "prepass"), names
+            assert ("_tile_list_kernel" in names) == (kv is not None and launch.get("skip_invalid_tiles", True)), names
+            attn = [b for b in builds if b.name == "_memory_attention_kernel"]
+            assert len(attn) == 1, names
+            st = sass_stats(attn[0].kernel)
+            assert st["wgmma"] > 0, (name, st)
+            if name in ("valid, skip", "valid, no skip", "no mask", "fold"):
+                assert st["cp_async"] > 0, f"{name}: the K/V loads are not pipelined: {st}"
         print("ok")
         """
     )

@@ -1,0 +1,141 @@
+"""Static sm_90 builds of the Triton kernels as a launch on an H100 would compile them, without a GPU.
+
+A build for a hand-written signature misses what Triton's launcher adds from the actual arguments:
+16-byte alignment of the pointers and divisibility by 16 of the integers (strides, sizes). Those
+decide, among other things, whether the loads are vectorised and software-pipelined (cp.async), so
+a hand-written build can report a kernel very different from the one that runs. Here the project's
+own launchers run on CPU tensors of the real shapes and dtypes, and each launch of a captured kernel
+is compiled with the specialisation the launcher would derive from those arguments, then recorded
+instead of run (outputs stay unwritten).
+
+    with capture(ma._memory_attention_kernel) as builds:
+        ma._memory_attention_triton(q, k, v, rope, key_valid, True, n_rope, num_splits=3)
+    stats = sass_stats(builds[0].kernel)   # {"regs": ..., "spill_stores": ..., "cp_async": ...}
+
+``sass_stats`` reads the cubin with the ``cuobjdump`` / ``nvdisasm`` that ship with Triton. The
+numbers are static (instructions in the binary, resources per thread block), not timings; they
+answer questions such as "does the default tile spill?" or "are the K/V loads pipelined?" on a CPU
+machine, and ``bench/kernel_static_report.py`` prints them for the engine's kernels at SAM 3 shapes.
+
+Needs the real Triton compiler: it refuses to run under ``TRITON_INTERPRET=1`` (where the kernels are
+interpreted functions), so tests call it in a fresh process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List
+
+from ._triton_compat import HAS_TRITON, triton
+
+SM90 = ("cuda", 90, 32)
+
+# SASS opcodes counted by sass_stats, by what they tell.
+_COUNTED = {
+    "HGMMA": "wgmma",        # Hopper warpgroup matrix multiply-accumulate
+    "HMMA": "mma",           # the older per-warp tensor-core instruction
+    "LDGSTS": "cp_async",    # asynchronous global -> shared copies (software pipelining)
+    "UTMALDG": "tma_loads",  # tensor-memory-accelerator loads
+    "STL": "spill_stores",   # local-memory stores: register spills (or stack arrays)
+    "LDL": "spill_loads",
+    "BAR": "barriers",
+    "LDG": "global_loads",
+    "STG": "global_stores",
+    "ATOM": "atomics",
+    "RED": "reductions_to_memory",
+}
+
+
+@dataclass
+class Build:
+    """One captured launch: the kernel's name, its grid as given, and the compiled sm_90 kernel."""
+
+    name: str
+    grid: Any
+    kernel: Any  # triton.compiler.CompiledKernel: .asm["ttgir" | "ptx" | "cubin"], .metadata
+
+
+def _require_compiler() -> None:
+    if not HAS_TRITON:
+        raise RuntimeError("static builds need triton")
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("static builds need the real Triton compiler: unset TRITON_INTERPRET")
+
+
+@contextlib.contextmanager
+def capture(*kernels) -> Iterator[List[Build]]:
+    """While active, a launch ``kernel[grid](*args, **kwargs)`` of any of ``kernels`` (``@triton.jit``
+    functions) compiles it for sm_90 as Triton's launcher would for these arguments and appends a
+    :class:`Build` to the yielded list; nothing runs."""
+    _require_compiler()
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget(*SM90)
+    backend = make_backend(target)
+    builds: List[Build] = []
+
+    def recorder(fn):
+        binder = create_function_from_signature(fn.signature, fn.params, backend)
+
+        def run(*args, grid, warmup, **kwargs):
+            # What JITFunction.run does before compiling, with an sm_90 target instead of the driver's.
+            kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+            kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+            bound, specialization, options = binder(*args, **kwargs)
+            options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+            kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                                    options=options.__dict__)
+            builds.append(Build(fn.__name__, grid, kernel))
+
+        return run
+
+    for fn in kernels:
+        if not hasattr(fn, "_pack_args"):
+            raise TypeError(f"{fn!r} is not a @triton.jit function of the real compiler")
+        fn.run = recorder(fn)  # an instance attribute: fn[grid] calls self.run
+    try:
+        yield builds
+    finally:
+        for fn in kernels:
+            del fn.run
+
+
+def _tool(name: str) -> str:
+    from triton import knobs
+
+    return getattr(knobs.nvidia, name).path
+
+
+def sass_stats(kernel) -> Dict[str, int]:
+    """Static resources and instruction counts of a compiled sm_90 kernel: ``regs`` (per thread),
+    ``stack`` (local-memory bytes per thread), ``smem`` (shared memory bytes per block, Triton's
+    dynamic allocation), ``instructions`` and the counts named in ``_COUNTED`` (``wgmma``,
+    ``cp_async``, ``spill_stores``, ...)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
+    res = dict(re.findall(r"(REG|STACK):(\d+)", usage))
+    stats = {"regs": int(res.get("REG", 0)), "stack": int(res.get("STACK", 0)),
+             "smem": int(kernel.metadata.shared), "instructions": 0}
+    stats.update({v: 0 for v in _COUNTED.values()})
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        if m is None:
+            continue
+        stats["instructions"] += 1
+        key = _COUNTED.get(m.group(1))
+        if key is not None:
+            stats[key] += 1
+    return stats
