@@ -309,3 +309,46 @@ def test_full_size_parity(monkeypatch):
         _assert_spread(b)
         _assert_close(pa, pb, tol=1e-6)
     assert out["sam2_backbone_fpn"] is None and ref["sam2_backbone_out"] is None
+
+
+def test_patch_embed_gemm_form_equals_the_convolution():
+    """The GEMM form of the patch embedding (on CUDA by default, forced here) computes the
+    convolution: float64, 14-pixel patches, batch 2, a non-square image; an image whose size is not
+    a multiple of the patch falls back to the convolution (which drops the remainder)."""
+    from sam3fast.model.vit import PatchEmbed
+
+    torch.manual_seed(0)
+    pe = PatchEmbed(14, 48).double()
+    x = torch.randn(2, 3, 56, 70, dtype=torch.float64)
+    pe.gemm = False
+    want = pe(x)
+    assert want.shape == (2, 4, 5, 48)
+    pe.gemm = True
+    got = pe(x)
+    assert got.shape == want.shape and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    odd = torch.randn(1, 3, 60, 70, dtype=torch.float64)
+    torch.testing.assert_close(pe(odd), torch.nn.functional.conv2d(odd, pe.proj.weight, stride=14).permute(0, 2, 3, 1))
+    pe.gemm = None  # the default: the convolution off CUDA
+    assert torch.equal(pe(x), want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_patch_embed_gemm_form_bf16():
+    """On CUDA the default is the GEMM form; at SAM 3's 1008-pixel input in bf16 it is within bf16
+    rounding of the convolution (both against a float64 convolution)."""
+    from sam3fast.model.vit import PatchEmbed
+
+    torch.manual_seed(1)
+    pe = PatchEmbed(14, 1024).cuda()
+    x = torch.randn(1, 3, 1008, 1008, device="cuda")
+    want = torch.nn.functional.conv2d(x.double(), pe.proj.weight.double(), stride=14).permute(0, 2, 3, 1)
+    pe = pe.bfloat16()
+    xb = x.bfloat16()
+    got = pe(xb)  # gemm None: the GEMM form on CUDA
+    pe.gemm = False
+    conv = pe(xb)
+    err_gemm = (got.double() - want).abs().max().item()
+    err_conv = (conv.double() - want).abs().max().item()
+    assert got.shape == conv.shape == (1, 72, 72, 1024)
+    assert err_gemm <= 2 * err_conv + 1e-6, (err_gemm, err_conv)

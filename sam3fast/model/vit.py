@@ -29,7 +29,7 @@ the official trunk runs them and then discards their output.
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -93,14 +93,31 @@ def window_unpartition(x: torch.Tensor, w: int, pad_hw: Tuple[int, int], hw: Tup
 
 
 class PatchEmbed(nn.Module):
-    """Conv2d(3, C, P, stride P) without bias; (B, 3, S, S) -> (B, g, g, C)."""
+    """Conv2d(3, C, P, stride P) without bias; (B, 3, S, S) -> (B, g, g, C).
+
+    sam3fast: on CUDA the convolution runs as the GEMM it is, (B g g, 3 P P) x (3 P P, C), over
+    the non-overlapping patches (one copy of the image into patch rows). With 3 input channels
+    cuDNN has no tensor-core kernel for it in bf16: the H100 profile of 2026-11-26 (run 2) shows
+    one generic ``implicit_convolve_sgemm`` launch per image, 0.31 ms, for a 6.2 GFLOP product.
+    ``gemm``: None (default) = on CUDA, True / False = always / never (tests force it on the CPU).
+    Same sums as the convolution; only the order of the float32 accumulation may differ.
+    """
 
     def __init__(self, patch_size: int, embed_dim: int, in_chans: int = 3):
         super().__init__()
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.gemm: Optional[bool] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).permute(0, 2, 3, 1)
+        B, C, H, W = x.shape
+        P = self.proj.kernel_size[0]
+        use_gemm = x.is_cuda if self.gemm is None else self.gemm
+        if not use_gemm or H % P or W % P:
+            return self.proj(x).permute(0, 2, 3, 1)
+        gh, gw = H // P, W // P
+        rows = x.reshape(B, C, gh, P, gw, P).permute(0, 2, 4, 1, 3, 5).reshape(B * gh * gw, C * P * P)
+        w = self.proj.weight
+        return (rows @ w.reshape(w.shape[0], -1).t()).view(B, gh, gw, w.shape[0])
 
 
 class Mlp(nn.Module):
