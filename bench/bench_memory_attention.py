@@ -5,7 +5,8 @@ plus 4 tokens per object pointer; B objects. Rows, each timed on the same inputs
   op (...)               ``sam3fast::memory_attention`` as the model calls it: the Triton kernel, or
                          for many objects in bf16 the "sdpa path" (``ma.uses_sdpa_path``)
   triton ...             the kernel's launcher: default tiles (split-KV chosen from the SM count), a
-                         sweep of (BLOCK_M, BLOCK_N, warps, stages), key RoPE "prepass" vs "inline",
+                         sweep of (BLOCK_M, BLOCK_N, warps, stages), the eager rescale of the online
+                         softmax against the default lazy one, invalid keys masked but not skipped,
                          and num_splits=1 (no flash decoding)
   sdpa path              RoPE prepass kernel on q and keys + SDPA with the mask, cuDNN first (GPU)
   eager                  the model's ``RoPEAttention`` with identity projections: ``apply_rope`` on q
@@ -229,8 +230,13 @@ def bench_shape(B, self_attn, args, device, dtype, tiles, compile_backend, matmu
         tile = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
         cands[f"triton {bm}x{bn} w{nw} s{ns}"] = (
             lambda tile=tile: ma._memory_attention_triton(q, k, v, rope, key_valid, True, n_rope, **tile))
-    cands["triton default, rope_k inline"] = (
-        lambda: ma._memory_attention_triton(q, k, v, rope, key_valid, True, n_rope, rope_k="inline"))
+    # (the inline key RoPE, rope_k="inline", took 4.8x the prepass default in the second H100 run of
+    # 2026-11-26 at B = 1 and 16: no longer timed)
+    cands["triton default, eager rescale"] = (
+        lambda: ma._memory_attention_triton(q, k, v, rope, key_valid, True, n_rope, lazy_rescale=False))
+    if key_valid is not None:
+        cands["triton default, invalid keys masked, not skipped"] = (
+            lambda: ma._memory_attention_triton(q, k, v, rope, key_valid, True, n_rope, skip_invalid_tiles=False))
     cands["triton default, no split-KV"] = (
         lambda: ma._memory_attention_triton(q, k, v, rope, key_valid, True, n_rope, num_splits=1))
     if device.type == "cuda" and dtype != torch.float32:  # the op's many-objects path (ma.uses_sdpa_path)

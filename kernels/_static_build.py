@@ -47,7 +47,10 @@ _COUNTED = {
     "LDG": "global_loads",
     "STG": "global_stores",
     "ATOM": "atomics",
+    "ATOMG": "atomics",      # sm_90 spells the global and shared atomics ATOMG / ATOMS
+    "ATOMS": "atomics",
     "RED": "reductions_to_memory",
+    "REDG": "reductions_to_memory",  # (not REDUX: a warp-level reduction in registers)
 }
 
 
@@ -117,8 +120,10 @@ def _tool(name: str) -> str:
 def sass_stats(kernel) -> Dict[str, int]:
     """Static resources and instruction counts of a compiled sm_90 kernel: ``regs`` (per thread),
     ``stack`` (local-memory bytes per thread), ``smem`` (shared memory bytes per block, Triton's
-    dynamic allocation), ``instructions`` and the counts named in ``_COUNTED`` (``wgmma``,
-    ``cp_async``, ``spill_stores``, ...)."""
+    dynamic allocation), ``instructions``, the counts named in ``_COUNTED`` (``wgmma``,
+    ``cp_async``, ``spill_stores``, ...), and ``loop_instructions`` / ``loop_spills``: instructions
+    and STL + LDL inside loops (the ranges of backward branches; a static count: a loop's code
+    once, conditional blocks in it included)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
@@ -130,12 +135,37 @@ def sass_stats(kernel) -> Dict[str, int]:
     stats = {"regs": int(res.get("REG", 0)), "stack": int(res.get("STACK", 0)),
              "smem": int(kernel.metadata.shared), "instructions": 0}
     stats.update({v: 0 for v in _COUNTED.values()})
+    stats.update(loop_instructions=0, loop_spills=0)
+    instrs = []  # (address, opcode)
+    labels = {}  # label -> address of the instruction after it
+    pending = []
     for line in sass.splitlines():
-        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        lab = re.match(r"\s*(\.L_x_\d+):", line)
+        if lab is not None:
+            pending.append(lab.group(1))
+            continue
+        m = re.match(r"\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(.*)", line)
         if m is None:
             continue
+        addr = int(m.group(1), 16)
+        for name in pending:
+            labels[name] = addr
+        pending = []
+        instrs.append((addr, m.group(2), m.group(3)))
         stats["instructions"] += 1
-        key = _COUNTED.get(m.group(1))
+        key = _COUNTED.get(m.group(2))
         if key is not None:
             stats[key] += 1
+    # Loops: the address ranges [target, branch] of backward branches. Spills there cost on every
+    # iteration; spills outside (a prologue's or epilogue's) cost once.
+    loops = []
+    for addr, op, rest in instrs:
+        t = re.search(r"`\((\.L_x_\d+)\)", rest) if op == "BRA" else None
+        # (strictly backward: the BRA-to-itself that ends every kernel after EXIT is no loop)
+        if t is not None and labels.get(t.group(1), addr) < addr:
+            loops.append((labels[t.group(1)], addr))
+    for addr, op, _ in instrs:
+        if any(a <= addr <= b for a, b in loops):
+            stats["loop_instructions"] += 1
+            stats["loop_spills"] += op in ("STL", "LDL")
     return stats

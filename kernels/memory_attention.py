@@ -166,6 +166,10 @@ def memory_attention_ref(
 
 if HAS_TRITON:
 
+    # Lazy rescaling (LAZY_RESCALE): the reference maximum of a row moves only when a tile's maximum
+    # exceeds it by more than this many log2 units, so exp2 terms stay <= 2**8 (module docstring).
+    RESCALE_THRESHOLD = tl.constexpr(8.0)
+
     @triton.jit
     def _rope_rows(x, cos, sin, M: tl.constexpr, DH: tl.constexpr):
         # x (M, DH) float32, interleaved pairs; cos/sin (M, DH/2).
@@ -220,9 +224,12 @@ if HAS_TRITON:
     def _attend_tile(
         q, k_base, v_base, rope_ptr, offs_n, n_mask, keep, offs_d, offs_dv, offs_j, m_i, l_i, acc,
         L, n_rope, skn, svn, qk_scale,
-        ROPE_K: tl.constexpr, DOT_PRECISION: tl.constexpr, DH: tl.constexpr, BLOCK_N: tl.constexpr,
+        ROPE_K: tl.constexpr, LAZY_RESCALE: tl.constexpr, DOT_PRECISION: tl.constexpr, DH: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
-        # One online-softmax step over the key tile offs_n; scores in log2 units.
+        # One online-softmax step over the key tile offs_n; scores in log2 units. m_i is the rows'
+        # reference maximum: exact (the running maximum) unless LAZY_RESCALE, which keeps it while no
+        # row's maximum grows past it by more than RESCALE_THRESHOLD (see the module docstring).
         dtype = q.dtype
         k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
         if ROPE_K:
@@ -234,15 +241,29 @@ if HAS_TRITON:
             k = tl.where(rot, _rope_rows(kf, cos, sin, BLOCK_N, DH), kf).to(dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(keep[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # Every key so far invalid: m_new = -inf; shifting by 0 keeps exp2 at 0 instead of NaN.
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_tile = tl.max(s, axis=1)
+        if LAZY_RESCALE:
+            # A block-uniform test. A row's first valid key always moves its reference (x - -inf is
+            # +inf); a row with none yet (both -inf) does not grow.
+            grow = tl.max(tl.where(m_tile > m_i, m_tile - m_i, 0.0), axis=0) > RESCALE_THRESHOLD
+            if grow:
+                m_new = tl.maximum(m_i, m_tile)
+                alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
+                l_i = l_i * alpha
+                acc = acc * alpha[:, None]
+                m_i = m_new
+        else:
+            m_new = tl.maximum(m_i, m_tile)
+            alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
+            l_i = l_i * alpha
+            acc = acc * alpha[:, None]
+            m_i = m_new
+        # Every key so far invalid: m_i = -inf; shifting by 0 keeps exp2 at 0 instead of NaN.
+        p = tl.exp2(s - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
+        l_i = l_i + tl.sum(p, axis=1)
         v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :], mask=n_mask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v, input_precision=DOT_PRECISION)
-        return m_new, l_i, acc
+        acc = tl.dot(p.to(dtype), v, acc, input_precision=DOT_PRECISION)
+        return m_i, l_i, acc
 
     @triton.jit
     def _memory_attention_kernel(
@@ -250,7 +271,7 @@ if HAS_TRITON:
         Lq, S, H, L, n_rope, kv_per_split, n_tiles, qk_scale,
         sqb, sqm, sqh, skb, skn, skh, svb, svn, svh,
         ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, HAS_VALID: tl.constexpr, SKIP_INVALID: tl.constexpr,
-        SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        SPLIT: tl.constexpr, LAZY_RESCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
         DH: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         # Grid (cdiv(Lq, BLOCK_M), B * H, splits): BLOCK_M queries of one (batch, head) against the
@@ -300,7 +321,7 @@ if HAS_TRITON:
                 keep = n_mask & (tl.load(valid_ptr + b * S + offs_n, mask=n_mask, other=0) != 0)
                 m_i, l_i, acc = _attend_tile(
                     q, k_base, v_base, rope_ptr, offs_n, n_mask, keep, offs_d, offs_dv, offs_j, m_i, l_i, acc,
-                    L, n_rope, skn, svn, qk_scale, ROPE_K, DOT_PRECISION, DH, BLOCK_N)
+                    L, n_rope, skn, svn, qk_scale, ROPE_K, LAZY_RESCALE, DOT_PRECISION, DH, BLOCK_N)
         else:
             n_start = pid_s * kv_per_split
             n_end = tl.minimum(n_start + kv_per_split, S)
@@ -313,7 +334,7 @@ if HAS_TRITON:
                     keep = n_mask
                 m_i, l_i, acc = _attend_tile(
                     q, k_base, v_base, rope_ptr, offs_n, n_mask, keep, offs_d, offs_dv, offs_j, m_i, l_i, acc,
-                    L, n_rope, skn, svn, qk_scale, ROPE_K, DOT_PRECISION, DH, BLOCK_N)
+                    L, n_rope, skn, svn, qk_scale, ROPE_K, LAZY_RESCALE, DOT_PRECISION, DH, BLOCK_N)
 
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # no valid key: acc is 0, the output row is 0
         o = acc / l_safe[:, None]
@@ -360,6 +381,7 @@ def _memory_attention_triton(
     num_splits: Optional[int] = None,
     rope_k: str = "prepass",
     skip_invalid_tiles: bool = True,
+    lazy_rescale: bool = True,
     num_warps: int = DEFAULT_TILE[2],
     num_stages: int = DEFAULT_TILE[3],
 ) -> Tensor:
@@ -434,7 +456,7 @@ def _memory_attention_triton(
             v.stride(0), v.stride(1), v.stride(2),
             ROPE_Q=bool(rope_q), ROPE_K=(rope_k == "inline" and n_rope_keys > 0),
             HAS_VALID=key_valid is not None, SKIP_INVALID=skip,
-            SPLIT=splits > 1, DOT_PRECISION=dot_precision,
+            SPLIT=splits > 1, LAZY_RESCALE=bool(lazy_rescale), DOT_PRECISION=dot_precision,
             DH=Dh, DV=Dv, BLOCK_M=block_m, BLOCK_N=block_n,
             num_warps=num_warps, num_stages=num_stages,
         )

@@ -235,6 +235,30 @@ def test_valid_tile_list(S, block_n):
 
 
 @needs_triton
+@pytest.mark.parametrize("order", ["rising", "falling"])
+def test_kernel_lazy_rescale_matches_float64(order):
+    """Scores that rise from key tile to key tile by far more than the lazy-rescale threshold, to
+    hundreds of log2 units (each tile's keys scaled up: the rows' reference maximum must move
+    mid-loop, after terms have been accumulated against the old one; a reference that never moved
+    would overflow exp2, float32 tops out at 2**128), and scores that fall (it never moves after the
+    first tile): the lazy and the eager rescaling both match the float64 spec, split or not, with a
+    row-block where some rows see no valid key in the first tiles. The tolerance allows for float32
+    scores of a few hundred."""
+    q, k, v, freqs, key_valid = _case(2, 1, 32, (4, 4), 3, 4, seed=11)
+    S = k.shape[1]
+    scale = torch.linspace(0.2, 40.0, S // 16 + 1).repeat_interleave(16)[:S]
+    if order == "falling":
+        scale = scale.flip(0)
+    k = k * scale.view(1, S, 1, 1)
+    key_valid[0, :20] = False
+    want = naive64(q, k, v, freqs, key_valid, True, 48)
+    for lazy in (True, False):
+        for launch in (dict(block_n=16, num_splits=1), dict(block_n=16, num_splits=3)):
+            got = _run(q, k, v, freqs, key_valid, True, 48, lazy_rescale=lazy, **launch)
+            _assert_close(got, want, 2e-3)
+
+
+@needs_triton
 def test_kernel_masked_keys_do_not_matter():
     """Changing k and v at invalid slots, even to huge values, changes nothing, bit for bit."""
     q, k, v, freqs, key_valid = _case(2, 1, 32, (3, 3), 3, 4, seed=6)
