@@ -28,3 +28,18 @@ def test_bench_smoke(script, expect, monkeypatch, capsys):
     out = capsys.readouterr().out
     for e in (expect,) if isinstance(expect, str) else expect:
         assert e in out
+
+
+def test_kernel_static_report_runs():
+    """bench/kernel_static_report.py (real Triton compiler, no GPU, a fresh process without
+    TRITON_INTERPRET) builds two cases and prints their rows."""
+    import subprocess
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, os.path.join(BENCH, "kernel_static_report.py"), "--no-write",
+                          "--cases", "rpb_attention", "connected_components"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
+    out = res.stdout
+    assert "0 errors" in out and "_rpb_attention_kernel" in out and "_cc_merge_kernel" in out

@@ -1,0 +1,403 @@
+"""Static sm_90 report of every Triton kernel in kernels/ at SAM 3's full sizes, compiled without a GPU.
+
+Not a benchmark: nothing runs. Each case calls a kernel module's own launcher on CPU tensors of the
+real shapes (bf16, the launcher's default tile) under ``sam3fast.kernels._static_build.capture``,
+which compiles every launch for sm_90 (H100) with the specialisation Triton's launcher would derive
+from those arguments (16-byte pointer alignment, integers divisible by 16) and records it instead
+of running it. Split counts that a launcher picks from the GPU's SM count are passed explicitly, as
+the module's own chooser gives them for an H100's 132 SMs. One row per launch:
+
+  case, kernel, grid (as launched), warps, stages
+  regs          registers per thread (ptxas, via cuobjdump -res-usage)
+  stack         local-memory bytes per thread (register spills or stack arrays)
+  smem KiB      shared memory per block (Triton's dynamic allocation; sm_90 allows 227 KiB)
+  instrs        SASS instructions in the binary (not executed counts)
+  wgmma, mma    Hopper warpgroup MMA (HGMMA) / per-warp MMA (HMMA) instructions
+  cp_async      LDGSTS: asynchronous global -> shared copies (software-pipelined loads)
+  spill_st/ld   STL / LDL instructions
+  loop instrs   instructions inside loops (backward-branch ranges; conditional blocks included)
+  loop spills   STL + LDL inside loops: those cost on every iteration, the others once
+  barriers      BAR instructions
+  atomics       ATOM + RED instructions (as ``sass_stats`` counts them)
+
+Cases (the shapes the engine runs; see each kernel module's docstring):
+  memory_attention  the tracker's memory attention, 1 head of 256, 72 x 72 = 5184 queries: cross
+                    (7 memory frames x 5184 + 64 object-pointer tokens, key validity mask), self
+                    (5184 keys, RoPE on q and k), and the value fold (v = the 64-wide memory shared by
+                    the head) at the default tile and 128 x 64 w8 s2; at 1 and 16 objects (from
+                    ``SDPA_MIN_BATCH_HEADS`` objects the op hands a bf16 call to SDPA on CUDA: the
+                    16-object rows are the Triton path that SDPA replaces)
+  rpb_attention     the DETR decoder's image cross-attention: 200 + 1 queries, 5184 keys, 8 heads of 32
+  prompt_cross_attention  the fusion encoder's image -> prompt step: 5184 queries, 33 and 64 prompt
+                    tokens, D 256, 8 heads
+  two_way           the SAM mask decoder: token -> image (+ merge) and image -> token, 8 tokens, 8 heads,
+                    internal width 128, 5184 image tokens, at 1 and 16 objects; layer 0 reads the NCHW
+                    image embedding as a transposed view, later layers a contiguous (B, S, D) tensor
+  rope              the ViT trunk's q, k RoPE: window blocks (9 x 576 tokens) and global blocks (5184),
+                    the strided qkv[:, :, :2] view of 16 heads of 64
+  mask_postprocess  64 objects 288 x 288 -> 1080 x 1920, without and with non-overlap (+ the positive
+                    box pre-kernel)
+  mask_for_memory   16 objects 288 -> 1008 -> 1152, sigmoid and binarized
+  connected_components  16 masks of 288 x 288: init, merge, count, gather
+
+    env -u TRITON_INTERPRET OMP_NUM_THREADS=1 python bench/kernel_static_report.py
+    env -u TRITON_INTERPRET python bench/kernel_static_report.py --no-write --cases memory_attention rope
+    env -u TRITON_INTERPRET python bench/kernel_static_report.py --list
+
+Writes bench/results/kernel_static_sm90_<date>.{json,md} (``--out`` for another stem, ``--no-write``
+to only print). A case whose launcher or build raises becomes an error row with the exception
+printed; the others go on. Compiles are cached by Triton (~/.triton/cache): a second run is faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Callable, List, Sequence
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)  # bench/_common.py, also when run through runpy
+
+from _common import RESULTS, triton_version, write_results  # noqa: E402
+
+H100_SMS = 132
+SM90_SMEM_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90
+DTYPE = torch.bfloat16
+OBJECTS = (1, 16)  # tracked objects: one, and a crowded scene
+VIDEO_HW = (1080, 1920)  # the mask post-processing's output frame
+POSTPROCESS_OBJECTS = 64  # as bench_mask_postprocess.py
+NOTE = ("static: compiled without a GPU by sam3fast.kernels._static_build; instruction counts are in the "
+        "binary, not executed counts; not timings")
+
+# (column, row key, printed width; negative: left-aligned text) of the table; the markdown has the same.
+COLUMNS = [
+    ("case", "case", -44), ("kernel", "kernel", -32), ("grid", "grid", -12), ("warps", "warps", 5),
+    ("stages", "stages", 6), ("regs", "regs", 4), ("stack", "stack", 5), ("smem KiB", "smem_kib", 8),
+    ("instrs", "instructions", 6), ("wgmma", "wgmma", 5), ("mma", "mma", 4), ("cp_async", "cp_async", 8),
+    ("spill_st", "spill_stores", 8), ("spill_ld", "spill_loads", 8), ("loop instrs", "loop_instructions", 11),
+    ("loop spills", "loop_spills", 11), ("barriers", "barriers", 8), ("atomics", "atomics", 7), ("notes", "notes", 0),
+]
+
+
+@dataclass
+class Case:
+    """One launcher call: ``kernels`` are every @triton.jit kernel it launches (all must be captured:
+    an uncaptured launch would look for a GPU driver)."""
+
+    name: str
+    kernels: tuple
+    launch: Callable[[], None]
+
+
+def _empty(*shape, dtype=DTYPE):
+    return torch.empty(shape, dtype=dtype)
+
+
+def _nchw_tokens(B, D, g):
+    """(B, g*g, D) view of an NCHW (B, D, g, g) map, channel stride g*g: how the SAM mask decoder
+    hands its image embedding and dense PE to the two-way kernels."""
+    return _empty(B, D, g, g).flatten(2).transpose(1, 2)
+
+
+def build_cases() -> List[Case]:
+    """Every case, inputs built lazily (only the cases selected allocate, and ``torch.empty`` of the
+    full sizes touches no memory)."""
+    from sam3fast.config import get_config
+    from sam3fast.kernels import (
+        _split_kv, connected_components as cc, mask_for_memory as mfm, mask_postprocess as mp,
+        memory_attention as ma, prompt_cross_attention as pca, rope as rp, rpb_attention as rpb,
+        two_way_attention as tw,
+    )
+    from sam3fast.kernels._triton_compat import cdiv
+    from sam3fast.model.vit import compute_axial_cis
+
+    cfg = get_config("sam3")
+    g = cfg.feat_size  # 72
+    L = g * g  # 5184 image tokens / memory-frame tokens
+    D = cfg.d_model  # 256
+    trk = cfg.tracker
+    # Object pointers: each 256-wide pointer is split into D / mem_dim tokens of mem_dim channels.
+    n_ptr_tokens = trk.max_obj_ptrs_in_encoder * (D // trk.mem_dim)  # 16 x 4 = 64
+    S_mem = trk.num_maskmem * L + n_ptr_tokens  # 7 x 5184 + 64 = 36352
+    many = OBJECTS[-1]
+    cases: List[Case] = []
+
+    # ---- memory attention: 1 head of D, RoPE inside --------------------------------------------
+    ma_kernels = (ma._memory_attention_kernel, ma._tile_list_kernel, ma._rope_keys_kernel,
+                  _split_kv._merge_splits_kernel)
+
+    def ma_rope():  # (L, Dh / 2, 2) float32 (cos, sin), the tracker's table (theta 1e4)
+        return torch.view_as_real(compute_axial_cis(D, g, g, 10000.0)).float()
+
+    def ma_case(B, S, n_rope, has_valid, v_width, tile=None):
+        bm, bn, nw, ns = tile or ma.DEFAULT_TILE
+        splits = ma.choose_num_splits(cdiv(L, bm) * B, cdiv(S, bn), H100_SMS)
+
+        def launch():
+            q = _empty(B, L, D).view(B, L, 1, D)  # q_proj(x).view(B, L, H, Dh)
+            k = _empty(B, S, D).view(B, S, 1, D)
+            if v_width == D:
+                v = _empty(B, S, D).view(B, S, 1, D)
+            else:  # the value fold: the raw memory, expanded over the heads as RoPEAttention does
+                v = _empty(B, S, v_width).unsqueeze(2).expand(B, S, 1, v_width)
+            valid = torch.ones(B, S, dtype=torch.bool) if has_valid else None
+            ma._memory_attention_triton(q, k, v, ma_rope(), valid, True, n_rope, block_m=bm, block_n=bn,
+                                        num_warps=nw, num_stages=ns, num_splits=splits)
+
+        return launch
+
+    for B in OBJECTS:
+        cases.append(Case(f"memory_attention cross B={B}", ma_kernels, ma_case(B, S_mem, trk.num_maskmem * L, True, D)))
+    for B in OBJECTS:
+        cases.append(Case(f"memory_attention self B={B}", ma_kernels, ma_case(B, L, L, False, D)))
+    for tile in (None, (128, 64, 8, 2)):
+        label = "" if tile is None else " {}x{} w{} s{}".format(*tile)
+        for B in OBJECTS:
+            cases.append(Case(f"memory_attention fold{label} B={B}", ma_kernels,
+                              ma_case(B, S_mem, trk.num_maskmem * L, True, trk.mem_dim, tile)))
+
+    # ---- boxRPB attention: the DETR decoder's image cross-attention -----------------------------
+    def rpb_launch():
+        H, Lq = cfg.num_heads, cfg.num_queries + 1  # 8 heads; 200 queries + the presence token
+        q = _empty(1, Lq, D).view(1, Lq, H, D // H)
+        k = _empty(1, L, D).view(1, L, H, D // H)
+        v = _empty(1, L, D).view(1, L, H, D // H)
+        dy, dx = _empty(1, H, Lq, g), _empty(1, H, Lq, g)  # Decoder.rpb_factors: contiguous
+        rows, cols = rpb.choose_tile_shape(g, g, rpb.DEFAULT_TILE[1])
+        splits = rpb.choose_num_splits(cdiv(Lq, rpb.DEFAULT_TILE[0]) * H, cdiv(g, rows) * cdiv(g, cols), H100_SMS)
+        rpb._rpb_attention_triton(q, k, v, dy, dx, num_splits=splits)
+
+    cases.append(Case("rpb_attention B=1", (rpb._rpb_attention_kernel, _split_kv._merge_splits_kernel), rpb_launch))
+
+    # ---- prompt cross-attention: the fusion encoder's image -> prompt step ----------------------
+    def pca_case(P):
+        def launch():
+            kv = _empty(1, P, 2 * D)  # one GEMM; k and v are its two halves (views)
+            in_w, in_b = _empty(3 * D, D), _empty(3 * D)
+            pca._prompt_cross_attention_triton(
+                _empty(1, L, D), kv[..., :D], kv[..., D:], torch.zeros(1, P, dtype=torch.bool), _empty(D), _empty(D),
+                1e-5, in_w[:D], in_b[:D], _empty(D, D), _empty(D), cfg.num_heads)
+
+        return launch
+
+    text_and_geo = cfg.text.context_length + 1  # 32 text tokens + the geometry encoder's CLS
+    for P in (text_and_geo, 64):
+        cases.append(Case(f"prompt_cross_attention P={P}", (pca._prompt_cross_attention_kernel,), pca_case(P)))
+
+    # ---- two-way attention: the SAM mask decoder -------------------------------------------------
+    T, H2, C = 8, cfg.num_heads, D // 2  # tracking: 6 output tokens + 2 prompt tokens; downsample rate 2
+    t2i_kernels = (tw._token_to_image_attention_kernel, tw._token_to_image_merge_kernel)
+
+    def image_of(B, layout):
+        return _nchw_tokens(B, D, g) if layout == "nchw" else _empty(B, L, D)
+
+    def t2i_case(B, layout):
+        def launch():
+            splits = tw.choose_t2i_splits(B, cdiv(L, tw.DEFAULT_T2I_TILE[0]), H100_SMS)
+            tw._token_to_image_attention_triton(
+                _empty(B, T, C), image_of(B, layout), _nchw_tokens(1, D, g), _empty(C, D), _empty(C), _empty(C, D),
+                _empty(C), H2, num_splits=splits)
+
+        return launch
+
+    def i2t_case(B, layout):
+        def launch():
+            tw._image_to_token_attention_triton(
+                image_of(B, layout), _nchw_tokens(1, D, g), _empty(C, D), _empty(C), _empty(B, T, C), _empty(B, T, C),
+                _empty(D, C), _empty(D), _empty(D), _empty(D), 1e-5, H2)
+
+        return launch
+
+    for B in OBJECTS:
+        for layout, where in (("nchw", "layer 0, NCHW view"), ("contig", "layer 1+, contiguous")):
+            cases.append(Case(f"two_way t2i B={B} ({where})", t2i_kernels, t2i_case(B, layout)))
+        for layout, where in (("nchw", "layer 0, NCHW view"), ("contig", "layer 1, contiguous")):
+            cases.append(Case(f"two_way i2t B={B} ({where})", (tw._image_to_token_attention_kernel,),
+                              i2t_case(B, layout)))
+
+    # ---- RoPE of the ViT trunk -----------------------------------------------------------------
+    vit = cfg.vit
+    hd = vit.embed_dim // vit.num_heads
+
+    def rope_case(B, side, scale):
+        def launch():
+            qkv = _empty(B, side * side, 3, vit.num_heads, hd)
+            rope = torch.view_as_real(compute_axial_cis(hd, side, side, scale_pos=scale)).float()
+            rp._rope_triton(qkv[:, :, :2], rope)
+
+        return launch
+
+    n_windows = (g // vit.window_size) ** 2
+    cases.append(Case(f"rope window B={n_windows} L={vit.window_size ** 2}", (rp._rope_kernel,),
+                      rope_case(n_windows, vit.window_size, 1.0)))
+    cases.append(Case(f"rope global B=1 L={L}", (rp._rope_kernel,), rope_case(1, g, vit.window_size / g)))
+
+    # ---- mask post-processing: 64 objects to a 1080p frame ------------------------------------
+    low = 4 * g  # 288
+
+    def mp_case(non_overlap):
+        def launch():
+            N = POSTPROCESS_OBJECTS
+            mp._mask_postprocess_triton(_empty(N, low, low), _empty(N, dtype=torch.float32),
+                                        torch.ones(N, dtype=torch.bool), *VIDEO_HW, non_overlap)
+
+        return launch
+
+    for non_overlap in (False, True):
+        cases.append(Case(f"mask_postprocess N={POSTPROCESS_OBJECTS} non_overlap={non_overlap}",
+                          (mp._positive_box_kernel, mp._mask_postprocess_kernel), mp_case(non_overlap)))
+
+    # ---- mask for memory: 288 -> 1008 -> 1152 --------------------------------------------------
+    def mfm_case(binarize):
+        def launch():
+            mfm._mask_for_memory_triton(_empty(many, 1, low, low), (cfg.resolution,) * 2, (trk.mem_interpol_size,) * 2,
+                                        20.0, -10.0, binarize, DTYPE)
+
+        return launch
+
+    for binarize in (False, True):
+        cases.append(Case(f"mask_for_memory B={many} binarize={binarize}", (mfm._mask_for_memory_kernel,),
+                          mfm_case(binarize)))
+
+    # ---- connected components: hole filling at 288 x 288 ---------------------------------------
+    cc_kernels = (cc._cc_init_kernel, cc._cc_merge_kernel, cc._cc_count_kernel, cc._cc_gather_kernel)
+    cases.append(Case(f"connected_components N={many}", cc_kernels,
+                      lambda: cc._connected_component_sizes_triton(torch.zeros(many, low, low, dtype=torch.bool))))
+    return cases
+
+
+def _grid(grid) -> str:
+    return "x".join(str(int(x)) for x in grid) if isinstance(grid, (tuple, list)) else str(grid)
+
+
+def _notes(st: dict) -> str:
+    notes = []
+    if st["smem"] > SM90_SMEM_LIMIT:
+        notes.append(f"smem above sm_90's {SM90_SMEM_LIMIT // 1024} KiB: the launch would fail")
+    if st["loop_spills"]:
+        notes.append("spills in a loop")
+    elif st["spill_stores"] or st["stack"]:
+        notes.append("spills outside loops")
+    return "; ".join(notes)
+
+
+def build_rows(case: Case, sass_stats) -> List[dict]:
+    """Rows of one case's launches; raises what the launcher or a build raised."""
+    from sam3fast.kernels._static_build import capture
+
+    with capture(*case.kernels) as builds:
+        case.launch()
+    if not builds:
+        raise RuntimeError("the launcher launched no captured kernel")
+    rows = []
+    for b in builds:
+        st = sass_stats(b.kernel)
+        rows.append({
+            "case": case.name, "kernel": b.name, "grid": _grid(b.grid),
+            "warps": b.kernel.metadata.num_warps, "stages": b.kernel.metadata.num_stages,
+            "regs": st["regs"], "stack": st["stack"], "smem_kib": round(st["smem"] / 1024, 1),
+            "instructions": st["instructions"], "wgmma": st["wgmma"], "mma": st["mma"], "cp_async": st["cp_async"],
+            "spill_stores": st["spill_stores"], "spill_loads": st["spill_loads"],
+            "loop_instructions": st["loop_instructions"], "loop_spills": st["loop_spills"], "barriers": st["barriers"],
+            "atomics": st["atomics"] + st["reductions_to_memory"], "notes": _notes(st), "error": None,
+        })
+    return rows
+
+
+def _cells(row: dict) -> List[str]:
+    if row["error"] is not None:
+        return [row["case"], "ERROR"] + ["-"] * (len(COLUMNS) - 3) + [row["error"]]
+    return [str(row[key]) for _, key, _ in COLUMNS]
+
+
+def _print_row(cells: Sequence[str]) -> None:
+    print("  ".join(c.ljust(-w) if w < 0 else c.rjust(w) for (_, _, w), c in zip(COLUMNS, cells)).rstrip())
+
+
+def header() -> dict:
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version(),
+        "target": "sm_90 (NVIDIA H100)",
+        "compiled on": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), no GPU",
+        "dtype": str(DTYPE).replace("torch.", ""),
+        "tiles": "each launcher's default; split counts from the module's chooser for an H100's "
+                 f"{H100_SMS} SMs",
+        "note": NOTE,
+        "columns": "regs per thread; stack = local-memory bytes per thread; smem = shared memory per "
+                   "block (KiB); instrs = SASS instructions; wgmma = HGMMA, mma = HMMA, cp_async = LDGSTS, "
+                   "spill_st/ld = STL/LDL, barriers = BAR, atomics = ATOM + RED",
+    }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", nargs="+", default=None, metavar="SUBSTRING",
+                   help="only the cases whose name contains one of these substrings")
+    p.add_argument("--list", action="store_true", help="list the case names and exit")
+    p.add_argument("--no-write", action="store_true", help="only print the table")
+    p.add_argument("--out", default=None,
+                   help="results path stem (default bench/results/kernel_static_sm90_<date>); .json and .md are added")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        p.error("static builds need the real Triton compiler: run with `env -u TRITON_INTERPRET python "
+                "bench/kernel_static_report.py` (the kernel modules read TRITON_INTERPRET when imported)")
+
+    cases = build_cases()
+    if args.cases:
+        cases = [c for c in cases if any(s in c.name for s in args.cases)]
+        if not cases:
+            p.error(f"no case name contains any of {args.cases}")
+    if args.list:
+        print("\n".join(c.name for c in cases))
+        return
+
+    from sam3fast.kernels._static_build import sass_stats
+
+    h = header()
+    print("# kernel static report (sm_90)")
+    for k, v in h.items():
+        print(f"# {k}: {v}")
+    _print_row([name for name, _, _ in COLUMNS])
+    rows, errors = [], 0
+    t0 = time.perf_counter()
+    for case in cases:
+        try:
+            case_rows = build_rows(case, sass_stats)
+        except Exception as e:  # noqa: BLE001  a report row, not a fallback: the exception is printed
+            errors += 1
+            msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            if "active drivers" in msg:  # Triton looked for a GPU: a launch this case did not capture
+                msg += " (a kernel the launcher launches is missing from the case's capture list)"
+            case_rows = [{"case": case.name, "error": msg.replace("|", "/")[:200]}]
+            _print_row(_cells(case_rows[0]))
+            print("\n".join("#   " + line for line in traceback.format_exc().rstrip().splitlines()))
+        else:
+            for r in case_rows:
+                _print_row(_cells(r))
+        rows.extend(case_rows)
+    builds = sum(r.get("error") is None for r in rows)
+    print(f"# {len(cases)} cases, {builds} launches built, {errors} errors, {time.perf_counter() - t0:.0f} s")
+
+    if not args.no_write:
+        stem = args.out or os.path.join(RESULTS, f"kernel_static_sm90_{datetime.date.today()}")
+        if stem.endswith(".md"):
+            stem = stem[:-3]
+        write_results("kernel_static_sm90", h, rows, [name for name, _, _ in COLUMNS], _cells, stem)
+    if errors:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
