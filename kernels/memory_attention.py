@@ -352,8 +352,9 @@ if HAS_TRITON:
 def choose_num_splits(programs: int, kv_tiles: int, n_sms: int, max_splits: int = 16, min_tiles: int = 4) -> int:
     """KV splits for a grid of ``programs`` (query block, batch-head) pairs: the fewest that fill at
     least 90 % of the last wave of ``n_sms``, else the best fill; each split keeps >= ``min_tiles``
-    key tiles. One program per SM is assumed: at Dh = 256, 8 warps x 255 registers take an SM's
-    whole register file."""
+    key tiles. Waves are counted at one program per SM (what 8 warps x 255 registers allow at
+    Dh = 256); the default tile, 4 warps x 255 registers and 96 KiB of shared memory
+    (bench/results/kernel_static_sm90_2026-11-26.md), fits two, so its "waves" are half-waves."""
     best, best_fill = 1, 0.0
     for s in range(1, max_splits + 1):
         if s > 1 and kv_tiles < s * min_tiles:

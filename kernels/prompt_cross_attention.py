@@ -77,7 +77,10 @@ _LOG2E = 1.4426950408889634
 # (BLOCK_M, BLOCK_O, num_warps, num_stages) at D = 256, H = 8, P <= 64 on sm_90 (Triton 3.7, bf16,
 # ptxas resource usage read with cuobjdump, no GPU): 255 registers, no spill, wgmma. Spills: 64 x 256
 # w8 224 bytes, 64 x 128 w4 272, 128 x 128 w8 288; none at 64 x 64 w8, 32 x 128 / 32 x 256 w4 (those
-# two use mma.sync, not wgmma). Timed on an H100 (2026-11-26, bench/results/prompt_cross_attention_*):
+# two use mma.sync, not wgmma). Those builds used a hand-written signature; built as the launcher
+# launches it (bench/kernel_static_report.py: aligned pointers, strides divisible by 16), the
+# default 64 x 128 w4 takes 232 registers at P 33 and 228 at P 64 and does not spill
+# (bench/results/kernel_static_sm90_2026-11-26.md). Timed on an H100 (2026-11-26, bench/results/prompt_cross_attention_*):
 # 64 x 128 with 4 warps was the fastest of the sweep despite its small spill, 0.026 / 0.065 / 0.066 ms
 # at B = 1 (P 33) / 4 (P 33) / 4 (P 64) against 0.050 / 0.116 / 0.119 ms for 64 x 128 w8, the
 # previous default.

@@ -64,8 +64,9 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _KERNEL_HEAD_DIMS = (16, 32, 64, 128)  # powers of two (tl.arange), >= 16 (tl.dot)
 _LOG2E = 1.4426950408889634
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M 64 with 4 warps is one wgmma warpgroup; compiled
-# for sm_90 (Triton 3.7, bf16, Dh 32, cuobjdump) it takes 185 registers and no spills, so two programs
-# share an SM. Not yet timed on a GPU: bench/bench_rpb_attention.py sweeps the alternatives.
+# for sm_90 (Triton 3.7, bf16, Dh 32, cuobjdump) it takes 185 registers and no spills with a
+# hand-written signature, 123 built as the launcher launches it (bench/kernel_static_report.py), so
+# two programs share an SM. Not yet timed on a GPU: bench/bench_rpb_attention.py sweeps the alternatives.
 DEFAULT_TILE = (64, 64, 4, 3)
 # Programs per SM the split-KV choice aims for: small programs need several per SM to hide the
 # latency of their loads.
