@@ -64,13 +64,19 @@ from sam3fast.kernels import memory_attention as ma  # noqa: E402
 from sam3fast.model.memory_attention import RoPEAttention  # noqa: E402
 from sam3fast.model.vit import apply_rope, compute_axial_cis  # noqa: E402
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages)
-TILES = [ma.DEFAULT_TILE, (64, 32, 8, 3), (64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2), (64, 16, 8, 2),
-         (64, 32, 4, 2)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Chosen from sm_90 builds of the real launches
+# (bench/kernel_static_report.py; 2026-11-26, after the loop was pipelined again): warp-instructions
+# issued per (query, key) pair in the main loop (static count x warps / tile), 64x32 w4 0.97
+# (eager rescale; ~0.75 lazy, its rescale block skipped), 64x64 w4 0.75, 128x32 w8 0.89, 128x64 w8
+# 0.68. Tiles of 64 rows with 8 warps issue 1.2-1.8 and took 2-3x the default in the second H100 run
+# (64x32 w8, 64x64 w8, 64x16 w8): no longer timed. 128x64 w8 s3 and wider need > 227 KiB of shared
+# memory (no launch).
+TILES = [ma.DEFAULT_TILE, (64, 32, 4, 3), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2)]
 # The value fold's tiles beside the default: its BLOCK_M x Dv float32 accumulator is 4x smaller at
-# Dv 64, so wider query blocks fit (sm_90 builds, ptxas: 64x32 w8 0 B of spill stores, 64x32 w4 44,
-# 128x32 w8 76, 64x64 w4 88, 128x64 w8 200; at Dv 256 the default 64x32 w4 spills 156, 128x32 w8 676).
-FOLD_TILES = [(64, 32, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2)]
+# Dv 64, so wider tiles fit without spilling in the loop (same static builds: 64x32 w4 0.87
+# warp-instructions per pair, 64x64 w4 0.64 with two blocks per SM, 128x64 w8 0.59, 64x128 w4 0.49,
+# 128x128 w8 0.48 at 224 KiB of shared memory).
+FOLD_TILES = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 4, 2), (128, 128, 8, 2)]
 
 
 def make_eager(Dh):
