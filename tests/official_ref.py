@@ -129,9 +129,12 @@ def bpe_path() -> str:
     return DEFAULT_BPE_PATH
 
 
-def build_official_image_model(cfg, enable_segmentation: bool = True, enable_inst_interactivity: bool = False):
+def build_official_image_model(cfg, enable_segmentation: bool = True, enable_inst_interactivity: bool = False,
+                               compile_mode=None):
     """Build ``sam3.model.sam3_image.Sam3Image`` exactly as ``model_builder.build_sam3_image_model``
-    does, with the sizes of ``cfg`` (a :class:`sam3fast.config.Sam3Config`). Random weights."""
+    does, with the sizes of ``cfg`` (a :class:`sam3fast.config.Sam3Config`). Random weights.
+    ``compile_mode``: the option ``build_sam3_image_model(compile=True)`` sets to "default" on the
+    ViT and the pixel decoder (their forwards wrapped in ``torch.compile``)."""
     official()
     from sam3.model.decoder import TransformerDecoder, TransformerDecoderLayer
     from sam3.model.encoder import TransformerEncoderFusion, TransformerEncoderLayer
@@ -163,7 +166,7 @@ def build_official_image_model(cfg, enable_segmentation: bool = True, enable_ins
             tile_abs_pos=True, global_att_blocks=v.global_att_blocks, rel_pos_blocks=(),
             use_rope=True, use_interp_rope=True, window_size=v.window_size,
             pretrain_use_cls_token=True, retain_cls_token=False, ln_pre=True, ln_post=False,
-            return_interm_layers=False, bias_patch_embed=False, compile_mode=None,
+            return_interm_layers=False, bias_patch_embed=False, compile_mode=compile_mode,
         )
         neck = Sam3DualViTDetNeck(
             position_encoding=pos_enc(precompute_resolution=v.img_size), d_model=d,
@@ -213,7 +216,7 @@ def build_official_image_model(cfg, enable_segmentation: bool = True, enable_ins
                 cross_attend_prompt=MHA(num_heads=h, dropout=0, embed_dim=d),
                 pixel_decoder=PixelDecoder(
                     num_upsampling_stages=cfg.seg_upsampling_stages, interpolation_mode="nearest",
-                    hidden_dim=d, compile_mode=None,
+                    hidden_dim=d, compile_mode=compile_mode,
                 ),
             )
         geo_layer = TransformerEncoderLayer(

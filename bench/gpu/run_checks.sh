@@ -90,6 +90,9 @@ else
     step bench_rpb 30 40 python3 bench/bench_rpb_attention.py --no-compile
     step bench_video_tracker64 90 150 python3 bench/bench_video.py --parts tracker --dtype bfloat16 --frames 16 \
         --objects 64 --iters 1 --no-compile --out bench/results/n64
+    # the official image model with its own compile option (torch.compile of its ViT and pixel
+    # decoder; #6 asks for that baseline too), in its bf16 autocast
+    step bench_image_official_compile 120 170 python3 bench/bench_image.py --iters 5 --official-compile --no-sam3fast
     step gpu_tests_rest 40 150 python3 -m pytest -m "gpu and not slow" -q -p no:cacheprovider --timeout 100 -rfE \
         --junitxml "$OUT/gpu_tests_rest.xml" tests $(for f in $FIRST; do echo --deselect "$f"; done)
 fi
