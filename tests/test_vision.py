@@ -7,7 +7,6 @@ The official side is built with exactly the constructor arguments of
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest
