@@ -239,9 +239,11 @@ if HAS_TRITON:
             sin = tl.load(cs + 1, mask=rot, other=0.0)
             kf = k.to(tl.float32)
             k = tl.where(rot, _rope_rows(kf, cos, sin, BLOCK_N, DH), kf).to(dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        # Raw scores; the scale (log2 e / sqrt(Dh) > 0) goes into the rows' maxima and, fused, into
+        # the exp2 argument below (one FMA per score instead of a multiply and a subtraction).
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s = tl.where(keep[None, :], s, float("-inf"))
-        m_tile = tl.max(s, axis=1)
+        m_tile = tl.max(s, axis=1) * qk_scale
         if LAZY_RESCALE:
             # A block-uniform test. A row's first valid key always moves its reference (x - -inf is
             # +inf); a row with none yet (both -inf) does not grow.
@@ -259,7 +261,7 @@ if HAS_TRITON:
             acc = acc * alpha[:, None]
             m_i = m_new
         # Every key so far invalid: m_i = -inf; shifting by 0 keeps exp2 at 0 instead of NaN.
-        p = tl.exp2(s - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
+        p = tl.exp2(s * qk_scale - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
         l_i = l_i + tl.sum(p, axis=1)
         v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :], mask=n_mask[:, None], other=0.0)
         acc = tl.dot(p.to(dtype), v, acc, input_precision=DOT_PRECISION)

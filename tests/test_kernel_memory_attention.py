@@ -402,8 +402,9 @@ def test_kernels_compile_for_sm90():
     in bf16, each launch compiled with the specialisation Triton would give its arguments). At the
     default tile, with and without a key-validity mask (the fixed-capacity bank's skip of invalid
     tiles), the attention uses Hopper's wgmma and its K/V loads are software-pipelined (cp.async):
-    the earlier skip, an `if` around each tile's work, compiled with no cp.async at all. Also the
-    inline-RoPE, single-split and value-fold variants build."""
+    the earlier skip, an `if` around each tile's work, compiled with no cp.async at all. The default
+    launches have no spill inside the main loop. Also the inline-RoPE, single-split and value-fold
+    variants build."""
     code = textwrap.dedent(
         """
         import torch
@@ -439,6 +440,9 @@ def test_kernels_compile_for_sm90():
             assert st["wgmma"] > 0, (name, st)
             if name in ("valid, skip", "valid, no skip", "no mask", "fold"):
                 assert st["cp_async"] > 0, f"{name}: the K/V loads are not pipelined: {st}"
+            if name in ("valid, skip", "no mask"):  # the defaults of the bank and of self-attention
+                # spills before or after the loop cost once; inside it, every key tile
+                assert st["loop_spills"] == 0, f"{name}: spills inside the loop: {st}"
         print("ok")
         """
     )
