@@ -74,6 +74,8 @@ def main(argv=None):
                     help="also the official model with its own compile option (build_sam3_image_model(compile=True): "
                          "torch.compile of the ViT and the pixel decoder), in its bf16 autocast (CUDA)")
     ap.add_argument("--no-sam3fast", action="store_true", help="only the official rows")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "both"), default="both",
+                    help="sam3fast's rows in this dtype (CUDA; the CPU runs float32)")
     ap.add_argument("--compile", action="store_true",
                     help="also sam3fast bf16 with compile_stages() (inductor), eager and with CUDA graphs (CUDA)")
     ap.add_argument("--cuda-graphs", choices=("on", "off", "both"), default="both",
@@ -140,7 +142,8 @@ def main(argv=None):
             except Exception as e:  # noqa: BLE001 -- a GPU run records the failing row and goes on
                 record("official_bf16_autocast_compiled", {"error": f"{type(e).__name__}: {e}"[:400]})
 
-    for dtype in ([] if args.no_sam3fast else ["float32", "bfloat16"] if device.type == "cuda" else ["float32"]):
+    dtypes = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
+    for dtype in ([] if args.no_sam3fast else dtypes if device.type == "cuda" else ["float32"]):
         model = sam3fast.build_image_model(cfg, checkpoint_path=ckpt, device=device, dtype=dtype)
         proc = sam3fast.Sam3Processor(model, resolution=cfg.resolution, device=device)
         record(f"sam3fast_{dtype}", timeit(run_processor(proc), device, args.warmup, args.iters))

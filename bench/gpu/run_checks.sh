@@ -69,7 +69,7 @@ if [[ $PHASE == a ]]; then
     step bench_assignment 200 40 python3 bench/bench_assignment.py
     step bench_video_tracker 150 150 python3 bench/bench_video.py --parts tracker --dtype bfloat16 --frames 24 \
         --objects 1,5,16 --iters 1 --no-compile
-    step bench_image 100 150 python3 bench/bench_image.py --iters 10
+    step bench_image 100 150 python3 bench/bench_image.py --iters 10 --dtype bfloat16
     step bench_video_concept 60 100 python3 bench/bench_video.py --parts concept --dtype bfloat16 --frames 24 \
         --iters 1 --no-compile
     # the concept loop's by-stage profile and host cProfile (run 2: 74.6 ms a frame, H100 bf16, with
