@@ -163,6 +163,9 @@ def fold_rows(B, args, device, dtype, q, k, v, rope, freqs, key_valid, n_rope, s
         cands[f"op fold ({path}, defaults)"] = lambda: op(q, k, v_fold, rope, key_valid, True, n_rope)
     cands[f"triton fold (Dv {Dv}) default"] = (
         lambda: ma._memory_attention_triton(q, k, v_fold, rope, key_valid, True, n_rope))
+    if args.tma and q.shape[2] == 1:
+        cands[f"triton fold (Dv {Dv}) default, TMA loads"] = (
+            lambda: ma._memory_attention_triton(q, k, v_fold, rope, key_valid, True, n_rope, use_tma=True))
     for bm, bn, nw, ns in fold_tiles:
         tile = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
         cands[f"triton fold (Dv {Dv}) {bm}x{bn} w{nw} s{ns}"] = (
@@ -301,6 +304,15 @@ def bench_shape(B, self_attn, args, device, dtype, tiles, compile_backend, matmu
         gates.update(fg)
         row_flops.update(ff)
 
+    if args.tma and q.shape[2] == 1:  # last: a new path (K and V through tensor descriptors, one head)
+        cands["triton default, TMA loads"] = (
+            lambda: ma._memory_attention_triton(q, k, v, rope, key_valid, True, n_rope, use_tma=True))
+        gates["triton default, TMA loads"] = (ref, limit)
+        row_flops["triton default, TMA loads"] = flops
+    if args.only:
+        keep = [w.strip() for w in args.only.split(",") if w.strip()]
+        cands = {n: f for n, f in cands.items() if any(w in n for w in keep)}
+
     rows = []
     for name, fn in cands.items():
         out = fn()
@@ -335,13 +347,17 @@ def main(argv=None):
     p.add_argument("--value-dim", type=int, default=64, help="Dv of the value-fold rows (mem_dim)")
     p.add_argument("--no-fold", action="store_true", help="skip the value-fold rows")
     p.add_argument("--out", default=None, help="results path stem (GPU: bench/results/memory_attention_<gpu>_<date>)")
+    p.add_argument("--tma", action="store_true",
+                   help="also the Triton kernel with K and V through tensor descriptors (use_tma), default tile")
+    p.add_argument("--only", default=None,
+                   help="comma-separated substrings: time only the rows whose name holds one (e.g. 'TMA,op (')")
     args = p.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.smoke:
         args.objects, args.grid, args.head_dim, args.frames, args.ptr_tokens = "2", 4, 32, 2, 4
         args.value_dim = 16
-        args.pad_frames, args.self, args.reps = 1, True, 3
+        args.pad_frames, args.self, args.reps, args.tma = 1, True, 3, True
         if device.type == "cpu":
             args.dtype = "float32"  # the interpreter has no bf16 arithmetic
     elif device.type != "cuda":

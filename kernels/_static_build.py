@@ -144,27 +144,30 @@ def sass_stats(kernel) -> Dict[str, int]:
         if lab is not None:
             pending.append(lab.group(1))
             continue
-        m = re.match(r"\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(.*)", line)
+        m = re.match(r"\s*/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(.*)", line)
         if m is None:
             continue
         addr = int(m.group(1), 16)
         for name in pending:
             labels[name] = addr
         pending = []
-        instrs.append((addr, m.group(2), m.group(3)))
+        instrs.append((addr, m.group(3), m.group(4), m.group(2) is not None))
         stats["instructions"] += 1
-        key = _COUNTED.get(m.group(2))
+        key = _COUNTED.get(m.group(3))
         if key is not None:
             stats[key] += 1
     # Loops: the address ranges [target, branch] of backward branches. Spills there cost on every
-    # iteration; spills outside (a prologue's or epilogue's) cost once.
+    # iteration; spills outside (a prologue's or epilogue's) cost once. Not counted: branches after
+    # the last unconditional EXIT, i.e. the BRA-to-itself that ends every kernel and the jumps back
+    # from out-of-line blocks placed there (an mbarrier wait's retry, with TMA), which are no loop.
+    exits = [addr for addr, op, _, predicated in instrs if op == "EXIT" and not predicated]
+    end = exits[-1] if exits else float("inf")
     loops = []
-    for addr, op, rest in instrs:
-        t = re.search(r"`\((\.L_x_\d+)\)", rest) if op == "BRA" else None
-        # (strictly backward: the BRA-to-itself that ends every kernel after EXIT is no loop)
+    for addr, op, rest, _ in instrs:
+        t = re.search(r"`\((\.L_x_\d+)\)", rest) if op == "BRA" and addr < end else None
         if t is not None and labels.get(t.group(1), addr) < addr:
             loops.append((labels[t.group(1)], addr))
-    for addr, op, _ in instrs:
+    for addr, op, _, _ in instrs:
         if any(a <= addr <= b for a, b in loops):
             stats["loop_instructions"] += 1
             stats["loop_spills"] += op in ("STL", "LDL")

@@ -222,16 +222,22 @@ if HAS_TRITON:
 
     @triton.jit
     def _attend_tile(
-        q, k_base, v_base, rope_ptr, offs_n, n_mask, keep, offs_d, offs_dv, offs_j, m_i, l_i, acc,
-        L, n_rope, skn, svn, qk_scale,
-        ROPE_K: tl.constexpr, LAZY_RESCALE: tl.constexpr, DOT_PRECISION: tl.constexpr, DH: tl.constexpr,
-        BLOCK_N: tl.constexpr,
+        q, k_base, v_base, k_desc, v_desc, row0, rope_ptr, offs_n, n_mask, keep, offs_d, offs_dv, offs_j,
+        m_i, l_i, acc, L, n_rope, skn, svn, qk_scale,
+        ROPE_K: tl.constexpr, LAZY_RESCALE: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        DH: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         # One online-softmax step over the key tile offs_n; scores in log2 units. m_i is the rows'
         # reference maximum: exact (the running maximum) unless LAZY_RESCALE, which keeps it while no
         # row's maximum grows past it by more than RESCALE_THRESHOLD (see the module docstring).
         dtype = q.dtype
-        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        if USE_TMA:
+            # The tile's BLOCK_N keys from row row0 of the (B S, DH) rows, through the tensor-memory
+            # accelerator: rows past n_mask's end (the next split's or the next batch element's) are
+            # masked below, rows past the last element come back as zeros.
+            k = k_desc.load([row0, 0])
+        else:
+            k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
         if ROPE_K:
             rot = (offs_n < n_rope)[:, None]
             cs = rope_ptr + (offs_n % L)[:, None] * DH + 2 * offs_j[None, :]
@@ -263,23 +269,28 @@ if HAS_TRITON:
         # Every key so far invalid: m_i = -inf; shifting by 0 keeps exp2 at 0 instead of NaN.
         p = tl.exp2(s * qk_scale - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
         l_i = l_i + tl.sum(p, axis=1)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :], mask=n_mask[:, None], other=0.0)
+        if USE_TMA:
+            v = v_desc.load([row0, 0])
+        else:
+            v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :], mask=n_mask[:, None], other=0.0)
         acc = tl.dot(p.to(dtype), v, acc, input_precision=DOT_PRECISION)
         return m_i, l_i, acc
 
     @triton.jit
     def _memory_attention_kernel(
-        q_ptr, k_ptr, v_ptr, rope_ptr, valid_ptr, tiles_ptr, count_ptr, out_ptr, part_o_ptr, part_lse_ptr,
-        Lq, S, H, L, n_rope, kv_per_split, n_tiles, qk_scale,
+        q_ptr, k_ptr, v_ptr, k_desc, v_desc, rope_ptr, valid_ptr, tiles_ptr, count_ptr, out_ptr, part_o_ptr,
+        part_lse_ptr, Lq, S, H, L, n_rope, kv_per_split, n_tiles, qk_scale,
         sqb, sqm, sqh, skb, skn, skh, svb, svn, svh,
         ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, HAS_VALID: tl.constexpr, SKIP_INVALID: tl.constexpr,
-        SPLIT: tl.constexpr, LAZY_RESCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        SPLIT: tl.constexpr, LAZY_RESCALE: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
         DH: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         # Grid (cdiv(Lq, BLOCK_M), B * H, splits): BLOCK_M queries of one (batch, head) against the
         # keys [pid_s * kv_per_split, (pid_s + 1) * kv_per_split) (kv_per_split a multiple of BLOCK_N),
         # or with SKIP_INVALID against split pid_s's share of the listed tiles (tiles_ptr, count_ptr).
         # q and k are DH wide; v, the accumulator and the output DV wide (DV < DH: the value fold).
+        # USE_TMA (one head): K and V tiles through the descriptors k_desc (B S, DH) and v_desc
+        # (B S, DV) instead of the pointers.
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         pid_s = tl.program_id(2)
@@ -301,6 +312,7 @@ if HAS_TRITON:
             sin = tl.load(cs + 1, mask=m_mask[:, None], other=0.0)
             q = _rope_rows(q.to(tl.float32), cos, sin, BLOCK_M, DH).to(dtype)
 
+        b32 = pid_bh // H
         k_base = k_ptr + b * skb + h * skh
         v_base = v_ptr + b * svb + h * svh
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -322,8 +334,9 @@ if HAS_TRITON:
                 n_mask = offs_n < S
                 keep = n_mask & (tl.load(valid_ptr + b * S + offs_n, mask=n_mask, other=0) != 0)
                 m_i, l_i, acc = _attend_tile(
-                    q, k_base, v_base, rope_ptr, offs_n, n_mask, keep, offs_d, offs_dv, offs_j, m_i, l_i, acc,
-                    L, n_rope, skn, svn, qk_scale, ROPE_K, LAZY_RESCALE, DOT_PRECISION, DH, BLOCK_N)
+                    q, k_base, v_base, k_desc, v_desc, b32 * S + tile * BLOCK_N, rope_ptr, offs_n, n_mask, keep, offs_d,
+                    offs_dv, offs_j, m_i, l_i, acc, L, n_rope, skn, svn, qk_scale,
+                    ROPE_K, LAZY_RESCALE, USE_TMA, DOT_PRECISION, DH, DV, BLOCK_N)
         else:
             n_start = pid_s * kv_per_split
             n_end = tl.minimum(n_start + kv_per_split, S)
@@ -335,8 +348,9 @@ if HAS_TRITON:
                 else:
                     keep = n_mask
                 m_i, l_i, acc = _attend_tile(
-                    q, k_base, v_base, rope_ptr, offs_n, n_mask, keep, offs_d, offs_dv, offs_j, m_i, l_i, acc,
-                    L, n_rope, skn, svn, qk_scale, ROPE_K, LAZY_RESCALE, DOT_PRECISION, DH, BLOCK_N)
+                    q, k_base, v_base, k_desc, v_desc, b32 * S + start_n, rope_ptr, offs_n, n_mask, keep, offs_d,
+                    offs_dv, offs_j, m_i, l_i, acc, L, n_rope, skn, svn, qk_scale,
+                    ROPE_K, LAZY_RESCALE, USE_TMA, DOT_PRECISION, DH, DV, BLOCK_N)
 
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # no valid key: acc is 0, the output row is 0
         o = acc / l_safe[:, None]
@@ -385,6 +399,7 @@ def _memory_attention_triton(
     rope_k: str = "prepass",
     skip_invalid_tiles: bool = True,
     lazy_rescale: bool = True,
+    use_tma: bool = False,
     num_warps: int = DEFAULT_TILE[2],
     num_stages: int = DEFAULT_TILE[3],
 ) -> Tensor:
@@ -452,20 +467,47 @@ def _memory_attention_triton(
             part_lse = torch.empty((splits, B * H, Lq), dtype=torch.float32, device=dev)
         else:
             part_o = part_lse = out  # unread
+        if use_tma:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            why = _tma_refusal(k, v, H, rope_k == "inline" and n_rope_keys > 0)  # k: what the kernel reads
+            if why is not None:
+                raise ValueError(f"use_tma: {why}")
+            k_desc = TensorDescriptor(k, [B * S, Dh], [k.stride(1), 1], [block_n, Dh])
+            v_desc = TensorDescriptor(v, [B * S, Dv], [v.stride(1), 1], [block_n, Dv])
+        else:
+            k_desc, v_desc = k, v  # unread
         _memory_attention_kernel[(cdiv(Lq, block_m), B * H, splits)](
-            q, k, v, rope, valid, tiles, counts, out, part_o, part_lse,
+            q, k, v, k_desc, v_desc, rope, valid, tiles, counts, out, part_o, part_lse,
             Lq, S, H, L, n_rope_keys, kv_per_split, kv_tiles, qk_scale,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             ROPE_Q=bool(rope_q), ROPE_K=(rope_k == "inline" and n_rope_keys > 0),
             HAS_VALID=key_valid is not None, SKIP_INVALID=skip,
-            SPLIT=splits > 1, LAZY_RESCALE=bool(lazy_rescale), DOT_PRECISION=dot_precision,
+            SPLIT=splits > 1, LAZY_RESCALE=bool(lazy_rescale), USE_TMA=bool(use_tma), DOT_PRECISION=dot_precision,
             DH=Dh, DV=Dv, BLOCK_M=block_m, BLOCK_N=block_n,
             num_warps=num_warps, num_stages=num_stages,
         )
         if splits > 1:
             merge_splits(part_o, part_lse, out, splits)
     return out
+
+
+def _tma_refusal(k: Tensor, v: Tensor, H: int, inline_rope: bool) -> Optional[str]:
+    """Why K and V cannot be read through tensor descriptors (None: they can): one head, keys rotated
+    by the prepass (the inline RoPE reads raw keys with its own masks), (B S) rows of a 16-byte
+    multiple stride from a 16-byte aligned base."""
+    if H != 1:
+        return f"one head only, got {H}"
+    if inline_rope:
+        return "not with rope_k='inline'"
+    for name, t in (("k", k), ("v", v)):
+        e = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or (t.stride(1) * e) % 16:
+            return f"{name} needs a 16-byte aligned base and 16-byte multiple strides, got {tuple(t.stride())}"
+        if t.shape[0] > 1 and t.stride(0) != t.shape[1] * t.stride(1):
+            return f"{name} must be one run of rows over the batch (B S rows), got strides {tuple(t.stride())}"
+    return None
 
 
 def _valid_tiles(valid_u8: Tensor, S: int, block_n: int) -> Tuple[Tensor, Tensor]:

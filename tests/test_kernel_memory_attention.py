@@ -234,6 +234,48 @@ def test_valid_tile_list(S, block_n):
         assert torch.equal(t[b, :want.numel()], want)
 
 
+TMA_LAUNCH = {
+    "skip_split": dict(block_n=16, num_splits=3, use_tma=True),
+    "noskip_split": dict(block_n=16, num_splits=4, skip_invalid_tiles=False, use_tma=True),
+    "one_split": dict(block_n=16, num_splits=1, use_tma=True),
+    "eager_rescale": dict(block_n=16, num_splits=2, use_tma=True, lazy_rescale=False),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("launch", list(TMA_LAUNCH), ids=list(TMA_LAUNCH))
+@pytest.mark.parametrize("case", ["self_3x3", "cross_3x3_3f_4p", "cross_4x3_2f_nop", "cross_3x3_3f_5p", "fold"])
+def test_kernel_tma_matches_float64(case, launch):
+    """K and V through tensor descriptors (use_tma, one head): the last tile of a batch element
+    reads zeros past S, a split's last tile the next split's keys (masked); against the float64
+    spec, with padded frames and pointer slots, and for the value fold (v 16 wide)."""
+    if case == "fold":
+        B, H, Dh, Dv, grid, n_frames, n_ptr, shared = FOLD_CASES["dh32_dv16_3x3_3f_4p"]
+        q, k, v, freqs, key_valid = _fold_case(B, H, Dh, Dv, grid, n_frames, n_ptr, seed=21, shared=shared)
+        rope_q = True
+    else:
+        B, H, Dh, grid, n_frames, n_ptr, rope_q = CASES[case]
+        q, k, v, freqs, key_valid = _case(B, H, Dh, grid, n_frames, n_ptr, seed=len(case) + 40,
+                                          valid=None if case.startswith("self") else "random")
+    n_rope = n_frames * grid[0] * grid[1]
+    want = naive64(q, k, v, freqs, key_valid, rope_q, n_rope)
+    _assert_close(_run(q, k, v, freqs, key_valid, rope_q, n_rope, **TMA_LAUNCH[launch]), want, 2e-5)
+
+
+@needs_triton
+def test_kernel_tma_refusals():
+    """use_tma says why it cannot: several heads, the inline key RoPE, a misaligned row stride."""
+    q, k, v, freqs, key_valid = _case(3, 2, 16, (4, 4), 2, 4, seed=3)
+    with pytest.raises(ValueError, match="one head"):
+        _run(q, k, v, freqs, key_valid, True, 32, use_tma=True)
+    q, k, v, freqs, key_valid = _case(2, 1, 32, (3, 3), 3, 4, seed=4)
+    with pytest.raises(ValueError, match="inline"):
+        _run(q, k, v, freqs, key_valid, True, 27, use_tma=True, rope_k="inline")
+    wide = torch.randn(2, k.shape[1], 1, 33)[..., :32]  # rows of 33 floats: 132-byte stride
+    with pytest.raises(ValueError, match="16-byte"):
+        _run(q, k, wide, freqs, key_valid, True, 27, use_tma=True)
+
+
 @needs_triton
 @pytest.mark.parametrize("order", ["rising", "falling"])
 def test_kernel_lazy_rescale_matches_float64(order):
@@ -673,7 +715,8 @@ def _gpu_case(B, n_frames, n_ptr, seed, pad_frames=0):
     ids=["self_B1", "cross_7f_B1", "cross_10f_pad3_B3"],
 )
 def test_gpu_real_shape_bf16(B, n_frames, n_ptr, pad, self_attn):
-    """bf16 at SAM 3 sizes: error vs the fp32 reference at most 2x that of PyTorch in bf16."""
+    """bf16 at SAM 3 sizes: error vs the fp32 reference at most 2x that of PyTorch in bf16 (the op, and
+    the launcher with one split, the inline key RoPE, the eager rescale)."""
     q, k, v, freqs, key_valid = _gpu_case(B, n_frames, n_ptr, seed=B + n_frames, pad_frames=pad)
     if self_attn:
         k, v, key_valid = q.clone(), torch.randn_like(q), None
@@ -685,7 +728,8 @@ def test_gpu_real_shape_bf16(B, n_frames, n_ptr, pad, self_attn):
     assert ma.memory_attention_backend(qb)[0] == "triton"
     for got in (ma.memory_attention(qb, kb, vb, freqs, key_valid, n_rope_keys=n_rope),
                 ma._memory_attention_triton(qb, kb, vb, rope, key_valid, True, n_rope, num_splits=1),
-                ma._memory_attention_triton(qb, kb, vb, rope, key_valid, True, n_rope, rope_k="inline")):
+                ma._memory_attention_triton(qb, kb, vb, rope, key_valid, True, n_rope, rope_k="inline"),
+                ma._memory_attention_triton(qb, kb, vb, rope, key_valid, True, n_rope, lazy_rescale=False)):
         assert got.dtype == torch.bfloat16 and not got.isnan().any()
         err = (got.float() - ref).abs()
         assert err.max() <= 2 * torch_err.max(), (err.max().item(), torch_err.max().item())
@@ -831,3 +875,36 @@ def test_gpu_value_dim_real_shape_bf16(B, pad):
     static[3][:, 5184:2 * 5184] = False
     graph.replay()
     torch.testing.assert_close(out, fn(), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("B, pad", [(1, 0), (3, 3)], ids=["B1", "B3_pad3"])
+def test_gpu_tma_loads_real_shape_bf16(B, pad):
+    """K and V through tensor descriptors (use_tma) at SAM 3 sizes in bf16, split and not, at the
+    default tile and 128x64 w8, unfolded and folded (v 64 wide): the same tiles reach the same math,
+    so the output equals the pointer-load kernel's to bf16 rounding (which test_gpu_real_shape_bf16
+    holds to the fp32 reference); then replayed from a CUDA graph after the keys change (the
+    descriptors are kernel arguments). Last in the file and run apart by bench/gpu/run_checks.sh:
+    a new path on the device."""
+    q, k, v, freqs, key_valid = _gpu_case(B, 7, 64, seed=50 + B, pad_frames=pad)
+    n_rope = 7 * 5184
+    rope = torch.view_as_real(freqs)
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+
+    def close(got, want):
+        assert not got.isnan().any()
+        tol = 2 ** -7 * want.float().abs().max().item()  # one bf16 step at the output's largest value
+        assert (got.float() - want.float()).abs().max().item() <= tol
+
+    for vv in (vb, vb[..., :64].contiguous()):
+        for launch in (dict(), dict(num_splits=1), dict(block_m=128, block_n=64, num_warps=8)):
+            want = ma._memory_attention_triton(qb, kb, vv, rope, key_valid, True, n_rope, **launch)
+            close(ma._memory_attention_triton(qb, kb, vv, rope, key_valid, True, n_rope, use_tma=True, **launch),
+                  want)
+    graph, out = capture_graph(lambda: ma._memory_attention_triton(qb, kb, vb, rope, key_valid, True, n_rope,
+                                                                   use_tma=True))
+    kb.mul_(0.5)
+    graph.replay()
+    close(out, ma._memory_attention_triton(qb, kb, vb, rope, key_valid, True, n_rope))
