@@ -13,7 +13,8 @@ optimal cost. Usage: python bench/bench_assignment.py [--smoke] [--repeats R] [-
 On CUDA a second table times sam3fast_cuda alone under the launcher's tuning knobs
 (csrc/cuda/assignment_tuning.h), one 200x128 problem and 1000 of 64x64: SAM3FAST_LSA_THREADS
 (0 = the size rule, 32 = one warp, 64), SAM3FAST_LSA_INIT (0 none, 1 row reduction + greedy, 2 + reduction
-transfer) and SAM3FAST_LSA_STAGE (1 = stage the costs in shared memory up to the opt-in limit). The launcher
+transfer) and SAM3FAST_LSA_STAGE (1 = stage the costs in shared memory up to the opt-in limit, 0 = up to
+48 KiB, 2 = the default: 1 when there are no more problems than SMs, else 0). The launcher
 reads them at every call, so the script sets them in os.environ between calls (and restores them). Columns:
 ms/batch as above (host clock around a synchronised call: includes the op's dispatch and launch) and
 graph us/call, the device time per call of 20 calls replayed from one CUDA graph (no host overhead).
@@ -49,8 +50,8 @@ FULL_CASES = [(1, 16, 16), (1, 100, 100), (1, 256, 256), (1, 200, 300), (1, 200,
 SMOKE_CASES = [(1, 32, 32), (64, 8, 12), (200, 6, 9), (8, 40, 25)]
 KNOB_CASES = [(1, 200, 128), (1000, 64, 64)]
 # (SAM3FAST_LSA_THREADS, SAM3FAST_LSA_INIT, SAM3FAST_LSA_STAGE); the first is the launcher's default
-KNOB_SETTINGS = [("0", "2", "0"), ("0", "1", "0"), ("0", "0", "0"), ("32", "2", "0"), ("32", "0", "0"),
-                 ("64", "2", "0"), ("64", "0", "0"), ("0", "2", "1"), ("32", "2", "1")]
+KNOB_SETTINGS = [("0", "2", "2"), ("0", "2", "0"), ("0", "1", "2"), ("0", "0", "2"), ("32", "2", "2"),
+                 ("32", "0", "2"), ("64", "2", "2"), ("64", "0", "2"), ("32", "2", "0"), ("0", "2", "1")]
 KNOB_VARS = ("SAM3FAST_LSA_THREADS", "SAM3FAST_LSA_INIT", "SAM3FAST_LSA_STAGE")
 
 

@@ -238,8 +238,9 @@ def test_cuda_matches_cpu(n, m, dtype, kind):
 def test_cuda_launcher_knobs(monkeypatch, capfd):
     """Every setting of the launcher's tuning knobs (csrc/cuda/assignment_tuning.h; read at every
     call) reaches the CPU optimum: block size rule / 32 (one warp, __syncwarp) / 64 / 256 threads,
-    initialisation none / row reduction / + reduction transfer, shared-memory staging up to 48 KiB
-    or the opt-in limit (200x128 and 200x256 float32 stage only with the opt-in)."""
+    initialisation none / row reduction / + reduction transfer, shared-memory staging up to 48 KiB,
+    the opt-in limit, or the opt-in limit for batches of at most one problem per SM (the default;
+    200x128 and 200x256 float32 stage only with the opt-in)."""
     wide = random_cost(6, 6, 9, torch.float64, seed=24, kind="inf", inf_rate=0.4)
     wide[0, 2, :] = float("inf")  # a row with no allowed column (caught by the initialisation)
     wide[1, :3, 1:] = float("inf")  # three rows share one column (caught by a search)
@@ -250,7 +251,7 @@ def test_cuda_launcher_knobs(monkeypatch, capfd):
              torch.full((3, 5, 9), 2.0)]
     refs = [linear_sum_assignment_with_status(c) for c in cases]
     assert refs[3][1][:2].tolist() == [False, False] and refs[3][1][2:].any()
-    settings = [(t, i, s) for t in ("0", "32", "64", "256") for i in ("0", "1", "2") for s in ("0", "1")]
+    settings = [(t, i, s) for t in ("0", "32", "64", "256") for i in ("0", "1", "2") for s in ("0", "1", "2")]
     for threads, init, stage in settings + [("48", "7", "x")]:  # invalid values: the defaults
         monkeypatch.setenv("SAM3FAST_LSA_THREADS", threads)
         monkeypatch.setenv("SAM3FAST_LSA_INIT", init)

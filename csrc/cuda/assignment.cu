@@ -2,9 +2,10 @@
 //
 // Grid: B blocks. Block: 32..256 threads, about two columns per thread; problems up to 64 columns
 // run in one warp, which synchronises with __syncwarp and takes its argmin from a register
-// butterfly (no shared memory, no __syncthreads). When the cost matrix fits in 48 KiB of shared
-// memory alongside the search state it is staged there, since each Dijkstra step re-reads one row
-// of it with a dependent (latency-bound) load. Before the searches, row reduction, a greedy
+// butterfly (no shared memory, no __syncthreads). When the cost matrix fits in shared memory
+// alongside the search state it is staged there, since each Dijkstra step re-reads one row of it
+// with a dependent (latency-bound) load: within 48 KiB always, within the device's opt-in limit
+// when there are no more problems than SMs (no occupancy to lose; one 200x128 float32 problem). Before the searches, row reduction, a greedy
 // matching and reduction transfer (assignment_block.cuh) leave only the conflicting rows to
 // search for: with few problems the time is about the number of searches and Dijkstra steps, each
 // a few barriers, not the arithmetic. The block size, the initialisation and the staging limit
@@ -147,7 +148,7 @@ LsaCudaOptions lsa_cuda_options() {
   LsaCudaOptions o;
   o.threads = env_knob("SAM3FAST_LSA_THREADS", o.threads, valid_threads, &warned[0]);
   o.init = env_knob("SAM3FAST_LSA_INIT", o.init, [](long x) { return x >= 0 && x <= 2; }, &warned[1]);
-  o.stage = env_knob("SAM3FAST_LSA_STAGE", o.stage, [](long x) { return x == 0 || x == 1; }, &warned[2]);
+  o.stage = env_knob("SAM3FAST_LSA_STAGE", o.stage, [](long x) { return x >= 0 && x <= 2; }, &warned[2]);
   return o;
 }
 
@@ -155,8 +156,8 @@ template <typename T>
 cudaError_t linear_sum_assignment_cuda(const T* cost, int64_t B, int64_t n, int64_t m,
                                        int64_t* assignment, bool* feasible, cudaStream_t stream,
                                        const LsaCudaOptions& options) {
-  if (!valid_threads(options.threads) || options.init < 0 || options.init > 2 ||
-      (options.stage != 0 && options.stage != 1)) {
+  if (!valid_threads(options.threads) || options.init < 0 || options.init > 2 || options.stage < 0 ||
+      options.stage > 2) {
     return cudaErrorInvalidValue;
   }
   if (B == 0) return cudaSuccess;
@@ -173,16 +174,21 @@ cudaError_t linear_sum_assignment_cuda(const T* cost, int64_t B, int64_t n, int6
   const int64_t staged = lsa_block::lsa_smem_layout(R, C, sizeof(T)).total;
   const int64_t plain = lsa_block::lsa_smem_layout(R, C, 0).total;
   int64_t optin = kDefaultSmem;
-  if (plain > kDefaultSmem || (options.stage == 1 && staged > kDefaultSmem)) {
-    int device = 0, limit = 0;
+  bool wide_stage = options.stage == 1;
+  if (plain > kDefaultSmem || (options.stage != 0 && staged > kDefaultSmem)) {
+    int device = 0, limit = 0, sms = 0;
     cudaError_t err = cudaGetDevice(&device);
     if (err == cudaSuccess) {
       err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
     }
+    if (err == cudaSuccess && options.stage == 2) {
+      err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+      wide_stage = B <= sms;  // a block per SM at most: the opt-in shared memory costs no occupancy
+    }
     if (err != cudaSuccess) return err;
     optin = limit - kScratchBytes;
   }
-  const bool stage = staged <= kDefaultSmem || (options.stage == 1 && staged <= optin);
+  const bool stage = staged <= kDefaultSmem || (wide_stage && staged <= optin);
   if (stage) {
     return launch<T, true>(cost, B, n, m, assignment, feasible, stream, threads, staged, options.init);
   }

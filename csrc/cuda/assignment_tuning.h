@@ -11,9 +11,13 @@
 //   SAM3FAST_LSA_INIT     2 (default): row reduction, greedy matching and reduction transfer
 //                         before the searches; 1: without the transfer; 0: none (every row is
 //                         searched for). All give an optimal assignment (on ties maybe another).
-//   SAM3FAST_LSA_STAGE    0 (default): stage the cost matrix in shared memory when the search
-//                         state and it fit 48 KiB; 1: whenever they fit the device's opt-in limit
-//                         (227 KiB on H100; then fewer blocks share an SM).
+//   SAM3FAST_LSA_STAGE    2 (default): as 1 when there are no more problems than SMs (each block
+//                         has an SM to itself, so the larger shared memory costs no occupancy), else
+//                         as 0; 0: stage the cost matrix in shared memory when the search state and
+//                         it fit 48 KiB; 1: whenever they fit the device's opt-in limit (227 KiB on
+//                         H100; then fewer blocks share an SM). A staged row is read in ~30 cycles by
+//                         each Dijkstra step instead of from L2 (one 200x128 float32 problem, 102 KB,
+//                         stages only with the opt-in).
 // An unparsable or out-of-range value is reported once on stderr and the default used. These are
 // tuning switches for measurements, not settings: every combination gives an optimal assignment.
 #pragma once
@@ -26,7 +30,7 @@ namespace sam3fast {
 struct LsaCudaOptions {
   int threads = 0;  // 0 = the size rule, else a multiple of 32 in [32, 256]
   int init = 2;     // lsa_block::kLsaInitOff / kLsaInitRows / kLsaInitTransfer
-  int stage = 0;    // 0 = up to 48 KiB of shared memory, 1 = up to the opt-in limit
+  int stage = 2;    // 0 = up to 48 KiB of shared memory, 1 = up to the opt-in limit, 2 = 1 if B <= SMs
 };
 
 // The options the environment sets now.
