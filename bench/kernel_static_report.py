@@ -18,7 +18,7 @@ the module's own chooser gives them for an H100's 132 SMs. One row per launch:
   loop instrs   instructions inside loops (backward-branch ranges; conditional blocks included)
   loop spills   STL + LDL inside loops: those cost on every iteration, the others once
   barriers      BAR instructions
-  atomics       ATOM + RED instructions (as ``sass_stats`` counts them)
+  atomics       ATOM, ATOMG, ATOMS + RED, REDG instructions (as ``sass_stats`` counts them)
 
 Cases (the shapes the engine runs; see each kernel module's docstring):
   memory_attention  the tracker's memory attention, 1 head of 256, 72 x 72 = 5184 queries: cross
@@ -337,7 +337,8 @@ def header() -> dict:
         "note": NOTE,
         "columns": "regs per thread; stack = local-memory bytes per thread; smem = shared memory per "
                    "block (KiB); instrs = SASS instructions; wgmma = HGMMA, mma = HMMA, cp_async = LDGSTS, "
-                   "spill_st/ld = STL/LDL, barriers = BAR, atomics = ATOM + RED",
+                   "spill_st/ld = STL/LDL, loop instrs / loop spills = instructions / STL + LDL inside loops, "
+                   "barriers = BAR, atomics = ATOM(G/S) + RED(G)",
     }
 
 

@@ -294,7 +294,8 @@ if HAS_TRITON:
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         pid_s = tl.program_id(2)
-        b = (pid_bh // H).to(tl.int64)
+        b32 = pid_bh // H  # the batch element: int32 for the descriptors' row, int64 for offsets
+        b = b32.to(tl.int64)
         h = pid_bh % H
         dtype = q_ptr.dtype.element_ty
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -312,7 +313,6 @@ if HAS_TRITON:
             sin = tl.load(cs + 1, mask=m_mask[:, None], other=0.0)
             q = _rope_rows(q.to(tl.float32), cos, sin, BLOCK_M, DH).to(dtype)
 
-        b32 = pid_bh // H
         k_base = k_ptr + b * skb + h * skh
         v_base = v_ptr + b * svb + h * svh
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
