@@ -1,10 +1,15 @@
 """Benchmark of the fused mask post-processing (``sam3fast::mask_postprocess``).
 
 Compares, for N low-resolution mask logits (N, h, w) -> (H, W), with and without non-overlap:
-  triton            the fused kernel: a sweep of tiles, and the custom op (default tile)
+  triton list       the fused kernel, "list" schedule (the default: objects tested a chunk at a time,
+                    a loop over the live ones only): a sweep of tiles, and the custom op (default tile)
+  triton scan       the "scan" schedule at the default tile (objects tested one by one; the default
+                    until 2026-11-26 session 9)
   triton ... skip_empty=False
                     the same kernel evaluating every (object, tile) pair, as before the skip of pairs
                     whose tile cannot meet the object's positive logits (the outputs are identical)
+  CUDA graph: ...   the op and the official chain replayed from a CUDA graph: device time without the
+                    host's launch overhead (the op is four launches, the official chain a dozen)
   ref eager         ``mask_postprocess_ref``: the same outputs (packed bits, boxes, areas) in eager PyTorch
   ref compiled      torch.compile of it
   official eager    what the official code does: F.interpolate -> sigmoid -> > 0.5 (sam3_image_processor
@@ -34,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)  # bench/_common.py, also when run through runpy
 
-from _common import machine_header, print_header, time_ms, use_interpreter_without_cuda, write_results  # noqa: E402
+from _common import graphed, machine_header, print_header, time_ms, use_interpreter_without_cuda, write_results  # noqa: E402
 
 use_interpreter_without_cuda()  # before the kernel import
 
@@ -42,7 +47,9 @@ import torch.nn.functional as F  # noqa: E402
 
 from sam3fast.kernels import mask_postprocess as mp  # noqa: E402
 
-TILES = [(8, 4, 8), (4, 4, 4), (8, 2, 4), (16, 4, 8), (4, 8, 4), (2, 4, 2)]  # (block_h, block_words, num_warps)
+# (block_h, block_words, num_warps) of the list schedule: the default 8 x 64 first, then wider rows (a
+# dead object's zero words go out in longer runs) and the scan schedule's earlier sweep.
+TILES = [(8, 2, 4), (4, 4, 4), (2, 8, 4), (8, 4, 8), (16, 2, 4), (4, 2, 2)]
 _LAUNCH = inspect.signature(mp._mask_postprocess_triton).parameters
 DEFAULT_TILE = tuple(_LAUNCH[k].default for k in ("block_h", "block_words", "num_warps"))  # what the op runs
 
@@ -126,21 +133,27 @@ def main(argv=None):
         cands = {}
         for bh, bk, nw in tiles:
             tile = dict(block_h=bh, block_words=bk, num_warps=nw)
-            cands[f"triton {bh}x{bk * 32} w{nw}"] = (
+            cands[f"triton list {bh}x{bk * 32} w{nw}"] = (
                 lambda tile=tile: mp._mask_postprocess_triton(masks, scores, active, H, W, non_overlap, **tile)
             )
         if device.type == "cuda":
             op = torch.ops.sam3fast.mask_postprocess
             cands["triton (op, default tile)"] = lambda: op(masks, scores, active, H, W, non_overlap)
-        # The kernel before the skip of empty pairs, at the tile the op uses (the interpreter: the
-        # smoke tile), beside the sweep row of that tile with the skip.
+        # The scan schedule and the kernel before the skip of empty pairs, at the tile the op uses
+        # (the interpreter: the smoke tile), beside the sweep row of that tile.
         bh, bk, nw = tiles[0] if device.type == "cpu" else DEFAULT_TILE
-        tile = dict(block_h=bh, block_words=bk, num_warps=nw, skip_empty=False)
-        cands[f"triton {bh}x{bk * 32} w{nw} skip_empty=False"] = (
-            lambda tile=tile: mp._mask_postprocess_triton(masks, scores, active, H, W, non_overlap, **tile)
-        )
+        for label, extra in (("triton scan", {}), ("triton", {"skip_empty": False})):
+            tile = dict(block_h=bh, block_words=bk, num_warps=nw, **extra)
+            suffix = " skip_empty=False" if extra else ""
+            cands[f"{label} {bh}x{bk * 32} w{nw}{suffix}"] = (
+                lambda tile=tile, sched="scan": mp._mask_postprocess_triton(
+                    masks, scores, active, H, W, non_overlap, schedule=sched, **tile)
+            )
         cands["ref eager"] = lambda: mp.mask_postprocess_ref(masks, scores, active, H, W, non_overlap)
         cands["official eager"] = lambda: official_style(masks, scores, active, H, W, non_overlap)
+        if device.type == "cuda":
+            cands["CUDA graph: op (default tile)"] = graphed(lambda: op(masks, scores, active, H, W, non_overlap))
+            cands["CUDA graph: official eager"] = graphed(lambda: official_style(masks, scores, active, H, W, non_overlap))
         if not args.no_compile:
             torch._dynamo.reset()
             ref_c = torch.compile(mp.mask_postprocess_ref, fullgraph=True, backend=compile_backend)
@@ -149,7 +162,7 @@ def main(argv=None):
             cands[f"official compiled ({compile_backend})"] = lambda: off_c(masks, scores, active, H, W, non_overlap)
         for name, fn in cands.items():
             out = fn()
-            if name.startswith("triton"):
+            if name.startswith("triton"):  # (a graph replay returns nothing: its op row is checked)
                 # Outputs must match the reference before a time means anything (a float32 rounding
                 # can flip pixels whose logit is ~0: allow a handful).
                 flips = int((mp.unpack_masks(out[0], W) != mp.unpack_masks(ref[0], W)).sum())

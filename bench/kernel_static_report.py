@@ -35,8 +35,8 @@ Cases (the shapes the engine runs; see each kernel module's docstring):
                     image embedding as a transposed view, later layers a contiguous (B, S, D) tensor
   rope              the ViT trunk's q, k RoPE: window blocks (9 x 576 tokens) and global blocks (5184),
                     the strided qkv[:, :, :2] view of 16 heads of 64
-  mask_postprocess  64 objects 288 x 288 -> 1080 x 1920, without and with non-overlap (+ the positive
-                    box pre-kernel)
+  mask_postprocess  64 objects 288 x 288 -> 1080 x 1920, without and with non-overlap, list and scan
+                    schedules (+ the positive-box pre-kernel and the finalize kernel)
   mask_for_memory   16 objects 288 -> 1008 -> 1152, sigmoid and binarized
   connected_components  16 masks of 288 x 288: init, merge, count, gather
 
@@ -244,17 +244,20 @@ def build_cases() -> List[Case]:
     # ---- mask post-processing: 64 objects to a 1080p frame ------------------------------------
     low = 4 * g  # 288
 
-    def mp_case(non_overlap):
+    def mp_case(non_overlap, schedule):
         def launch():
             N = POSTPROCESS_OBJECTS
             mp._mask_postprocess_triton(_empty(N, low, low), _empty(N, dtype=torch.float32),
-                                        torch.ones(N, dtype=torch.bool), *VIDEO_HW, non_overlap)
+                                        torch.ones(N, dtype=torch.bool), *VIDEO_HW, non_overlap, schedule=schedule)
 
         return launch
 
-    for non_overlap in (False, True):
-        cases.append(Case(f"mask_postprocess N={POSTPROCESS_OBJECTS} non_overlap={non_overlap}",
-                          (mp._positive_box_kernel, mp._mask_postprocess_kernel), mp_case(non_overlap)))
+    mp_main = {"list": mp._mask_postprocess_list_kernel, "scan": mp._mask_postprocess_kernel}
+    for schedule in mp.SCHEDULES:
+        for non_overlap in (False, True):
+            cases.append(Case(f"mask_postprocess N={POSTPROCESS_OBJECTS} non_overlap={non_overlap} {schedule}",
+                              (mp._positive_box_kernel, mp_main[schedule], mp._finalize_kernel),
+                              mp_case(non_overlap, schedule)))
 
     # ---- mask for memory: 288 -> 1008 -> 1152 --------------------------------------------------
     def mfm_case(binarize):

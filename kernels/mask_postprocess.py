@@ -53,6 +53,15 @@ fixed grid: CUDA-graph safe); the main kernel neither interpolates nor packs a p
 the tile: it writes its zero words. Under the non-overlap rule such an object cannot win any pixel of
 the tile, so it is left out of the per-pixel contest as well. ``skip_empty=False`` in the launcher
 evaluates every active object at every pixel (the kernel before the skip; tests and benchmarks).
+
+Two schedules walk a tile's objects, with the same outputs bit for bit. "scan" tests each object in
+turn (four scalar loads and a branch per object, dead or not: 2 x 64 dependent steps a tile for 64
+objects, whatever is live). "list" (the default) tests up to 64 objects at once with one vector
+load of their boxes, writes the zero words of every dead one with one store, and loops over the
+live ones only, in index order (the lowest set bit of the chunk's live bits, read from the float32
+exponent of the isolated bit), so a tile pays per live object. Boxes and areas are decoded by a
+small finalize kernel: the op is four launches (a memset, the box pre-kernel, the main kernel, the
+finalize kernel) whatever N, down from a dozen with the PyTorch decode it replaced.
 """
 
 from __future__ import annotations
@@ -219,6 +228,58 @@ if HAS_TRITON:
         return ly0 * (lx0 * v00 + lx1 * v01) + ly1 * (lx0 * v10 + lx1 * v11)
 
     @triton.jit
+    def _tile_taps(h, w, H, W, scale_h, scale_w, BLOCK_H: tl.constexpr, BLOCK_WORDS: tl.constexpr):
+        # The tile of program (pid_k, pid_y): BLOCK_H rows x BLOCK_WORDS * 32 columns. Source
+        # coordinates depend on the row or the column only: computed once, outside the object loops.
+        # Indices are clamped so lanes past H or W read in-bounds values (they are masked later) and
+        # the gathers need no mask.
+        offs_y = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # (BH,)
+        offs_k = tl.program_id(0) * BLOCK_WORDS + tl.arange(0, BLOCK_WORDS)  # (BK,)
+        offs_x = offs_k[:, None] * 32 + tl.arange(0, 32)[None, :]  # (BK, 32)
+        valid = (offs_y < H)[:, None, None] & (offs_x < W)[None, :, :]  # (BH, BK, 32)
+        sy = tl.maximum(scale_h * (offs_y.to(tl.float32) + 0.5) - 0.5, 0.0)
+        y0 = tl.minimum(sy.to(tl.int32), h - 1)
+        y1 = tl.where(y0 < h - 1, y0 + 1, y0)
+        ly1 = sy - y0.to(tl.float32)
+        sx = tl.maximum(scale_w * (offs_x.to(tl.float32) + 0.5) - 0.5, 0.0)
+        x0 = tl.minimum(sx.to(tl.int32), w - 1)
+        x1 = tl.where(x0 < w - 1, x0 + 1, x0)
+        lx1 = sx - x0.to(tl.float32)
+        # The taps the tile's valid pixels read, reduced from the indices the gathers use (not
+        # re-derived), so the skip test cannot disagree with the interpolation by a rounding.
+        ty_lo = tl.min(tl.where(offs_y < H, y0, h), axis=0)
+        ty_hi = tl.max(tl.where(offs_y < H, y1, -1), axis=0)
+        tx_lo = tl.min(tl.min(tl.where(offs_x < W, x0, w), axis=1), axis=0)
+        tx_hi = tl.max(tl.max(tl.where(offs_x < W, x1, -1), axis=1), axis=0)
+        return (offs_y, offs_k, offs_x, valid,
+                (y0 * w)[:, None, None], (y1 * w)[:, None, None], x0[None, :, :], x1[None, :, :],
+                (1.0 - ly1)[:, None, None], ly1[:, None, None], (1.0 - lx1)[None, :, :], lx1[None, :, :],
+                ty_lo, ty_hi, tx_lo, tx_hi)
+
+    @triton.jit
+    def _emit_object(n, keep, word_ptrs, word_mask, stats_ptr, offs_y, offs_x, H, W):
+        # Packs object n's kept pixels of the tile into words, stores them, and merges the tile's
+        # box and area into the zero-filled (N, 5) int32 stats with atomics.
+        keep_i = keep.to(tl.int32)
+        # Distinct bits: their sum is their OR, and bit 31 wraps to the sign bit as intended.
+        words = tl.sum(keep_i << tl.arange(0, 32)[None, None, :], axis=2)  # (BH, BK)
+        tl.store(word_ptrs, words, mask=word_mask)
+        # Most (tile, object) pairs are empty: count on the 32x smaller word tile, and do the box
+        # reductions and atomics only where something was kept.
+        row_count = tl.sum(_popcount32(words), axis=1)  # (BH,)
+        area = tl.sum(row_count, axis=0)
+        if area > 0:
+            # Encoded so that larger is better and 0 means "nothing here", which lets one zero-filled
+            # buffer and atomic_max merge the tiles: W - x0, H - y0, x1 + 1, y1 + 1.
+            col_any = tl.max(keep_i, axis=0)  # (BK, 32)
+            st = stats_ptr + n * 5
+            tl.atomic_max(st + 0, tl.max(tl.max(tl.where(col_any > 0, W - offs_x, 0), axis=1), axis=0))
+            tl.atomic_max(st + 1, tl.max(tl.where(row_count > 0, H - offs_y, 0), axis=0))
+            tl.atomic_max(st + 2, tl.max(tl.max(tl.where(col_any > 0, offs_x + 1, 0), axis=1), axis=0))
+            tl.atomic_max(st + 3, tl.max(tl.where(row_count > 0, offs_y + 1, 0), axis=0))
+            tl.atomic_add(st + 4, area)
+
+    @triton.jit
     def _mask_postprocess_kernel(
         masks_ptr, scores_ptr, active_ptr, pbox_ptr, packed_ptr, stats_ptr,
         N, h, w, H, W, WP,
@@ -228,41 +289,9 @@ if HAS_TRITON:
         # Grid (word tiles, row tiles): a program owns BLOCK_H rows x BLOCK_WORDS * 32 columns of every
         # object, so the non-overlap winner of each pixel is resolved in registers without a
         # full-resolution intermediate; tile stats are merged across programs with int32 atomics.
-        pid_k = tl.program_id(0)
-        pid_y = tl.program_id(1)
-        offs_y = pid_y * BLOCK_H + tl.arange(0, BLOCK_H)  # (BH,)
-        offs_k = pid_k * BLOCK_WORDS + tl.arange(0, BLOCK_WORDS)  # (BK,)
-        offs_j = tl.arange(0, 32)
-        offs_x = offs_k[:, None] * 32 + offs_j[None, :]  # (BK, 32)
-        valid = (offs_y < H)[:, None, None] & (offs_x < W)[None, :, :]  # (BH, BK, 32)
-
-        # Source coordinates depend on the row or the column only: computed once, outside the object
-        # loops. Indices are clamped so lanes past H or W read in-bounds values (they are masked later)
-        # and the gathers need no mask.
-        sy = tl.maximum(scale_h * (offs_y.to(tl.float32) + 0.5) - 0.5, 0.0)
-        y0 = tl.minimum(sy.to(tl.int32), h - 1)
-        y1 = tl.where(y0 < h - 1, y0 + 1, y0)
-        ly1 = sy - y0.to(tl.float32)
-        ly0 = 1.0 - ly1
-        sx = tl.maximum(scale_w * (offs_x.to(tl.float32) + 0.5) - 0.5, 0.0)
-        x0 = tl.minimum(sx.to(tl.int32), w - 1)
-        x1 = tl.where(x0 < w - 1, x0 + 1, x0)
-        lx1 = sx - x0.to(tl.float32)
-        lx0 = 1.0 - lx1
-        # The taps the tile's valid pixels read, reduced from the indices the gathers use (not
-        # re-derived), so the skip test cannot disagree with the interpolation by a rounding.
-        ty_lo = tl.min(tl.where(offs_y < H, y0, h), axis=0)
-        ty_hi = tl.max(tl.where(offs_y < H, y1, -1), axis=0)
-        tx_lo = tl.min(tl.min(tl.where(offs_x < W, x0, w), axis=1), axis=0)
-        tx_hi = tl.max(tl.max(tl.where(offs_x < W, x1, -1), axis=1), axis=0)
-        r0 = (y0 * w)[:, None, None]
-        r1 = (y1 * w)[:, None, None]
-        ly0 = ly0[:, None, None]
-        ly1 = ly1[:, None, None]
-        c0 = x0[None, :, :]
-        c1 = x1[None, :, :]
-        lx0 = lx0[None, :, :]
-        lx1 = lx1[None, :, :]
+        # Objects are visited one by one, each with its own test (the "scan" schedule).
+        (offs_y, offs_k, offs_x, valid, r0, r1, c0, c1, ly0, ly1, lx0, lx1,
+         ty_lo, ty_hi, tx_lo, tx_hi) = _tile_taps(h, w, H, W, scale_h, scale_w, BLOCK_H, BLOCK_WORDS)
         hw = h * w
 
         if NON_OVERLAP:
@@ -287,36 +316,114 @@ if HAS_TRITON:
                 else:
                     v = _bilinear_tile(masks_ptr + tl.cast(n, tl.int64) * hw, r0, r1, c0, c1, ly0, ly1, lx0, lx1)
                     keep = (v > 0.0) & valid
-                keep_i = keep.to(tl.int32)
-                # Distinct bits: their sum is their OR, and bit 31 wraps to the sign bit as intended.
-                words = tl.sum(keep_i << offs_j[None, None, :], axis=2)  # (BH, BK)
-                tl.store(word_ptrs, words, mask=word_mask)
-
-                # Most (tile, object) pairs are empty: count on the 32x smaller word tile, and do the
-                # box reductions and atomics only where something was kept.
-                row_count = tl.sum(_popcount32(words), axis=1)  # (BH,)
-                area = tl.sum(row_count, axis=0)
-                if area > 0:
-                    # Encoded so that larger is better and 0 means "nothing here", which lets one
-                    # zero-filled buffer and atomic_max merge the tiles: W - x0, H - y0, x1 + 1, y1 + 1.
-                    col_any = tl.max(keep_i, axis=0)  # (BK, 32)
-                    st = stats_ptr + n * 5
-                    tl.atomic_max(st + 0, tl.max(tl.max(tl.where(col_any > 0, W - offs_x, 0), axis=1), axis=0))
-                    tl.atomic_max(st + 1, tl.max(tl.where(row_count > 0, H - offs_y, 0), axis=0))
-                    tl.atomic_max(st + 2, tl.max(tl.max(tl.where(col_any > 0, offs_x + 1, 0), axis=1), axis=0))
-                    tl.atomic_max(st + 3, tl.max(tl.where(row_count > 0, offs_y + 1, 0), axis=0))
-                    tl.atomic_add(st + 4, area)
+                _emit_object(n, keep, word_ptrs, word_mask, stats_ptr, offs_y, offs_x, H, W)
             else:
                 tl.store(word_ptrs, tl.zeros((BLOCK_H, BLOCK_WORDS), dtype=tl.int32), mask=word_mask)
 
+    @triton.jit
+    def _live_chunk(pbox_ptr, n0, offs_n, N, h, w, ty_lo, ty_hi, tx_lo, tx_hi):
+        # Objects nn = n0 + offs_n (offs_n = arange(BLOCK_N), BLOCK_N <= 64) -> (nn, live mask, live
+        # bits as one int64 (bit i: object n0 + i), live count):
+        # an object is live in the tile when its positive box meets the tile's taps (the test of
+        # _object_live, for a chunk of objects at once; objects past N load an empty box).
+        nn = n0 + offs_n
+        in_n = nn < N
+        st = pbox_ptr + nn * 4
+        r_lo = h - tl.load(st + 0, mask=in_n, other=0)
+        r_hi = tl.load(st + 1, mask=in_n, other=0) - 1
+        c_lo = w - tl.load(st + 2, mask=in_n, other=0)
+        c_hi = tl.load(st + 3, mask=in_n, other=0) - 1
+        live = in_n & (r_lo <= ty_hi) & (r_hi >= ty_lo) & (c_lo <= tx_hi) & (c_hi >= tx_lo)
+        # Distinct bits: their sum is their OR (bit 63 wraps to the sign bit as intended).
+        bits = tl.sum(tl.where(live, tl.full((1,), 1, dtype=tl.int64) << offs_n.to(tl.int64), 0), axis=0)
+        return nn, live, bits, tl.sum(live.to(tl.int32), axis=0)
 
-def _positive_boxes(masks: Tensor, active: Tensor) -> Tensor:
+    @triton.jit
+    def _pop_lowest(bits):
+        # (index of the lowest set bit of a non-zero int64, bits without it). The index is read from
+        # the float32 exponent of the isolated bit, a power of two that converts exactly (bit 63:
+        # -2**63, the sign masked off).
+        low = bits & (0 - bits)
+        idx = ((low.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        return idx, bits ^ low
+
+    @triton.jit
+    def _mask_postprocess_list_kernel(
+        masks_ptr, scores_ptr, pbox_ptr, packed_ptr, stats_ptr,
+        N, h, w, H, W, WP,
+        scale_h, scale_w,
+        NON_OVERLAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_WORDS: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        # The "list" schedule of the same tile (the skip of empty pairs always on): objects are
+        # tested BLOCK_N at a time with one vector load of their positive boxes, every dead object of
+        # the chunk gets its zero words from one store, and the loop runs over the live ones only,
+        # in index order (popping the lowest bit of the chunk's live bits), so the per-object chain
+        # of scalar loads and branches of the scan schedule is paid only where there is work.
+        (offs_y, offs_k, offs_x, valid, r0, r1, c0, c1, ly0, ly1, lx0, lx1,
+         ty_lo, ty_hi, tx_lo, tx_hi) = _tile_taps(h, w, H, W, scale_h, scale_w, BLOCK_H, BLOCK_WORDS)
+        hw = h * w
+        offs_n = tl.arange(0, BLOCK_N)
+
+        if NON_OVERLAP:
+            # Live objects in increasing index within increasing chunks, a strict ">": ties go to
+            # the lowest index, as in the scan schedule.
+            best_s = tl.zeros((BLOCK_H, BLOCK_WORDS, 32), dtype=tl.float32)
+            best_n = tl.full((BLOCK_H, BLOCK_WORDS, 32), -1, dtype=tl.int32)
+            for n0 in range(0, N, BLOCK_N):
+                _, _, bits, n_live = _live_chunk(pbox_ptr, n0, offs_n, N, h, w, ty_lo, ty_hi, tx_lo, tx_hi)
+                for _i in range(n_live):
+                    idx, bits = _pop_lowest(bits)
+                    n = n0 + idx
+                    s = tl.load(scores_ptr + n).to(tl.float32)
+                    v = _bilinear_tile(masks_ptr + tl.cast(n, tl.int64) * hw, r0, r1, c0, c1, ly0, ly1, lx0, lx1)
+                    better = (v > 0.0) & valid & ((best_n < 0) | (s > best_s))
+                    best_s = tl.where(better, s, best_s)
+                    best_n = tl.where(better, n, best_n)
+
+        word_mask = (offs_y < H)[:, None] & (offs_k < WP)[None, :]
+        word_offs = offs_y[:, None] * WP + offs_k[None, :]
+        plane = H * WP
+        for n0 in range(0, N, BLOCK_N):
+            nn, live, bits, n_live = _live_chunk(pbox_ptr, n0, offs_n, N, h, w, ty_lo, ty_hi, tx_lo, tx_hi)
+            dead = (nn < N) & (live == 0)
+            dead_ptrs = packed_ptr + nn.to(tl.int64)[:, None, None] * plane + word_offs[None, :, :]
+            tl.store(dead_ptrs, tl.zeros((BLOCK_N, BLOCK_H, BLOCK_WORDS), dtype=tl.int32),
+                     mask=dead[:, None, None] & word_mask[None, :, :])
+            for _i in range(n_live):
+                idx, bits = _pop_lowest(bits)
+                n = n0 + idx
+                if NON_OVERLAP:
+                    keep = best_n == n
+                else:
+                    v = _bilinear_tile(masks_ptr + tl.cast(n, tl.int64) * hw, r0, r1, c0, c1, ly0, ly1, lx0, lx1)
+                    keep = (v > 0.0) & valid
+                word_ptrs = packed_ptr + tl.cast(n, tl.int64) * plane + word_offs
+                _emit_object(n, keep, word_ptrs, word_mask, stats_ptr, offs_y, offs_x, H, W)
+
+    @triton.jit
+    def _finalize_kernel(stats_ptr, boxes_ptr, areas_ptr, N, H, W, BLOCK: tl.constexpr):
+        # (N, 5) encoded stats -> (N, 4) int32 inclusive xyxy boxes (-1s for an empty mask) and (N,)
+        # int64 areas: one launch instead of a handful of small PyTorch ops.
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < N
+        st = stats_ptr + offs * 5
+        area = tl.load(st + 4, mask=m, other=0)
+        some = area > 0
+        tl.store(boxes_ptr + offs * 4 + 0, tl.where(some, W - tl.load(st + 0, mask=m, other=0), -1), mask=m)
+        tl.store(boxes_ptr + offs * 4 + 1, tl.where(some, H - tl.load(st + 1, mask=m, other=0), -1), mask=m)
+        tl.store(boxes_ptr + offs * 4 + 2, tl.where(some, tl.load(st + 2, mask=m, other=0) - 1, -1), mask=m)
+        tl.store(boxes_ptr + offs * 4 + 3, tl.where(some, tl.load(st + 3, mask=m, other=0) - 1, -1), mask=m)
+        tl.store(areas_ptr + offs, area.to(tl.int64), mask=m)
+
+
+def _positive_boxes(masks: Tensor, active: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """(N, h, w) logits, (N,) bool -> (N, 4) int32 bounds of ``masks[n] > 0`` for active objects,
     encoded h - first row, last row + 1, w - first column, last column + 1 (all 0 when there is none).
-    One Triton launch after a memset: no host sync, a grid fixed by the shapes."""
+    One Triton launch, no host sync, a grid fixed by the shapes. ``out``: a zero-filled contiguous
+    (N, 4) int32 buffer to merge into (else one is made)."""
     require_triton("mask_postprocess")
     N, h, w = masks.shape
-    pbox = torch.zeros((N, 4), dtype=torch.int32, device=masks.device)
+    pbox = torch.zeros((N, 4), dtype=torch.int32, device=masks.device) if out is None else out
     if N > 0:
         # ~4K logits a program (rows x the next power of two of w, capped).
         block_c = min(triton.next_power_of_2(w), 512)
@@ -328,6 +435,10 @@ def _positive_boxes(masks: Tensor, active: Tensor) -> Tensor:
                 BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
             )
     return pbox
+
+
+SCHEDULES = ("list", "scan")
+MAX_BLOCK_N = 64  # the list schedule keeps a chunk's live objects as the bits of one int64
 
 
 def _mask_postprocess_triton(
@@ -342,40 +453,72 @@ def _mask_postprocess_triton(
     block_words: int = 2,
     num_warps: int = 4,
     skip_empty: bool = True,
+    schedule: str = "list",
+    block_n: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Launcher. ``packed`` may be a preallocated (N, H, WP) int32 contiguous output (every word is
     written). Tile = ``block_h`` rows x ``block_words`` * 32 columns (powers of two). The default,
     8 x 64 with 4 warps, was the fastest tile of the sweep with the skip of empty pairs for 64
-    objects, 288^2 -> 1080 x 1920 bf16 on an H100 (second run of 2026-11-26, bench/results): 0.320 ms
-    without the overlap rule and 0.226 ms with it, against 0.379 / 0.227-0.392 ms for the previous
-    default 4 x 128 (two timings of the same tile in that run). ``skip_empty=False`` turns that skip
-    off (same outputs; for the tests and the benchmark's before/after rows)."""
+    objects, 288^2 -> 1080 x 1920 bf16 on an H100 (second run of 2026-11-26, bench/results, the scan
+    schedule): 0.320 ms without the overlap rule and 0.226 ms with it, against 0.379 / 0.227-0.392 ms
+    for the previous default 4 x 128 (two timings of the same tile in that run).
+
+    ``schedule``: how a program walks the objects of its tile. "scan" tests them one by one (a chain
+    of scalar loads and a branch per object, dead or not); "list" (the default, not yet timed on a
+    GPU) tests ``block_n`` (default min(64, N) rounded up to a power of two, at least 16) at once,
+    zero-fills the dead ones with one store and loops over the live ones only. Same outputs, bit
+    for bit. ``skip_empty=False`` evaluates every active object at every pixel (the scan kernel
+    without the skip: same outputs; for the tests and the benchmark's before/after rows).
+
+    Launches: one memset (the box and stats buffers), the positive-box kernel, the main kernel, and a
+    finalize kernel that decodes boxes and areas: four, whatever N."""
     require_triton("mask_postprocess")
     _check_inputs(masks, scores, active, H, W)
     if masks.dtype not in _KERNEL_DTYPES:
         raise ValueError(f"the Triton kernel takes float32/bfloat16/float16 masks, got {masks.dtype}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     check_power_of_two("block_h", block_h)
     check_power_of_two("block_words", block_words)
     N, h, w = masks.shape
+    if block_n is None:
+        block_n = min(MAX_BLOCK_N, max(16, triton.next_power_of_2(max(N, 1))))
+    check_power_of_two("block_n", block_n)
+    if block_n > MAX_BLOCK_N:
+        raise ValueError(f"block_n must be at most {MAX_BLOCK_N} (the live bits of a chunk are one int64), got {block_n}")
     WP = cdiv(W, 32)
     dev = masks.device
     if packed is None:
         packed = torch.empty((N, H, WP), dtype=torch.int32, device=dev)
     elif (packed.shape, packed.dtype, packed.device) != ((N, H, WP), torch.int32, dev) or not packed.is_contiguous():
         raise ValueError(f"packed must be a contiguous ({N}, {H}, {WP}) int32 tensor on {dev}")
-    stats = torch.zeros((N, 5), dtype=torch.int32, device=dev)
-    if N > 0:
-        masks = masks.contiguous()
-        scores = scores.contiguous()
-        active_u8 = active.contiguous().view(torch.uint8)  # bool pointers are avoided: plain bytes
-        # Past 2**21 source rows or columns float32 source coordinates could clamp and give a weight
-        # outside [0, 1] (module docstring): the skip would no longer be exact.
-        skip_empty = skip_empty and max(h, w) < 2**21
-        # Without the skip the kernel never reads the boxes: any int32 pointer will do.
-        pbox = _positive_boxes(masks, active) if skip_empty else stats
-        grid = (triton.cdiv(WP, block_words), triton.cdiv(H, block_h))
-        # Host division of two ints rounded once to float32 equals PyTorch's float32 h / H.
-        with device_guard(dev):
+    boxes = torch.empty((N, 4), dtype=torch.int32, device=dev)
+    areas = torch.empty((N,), dtype=torch.int64, device=dev)
+    if N == 0:
+        return packed, boxes, areas
+    # One zero-filled buffer (one memset) holds the positive boxes (N, 4) and the tile stats (N, 5).
+    scratch = torch.zeros((9 * N,), dtype=torch.int32, device=dev)
+    pbox, stats = scratch[: 4 * N].view(N, 4), scratch[4 * N:].view(N, 5)
+    masks = masks.contiguous()
+    scores = scores.contiguous()
+    active_u8 = active.contiguous().view(torch.uint8)  # bool pointers are avoided: plain bytes
+    # Past 2**21 source rows or columns float32 source coordinates could clamp and give a weight
+    # outside [0, 1] (module docstring): the skip would no longer be exact.
+    skip_empty = skip_empty and max(h, w) < 2**21
+    if skip_empty:
+        _positive_boxes(masks, active, out=pbox)
+    grid = (triton.cdiv(WP, block_words), triton.cdiv(H, block_h))
+    # Host division of two ints rounded once to float32 equals PyTorch's float32 h / H.
+    with device_guard(dev):
+        if skip_empty and schedule == "list":
+            _mask_postprocess_list_kernel[grid](
+                masks, scores, pbox, packed, stats,
+                N, h, w, H, W, WP,
+                h / H, w / W,
+                NON_OVERLAP=bool(non_overlap), BLOCK_H=block_h, BLOCK_WORDS=block_words, BLOCK_N=block_n,
+                num_warps=num_warps,
+            )
+        else:  # without the skip the kernel never reads the boxes
             _mask_postprocess_kernel[grid](
                 masks, scores, active_u8, pbox, packed, stats,
                 N, h, w, H, W, WP,
@@ -383,10 +526,8 @@ def _mask_postprocess_triton(
                 NON_OVERLAP=bool(non_overlap), SKIP_EMPTY=bool(skip_empty), BLOCK_H=block_h, BLOCK_WORDS=block_words,
                 num_warps=num_warps,
             )
-    nonempty = stats[:, 4:5] > 0
-    boxes = torch.stack([W - stats[:, 0], H - stats[:, 1], stats[:, 2] - 1, stats[:, 3] - 1], dim=1)
-    boxes = torch.where(nonempty, boxes, -1).to(torch.int32)
-    return packed, boxes, stats[:, 4].to(torch.int64)
+        _finalize_kernel[(triton.cdiv(N, 128),)](stats, boxes, areas, N, H, W, BLOCK=128, num_warps=4)
+    return packed, boxes, areas
 
 
 @torch.library.custom_op("sam3fast::mask_postprocess", mutates_args=(), device_types="cuda")

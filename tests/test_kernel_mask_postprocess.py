@@ -384,6 +384,52 @@ def test_kernel_skip_nonfinite(non_overlap):
         assert torch.equal(x, y)
 
 
+@needs_triton
+@pytest.mark.parametrize("non_overlap", [False, True], ids=["overlap", "non_overlap"])
+@pytest.mark.parametrize(
+    "block_n, tile", [(None, (8, 2)), (16, (4, 2)), (2, (16, 1))], ids=["default", "16", "2"]
+)
+def test_list_schedule_chunks(block_n, tile, non_overlap):
+    """The list schedule over 72 compact objects in chunks (64 + 8 by default, 16 + 16 + 16 + 16 + 8,
+    or 36 chunks of 2), objects 63 and 64 (bit 63 of a chunk, the sign bit, and
+    the first of the next) live: bit for bit the scan schedule's outputs and the no-skip kernel's,
+    and the reference's where no pixel is ambiguous."""
+    h, w, H, W = 9, 15, 23, 70
+    parts = [_compact_inputs(h, w, seed=40 + k) for k in range(8)]
+    masks = torch.cat([p[0] for p in parts])
+    scores = torch.cat([p[1] for p in parts])
+    active = torch.cat([p[2] for p in parts])
+    scores[64] = scores[63]  # a tie across chunks: the lower index must win
+    for n in (63, 64):  # both cover the whole grid, so they meet every tile and overlap each other
+        masks[n] = masks[n].abs() + 0.5
+        active[n] = True
+    bh, bk = tile
+    skipped, evaluated = _pairs_skipped(masks, active, H, W, bh, bk)
+    assert skipped > 0 and evaluated > 0, (skipped, evaluated)
+    launch = dict(block_h=bh, block_words=bk)
+    _, _, got = _check(masks, scores, active, H, W, non_overlap, schedule="list", block_n=block_n, **launch)
+    scan = _run_kernel(masks, scores, active, H, W, non_overlap, schedule="scan", **launch)
+    full = _run_kernel(masks, scores, active, H, W, non_overlap, skip_empty=False, **launch)
+    for x, y, z in zip(got, scan, full):
+        assert torch.equal(x, y) and torch.equal(x, z)
+    areas = got[2]
+    if non_overlap:  # 63 wins every pixel over 64 (same score, lower index) unless a higher score has it
+        assert areas[63] > 0 and areas[63] > areas[64]
+    else:
+        assert areas[63] == areas[64] == H * W
+
+
+@needs_triton
+def test_list_schedule_refusals():
+    masks, scores, active = _inputs(3, 8, 8, seed=0)
+    with pytest.raises(ValueError, match="schedule"):
+        mp._mask_postprocess_triton(masks, scores, active, 10, 10, True, schedule="tiles")
+    with pytest.raises(ValueError, match="block_n must be at most 64"):
+        mp._mask_postprocess_triton(masks, scores, active, 10, 10, True, block_n=128)
+    with pytest.raises(ValueError, match="block_n must be a power of two"):
+        mp._mask_postprocess_triton(masks, scores, active, 10, 10, True, block_n=3)
+
+
 def test_bit_layout():
     """Bit j of word k is pixel 32 k + j, little-endian within the int32 word."""
     keep = torch.zeros(1, 2, 70, dtype=torch.bool)
@@ -525,12 +571,25 @@ def test_kernel_compiles_for_sm90():
                     src = triton.compiler.ASTSource(fn=mp._mask_postprocess_kernel, signature=sig, constexprs=cx)
                     k = triton.compile(src, target=T, options={"num_warps": 8})
                     assert k.asm["ptx"].count("atom.global") == 5, "expected 5 predicated scalar atomics"
+            for no in (False, True):
+                sig = {"masks_ptr": "*" + dt, "scores_ptr": "*fp32", "pbox_ptr": "*i32", "packed_ptr": "*i32",
+                       "stats_ptr": "*i32", "N": "i32", "h": "i32", "w": "i32", "H": "i32", "W": "i32",
+                       "WP": "i32", "scale_h": "fp32", "scale_w": "fp32"}
+                cx = {"NON_OVERLAP": no, "BLOCK_H": 8, "BLOCK_WORDS": 2, "BLOCK_N": 64}
+                sig.update({n: "constexpr" for n in cx})
+                src = triton.compiler.ASTSource(fn=mp._mask_postprocess_list_kernel, signature=sig, constexprs=cx)
+                k = triton.compile(src, target=T, options={"num_warps": 4})
+                assert k.asm["ptx"].count("atom.global") == 5, "expected 5 predicated scalar atomics (list)"
             sig = {"masks_ptr": "*" + dt, "active_ptr": "*u8", "pbox_ptr": "*i32", "h": "i32", "w": "i32",
                    "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
             src = triton.compiler.ASTSource(fn=mp._positive_box_kernel, signature=sig,
                                             constexprs={"BLOCK_R": 8, "BLOCK_C": 512})
             k = triton.compile(src, target=T, options={"num_warps": 4})
             assert k.asm["ptx"].count("atom.global") == 4, "expected 4 predicated scalar atomics (the box)"
+        sig = {"stats_ptr": "*i32", "boxes_ptr": "*i32", "areas_ptr": "*i64", "N": "i32", "H": "i32", "W": "i32",
+               "BLOCK": "constexpr"}
+        src = triton.compiler.ASTSource(fn=mp._finalize_kernel, signature=sig, constexprs={"BLOCK": 128})
+        triton.compile(src, target=T, options={"num_warps": 4})
         print("ok")
         """
     )
@@ -563,6 +622,11 @@ def test_gpu_real_shape_bf16(non_overlap):
     own_boxes, own_areas = mp._boxes_areas(got)
     assert torch.equal(boxes, own_boxes) and torch.equal(areas, own_areas)
     assert (areas[~active] == 0).all()
+    # The op's list schedule equals the scan schedule and the kernel without the skip, bit for bit.
+    for launch in (dict(schedule="scan"), dict(skip_empty=False)):
+        other = mp._mask_postprocess_triton(masks, scores, active, H, W, non_overlap, **launch)
+        for x, y in zip((packed, boxes, areas), other):
+            assert torch.equal(x, y), launch
     if non_overlap:  # disjoint masks; 64 noisy overlapping objects: low scorers may keep nothing
         assert (got.sum(dim=0) <= 1).all() and (areas[active] > 0).sum() >= 8
     else:

@@ -64,7 +64,7 @@ if [[ $PHASE == a ]]; then
     ( timeout 300 python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1; echo "rc=$? in $((SECONDS - t_build)) s" >>"$OUT/build.log" ) &
     BUILD_PID=$!
     step bench_memory_attention 450 90 python3 bench/bench_memory_attention.py
-    step bench_mask_postprocess 400 40 python3 bench/bench_mask_postprocess.py --no-compile
+    step bench_mask_postprocess 400 60 python3 bench/bench_mask_postprocess.py --no-compile
     wait $BUILD_PID
     echo "== build (background): $(tail -1 "$OUT/build.log")" >>"$LOG"
     python3 -m sam3fast.info >"$OUT/info.txt" 2>&1
