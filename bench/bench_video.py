@@ -16,7 +16,9 @@ the last frame (backbone included), for N objects. Variants:
   per-frame memory selection, host syncs) instead of the preallocated memory bank; ``eager-step`` =
   ``cuda_graphs = False`` at the counts the default graphs (CUDA only); ``graphed`` (with
   ``--graphed-rows``) = ``tracker.cuda_graphs = True`` at the counts it does not (the step captured
-  as a CUDA graph per object bucket, CUDA only); ``fold`` =
+  as a CUDA graph per object bucket, CUDA only); ``backbone-eager`` = ``tracker.backbone_cuda_graphs =
+  False`` (the backbone of each frame run eagerly instead of replayed from its CUDA graph; e2e, the
+  first object count, CUDA only); ``fold`` =
   ``tracker.transformer.encoder.fold_value = True`` (memory attention's v_proj folded into out_proj, cached
   rows only); ``compiled`` =
   ``tracker.compile_step()`` (``mode="reduce-overhead"``, CUDA graphs, on CUDA). Eager rows note the
@@ -379,6 +381,11 @@ def _main(args, tmp):
                     tracker.cuda_graphs = True
                     variants(" graphed", per_frame_too=False, counts=[n for n in objects if n > GRAPH_AUTO_MAX_ROWS])
             tracker.cuda_graphs = "auto"
+            if cuda:
+                # the backbone eagerly (the default replays it from a CUDA graph): the first count
+                tracker.backbone_cuda_graphs = False
+                variants(" backbone-eager", per_frame_too=False, kinds=("e2e",), counts=objects[:1])
+                tracker.backbone_cuda_graphs = "auto"
             # memory attention with v_proj folded into out_proj (P.V 64 wide instead of 256): the
             # tracker step alone, where the difference shows
             tracker.transformer.encoder.fold_value = True

@@ -1101,3 +1101,80 @@ def test_cuda_graphed_step_equals_eager_and_makes_no_sync(own_gpu):
         assert f0 == f1 and list(ids0) == list(ids1)
         torch.testing.assert_close(lo1, lo0, rtol=1e-3, atol=3e-3)
         torch.testing.assert_close(sc1, sc0, rtol=1e-3, atol=3e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# The backbone of forward_image as a CUDA graph (backbone_cuda_graphs)
+
+
+def _leaves(out):
+    from torch.utils import _pytree as pytree
+
+    return [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+
+
+def test_backbone_cuda_graphs_option(pair):
+    """``backbone_cuda_graphs``: "auto" (the default) calls the backbone directly off CUDA, True
+    off CUDA and any other value are clear errors; forward_image is the backbone's SAM 2 neck."""
+    ours = pair.ours
+    img = pair.frames[0].float().unsqueeze(0)
+    prev = ours.backbone_cuda_graphs
+    try:
+        assert prev == "auto"
+        with torch.inference_mode():
+            got = ours.forward_image(img)
+            want = pair.vb(img)
+        assert ours._backbone_call is None  # CPU: no graphed call is made
+        for a, b in zip(got["backbone_fpn"][2:], want["sam2_backbone_fpn"][2:]):
+            assert torch.equal(a, b)
+        ours.backbone_cuda_graphs = True
+        with pytest.raises(ValueError, match="cuda_graphs=True needs tracker backbone"):
+            ours.forward_image(img)
+        ours.backbone_cuda_graphs = "yes"
+        with pytest.raises(ValueError, match="backbone_cuda_graphs must be True, False or 'auto'"):
+            ours.forward_image(img)
+    finally:
+        ours.backbone_cuda_graphs = prev
+        ours._backbone_call = ours._backbone_call_key = None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphed_backbone_equals_eager_and_recaptures(own_gpu):
+    """On a GPU forward_image replays the backbone from a graph captured on the second frame: the
+    eager outputs, which later replays do not overwrite; a new backbone object is captured afresh,
+    and a propagation with the graphed backbone gives the session of the eager one."""
+    import copy
+
+    pair = own_gpu
+    ours = copy.deepcopy(pair.ours).cuda()
+    ours.backbone = copy.deepcopy(pair.vb).cuda()
+    frames = pair.frames.cuda()
+    imgs = [frames[i].float().unsqueeze(0) for i in range(4)]
+    with torch.inference_mode():
+        ours.backbone_cuda_graphs = False
+        want = [ours.forward_image(x) for x in imgs]
+        assert ours._backbone_call is None
+        ours.backbone_cuda_graphs = "auto"
+        got = [ours.forward_image(x) for x in imgs]
+        call = ours._backbone_call
+        assert call is not None and call.graphs() == 1
+        assert sum(e.replays for e in call.entries.values()) >= 3  # frames 1 (capture), 2, 3
+        for g, w in zip(got, want):  # (frame 1's outputs were held across two later replays)
+            for a, b in zip(_leaves(g), _leaves(w)):
+                torch.testing.assert_close(a, b)
+        ours.backbone = copy.deepcopy(pair.vb).cuda()
+        ours.forward_image(imgs[0])
+        assert ours._backbone_call is not call
+    runs = {}
+    for graphs in (False, "auto"):
+        ours.backbone_cuda_graphs = graphs
+        ours.cuda_graphs = False
+        st = ours.init_state(video_height=VIDEO_H, video_width=VIDEO_W, num_frames=len(pair.frames))
+        st["images"] = frames
+        ours.add_new_points_or_box(st, 0, 1, points=[[0.1, 0.5]], labels=[1])
+        ours.propagate_in_video_preflight(st)
+        runs[graphs] = list(ours.propagate_in_video(st, 0, None, False, tqdm_disable=True))
+    assert ours._backbone_call.graphs() == 1
+    for (f0, ids0, lo0, vid0, sc0), (f1, ids1, lo1, vid1, sc1) in zip(runs[False], runs["auto"]):
+        assert f0 == f1 and list(ids0) == list(ids1)
+        torch.testing.assert_close(lo1, lo0, rtol=1e-3, atol=3e-3)

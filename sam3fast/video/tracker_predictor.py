@@ -308,6 +308,32 @@ def sam2_frame_store(video_path, image_size, async_loading_frames=False, img_mea
 # ----------------------------------------------------------------------------------------------
 
 
+def _first_weight(bb) -> Optional[torch.Tensor]:
+    """The first parameter of a backbone's vision part (None for a module without one, or a
+    non-module backbone)."""
+    vb = getattr(bb, "vision_backbone", bb)
+    return next((p for p in vb.parameters()), None) if isinstance(vb, nn.Module) else None
+
+
+def _backbone_fpn_pos(bb, img_batch: torch.Tensor):
+    """(SAM 2 neck FPN levels, their position encodings) of ``bb`` on (B, 3, R, R) frames: a
+    backbone with ``forward_image`` (the official's), or a vision backbone (or a module holding one
+    as ``vision_backbone``) returning ``sam2_backbone_fpn`` / ``sam2_pos_enc``."""
+    if hasattr(bb, "forward_image"):
+        out = bb.forward_image(img_batch)["sam2_backbone_out"]
+        if out is None:
+            raise RuntimeError("the backbone has no SAM 2 neck")
+        return out["backbone_fpn"], out["vision_pos_enc"]
+    w = _first_weight(bb)
+    if w is not None:
+        img_batch = img_batch.to(w.dtype)  # frames are stored float16/float32; a bf16 backbone
+    out = getattr(bb, "vision_backbone", bb)(img_batch)
+    fpn, pos = out["sam2_backbone_fpn"], out["sam2_pos_enc"]
+    if fpn is None:
+        raise RuntimeError("the backbone was built without the SAM 2 neck (add_sam2_neck=True)")
+    return fpn, pos
+
+
 # ``cuda_graphs="auto"`` graphs the propagation step up to this many objects. Measured on an H100
 # (bf16, 24 frames 540 x 960, bench/results/video_fps_tracker_sam3_NVIDIA_H100_80GB_HBM3_2026-11-26):
 # 1 object, tracker step alone 7.1 ms graphed against 10.5 ms eager (host-bound), 22.2 against
@@ -483,6 +509,16 @@ class Sam3TrackerPredictor(nn.Module):
         # False: never. compile_step(mode="reduce-overhead") is the compiled alternative.
         self.cuda_graphs = "auto"
         self._graph_runner = None
+        # sam3fast: on CUDA, forward_image (the backbone on each frame the feature cache misses:
+        # every frame of a propagation) replays from a CUDA graph per frame shape
+        # (sam3fast.predictor.graphed_call.GraphedCall, captured on the second frame of a shape);
+        # eagerly the ViT trunk is host-bound (H100 bf16, run 2 profile: 19.3 ms of host time for
+        # 13.6 ms of kernels). "auto" (default): on CUDA; True: always (CUDA only, else an error);
+        # False: never. The graphs hold the backbone's activations (one memory pool) while the
+        # predictor lives; a new backbone, or weights moved to new storage, are captured afresh.
+        self.backbone_cuda_graphs = "auto"
+        self._backbone_call = None
+        self._backbone_call_key = None
         self.iter_use_prev_mask_pred = True
         self.add_all_frames_to_correct_as_cond = True
         self.eval()
@@ -1849,25 +1885,38 @@ class Sam3TrackerPredictor(nn.Module):
         return {"vision_features": fpn[-1], "vision_pos_enc": pos, "backbone_fpn": fpn}
 
     def forward_image(self, img_batch: torch.Tensor) -> Dict[str, Any]:
-        """Run ``self.backbone`` on (B, 3, R, R) frames -> the tracker's ``backbone_out``."""
+        """Run ``self.backbone`` on (B, 3, R, R) frames -> the tracker's ``backbone_out`` (from a CUDA
+        graph on CUDA: see ``backbone_cuda_graphs``)."""
         bb = self.backbone
         if bb is None:
             raise RuntimeError("no backbone set: assign predictor.backbone or pass cached_features")
-        if hasattr(bb, "forward_image"):
-            out = bb.forward_image(img_batch)["sam2_backbone_out"]
-            if out is None:
-                raise RuntimeError("the backbone has no SAM 2 neck")
-            fpn, pos = out["backbone_fpn"], out["vision_pos_enc"]
-        else:
-            vb = getattr(bb, "vision_backbone", bb)
-            w = next((p for p in vb.parameters()), None) if isinstance(vb, nn.Module) else None
-            if w is not None:
-                img_batch = img_batch.to(w.dtype)  # frames are stored float16/float32; a bf16 backbone
-            out = vb(img_batch)
-            fpn, pos = out["sam2_backbone_fpn"], out["sam2_pos_enc"]
-            if fpn is None:
-                raise RuntimeError("the backbone was built without the SAM 2 neck (add_sam2_neck=True)")
+        fpn, pos = self._backbone_runner(bb)(img_batch)
         return self.make_tracker_backbone_out(fpn, pos, round_fpn_bf16=False)
+
+    def _backbone_runner(self, bb):
+        """forward_image's backbone call: ``_backbone_fpn_pos`` of ``bb`` directly, or through a
+        :class:`GraphedCall` (``backbone_cuda_graphs``). The graphed call is made again when the
+        backbone object, or the storage, dtype or device of its first weight, changed: a graph
+        replays the weights it captured."""
+        import functools
+
+        mode = self.backbone_cuda_graphs
+        if not (mode == "auto" or isinstance(mode, bool)):
+            raise ValueError(f"tracker.backbone_cuda_graphs must be True, False or 'auto', got {mode!r}")
+        fn = functools.partial(_backbone_fpn_pos, bb)
+        w = _first_weight(bb)
+        device = w.device if w is not None else self.device
+        if mode is False or (mode == "auto" and device.type != "cuda"):
+            return fn
+        key = (id(bb), None if w is None else (w.data_ptr(), w.dtype, w.device))
+        if self._backbone_call is None or self._backbone_call_key != key:
+            from ..predictor.graphed_call import GraphedCall
+
+            self._backbone_call = None  # (its graphs and pool are freed before the new capture)
+            self._backbone_call = GraphedCall(fn, device, cuda_graphs=True if mode is True else None,
+                                              capture_after=1, name="tracker backbone")
+            self._backbone_call_key = key
+        return self._backbone_call
 
     def _get_image_feature(self, inference_state, frame_idx, batch_size):
         """Features of one frame, expanded (views) to ``batch_size`` objects:
