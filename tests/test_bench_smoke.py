@@ -43,3 +43,28 @@ def test_kernel_static_report_runs():
     assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
     out = res.stdout
     assert "0 errors" in out and "_rpb_attention_kernel" in out and "_cc_merge_kernel" in out
+
+
+def test_gpu_check_script_names_real_tests_and_scripts():
+    """bench/gpu/run_checks.sh (the scarce GPU runs) parses, every test it names first (FIRST,
+    TMA_TEST: a file, or file::function) exists, and every bench script it runs is in bench/: a
+    renamed test or script would otherwise be found out on the device."""
+    import re
+    import subprocess
+
+    root = os.path.join(BENCH, "..")
+    path = os.path.join(BENCH, "gpu", "run_checks.sh")
+    subprocess.run(["bash", "-n", path], check=True)
+    text = open(path).read()
+    first = re.search(r'^FIRST="([^"]*)"', text, re.M).group(1).split()
+    tma = re.search(r"^TMA_TEST=(\S+)", text, re.M).group(1)
+    assert len(first) >= 5
+    for ref in first + [tma]:
+        file, _, func = ref.partition("::")
+        assert os.path.isfile(os.path.join(root, file)), ref
+        if func:
+            assert re.search(rf"^def {re.escape(func)}\(", open(os.path.join(root, file)).read(), re.M), ref
+    scripts = set(re.findall(r"python3 (bench/[\w/]+\.py)", text))
+    assert "bench/bench_mask_postprocess.py" in scripts and "bench/bench_video.py" in scripts
+    for s in scripts:
+        assert os.path.isfile(os.path.join(root, s)), s
