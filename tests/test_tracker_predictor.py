@@ -984,6 +984,8 @@ def test_graphed_step_runs_the_padded_buffers(pair, long_pair, scenario):
     """``cuda_graphs = True`` on the CPU runs the graph runner's buffers eagerly: objects padded to
     a power-of-two bucket, inputs copied into per-key buffers, outputs sliced back. The session is
     the one of the plain step (padded rows change nothing), and the runner served the frames."""
+    from sam3fast.video.tracker_graphs import TableKey
+
     p = pair if scenario is three_objects else long_pair
     ours = p.ours
     ref, st_ref = scenario(ours, p)
@@ -997,9 +999,61 @@ def test_graphed_step_runs_the_padded_buffers(pair, long_pair, scenario):
     same_records(ref, got)
     compare_states(st_got, st_ref)
     assert runner.entries, "the graph runner was not used"
-    buckets = {k.memory_shape[0] for k in runner.entries}
+    # the object table's step: the memory assembly and the scores are in the graph too
+    assert all(isinstance(k, TableKey) for k in runner.entries), list(runner.entries)
+    buckets = {k.rows for k in runner.entries}
     assert buckets == ({4} if scenario is three_objects else {2}), buckets
     assert all(runner.why_not_graphs(k) == "the tracker is on cpu" for k in runner.entries)
+
+
+def test_run_table_checks_equals_eager_and_drops_grown_tables(pair, monkeypatch):
+    """``GraphedMemoryStep.run_table`` (the table step with its memory assembly, on the CPU its
+    buffers run eagerly) equals the eager ``table_track_step`` on the same table, refuses bad
+    inputs, and forgets the entries of a table that grew (their graphs would read its old tensors)."""
+    from sam3fast.video.tracker_graphs import GraphedMemoryStep
+
+    ours = pair.ours
+    seen = []
+    orig = ours.table_track_step
+
+    def spy(spec, state, frame_t, feats, pos, rows, **kw):
+        if kw.get("table") is not None:
+            seen.append((kw["table"], frame_t.clone(), [f.clone() for f in feats], [p.clone() for p in pos], rows,
+                         kw.get("no_prev", False), kw.get("run_mem_encoder", True)))
+        return orig(spec, state, frame_t, feats, pos, rows, **kw)
+
+    monkeypatch.setattr(ours, "table_track_step", spy)
+    three_objects(ours, pair)
+    monkeypatch.undo()
+    table, frame_t, feats, pos, rows, no_prev, enc = seen[-1]
+    assert rows == 3 and table.capacity >= 4
+    prev = ours.cuda_graphs
+    try:
+        ours.cuda_graphs = False  # the eager table step, for the reference
+        with torch.inference_mode():
+            want = ours.table_track_step(table.spec, table.state, frame_t, feats, pos, 4, no_prev=no_prev,
+                                         run_mem_encoder=enc)
+    finally:
+        ours.cuda_graphs = prev
+    runner = GraphedMemoryStep(ours)
+    got = runner.run_table(table, frame_t, feats, pos[-1], 4, no_prev=no_prev, run_mem_encoder=enc)
+    assert len(got) == len(want) == 8
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="frame_t must be a 0-d long tensor"):
+        runner.run_table(table, frame_t.view(1), feats, pos[-1], 4)
+    with pytest.raises(ValueError, match="rows must be in 1"):
+        runner.run_table(table, frame_t, feats, pos[-1], table.capacity + 1)
+    with pytest.raises(ValueError, match="three tracker levels"):
+        runner.run_table(table, frame_t, feats[:2], pos[-1], 4)
+    (old_key,) = runner.entries
+    table._grow(table.capacity * 2, table.cond_capacity)  # new tensors, as when a session does not fit
+    again = runner.run_table(table, frame_t, feats, pos[-1], 4, no_prev=no_prev, run_mem_encoder=enc)
+    assert old_key not in runner.entries and len(runner.entries) == 1
+    for a, b in zip(again[:5], want[:5]):  # the rows copied into the grown table give the same step
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_cuda_graphs_auto_rule(pair, monkeypatch):

@@ -26,12 +26,23 @@ eagerly), the step runs on the same buffers eagerly.
 
 Between the eager step and the replay nothing differs but the launch: the same kernels on the same
 shapes. (The padded rows are the caller's: zeros attending to one valid key, as the compiled path.)
+
+:meth:`GraphedMemoryStep.run_table` is the object table's step (``Sam3TrackerPredictor.
+table_track_step``): the graph also holds the memory assembly from the table
+(:func:`~sam3fast.video.memory_bank.table_memory`: ~60 small kernels a frame, launched from Python
+eagerly) and the per-session memory score, reading the table's tensors where they are, so the
+memory (Bb, S, M) is neither assembled on the host's time nor copied into a buffer. Its key
+(:class:`TableKey`) holds the address and shape of every table tensor: a table that grew (new
+tensors) is a new key, and the entries of a table that changed or died are dropped. Buffers: the
+three feature levels, ``top_pos`` and the frame index (a 0-d long tensor). The staged advance of
+the table (in-place writes) stays outside: a capture's warm-up runs the step more than once.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Dict, NamedTuple, Optional, Sequence, Tuple
+import weakref
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -56,6 +67,23 @@ class StepKey(NamedTuple):
     device: torch.device
 
 
+class TableKey(NamedTuple):
+    """A table step's key: the bucket (``rows``), ``no_prev``, the features, and every table tensor's
+    (address, shape), so that a replay reads the tensors it was captured on."""
+    feat_shapes: Tuple[Tuple[int, ...], ...]
+    pos_shape: Tuple[int, ...]
+    rows: int
+    no_prev: bool
+    dtype: torch.dtype
+    run_mem_encoder: bool
+    device: torch.device
+    state: Tuple[Tuple[int, Tuple[int, ...]], ...]
+
+
+def _state_layout(state) -> Tuple[Tuple[int, Tuple[int, ...]], ...]:
+    return tuple((t.data_ptr(), tuple(t.shape)) for t in state)
+
+
 class GraphedMemoryStep:
     """Runs ``tracker.memory_step`` per :class:`StepKey`, through a CUDA graph on CUDA (see the
     module docstring). ``cuda_graphs``: None = on CUDA devices; True on a non-CUDA model raises."""
@@ -67,6 +95,7 @@ class GraphedMemoryStep:
         self.entries: Dict[StepKey, _Entry] = {}
         self._present: Dict[StepKey, Tuple[bool, ...]] = {}  # which of the 7 outputs the step returns
         self._failed: Dict[StepKey, str] = {}  # keys whose capture failed: eager from then on
+        self._tables: Dict[TableKey, tuple] = {}  # table keys -> (weakref to the table, spec, state)
         self._pool = None
 
     def clear(self) -> None:
@@ -74,6 +103,7 @@ class GraphedMemoryStep:
         self.entries.clear()
         self._present.clear()
         self._failed.clear()
+        self._tables.clear()
         self._pool = None
 
     @staticmethod
@@ -82,7 +112,7 @@ class GraphedMemoryStep:
         return StepKey(tuple(tuple(f.shape) for f in feats), tuple(top_pos.shape), tuple(memory.shape),
                        int(num_obj_ptr_tokens), feats[-1].dtype, memory.dtype, bool(run_mem_encoder), memory.device)
 
-    def why_not_graphs(self, key: StepKey) -> Optional[str]:
+    def why_not_graphs(self, key: Union[StepKey, TableKey]) -> Optional[str]:
         """None when ``key``'s step is captured and replayed; else why it runs eagerly."""
         if not self.cuda_graphs:
             return "cuda_graphs is off" if key.device.type == "cuda" else f"the tracker is on {key.device}"
@@ -99,8 +129,21 @@ class GraphedMemoryStep:
     def _step(self, e: _Entry):
         i, k = e.inputs, e.key
         feats = tuple(i[f"feat{n}"] for n in range(len(k.feat_shapes)))
+        if isinstance(k, TableKey):
+            return self._table_step(e, feats)
         return self.tracker.memory_step(feats, i["top_pos"], i["memory"], i["memory_pos"], i["valid"],
                                         k.num_obj_ptr_tokens, run_mem_encoder=k.run_mem_encoder)
+
+    def _table_step(self, e: _Entry, feats):
+        from .memory_bank import table_memory
+
+        i, k, tr = e.inputs, e.key, self.tracker
+        _, spec, state = self._tables[k]
+        memory, memory_pos, n_ptr, valid = table_memory(spec, state, i["frame_t"], k.no_prev, tr.maskmem_tpos_enc,
+                                                        tr.obj_ptr_tpos_proj, k.rows)
+        out = tr.memory_step(feats, i["top_pos"], memory, memory_pos, valid, n_ptr, run_mem_encoder=k.run_mem_encoder)
+        eff = tr.segment_mem_score(out[3], out[4], state.segment[:k.rows], state.segment.shape[0] + 1)
+        return (*out[:5], eff, *out[5:])  # table_track_step's order
 
     def _capture(self, e: _Entry) -> bool:
         """Capture ``e``'s step; False (logged, the key marked eager) if the capture fails."""
@@ -140,6 +183,10 @@ class GraphedMemoryStep:
         inp["memory"].copy_(memory)
         inp["memory_pos"].copy_(memory_pos)
         inp["valid"].copy_(valid)
+        return self._launch(e)
+
+    def _launch(self, e: _Entry):
+        key = e.key
         if self.why_not_graphs(key) is not None or (e.graph is None and not self._capture(e)):
             with stage("tracker_step"):
                 return self._step(e)  # fresh tensors
@@ -148,3 +195,47 @@ class GraphedMemoryStep:
         e.replays += 1
         outs = iter(t.clone() for t in e.outputs)
         return tuple(next(outs) if p else None for p in self._present[key])
+
+    @torch.inference_mode()
+    def run_table(self, table, frame_t: Tensor, feats: Sequence[Tensor], top_pos: Tensor, rows: int, *,
+                  no_prev: bool = False, run_mem_encoder: bool = True):
+        """The object table's step over its first ``rows`` rows (already the bucket, <= its capacity):
+        :func:`table_memory` of ``table`` (an :class:`~sam3fast.video.memory_bank.ObjectTable`, its
+        staged frames already applied) at ``frame_t`` (0-d long), :meth:`memory_step`, and the
+        per-session memory score, in one graph on CUDA. Returns ``table_track_step``'s 8 outputs: those
+        of ``run`` with the scores (Cap + 1,) after ``iou_score``."""
+        if len(feats) != 3:
+            raise ValueError(f"feats must be the three tracker levels, got {len(feats)}")
+        if frame_t.dim() != 0 or frame_t.dtype != torch.long:
+            raise ValueError(f"frame_t must be a 0-d long tensor, got {frame_t.dtype} {tuple(frame_t.shape)}")
+        state = table.state
+        cap = state.segment.shape[0]
+        if not 1 <= rows <= cap:
+            raise ValueError(f"rows must be in 1 .. the table's capacity {cap}, got {rows}")
+        key = TableKey(tuple(tuple(f.shape) for f in feats), tuple(top_pos.shape), int(rows), bool(no_prev),
+                       feats[-1].dtype, bool(run_mem_encoder), feats[-1].device, _state_layout(state))
+        e = self.entries.get(key)
+        if e is None:
+            self._drop_stale_tables()
+            inp = {f"feat{i}": torch.empty_like(f, memory_format=torch.contiguous_format) for i, f in enumerate(feats)}
+            inp["top_pos"] = torch.empty_like(top_pos, memory_format=torch.contiguous_format)
+            inp["frame_t"] = torch.empty((), dtype=torch.long, device=key.device)
+            e = self.entries[key] = _Entry(key, inp)
+            self._tables[key] = (weakref.ref(table), table.spec, state)
+        inp = e.inputs
+        for n, f in enumerate(feats):
+            inp[f"feat{n}"].copy_(f)
+        inp["top_pos"].copy_(top_pos)
+        inp["frame_t"].copy_(frame_t)
+        return self._launch(e)
+
+    def _drop_stale_tables(self) -> None:
+        """Forget the table entries whose table died or now holds other tensors (it grew): their
+        graphs would read tensors the table no longer uses."""
+        for key, (ref, _, state) in list(self._tables.items()):
+            table = ref()
+            if table is None or table.state is not state:
+                del self._tables[key]
+                self.entries.pop(key, None)
+                self._present.pop(key, None)
+                self._failed.pop(key, None)

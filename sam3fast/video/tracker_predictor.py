@@ -1512,7 +1512,8 @@ class Sam3TrackerPredictor(nn.Module):
         feats = tuple(f[:1] for f in feats)  # one frame's features, shared by every row
         pos = tuple(p[:1] for p in pos)
         low, high, obj_ptr, score, iou, eff, maskmem, maskmem_pos = self.table_track_step(
-            table.spec, table.state, frame_t, feats, pos, table.used, no_prev=no_prev, run_mem_encoder=run_mem_encoder)
+            table.spec, table.state, frame_t, feats, pos, table.used, no_prev=no_prev, run_mem_encoder=run_mem_encoder,
+            table=table)
         outs = []
         for bank in banks:
             sl = bank.rows
@@ -1526,7 +1527,7 @@ class Sam3TrackerPredictor(nn.Module):
         return outs
 
     def table_track_step(self, spec: BankSpec, state: TableState, frame_t: torch.Tensor, feats, pos, rows: int, *,
-                         no_prev: bool = False, run_mem_encoder: bool = True):
+                         no_prev: bool = False, run_mem_encoder: bool = True, table=None):
         """:meth:`bank_track_step` on an :class:`ObjectTable` (its ``spec`` and ``state``): one
         propagated frame of the objects in the first ``rows`` rows (free rows among them run as
         zero rows). ``feats``/``pos``: the frame's three levels (1, D, *, *). Compiled or graphed,
@@ -1534,10 +1535,17 @@ class Sam3TrackerPredictor(nn.Module):
         the table is the bucket, nothing is padded or concatenated. Returns ``(low_res_masks,
         high_res_masks, obj_ptr, object_score_logits, iou_score, eff_iou_scores (Cap + 1,) (entry
         "first row of a session" is that session's score), maskmem_features or None, maskmem_pos
-        or None)``, row tensors over the rows run. Static shapes and no host sync."""
+        or None)``, row tensors over the rows run. Static shapes and no host sync. ``table``: the
+        :class:`ObjectTable` of ``state``; given, a graphed step also holds the memory assembly and
+        the scores (:meth:`GraphedMemoryStep.run_table`)."""
         bucketed = self._step_is_bucketed(rows)
         if bucketed:
             rows = 1 << (max(rows, 1) - 1).bit_length()
+            if table is not None and self._memory_step_compiled is None:
+                if table.state is not state:
+                    raise ValueError("state must be the table's state")
+                return self.step_graphs().run_table(table, frame_t, feats, pos[-1], rows, no_prev=no_prev,
+                                                    run_mem_encoder=run_mem_encoder)
         memory, memory_pos, n_ptr, valid = table_memory(spec, state, frame_t, no_prev, self.maskmem_tpos_enc,
                                                         self.obj_ptr_tpos_proj, rows)
         if not bucketed:
