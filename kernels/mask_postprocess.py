@@ -280,6 +280,16 @@ if HAS_TRITON:
             tl.atomic_add(st + 4, area)
 
     @triton.jit
+    def _contest(n, scores_ptr, base, r0, r1, c0, c1, ly0, ly1, lx0, lx1, valid, best_s, best_n):
+        # Object n (logits at base) enters the non-overlap contest of the tile: it takes the pixels
+        # where it is foreground and beats the best so far. Visiting objects in increasing index
+        # with a strict ">" leaves ties to the lowest index.
+        s = tl.load(scores_ptr + n).to(tl.float32)
+        v = _bilinear_tile(base, r0, r1, c0, c1, ly0, ly1, lx0, lx1)
+        better = (v > 0.0) & valid & ((best_n < 0) | (s > best_s))
+        return tl.where(better, s, best_s), tl.where(better, n, best_n)
+
+    @triton.jit
     def _mask_postprocess_kernel(
         masks_ptr, scores_ptr, active_ptr, pbox_ptr, packed_ptr, stats_ptr,
         N, h, w, H, W, WP,
@@ -295,16 +305,12 @@ if HAS_TRITON:
         hw = h * w
 
         if NON_OVERLAP:
-            # Visiting objects in index order with a strict ">" leaves ties to the lowest index.
             best_s = tl.zeros((BLOCK_H, BLOCK_WORDS, 32), dtype=tl.float32)
             best_n = tl.full((BLOCK_H, BLOCK_WORDS, 32), -1, dtype=tl.int32)
             for n in range(N):
                 if _object_live(n, active_ptr, pbox_ptr, h, w, ty_lo, ty_hi, tx_lo, tx_hi, SKIP_EMPTY):
-                    s = tl.load(scores_ptr + n).to(tl.float32)
-                    v = _bilinear_tile(masks_ptr + tl.cast(n, tl.int64) * hw, r0, r1, c0, c1, ly0, ly1, lx0, lx1)
-                    better = (v > 0.0) & valid & ((best_n < 0) | (s > best_s))
-                    best_s = tl.where(better, s, best_s)
-                    best_n = tl.where(better, n, best_n)
+                    best_s, best_n = _contest(n, scores_ptr, masks_ptr + tl.cast(n, tl.int64) * hw,
+                                              r0, r1, c0, c1, ly0, ly1, lx0, lx1, valid, best_s, best_n)
 
         word_mask = (offs_y < H)[:, None] & (offs_k < WP)[None, :]
         word_offs = offs_y[:, None] * WP + offs_k[None, :]
@@ -365,8 +371,8 @@ if HAS_TRITON:
         offs_n = tl.arange(0, BLOCK_N)
 
         if NON_OVERLAP:
-            # Live objects in increasing index within increasing chunks, a strict ">": ties go to
-            # the lowest index, as in the scan schedule.
+            # Live objects in increasing index within increasing chunks: ties go to the lowest
+            # index, as in the scan schedule.
             best_s = tl.zeros((BLOCK_H, BLOCK_WORDS, 32), dtype=tl.float32)
             best_n = tl.full((BLOCK_H, BLOCK_WORDS, 32), -1, dtype=tl.int32)
             for n0 in range(0, N, BLOCK_N):
@@ -374,11 +380,8 @@ if HAS_TRITON:
                 for _i in range(n_live):
                     idx, bits = _pop_lowest(bits)
                     n = n0 + idx
-                    s = tl.load(scores_ptr + n).to(tl.float32)
-                    v = _bilinear_tile(masks_ptr + tl.cast(n, tl.int64) * hw, r0, r1, c0, c1, ly0, ly1, lx0, lx1)
-                    better = (v > 0.0) & valid & ((best_n < 0) | (s > best_s))
-                    best_s = tl.where(better, s, best_s)
-                    best_n = tl.where(better, n, best_n)
+                    best_s, best_n = _contest(n, scores_ptr, masks_ptr + tl.cast(n, tl.int64) * hw,
+                                              r0, r1, c0, c1, ly0, ly1, lx0, lx1, valid, best_s, best_n)
 
         word_mask = (offs_y < H)[:, None] & (offs_k < WP)[None, :]
         word_offs = offs_y[:, None] * WP + offs_k[None, :]
