@@ -205,15 +205,22 @@ if HAS_TRITON:
             tl.atomic_max(st + 3, tl.max(col_last, axis=0))
 
     @triton.jit
-    def _object_live(n, active_ptr, pbox_ptr, h, w, ty_lo, ty_hi, tx_lo, tx_hi, SKIP_EMPTY: tl.constexpr):
-        # Whether object n can be foreground in this tile: its positive box meets the tile's taps.
+    def _box_meets_tile(pbox_ptr, n, ok, h, w, ty_lo, ty_hi, tx_lo, tx_hi):
+        # Whether object(s) n (a scalar or a vector, loaded where ``ok``) can be foreground in this
+        # tile: the positive box meets the tile's taps. An empty box (or one not loaded) decodes to
+        # rows [h, -1], columns [w, -1] and meets nothing.
+        st = pbox_ptr + n * 4
+        r_lo = h - tl.load(st + 0, mask=ok, other=0)
+        r_hi = tl.load(st + 1, mask=ok, other=0) - 1
+        c_lo = w - tl.load(st + 2, mask=ok, other=0)
+        c_hi = tl.load(st + 3, mask=ok, other=0) - 1
+        return ok & (r_lo <= ty_hi) & (r_hi >= ty_lo) & (c_lo <= tx_hi) & (c_hi >= tx_lo)
+
+    @triton.jit
+    def _object_live(n, N, active_ptr, pbox_ptr, h, w, ty_lo, ty_hi, tx_lo, tx_hi, SKIP_EMPTY: tl.constexpr):
+        # Whether object n can be foreground in this tile (scan schedule).
         if SKIP_EMPTY:
-            st = pbox_ptr + n * 4
-            r_lo = h - tl.load(st + 0)  # an empty box decodes to rows [h, -1], columns [w, -1]
-            r_hi = tl.load(st + 1) - 1
-            c_lo = w - tl.load(st + 2)
-            c_hi = tl.load(st + 3) - 1
-            live = (r_lo <= ty_hi) & (r_hi >= ty_lo) & (c_lo <= tx_hi) & (c_hi >= tx_lo)
+            live = _box_meets_tile(pbox_ptr, n, n < N, h, w, ty_lo, ty_hi, tx_lo, tx_hi)
         else:
             live = tl.load(active_ptr + n) != 0
         return live
@@ -308,7 +315,7 @@ if HAS_TRITON:
             best_s = tl.zeros((BLOCK_H, BLOCK_WORDS, 32), dtype=tl.float32)
             best_n = tl.full((BLOCK_H, BLOCK_WORDS, 32), -1, dtype=tl.int32)
             for n in range(N):
-                if _object_live(n, active_ptr, pbox_ptr, h, w, ty_lo, ty_hi, tx_lo, tx_hi, SKIP_EMPTY):
+                if _object_live(n, N, active_ptr, pbox_ptr, h, w, ty_lo, ty_hi, tx_lo, tx_hi, SKIP_EMPTY):
                     best_s, best_n = _contest(n, scores_ptr, masks_ptr + tl.cast(n, tl.int64) * hw,
                                               r0, r1, c0, c1, ly0, ly1, lx0, lx1, valid, best_s, best_n)
 
@@ -316,7 +323,7 @@ if HAS_TRITON:
         word_offs = offs_y[:, None] * WP + offs_k[None, :]
         for n in range(N):
             word_ptrs = packed_ptr + tl.cast(n, tl.int64) * H * WP + word_offs
-            if _object_live(n, active_ptr, pbox_ptr, h, w, ty_lo, ty_hi, tx_lo, tx_hi, SKIP_EMPTY):
+            if _object_live(n, N, active_ptr, pbox_ptr, h, w, ty_lo, ty_hi, tx_lo, tx_hi, SKIP_EMPTY):
                 if NON_OVERLAP:
                     keep = best_n == n
                 else:
@@ -330,16 +337,10 @@ if HAS_TRITON:
     def _live_chunk(pbox_ptr, n0, offs_n, N, h, w, ty_lo, ty_hi, tx_lo, tx_hi):
         # Objects nn = n0 + offs_n (offs_n = arange(BLOCK_N), BLOCK_N <= 64) -> (nn, live mask, live
         # bits as one int64 (bit i: object n0 + i), live count):
-        # an object is live in the tile when its positive box meets the tile's taps (the test of
-        # _object_live, for a chunk of objects at once; objects past N load an empty box).
+        # an object is live in the tile when its positive box meets the tile's taps (the scan
+        # schedule's test, for a chunk of objects at once; objects past N are not).
         nn = n0 + offs_n
-        in_n = nn < N
-        st = pbox_ptr + nn * 4
-        r_lo = h - tl.load(st + 0, mask=in_n, other=0)
-        r_hi = tl.load(st + 1, mask=in_n, other=0) - 1
-        c_lo = w - tl.load(st + 2, mask=in_n, other=0)
-        c_hi = tl.load(st + 3, mask=in_n, other=0) - 1
-        live = in_n & (r_lo <= ty_hi) & (r_hi >= ty_lo) & (c_lo <= tx_hi) & (c_hi >= tx_lo)
+        live = _box_meets_tile(pbox_ptr, nn, nn < N, h, w, ty_lo, ty_hi, tx_lo, tx_hi)
         # Distinct bits: their sum is their OR (bit 63 wraps to the sign bit as intended).
         bits = tl.sum(tl.where(live, tl.full((1,), 1, dtype=tl.int64) << offs_n.to(tl.int64), 0), axis=0)
         return nn, live, bits, tl.sum(live.to(tl.int32), axis=0)

@@ -118,9 +118,20 @@ class GraphedMemoryStep:
             return "cuda_graphs is off" if key.device.type == "cuda" else f"the tracker is on {key.device}"
         return self._failed.get(key)
 
-    def _new_entry(self, key: StepKey, feats, top_pos, memory_pos, valid) -> _Entry:
+    @staticmethod
+    def _feature_buffers(feats, top_pos) -> Dict[str, Tensor]:
         inp = {f"feat{i}": torch.empty_like(f, memory_format=torch.contiguous_format) for i, f in enumerate(feats)}
         inp["top_pos"] = torch.empty_like(top_pos, memory_format=torch.contiguous_format)
+        return inp
+
+    @staticmethod
+    def _copy_features(inp: Dict[str, Tensor], feats, top_pos) -> None:
+        for n, f in enumerate(feats):
+            inp[f"feat{n}"].copy_(f)
+        inp["top_pos"].copy_(top_pos)
+
+    def _new_entry(self, key: StepKey, feats, top_pos, memory_pos, valid) -> _Entry:
+        inp = self._feature_buffers(feats, top_pos)
         inp["memory"] = torch.empty(key.memory_shape, dtype=key.memory_dtype, device=key.device)
         inp["memory_pos"] = torch.empty(tuple(memory_pos.shape), dtype=memory_pos.dtype, device=key.device)
         inp["valid"] = torch.empty(tuple(valid.shape), dtype=torch.bool, device=key.device)
@@ -177,9 +188,7 @@ class GraphedMemoryStep:
         if e is None:
             e = self.entries[key] = self._new_entry(key, feats, top_pos, memory_pos, valid)
         inp = e.inputs
-        for n, f in enumerate(feats):
-            inp[f"feat{n}"].copy_(f)
-        inp["top_pos"].copy_(top_pos)
+        self._copy_features(inp, feats, top_pos)
         inp["memory"].copy_(memory)
         inp["memory_pos"].copy_(memory_pos)
         inp["valid"].copy_(valid)
@@ -217,16 +226,12 @@ class GraphedMemoryStep:
         e = self.entries.get(key)
         if e is None:
             self._drop_stale_tables()
-            inp = {f"feat{i}": torch.empty_like(f, memory_format=torch.contiguous_format) for i, f in enumerate(feats)}
-            inp["top_pos"] = torch.empty_like(top_pos, memory_format=torch.contiguous_format)
+            inp = self._feature_buffers(feats, top_pos)
             inp["frame_t"] = torch.empty((), dtype=torch.long, device=key.device)
             e = self.entries[key] = _Entry(key, inp)
             self._tables[key] = (weakref.ref(table), table.spec, state)
-        inp = e.inputs
-        for n, f in enumerate(feats):
-            inp[f"feat{n}"].copy_(f)
-        inp["top_pos"].copy_(top_pos)
-        inp["frame_t"].copy_(frame_t)
+        self._copy_features(e.inputs, feats, top_pos)
+        e.inputs["frame_t"].copy_(frame_t)
         return self._launch(e)
 
     def _drop_stale_tables(self) -> None:

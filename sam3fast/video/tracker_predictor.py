@@ -91,6 +91,7 @@ with no per-frame concatenation; ``object_table = False`` keeps one bank per ses
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import OrderedDict
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -1906,8 +1907,6 @@ class Sam3TrackerPredictor(nn.Module):
         :class:`GraphedCall` (``backbone_cuda_graphs``). The graphed call is made again when the
         backbone object, or the storage, dtype or device of its first weight, changed: a graph
         replays the weights it captured."""
-        import functools
-
         mode = self.backbone_cuda_graphs
         if not (mode == "auto" or isinstance(mode, bool)):
             raise ValueError(f"tracker.backbone_cuda_graphs must be True, False or 'auto', got {mode!r}")
