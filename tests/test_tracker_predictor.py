@@ -1007,9 +1007,11 @@ def test_graphed_step_runs_the_padded_buffers(pair, long_pair, scenario):
 
 
 def test_run_table_checks_equals_eager_and_drops_grown_tables(pair, monkeypatch):
-    """``GraphedMemoryStep.run_table`` (the table step with its memory assembly, on the CPU its
-    buffers run eagerly) equals the eager ``table_track_step`` on the same table, refuses bad
-    inputs, and forgets the entries of a table that grew (their graphs would read its old tensors)."""
+    """``GraphedMemoryStep.run_table`` (the table step with its staged memory update and memory
+    assembly, on the CPU its buffers run eagerly) applies the staged frame once and equals the
+    eager ``table_track_step`` on the advanced table, refuses bad inputs, and forgets the entries
+    of a table that grew (their graphs would read its old tensors)."""
+    from sam3fast.video.memory_bank import TableState, table_apply_staged
     from sam3fast.video.tracker_graphs import GraphedMemoryStep
 
     ours = pair.ours
@@ -1027,16 +1029,36 @@ def test_run_table_checks_equals_eager_and_drops_grown_tables(pair, monkeypatch)
     monkeypatch.undo()
     table, frame_t, feats, pos, rows, no_prev, enc = seen[-1]
     assert rows == 3 and table.capacity >= 4
+    # stage a frame for every session (random memory): run_table applies it first, exactly once
+    g = torch.Generator().manual_seed(3)
+    with torch.inference_mode():  # (the table's tensors are inference tensors)
+        for sid, sl in table.sessions.items():
+            n = sl.stop - sl.start
+            feat = torch.randn((n, *table.feat_shape), generator=g).to(table.dtype)
+            ptr = torch.randn((n, table.ptr_dim), generator=g).to(table.dtype)
+            table.stage(sid, feat, ptr, torch.tensor(True))
+        assert table._staged and bool(table.state.staged[:3].all())
+        ref_state = TableState(*(t.clone() for t in table.state))
+        once = TableState(*(t.clone() for t in table.state))
+        table_apply_staged(table.spec, ref_state)
+        table_apply_staged(table.spec, once)
+        table_apply_staged(table.spec, once)  # a second application (a capture's warm-up) changes nothing
+    for name, a, b in zip(TableState._fields, once, ref_state):
+        assert torch.equal(a, b), name
+    assert not bool(ref_state.staged.any()) and bool((ref_state.count[:3] >= 1).all())
     prev = ours.cuda_graphs
     try:
-        ours.cuda_graphs = False  # the eager table step, for the reference
+        ours.cuda_graphs = False  # the eager table step on the advanced copy, for the reference
         with torch.inference_mode():
-            want = ours.table_track_step(table.spec, table.state, frame_t, feats, pos, 4, no_prev=no_prev,
+            want = ours.table_track_step(table.spec, ref_state, frame_t, feats, pos, 4, no_prev=no_prev,
                                          run_mem_encoder=enc)
     finally:
         ours.cuda_graphs = prev
     runner = GraphedMemoryStep(ours)
     got = runner.run_table(table, frame_t, feats, pos[-1], 4, no_prev=no_prev, run_mem_encoder=enc)
+    assert not table._staged  # handed over to the step, which applied them
+    for name, a, b in zip(TableState._fields, table.state, ref_state):
+        assert torch.equal(a, b), name
     assert len(got) == len(want) == 8
     for a, b in zip(got, want):
         assert (a is None) == (b is None)

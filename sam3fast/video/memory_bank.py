@@ -351,6 +351,15 @@ def table_advance(spec: BankSpec, st: TableState, feat: Tensor, ptr: Tensor, goo
     st.last_good.copy_(torch.where(mask, good & content, st.last_good))
 
 
+def table_apply_staged(spec: BankSpec, st: TableState) -> None:
+    """Apply every staged frame of an object table (:func:`table_advance` of the ``next_*`` rows
+    where ``staged``), then clear ``staged``. Tensor ops only: a no-op when nothing is staged, so a
+    step that runs it more than once (a CUDA graph capture's warm-up runs its step twice) applies
+    each frame once. The graphed table step (``GraphedMemoryStep.run_table``) starts with it."""
+    table_advance(spec, st, st.next_feat, st.next_ptr, st.next_good, st.next_content, st.staged)
+    st.staged.fill_(False)
+
+
 class TableRows:
     """One session's rows in an :class:`ObjectTable` (what the predictor keeps in the session in
     place of a :class:`MemoryBank`): ``rows`` (a slice, valid until the table changes),
@@ -559,12 +568,16 @@ class ObjectTable:
         self._staged.add(sid)
 
     def advance(self) -> None:
-        """Apply every staged frame (one :func:`table_advance` over the table)."""
+        """Apply every staged frame (one :func:`table_apply_staged` over the table)."""
         if not self._staged:
             return
-        st = self.state
-        table_advance(self.spec, st, st.next_feat, st.next_ptr, st.next_good, st.next_content, st.staged)
-        st.staged.fill_(False)
+        table_apply_staged(self.spec, self.state)
+        self._staged.clear()
+
+    def hand_over_staged(self) -> None:
+        """Forget the staged frames on the host: the caller is about to launch a step that begins
+        with :func:`table_apply_staged` (the graphed table step), which applies them on the device.
+        Nothing may read the table in between."""
         self._staged.clear()
 
     def memory(self, frame_idx: Tensor, no_prev: bool, maskmem_tpos_enc: Tensor, obj_ptr_tpos_proj: nn.Module,

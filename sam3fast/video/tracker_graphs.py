@@ -34,8 +34,11 @@ operations a frame launched from Python eagerly before: a CPU count, tiny config
 memory (Bb, S, M) is neither assembled on the host's time nor copied into a buffer. Its key
 (:class:`TableKey`) holds the address and shape of every table tensor: a table that grew (new
 tensors) is a new key, and the entries of a table that changed or died are dropped. Buffers: the
-three feature levels, ``top_pos`` and the frame index (a 0-d long tensor). The staged advance of
-the table (in-place writes) stays outside: a capture's warm-up runs the step more than once.
+three feature levels, ``top_pos`` and the frame index (a 0-d long tensor). The graph begins with
+the table's memory update, the frames the sessions staged since the last step
+(:func:`~sam3fast.video.memory_bank.table_apply_staged`: ~25 in-place operations a frame launched
+eagerly before). That update is masked by the table's ``staged`` flags and clears them, so the
+capture's warm-up, which runs the step more than once, applies each frame once.
 """
 
 from __future__ import annotations
@@ -146,10 +149,11 @@ class GraphedMemoryStep:
                                         k.num_obj_ptr_tokens, run_mem_encoder=k.run_mem_encoder)
 
     def _table_step(self, e: _Entry, feats):
-        from .memory_bank import table_memory
+        from .memory_bank import table_apply_staged, table_memory
 
         i, k, tr = e.inputs, e.key, self.tracker
         _, spec, state = self._tables[k]
+        table_apply_staged(spec, state)  # the staged frames (a no-op once applied)
         memory, memory_pos, n_ptr, valid = table_memory(spec, state, i["frame_t"], k.no_prev, tr.maskmem_tpos_enc,
                                                         tr.obj_ptr_tpos_proj, k.rows)
         out = tr.memory_step(feats, i["top_pos"], memory, memory_pos, valid, n_ptr, run_mem_encoder=k.run_mem_encoder)
@@ -209,8 +213,8 @@ class GraphedMemoryStep:
     def run_table(self, table, frame_t: Tensor, feats: Sequence[Tensor], top_pos: Tensor, rows: int, *,
                   no_prev: bool = False, run_mem_encoder: bool = True):
         """The object table's step over its first ``rows`` rows (already the bucket, <= its capacity):
-        :func:`table_memory` of ``table`` (an :class:`~sam3fast.video.memory_bank.ObjectTable`, its
-        staged frames already applied) at ``frame_t`` (0-d long), :meth:`memory_step`, and the
+        the staged frames of ``table`` (an :class:`~sam3fast.video.memory_bank.ObjectTable`)
+        applied, :func:`table_memory` at ``frame_t`` (0-d long), :meth:`memory_step`, and the
         per-session memory score, in one graph on CUDA. Returns ``table_track_step``'s 8 outputs: those
         of ``run`` with the scores (Cap + 1,) after ``iou_score``."""
         if len(feats) != 3:
@@ -232,6 +236,7 @@ class GraphedMemoryStep:
             self._tables[key] = (weakref.ref(table), table.spec, state)
         self._copy_features(e.inputs, feats, top_pos)
         e.inputs["frame_t"].copy_(frame_t)
+        table.hand_over_staged()  # the step applies them
         return self._launch(e)
 
     def _drop_stale_tables(self) -> None:

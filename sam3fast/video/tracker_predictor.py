@@ -511,12 +511,13 @@ class Sam3TrackerPredictor(nn.Module):
         self.cuda_graphs = "auto"
         self._graph_runner = None
         # sam3fast: on CUDA, forward_image (the backbone on each frame the feature cache misses:
-        # every frame of a propagation) replays from a CUDA graph per frame shape
-        # (sam3fast.predictor.graphed_call.GraphedCall, captured on the second frame of a shape);
-        # eagerly the ViT trunk is host-bound (H100 bf16, run 2 profile: 19.3 ms of host time for
-        # 13.6 ms of kernels). "auto" (default): on CUDA; True: always (CUDA only, else an error);
-        # False: never. The graphs hold the backbone's activations (one memory pool) while the
-        # predictor lives; a new backbone, or weights moved to new storage, are captured afresh.
+        # every frame of a propagation, then the mask decoder's conv_s0 / conv_s1 on two levels)
+        # replays from a CUDA graph per frame shape (sam3fast.predictor.graphed_call.GraphedCall,
+        # captured on the second frame of a shape); eagerly the ViT trunk is host-bound (H100 bf16,
+        # run 2 profile: 19.3 ms of host time for 13.6 ms of kernels). "auto" (default): on CUDA;
+        # True: always (CUDA only, else an error); False: never. The graphs hold the backbone's
+        # activations (one memory pool) while the predictor lives; a new backbone, or weights
+        # moved to new storage, are captured afresh.
         self.backbone_cuda_graphs = "auto"
         self._backbone_call = None
         self._backbone_call_key = None
@@ -1504,12 +1505,11 @@ class Sam3TrackerPredictor(nn.Module):
                                               run_mem_encoder=run_mem_encoder)
 
     def _track_on_table(self, banks, frame_t, feats, pos, no_prev, run_mem_encoder):
-        """:meth:`_track_on_banks` for sessions of one :class:`ObjectTable`: the staged advances
-        applied, one step over the table's rows, each session's outputs views of its rows."""
+        """:meth:`_track_on_banks` for sessions of one :class:`ObjectTable`: one step over the
+        table's rows (staged frames applied first), each session's outputs views of its rows."""
         table = banks[0].table
         if any(b.table is not table for b in banks):
             raise ValueError("the banks of one step must be rows of one object table")
-        table.advance()
         feats = tuple(f[:1] for f in feats)  # one frame's features, shared by every row
         pos = tuple(p[:1] for p in pos)
         low, high, obj_ptr, score, iou, eff, maskmem, maskmem_pos = self.table_track_step(
@@ -1537,16 +1537,19 @@ class Sam3TrackerPredictor(nn.Module):
         high_res_masks, obj_ptr, object_score_logits, iou_score, eff_iou_scores (Cap + 1,) (entry
         "first row of a session" is that session's score), maskmem_features or None, maskmem_pos
         or None)``, row tensors over the rows run. Static shapes and no host sync. ``table``: the
-        :class:`ObjectTable` of ``state``; given, a graphed step also holds the memory assembly and
-        the scores (:meth:`GraphedMemoryStep.run_table`)."""
+        :class:`ObjectTable` of ``state``; given, its staged frames are applied first, and a graphed
+        step also holds that update, the memory assembly and the scores
+        (:meth:`GraphedMemoryStep.run_table`). Without it, the caller applies them."""
+        if table is not None and table.state is not state:
+            raise ValueError("state must be the table's state")
         bucketed = self._step_is_bucketed(rows)
         if bucketed:
             rows = 1 << (max(rows, 1) - 1).bit_length()
             if table is not None and self._memory_step_compiled is None:
-                if table.state is not state:
-                    raise ValueError("state must be the table's state")
                 return self.step_graphs().run_table(table, frame_t, feats, pos[-1], rows, no_prev=no_prev,
                                                     run_mem_encoder=run_mem_encoder)
+        if table is not None:
+            table.advance()
         memory, memory_pos, n_ptr, valid = table_memory(spec, state, frame_t, no_prev, self.maskmem_tpos_enc,
                                                         self.obj_ptr_tpos_proj, rows)
         if not bucketed:
@@ -1900,22 +1903,31 @@ class Sam3TrackerPredictor(nn.Module):
         if bb is None:
             raise RuntimeError("no backbone set: assign predictor.backbone or pass cached_features")
         fpn, pos = self._backbone_runner(bb)(img_batch)
-        return self.make_tracker_backbone_out(fpn, pos, round_fpn_bf16=False)
+        return {"vision_features": fpn[-1], "vision_pos_enc": pos, "backbone_fpn": fpn}
+
+    def _tracker_levels(self, bb, img_batch: torch.Tensor):
+        """``(backbone_fpn, vision_pos_enc)`` of :meth:`make_tracker_backbone_out` (not rounded) for
+        ``bb`` on (B, 3, R, R) frames: the backbone, then the mask decoder's conv_s0 / conv_s1."""
+        out = self.make_tracker_backbone_out(*_backbone_fpn_pos(bb, img_batch), round_fpn_bf16=False)
+        return out["backbone_fpn"], out["vision_pos_enc"]
 
     def _backbone_runner(self, bb):
-        """forward_image's backbone call: ``_backbone_fpn_pos`` of ``bb`` directly, or through a
-        :class:`GraphedCall` (``backbone_cuda_graphs``). The graphed call is made again when the
-        backbone object, or the storage, dtype or device of its first weight, changed: a graph
-        replays the weights it captured."""
+        """forward_image's call: :meth:`_tracker_levels` of ``bb`` directly, or through a
+        :class:`GraphedCall` (``backbone_cuda_graphs``), which then holds the mask decoder's two
+        level projections too. The graphed call is made again when the backbone object, or the
+        storage, dtype or device of its first weight or of those projections' weights, changed: a
+        graph replays the weights it captured."""
         mode = self.backbone_cuda_graphs
         if not (mode == "auto" or isinstance(mode, bool)):
             raise ValueError(f"tracker.backbone_cuda_graphs must be True, False or 'auto', got {mode!r}")
-        fn = functools.partial(_backbone_fpn_pos, bb)
+        fn = functools.partial(self._tracker_levels, bb)
         w = _first_weight(bb)
         device = w.device if w is not None else self.device
         if mode is False or (mode == "auto" and device.type != "cuda"):
             return fn
-        key = (id(bb), None if w is None else (w.data_ptr(), w.dtype, w.device))
+        dec = self.sam_mask_decoder
+        key = tuple((id(bb),) + tuple(None if t is None else (t.data_ptr(), t.dtype, t.device)
+                                      for t in (w, dec.conv_s0.weight, dec.conv_s1.weight)))
         if self._backbone_call is None or self._backbone_call_key != key:
             from ..predictor.graphed_call import GraphedCall
 
