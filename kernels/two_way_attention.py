@@ -29,7 +29,11 @@ dtype (``F.linear``, SDPA, ``F.layer_norm``), so on CPU the op is the PyTorch pa
 where the module rounds before a matmul (image + pe, the projected k / v / q, the probabilities and
 the attention output are fed to the tensor cores in the input dtype) and keep everything else in
 float32: softmax, accumulators, the residual and the LayerNorm (more accurate than the module in
-bf16, which rounds the out_proj output and the residual sum too).
+bf16, which rounds the out_proj output and the residual sum too). One exception, token -> image:
+its k and v are rounded without their biases, which the kernel never adds to the key tiles: bk
+only shifts each score row by the constant q . bk (softmax ignores it), and bv is added to the
+normalised output (the rows of P / l sum to 1). Same result in exact arithmetic; it keeps the
+kernel's loop free of register spills.
 
 Why fuse the projections: in the module each cross attention writes ``image + pe`` (B, S, D), the
 projected k, v or q (B, S, C) each, SDPA's (B, S, C) output, out_proj's (B, S, D), the residual
@@ -222,7 +226,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _token_to_image_attention_kernel(
-        q_ptr, x_ptr, pe_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+        q_ptr, x_ptr, pe_ptr, wk_ptr, wv_ptr, bv_ptr, out_ptr, part_o_ptr, part_lse_ptr,
         T, S, kv_per_split, qk_scale,
         sqb, sqt, sxb, sxs, sxd, spb, sps, spd,
         H: tl.constexpr, DH: tl.constexpr, C: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr,
@@ -241,7 +245,6 @@ if HAS_TRITON:
         cols = tl.arange(0, C)
         own = (r_head[:, None] == (cols // DH)[None, :]) & r_valid[:, None]  # (ROWS, C)
         q = tl.load(q_ptr + b * sqb + r_tok[:, None] * sqt + cols[None, :], mask=own, other=0.0)
-        bk = tl.load(bk_ptr + cols).to(tl.float32)
         bv = tl.load(bv_ptr + cols).to(tl.float32)
 
         x_base = x_ptr + b * sxb
@@ -268,8 +271,12 @@ if HAS_TRITON:
                 wv = tl.load(wv_ptr + w_off, mask=d_mask[:, None], other=0.0)
                 k = tl.dot(xk, wk, k, input_precision=DOT_PRECISION)
                 v = tl.dot(x, wv, v, input_precision=DOT_PRECISION)
-            k = (k + bk[None, :]).to(dtype)
-            v = (v + bv[None, :]).to(dtype)
+            # no biases here: q . bk is one constant per score row (softmax ignores it) and the
+            # rows of P / l sum to 1, so bv is added once to the output. With them in the loop
+            # (two (BLOCK_N, C) bias tiles in the accumulator layout) the kernel spilled in the
+            # loop at 128 x 32 w8 (sm_90: 36 spill instructions there; none without).
+            k = k.to(dtype)
+            v = v.to(dtype)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (ROWS, BLOCK_N), log2 units
             s = tl.where(n_mask[None, :], s, float("-inf"))
             # every tile holds at least one key (start_n < n_end): m_new is finite
@@ -280,7 +287,7 @@ if HAS_TRITON:
             acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
 
-        o = acc / l_i[:, None]
+        o = acc / l_i[:, None] + bv[None, :]
         if SPLIT:
             B = tl.num_programs(0)
             dst = part_o_ptr + ((pid_s * B + b) * T + r_tok[:, None]) * C + cols[None, :]
@@ -476,7 +483,7 @@ def _token_to_image_attention_triton(
         else:
             part_o = part_lse = out  # unread
         _token_to_image_attention_kernel[(B, splits, cdiv(H * T, block_r))](
-            q, image, image_pe, wk, bk, wv, bv, out, part_o, part_lse,
+            q, image, image_pe, wk, wv, bv, out, part_o, part_lse,
             T, S, tiles_per_split * block_n, _LOG2E / math.sqrt(C // H),
             q.stride(0), q.stride(1), _batch_stride(image), image.stride(1), image.stride(2),
             _batch_stride(image_pe), image_pe.stride(1), image_pe.stride(2),

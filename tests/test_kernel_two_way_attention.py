@@ -348,20 +348,27 @@ def test_force_reference_env():
 @needs_triton
 def test_kernels_compile_for_sm90():
     """The real (not interpreted) Triton compiler builds the GPU variants for an H100 without a GPU
-    (bf16, SAM 3 sizes, the launchers' default tiles), and the big dots use Hopper's wgmma."""
+    (bf16, SAM 3 sizes, the launchers' default tiles), and the big dots use Hopper's wgmma. The
+    token -> image launches (the launcher on CPU tensors, compiled with the specialisation Triton
+    would give them: sam3fast.kernels._static_build) have no register spill inside their loops: with
+    the k / v biases in the loop they had 36 spill instructions there."""
     code = SM90_BUILD + textwrap.dedent(
         """
+        import torch
         from sam3fast.kernels import two_way_attention as tw
-        t2i = {n: "*bf16" for n in "q_ptr x_ptr pe_ptr wk_ptr bk_ptr wv_ptr bv_ptr out_ptr".split()}
-        t2i.update(part_o_ptr="*fp32", part_lse_ptr="*fp32", qk_scale="fp32")
-        t2i.update({n: i32 for n in "T S kv_per_split sqb sqt sxb sxs sxd spb sps spd".split()})
-        bn, bd, nw, ns = tw.DEFAULT_T2I_TILE
-        for split in (True, False):
-            k = build(tw._token_to_image_attention_kernel, t2i, dict(H=8, DH=16, C=128, D=256, ROWS=64, SPLIT=split,
-                      DOT_PRECISION="tf32", BLOCK_N=bn, BLOCK_D=bd), nw, ns)
-            assert "wgmma.mma_async" in k.asm["ptx"], "the projections should use wgmma on sm_90"
-        build(tw._token_to_image_merge_kernel, {"part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": "*bf16",
-              "T": i32, "n_splits": i32}, dict(H=8, DH=16, C=128, TP=8), 4)
+        from sam3fast.kernels._static_build import capture, sass_stats
+        B, n_tok, C, D, S = 1, 8, 128, 256, 5184  # (T is SM90_BUILD's GPU target)
+        e = lambda *shape: torch.empty(shape, dtype=torch.bfloat16)
+        nchw = torch.empty(1, D, S, dtype=torch.bfloat16).transpose(1, 2)  # layer 0's image view
+        for image, splits in ((nchw, 41), (e(B, S, D), 41), (e(B, S, D), 1)):
+            with capture(tw._token_to_image_attention_kernel, tw._token_to_image_merge_kernel) as builds:
+                tw._token_to_image_attention_triton(e(B, n_tok, C), image, nchw, e(C, D), e(C), e(C, D), e(C), 8,
+                                                    num_splits=splits)
+            attn = [b for b in builds if b.name == "_token_to_image_attention_kernel"]
+            assert len(attn) == 1 and len(builds) == (2 if splits > 1 else 1), [b.name for b in builds]
+            st = sass_stats(attn[0].kernel)
+            assert st["wgmma"] > 0, f"the projections should use wgmma on sm_90: {st}"
+            assert st["loop_spills"] == 0, f"spills inside the loop: {st}"
         i2t = {n: "*bf16" for n in "x_ptr pe_ptr wq_ptr bq_ptr k_ptr v_ptr wo_ptr bo_ptr nw_ptr nb_ptr out_ptr".split()}
         i2t.update(qk_scale="fp32", eps="fp32")
         i2t.update({n: i32 for n in "T S sxb sxs sxd spb sps spd skb skt svb svt".split()})
