@@ -33,6 +33,9 @@ Cases (the shapes the engine runs; see each kernel module's docstring):
   two_way           the SAM mask decoder: token -> image (+ merge) and image -> token, 8 tokens, 8 heads,
                     internal width 128, 5184 image tokens, at 1 and 16 objects; layer 0 reads the NCHW
                     image embedding as a transposed view, later layers a contiguous (B, S, D) tensor
+  residual_norm     the ViT trunk's fused residual add + LayerNorm, 72 x 72 x 1024: the add after a
+                    window block's attention (window order in), after a global one, and the add +
+                    norm1 before a window block (window order out)
   rope              the ViT trunk's q, k RoPE: window blocks (9 x 576 tokens) and global blocks (5184),
                     the strided qkv[:, :, :2] view of 16 heads of 64
   mask_postprocess  64 objects 288 x 288 -> 1080 x 1920, without and with non-overlap, list and scan
@@ -114,8 +117,8 @@ def build_cases() -> List[Case]:
     from sam3fast.config import get_config
     from sam3fast.kernels import (
         _split_kv, connected_components as cc, mask_for_memory as mfm, mask_postprocess as mp,
-        memory_attention as ma, prompt_cross_attention as pca, rope as rp, rpb_attention as rpb,
-        two_way_attention as tw,
+        memory_attention as ma, prompt_cross_attention as pca, residual_norm as rn, rope as rp,
+        rpb_attention as rpb, two_way_attention as tw,
     )
     from sam3fast.kernels._triton_compat import cdiv
     from sam3fast.model.vit import compute_axial_cis
@@ -240,6 +243,20 @@ def build_cases() -> List[Case]:
     cases.append(Case(f"rope window B={n_windows} L={vit.window_size ** 2}", (rp._rope_kernel,),
                       rope_case(n_windows, vit.window_size, 1.0)))
     cases.append(Case(f"rope global B=1 L={L}", (rp._rope_kernel,), rope_case(1, g, vit.window_size / g)))
+
+    # ---- the trunk's fused residual add + LayerNorm --------------------------------------------
+    def rn_case(yw, ow):
+        def launch():
+            x = _empty(1, g, g, vit.embed_dim)
+            rn._residual_norm_triton(x, _empty(*rn._window_shape(x, yw)), _empty(vit.embed_dim),
+                                     _empty(vit.embed_dim), 1e-6, yw, ow)
+
+        return launch
+
+    w_side = vit.window_size
+    for yw, ow, what in ((w_side, 0, "unwindow+add+norm2"), (0, 0, "add+norm2"), (0, w_side, "add+norm1+window")):
+        cases.append(Case(f"residual_norm {what} {g}x{g}x{vit.embed_dim}", (rn._residual_norm_kernel,),
+                          rn_case(yw, ow)))
 
     # ---- mask post-processing: 64 objects to a 1080p frame ------------------------------------
     low = 4 * g  # 288

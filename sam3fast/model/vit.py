@@ -16,6 +16,12 @@ Attention: qkv Linear -> 2D axial RoPE on q and k (in float32) -> SDPA (scale hd
 On CUDA (``Attention.use_kernel``, the default) the RoPE of q and k is the ``sam3fast::rope`` Triton
 kernel, one pass over ``qkv[:, :, :2]``, bit-identical to ``apply_rope``; elsewhere, or with
 ``use_kernel = False``, ``apply_rope``'s eager float32 chain.
+Residual adds and norms: on CUDA (``ViT.fuse_residual_norm``, the default) each residual add, the
+LayerNorm after it and the window permutation between them are one ``sam3fast::residual_norm``
+Triton pass (two a block instead of norm, partition, unpartition, add, norm and add); the residual
+stream keeps its bits, the norms are within float32 rounding of ``F.layer_norm``. Elsewhere, with
+``fuse_residual_norm = False``, or on a grid the windows do not divide (padding), the blocks run one
+by one as the official.
 RoPE: ``freqs_cis`` (N, hd/2) complex64 buffers (in the checkpoint), N = w*w (window blocks) or g*g
 (global blocks), row n = token n of the attended grid in row-major order. The channel pair
 (x[2j], x[2j+1]) of token n is rotated by angle(freqs_cis[n, j]); for j < hd/4 the angle is
@@ -35,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels.residual_norm import residual_norm, residual_norm_backend
 from ..kernels.rope import rope, rope_backend
 from .common import KeepComplexBuffers
 
@@ -237,6 +244,9 @@ class ViT(nn.Module):
             for i in range(depth)
         )
         self.ln_pre = nn.LayerNorm(embed_dim, eps=1e-5)
+        # True: on CUDA, the residual adds and norms of the blocks fused (module docstring); False:
+        # the blocks one by one (the path the fused one is measured against)
+        self.fuse_residual_norm = True
 
     def abs_pos(self, h: int, w: int) -> torch.Tensor:
         """(1, h, w, C): the pretrain table without its cls entry, tiled (exact copies, no resampling)."""
@@ -250,6 +260,32 @@ class ViT(nn.Module):
         x = self.patch_embed(images)
         x = x + self.abs_pos(x.shape[1], x.shape[2])
         x = self.ln_pre(x)
-        for blk in self.blocks[: self.num_run_blocks]:
-            x = blk(x)
+        blocks = self.blocks[: self.num_run_blocks]
+        if self.fuse_residual_norm and residual_norm_backend(x)[0] == "triton" and all(
+                x.shape[1] % blk.window_size == 0 and x.shape[2] % blk.window_size == 0
+                for blk in blocks if blk.window_size > 0):
+            x = self._fused_blocks(x, blocks)
+        else:
+            for blk in blocks:
+                x = blk(x)
         return x.permute(0, 3, 1, 2)
+
+    @staticmethod
+    def _fused_blocks(x: torch.Tensor, blocks) -> torch.Tensor:
+        """The blocks with each residual add fused to the norm after it (``sam3fast::residual_norm``):
+        ``pending``, the last MLP output, is added to the stream by the next block's first call, which
+        also gives its norm1 in the attention's (window) order; the second call adds the attention
+        output (from window order) and gives norm2. Windows must divide the grid (no padding)."""
+        pending = None
+        for blk in blocks:
+            w, ln1, ln2 = blk.window_size, blk.norm1, blk.norm2
+            if pending is None:
+                s = x
+                h = window_partition(ln1(x), w)[0] if w > 0 else ln1(x)
+            else:
+                s, h = residual_norm(x, pending, ln1.weight, ln1.bias, ln1.eps, 0, w)
+            n, hh, ww, C = h.shape
+            a = blk.attn(h.reshape(n, hh * ww, C)).view(n, hh, ww, C)
+            x, h = residual_norm(s, a, ln2.weight, ln2.bias, ln2.eps, w, 0)
+            pending = blk.mlp(h)
+        return x + pending
