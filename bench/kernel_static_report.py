@@ -36,6 +36,7 @@ Cases (the shapes the engine runs; see each kernel module's docstring):
   residual_norm     the ViT trunk's fused residual add + LayerNorm, 72 x 72 x 1024: the add after a
                     window block's attention (window order in), after a global one, and the add +
                     norm1 before a window block (window order out)
+  linear_gelu       the trunk MLP's fc1 + GELU as one GEMM (5184 x 1024 -> 4736; off by default)
   rope              the ViT trunk's q, k RoPE: window blocks (9 x 576 tokens) and global blocks (5184),
                     the strided qkv[:, :, :2] view of 16 heads of 64
   mask_postprocess  64 objects 288 x 288 -> 1080 x 1920, without and with non-overlap, list and scan
@@ -117,8 +118,8 @@ def build_cases() -> List[Case]:
     from sam3fast.config import get_config
     from sam3fast.kernels import (
         _split_kv, connected_components as cc, mask_for_memory as mfm, mask_postprocess as mp,
-        memory_attention as ma, prompt_cross_attention as pca, residual_norm as rn, rope as rp,
-        rpb_attention as rpb, two_way_attention as tw,
+        linear_gelu as lg, memory_attention as ma, prompt_cross_attention as pca, residual_norm as rn,
+        rope as rp, rpb_attention as rpb, two_way_attention as tw,
     )
     from sam3fast.kernels._triton_compat import cdiv
     from sam3fast.model.vit import compute_axial_cis
@@ -257,6 +258,14 @@ def build_cases() -> List[Case]:
     for yw, ow, what in ((w_side, 0, "unwindow+add+norm2"), (0, 0, "add+norm2"), (0, w_side, "add+norm1+window")):
         cases.append(Case(f"residual_norm {what} {g}x{g}x{vit.embed_dim}", (rn._residual_norm_kernel,),
                           rn_case(yw, ow)))
+
+    # ---- the trunk's MLP: fc1 + GELU as one GEMM (off by default) -----------------------------
+    hidden = int(vit.embed_dim * vit.mlp_ratio)
+
+    def lg_case():
+        lg._linear_gelu_triton(_empty(1, g, g, vit.embed_dim), _empty(hidden, vit.embed_dim), _empty(hidden))
+
+    cases.append(Case(f"linear_gelu fc1 {L}x{vit.embed_dim}->{hidden}", (lg._linear_gelu_kernel,), lg_case))
 
     # ---- mask post-processing: 64 objects to a 1080p frame ------------------------------------
     low = 4 * g  # 288

@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels.linear_gelu import linear_gelu, linear_gelu_backend
 from ..kernels.residual_norm import residual_norm, residual_norm_backend
 from ..kernels.rope import rope, rope_backend
 from .common import KeepComplexBuffers
@@ -128,15 +129,23 @@ class PatchEmbed(nn.Module):
 
 
 class Mlp(nn.Module):
-    """timm ``Mlp`` names: fc1 -> exact GELU -> fc2."""
+    """timm ``Mlp`` names: fc1 -> exact GELU -> fc2.
+
+    ``fused_gelu`` (False): on CUDA, fc1 and the GELU as one Triton GEMM with the GELU in its
+    epilogue (``sam3fast::linear_gelu``: the (tokens, hidden) activation written once instead of
+    written, read and written again). Off until an H100 measures it against cuBLAS + the eager GELU
+    (bench/bench_linear_gelu.py); ``ViT.fused_gelu`` sets every block's."""
 
     def __init__(self, in_features: int, hidden_features: int):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_features, in_features)
+        self.fused_gelu = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_gelu and linear_gelu_backend(x)[0] == "triton":
+            return self.fc2(linear_gelu(x, self.fc1.weight, self.fc1.bias))
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -247,6 +256,16 @@ class ViT(nn.Module):
         # True: on CUDA, the residual adds and norms of the blocks fused (module docstring); False:
         # the blocks one by one (the path the fused one is measured against)
         self.fuse_residual_norm = True
+
+    @property
+    def fused_gelu(self) -> bool:
+        """Whether every block's MLP runs fc1 + GELU as one Triton GEMM on CUDA (:class:`Mlp`)."""
+        return all(blk.mlp.fused_gelu for blk in self.blocks)
+
+    @fused_gelu.setter
+    def fused_gelu(self, on: bool) -> None:
+        for blk in self.blocks:
+            blk.mlp.fused_gelu = bool(on)
 
     def abs_pos(self, h: int, w: int) -> torch.Tensor:
         """(1, h, w, C): the pretrain table without its cls entry, tiled (exact copies, no resampling)."""
