@@ -166,6 +166,21 @@ def main(argv=None):
                 r["images_per_s"] = args.batch / (r["ms_median"] / 1e3)
                 record(f"sam3fast_{dtype}_batch{args.batch}_{len(prompts)}prompt{'s' if len(prompts) > 1 else ''}{tag}", r)
             del pred
+        if device.type == "cuda" and dtype == "bfloat16" and True in graph_modes:
+            # the ViT trunk's switches (sam3fast.model.vit), each on a freshly captured predictor:
+            # block by block (no fused residual add + norm, the default before session 10) and the
+            # fc1 + GELU GEMM (off by default until measured)
+            trunk = model.backbone.vision_backbone.trunk
+            for tag, attr, value in (("trunk_unfused", "fuse_residual_norm", False), ("fused_gelu", "fused_gelu", True)):
+                prev = getattr(trunk, attr)
+                setattr(trunk, attr, value)
+                try:
+                    pred = sam3fast.ImagePredictor(model, cuda_graphs=True)
+                    record(f"sam3fast_{dtype}_native_batch1_1prompt_graphs_{tag}", timeit(
+                        lambda p=pred: p.predict([image], [prompt]), device, args.warmup, args.iters))
+                    del pred
+                finally:
+                    setattr(trunk, attr, prev)
         del model, proc
 
     if args.compile and device.type == "cuda":
