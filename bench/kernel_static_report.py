@@ -36,7 +36,9 @@ Cases (the shapes the engine runs; see each kernel module's docstring):
   residual_norm     the ViT trunk's fused residual add + LayerNorm, 72 x 72 x 1024: the add after a
                     window block's attention (window order in), after a global one, and the add +
                     norm1 before a window block (window order out)
-  linear_gelu       the trunk MLP's fc1 + GELU as one GEMM (5184 x 1024 -> 4736; off by default)
+  fused_linear      the trunk's linears with their epilogues, one GEMM each (off by default): the MLP's
+                    fc1 + GELU (5184 x 1024 -> 4736) and the attention's qkv + RoPE of q, k (1024 ->
+                    3072, window and global blocks)
   rope              the ViT trunk's q, k RoPE: window blocks (9 x 576 tokens) and global blocks (5184),
                     the strided qkv[:, :, :2] view of 16 heads of 64
   mask_postprocess  64 objects 288 x 288 -> 1080 x 1920, without and with non-overlap, list and scan
@@ -118,7 +120,7 @@ def build_cases() -> List[Case]:
     from sam3fast.config import get_config
     from sam3fast.kernels import (
         _split_kv, connected_components as cc, mask_for_memory as mfm, mask_postprocess as mp,
-        linear_gelu as lg, memory_attention as ma, prompt_cross_attention as pca, residual_norm as rn,
+        fused_linear as fl, memory_attention as ma, prompt_cross_attention as pca, residual_norm as rn,
         rope as rp, rpb_attention as rpb, two_way_attention as tw,
     )
     from sam3fast.kernels._triton_compat import cdiv
@@ -259,13 +261,24 @@ def build_cases() -> List[Case]:
         cases.append(Case(f"residual_norm {what} {g}x{g}x{vit.embed_dim}", (rn._residual_norm_kernel,),
                           rn_case(yw, ow)))
 
-    # ---- the trunk's MLP: fc1 + GELU as one GEMM (off by default) -----------------------------
-    hidden = int(vit.embed_dim * vit.mlp_ratio)
+    # ---- the trunk's linears with their epilogues (off by default) -----------------------------
+    hidden, E = int(vit.embed_dim * vit.mlp_ratio), vit.embed_dim
 
     def lg_case():
-        lg._linear_gelu_triton(_empty(1, g, g, vit.embed_dim), _empty(hidden, vit.embed_dim), _empty(hidden))
+        fl._linear_gelu_triton(_empty(1, g, g, E), _empty(hidden, E), _empty(hidden))
 
-    cases.append(Case(f"linear_gelu fc1 {L}x{vit.embed_dim}->{hidden}", (lg._linear_gelu_kernel,), lg_case))
+    def lr_case(B, side, scale):
+        def launch():
+            rope = torch.view_as_real(compute_axial_cis(hd, side, side, scale_pos=scale)).float()
+            fl._linear_rope_triton(_empty(B, side * side, E), _empty(3 * E, E), _empty(3 * E), rope, vit.num_heads)
+
+        return launch
+
+    cases.append(Case(f"linear_gelu fc1 {L}x{E}->{hidden}", (fl._fused_linear_kernel,), lg_case))
+    cases.append(Case(f"linear_rope qkv window B={n_windows} L={vit.window_size ** 2}", (fl._fused_linear_kernel,),
+                      lr_case(n_windows, vit.window_size, 1.0)))
+    cases.append(Case(f"linear_rope qkv global B=1 L={L}", (fl._fused_linear_kernel,),
+                      lr_case(1, g, vit.window_size / g)))
 
     # ---- mask post-processing: 64 objects to a 1080p frame ------------------------------------
     low = 4 * g  # 288

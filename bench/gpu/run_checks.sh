@@ -48,7 +48,7 @@ mkdir -p bench/results
 # and benchmark rows run in processes of their own, after the rest of phase a's first half, so a
 # fault there cannot take other results with it
 TMA_TEST=tests/test_kernel_memory_attention.py::test_gpu_tma_loads_real_shape_bf16
-FIRST="tests/test_kernel_residual_norm.py tests/test_kernel_linear_gelu.py tests/test_kernel_memory_attention.py tests/test_memory_attention_fold.py tests/test_norms.py
+FIRST="tests/test_kernel_residual_norm.py tests/test_kernel_fused_linear.py tests/test_kernel_memory_attention.py tests/test_memory_attention_fold.py tests/test_norms.py
  tests/test_kernel_two_way_attention.py tests/test_kernel_prompt_cross_attention.py tests/test_kernel_mask_postprocess.py
  tests/test_tracker_predictor.py tests/test_video_graphs.py tests/test_memory.py tests/test_graphed_call.py
  tests/test_frame_masks.py tests/test_video_device_growth.py
@@ -89,7 +89,7 @@ else
     step profile 60 100 python3 bench/profile_gpu.py --parts image,tracker
     step bench_norms 40 40 python3 bench/bench_norms.py
     step bench_residual_norm 40 40 python3 bench/bench_residual_norm.py --no-compile
-    step bench_linear_gelu 40 40 python3 bench/bench_linear_gelu.py --no-compile
+    step bench_fused_linear 40 60 python3 bench/bench_fused_linear.py --no-compile
     # a fixed-capacity bank with 4 of 7 memory frames masked (a young or occluded track): SDPA
     # computes the masked keys, the Triton kernel skips their tiles
     step bench_memory_attention_pad4 40 60 python3 bench/bench_memory_attention.py --objects 5,16 --pad-frames 4 \

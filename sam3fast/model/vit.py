@@ -22,6 +22,9 @@ Triton pass (two a block instead of norm, partition, unpartition, add, norm and 
 stream keeps its bits, the norms are within float32 rounding of ``F.layer_norm``. Elsewhere, with
 ``fuse_residual_norm = False``, or on a grid the windows do not divide (padding), the blocks run one
 by one as the official.
+GEMM epilogues (off by default until an H100 times them against cuBLAS): ``ViT.fused_rope`` runs
+each attention's qkv projection and the RoPE of q, k as one Triton GEMM (``sam3fast::linear_rope``),
+``ViT.fused_gelu`` each MLP's fc1 and GELU (``sam3fast::linear_gelu``).
 RoPE: ``freqs_cis`` (N, hd/2) complex64 buffers (in the checkpoint), N = w*w (window blocks) or g*g
 (global blocks), row n = token n of the attended grid in row-major order. The channel pair
 (x[2j], x[2j+1]) of token n is rotated by angle(freqs_cis[n, j]); for j < hd/4 the angle is
@@ -41,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels.linear_gelu import linear_gelu, linear_gelu_backend
+from ..kernels.fused_linear import fused_linear_backend, linear_gelu, linear_rope
 from ..kernels.residual_norm import residual_norm, residual_norm_backend
 from ..kernels.rope import rope, rope_backend
 from .common import KeepComplexBuffers
@@ -134,7 +137,7 @@ class Mlp(nn.Module):
     ``fused_gelu`` (False): on CUDA, fc1 and the GELU as one Triton GEMM with the GELU in its
     epilogue (``sam3fast::linear_gelu``: the (tokens, hidden) activation written once instead of
     written, read and written again). Off until an H100 measures it against cuBLAS + the eager GELU
-    (bench/bench_linear_gelu.py); ``ViT.fused_gelu`` sets every block's."""
+    (bench/bench_fused_linear.py); ``ViT.fused_gelu`` sets every block's."""
 
     def __init__(self, in_features: int, hidden_features: int):
         super().__init__()
@@ -144,7 +147,7 @@ class Mlp(nn.Module):
         self.fused_gelu = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_gelu and linear_gelu_backend(x)[0] == "triton":
+        if self.fused_gelu and fused_linear_backend(x)[0] == "triton":
             return self.fc2(linear_gelu(x, self.fc1.weight, self.fc1.bias))
         return self.fc2(self.act(self.fc1(x)))
 
@@ -164,9 +167,17 @@ class Attention(KeepComplexBuffers, nn.Module):
         # False: always apply_rope (the eager chain the kernel is measured against); True: the rope
         # kernel where its backend is Triton (CUDA).
         self.use_kernel = True
+        # True (with use_kernel): on CUDA the qkv projection and the RoPE of q, k as one Triton GEMM
+        # with the rotation in its epilogue (sam3fast::linear_rope). Off until an H100 measures it
+        # against cuBLAS + the rope kernel (bench/bench_fused_linear.py); ViT.fused_rope sets all.
+        self.fused_rope = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, C = x.shape
+        if self.use_kernel and self.fused_rope and fused_linear_backend(x)[0] == "triton":
+            q, k, v = linear_rope(x, self.qkv.weight, self.qkv.bias, self.freqs_cis, self.num_heads).unbind(2)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            return self.proj(out.transpose(1, 2).reshape(B, L, C))
         qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim)
         qk = qkv[:, :, :2]  # q and k in one pass: (B, L, 2, nH, hd), contiguous after the rotation
         if self.use_kernel and rope_backend(qk)[0] == "triton":
@@ -256,6 +267,16 @@ class ViT(nn.Module):
         # True: on CUDA, the residual adds and norms of the blocks fused (module docstring); False:
         # the blocks one by one (the path the fused one is measured against)
         self.fuse_residual_norm = True
+
+    @property
+    def fused_rope(self) -> bool:
+        """Whether every block's attention runs qkv + RoPE as one Triton GEMM on CUDA (:class:`Attention`)."""
+        return all(blk.attn.fused_rope for blk in self.blocks)
+
+    @fused_rope.setter
+    def fused_rope(self, on: bool) -> None:
+        for blk in self.blocks:
+            blk.attn.fused_rope = bool(on)
 
     @property
     def fused_gelu(self) -> bool:
