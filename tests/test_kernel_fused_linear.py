@@ -430,3 +430,41 @@ def test_gpu_attention_fused_rope(side, scale, B):
     torch.testing.assert_close(got, want, rtol=0.03, atol=0.03)
     sub = slice(0, 1)
     _check_rope(qkv[sub].cpu(), x[sub].cpu(), m.qkv.weight.cpu(), m.qkv.bias.cpu(), rope.cpu(), 16, ref[sub].cpu())
+
+
+@needs_triton
+def test_vit_trunk_with_every_kernel_forced(monkeypatch):
+    """The trunk with the fused residual chain, qkv + RoPE and fc1 + GELU all forced to their
+    launchers (float32, under the interpreter) equals the block-by-block PyTorch trunk to float32
+    rounding: the three compose (window orders, the strided q, k, v views, the MLP's input)."""
+    from sam3fast.kernels import residual_norm as rn
+
+    torch.manual_seed(0)
+    m = vit_mod.ViT(img_size=84, pretrain_img_size=56, patch_size=14, embed_dim=32, depth=3, num_heads=2,
+                    window_size=3, global_att_blocks=(1, 2)).eval()
+    x = torch.randn(1, 3, 84, 84, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = m(x)
+    used = set()
+
+    def rn_spy(*a):
+        used.add("residual_norm")
+        return rn._residual_norm_triton(*a)
+
+    def rope_spy(x, w, b, freqs, H):
+        used.add("linear_rope")
+        return lg._linear_rope_triton(x, w, b, torch.view_as_real(freqs).float(), H, **ROPE_TILE)
+
+    def gelu_spy(x, w, b):
+        used.add("linear_gelu")
+        return lg._linear_gelu_triton(x, w, b, **SMALL_TILE)
+
+    forced = lambda x: ("triton", "forced by the test")  # noqa: E731
+    for name, fn in (("residual_norm_backend", forced), ("fused_linear_backend", forced), ("residual_norm", rn_spy),
+                     ("linear_rope", rope_spy), ("linear_gelu", gelu_spy)):
+        monkeypatch.setattr(vit_mod, name, fn)
+    m.fused_rope = m.fused_gelu = True
+    with torch.no_grad():
+        got = m(x)
+    assert used == {"residual_norm", "linear_rope", "linear_gelu"}
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
