@@ -468,3 +468,19 @@ def test_vit_trunk_with_every_kernel_forced(monkeypatch):
         got = m(x)
     assert used == {"residual_norm", "linear_rope", "linear_gelu"}
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+def test_gpu_rope_cuda_graph_replay():
+    x = torch.randn(9, 576, 1024, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(3072, 1024, device="cuda", dtype=torch.bfloat16) / 32
+    b = torch.randn(3072, device="cuda", dtype=torch.bfloat16)
+    freqs = compute_axial_cis(64, 24, 24).cuda()
+    graph, out = capture_graph(lambda: lg.linear_rope(x, w, b, freqs, 16))
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, lg.linear_rope_ref(x, w, b, torch.view_as_real(freqs).float(), 16),
+                               rtol=0.02, atol=0.02)
