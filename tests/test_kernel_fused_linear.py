@@ -59,20 +59,25 @@ def spec64(x, w, b):
     return _gelu64(lin.double()), x.double().abs() @ w.double().abs().t()
 
 
-def _check(got, x, w, b, ref_in_dtype):
-    want, mag = spec64(x, w, b)
-    assert not torch.isnan(got).any(), "NaN in the output (an unwritten element?)"
-    eps = torch.finfo(got.dtype).eps
-    K = x.shape[-1]
-    # the GELU's slope is within [-0.17, 1.13]: an input error e moves the output by <= 1.13 e; the
-    # linear's rounding may differ by an ulp when the accumulation order moves it across a tie
-    lin_err = 4 * K * 2.0**-24 * mag + eps * (mag + b.double().abs())
-    bound = 1.13 * lin_err + eps * want.abs() + 1e-6
+def _assert_within(got, want, bound, ref_in_dtype):
+    """Every element within ``bound`` of the float64 ``want``, and the largest error at most 2x that
+    of the module's PyTorch operations in the dtype (plus a float32-level floor)."""
+    assert got.shape == want.shape and not torch.isnan(got).any(), "NaN in the output (an unwritten element?)"
     excess = (got.double() - want).abs() - bound
     assert excess.max() <= 0, f"error above the bound by {excess.max().item():.3g}"
     err = (got.double() - want).abs().max().item()
     ref_err = (ref_in_dtype.double() - want).abs().max().item()
     assert err <= 2 * ref_err + 1e-5, (err, ref_err)
+
+
+def _check(got, x, w, b, ref_in_dtype):
+    want, mag = spec64(x, w, b)
+    eps = torch.finfo(got.dtype).eps
+    K = x.shape[-1]
+    # the GELU's slope is within [-0.17, 1.13]: an input error e moves the output by <= 1.13 e; the
+    # linear's rounding may differ by an ulp when the accumulation order moves it across a tie
+    lin_err = 4 * K * 2.0**-24 * mag + eps * (mag + b.double().abs())
+    _assert_within(got, want, 1.13 * lin_err + eps * want.abs() + 1e-6, ref_in_dtype)
 
 
 @needs_triton
@@ -209,16 +214,11 @@ def rope_spec64(x, w, b, rope, H):
 
 def _check_rope(got, x, w, b, rope, H, ref_in_dtype):
     want, mag, K = rope_spec64(x, w, b, rope, H)
-    assert got.shape == want.shape and not torch.isnan(got).any(), "an unwritten element?"
     eps = torch.finfo(got.dtype).eps
     # the linear (accumulation order: an ulp of the rounded value either way), the rotation's float32
     # products and sum, then half an ulp of the result
     bound = (4 * K * 2.0**-24 + eps) * mag + 4 * 2.0**-24 * mag + eps / 2 * want.abs() + 1e-6
-    excess = (got.double() - want).abs() - bound
-    assert excess.max() <= 0, f"error above the bound by {excess.max().item():.3g}"
-    err = (got.double() - want).abs().max().item()
-    ref_err = (ref_in_dtype.double() - want).abs().max().item()
-    assert err <= 2 * ref_err + 1e-5, (err, ref_err)
+    _assert_within(got, want, bound, ref_in_dtype)
 
 
 @needs_triton
