@@ -484,3 +484,25 @@ def test_gpu_rope_cuda_graph_replay():
     torch.cuda.synchronize()
     torch.testing.assert_close(out, lg.linear_rope_ref(x, w, b, torch.view_as_real(freqs).float(), 16),
                                rtol=0.02, atol=0.02)
+
+
+def test_vit_autocast_keeps_the_module_path(monkeypatch):
+    """Under autocast (mixed dtypes: the norms in float32, the linears in bf16) none of the fused
+    trunk ops is called, even with their backends forced: the module's own operations run, as the
+    official's do under its bf16 autocast (the fused ops take one dtype)."""
+    def fail(*args, **kwargs):
+        raise AssertionError("a fused trunk op was called under autocast")
+
+    forced = lambda x: ("triton", "forced by the test")  # noqa: E731
+    for name, fn in (("residual_norm_backend", forced), ("fused_linear_backend", forced), ("residual_norm", fail),
+                     ("linear_rope", fail), ("linear_gelu", fail)):
+        monkeypatch.setattr(vit_mod, name, fn)
+    torch.manual_seed(0)
+    m = vit_mod.ViT(img_size=84, pretrain_img_size=56, patch_size=14, embed_dim=32, depth=2, num_heads=2,
+                    window_size=3, global_att_blocks=(1,)).eval()
+    m.fused_rope = m.fused_gelu = True
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(torch.randn(1, 3, 84, 84))
+    assert out.shape == (1, 32, 6, 6)
+    with pytest.raises(AssertionError, match="under autocast"), torch.no_grad():
+        m(torch.randn(1, 3, 84, 84))  # (outside autocast the forced backends do reach the ops)

@@ -20,8 +20,8 @@ Residual adds and norms: on CUDA (``ViT.fuse_residual_norm``, the default) each 
 LayerNorm after it and the window permutation between them are one ``sam3fast::residual_norm``
 Triton pass (two a block instead of norm, partition, unpartition, add, norm and add); the residual
 stream keeps its bits, the norms are within float32 rounding of ``F.layer_norm``. Elsewhere, with
-``fuse_residual_norm = False``, or on a grid the windows do not divide (padding), the blocks run one
-by one as the official.
+``fuse_residual_norm = False``, on a grid the windows do not divide (padding), or under autocast
+(mixed dtypes), the blocks run one by one as the official.
 GEMM epilogues (off by default until an H100 times them against cuBLAS): ``ViT.fused_rope`` runs
 each attention's qkv projection and the RoPE of q, k as one Triton GEMM (``sam3fast::linear_rope``),
 ``ViT.fused_gelu`` each MLP's fc1 and GELU (``sam3fast::linear_gelu``).
@@ -103,6 +103,13 @@ def window_unpartition(x: torch.Tensor, w: int, pad_hw: Tuple[int, int], hw: Tup
     return x
 
 
+def _no_autocast(x: torch.Tensor) -> bool:
+    """Whether no autocast region is active for x's device: the fused trunk kernels take one dtype,
+    while under autocast the module's operations mix them (its norms in float32, its linears in the
+    autocast dtype), so there the module's own path runs."""
+    return not torch.is_autocast_enabled(x.device.type)
+
+
 class PatchEmbed(nn.Module):
     """Conv2d(3, C, P, stride P) without bias; (B, 3, S, S) -> (B, g, g, C).
 
@@ -147,7 +154,7 @@ class Mlp(nn.Module):
         self.fused_gelu = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_gelu and fused_linear_backend(x)[0] == "triton":
+        if self.fused_gelu and fused_linear_backend(x)[0] == "triton" and _no_autocast(x):
             return self.fc2(linear_gelu(x, self.fc1.weight, self.fc1.bias))
         return self.fc2(self.act(self.fc1(x)))
 
@@ -174,7 +181,7 @@ class Attention(KeepComplexBuffers, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, C = x.shape
-        if self.use_kernel and self.fused_rope and fused_linear_backend(x)[0] == "triton":
+        if self.use_kernel and self.fused_rope and fused_linear_backend(x)[0] == "triton" and _no_autocast(x):
             q, k, v = linear_rope(x, self.qkv.weight, self.qkv.bias, self.freqs_cis, self.num_heads).unbind(2)
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
             return self.proj(out.transpose(1, 2).reshape(B, L, C))
@@ -301,7 +308,7 @@ class ViT(nn.Module):
         x = x + self.abs_pos(x.shape[1], x.shape[2])
         x = self.ln_pre(x)
         blocks = self.blocks[: self.num_run_blocks]
-        if self.fuse_residual_norm and residual_norm_backend(x)[0] == "triton" and all(
+        if self.fuse_residual_norm and residual_norm_backend(x)[0] == "triton" and _no_autocast(x) and all(
                 x.shape[1] % blk.window_size == 0 and x.shape[2] % blk.window_size == 0
                 for blk in blocks if blk.window_size > 0):
             x = self._fused_blocks(x, blocks)
