@@ -72,3 +72,21 @@ def test_gpu_check_script_names_real_tests_and_scripts():
     assert "bench/bench_mask_postprocess.py" in scripts and "bench/bench_video.py" in scripts
     for s in scripts:
         assert os.path.isfile(os.path.join(root, s)), s
+
+
+def test_gpu_summarize_reads_the_stored_results(capsys):
+    """bench/gpu/summarize.py groups the stored H100 rows by case and places the default launch
+    against the fastest (run 2's memory-attention file: B=1 default 0.951 ms, the 64x32 row 0.937)."""
+    sys.path.insert(0, os.path.join(BENCH, "gpu"))
+    try:
+        import summarize
+    finally:
+        sys.path.pop(0)
+    path = os.path.join(BENCH, "results", "memory_attention_nvidia-h100-80gb-hbm3_2026-11-26_run2.json")
+    lines = summarize.summarize(path)
+    text = "\n".join(lines)
+    assert "- shape=cross B=1 S=36352" in text and "- shape=cross B=16 S=36352" in text
+    assert "default (op (triton, defaults)): 0.9510 ms, 1.02x the fastest" in text
+    assert summarize.main([path, os.path.join(BENCH, "results", "gpu_runs_2026-11-26_H100_run2.md")]) == 0
+    out = capsys.readouterr().out
+    assert "# 1 of 2 files had benchmark rows" in out and "not read" in out

@@ -12,6 +12,8 @@
 #   with the official package).
 # Phase b: the by-stage / by-kernel profile (bench/profile_gpu.py), the other kernel benchmarks,
 #   64 clicked objects, the remaining GPU tests.
+# Afterwards (no GPU needed): `python bench/gpu/summarize.py bench/results/*<suffix>.json` puts each
+#   kernel case's default launch against its fastest row and the baselines.
 set -uo pipefail
 BUDGET=${1:-540}
 PHASE=${2:-a}
