@@ -41,6 +41,8 @@ Cases (the shapes the engine runs; see each kernel module's docstring):
                     3072, window and global blocks)
   rope              the ViT trunk's q, k RoPE: window blocks (9 x 576 tokens) and global blocks (5184),
                     the strided qkv[:, :, :2] view of 16 heads of 64
+  dwconv_norm       the memory encoder's CXBlock head: depthwise 7 x 7 + LayerNorm of (B, 256, 72, 72) at 1
+                    and 16 objects, NCHW and channels-last input
   mask_postprocess  64 objects 288 x 288 -> 1080 x 1920, without and with non-overlap, list and scan
                     schedules (+ the positive-box pre-kernel and the finalize kernel)
   mask_for_memory   16 objects 288 -> 1008 -> 1152, sigmoid and binarized
@@ -119,7 +121,7 @@ def build_cases() -> List[Case]:
     full sizes touches no memory)."""
     from sam3fast.config import get_config
     from sam3fast.kernels import (
-        _split_kv, connected_components as cc, mask_for_memory as mfm, mask_postprocess as mp,
+        _split_kv, connected_components as cc, dwconv_norm as dn, mask_for_memory as mfm, mask_postprocess as mp,
         fused_linear as fl, memory_attention as ma, prompt_cross_attention as pca, residual_norm as rn,
         rope as rp, rpb_attention as rpb, two_way_attention as tw,
     )
@@ -279,6 +281,20 @@ def build_cases() -> List[Case]:
                       lr_case(n_windows, vit.window_size, 1.0)))
     cases.append(Case(f"linear_rope qkv global B=1 L={L}", (fl._fused_linear_kernel,),
                       lr_case(1, g, vit.window_size / g)))
+
+    # ---- the memory encoder's depthwise 7x7 convolution + LayerNorm (CXBlock) ------------------
+    def dn_case(B, channels_last):
+        def launch():
+            x = _empty(B, D, g, g)
+            x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+            dn._dwconv_norm_triton(x, _empty(D, 1, 7, 7), _empty(D), _empty(D), _empty(D), 1e-6)
+
+        return launch
+
+    for B in OBJECTS:
+        for channels_last in (False, True):
+            cases.append(Case(f"dwconv_norm B={B} {D}x{g}x{g} k7 {'channels-last' if channels_last else 'NCHW'}",
+                              (dn._dwconv_norm_kernel,), dn_case(B, channels_last)))
 
     # ---- mask post-processing: 64 objects to a 1080p frame ------------------------------------
     low = 4 * g  # 288

@@ -20,6 +20,7 @@ from .kernels.mask_for_memory import mask_for_memory, mask_for_memory_backend
 from .kernels.memory_attention import memory_attention, memory_attention_backend
 from .kernels.prompt_cross_attention import prompt_cross_attention, prompt_cross_attention_backend
 from .kernels.rpb_attention import rpb_attention, rpb_attention_backend
+from .kernels.dwconv_norm import dwconv_norm, dwconv_norm_backend
 from .kernels.fused_linear import fused_linear_backend, linear_gelu, linear_rope
 from .kernels.residual_norm import residual_norm, residual_norm_backend
 from .kernels.rope import rope, rope_backend
@@ -35,7 +36,8 @@ __all__ = ["FORCE_REFERENCE", "MaskPostprocessOutput", "mask_postprocess", "mask
            "rpb_attention", "rpb_attention_backend", "prompt_cross_attention", "prompt_cross_attention_backend",
            "token_to_image_attention", "image_to_token_attention", "two_way_attention_backend",
            "mask_for_memory", "mask_for_memory_backend", "rope", "rope_backend", "residual_norm",
-           "residual_norm_backend", "linear_gelu", "linear_rope", "fused_linear_backend"]
+           "residual_norm_backend", "linear_gelu", "linear_rope", "fused_linear_backend",
+           "dwconv_norm", "dwconv_norm_backend"]
 
 connected_component_sizes_backend = _cc.connected_component_sizes_backend
 

@@ -15,6 +15,7 @@ BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
     ("bench_mask_iou.py", "mask_iou / mask_nms benchmark"),
     ("bench_memory_attention.py", "memory_attention benchmark"),
     ("bench_rope.py", ("# rope benchmark", "triton l2 w4", "eager apply_rope")),
+    ("bench_dwconv_norm.py", ("# dwconv_norm benchmark", "triton 2x4 w4", "eager channels-last")),
     ("bench_fused_linear.py", ("# fused_linear benchmark", "triton 16x32x16 w4 s2", "eager linear + gelu",
                                "qkv+rope window", "qkv+rope global", "eager linear + rope")),
     ("bench_residual_norm.py", ("# residual_norm benchmark", "triton t4 w4", "add+norm1+window",

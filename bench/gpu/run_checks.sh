@@ -41,7 +41,8 @@ ln -sfn ../kernels sam3fast/kernels
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p bench/results
 # first the GPU tests whose code or rule changed after the second H100 run of 2026-11-26 (the
-# ViT trunk's fused residual add + LayerNorm, the default on CUDA since session 10; the
+# ViT trunk's fused residual add + LayerNorm and the memory encoder's depthwise conv + LayerNorm,
+# the defaults on CUDA since session 10; the
 # memory-attention value fold and its pipelined skip of invalid tiles, the patch embedding's GEMM
 # form, the norms' fast paths, the two-way eager dispatch, tracker cuda_graphs "auto", the new
 # default tiles; the video outputs through the fused mask kernel; the concept loop's implicit
@@ -50,7 +51,7 @@ mkdir -p bench/results
 # and benchmark rows run in processes of their own, after the rest of phase a's first half, so a
 # fault there cannot take other results with it
 TMA_TEST=tests/test_kernel_memory_attention.py::test_gpu_tma_loads_real_shape_bf16
-FIRST="tests/test_kernel_residual_norm.py tests/test_kernel_fused_linear.py tests/test_kernel_memory_attention.py tests/test_memory_attention_fold.py tests/test_norms.py
+FIRST="tests/test_kernel_residual_norm.py tests/test_kernel_fused_linear.py tests/test_kernel_dwconv_norm.py tests/test_kernel_memory_attention.py tests/test_memory_attention_fold.py tests/test_norms.py
  tests/test_kernel_two_way_attention.py tests/test_kernel_prompt_cross_attention.py tests/test_kernel_mask_postprocess.py
  tests/test_tracker_predictor.py tests/test_video_graphs.py tests/test_memory.py tests/test_graphed_call.py
  tests/test_frame_masks.py tests/test_video_device_growth.py
@@ -92,6 +93,7 @@ else
     step bench_norms 40 40 python3 bench/bench_norms.py
     step bench_residual_norm 40 40 python3 bench/bench_residual_norm.py --no-compile
     step bench_fused_linear 40 60 python3 bench/bench_fused_linear.py --no-compile
+    step bench_dwconv_norm 40 40 python3 bench/bench_dwconv_norm.py --no-compile
     # a fixed-capacity bank with 4 of 7 memory frames masked (a young or occluded track): SDPA
     # computes the masked keys, the Triton kernel skips their tiles
     step bench_memory_attention_pad4 40 60 python3 bench/bench_memory_attention.py --objects 5,16 --pad-frames 4 \

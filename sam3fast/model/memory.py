@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels.dwconv_norm import dwconv_norm, dwconv_norm_backend
 from ..kernels.mask_for_memory import mask_for_memory, mask_for_memory_backend
 from .common import LayerNorm2d
 from .neck import PositionEmbeddingSine
@@ -84,12 +85,14 @@ class CXBlock(nn.Module):
 
     The LayerNorm runs on the channels-last tensor that the pointwise Linears need anyway, so the
     block permutes once each way (the official permutes after its channels-first LayerNorm2d).
-    On CUDA the depthwise convolution reads a channels-last copy of its input
-    (``CHANNELS_LAST_DWCONV``): PyTorch sends a contiguous bfloat16 depthwise convolution to its
-    generic kernel (cuDNN only takes float16 there) but every channels-last one to cuDNN; in the
-    second H100 profile of 2026-11-26 the generic kernel took 0.73 ms a call at 16 objects
-    (bench/results/profile_tracker_*_run2.md), for a (16, 256, 72, 72) map. Its output, permuted,
-    is then the contiguous (B, g, g, D) tensor the LayerNorm reads.
+    On CUDA (``use_kernel``, the default; not under autocast) the depthwise convolution and the
+    LayerNorm are one Triton pass that writes that channels-last tensor (``sam3fast::dwconv_norm``).
+    In the second H100 profile of 2026-11-26 PyTorch's bfloat16 depthwise convolution took 0.73 ms
+    a call on its generic kernel (contiguous input) and 1.1 ms on cuDNN's grouped direct kernel, at
+    16 objects, for a (16, 256, 72, 72) map of 42 MB (bench/results/profile_tracker_*_run2.md).
+    Elsewhere, or with ``use_kernel = False``, the convolution reads a channels-last copy of its
+    input on CUDA (``CHANNELS_LAST_DWCONV``: cuDNN rather than the generic kernel) and its output,
+    permuted, is the contiguous (B, g, g, D) tensor the LayerNorm reads.
     """
 
     CHANNELS_LAST_DWCONV = True
@@ -101,11 +104,15 @@ class CXBlock(nn.Module):
         self.pwconv1 = nn.Linear(dim, 4 * dim)
         self.pwconv2 = nn.Linear(4 * dim, dim)
         self.gamma = nn.Parameter(torch.ones(dim))
+        self.use_kernel = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dw_in = x.contiguous(memory_format=torch.channels_last) if x.is_cuda and self.CHANNELS_LAST_DWCONV else x
-        y = self.dwconv(dw_in).permute(0, 2, 3, 1)
-        y = F.layer_norm(y, self.norm.weight.shape, self.norm.weight, self.norm.bias, self.norm.eps)
+        if self.use_kernel and dwconv_norm_backend(x)[0] == "triton" and not torch.is_autocast_enabled(x.device.type):
+            y = dwconv_norm(x, self.dwconv.weight, self.dwconv.bias, self.norm.weight, self.norm.bias, self.norm.eps)
+        else:
+            dw_in = x.contiguous(memory_format=torch.channels_last) if x.is_cuda and self.CHANNELS_LAST_DWCONV else x
+            y = self.dwconv(dw_in).permute(0, 2, 3, 1)
+            y = F.layer_norm(y, self.norm.weight.shape, self.norm.weight, self.norm.bias, self.norm.eps)
         y = self.pwconv2(F.gelu(self.pwconv1(y))) * self.gamma
         return x + y.permute(0, 3, 1, 2)
 
