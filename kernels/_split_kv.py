@@ -70,16 +70,11 @@ def merge_splits(part_o, part_lse, out, n_splits: int) -> None:
 def attention_backend(q, dtypes, head_dims, force_reference: bool):
     """("triton" | "reference", reason) for (B, L, H, Dh) queries: CUDA, triton importable, a kernel
     dtype and head dim (the choice the split-KV attention ops share)."""
-    from ._triton_compat import why_not_triton
+    from ._triton_compat import triton_backend
 
-    why = why_not_triton(q.device, force_reference)
-    if why is not None:
-        return "reference", why
-    if q.dtype not in dtypes:
-        return "reference", f"{q.dtype} inputs (the Triton kernel takes float32/bfloat16/float16)"
-    if q.dim() != 4 or q.shape[-1] not in head_dims:
-        return "reference", f"head dim {q.shape[-1]} (the Triton kernel takes {head_dims})"
-    return "triton", "CUDA tensors, triton available"
+    limit = None if q.dim() == 4 and q.shape[-1] in head_dims else (
+        f"head dim {q.shape[-1]} (the Triton kernel takes {head_dims})")
+    return triton_backend(q, force_reference, limit, dtypes)
 
 
 def check_qkv(q, k, v, keys: str = "S", value_dim: bool = False) -> None:

@@ -26,7 +26,7 @@ except ImportError as _e:
     TRITON_IMPORT_ERROR = f"{type(_e).__name__}: {_e}"
 
 __all__ = ["HAS_TRITON", "TRITON_IMPORT_ERROR", "triton", "tl", "cdiv", "require_triton", "check_power_of_two",
-           "device_guard", "why_not_triton"]
+           "device_guard", "why_not_triton", "triton_backend", "KERNEL_DTYPES"]
 
 
 def cdiv(a, b):
@@ -63,6 +63,24 @@ def why_not_triton(device: torch.device, force_reference: bool) -> Optional[str]
     if not HAS_TRITON:
         return f"triton is not importable ({TRITON_IMPORT_ERROR})"
     return None
+
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def triton_backend(x: torch.Tensor, force_reference: bool, limit: Optional[str] = None,
+                   dtypes=KERNEL_DTYPES):
+    """The backend choice the ops share: ("reference", reason) for ``why_not_triton``'s reasons, a
+    dtype not in ``dtypes``, or ``limit`` (the op's own size check: why it cannot take x, or None);
+    else ("triton", "CUDA tensors, triton available")."""
+    why = why_not_triton(x.device, force_reference)
+    if why is not None:
+        return "reference", why
+    if x.dtype not in dtypes:
+        return "reference", f"{x.dtype} inputs (the Triton kernel takes float32/bfloat16/float16)"
+    if limit is not None:
+        return "reference", limit
+    return "triton", "CUDA tensors, triton available"
 
 
 def output_buffer(out, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -46,11 +46,11 @@ from sam3fast import env
 
 # triton is optional (the "gpu" extra): without it the reference and the CPU op still work.
 from ._triton_compat import (  # noqa: F401  (TRITON_IMPORT_ERROR: read by the tests)
-    HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, check_power_of_two, device_guard, output_buffer, require_triton, tl,
-    triton, why_not_triton,
+    KERNEL_DTYPES, HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, check_power_of_two, device_guard, output_buffer,
+    require_triton, tl, triton, triton_backend,
 )
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_KERNEL_DTYPES = KERNEL_DTYPES
 _MAX_CHANNELS = 1024  # whole pixel rows of C live in registers
 # (BLOCK_H, BLOCK_W, num_warps) by the input's layout, compiled for sm_90 at 16 x 256 x 72 x 72 in bf16
 # (Triton 3.7): channels-last input (loads along C) 4 x 8 w4, 128 registers; NCHW input (loads along
@@ -89,6 +89,7 @@ def dwconv_norm_ref(x: Tensor, conv_weight: Tensor, conv_bias: Tensor, norm_weig
 
 
 if HAS_TRITON:
+    from .residual_norm import _layer_norm_rows
     from .rope import _bf16_rtne
 
     @triton.jit
@@ -127,16 +128,7 @@ if HAS_TRITON:
         v = v.to(y_ptr.dtype.element_ty).to(tl.float32)
         pix_ok = (ph < H) & (pw < W)
         m = pix_ok[:, None] & c_ok[None, :]
-        v = tl.where(m, v, 0.0)
-        mean = tl.sum(v, axis=1) / C
-        d = tl.where(m, v - mean[:, None], 0.0)
-        d = tl.where(m, d - (tl.sum(d, axis=1) / C)[:, None], 0.0)  # the mean corrected once
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
-        g = tl.load(nw_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-        bb = tl.load(nb_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-        y = d * rstd[:, None] * g[None, :] + bb[None, :]
-        if BF16_BY_HAND:
-            y = _bf16_rtne(y)
+        y = _layer_norm_rows(tl.where(m, v, 0.0), m, nw_ptr, nb_ptr, c, c_ok, C, eps, BF16_BY_HAND)
         rows = (b * H + ph.to(tl.int64)) * W + pw.to(tl.int64)
         tl.store(y_ptr + rows[:, None] * C + c[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
 
@@ -202,14 +194,8 @@ def _dwconv_norm_fake(x, conv_weight, conv_bias, norm_weight, norm_bias, eps):
 
 def dwconv_norm_backend(x: Tensor) -> Tuple[str, str]:
     """("triton" | "reference", reason) for a (B, C, H, W) input of this device and dtype."""
-    why = why_not_triton(x.device, env.FORCE_REFERENCE)
-    if why is not None:
-        return "reference", why
-    if x.dtype not in _KERNEL_DTYPES:
-        return "reference", f"{x.dtype} inputs (the Triton kernel takes float32/bfloat16/float16)"
-    if x.shape[1] > _MAX_CHANNELS:
-        return "reference", f"{x.shape[1]} channels (the Triton kernel takes at most {_MAX_CHANNELS})"
-    return "triton", "CUDA tensors, triton available"
+    limit = f"{x.shape[1]} channels (the Triton kernel takes at most {_MAX_CHANNELS})"
+    return triton_backend(x, env.FORCE_REFERENCE, limit if x.shape[1] > _MAX_CHANNELS else None)
 
 
 def dwconv_norm(x: Tensor, conv_weight: Tensor, conv_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor,

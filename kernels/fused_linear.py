@@ -22,8 +22,9 @@ Why: in the trunk fc1 writes a (M, 4736) tensor that ``nn.GELU`` then reads and 
 per block in bf16, ~37 us on an H100 at the ~2.6 TB/s the eager GELU kernel reached in run 2: 33
 launches, 1.17 ms per image), and the qkv projection writes q, k that the RoPE kernel reads and
 writes again (42 MB per block; 32 launches, 0.44 ms per image). Here both steps act on the
-accumulator tile before the one store. The cost is the GEMM itself: cuBLAS ran fc1 (50 GFLOP) in
-~82 us (613 TFLOP/s), so the fused kernel wins only while it stays under ~119 us (~420 TFLOP/s), and
+accumulator tile before the one store. The cost is the GEMM itself: in the run 2 profile (H100,
+bf16) cuBLAS's 32-launch 128 x 256 GEMM, fc1 or fc2 (50 GFLOP each), took ~82 us a launch (613
+TFLOP/s), so the fused kernel wins only while it stays under ~119 us (~420 TFLOP/s; arithmetic), and
 qkv (33 GFLOP) only while it stays within ~14 us of cuBLAS. Not yet timed on a GPU: ``Mlp.fused_gelu``
 and ``Attention.fused_rope`` are off by default until bench/bench_fused_linear.py says so on an H100.
 
@@ -57,12 +58,12 @@ from sam3fast import env
 
 # triton is optional (the "gpu" extra): without it the reference and the CPU op still work.
 from ._triton_compat import (  # noqa: F401  (TRITON_IMPORT_ERROR: read by the tests)
-    HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, check_power_of_two, device_guard, output_buffer, require_triton, tl,
-    triton, why_not_triton,
+    KERNEL_DTYPES, HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, check_power_of_two, device_guard, output_buffer,
+    require_triton, tl, triton, triton_backend,
 )
 from .rope import rope_ref
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_KERNEL_DTYPES = KERNEL_DTYPES
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 DEFAULT_TILE = (128, 128, 64, 8, 4)
 GROUP_M = 8
@@ -272,12 +273,7 @@ def _linear_rope_fake(x, weight, bias, rope, num_heads):
 
 def fused_linear_backend(x: Tensor) -> Tuple[str, str]:
     """("triton" | "reference", reason) for an input of this device and dtype (both ops)."""
-    why = why_not_triton(x.device, env.FORCE_REFERENCE)
-    if why is not None:
-        return "reference", why
-    if x.dtype not in _KERNEL_DTYPES:
-        return "reference", f"{x.dtype} inputs (the Triton kernel takes float32/bfloat16/float16)"
-    return "triton", "CUDA tensors, triton available"
+    return triton_backend(x, env.FORCE_REFERENCE)
 
 
 def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:

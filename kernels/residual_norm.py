@@ -24,12 +24,13 @@ passes over an (N, C) tensor (21 MB in bf16 at SAM 3 sizes). Fused, a block is t
 8 passes: ~64 MB less traffic per window block, ~1.9 GB per image over the 32 blocks (arithmetic,
 not measured), and 4 launches instead of 6 to 8.
 
-Numerics: s is exactly PyTorch's ``x + y`` in the dtype (a float32 sum of the two inputs rounded once,
-round-to-nearest-even), so the residual stream has the same bits as the unfused trunk's. n is the
-LayerNorm of the rounded s in float32 (the mean, corrected once by the mean of the deviations from
-it; the biased variance; 1 / sqrt(var + eps); the affine), rounded once: within float32 rounding of ``F.layer_norm`` in the dtype, not bit-equal to PyTorch's CUDA kernel
-(its Welford reduction order differs). Under the Triton interpreter (the CPU tests) the float32 ->
-bf16 cast truncates (Triton 3.7), so there the kernel rounds bf16 itself (``BF16_BY_HAND``, as
+Numerics: s is exactly PyTorch's ``x + y`` in the dtype (a float32 sum of the two inputs rounded
+once, round-to-nearest-even), so the residual stream has the same bits as the unfused trunk's. n is
+the LayerNorm of the rounded s in float32 (the mean, corrected once by the mean of the deviations
+from it; the biased variance; 1 / sqrt(var + eps); the affine), rounded once: within float32
+rounding of ``F.layer_norm`` in the dtype, not bit-equal to PyTorch's CUDA kernel (its Welford
+reduction order differs). Under the Triton interpreter (the CPU tests) the float32 -> bf16 cast
+truncates (Triton 3.7), so there the kernel rounds bf16 itself (``BF16_BY_HAND``, as
 ``sam3fast.kernels.rope``).
 
 Schedule: grid cdiv(N, BLOCK_T); a program owns BLOCK_T tokens of the grid order, whole rows of C
@@ -51,11 +52,11 @@ from sam3fast import env
 
 # triton is optional (the "gpu" extra): without it the reference and the CPU op still work.
 from ._triton_compat import (  # noqa: F401  (TRITON_IMPORT_ERROR: read by the tests)
-    HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, check_power_of_two, device_guard, output_buffer, require_triton, tl,
-    triton, why_not_triton,
+    KERNEL_DTYPES, HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, check_power_of_two, device_guard, output_buffer,
+    require_triton, tl, triton, triton_backend,
 )
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_KERNEL_DTYPES = KERNEL_DTYPES
 _MAX_WIDTH = 8192  # C: whole rows live in registers
 TILE_ELEMS = 4096  # elements of x per program at the default tile (4 tokens x 1024 in SAM 3)
 DEFAULT_NUM_WARPS = 4
@@ -114,6 +115,23 @@ if HAS_TRITON:
     from .rope import _bf16_rtne
 
     @triton.jit
+    def _layer_norm_rows(v, m, w_ptr, b_ptr, cols, c_mask, C, eps, BF16_BY_HAND: tl.constexpr):
+        # LayerNorm of each row of v (float32, 0 where not m) over its C columns, the affine of
+        # (w, b) at ``cols``: the mean, corrected once by the deviations' own mean (what float32 lost
+        # of it when a row's offset dwarfs its spread, so no Welford pass is needed), the biased
+        # variance, 1 / sqrt(var + eps). float32 out (bf16-rounded by hand when interpreted).
+        mean = tl.sum(v, axis=1) / C
+        d = tl.where(m, v - mean[:, None], 0.0)
+        d = tl.where(m, d - (tl.sum(d, axis=1) / C)[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
+        g = tl.load(w_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)
+        n = d * rstd[:, None] * g[None, :] + b[None, :]
+        if BF16_BY_HAND:
+            n = _bf16_rtne(n)
+        return n
+
+    @triton.jit
     def _window_row(t, H, W, WIN: tl.constexpr):
         # Grid-order token t (b, r, c) -> its row in the (B * H/WIN * W/WIN, WIN, WIN) window order.
         if WIN == 0:
@@ -146,18 +164,8 @@ if HAS_TRITON:
         s = s.to(s_ptr.dtype.element_ty)  # the residual stream, rounded as PyTorch's add rounds it
         tl.store(s_ptr + row_x, s, mask=m)
 
-        v = s.to(tl.float32)  # masked columns hold 0: they add nothing to the sums
-        mean = tl.sum(v, axis=1) / C
-        d = tl.where(m, v - mean[:, None], 0.0)
-        # the mean corrected once (the deviations' own mean: what float32 lost of it when the row's
-        # offset dwarfs its spread), so the centred values need no Welford pass
-        d = tl.where(m, d - (tl.sum(d, axis=1) / C)[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
-        g = tl.load(w_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)
-        n = d * rstd[:, None] * g[None, :] + b[None, :]
-        if BF16_BY_HAND:
-            n = _bf16_rtne(n)
+        # (masked columns hold 0: they add nothing to the sums)
+        n = _layer_norm_rows(s.to(tl.float32), m, w_ptr, b_ptr, cols, c_mask, C, eps, BF16_BY_HAND)
         row_n = _window_row(t, H, W, OUT_WIN).to(tl.int64)[:, None] * C + cols[None, :]
         tl.store(n_ptr + row_n, n.to(n_ptr.dtype.element_ty), mask=m)
 
@@ -222,14 +230,8 @@ def _residual_norm_fake(x, y, weight, bias, eps, y_window, out_window):
 
 def residual_norm_backend(x: Tensor) -> Tuple[str, str]:
     """("triton" | "reference", reason) for a (B, H, W, C) residual stream of this device and dtype."""
-    why = why_not_triton(x.device, env.FORCE_REFERENCE)
-    if why is not None:
-        return "reference", why
-    if x.dtype not in _KERNEL_DTYPES:
-        return "reference", f"{x.dtype} inputs (the Triton kernel takes float32/bfloat16/float16)"
-    if x.shape[-1] > _MAX_WIDTH:
-        return "reference", f"width {x.shape[-1]} (the Triton kernel takes at most {_MAX_WIDTH})"
-    return "triton", "CUDA tensors, triton available"
+    limit = f"width {x.shape[-1]} (the Triton kernel takes at most {_MAX_WIDTH})"
+    return triton_backend(x, env.FORCE_REFERENCE, limit if x.shape[-1] > _MAX_WIDTH else None)
 
 
 def residual_norm(x: Tensor, y: Tensor, weight: Tensor, bias: Tensor, eps: float, y_window: int = 0,

@@ -62,11 +62,11 @@ from sam3fast import env
 
 # triton is optional (the "gpu" extra): without it the reference and the CPU op still work.
 from ._triton_compat import (  # noqa: F401  (TRITON_IMPORT_ERROR: read by the tests)
-    HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, check_power_of_two, device_guard, output_buffer, require_triton, tl,
-    triton, why_not_triton,
+    KERNEL_DTYPES, HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, check_power_of_two, device_guard, output_buffer,
+    require_triton, tl, triton, triton_backend,
 )
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_KERNEL_DTYPES = KERNEL_DTYPES
 # Elements of x per program at the default tile (16 KB of bf16 at 8192), and the cap on the head
 # rows of one tile (so a wide hd still leaves room for several tokens).
 TILE_ELEMS = 8192
@@ -248,12 +248,7 @@ def _rope_fake(x, rope):
 
 def rope_backend(x: Tensor) -> Tuple[str, str]:
     """("triton" | "reference", reason) for x (B, L, ..., hd) of this device and dtype."""
-    why = why_not_triton(x.device, env.FORCE_REFERENCE)
-    if why is not None:
-        return "reference", why
-    if x.dtype not in _KERNEL_DTYPES:
-        return "reference", f"{x.dtype} inputs (the Triton kernel takes float32/bfloat16/float16)"
-    return "triton", "CUDA tensors, triton available"
+    return triton_backend(x, env.FORCE_REFERENCE)
 
 
 def rope(x: Tensor, freqs_cis: Tensor) -> Tensor:

@@ -61,3 +61,16 @@ def capture_graph(fn):
 
     graph, out, _ = warm_up_and_capture(fn, 1, None, "test_capture")
     return graph, out
+
+
+def spread_layer_norms(module):
+    """Every LayerNorm's affine drawn away from (1, 0) (weight ~ N(1, 0.3), bias ~ N(0, 0.3), from the
+    global generator), so that a wrong or missing norm shows in a module test."""
+    import torch
+
+    with torch.no_grad():
+        for mod in module.modules():
+            if isinstance(mod, torch.nn.LayerNorm):
+                mod.weight.normal_(1.0, 0.3)
+                mod.bias.normal_(0.0, 0.3)
+    return module

@@ -432,6 +432,14 @@ def test_gpu_attention_fused_rope(side, scale, B):
     _check_rope(qkv[sub].cpu(), x[sub].cpu(), m.qkv.weight.cpu(), m.qkv.bias.cpu(), rope.cpu(), 16, ref[sub].cpu())
 
 
+def _force_trunk_ops(monkeypatch, residual_norm, linear_rope, linear_gelu):
+    """The ViT's fused-op backends forced to "triton" and its three fused ops replaced."""
+    forced = lambda x: ("triton", "forced by the test")  # noqa: E731
+    for name, fn in (("residual_norm_backend", forced), ("fused_linear_backend", forced),
+                     ("residual_norm", residual_norm), ("linear_rope", linear_rope), ("linear_gelu", linear_gelu)):
+        monkeypatch.setattr(vit_mod, name, fn)
+
+
 @needs_triton
 def test_vit_trunk_with_every_kernel_forced(monkeypatch):
     """The trunk with the fused residual chain, qkv + RoPE and fc1 + GELU all forced to their
@@ -459,10 +467,7 @@ def test_vit_trunk_with_every_kernel_forced(monkeypatch):
         used.add("linear_gelu")
         return lg._linear_gelu_triton(x, w, b, **SMALL_TILE)
 
-    forced = lambda x: ("triton", "forced by the test")  # noqa: E731
-    for name, fn in (("residual_norm_backend", forced), ("fused_linear_backend", forced), ("residual_norm", rn_spy),
-                     ("linear_rope", rope_spy), ("linear_gelu", gelu_spy)):
-        monkeypatch.setattr(vit_mod, name, fn)
+    _force_trunk_ops(monkeypatch, rn_spy, rope_spy, gelu_spy)
     m.fused_rope = m.fused_gelu = True
     with torch.no_grad():
         got = m(x)
@@ -493,10 +498,7 @@ def test_vit_autocast_keeps_the_module_path(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a fused trunk op was called under autocast")
 
-    forced = lambda x: ("triton", "forced by the test")  # noqa: E731
-    for name, fn in (("residual_norm_backend", forced), ("fused_linear_backend", forced), ("residual_norm", fail),
-                     ("linear_rope", fail), ("linear_gelu", fail)):
-        monkeypatch.setattr(vit_mod, name, fn)
+    _force_trunk_ops(monkeypatch, fail, fail, fail)
     torch.manual_seed(0)
     m = vit_mod.ViT(img_size=84, pretrain_img_size=56, patch_size=14, embed_dim=32, depth=2, num_heads=2,
                     window_size=3, global_att_blocks=(1,)).eval()

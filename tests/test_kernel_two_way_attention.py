@@ -22,7 +22,9 @@ import textwrap
 import pytest
 import torch
 
-from kernel_checks import SM90_BUILD, assert_close_to64, capture_graph, forced_backend_reason, run_compiled
+from kernel_checks import (
+    SM90_BUILD, assert_close_to64, capture_graph, forced_backend_reason, run_compiled, spread_layer_norms,
+)
 
 from sam3fast.kernels import two_way_attention as tw
 from sam3fast.model import sam_heads
@@ -388,13 +390,7 @@ def test_kernels_compile_for_sm90():
 
 def _transformer(seed, D=32, H=2, mlp=24, depth=2):
     torch.manual_seed(seed)
-    m = TwoWayTransformer(depth, D, H, mlp).eval()
-    with torch.no_grad():  # LayerNorm affine away from (1, 0) so a wrong norm shows
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.LayerNorm):
-                mod.weight.normal_(1.0, 0.3)
-                mod.bias.normal_(0.0, 0.3)
-    return m
+    return spread_layer_norms(TwoWayTransformer(depth, D, H, mlp).eval())
 
 
 def _transformer_inputs(B, T, grid, layout, seed, D=32):

@@ -30,16 +30,15 @@ shapes. (The padded rows are the caller's: zeros attending to one valid key, as 
 :meth:`GraphedMemoryStep.run_table` is the object table's step (``Sam3TrackerPredictor.
 table_track_step``): the graph also holds the memory assembly from the table
 (:func:`~sam3fast.video.memory_bank.table_memory`) and the per-session memory score (83 small
-operations a frame launched from Python eagerly before: a CPU count, tiny config, 1 object),
-reading the table's tensors where they are, so the memory (Bb, S, M) is neither assembled on the
-host's time nor copied into a buffer. Its key
-(:class:`TableKey`) holds the address and shape of every table tensor: a table that grew (new
-tensors) is a new key, and the entries of a table that changed or died are dropped. Buffers: the
-three feature levels, ``top_pos`` and the frame index (a 0-d long tensor). The graph begins with
-the table's memory update, the frames the sessions staged since the last step
-(:func:`~sam3fast.video.memory_bank.table_apply_staged`: ~25 in-place operations a frame launched
-eagerly before). That update is masked by the table's ``staged`` flags and clears them, so the
-capture's warm-up, which runs the step more than once, applies each frame once.
+operations a frame launched from Python eagerly before: a CPU count, tiny config, 1 object), reading
+the table's tensors where they are, so the memory (Bb, S, M) is neither assembled on the host's time
+nor copied into a buffer. Its key (:class:`TableKey`) holds the address and shape of every table
+tensor: a table that grew (new tensors) is a new key, and the entries of a table that changed or
+died are dropped. Buffers: the three feature levels, ``top_pos`` and the frame index (a 0-d long
+tensor). The graph begins with the table's memory update, the frames the sessions staged since the
+last step (:func:`~sam3fast.video.memory_bank.table_apply_staged`: ~25 in-place operations a frame
+launched eagerly before). That update is masked by the table's ``staged`` flags and clears them, so
+the capture's warm-up, which runs the step more than once, applies each frame once.
 """
 
 from __future__ import annotations
