@@ -141,6 +141,26 @@ def test_group_norm_fast(shape, G, min_numel, dtype):
         assert err <= 2 * err_old + 1e-6, (err, err_old)
 
 
+@pytest.mark.parametrize("shape, G", [((2, 256, 24, 29), 8), ((3, 12, 11, 5), 4), ((1, 16, 1, 7), 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_norm_fast_channels_last(shape, G, dtype):
+    """A channels-last map (the pixel decoder's) is reduced through its (B, HW, G, C / G) view: same
+    bound against float64 as the contiguous path, the output channels-last too."""
+    C = shape[1]
+    m = _affine(nn.GroupNorm(G, C), seed=C + G + 1).to(dtype)
+    x = _inputs(shape, seed=sum(shape) + 1).to(dtype).contiguous(memory_format=torch.channels_last)
+    assert not x.is_contiguous()
+    want = _gn_ref64(x, G, m.weight, m.bias, m.eps)
+    got = group_norm_fast(x, G, m.weight, m.bias, m.eps, min_group_numel=0)
+    assert got.shape == x.shape and got.dtype == dtype
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    if dtype == torch.float32:
+        assert _err(got, want) <= 4e-6
+    else:
+        err, err_old = _err(got, want), _err(F.group_norm(x.contiguous(), G, m.weight, m.bias, m.eps), want)
+        assert err <= 2 * err_old + 1e-6, (err, err_old)
+
+
 def test_group_norm_fast_no_affine():
     x = _inputs((2, 16, 9, 10), seed=7)
     want = _gn_ref64(x, 4, torch.ones(16), torch.zeros(16), 1e-5)
@@ -213,10 +233,11 @@ def test_gpu_layer_norm2d_bf16_measured_shapes(shape):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("shape", [(1, 256, 144, 144), (1, 256, 288, 288)])
-def test_gpu_group_norm_fast_bf16_seg_head_shapes(shape):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_gpu_group_norm_fast_bf16_seg_head_shapes(shape, layout):
     m = _affine(FastGroupNorm(8, 256), seed=1).to("cuda", torch.bfloat16)
     g = torch.Generator(device="cuda").manual_seed(2)
-    x = (3 * torch.randn(shape, generator=g, device="cuda") + 1).to(torch.bfloat16)
+    x = (3 * torch.randn(shape, generator=g, device="cuda") + 1).to(torch.bfloat16).contiguous(memory_format=layout)
     with torch.no_grad():
         want = _gn_ref64(x, 8, m.weight, m.bias, m.eps)
         err, err_old = _err(m(x), want), _err(F.group_norm(x, 8, m.weight, m.bias, m.eps), want)

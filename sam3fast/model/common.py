@@ -188,7 +188,14 @@ def group_norm_fast(x: torch.Tensor, num_groups: int, weight: Optional[torch.Ten
     if C // num_groups * math.prod(x.shape[2:]) < min_group_numel:
         return F.group_norm(x, num_groups, weight, bias, eps)
     acc = torch.promote_types(x.dtype, torch.float32)
-    var, mean = torch.var_mean(x.reshape(B, num_groups, -1).to(acc), dim=-1, keepdim=True, correction=0)
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        # channels-last (the pixel decoder's maps): reduce the (B, HW, G, C / G) view over pixels and
+        # the group's channels, where reshape(B, G, -1) would copy the map first
+        rows = x.permute(0, 2, 3, 1).reshape(B, -1, num_groups, C // num_groups)
+        var, mean = torch.var_mean(rows.to(acc), dim=(1, 3), correction=0)
+        var, mean = var[..., None], mean[..., None]
+    else:
+        var, mean = torch.var_mean(x.reshape(B, num_groups, -1).to(acc), dim=-1, keepdim=True, correction=0)
     scale = torch.rsqrt(var + eps).expand(B, num_groups, C // num_groups)  # (B, G, C / G)
     if weight is not None:
         scale = scale * weight.to(acc).view(1, num_groups, -1)
