@@ -140,6 +140,48 @@ def test_static_step_equals_reference(model, images, threshold):
 
 
 @torch.inference_mode()
+def test_forward_heads_pairs_without_copies(model, images):
+    """forward_heads gathers image rows only where it must: one image broadcast to several prompts,
+    img_idx=None (pair n = image n) and the stride-0 position encodings all equal the heads run on
+    materialised contiguous copies of the rows, exactly; a None whose counts disagree is refused."""
+    xs = torch.stack([preprocess(im, model.cfg.resolution, model.device, model.dtype)[0] for im in images[:2]])
+    feats, mask = model.encode_text(PROMPTS[:3])
+    image_out = model.encode_image(xs)
+    assert all(p.stride(0) == 0 for p in image_out["vision_pos_enc"])  # what the broadcast relies on
+
+    def copy_rows(t, idx):  # a real copy of the rows, each laid out as the backbone's (channels-last)
+        dims = [0] + sorted(range(1, t.dim()), key=lambda d: -t.stride(d))
+        rows = t.index_select(0, idx).permute(*dims).contiguous()
+        return rows.permute(*[dims.index(d) for d in range(t.dim())])
+
+    def materialised(idx):
+        rows = {k: [copy_rows(t, idx) for t in image_out[k]] for k in ("backbone_fpn", "vision_pos_enc")}
+        for k in rows:
+            for r, t in zip(rows[k], image_out[k]):
+                assert r.stride(0) != 0 and r[0].stride() == t[0].stride()
+        return rows
+
+    def same(a, b):
+        assert set(a) == set(b)
+        for k in b:
+            assert torch.equal(a[k], b[k]), k
+
+    # one image, three prompts: image 0 broadcast (no gather) == three real copies
+    one = {k: [t[1:2] for t in image_out[k]] for k in ("backbone_fpn", "vision_pos_enc")}
+    idx = torch.tensor([1, 1, 1])
+    ref = model.forward_heads(materialised(idx), torch.arange(3), feats, mask)
+    same(model.forward_heads(one, torch.zeros(3, dtype=torch.long), feats, mask), ref)
+    # pair n = image n: None == the explicit identity gather
+    idx = torch.tensor([1, 0])
+    ref = model.forward_heads(materialised(idx), torch.arange(2), feats[:2], mask[:2])
+    same(model.forward_heads(image_out, idx, feats[:2], mask[:2]), ref)
+    swapped = {k: [t.flip(0) for t in image_out[k]] for k in ("backbone_fpn", "vision_pos_enc")}
+    same(model.forward_heads(swapped, None, feats[:2], mask[:2]), ref)
+    with pytest.raises(ValueError, match="2 images for 3 prompts"):
+        model.forward_heads(image_out, None, feats, mask)
+
+
+@torch.inference_mode()
 def test_static_step_padding_rows_ignored(model, images, threshold):
     """Five prompts padded to eight (copies of prompt 0, prompt_valid False): the padding rows keep
     nothing, and the real rows equal the unpadded step up to rounding (the heads' kernels block by

@@ -28,6 +28,23 @@ from .tokenizer import SimpleTokenizer
 from .tracker import Tracker
 
 
+def _pair_rows(t: torch.Tensor, img_idx: Optional[torch.Tensor], P: int, name: str) -> torch.Tensor:
+    """The (P, ...) rows of the per-image tensor ``t`` (B, ...) that the P pairs use, without a copy
+    where none is needed: one image (B == 1) or a stride-0 batch (the cached position encodings) is
+    expanded; ``img_idx`` None means pair n uses image n. Otherwise ``index_select`` gathers, each row
+    laid out as the image's (the FPN maps are channels-last): every path hands the heads the same
+    layout, so a pair's outputs do not depend on how the batch was composed."""
+    if t.shape[0] == 1 or (t.stride(0) == 0 and t.shape[0] > 0):
+        return t[:1].expand(P, *t.shape[1:])
+    if img_idx is None:
+        if t.shape[0] != P:
+            raise ValueError(f"img_idx=None pairs image n with prompt n, but {name} has {t.shape[0]} "
+                             f"images for {P} prompts; pass img_idx")
+        return t
+    dims = [0] + sorted(range(1, t.dim()), key=lambda d: -t.stride(d))  # the rows' memory order
+    return t.permute(*dims).index_select(0, img_idx).permute(*[dims.index(d) for d in range(t.dim())])
+
+
 class Sam3Backbone(nn.Module):
     def __init__(self, cfg: Sam3Config, add_sam2_neck: bool = False, bpe_path: Optional[str] = None):
         super().__init__()
@@ -129,14 +146,18 @@ class Sam3ImageModel(nn.Module):
     ) -> Dict[str, torch.Tensor]:
         """Run geometry encoder, fusion encoder, decoder, scoring and segmentation head on P pairs.
 
-        img_idx (P,) long: which image of ``image_out`` each pair uses. text_feats (P, T, D),
+        img_idx (P,) long: which image of ``image_out`` each pair uses, or None when pair n uses
+        image n (P images). Rows are gathered only where that needs a copy: one image (or the
+        position encodings, stride-0 batch views of one cached tensor) is broadcast to the P pairs
+        as a view, and None takes the features as they are. text_feats (P, T, D),
         text_mask (P, T). boxes (P, Nb, 4) normalized cxcywh, box_labels (P, Nb) bool (True =
         positive), box_mask (P, Nb) bool (True = padding), or None for no boxes.
         Returns pred_logits (P, Q), pred_boxes (P, Q, 4) cxcywh in [0, 1], pred_boxes_xyxy,
         presence_logit (P,), pred_masks (P, Q, 4g, 4g) logits (when the seg head is built).
         """
-        fpn = [f.index_select(0, img_idx) for f in image_out["backbone_fpn"]]
-        pos = [p.index_select(0, img_idx) for p in image_out["vision_pos_enc"]]
+        P = text_feats.shape[0]
+        fpn = [_pair_rows(f, img_idx, P, "backbone_fpn") for f in image_out["backbone_fpn"]]
+        pos = [_pair_rows(p, img_idx, P, "vision_pos_enc") for p in image_out["vision_pos_enc"]]
         g_h, g_w = fpn[-1].shape[-2:]
         img_feats = fpn[-1].flatten(2).transpose(1, 2)  # (P, HW, D)
         img_pos = pos[-1].flatten(2).transpose(1, 2)

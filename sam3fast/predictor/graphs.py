@@ -37,11 +37,12 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils import _pytree
 
 from ..profiling import stage
 
@@ -79,7 +80,8 @@ def image_step(
     image_out = model.encode_image(images)
     # pair n = b * Pb + p, as ImagePredictor.predict orders them. arange + expand instead of
     # repeat_interleave(int), which computes its output size on the host on some versions.
-    img_idx = torch.arange(B, device=dev).view(B, 1).expand(B, Pb).reshape(B * Pb)
+    # One prompt: pair n is image n (no gather). One image: forward_heads broadcasts it.
+    img_idx = None if Pb == 1 else torch.arange(B, device=dev).view(B, 1).expand(B, Pb).reshape(B * Pb)
     feats = text_feats.repeat(B, 1, 1)
     tmask = text_mask.repeat(B, 1)
     bx = bl = bm = None
@@ -171,6 +173,26 @@ def warm_up_and_capture(step, warmup_iters: int, pool, stage_name: str, **graph_
     with stage(stage_name), torch.cuda.graph(g, pool=pool, **graph_kw):
         out = step()
     return g, out, warm
+
+
+def _storage(x) -> Optional[int]:
+    return x.untyped_storage().data_ptr() if isinstance(x, torch.Tensor) and x.numel() > 0 else None
+
+
+def persistent_outputs(out, warm, inputs=()) -> List[bool]:
+    """Per leaf of a graph's captured outputs ``out``: True where the step returned memory it did not allocate
+    (a cache's tensor, a weight, or views of them), which a replay never writes and so needs no
+    clone. The test: the leaf's storage is the same in ``out`` and in ``warm``, the last warm-up's
+    outputs, which are alive during the capture (so memory allocated there cannot repeat their
+    addresses), and it is none of the static ``inputs`` (which the next call's copy-in overwrites).
+    Pytrees of another structure, plain values and empty tensors: False (cloned)."""
+    out_leaves, out_spec = _pytree.tree_flatten(out)
+    warm_leaves, warm_spec = _pytree.tree_flatten(warm)
+    if str(out_spec) != str(warm_spec):
+        return [False] * len(out_leaves)
+    taken = {_storage(x) for x in _pytree.tree_leaves(inputs)} - {None}
+    return [_storage(o) is not None and _storage(o) == _storage(w) and _storage(o) not in taken
+            for o, w in zip(out_leaves, warm_leaves)]
 
 
 @dataclass

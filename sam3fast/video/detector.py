@@ -142,8 +142,7 @@ class Sam3VideoDetector(Sam3ImageModel):
         """
         image = image.to(device=self.device, dtype=self.dtype)
         image_out = self.encode_image(image)
-        img_idx = torch.zeros(1, dtype=torch.long, device=image.device)
-        out = self.forward_heads(image_out, img_idx, text_feats, text_mask, boxes=boxes, box_labels=box_labels)
+        out = self.forward_heads(image_out, None, text_feats, text_mask, boxes=boxes, box_labels=box_labels)
         logits = out["pred_logits"].unsqueeze(-1)  # (1, Q, 1)
         if self.supervise_joint_box_scores:
             logits = joint_logits(logits, out["presence_logit"].unsqueeze(-1))
