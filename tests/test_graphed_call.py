@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 import sam3fast
-from sam3fast.predictor.graphed_call import GraphedCall
+from sam3fast.predictor.graphed_call import GraphedCall, _clone_fresh
+from sam3fast.predictor.graphs import persistent_outputs
 from sam3fast.predictor.image import Sam3Processor
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -135,6 +136,53 @@ def test_processor_through_the_buffers_equals_plain():
     assert any(r["scores"].numel() for r in want), "threshold 0 keeps every query: something to compare"
     _assert_runs_equal(got, want, exact=True)
     assert buffered._backbone.entries and buffered._heads.entries  # (past the first, eager, call)
+
+
+def test_persistent_outputs_rule():
+    """Leaves returned without being computed (the same storage in the captured and the last warm-up
+    outputs, not a static input) are shared; fresh tensors, input aliases, empty tensors, plain
+    values and a changed structure are cloned."""
+    cache = torch.randn(1, 4, 3)
+    weight = torch.randn(5)
+    inputs = [torch.randn(2, 3), 7]
+    fresh_w, fresh_o = torch.randn(2, 3), torch.randn(2, 3)
+    warm = {"y": fresh_w, "pos": [cache.expand(2, 4, 3), weight[1:]], "x": inputs[0][0], "e": torch.empty(0),
+            "n": 3}
+    out = {"y": fresh_o, "pos": [cache.expand(2, 4, 3), weight[1:]], "x": inputs[0][0], "e": torch.empty(0),
+           "n": 3}
+    flags = persistent_outputs(out, warm, inputs)
+    leaves = torch.utils._pytree.tree_leaves(out)
+    assert dict(zip([id(x) for x in leaves], flags)) == {
+        id(out["e"]): False, id(out["n"]): False, id(out["pos"][0]): True, id(out["pos"][1]): True,
+        id(out["x"]): False, id(out["y"]): False}
+    assert persistent_outputs(out, {"y": fresh_w}, inputs) == [False] * len(leaves)
+    got = _clone_fresh(out, flags)
+    assert got["pos"][0] is out["pos"][0] and got["pos"][1] is out["pos"][1]
+    for k in ("y", "x"):
+        assert got[k] is not out[k] and torch.equal(got[k], out[k])
+        assert got[k].untyped_storage().data_ptr() != out[k].untyped_storage().data_ptr()
+    assert got["n"] == 3
+    assert all(a is not b for a, b in zip(torch.utils._pytree.tree_leaves(_clone_fresh(out, None))[:-1], leaves[:-1]))
+
+
+@needs_cuda
+def test_gpu_persistent_outputs_are_not_cloned():
+    """A cached tensor the function returns comes back as that tensor (no copy a replay), the computed
+    outputs as clones that survive the next replay."""
+    cache = torch.randn(1, 8, 16, device="cuda")
+
+    def fn(x):
+        return x * 2, cache.expand(x.shape[0], 8, 16)
+
+    call = GraphedCall(fn, "cuda", name="test")
+    x1, x2 = torch.randn(3, 8, 16, device="cuda"), torch.randn(3, 8, 16, device="cuda")
+    y1, p1 = call(x1)
+    y2, p2 = call(x2)
+    assert call.graphs() == 1 and next(iter(call.entries.values())).shared == [False, True]
+    for p in (p1, p2):
+        assert p.untyped_storage().data_ptr() == cache.untyped_storage().data_ptr() and p.stride(0) == 0
+    torch.testing.assert_close(y1, x1 * 2, rtol=0, atol=0)
+    torch.testing.assert_close(y2, x2 * 2, rtol=0, atol=0)
 
 
 @needs_cuda

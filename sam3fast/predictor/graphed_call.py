@@ -6,7 +6,9 @@ structure, every tensor's shape, dtype and device, every plain value), on CUDA, 
 copies of the input tensors and a ``torch.cuda.CUDAGraph`` of ``fn`` on them, captured on first use
 (:func:`~sam3fast.predictor.graphs.warm_up_and_capture`: warm-up on a side stream, every graph
 of the call in one memory pool). A call copies its tensors into those buffers, replays and returns
-clones of the outputs, so they stay valid after the next replay. Plain values are baked into the
+clones of the outputs, so they stay valid after the next replay, except the tensors that ``fn``
+returns without computing them (a cached position encoding, a weight: :func:`persistent_outputs`),
+returned as they are (``fn`` must not write into those later). Plain values are baked into the
 graph (a different value is a different signature). ``fn`` must not read tensor values on the
 host, nor branch on them: what ``torch.cuda.graph`` cannot capture raises there, and that
 signature then runs eagerly from then on (logged once).
@@ -23,12 +25,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch.utils import _pytree as pytree
 
-from .graphs import check_warmup_iters, resolve_cuda_graphs, warm_up_and_capture
+from .graphs import check_warmup_iters, persistent_outputs, resolve_cuda_graphs, warm_up_and_capture
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ class _Graphed:
     outputs: Any = None
     replays: int = 0
     failed: Optional[str] = None  # why this signature runs eagerly (a capture that failed)
+    shared: Optional[List[bool]] = None  # per output leaf: returned without a clone (persistent_outputs)
 
 
 def _signature(leaves) -> tuple:
@@ -58,6 +61,14 @@ def _signature(leaves) -> tuple:
 
 def _clone(x):
     return x.clone() if isinstance(x, torch.Tensor) else x
+
+
+def _clone_fresh(out, shared: Optional[List[bool]]):
+    """``out`` with every tensor leaf cloned but those ``shared`` marks."""
+    if shared is None:
+        return pytree.tree_map(_clone, out)
+    leaves, spec = pytree.tree_flatten(out)
+    return pytree.tree_unflatten([x if keep else _clone(x) for x, keep in zip(leaves, shared)], spec)
 
 
 class GraphedCall:
@@ -129,7 +140,7 @@ class GraphedCall:
             return pytree.tree_map(_clone, self.fn(*a, **kw))  # (eager on the buffers: never aliases them)
         e.graph.replay()
         e.replays += 1
-        return pytree.tree_map(_clone, e.outputs)
+        return _clone_fresh(e.outputs, e.shared)
 
     def _capture(self, e: _Graphed, spec):
         a, kw = pytree.tree_unflatten(e.inputs, spec)
@@ -142,7 +153,9 @@ class GraphedCall:
             log.warning("%s: %s; this signature runs eagerly", self.name, e.failed)
             return pytree.tree_map(_clone, self.fn(*a, **kw))
         e.graph, e.outputs = g, out
+        e.shared = persistent_outputs(out, warm, e.inputs)
+        del warm
         # the capture recorded the work but did not run it: replay once for this call's outputs
         g.replay()
         e.replays += 1
-        return pytree.tree_map(_clone, out)
+        return _clone_fresh(out, e.shared)

@@ -39,7 +39,9 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..predictor.graphs import _Entry, check_warmup_iters, resolve_cuda_graphs, warm_up_and_capture
+from ..predictor.graphs import (
+    _Entry, check_warmup_iters, persistent_outputs, resolve_cuda_graphs, warm_up_and_capture,
+)
 from ..profiling import stage
 
 logger = logging.getLogger(__name__)
@@ -174,11 +176,9 @@ class GraphedDetector:
                 f"capturing the video detector step as a CUDA graph failed for {e.key} (a host sync or a "
                 "host-to-device copy inside the model?); set detector.cuda_graphs = False to run it eagerly"
             ) from err
-        # An output whose storage is also that of the last warm-up's same output is a persistent
-        # tensor the graph only hands through (the warm-up outputs are alive here, so a pool block
-        # cannot share their address): it is not rewritten by a replay and needs no copy.
-        self._written[e.key] = tuple(a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
-                                     for a, b in zip(out, warm))
+        # outputs the graph only hands through (the cached position encodings) are not rewritten by
+        # a replay and need no copy
+        self._written[e.key] = tuple(not shared for shared in persistent_outputs(out, warm))
         e.graph, e.outputs = g, out
 
     # ------------------------------------------------------------------ run
