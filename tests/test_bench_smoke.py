@@ -5,6 +5,7 @@ import runpy
 import sys
 
 import pytest
+import torch
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
 
@@ -91,3 +92,21 @@ def test_gpu_summarize_reads_the_stored_results(capsys):
     assert summarize.main([path, os.path.join(BENCH, "results", "gpu_runs_2026-11-26_H100_run2.md")]) == 0
     out = capsys.readouterr().out
     assert "# 1 of 2 files had benchmark rows" in out and "not read" in out
+
+
+def test_video_steady_rate_and_its_note():
+    """bench_video's rate from a full memory bank on: the frames after index ``first`` over the time
+    from that frame's yield to the end; nothing for a stream too short to have such a stretch."""
+    sys.path.insert(0, BENCH)
+    try:
+        import bench_video
+    finally:
+        sys.path.pop(0)
+    stamps = [0.0, 1.0, 2.0, 10.0, 11.0, 12.0]  # slow first frames, then 1 frame/s
+    assert bench_video.steady_rate(stamps, 13.0, 3) == {"steady_fps": 2 / 3.0, "steady_from": 3}
+    assert bench_video.steady_rate(stamps, 13.0, 5) == {}
+    row = {"part": "tracker", "engine": "sam3fast", "dtype": "bfloat16", "variant": "e2e", "objects": 1,
+           "frames": 6, "fps": 0.5, "ms_per_frame": 2e3, "steady_fps": 2 / 3.0, "steady_from": 3}
+    results = {"machine": {"device": "cpu", "torch": torch.__version__}, "config": "tiny", "date": "d", "clip": "c",
+               "weights": {}, "prompt": "p", "det_nms_thresh": None, "rows": [row]}
+    assert "0.67 frames/s from frame 3 on" in bench_video.format_table(results)
