@@ -113,23 +113,50 @@ class Pair:
         st["images"] = self.frames
         return st
 
-    def run(self, scenario):
-        """Run ``scenario(pred, pair) -> (records, state)`` on both; compare records and states."""
+    def run(self, scenario, decisions=False):
+        """Run ``scenario(pred, pair) -> (records, state)`` on both; compare records and states
+        (``decisions``: see :func:`same_records`)."""
         with cpu_mode():
             ref, ref_state = scenario(self.off, self)
         got, got_state = scenario(self.ours, self)
-        same_records(ref, got)
+        same_records(ref, got, decisions)
         compare_states(got_state, ref_state)
         return ref, got
 
 
-def same_records(ref, got):
-    """Two runs of a scenario recorded the same steps with close tensors and equal other values."""
+# What the video-resolution post-processing writes where it decides: the non-overlap rule clamps the
+# losing object's logit to at most -10, hole filling writes 0.1 and sprinkle removal -0.1.
+POST_VALUES = (-10.0, 0.1, -0.1)
+
+
+def _close_decisions(a, b, name, max_flips=8):
+    """Video-resolution masks after the non-overlap rule and hole filling: ``_close`` except at up
+    to ``max_flips`` pixels where one side holds a post-processing value (``POST_VALUES``). Such a
+    decision turns on a tie (two objects' logits within ~1e-6 at a pixel, or a component's area at
+    the limit), which the two implementations' float32 rounding may break either way: on a CPU with
+    AMX (bf16 units) one pixel's two object logits, -1.24099, tied to 3e-6 and the clamp went to the
+    other object."""
+    off = (a - b).abs() > TOL * b.abs().clamp_min(1.0)
+    post = torch.zeros_like(off)
+    for v in POST_VALUES:
+        post |= (a == v) | (b == v)
+    flips = off & post
+    assert int(flips.sum()) <= max_flips, f"{name}: {int(flips.sum())} post-processing decisions differ"
+    _close(torch.where(flips, b, a), b, name)
+
+
+def same_records(ref, got, decisions=False):
+    """Two runs of a scenario recorded the same steps with close tensors and equal other values.
+    ``decisions``: the video-resolution masks (..., VIDEO_H, VIDEO_W) are compared with
+    :func:`_close_decisions` (scenarios with the non-overlap rule and hole filling)."""
     assert [r[0] for r in got] == [r[0] for r in ref]
     for (name, *rv), (_, *gv) in zip(ref, got):
         for i, (a, b) in enumerate(zip(gv, rv)):
             if isinstance(b, torch.Tensor):
-                _close(a, b, f"{name}[{i}]")
+                if decisions and tuple(b.shape[-2:]) == (VIDEO_H, VIDEO_W):
+                    _close_decisions(a, b, f"{name}[{i}]")
+                else:
+                    _close(a, b, f"{name}[{i}]")
             else:
                 assert a == b, f"{name}[{i}]: {a} vs {b}"
 
@@ -355,7 +382,7 @@ def test_non_default_options(pair):
         for m in (pair.off, pair.ours):
             for k, v in OPTIONS.items():
                 setattr(m, k, v)
-        ref, _ = pair.run(options_session)
+        ref, _ = pair.run(options_session, decisions=True)
     finally:
         for m, old in zip((pair.off, pair.ours), saved):
             for k, v in old.items():
@@ -918,10 +945,19 @@ def test_bf16_session_tracks_like_fp32(pair):
     follow the float32 ones (random weights: a loose bound, the point is that bf16 runs)."""
     import copy
 
+    # The pair's object scores straddle 0 (SCORE_SHIFT) to reach both branches in the parity tests;
+    # here a score within bf16 rounding of 0 would decide presence by a coin flip (it did on a CPU
+    # with AMX: -1024-filled "absent" masks against present ones), so the objects are made clearly
+    # present in both copies.
+    ours32 = copy.deepcopy(pair.ours)
+    with torch.no_grad():
+        ours32.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.add_(5.0)
+    p32 = copy.copy(pair)
+    p32.ours = ours32
     p16 = copy.copy(pair)
-    p16.ours = copy.deepcopy(pair.ours).to(torch.bfloat16)
+    p16.ours = copy.deepcopy(ours32).to(torch.bfloat16)
     p16.ours.backbone = copy.deepcopy(pair.vb).to(torch.bfloat16)
-    ref, _ = points_two_objects(pair.ours, pair)
+    ref, _ = points_two_objects(ours32, p32)
     got, st = points_two_objects(p16.ours, p16)
     assert p16.ours.step_counts["fixed_capacity"] > 0
     ious = []
