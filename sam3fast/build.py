@@ -13,7 +13,9 @@ from typing import Optional, Union
 
 import torch
 
-from .checkpoint import CheckpointError, load_into, read_state_dict, resolve_checkpoint_path, _image_keys_from_official
+from .checkpoint import (
+    CheckpointError, float32_islands, load_into, read_state_dict, resolve_checkpoint_path, _image_keys_from_official,
+)
 from .config import Sam3Config, get_config
 from .model.sam3_image import Sam3ImageModel
 
@@ -42,10 +44,12 @@ def _resolve_device(device) -> torch.device:
 
 def _cast_floating_(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Cast floating parameters and buffers only (``Module.to(dtype)`` would also touch the complex
-    RoPE tables)."""
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.is_floating_point() and t.dtype != dtype:
-            t.data = t.data.to(dtype)
+    RoPE tables); those of float32 islands stay float32."""
+    islands = float32_islands(model)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        want = torch.float32 if name.startswith(islands) else dtype
+        if t.is_floating_point() and t.dtype != want:
+            t.data = t.data.to(want)
 
 
 def _materialize_nonpersistent(model: torch.nn.Module, device: torch.device) -> None:

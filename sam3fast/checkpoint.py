@@ -128,19 +128,27 @@ def check_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor],
     return {k: sd[k] for k in expected}, set_aside
 
 
+def float32_islands(model: nn.Module) -> Tuple[str, ...]:
+    """The state-dict prefixes ("name.") of the submodules marked ``fp32_island = True``: their
+    floating tensors stay float32 whatever the model's dtype."""
+    return tuple(name + "." for name, m in model.named_modules() if getattr(m, "fp32_island", False) and name)
+
+
 def load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype] = None,
               device: Optional[torch.device] = None) -> List[str]:
     """Assign ``sd`` to ``model`` (which may live on the meta device) strictly.
 
-    Floating tensors are cast to ``dtype`` (default: float32); complex buffers keep their dtype.
+    Floating tensors are cast to ``dtype`` (default: float32), those of float32 islands
+    (:func:`float32_islands`) to float32; complex buffers keep their dtype.
     Returns the keys set aside (components not built).
     """
     dtype = dtype or torch.float32
+    islands = float32_islands(model)
     entries, set_aside = check_state_dict(model, sd)
     out = {}
     for k, v in entries.items():
         if v.is_floating_point():
-            v = v.to(dtype=dtype)
+            v = v.to(dtype=torch.float32 if k.startswith(islands) else dtype)
         if device is not None:
             v = v.to(device)
         out[k] = v

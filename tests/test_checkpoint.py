@@ -64,6 +64,24 @@ def test_plain_and_bf16_state_dicts(tmp_path, official_sd):
         assert torch.equal(got, v.to(got.dtype)), k
     m4 = _build(_save(tmp_path, bf16, "bf16b.pt"), dtype=torch.bfloat16)
     assert m4.dtype == torch.bfloat16
+    _assert_island_float32(m4)
+
+
+def _assert_island_float32(model):
+    """A bfloat16 model: every floating tensor in bfloat16 but the float32 island's (the scoring head)."""
+    islands = [n for n, m in model.named_modules() if getattr(m, "fp32_island", False)]
+    assert islands == ["dot_prod_scoring"]
+    n_island = 0
+    for k, v in list(model.named_parameters()) + list(model.named_buffers()):
+        if v.is_floating_point():
+            island = k.startswith("dot_prod_scoring.")
+            n_island += island
+            assert v.dtype == (torch.float32 if island else torch.bfloat16), k
+    assert n_island >= 6
+
+
+def test_float32_island_in_random_weight_builds():
+    _assert_island_float32(sam3fast.build_image_model("tiny", device="cpu", dtype=torch.bfloat16))
 
 
 def test_strict_errors_list_every_key(tmp_path, official_sd):

@@ -291,7 +291,16 @@ class DotProductScoring(nn.Module):
     ``forward(hs (B, Q, D), prompt (B, P, D), prompt_mask (B, P) bool True = pad) -> (B, Q, 1)``.
     The official takes (L, B, Q, D) and seq-first prompt (P, B, D); any leading dims before (B, Q, D)
     work here too.
+
+    A float32 island (``fp32_island``): the builders keep its weights in float32 whatever the model's
+    dtype, and it computes in its weights' dtype, returning the logits in ``hs``'s. It is tiny (a
+    prompt MLP over <= 64 tokens, two projections, a dot product per query) and it sets the scores
+    that the threshold reads: in bfloat16 the logits' error against the float32 official was
+    2.2-4.2x that of the official's own bfloat16 autocast (tiny config, CPU autocast as its stand-in,
+    four images), and this island halves it (tests/test_parity_image.py).
     """
+
+    fp32_island = True
 
     def __init__(self, d_model: int = 256, d_proj: int = 256, hidden_dim: int = 2048, clamp_max_val: float = 12.0):
         super().__init__()
@@ -306,6 +315,8 @@ class DotProductScoring(nn.Module):
         return cls(cfg.d_model, cfg.d_model, cfg.scoring_hidden)
 
     def forward(self, hs: torch.Tensor, prompt: torch.Tensor, prompt_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        out_dtype = hs.dtype
+        hs, prompt = hs.to(self.hs_proj.weight.dtype), prompt.to(self.hs_proj.weight.dtype)
         prompt = self.prompt_mlp(prompt)
         if prompt_mask is None:
             pooled = prompt.mean(dim=1)
@@ -314,4 +325,4 @@ class DotProductScoring(nn.Module):
             pooled = (prompt * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)
         proj_prompt = self.prompt_proj(pooled)  # (B, d_proj)
         scores = torch.matmul(self.hs_proj(hs), proj_prompt.unsqueeze(-1)) * self.scale
-        return scores.clamp(min=-self.clamp_max_val, max=self.clamp_max_val)
+        return scores.clamp(min=-self.clamp_max_val, max=self.clamp_max_val).to(out_dtype)
