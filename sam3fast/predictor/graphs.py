@@ -180,12 +180,12 @@ def _storage(x) -> Optional[int]:
 
 
 def persistent_outputs(out, warm, inputs=()) -> List[bool]:
-    """Per leaf of a graph's captured outputs ``out``: True where the step returned memory it did not allocate
-    (a cache's tensor, a weight, or views of them), which a replay never writes and so needs no
-    clone. The test: the leaf's storage is the same in ``out`` and in ``warm``, the last warm-up's
-    outputs, which are alive during the capture (so memory allocated there cannot repeat their
-    addresses), and it is none of the static ``inputs`` (which the next call's copy-in overwrites).
-    Pytrees of another structure, plain values and empty tensors: False (cloned)."""
+    """Per leaf of a graph's captured outputs ``out``: True where the step returned memory it did
+    not allocate (a cache's tensor, a weight, or views of them), which a replay never writes and so
+    needs no clone. The test: the leaf's storage is the same in ``out`` and in ``warm``, the last
+    warm-up's outputs, which are alive during the capture (so memory allocated there cannot repeat
+    their addresses), and it is none of the static ``inputs`` (which the next call's copy-in
+    overwrites). Pytrees of another structure, plain values and empty tensors: False (cloned)."""
     out_leaves, out_spec = _pytree.tree_flatten(out)
     warm_leaves, warm_spec = _pytree.tree_flatten(warm)
     if str(out_spec) != str(warm_spec):
