@@ -68,16 +68,18 @@ def test_plain_and_bf16_state_dicts(tmp_path, official_sd):
 
 
 def _assert_island_float32(model):
-    """A bfloat16 model: every floating tensor in bfloat16 but the float32 island's (the scoring head)."""
+    """A bfloat16 model: every floating tensor in bfloat16 but the float32 islands' (the query decoder
+    and the scoring head)."""
     islands = [n for n, m in model.named_modules() if getattr(m, "fp32_island", False)]
-    assert islands == ["dot_prod_scoring"]
-    n_island = 0
+    assert islands == ["transformer.decoder", "dot_prod_scoring"]
+    n_island = {p: 0 for p in islands}
     for k, v in list(model.named_parameters()) + list(model.named_buffers()):
         if v.is_floating_point():
-            island = k.startswith("dot_prod_scoring.")
-            n_island += island
+            island = next((p for p in islands if k.startswith(p + ".")), None)
+            if island:
+                n_island[island] += 1
             assert v.dtype == (torch.float32 if island else torch.bfloat16), k
-    assert n_island >= 6
+    assert n_island["dot_prod_scoring"] >= 6 and n_island["transformer.decoder"] >= 50, n_island
 
 
 def test_float32_island_in_random_weight_builds():

@@ -19,7 +19,7 @@ from sam3fast.config import get_config
 from sam3fast.model.decoder import Decoder, DotProductScoring, box_cxcywh_to_xyxy, joint_logits
 from sam3fast.model.seg_head import SegmentationHead
 
-from compare import close as _close
+from compare import close as _close, rel
 
 
 class Setup:
@@ -223,14 +223,18 @@ def test_joint_logits_formula():
 # Full size: 200 queries, 6 layers, d 256, 72 x 72 memory, masks at 288 x 288
 
 
-@pytest.mark.slow
-def test_full_size_parity():
+def _full_size_heads_cfg():
+    """The sam3 config with the ViT and text tower shrunk (only the decoder/scoring/seg head are
+    compared; this builds fast), keeping the 1008 px / 14 px grid the decoder is built for."""
     tiny_cfg = get_config("tiny")
     full = get_config("sam3")
-    # Only the decoder/scoring/seg head are compared: shrink the ViT and text tower to build fast,
-    # keeping the 1008 px / 14 px grid the decoder is built for.
-    cfg = full.replace(vit=dataclasses.replace(tiny_cfg.vit, img_size=full.vit.img_size, pretrain_img_size=504),
-                       text=tiny_cfg.text)
+    return full.replace(vit=dataclasses.replace(tiny_cfg.vit, img_size=full.vit.img_size, pretrain_img_size=504),
+                        text=tiny_cfg.text)
+
+
+@pytest.mark.slow
+def test_full_size_parity():
+    cfg = _full_size_heads_cfg()
     s = Setup(cfg)
     x = make_inputs(cfg, B=1, feat_size=(cfg.feat_size, cfg.feat_size), P=33, n_valid=[6])
     off, ours = run_official(s.official, x), run_ours(s, x)
@@ -240,3 +244,40 @@ def test_full_size_parity():
                      ("pred_masks", "pred_masks")):
         _close(ours[k], off[k_off], k)
     check_spread(off)
+
+
+@pytest.mark.slow
+def test_full_size_bf16_decoder_island():
+    """The decoder and scoring head of a bfloat16 build (float32 islands: float32 weights, computed
+    in float32 but for the decoder's image cross-attention, in the memory's bfloat16; outputs in
+    the inputs' dtype) at full size, on bfloat16 inputs, against the float32 official on the same
+    values; next to the official's bfloat16 autocast on them and to the decoder cast to bfloat16
+    (the mode before the island). The island's error (measured 0.16-0.45x the autocast's) must be at
+    most 0.6x the autocast's in hs, the presence logit and the query logits, and below the
+    all-bfloat16 decoder's there and in the boxes."""
+    from sam3fast.build import _cast_floating_
+
+    cfg = _full_size_heads_cfg()
+    s = Setup(cfg)
+    x = make_inputs(cfg, B=1, feat_size=(cfg.feat_size, cfg.feat_size), P=33, n_valid=[6], seed=4)
+    for k in ("memory", "pos", "prompt"):  # values every side sees exactly
+        x[k] = x[k].to(torch.bfloat16).float()
+    want = run_official(s.official, x, segment=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = run_official(s.official, x, segment=False)
+    x16 = {k: (v.to(torch.bfloat16) if k in ("memory", "pos", "prompt") else v) for k, v in x.items()}
+    island = torch.nn.ModuleDict({"decoder": s.decoder, "scoring": s.scoring})
+    _cast_floating_(island, torch.bfloat16)  # the builders' cast: the islands stay float32
+    assert s.decoder.query_embed.weight.dtype == torch.float32
+    ours = run_ours(s, x16, segment=False)
+    assert ours["hs"].dtype == torch.bfloat16 and ours["pred_logits"].dtype == torch.bfloat16
+    assert ours["pred_boxes"].dtype == torch.float32
+    s.decoder.to(torch.bfloat16)  # no island: the decoder in bfloat16 (the scoring island kept)
+    plain = run_ours(s, x16, segment=False)
+    for k, k_off in (("hs", "queries"), ("presence_logit", "presence_logit_dec"), ("pred_logits", "pred_logits"),
+                     ("pred_boxes", "pred_boxes")):
+        ref = want[k_off].double()
+        e_ours, e_auto, e_plain = (rel(o.double(), ref) for o in (ours[k], auto[k_off], plain[k]))
+        assert 0 < e_auto and e_ours < e_plain, (k, e_ours, e_auto, e_plain)
+        if k != "pred_boxes":  # the box chain is float32 in every mode
+            assert e_ours <= 0.6 * e_auto, (k, e_ours, e_auto, e_plain)

@@ -144,7 +144,8 @@ def test_kernel_strided_inputs():
 @needs_triton
 def test_kernel_fp16_and_mixed_factor_dtype():
     """fp16 q/k/v with fp16 factors: error vs float64 at most 2x that of the reference computed on the
-    same fp16 inputs; float32 q/k/v with fp16 factors (the bias summed in float32 from them)."""
+    same fp16 inputs; float32 q/k/v with fp16 factors (the bias summed in float32 from them); fp16
+    q/k/v with float32 factors."""
     q, k, v, dy, dx = _case(2, 13, 2, 32, (4, 4), seed=7)
     h = [t.half() for t in (q, k, v, dy, dx)]
     want = naive64(*h)
@@ -155,6 +156,10 @@ def test_kernel_fp16_and_mixed_factor_dtype():
         _assert_close(got, want, max(2 * ref_err, 2e-3))
     dyh, dxh = dy.half(), dx.half()
     _assert_close(_run(q, k, v, dyh, dxh), naive64(q, k, v, dyh, dxh), 2e-5)
+    # fp16 q/k/v with float32 factors (the decoder island's call, in bf16 on a GPU)
+    want = naive64(*h[:3], dy, dx)
+    ref_err = (ra.rpb_attention_ref(*h[:3], dy, dx).double() - want).abs().max().item()
+    _assert_close(_run(*h[:3], dy, dx, block_m=16, block_n=16, num_splits=2), want, max(2 * ref_err, 2e-3))
 
 
 @needs_triton
@@ -253,6 +258,46 @@ def test_decoder_kernel_path_matches_sdpa_path(num_heads, attention, monkeypatch
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=2e-5, atol=2e-5, msg=name)
     assert (want["ref_boxes_all"][1:] - want["ref_boxes_all"][:-1]).abs().max() > 1e-3, "boxes not refined"
+
+
+@pytest.mark.parametrize("attention, lowp", [("entry_point", torch.bfloat16), ("launcher", torch.float16)])
+def test_island_decoder_on_low_precision_memory(attention, lowp, monkeypatch):
+    """The decoder as a bfloat16 build has it (a float32 island: float32 weights) on bfloat16 memory:
+    its image cross-attention runs in the memory's dtype, so the kernel gets q/k/v in that dtype and
+    the float32 bias factors; hs and the presence logit come back in it, the boxes in float32.
+    Against the decoder on the same values in float32, the kernel path's error is at most 2x
+    (+ 1e-3) that of the materialised-bias SDPA path (the bias rounded to the low precision there).
+    The Triton launcher runs under the interpreter, which has no bf16 arithmetic: fp16 there."""
+    if attention == "launcher" and not ra.HAS_TRITON:
+        pytest.skip(f"triton not importable: {ra.TRITON_IMPORT_ERROR}")
+    dec, inputs = _decoder_case(2, seed=5)
+    memory, pos = inputs[0].to(lowp), inputs[1].to(lowp)
+    exact = _decoder_outputs(dec, (memory.float(), pos.float()) + inputs[2:])
+    lowp_inputs = (memory, pos) + inputs[2:]
+    dec.use_kernel = False
+    sdpa = _decoder_outputs(dec, lowp_inputs)
+    calls = []
+
+    def spy(q, k, v, dy, dx):
+        calls.append((q.dtype, k.dtype, v.dtype, dy.dtype, dx.dtype))
+        if attention == "launcher":
+            return ra._rpb_attention_triton(q, k, v, dy, dx, block_m=16, block_n=16, num_splits=2)
+        return ra.rpb_attention(q, k, v, dy, dx)
+
+    monkeypatch.setattr(decoder_mod, "rpb_attention_backend", lambda q: ("triton", "forced by the test"))
+    monkeypatch.setattr(decoder_mod, "rpb_attention", spy)
+    dec.use_kernel = True
+    got = _decoder_outputs(dec, lowp_inputs)
+    assert calls == [(lowp,) * 3 + (torch.float32,) * 2] * 2
+    for name in ("hs", "hs_all", "presence_logit", "presence_logit_all", "presence_feats"):
+        assert got[name].dtype == sdpa[name].dtype == lowp, name
+    for name in ("pred_boxes", "ref_boxes_all"):
+        assert got[name].dtype == torch.float32, name
+    for name in exact:
+        ref = exact[name].double()
+        err_k = (got[name].double() - ref).abs().max().item()
+        err_s = (sdpa[name].double() - ref).abs().max().item()
+        assert err_k <= 2 * err_s + 1e-3, (name, err_k, err_s)
 
 
 def test_decoder_cpu_keeps_sdpa_path(monkeypatch):
@@ -417,6 +462,7 @@ def test_gpu_real_shape_bf16(B):
     torch_err = (_torch_bf16(qb, kb, vb, dyb, dxb).float() - ref).abs()
     assert ra.rpb_attention_backend(qb)[0] == "triton"
     for got in (ra.rpb_attention(qb, kb, vb, dyb, dxb),
+                ra.rpb_attention(qb, kb, vb, dy, dx),  # float32 factors: the decoder island's call
                 ra._rpb_attention_triton(qb, kb, vb, dyb, dxb, num_splits=1),
                 ra._rpb_attention_triton(qb, kb, vb, dyb, dxb, block_m=128, block_n=128, num_warps=8)):
         assert got.dtype == torch.bfloat16 and not got.isnan().any()

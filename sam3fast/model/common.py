@@ -75,7 +75,8 @@ class MultiheadAttention(nn.Module):
     as is; computed with ``F.scaled_dot_product_attention`` on batch-first tensors.
 
     ``key_padding_mask``: (B, S) bool, True = ignore that key. ``attn_bias``: additive float bias
-    broadcastable to (B, H, L, S).
+    broadcastable to (B, H, L, S). ``dtype``: compute in that dtype (inputs, weights and bias cast
+    to it, the output in it) instead of the weights' (a float32 island's low-precision part).
     """
 
     def __init__(self, embed_dim: int, num_heads: int):
@@ -95,23 +96,32 @@ class MultiheadAttention(nn.Module):
         value: torch.Tensor,
         key_padding_mask: Optional[torch.Tensor] = None,
         attn_bias: Optional[torch.Tensor] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> torch.Tensor:
         B, L, D = query.shape
         S = key.shape[1]
         H = self.num_heads
-        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        q = F.linear(query, w_q, b_q).view(B, L, H, D // H).transpose(1, 2)
-        k = F.linear(key, w_k, b_k).view(B, S, H, D // H).transpose(1, 2)
-        v = F.linear(value, w_v, b_v).view(B, S, H, D // H).transpose(1, 2)
-        mask = attn_bias
+        (w_q, w_k, w_v), (b_q, b_k, b_v), w_o, b_o = self.weights(dtype)
+        q = F.linear(query.to(w_q.dtype), w_q, b_q).view(B, L, H, D // H).transpose(1, 2)
+        k = F.linear(key.to(w_q.dtype), w_k, b_k).view(B, S, H, D // H).transpose(1, 2)
+        v = F.linear(value.to(w_q.dtype), w_v, b_v).view(B, S, H, D // H).transpose(1, 2)
+        mask = None if attn_bias is None else attn_bias.to(q.dtype)
         if key_padding_mask is not None:
             pad = torch.zeros(B, 1, 1, S, dtype=q.dtype, device=q.device).masked_fill(
                 key_padding_mask.view(B, 1, 1, S), float("-inf")
             )
             mask = pad if mask is None else mask + pad
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out_proj(out.transpose(1, 2).reshape(B, L, D))
+        return F.linear(out.transpose(1, 2).reshape(B, L, D), w_o, b_o)
+
+    def weights(self, dtype: Optional[torch.dtype] = None):
+        """((w_q, w_k, w_v), (b_q, b_k, b_v), w_out, b_out), cast to ``dtype`` if given (views of the
+        parameters when no cast is needed)."""
+        w, b = self.in_proj_weight, self.in_proj_bias
+        w_o, b_o = self.out_proj.weight, self.out_proj.bias
+        if dtype is not None:
+            w, b, w_o, b_o = (t.to(dtype) for t in (w, b, w_o, b_o))
+        return w.chunk(3), b.chunk(3), w_o, b_o
 
 
 def layer_norm2d_channels_last(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:

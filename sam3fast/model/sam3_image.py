@@ -115,11 +115,17 @@ class Sam3ImageModel(nn.Module):
     # ------------------------------------------------------------------ stages
     @property
     def device(self) -> torch.device:
-        return self.transformer.decoder.query_embed.weight.device
+        return self._dtype_probe.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.decoder.query_embed.weight.dtype
+        """The model's compute dtype (that of the fusion encoder's weights; float32 islands such as
+        the decoder and the scoring head keep float32 weights in every dtype)."""
+        return self._dtype_probe.dtype
+
+    @property
+    def _dtype_probe(self) -> torch.Tensor:
+        return self.transformer.encoder.layers[0].linear1.weight
 
     def encode_image(self, images: torch.Tensor) -> Dict[str, List[torch.Tensor]]:
         """images (B, 3, R, R) normalized -> backbone outputs (``backbone_fpn``, ``vision_pos_enc``:
