@@ -270,12 +270,6 @@ def test_island_decoder_on_low_precision_memory(attention, lowp, monkeypatch):
     The Triton launcher runs under the interpreter, which has no bf16 arithmetic: fp16 there."""
     if attention == "launcher" and not ra.HAS_TRITON:
         pytest.skip(f"triton not importable: {ra.TRITON_IMPORT_ERROR}")
-    dec, inputs = _decoder_case(2, seed=5)
-    memory, pos = inputs[0].to(lowp), inputs[1].to(lowp)
-    exact = _decoder_outputs(dec, (memory.float(), pos.float()) + inputs[2:])
-    lowp_inputs = (memory, pos) + inputs[2:]
-    dec.use_kernel = False
-    sdpa = _decoder_outputs(dec, lowp_inputs)
     calls = []
 
     def spy(q, k, v, dy, dx):
@@ -286,9 +280,22 @@ def test_island_decoder_on_low_precision_memory(attention, lowp, monkeypatch):
 
     monkeypatch.setattr(decoder_mod, "rpb_attention_backend", lambda q: ("triton", "forced by the test"))
     monkeypatch.setattr(decoder_mod, "rpb_attention", spy)
-    dec.use_kernel = True
-    got = _decoder_outputs(dec, lowp_inputs)
+    _check_island_decoder(torch.device("cpu"), lowp)
     assert calls == [(lowp,) * 3 + (torch.float32,) * 2] * 2
+
+
+def _check_island_decoder(device, lowp):
+    dec, inputs = _decoder_case(2, seed=5)
+    dec = dec.to(device)
+    inputs = tuple(t.to(device) if torch.is_tensor(t) else t for t in inputs)
+    memory, pos = inputs[0].to(lowp), inputs[1].to(lowp)
+    dec.use_kernel = False
+    exact = _decoder_outputs(dec, (memory.float(), pos.float()) + inputs[2:])
+    lowp_inputs = (memory, pos) + inputs[2:]
+    sdpa = _decoder_outputs(dec, lowp_inputs)
+    dec.use_kernel = True
+    assert dec.use_rpb_kernel(memory)
+    got = _decoder_outputs(dec, lowp_inputs)
     for name in ("hs", "hs_all", "presence_logit", "presence_logit_all", "presence_feats"):
         assert got[name].dtype == sdpa[name].dtype == lowp, name
     for name in ("pred_boxes", "ref_boxes_all"):
@@ -298,6 +305,14 @@ def test_island_decoder_on_low_precision_memory(attention, lowp, monkeypatch):
         err_k = (got[name].double() - ref).abs().max().item()
         err_s = (sdpa[name].double() - ref).abs().max().item()
         assert err_k <= 2 * err_s + 1e-3, (name, err_k, err_s)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+def test_gpu_island_decoder_on_bf16_memory():
+    """The same on CUDA with the real kernel: bf16 q/k/v, float32 bias factors."""
+    _check_island_decoder(torch.device("cuda"), torch.bfloat16)
 
 
 def test_decoder_cpu_keeps_sdpa_path(monkeypatch):

@@ -46,7 +46,8 @@ mkdir -p bench/results
 # memory-attention value fold and its pipelined skip of invalid tiles, the patch embedding's GEMM
 # form, the norms' fast paths, the two-way eager dispatch, tracker cuda_graphs "auto", the new
 # default tiles; the video outputs through the fused mask kernel; the concept loop's implicit
-# syncs), then the rest
+# syncs; the decoder's float32 island, whose image cross-attention gives the kernel bf16 q/k/v
+# with float32 bias factors), then the rest
 # K and V through tensor descriptors (use_tma, off by default) has never run on a device: its test
 # and benchmark rows run in processes of their own, after the rest of phase a's first half, so a
 # fault there cannot take other results with it
@@ -57,7 +58,7 @@ FIRST="tests/test_kernel_residual_norm.py tests/test_kernel_fused_linear.py test
  tests/test_frame_masks.py tests/test_video_device_growth.py
  tests/test_video_parity.py::test_cuda_concept_frames_make_no_implicit_sync
  tests/test_video_parity.py::test_cuda_pipelined_outputs_ride_in_the_planning_copy tests/test_host_channel.py
- tests/test_vision.py::test_cuda_patch_embed_gemm_form_bf16"
+ tests/test_vision.py::test_cuda_patch_embed_gemm_form_bf16 tests/test_kernel_rpb_attention.py"
 if [[ $PHASE == a ]]; then
     # what the open issues' speed items are measured by, most important first (about 560 s in the
     # second H100 run of 2026-11-26; a session now has 15 minutes of device time, start included)
