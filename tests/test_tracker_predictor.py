@@ -940,34 +940,47 @@ def test_progress_bar(pair, capsys):
     assert "propagate in video" not in capsys.readouterr().err
 
 
-def test_bf16_session_tracks_like_fp32(pair):
-    """A bfloat16 predictor (weights, backbone, activations) runs a whole session; its masks
-    follow the float32 ones (random weights: a loose bound, the point is that bf16 runs)."""
+def test_bf16_session_error_budget(pair):
+    """A bfloat16 predictor (weights, backbone, activations) runs a whole session (clicks on two
+    objects, a propagation) against the float32 official, next to the official's own bfloat16 mode
+    (its CUDA autocast; here ``torch.autocast("cpu", bfloat16)`` stands in): the mean relative error
+    of the video-resolution mask logits over the session's outputs is at most 2x the autocast's
+    (measured 0.8x), and so is the mean mask disagreement, 1 - IoU (measured 1.06x)."""
     import copy
 
     # The pair's object scores straddle 0 (SCORE_SHIFT) to reach both branches in the parity tests;
     # here a score within bf16 rounding of 0 would decide presence by a coin flip (it did on a CPU
     # with AMX: -1024-filled "absent" masks against present ones), so the objects are made clearly
-    # present in both copies.
-    ours32 = copy.deepcopy(pair.ours)
+    # present in both models' copies.
+    off = copy.deepcopy(pair.off)
+    ours16 = copy.deepcopy(pair.ours)
     with torch.no_grad():
-        ours32.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.add_(5.0)
-    p32 = copy.copy(pair)
-    p32.ours = ours32
-    p16 = copy.copy(pair)
-    p16.ours = copy.deepcopy(ours32).to(torch.bfloat16)
-    p16.ours.backbone = copy.deepcopy(pair.vb).to(torch.bfloat16)
-    ref, _ = points_two_objects(ours32, p32)
-    got, st = points_two_objects(p16.ours, p16)
-    assert p16.ours.step_counts["fixed_capacity"] > 0
-    ious = []
-    for (name, *rv), (_, *gv) in zip(ref, got):
-        vid_ref, vid_got = (rv[3], gv[3]) if name.startswith("fwd") else (rv[-1], gv[-1])
-        assert vid_got.dtype == torch.float32 or vid_got.dtype == torch.bfloat16
-        a, b = vid_got.float() > 0, vid_ref > 0
-        union = (a | b).sum().item()
-        ious.append(1.0 if union == 0 else (a & b).sum().item() / union)  # (both empty: agree)
-    assert min(ious) > 0.8, ious
+        off.sam_mask_decoder.pred_obj_score_head.layers[2].bias.add_(5.0)
+        ours16.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.add_(5.0)
+    ours16.to(torch.bfloat16)
+    ours16.backbone = copy.deepcopy(pair.vb).to(torch.bfloat16)
+
+    def session(pred, autocast=False):
+        with cpu_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.inference_mode():
+            rec, _ = points_two_objects(pred, pair)
+        return [(r[3] if r[0].startswith("fwd") else r[-1]).float() for r in rec]
+
+    ref, auto, got = session(off), session(off, autocast=True), session(ours16)
+    assert ours16.step_counts["fixed_capacity"] > 0
+    assert len(got) == len(ref) == NUM_FRAMES + 3
+
+    def errors(outs):
+        rel = [((o - r).norm() / r.norm()).item() for o, r in zip(outs, ref)]
+        miss = []
+        for o, r in zip(outs, ref):
+            a, b = o > 0, r > 0
+            union = (a | b).sum().item()
+            miss.append(0.0 if union == 0 else 1 - (a & b).sum().item() / union)
+        return sum(rel) / len(rel), sum(miss) / len(miss)
+
+    (rel16, miss16), (rel_auto, miss_auto) = errors(got), errors(auto)
+    assert 0 < rel_auto and rel16 <= 2 * rel_auto, (rel16, rel_auto)
+    assert 0 < miss_auto and miss16 <= 2 * miss_auto, (miss16, miss_auto)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
