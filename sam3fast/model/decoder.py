@@ -167,11 +167,11 @@ class Decoder(nn.Module):
     ``memory``'s dtype with its weights cast per call. ``hs``, the presence logit and
     ``presence_feats`` are returned in ``memory``'s dtype (the boxes are float32 always).
     Measured on CPU at full size (840 M, 1008 px, three images, the scoring head already an island;
-    relative error of the query logits against the float32 official, as a multiple of the
-    official's own bfloat16 autocast's, mean over the images): this decoder in bfloat16 2.0x (one
-    image 3.1x), this island 1.5x, the decoder wholly in float32 1.4x (the island's cross-attention
-    in float32 too costs ~15 GFLOP an image in float32, by arithmetic), float32 residual streams
-    with bfloat16 matmul inputs (the autocast's rule; one image) 2.3x.
+    mean relative error of the query logits against the float32 official, as a multiple of the
+    official's own bfloat16 autocast's): this decoder in bfloat16 2.0x (one image 3.1x), this island
+    1.5x, the decoder wholly in float32 1.4x (its cross-attention in float32 too would add ~15 GFLOP
+    an image in float32, by arithmetic), float32 residual streams with bfloat16 matmul inputs (the
+    autocast's rule; one image) 2.3x.
     """
 
     fp32_island = True
