@@ -9,9 +9,12 @@ residual_norm(x, y, weight, bias, eps, y_window=0, out_window=0) -> (s, n)
     y      what is added to it: (B, H, W, C) (y_window 0) or (B * H/w * W/w, w, w, C) in window
            order (y_window w, the attention output of a window block), contiguous
     weight, bias (C,)                the LayerNorm's affine parameters
-    s = x + y                                             (B, H, W, C), rounded to the dtype
+    s = x + y                                             (B, H, W, C), rounded to x's dtype
     n = LayerNorm_eps(s) * weight + bias                  (B, H, W, C), or in window order
-                                                          (out_window w: the next attention's input)
+                                                          (out_window w: the next attention's input),
+                                                          rounded to y's dtype
+y has x's dtype, or x is float32 and y lower precision: a float32 residual stream (the official bf16
+autocast's rule, ``ViT.fp32_residual``) whose branches and norms run in bf16.
 H and W must be multiples of every window side given (SAM 3: 72 = 3 x 24): the trunk pads nothing
 then; with padding the ViT keeps its unfused path.
 
@@ -91,8 +94,11 @@ def _check_inputs(x: Tensor, y: Tensor, weight: Tensor, bias: Tensor, y_window: 
         if w < 0 or (w and (H % w or W % w)):
             raise ValueError(f"{name} must be 0 or a window side dividing the {H} x {W} grid, got {w}")
     want = _window_shape(x, y_window)
-    if tuple(y.shape) != want or y.dtype != x.dtype:
-        raise ValueError(f"y must be a {x.dtype} {want} tensor (y_window {y_window}), got {y.dtype} {tuple(y.shape)}")
+    if tuple(y.shape) != want or not y.is_floating_point():
+        raise ValueError(f"y must be a floating {want} tensor (y_window {y_window}), got {y.dtype} {tuple(y.shape)}")
+    if y.dtype != x.dtype and not (x.dtype == torch.float32 and y.dtype in (torch.bfloat16, torch.float16)):
+        raise ValueError(f"y must have x's dtype, or be bfloat16/float16 with a float32 x (a float32 stream), "
+                         f"got x {x.dtype}, y {y.dtype}")
     for name, t in (("weight", weight), ("bias", bias)):
         if tuple(t.shape) != (C,):
             raise ValueError(f"{name} must be ({C},), got {tuple(t.shape)}")
@@ -102,12 +108,13 @@ def _check_inputs(x: Tensor, y: Tensor, weight: Tensor, bias: Tensor, y_window: 
 
 def residual_norm_ref(x: Tensor, y: Tensor, weight: Tensor, bias: Tensor, eps: float, y_window: int = 0,
                       out_window: int = 0) -> Tuple[Tensor, Tensor]:
-    """The spec (and the op's CPU kernel): the trunk's own operations (the add, ``F.layer_norm``, the
-    window permutations), so on CPU the fused trunk is the unfused one bit for bit."""
+    """The spec (and the op's CPU kernel): the trunk's own operations (the add, ``F.layer_norm`` in
+    the stream's dtype rounded to y's, the window permutations), so on CPU the fused trunk is the
+    unfused one bit for bit."""
     _check_inputs(x, y, weight, bias, y_window, out_window)
     B, H, W, C = x.shape
     s = x + (from_windows(y, y_window, B, H, W) if y_window else y)
-    n = F.layer_norm(s, (C,), weight, bias, eps)
+    n = F.layer_norm(s, (C,), weight.to(s.dtype), bias.to(s.dtype), eps).to(y.dtype)
     return s, (to_windows(n, out_window) if out_window else n)
 
 
@@ -147,7 +154,7 @@ if HAS_TRITON:
         x_ptr, y_ptr, w_ptr, b_ptr, s_ptr, n_ptr,
         N, C, H, W, eps,
         Y_WIN: tl.constexpr, OUT_WIN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-        BF16_BY_HAND: tl.constexpr,
+        S_BF16_BY_HAND: tl.constexpr, N_BF16_BY_HAND: tl.constexpr,
     ):
         # Grid (cdiv(N, BLOCK_T),): tokens [pid * BLOCK_T, +BLOCK_T) of the grid order, whole rows.
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -159,13 +166,13 @@ if HAS_TRITON:
         x = tl.load(x_ptr + row_x, mask=m, other=0.0)
         y = tl.load(y_ptr + row_y, mask=m, other=0.0)
         s = x.to(tl.float32) + y.to(tl.float32)
-        if BF16_BY_HAND:
+        if S_BF16_BY_HAND:
             s = _bf16_rtne(s)
         s = s.to(s_ptr.dtype.element_ty)  # the residual stream, rounded as PyTorch's add rounds it
         tl.store(s_ptr + row_x, s, mask=m)
 
         # (masked columns hold 0: they add nothing to the sums)
-        n = _layer_norm_rows(s.to(tl.float32), m, w_ptr, b_ptr, cols, c_mask, C, eps, BF16_BY_HAND)
+        n = _layer_norm_rows(s.to(tl.float32), m, w_ptr, b_ptr, cols, c_mask, C, eps, N_BF16_BY_HAND)
         row_n = _window_row(t, H, W, OUT_WIN).to(tl.int64)[:, None] * C + cols[None, :]
         tl.store(n_ptr + row_n, n.to(n_ptr.dtype.element_ty), mask=m)
 
@@ -196,7 +203,7 @@ def _residual_norm_triton(
     block_t = choose_block_t(C) if block_t is None else block_t
     check_power_of_two("block_t", block_t)
     s = output_buffer(out_s, x.shape, x.dtype, x.device)
-    n = output_buffer(out_n, _window_shape(x, out_window), x.dtype, x.device)
+    n = output_buffer(out_n, _window_shape(x, out_window), y.dtype, x.device)
     N = B * H * W
     if N == 0:
         return s, n
@@ -205,7 +212,8 @@ def _residual_norm_triton(
         _residual_norm_kernel[(cdiv(N, block_t),)](
             x, y, weight, bias, s, n, N, C, H, W, float(eps),
             Y_WIN=int(y_window), OUT_WIN=int(out_window), BLOCK_T=block_t, BLOCK_C=_next_pow2(C),
-            BF16_BY_HAND=_INTERPRETED and x.dtype == torch.bfloat16, num_warps=num_warps,
+            S_BF16_BY_HAND=_INTERPRETED and x.dtype == torch.bfloat16,
+            N_BF16_BY_HAND=_INTERPRETED and y.dtype == torch.bfloat16, num_warps=num_warps,
         )
     return s, n
 
@@ -222,7 +230,7 @@ residual_norm_op.register_kernel("cpu")(residual_norm_ref)
 
 @residual_norm_op.register_fake
 def _residual_norm_fake(x, y, weight, bias, eps, y_window, out_window):
-    return x.new_empty(x.shape), x.new_empty(_window_shape(x, out_window))
+    return x.new_empty(x.shape), y.new_empty(_window_shape(x, out_window))
 
 
 # ---- typed entry point (re-exported by sam3fast.ops) ------------------------------------------

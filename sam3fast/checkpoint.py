@@ -129,9 +129,15 @@ def check_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor],
 
 
 def float32_islands(model: nn.Module) -> Tuple[str, ...]:
-    """The state-dict prefixes ("name.") of the submodules marked ``fp32_island = True``: their
-    floating tensors stay float32 whatever the model's dtype."""
-    return tuple(name + "." for name, m in model.named_modules() if getattr(m, "fp32_island", False) and name)
+    """The state-dict prefixes whose floating tensors stay float32 whatever the model's dtype: "name."
+    of each submodule marked ``fp32_island = True``, and the full names of the parameters a module
+    lists in ``fp32_params``."""
+    out = []
+    for name, m in model.named_modules():
+        if getattr(m, "fp32_island", False) and name:
+            out.append(name + ".")
+        out.extend((name + "." if name else "") + p for p in getattr(m, "fp32_params", ()))
+    return tuple(out)
 
 
 def load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype] = None,

@@ -22,6 +22,16 @@ Triton pass (two a block instead of norm, partition, unpartition, add, norm and 
 stream keeps its bits, the norms are within float32 rounding of ``F.layer_norm``. Elsewhere, with
 ``fuse_residual_norm = False``, on a grid the windows do not divide (padding), or under autocast
 (mixed dtypes), the blocks run one by one as the official.
+Float32 residual stream (``ViT.fp32_residual``, off by default until an H100 times it): in a bf16
+(fp16) model the stream (after the patch embedding, ln_pre and every residual add) stays float32 and
+the norms compute in float32 with float32 parameters (the LayerNorms and the pos table are float32
+islands), rounding their outputs to the blocks' dtype, as the official bf16 autocast does (its
+parameters and residual adds are float32; only matmul inputs are bf16). The attention and the MLP
+run in the weights' dtype; the trunk returns its dtype. The fused chain takes the float32 stream
+with bf16 branches. On CPU this is the official autocast's trunk computation: bit-identical at the
+tiny config, the same feature error at full size (0.0054 against the float32 official, three 1008
+px images, against 0.0108 with the bf16 stream). Cost: the stream's bytes double (by arithmetic
+~1.4 GB more traffic an image in the fused chain, ~0.4 ms on an H100; unmeasured).
 GEMM epilogues (off by default until an H100 times them against cuBLAS): ``ViT.fused_rope`` runs
 each attention's qkv projection and the RoPE of q, k as one Triton GEMM (``sam3fast::linear_rope``),
 ``ViT.fused_gelu`` each MLP's fc1 and GELU (``sam3fast::linear_gelu``).
@@ -108,6 +118,14 @@ def _no_autocast(x: torch.Tensor) -> bool:
     while under autocast the module's operations mix them (its norms in float32, its linears in the
     autocast dtype), so there the module's own path runs."""
     return not torch.is_autocast_enabled(x.device.type)
+
+
+def _norm(ln: nn.LayerNorm, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``ln(x)`` computed in x's dtype (the stream's: its affine parameters cast to it) and rounded
+    to ``dtype`` (the branch's); exactly ``ln(x)`` when the dtypes agree."""
+    if x.dtype == dtype == ln.weight.dtype:
+        return ln(x)
+    return F.layer_norm(x, ln.normalized_shape, ln.weight.to(x.dtype), ln.bias.to(x.dtype), ln.eps).to(dtype)
 
 
 class PatchEmbed(nn.Module):
@@ -209,8 +227,11 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, H, W, C) the residual stream, in the weights' dtype or float32 (``ViT.fp32_residual``:
+        the norms in float32, rounded to the weights' dtype for the attention and the MLP)."""
+        dtype = self.attn.qkv.weight.dtype
         shortcut = x
-        x = self.norm1(x)
+        x = _norm(self.norm1, x, dtype)
         H, W = x.shape[1], x.shape[2]
         if self.window_size > 0:
             # Partition before qkv (C wide, not 3C); the official zero-pads *normed* tokens, so
@@ -221,7 +242,7 @@ class Block(nn.Module):
         if self.window_size > 0:
             x = window_unpartition(x, self.window_size, pad_hw, (H, W))
         x = shortcut + x
-        return x + self.mlp(self.norm2(x))
+        return x + self.mlp(_norm(self.norm2, x, dtype))
 
 
 class ViT(nn.Module):
@@ -229,7 +250,13 @@ class ViT(nn.Module):
 
     Assumes the SAM 3 settings: pos table with a cls entry (dropped), tiled (not interpolated),
     ln_pre, no ln_post, RoPE with interpolation, qkv bias, patch conv without bias.
+
+    The LayerNorms' parameters and the pos table are float32 islands (kept float32 by the builders
+    whatever the dtype: ~0.3 M values): a bf16 trunk rounds them to bf16 where its stream is bf16,
+    and the float32 stream (``fp32_residual``) uses them as the official autocast does.
     """
+
+    fp32_params = ("pos_embed",)
 
     def __init__(
         self,
@@ -271,9 +298,14 @@ class ViT(nn.Module):
             for i in range(depth)
         )
         self.ln_pre = nn.LayerNorm(embed_dim, eps=1e-5)
+        for m in self.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.fp32_island = True
         # True: on CUDA, the residual adds and norms of the blocks fused (module docstring); False:
         # the blocks one by one (the path the fused one is measured against)
         self.fuse_residual_norm = True
+        # True: a bf16/fp16 trunk keeps its residual stream in float32 (module docstring)
+        self.fp32_residual = False
 
     @property
     def fused_rope(self) -> bool:
@@ -305,8 +337,12 @@ class ViT(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(images)
-        x = x + self.abs_pos(x.shape[1], x.shape[2])
-        x = self.ln_pre(x)
+        dtype = self.patch_embed.proj.weight.dtype  # the blocks' (under autocast x is bf16 here)
+        # the stream from here on: the weights' dtype, or float32 (fp32_residual; and a float32 trunk
+        # under autocast, as the official: its bf16 patch embedding plus the float32 pos table)
+        stream = torch.float32 if self.fp32_residual else dtype
+        x = x.to(stream) + self.abs_pos(x.shape[1], x.shape[2]).to(stream)
+        x = _norm(self.ln_pre, x, stream)
         blocks = self.blocks[: self.num_run_blocks]
         if self.fuse_residual_norm and residual_norm_backend(x)[0] == "triton" and _no_autocast(x) and all(
                 x.shape[1] % blk.window_size == 0 and x.shape[2] % blk.window_size == 0
@@ -315,7 +351,7 @@ class ViT(nn.Module):
         else:
             for blk in blocks:
                 x = blk(x)
-        return x.permute(0, 3, 1, 2)
+        return x.to(dtype).permute(0, 3, 1, 2)
 
     @staticmethod
     def _fused_blocks(x: torch.Tensor, blocks) -> torch.Tensor:
@@ -328,7 +364,8 @@ class ViT(nn.Module):
             w, ln1, ln2 = blk.window_size, blk.norm1, blk.norm2
             if pending is None:
                 s = x
-                h = window_partition(ln1(x), w)[0] if w > 0 else ln1(x)
+                h = _norm(ln1, x, blk.attn.qkv.weight.dtype)
+                h = window_partition(h, w)[0] if w > 0 else h
             else:
                 s, h = residual_norm(x, pending, ln1.weight, ln1.bias, ln1.eps, 0, w)
             n, hh, ww, C = h.shape
