@@ -557,28 +557,42 @@ def test_compiled_video_model_parity(checkpoints, predictors, clip_dir):
     torch._dynamo.reset()
 
 
-def test_bf16_video_session_runs_and_follows_fp32(checkpoints, clip_dir):
-    """A bfloat16 video model runs detect-and-track end to end; its tracks follow the float32
-    ones (random weights: loose bounds, the point is that the bf16 path works)."""
+def test_bf16_video_session_error_budget(checkpoints, clip_dir):
+    """A bfloat16 video model runs detect-and-track end to end against the float32 official, next to
+    the official's own bfloat16 mode (its CUDA autocast; ``torch.autocast("cpu", bfloat16)`` stands
+    in): on at least as many frames as the autocast it reports the official's object ids, and on
+    those its mean mask disagreement (1 - IoU) and mean largest probability difference are at most
+    2x the autocast's (measured 0.14x and 0.12x: the autocast's session drifts further)."""
     steps = [{"type": "add_prompt", "frame_index": 0, "text": "blob"},
              {"type": "propagate_in_video", "propagation_direction": "forward"}]
-    runs = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        pred = build_sam3_video_predictor(checkpoint_path=checkpoints[SIMPLE_SEED], config=CFG, device="cpu",
-                                          dtype=dtype)
-        runs[dtype] = run_our_session(pred, clip_dir, steps)[-1]["response"]
-    same_ids, ious = 0, []
-    for f32, f16 in zip(runs[torch.float32], runs[torch.bfloat16]):
-        a, b = f32["outputs"], f16["outputs"]
-        assert np.isfinite(b["out_probs"]).all() and np.isfinite(b["out_boxes_xywh"]).all()
-        if a["out_obj_ids"].tolist() == b["out_obj_ids"].tolist():
-            same_ids += 1
+    official = build_official_video_predictor(CFG, checkpoints[SIMPLE_SEED])  # its own: autocast runs on it
+    ref = run_official_session(official, clip_dir, steps)[-1]["response"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = run_official_session(official, clip_dir, steps)[-1]["response"]
+    pred = build_sam3_video_predictor(checkpoint_path=checkpoints[SIMPLE_SEED], config=CFG, device="cpu",
+                                      dtype=torch.bfloat16)
+    got = run_our_session(pred, clip_dir, steps)[-1]["response"]
+    assert len(ref) == len(auto) == len(got) == NUM_FRAMES
+
+    def drift(run):
+        same, miss, dprob = 0, [], []
+        for a, b in zip(ref, run):
+            a, b = a["outputs"], b["outputs"]
+            assert np.isfinite(b["out_probs"]).all() and np.isfinite(b["out_boxes_xywh"]).all()
+            if a["out_obj_ids"].tolist() != b["out_obj_ids"].tolist():
+                continue
+            same += 1
             for ma, mb in zip(a["out_binary_masks"], b["out_binary_masks"]):
                 union = (ma | mb).sum()
-                ious.append(1.0 if union == 0 else (ma & mb).sum() / union)
-    assert same_ids >= 0.8 * NUM_FRAMES, same_ids
-    # (measured: 19 of 20 masks above 0.96; one small mask at 0.39)
-    assert ious and np.mean(np.array(ious) > 0.95) >= 0.9, sorted(ious)
+                miss.append(0.0 if union == 0 else 1.0 - (ma & mb).sum() / union)
+            if len(a["out_probs"]):
+                dprob.append(float(np.abs(a["out_probs"] - b["out_probs"]).max()))
+        return same, float(np.mean(miss)), float(np.mean(dprob))
+
+    (same16, miss16, prob16), (same_a, miss_a, prob_a) = drift(got), drift(auto)
+    assert same_a >= 0.8 * NUM_FRAMES and same16 >= same_a, (same16, same_a)
+    assert 0 < miss_a and miss16 <= 2 * miss_a, (miss16, miss_a)
+    assert 0 < prob_a and prob16 <= 2 * prob_a, (prob16, prob_a)
 
 
 @pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "sequential"])
