@@ -327,10 +327,11 @@ class ViT(nn.Module):
         for blk in self.blocks:
             blk.mlp.fused_gelu = bool(on)
 
-    def abs_pos(self, h: int, w: int) -> torch.Tensor:
-        """(1, h, w, C): the pretrain table without its cls entry, tiled (exact copies, no resampling)."""
+    def abs_pos(self, h: int, w: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """(1, h, w, C): the pretrain table without its cls entry, tiled (exact copies, no resampling),
+        in ``dtype`` (default: the table's; cast before the tiling, on the small table)."""
         T = self.pretrain_grid
-        pos = self.pos_embed[:, 1:].view(1, T, T, -1)
+        pos = self.pos_embed[:, 1:].to(dtype or self.pos_embed.dtype).view(1, T, T, -1)
         if T != h or T != w:
             pos = pos.repeat(1, h // T + 1, w // T + 1, 1)[:, :h, :w]
         return pos
@@ -341,7 +342,7 @@ class ViT(nn.Module):
         # the stream from here on: the weights' dtype, or float32 (fp32_residual; and a float32 trunk
         # under autocast, as the official: its bf16 patch embedding plus the float32 pos table)
         stream = torch.float32 if self.fp32_residual else dtype
-        x = x.to(stream) + self.abs_pos(x.shape[1], x.shape[2]).to(stream)
+        x = x.to(stream) + self.abs_pos(x.shape[1], x.shape[2], stream)
         x = _norm(self.ln_pre, x, stream)
         blocks = self.blocks[: self.num_run_blocks]
         if self.fuse_residual_norm and residual_norm_backend(x)[0] == "triton" and _no_autocast(x) and all(
