@@ -1263,6 +1263,39 @@ def test_backbone_cuda_graphs_option(pair):
         ours._backbone_call = ours._backbone_call_key = None
 
 
+@pytest.mark.parametrize("gemm", [False, True], ids=["conv", "gemm"])
+def test_bf16_backbone_with_float32_islands_takes_float32_frames(pair, gemm):
+    """A bf16 backbone as the builders load it (its LayerNorms and the ViT's pos table float32
+    islands; the pos table is the vision backbone's first parameter) runs forward_image on the
+    float32 frames the predictor gives it: the frames go to the backbone in bf16 (not in the pos
+    table's float32, which the bf16 patch embedding refused on the first H200 run of 2026-11-27),
+    through the convolution and through the GEMM form CUDA takes."""
+    import copy
+
+    from sam3fast.checkpoint import float32_islands, load_into
+
+    vb = copy.deepcopy(pair.vb)
+    load_into(vb, pair.vb.state_dict(), dtype=torch.bfloat16)
+    trunk = vb.trunk
+    assert next(vb.parameters()) is trunk.pos_embed and trunk.pos_embed.dtype == torch.float32
+    assert "trunk.pos_embed" in float32_islands(vb)
+    assert trunk.patch_embed.proj.weight.dtype == torch.bfloat16
+    trunk.patch_embed.gemm = gemm
+    ours = copy.deepcopy(pair.ours)
+    load_into(ours, pair.ours.state_dict(), dtype=torch.bfloat16)
+    assert ours.sam_mask_decoder.conv_s0.weight.dtype == torch.bfloat16
+    ours.backbone = vb
+    img = pair.frames[0].float().unsqueeze(0)
+    with torch.inference_mode():
+        got = ours.forward_image(img)
+        want = vb(img.to(torch.bfloat16))
+    for a, b in zip(got["backbone_fpn"][2:], want["sam2_backbone_fpn"][2:]):
+        assert a.dtype == torch.bfloat16
+        assert torch.equal(a, b)
+    with pytest.raises(TypeError, match="images must be a floating tensor"):
+        trunk.patch_embed(torch.zeros(1, 3, 28, 28, dtype=torch.uint8))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graphed_backbone_equals_eager_and_recaptures(own_gpu):
     """On a GPU forward_image replays the backbone from a graph captured on the second frame: the

@@ -147,12 +147,16 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         P = self.proj.kernel_size[0]
+        w = self.proj.weight
+        if x.dtype != w.dtype and _no_autocast(x):
+            if not x.is_floating_point():
+                raise TypeError(f"images must be a floating tensor (normalized pixels), got {x.dtype}")
+            x = x.to(w.dtype)  # float32 frames into a bf16 trunk, as the module's callers give them
         use_gemm = x.is_cuda if self.gemm is None else self.gemm
         if not use_gemm or H % P or W % P:
             return self.proj(x).permute(0, 2, 3, 1)
         gh, gw = H // P, W // P
         rows = x.reshape(B, C, gh, P, gw, P).permute(0, 2, 4, 1, 3, 5).reshape(B * gh * gw, C * P * P)
-        w = self.proj.weight
         return (rows @ w.reshape(w.shape[0], -1).t()).view(B, gh, gw, w.shape[0])
 
 

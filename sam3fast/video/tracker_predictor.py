@@ -310,10 +310,20 @@ def sam2_frame_store(video_path, image_size, async_loading_frames=False, img_mea
 
 
 def _first_weight(bb) -> Optional[torch.Tensor]:
-    """The first parameter of a backbone's vision part (None for a module without one, or a
-    non-module backbone)."""
+    """A parameter of a backbone's vision part in its compute dtype: the first one outside the
+    float32 islands (the first that is not float32; in a float32 backbone, the first), None for a
+    module without parameters or a non-module backbone. (The first parameter itself is the ViT's
+    pos table, a float32 island in a bf16 trunk: casting the frames to its dtype fed float32 frames
+    to the bf16 patch embedding, which failed on the first H200 run of 2026-11-27.)"""
     vb = getattr(bb, "vision_backbone", bb)
-    return next((p for p in vb.parameters()), None) if isinstance(vb, nn.Module) else None
+    if not isinstance(vb, nn.Module):
+        return None
+    first = None
+    for p in vb.parameters():
+        if p.dtype != torch.float32:
+            return p
+        first = first if first is not None else p
+    return first
 
 
 def _backbone_fpn_pos(bb, img_batch: torch.Tensor):
