@@ -84,7 +84,11 @@ def main(argv=None):
         cb, nw, nb = ((s * torch.randn(C, generator=gen) + m).to(device=device, dtype=dtype)
                       for s, m in ((0.2, 0.0), (0.3, 1.0), (0.2, 0.0)))
         eps = 1e-6
-        want = eager_chain(x, cw, cb, nw, nb, eps, False)
+        # the reference: the chain in float32 on the same (rounded) inputs; a candidate may be off it
+        # by twice the eager bf16 chain's own error (each convolution algorithm rounds its output
+        # before the norm divides by a small std: NCHW and channels-last differed by 2 bf16 ulps at
+        # 16 objects on the H200 of 2026-11-27), or 2 ulps, whichever is larger
+        want = eager_chain(*(t.float() for t in (x, cw, cb, nw, nb)), eps, False)
         nbytes = 2 * x.numel() * x.element_size()
         flops = 2 * B * C * g * g * k * k
         cands = {}
@@ -102,12 +106,13 @@ def main(argv=None):
             torch._dynamo.reset()
             comp = torch.compile(eager_chain, fullgraph=True, backend=compile_backend)
             cands[f"compiled ({compile_backend})"] = lambda: comp(x, cw, cb, nw, nb, eps, False)
-        tol = 2 * torch.finfo(dtype).eps
+        def rel_err(y):
+            return ((y.float() - want).abs() / want.abs().clamp(min=1)).max().item()
+
+        tol = max(2 * rel_err(eager_chain(x, cw, cb, nw, nb, eps, False)), 2 * torch.finfo(dtype).eps)
         for impl, fn in cands.items():
-            y = fn()
-            if y is not None:  # (a graph replay returns None: its capture ran the checked call)
-                err = ((y.float() - want.float()).abs() / want.float().abs().clamp(min=1)).max().item()
-                assert err <= tol, f"B={B} {impl}: {err:.3g} (relative) off the eager chain"
+            err = rel_err(fn())
+            assert err <= tol, f"B={B} {impl}: {err:.3g} (relative) off the float32 chain (bound {tol:.3g})"
             ms = time_ms(fn, device, args.reps)
             rows.append({"objects": B, "impl": impl, "ms": ms, "GBs": nbytes / ms / 1e6, "GFLOPs": flops / ms / 1e6})
             print(f"B={B:<3} {impl:34} {ms:10.4f} ms  {nbytes / ms / 1e6:8.1f} GB/s  {flops / ms / 1e6:9.1f} GFLOP/s")
