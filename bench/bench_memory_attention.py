@@ -156,7 +156,7 @@ def fold_rows(B, args, device, dtype, q, k, v, rope, freqs, key_valid, n_rope, s
         op = torch.ops.sam3fast.memory_attention
         op(q, k, v_fold, rope, key_valid, True, n_rope)  # settles the SDPA try (SDPA_REFUSED)
         key = (dtype, Dh, Dv)
-        path = ("sdpa path" if key not in ma.SDPA_REFUSED else "triton, sdpa refused") if ma.uses_sdpa_path(q) \
+        path = ("sdpa path" if key not in ma.SDPA_REFUSED else "triton, sdpa refused") if ma.uses_sdpa_path(q, Dv) \
             else "triton"
         if key in ma.SDPA_REFUSED:
             print(f"{label:24} op fold: SDPA refused Dv={Dv}: {ma.SDPA_REFUSED[key][:100]}")

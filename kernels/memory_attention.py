@@ -94,12 +94,20 @@ _LOG2E = 1.4426950408889634
 DEFAULT_TILE = (64, 32, 4, 2)
 # From this many (object, head) pairs on, a bf16/fp16 call on CUDA rotates q and the keys with the
 # RoPE prepass kernel and hands the attention to PyTorch's SDPA, cuDNN's backend first (set to None
-# to always use the Triton kernel). Measured on an H100 (same file): cuDNN took 9.1 ms at B = 16
-# (the best Triton tile 13.8 ms) but 1.67 ms at B = 1 (Triton 0.95 ms): 41 query blocks of one
-# object leave most of the 132 SMs idle and cuDNN has no split-KV. The crossover between B = 1 and
-# B = 16 is not measured yet; 4 is a guess between the two, and the benchmark's "sdpa path" row
-# over B = 1, 2, 4, 8, 16 is what should set it.
-SDPA_MIN_BATCH_HEADS: Optional[int] = 4
+# to always use the Triton kernel). Measured on an H100 (2026-11-26, the kernel before its skip of
+# invalid tiles was pipelined): cuDNN took 9.1 ms at B = 16 (the best Triton tile 13.8 ms) but
+# 1.67 ms at B = 1 (Triton 0.95 ms): 41 query blocks of one object leave most of the 132 SMs idle
+# and cuDNN has no split-KV. On an H200 (2026-11-27, 7 frames + 64 pointer tokens): B = 1 SDPA
+# 1.75 ms against Triton 0.66; B = 4 3.73 against 2.87 (DEFAULT_TILE; 2.55 with 128 x 64 w8,
+# which spills in its loop on Triton 3.7's sm_90 build); B = 16 9.67 against 10.04 (9.30 with TMA
+# loads). SDPA computes masked keys, the kernel skips their tiles: with 4 of 7 frames masked (a
+# young or occluded track), B = 5 3.76 against 1.64 ms and B = 16 9.73 against 4.83. So SDPA only
+# from 8 pairs on (B = 8 itself unmeasured); values narrower than the keys (the value fold) have
+# their own threshold, SDPA_MIN_BATCH_HEADS_FOLD.
+SDPA_MIN_BATCH_HEADS: Optional[int] = 8
+# The value fold (Dv = 64 < Dh = 256) on the H200: at B = 4 the SDPA path took 1.82 ms (cuDNN alone
+# 1.58) against the best Triton tile's 2.36; at B = 1 Triton 0.60 against cuDNN's 0.80.
+SDPA_MIN_BATCH_HEADS_FOLD: Optional[int] = 4
 # (dtype, Dh, Dv) with Dv != Dh that cuDNN and memory-efficient SDPA both refused -> the first line
 # of the refusal; such calls go straight to the Triton kernel (see the module docstring).
 SDPA_REFUSED: Dict[Tuple[torch.dtype, int, int], str] = {}
@@ -573,11 +581,14 @@ def _memory_attention_sdpa(
     return out.contiguous()
 
 
-def uses_sdpa_path(q: Tensor) -> bool:
-    """Whether ``sam3fast::memory_attention`` on CUDA hands these queries to SDPA (see
-    ``SDPA_MIN_BATCH_HEADS``) rather than the Triton kernel."""
-    return (SDPA_MIN_BATCH_HEADS is not None and q.dtype in (torch.bfloat16, torch.float16)
-            and q.shape[0] * q.shape[2] >= SDPA_MIN_BATCH_HEADS)
+def uses_sdpa_path(q: Tensor, value_dim: Optional[int] = None) -> bool:
+    """Whether ``sam3fast::memory_attention`` on CUDA hands these queries, with values
+    ``value_dim`` wide (None: q's head dim), to SDPA (see ``SDPA_MIN_BATCH_HEADS`` and
+    ``SDPA_MIN_BATCH_HEADS_FOLD``) rather than the Triton kernel."""
+    Dv = q.shape[-1] if value_dim is None else value_dim
+    limit = SDPA_MIN_BATCH_HEADS if Dv >= q.shape[-1] else SDPA_MIN_BATCH_HEADS_FOLD
+    return (limit is not None and q.dtype in (torch.bfloat16, torch.float16)
+            and q.shape[0] * q.shape[2] >= limit)
 
 
 @torch.library.custom_op("sam3fast::memory_attention", mutates_args=(), device_types="cuda")
@@ -594,7 +605,7 @@ def _memory_attention_dispatch(
 ) -> Tensor:
     """The CUDA op's body (callable on any device the launchers take): SDPA for many objects, where
     it accepts a Dv != Dh (tried once per (dtype, Dh, Dv), see ``SDPA_REFUSED``), else Triton."""
-    if uses_sdpa_path(q):
+    if uses_sdpa_path(q, v.shape[-1]):
         Dh, Dv = q.shape[-1], v.shape[-1]
         if Dv == Dh:
             return _memory_attention_sdpa(q, k, v, rope, key_valid, rope_q, n_rope_keys)

@@ -145,12 +145,20 @@ def test_sdpa_path_choice(monkeypatch):
     def q(B, H, dtype=torch.bfloat16):
         return torch.empty(B, 9, H, 32, dtype=dtype)
 
+    assert (ma.SDPA_MIN_BATCH_HEADS, ma.SDPA_MIN_BATCH_HEADS_FOLD) == (8, 4)  # set by the H200 run
     monkeypatch.setattr(ma, "SDPA_MIN_BATCH_HEADS", 4)
+    monkeypatch.setattr(ma, "SDPA_MIN_BATCH_HEADS_FOLD", 2)
     assert not ma.uses_sdpa_path(q(1, 1)) and not ma.uses_sdpa_path(q(3, 1))
     assert ma.uses_sdpa_path(q(4, 1)) and ma.uses_sdpa_path(q(2, 2)) and ma.uses_sdpa_path(q(16, 1, torch.float16))
-    assert not ma.uses_sdpa_path(q(16, 1, torch.float32))
+    assert ma.uses_sdpa_path(q(4, 1), 32) and not ma.uses_sdpa_path(q(3, 1), 64)  # values as wide or wider
+    # values narrower than the keys (the value fold) have their own threshold
+    assert ma.uses_sdpa_path(q(2, 1), 16) and not ma.uses_sdpa_path(q(1, 1), 16)
+    assert not ma.uses_sdpa_path(q(16, 1, torch.float32)) and not ma.uses_sdpa_path(q(16, 1, torch.float32), 16)
     monkeypatch.setattr(ma, "SDPA_MIN_BATCH_HEADS", None)
-    assert not ma.uses_sdpa_path(q(64, 1))
+    assert not ma.uses_sdpa_path(q(64, 1)) and ma.uses_sdpa_path(q(64, 1), 16)
+    monkeypatch.setattr(ma, "SDPA_MIN_BATCH_HEADS_FOLD", None)
+    assert not ma.uses_sdpa_path(q(64, 1), 16)
+
 
 
 @needs_triton
@@ -580,10 +588,11 @@ def test_sdpa_value_dim_refusal_falls_back_to_triton(monkeypatch):
     fallback; on CPU neither exists, so it refuses with a RuntimeError), the op's body then runs the
     Triton kernel, and the refusal is remembered per (dtype, Dh, Dv): SDPA is tried once."""
     monkeypatch.setattr(ma, "SDPA_MIN_BATCH_HEADS", 4)
+    monkeypatch.setattr(ma, "SDPA_MIN_BATCH_HEADS_FOLD", 4)
     monkeypatch.setattr(ma, "SDPA_REFUSED", {})
     q, k, v, freqs, key_valid = _fold_case(4, 1, 32, 16, (3, 3), 2, 3, seed=13, dtype=torch.float16)
     rope = torch.view_as_real(freqs)
-    assert ma.uses_sdpa_path(q)
+    assert ma.uses_sdpa_path(q, v.shape[-1])
     with pytest.raises(RuntimeError):
         ma._memory_attention_sdpa(q, k, v, rope, key_valid, True, 18)
     tries = []
@@ -740,10 +749,11 @@ def test_gpu_real_shape_bf16(B, n_frames, n_ptr, pad, self_attn):
 @needs_cuda
 @needs_triton
 @pytest.mark.parametrize("B, pad", [(4, 0), (16, 2)], ids=["B4", "B16_pad2"])
-def test_gpu_sdpa_path_real_shape_bf16(B, pad):
-    """Many objects in bf16 go to the RoPE prepass + SDPA path: at 7 memory frames + 64 pointer
-    tokens its error vs the fp32 reference is at most 2x that of PyTorch in bf16; and the op
-    replays inside a CUDA graph."""
+def test_gpu_sdpa_path_real_shape_bf16(B, pad, monkeypatch):
+    """Many objects in bf16 go to the RoPE prepass + SDPA path (from 4 objects here: the path's
+    numbers, not the threshold, are under test): at 7 memory frames + 64 pointer tokens its error vs
+    the fp32 reference is at most 2x that of PyTorch in bf16; and the op replays inside a CUDA graph."""
+    monkeypatch.setattr(ma, "SDPA_MIN_BATCH_HEADS", 4)
     q, k, v, freqs, key_valid = _gpu_case(B, 7, 64, seed=20 + B, pad_frames=pad)
     n_rope = 7 * 5184
     rope = torch.view_as_real(freqs)
@@ -858,7 +868,7 @@ def test_gpu_value_dim_real_shape_bf16(B, pad):
         for name, out in outs.items():
             e = (out[sl].float() - ref).abs()
             errs[name] = [max(errs[name][0], e.max().item()), errs[name][1] + e.pow(2).sum().item()]
-    path = "sdpa" if ma.uses_sdpa_path(qb) and (torch.bfloat16, 256, 64) not in ma.SDPA_REFUSED else "triton"
+    path = "sdpa" if ma.uses_sdpa_path(qb, 64) and (torch.bfloat16, 256, 64) not in ma.SDPA_REFUSED else "triton"
     for name, out in outs.items():
         assert out.shape == (B, 5184, 1, 64) and out.dtype == torch.bfloat16 and not out.isnan().any()
         emax, esq = errs[name]
