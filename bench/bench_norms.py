@@ -7,6 +7,10 @@ C = 4, 16, 64, 256 on S = I/2, I/4, I/8, I/16 (I = ``mem_interpol_size``, 1152: 
                                block per (n, h, w) row of C elements
   channels-first               ``layer_norm2d_channels_first``: float32 statistics reduced over dim 1
   compiled LayerNorm2d         torch.compile of the module (whichever path its C selects)
+  triton layer_norm2d          ``sam3fast::layer_norm2d``'s kernel (C < SMALL_C; the module's path on CUDA)
+  ... + GELU                   the norm then the exact GELU, as the mask downsampler and the SAM
+                               decoder run them: channels-first + F.gelu, compiled, and the kernel's
+                               fused form (LayerNorm2d.forward_gelu)
 GroupNorm(8, D) at the segmentation head's pixel-decoder shapes, B images: (B, D, 2g, 2g) and
 (B, D, 4g, 4g) (144 and 288 at 1008 px). Rows:
   F.group_norm                 nn.GroupNorm's forward (one block per (batch, group) row)
@@ -38,9 +42,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)  # bench/_common.py, also when run through runpy
 
-from _common import machine_header, print_header, time_ms, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    machine_header, print_header, time_ms, use_interpreter_without_cuda, write_results,
+)
+
+use_interpreter_without_cuda()  # before the kernel import
 
 from sam3fast.config import get_config  # noqa: E402
+from sam3fast.kernels import layer_norm2d as ln2d  # noqa: E402
 from sam3fast.model.common import (  # noqa: E402
     GROUP_NORM_FAST_MIN_NUMEL, FastGroupNorm, LayerNorm2d, group_norm_fast, layer_norm2d_channels_first,
     layer_norm2d_channels_last,
@@ -88,10 +97,30 @@ def bench_layer_norm(shape, args, device, dtype, compile_backend):
     if not args.no_compile:
         comp = torch.compile(m, fullgraph=True, backend=compile_backend)
         cands["compiled LayerNorm2d"] = lambda: comp(x)
-    chosen = "channels-first" if C < LayerNorm2d.SMALL_C else "channels-last F.layer_norm"
+    small = C < LayerNorm2d.SMALL_C
+    kernel = small and ln2d.HAS_TRITON
+    if kernel:
+        cands["triton layer_norm2d"] = lambda: ln2d._layer_norm2d_triton(x, w, b, eps)
+    chosen = "channels-last F.layer_norm"
+    if small:
+        chosen = "triton layer_norm2d" if kernel and device.type == "cuda" else "channels-first"
     with torch.no_grad():
         want = layer_norm2d_channels_last(x, w, b, eps)
-    return _run_rows(f"LN2d {tuple(shape)}", x, cands, want, chosen, args, device)
+    rows = _run_rows(f"LN2d {tuple(shape)}", x, cands, want, chosen, args, device)
+    if not small:
+        return rows
+    # the norm and the GELU after it (the mask downsampler, the SAM decoder's upscaling)
+    cands = {"channels-first + F.gelu": lambda: F.gelu(layer_norm2d_channels_first(x, w, b, eps))}
+    if not args.no_compile:
+        torch._dynamo.reset()
+        comp_g = torch.compile(lambda t: F.gelu(m(t)), fullgraph=True, backend=compile_backend)
+        cands["compiled LayerNorm2d + GELU"] = lambda: comp_g(x)
+    if kernel:
+        cands["triton layer_norm2d + GELU"] = lambda: ln2d._layer_norm2d_triton(x, w, b, eps, True)
+    chosen = "triton layer_norm2d + GELU" if kernel and device.type == "cuda" else "channels-first + F.gelu"
+    with torch.no_grad():
+        want = F.gelu(layer_norm2d_channels_last(x, w, b, eps))
+    return rows + _run_rows(f"LN2d+GELU {tuple(shape)}", x, cands, want, chosen, args, device)
 
 
 def bench_group_norm(shape, args, device, dtype, compile_backend):
@@ -156,9 +185,12 @@ def main(argv=None):
         sel = [r for r in rows if r["shape"].startswith(prefix)]
         return sum(r["ms"] for r in sel if (r["impl"] == old if old else r["chosen"]))
 
-    ln_old, ln_now = total("LN2d", "channels-last F.layer_norm"), total("LN2d", None)
+    ln_old, ln_now = total("LN2d (", "channels-last F.layer_norm"), total("LN2d (", None)
+    lg_old, lg_now = total("LN2d+GELU", "channels-first + F.gelu"), total("LN2d+GELU", None)
     gn_old, gn_now = total("GN8", "F.group_norm"), total("GN8", None)
     print(f"# mask downsampler LayerNorm2d, {args.objects} objects: previous {ln_old:.3f} ms, now {ln_now:.3f} ms")
+    print(f"# mask downsampler LayerNorm2d + GELU (C < {LayerNorm2d.SMALL_C}), {args.objects} objects: "
+          f"channels-first + F.gelu {lg_old:.3f} ms, now {lg_now:.3f} ms")
     print(f"# pixel decoder GroupNorm, {args.images} image(s): previous {gn_old:.3f} ms, now {gn_now:.3f} ms")
 
     if device.type == "cuda" or args.out:

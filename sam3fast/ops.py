@@ -22,6 +22,7 @@ from .kernels.prompt_cross_attention import prompt_cross_attention, prompt_cross
 from .kernels.rpb_attention import rpb_attention, rpb_attention_backend
 from .kernels.dwconv_norm import dwconv_norm, dwconv_norm_backend
 from .kernels.fused_linear import fused_linear_backend, linear_gelu, linear_rope
+from .kernels.layer_norm2d import layer_norm2d, layer_norm2d_backend
 from .kernels.residual_norm import residual_norm, residual_norm_backend
 from .kernels.rope import rope, rope_backend
 from .kernels.two_way_attention import image_to_token_attention, token_to_image_attention, two_way_attention_backend
@@ -37,7 +38,7 @@ __all__ = ["FORCE_REFERENCE", "MaskPostprocessOutput", "mask_postprocess", "mask
            "token_to_image_attention", "image_to_token_attention", "two_way_attention_backend",
            "mask_for_memory", "mask_for_memory_backend", "rope", "rope_backend", "residual_norm",
            "residual_norm_backend", "linear_gelu", "linear_rope", "fused_linear_backend",
-           "dwconv_norm", "dwconv_norm_backend"]
+           "dwconv_norm", "dwconv_norm_backend", "layer_norm2d", "layer_norm2d_backend"]
 
 connected_component_sizes_backend = _cc.connected_component_sizes_backend
 

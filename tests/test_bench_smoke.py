@@ -23,7 +23,8 @@ BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
                                 "# trunk (28 window + 4 global blocks), eager chain")),
     ("bench_connected_components.py", "connected_components benchmark"),
     ("bench_video.py", "video frames/s benchmark"),
-    ("bench_norms.py", ("# norms benchmark", "channels-first *", "group_norm_fast", "# pixel decoder GroupNorm")),
+    ("bench_norms.py", ("# norms benchmark", "channels-first *", "group_norm_fast", "# pixel decoder GroupNorm",
+                        "triton layer_norm2d + GELU", "channels-first + F.gelu *")),
     # every part's stages were hooked (a renamed module path would drop its row)
     ("profile_gpu.py", ("| vit_trunk |", "| detr_decoder |", "| memory_attention |", "| mask_decoder |",
                         "| detector_fusion_encoder |", "| tracker_memory_encoder |")),

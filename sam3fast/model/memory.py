@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from ..kernels.dwconv_norm import dwconv_norm, dwconv_norm_backend
 from ..kernels.mask_for_memory import mask_for_memory, mask_for_memory_backend
-from .common import LayerNorm2d
+from .common import LayerNorm2d, norm_then_act
 from .neck import PositionEmbeddingSine
 
 
@@ -77,7 +77,10 @@ class MaskDownSampler(nn.Module):
             # The official resizes in float32 whatever the input dtype (then relies on autocast);
             # cast back so a bf16 module keeps one dtype.
             x = F.interpolate(x.float(), size=(s, s), mode="bilinear", align_corners=False, antialias=True).to(x.dtype)
-        return self.encoder(x)
+        enc = self.encoder
+        for i in range(0, len(enc) - 1, 3):  # (conv, LayerNorm2d, GELU): the norm and GELU in one pass
+            x = norm_then_act(enc[i + 1], enc[i + 2], enc[i](x))
+        return enc[-1](x)
 
 
 class CXBlock(nn.Module):

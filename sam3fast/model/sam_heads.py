@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.two_way_attention import image_to_token_attention, token_to_image_attention, two_way_attention_backend
-from .common import MLP, LayerNorm2d
+from .common import MLP, LayerNorm2d, norm_then_act
 
 NO_OBJ_SCORE = -1024.0  # official sam3_tracker_base.NO_OBJ_SCORE: mask logit of absent objects
 
@@ -491,7 +491,7 @@ class MaskDecoder(nn.Module):
         src = src.transpose(1, 2).reshape(B, c, h, w)
         dc1, ln1, act1, dc2, act2 = self.output_upscaling
         feat_s0, feat_s1 = high_res_features
-        up = act1(ln1(dc1(src) + feat_s1))
+        up = norm_then_act(ln1, act1, dc1(src) + feat_s1)
         up = act2(dc2(up) + feat_s0)
 
         hyper_in = torch.stack(
