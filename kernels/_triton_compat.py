@@ -52,13 +52,21 @@ def device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+# Tests only: take the modules' CUDA dispatch (each op's kernel path) with CPU tensors too, where each
+# registered op runs its CPU kernel (the reference) and the few entry points that launch directly off
+# CUDA run their Triton kernels under the interpreter. The bf16 error-budget tests run whole sessions
+# so, to catch what only the CUDA path's wiring gets wrong (a dtype the kernels refuse, a float32
+# island's parameters, shapes): the first H200 run of 2026-11-27 found such a bug on the device.
+KERNEL_PATHS_ON_CPU = False
+
+
 def why_not_triton(device: torch.device, force_reference: bool) -> Optional[str]:
     """The checks every backend choice starts with, in order: the reason a Triton kernel cannot serve
     tensors on ``device`` (``force_reference``: SAM3FAST_FORCE_REFERENCE, read by the caller from
     ``sam3fast.env``), or None; each op then adds its own limits (dtype, size)."""
     if force_reference:
         return "SAM3FAST_FORCE_REFERENCE=1"
-    if device.type != "cuda":
+    if device.type != "cuda" and not (KERNEL_PATHS_ON_CPU and device.type == "cpu"):
         return f"{device.type} tensors (the Triton kernel runs on CUDA)"
     if not HAS_TRITON:
         return f"triton is not importable ({TRITON_IMPORT_ERROR})"

@@ -16,6 +16,7 @@ from torch import Tensor
 from . import env
 from .kernels import connected_components as _cc
 from .kernels import mask_postprocess as _mp
+from .kernels._triton_compat import why_not_triton
 from .kernels.mask_for_memory import mask_for_memory, mask_for_memory_backend
 from .kernels.memory_attention import memory_attention, memory_attention_backend
 from .kernels.prompt_cross_attention import prompt_cross_attention, prompt_cross_attention_backend
@@ -53,12 +54,9 @@ class MaskPostprocessOutput(NamedTuple):
 
 def mask_postprocess_backend(masks: Tensor) -> Tuple[str, str]:
     """("triton" | "reference", reason) for masks of this device and dtype."""
-    if FORCE_REFERENCE:
-        return "reference", "SAM3FAST_FORCE_REFERENCE=1"
-    if masks.device.type != "cuda":
-        return "reference", f"{masks.device.type} tensors (the Triton kernel runs on CUDA)"
-    if not _mp.HAS_TRITON:
-        return "reference", f"triton is not importable ({_mp.TRITON_IMPORT_ERROR})"
+    why = why_not_triton(masks.device, FORCE_REFERENCE)
+    if why is not None:
+        return "reference", why
     if masks.dtype not in _mp._KERNEL_DTYPES:
         return "reference", f"{masks.dtype} masks (the Triton kernel takes float32/bfloat16/float16)"
     return "triton", "CUDA tensors, triton available"

@@ -74,3 +74,40 @@ def spread_layer_norms(module):
                 mod.weight.normal_(1.0, 0.3)
                 mod.bias.normal_(0.0, 0.3)
     return module
+
+
+class KernelPathsOnCpu:
+    """Context manager: the modules take their CUDA dispatch with CPU tensors
+    (``sam3fast.kernels._triton_compat.KERNEL_PATHS_ON_CPU``: each ``sam3fast::`` op runs its CPU kernel,
+    the reference) and the ``sam3fast::`` ops called are recorded in ``ops`` (their names), through a
+    TorchDispatchMode."""
+
+    def __init__(self):
+        self.ops = set()
+        self._mode = None
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        from sam3fast.kernels import _triton_compat
+
+        ops = self.ops
+
+        class _Record(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.namespace == "sam3fast":
+                    ops.add(func._schema.name.split("::")[-1])
+                return func(*args, **(kwargs or {}))
+
+        self._prev = _triton_compat.KERNEL_PATHS_ON_CPU
+        _triton_compat.KERNEL_PATHS_ON_CPU = True
+        self._mode = _Record()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        from sam3fast.kernels import _triton_compat
+
+        self._mode.__exit__(*exc)
+        _triton_compat.KERNEL_PATHS_ON_CPU = self._prev
+        return False

@@ -940,13 +940,21 @@ def test_progress_bar(pair, capsys):
     assert "propagate in video" not in capsys.readouterr().err
 
 
-def test_bf16_session_error_budget(pair):
+@pytest.mark.parametrize("kernel_paths", [False, True], ids=["cpu_paths", "cuda_dispatch"])
+def test_bf16_session_error_budget(pair, kernel_paths):
     """A bfloat16 predictor (weights, backbone, activations) runs a whole session (clicks on two
     objects, a propagation) against the float32 official, next to the official's own bfloat16 mode
     (its CUDA autocast; here ``torch.autocast("cpu", bfloat16)`` stands in): the mean relative error
     of the video-resolution mask logits over the session's outputs is at most 2x the autocast's
-    (measured 0.8x), and so is the mean mask disagreement, 1 - IoU (measured 1.06x)."""
+    (measured 0.8x), and so is the mean mask disagreement, 1 - IoU (measured 1.06x). The backbone is
+    cast as the builders load it (its float32 islands kept). ``cuda_dispatch``: the modules take their
+    CUDA paths (``KernelPathsOnCpu``: the kernels' ops, whose CPU kernels are the references; the patch
+    embedding's GEMM form), which must call the ops listed and keep the budget."""
+    import contextlib
     import copy
+
+    from kernel_checks import KernelPathsOnCpu
+    from sam3fast.checkpoint import load_into
 
     # The pair's object scores straddle 0 (SCORE_SHIFT) to reach both branches in the parity tests;
     # here a score within bf16 rounding of 0 would decide presence by a coin flip (it did on a CPU
@@ -957,15 +965,25 @@ def test_bf16_session_error_budget(pair):
     with torch.no_grad():
         off.sam_mask_decoder.pred_obj_score_head.layers[2].bias.add_(5.0)
         ours16.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.add_(5.0)
-    ours16.to(torch.bfloat16)
-    ours16.backbone = copy.deepcopy(pair.vb).to(torch.bfloat16)
+    load_into(ours16, ours16.state_dict(), dtype=torch.bfloat16)
+    vb16 = copy.deepcopy(pair.vb)
+    load_into(vb16, pair.vb.state_dict(), dtype=torch.bfloat16)
+    assert vb16.trunk.pos_embed.dtype == torch.float32  # an island
+    vb16.trunk.patch_embed.gemm = kernel_paths
+    ours16.backbone = vb16
 
     def session(pred, autocast=False):
         with cpu_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.inference_mode():
             rec, _ = points_two_objects(pred, pair)
         return [(r[3] if r[0].startswith("fwd") else r[-1]).float() for r in rec]
 
-    ref, auto, got = session(off), session(off, autocast=True), session(ours16)
+    ref, auto = session(off), session(off, autocast=True)
+    record = KernelPathsOnCpu() if kernel_paths else contextlib.nullcontext()
+    with record:
+        got = session(ours16)
+    if kernel_paths:  # (the tiny config's 8-wide heads keep the two-way kernels off)
+        want = {"rope", "residual_norm", "memory_attention", "dwconv_norm", "layer_norm2d", "mask_for_memory"}
+        assert want <= record.ops, sorted(record.ops)
     assert ours16.step_counts["fixed_capacity"] > 0
     assert len(got) == len(ref) == NUM_FRAMES + 3
 

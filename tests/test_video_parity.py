@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from kernel_checks import KernelPathsOnCpu
 from official_ref import build_official_tracker, redraw_
 from official_video_ref import (
     build_official_video_model,
@@ -557,12 +558,15 @@ def test_compiled_video_model_parity(checkpoints, predictors, clip_dir):
     torch._dynamo.reset()
 
 
-def test_bf16_video_session_error_budget(checkpoints, clip_dir):
+@pytest.mark.parametrize("kernel_paths", [False, True], ids=["cpu_paths", "cuda_dispatch"])
+def test_bf16_video_session_error_budget(checkpoints, clip_dir, kernel_paths):
     """A bfloat16 video model runs detect-and-track end to end against the float32 official, next to
     the official's own bfloat16 mode (its CUDA autocast; ``torch.autocast("cpu", bfloat16)`` stands
     in): on at least as many frames as the autocast it reports the official's object ids, and on
     those its mean mask disagreement (1 - IoU) and mean largest probability difference are at most
-    2x the autocast's (measured 0.14x and 0.12x: the autocast's session drifts further)."""
+    2x the autocast's (measured 0.14x and 0.12x: the autocast's session drifts further).
+    ``cuda_dispatch``: the modules take their CUDA paths (``KernelPathsOnCpu``: the kernels' ops, whose
+    CPU kernels are the references), which must call the tracker's ops listed and keep the budget."""
     steps = [{"type": "add_prompt", "frame_index": 0, "text": "blob"},
              {"type": "propagate_in_video", "propagation_direction": "forward"}]
     official = build_official_video_predictor(CFG, checkpoints[SIMPLE_SEED])  # its own: autocast runs on it
@@ -571,8 +575,14 @@ def test_bf16_video_session_error_budget(checkpoints, clip_dir):
         auto = run_official_session(official, clip_dir, steps)[-1]["response"]
     pred = build_sam3_video_predictor(checkpoint_path=checkpoints[SIMPLE_SEED], config=CFG, device="cpu",
                                       dtype=torch.bfloat16)
-    got = run_our_session(pred, clip_dir, steps)[-1]["response"]
+    record = KernelPathsOnCpu() if kernel_paths else contextlib.nullcontext()
+    with record:
+        got = run_our_session(pred, clip_dir, steps)[-1]["response"]
     assert len(ref) == len(auto) == len(got) == NUM_FRAMES
+    if kernel_paths:  # (the tiny config's 8-wide heads keep the two-way, rpb and prompt kernels off)
+        want = {"rope", "residual_norm", "memory_attention", "dwconv_norm", "layer_norm2d", "mask_postprocess",
+                "connected_component_sizes"}
+        assert want <= record.ops, sorted(record.ops)
 
     def drift(run):
         same, miss, dprob = 0, [], []
