@@ -1270,6 +1270,19 @@ def test_backbone_cuda_graphs_option(pair):
         assert ours._backbone_call is None  # CPU: no graphed call is made
         for a, b in zip(got["backbone_fpn"][2:], want["sam2_backbone_fpn"][2:]):
             assert torch.equal(a, b)
+        for a, b in zip(got["vision_pos_enc"], want["sam2_pos_enc"]):
+            assert torch.equal(a, b)
+        # the SAM 3 neck, which the tracker never reads, is not run
+        calls = []
+        hooks = [c.register_forward_hook(lambda *a: calls.append(1)) for c in pair.vb.convs]
+        try:
+            ours.forward_image(img)
+            assert calls == []
+            pair.vb(img)
+            assert len(calls) == pair.vb.num_levels
+        finally:
+            for h in hooks:
+                h.remove()
         ours.backbone_cuda_graphs = True
         with pytest.raises(ValueError, match="cuda_graphs=True needs tracker backbone"):
             ours.forward_image(img)

@@ -209,12 +209,19 @@ class VisionBackbone(nn.Module):
             add_sam2_neck=add_sam2_neck,
         )
 
-    def forward(self, images: torch.Tensor) -> Dict[str, Optional[List[torch.Tensor]]]:
+    def forward(self, images: torch.Tensor, sam3_neck: bool = True) -> Dict[str, Optional[List[torch.Tensor]]]:
+        """``sam3_neck=False`` (sam3fast; a backbone with the SAM 2 neck only): the SAM 3 neck is
+        skipped and ``backbone_fpn`` / ``vision_pos_enc`` are None. The SAM 2-style tracker reads the
+        SAM 2 levels alone; the official computes both necks for it (at 1008 px the SAM 3 neck's
+        3 x 3 convolution at 288 x 288 alone is ~98 GFLOP a frame)."""
         x = self.trunk(images)
-        fpn = [self.convs[i](x) for i in range(self.num_levels)]
-        pos = [self.position_encoding(f) for f in fpn]
+        fpn = pos = None
+        if sam3_neck or self.sam2_convs is None:
+            fpn = [self.convs[i](x) for i in range(self.num_levels)]
+            pos = [self.position_encoding(f) for f in fpn]
         sam2_fpn = sam2_pos = None
         if self.sam2_convs is not None:
             sam2_fpn = [self.sam2_convs[i](x) for i in range(self.num_levels)]
-            sam2_pos = list(pos)  # same shapes and dtype: the same cached encodings
+            # same shapes and dtype as the SAM 3 levels: the same cached encodings
+            sam2_pos = list(pos) if pos is not None else [self.position_encoding(f) for f in sam2_fpn]
         return dict(backbone_fpn=fpn, vision_pos_enc=pos, sam2_backbone_fpn=sam2_fpn, sam2_pos_enc=sam2_pos)

@@ -106,6 +106,7 @@ from ..config import Sam3Config
 from ..kernels.mask_for_memory import mask_for_memory_backend
 from ..model.memory import encode_new_memory, encode_new_memory_from_low_res
 from ..model.memory_attention import assemble_memory
+from ..model.neck import VisionBackbone
 from ..model.sam_heads import NO_OBJ_SCORE, sam_heads_forward
 from ..model.tracker import Tracker
 from .memory_bank import (BankSpec, BankState, MemoryBank, ObjectTable, TableRows, TableState, bank_memory,
@@ -338,7 +339,9 @@ def _backbone_fpn_pos(bb, img_batch: torch.Tensor):
     w = _first_weight(bb)
     if w is not None:
         img_batch = img_batch.to(w.dtype)  # frames are stored float16/float32; a bf16 backbone
-    out = getattr(bb, "vision_backbone", bb)(img_batch)
+    vb = getattr(bb, "vision_backbone", bb)
+    # sam3fast's vision backbone skips the SAM 3 neck, which nothing here reads
+    out = vb(img_batch, sam3_neck=False) if isinstance(vb, VisionBackbone) else vb(img_batch)
     fpn, pos = out["sam2_backbone_fpn"], out["sam2_pos_enc"]
     if fpn is None:
         raise RuntimeError("the backbone was built without the SAM 2 neck (add_sam2_neck=True)")
