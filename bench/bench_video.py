@@ -18,9 +18,10 @@ the last frame (backbone included), for N objects. Variants:
   ``--graphed-rows``) = ``tracker.cuda_graphs = True`` at the counts it does not (the step captured
   as a CUDA graph per object bucket, CUDA only); ``backbone-eager`` = ``tracker.backbone_cuda_graphs =
   False`` (the backbone of each frame run eagerly instead of replayed from its CUDA graph; e2e, the
-  first object count, CUDA only); ``fold`` =
-  ``tracker.transformer.encoder.fold_value = True`` (memory attention's v_proj folded into out_proj, cached
-  rows only); ``compiled`` =
+  first object count, CUDA only); ``fold`` / ``no-fold`` =
+  ``tracker.transformer.encoder.fold_value = True`` / ``False`` (memory attention's v_proj folded into
+  out_proj always / never; the default "auto" folds where the op runs SDPA: bf16 from 4 objects;
+  cached rows only); ``compiled`` =
   ``tracker.compile_step()`` (``mode="reduce-overhead"``, CUDA graphs, on CUDA). Eager rows note the
   memory keys per object and frame that memory attention computes and that it attends (valid):
   a fixed-capacity bank computes its masked slots too, the official selection only what it keeps.
@@ -402,6 +403,8 @@ def _main(args, tmp):
             tracker.transformer.encoder.fold_value = True
             variants(" fold", per_frame_too=False, kinds=("cached",))
             tracker.transformer.encoder.fold_value = False
+            variants(" no-fold", per_frame_too=False, kinds=("cached",))
+            tracker.transformer.encoder.fold_value = "auto"
             if compile_rows:
                 tracker.compile_step(mode="reduce-overhead" if cuda else None)
                 variants(" compiled", per_frame_too=False)

@@ -163,8 +163,9 @@ def _tiny_memory_attention(seed, fold_value=False, num_heads=1):
 
 def test_memory_attention_switch():
     """The constructor flag and the ``fold_value`` property reach every cross-attention (and no
-    self-attention); the state dict is the same either way; the default is off."""
-    assert not MemoryAttention(d_model=32, mem_dim=16, num_layers=2, dim_feedforward=48, grid=3).fold_value
+    self-attention); the state dict is the same either way; the default is "auto"; other values are
+    refused by name."""
+    assert MemoryAttention(d_model=32, mem_dim=16, num_layers=2, dim_feedforward=48, grid=3).fold_value == "auto"
     m = _tiny_memory_attention(0, fold_value=True)
     assert m.fold_value and all(layer.cross_attn_image.folds_value for layer in m.layers)
     assert not any(layer.self_attn.fold_value for layer in m.layers)
@@ -175,6 +176,46 @@ def test_memory_attention_switch():
     m.layers[1].cross_attn_image.fold_value = False
     assert not m.fold_value  # True only when every layer folds
     assert list(m.state_dict()) == list(_tiny_memory_attention(0).state_dict())
+    for bad in (1, "yes", None):
+        with pytest.raises(ValueError, match="fold_value must be True, False or 'auto'"):
+            m.fold_value = bad
+        with pytest.raises(ValueError, match="fold_value must be True, False or 'auto'"):
+            m.layers[0].cross_attn_image.fold_value = bad
+
+
+def test_auto_fold_follows_the_sdpa_path():
+    """"auto" folds exactly where the kernel op would hand the folded call to SDPA: a Triton-capable
+    device (here the CUDA dispatch taken on CPU, ``KernelPathsOnCpu``), bf16/fp16, at least
+    SDPA_MIN_BATCH_HEADS_FOLD (object, head) pairs, ``use_kernel``; never on the CPU path, in
+    float32, or for a self-attention; and forward then computes what fold_value=True computes."""
+    from kernel_checks import KernelPathsOnCpu
+
+    m = _randomize_(RoPEAttention(32, 1, kv_in_dim=16, fold_value="auto"), seed=9)
+    self_attn = RoPEAttention(32, 1, fold_value="auto")
+    n = ma.SDPA_MIN_BATCH_HEADS_FOLD
+
+    def q(B, dtype=torch.bfloat16, H=1):
+        return torch.zeros(B, 9, H, 32 // H, dtype=dtype)
+
+    assert not m.folds_value and not m.folds_for(q(n))  # CPU path
+    with KernelPathsOnCpu():
+        assert m.folds_for(q(n)) and not m.folds_for(q(n - 1)) and m.folds_for(q(n, torch.float16))
+        assert not m.folds_for(q(n, torch.float32)) and not self_attn.folds_for(q(n))
+        m.use_kernel = False
+        assert not m.folds_for(q(n))
+        m.use_kernel = True
+        m16 = m.to(torch.bfloat16)
+        g = torch.Generator().manual_seed(10)
+        x = torch.randn(n, 9, 32, generator=g).bfloat16()
+        mem_k, mem = (torch.randn(n, 2 * 9 + 4, 16, generator=g).bfloat16() for _ in range(2))
+        freqs = compute_axial_cis(32, 3, 3)
+        with torch.no_grad():
+            auto = m16(x, mem_k, mem, freqs, 4)
+            m16.fold_value = True
+            fold = m16(x, mem_k, mem, freqs, 4)
+            m16.fold_value = False
+            unfold = m16(x, mem_k, mem, freqs, 4)
+    assert torch.equal(auto, fold) and not torch.equal(auto, unfold)
 
 
 @pytest.mark.parametrize("num_heads", [1, 2])

@@ -33,13 +33,18 @@ with padded frame or pointer slots gives the same result as the official run on 
 alone (RoPE depends only on a key's frame-local index, so padded slots can sit anywhere). Every
 row needs at least one valid key.
 
-Value fold (``MemoryAttention.fold_value``, off by default). The cross-attention's values carry no
+Value fold (``MemoryAttention.fold_value``: "auto" by default, True, False). The cross-attention's values carry no
 RoPE and softmax rows sum to 1, so ``attn(Q, K, M Wv^T + bv) = attn(Q, K, M) Wv^T + bv`` for a
 row with a valid key: with the fold on, it attends over the raw M-wide memory (one value tensor
 for every head) and applies ``out_proj . v_proj`` as one linear, W = concat_h(Wo[:, h] Wv[h, :])
 (D, H * M), b = Wo bv + bo, both derived from the parameters at each call. The attention's P.V
 then runs M = 64 wide instead of D = 256 (FLOPs 5/8 in SAM 3). Exact in real arithmetic; rounding
-differs (the attention output is rounded at width M, W once in the compute dtype).
+differs (the attention output is rounded at width M, W once in the compute dtype). "auto" folds
+where the op hands the folded call to SDPA (CUDA, bf16/fp16, at least
+``SDPA_MIN_BATCH_HEADS_FOLD`` (object, head) pairs: ``uses_sdpa_path``): on an H200 (2026-11-27)
+the folded module took 1.94 ms at 4 objects against the unfolded one's 3.85 (cuDNN's attention
+alone 1.58 against 3.48 ms); at 1 object, on the Triton kernel, the folded module was slower (1.33
+against 0.91 ms), so there it does not fold. Elsewhere (CPU, float32) "auto" does not fold.
 """
 
 from __future__ import annotations
@@ -51,9 +56,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels.memory_attention import memory_attention, memory_attention_backend
+from ..kernels.memory_attention import memory_attention, memory_attention_backend, uses_sdpa_path
 from .common import KeepComplexBuffers
 from .vit import apply_rope, compute_axial_cis
+
+
+def _check_fold(value: Union[bool, str]) -> Union[bool, str]:
+    if value is True or value is False or value == "auto":
+        return value
+    raise ValueError(f"fold_value must be True, False or 'auto', got {value!r}")
 
 
 def _rope_table(freqs_cis: torch.Tensor, L: int, head_dim: int, theta: float) -> torch.Tensor:
@@ -76,14 +87,14 @@ class RoPEAttention(nn.Module):
     Between the projections: the ``sam3fast::memory_attention`` Triton kernel (RoPE inside, no
     repeated table) where ``memory_attention_backend`` picks it (CUDA), else SDPA on rotated q/k.
 
-    ``fold_value`` (False): for a cross-attention (kv_in_dim != embedding_dim) attend over the
-    kv_in-wide ``v`` itself and fold ``v_proj`` into ``out_proj`` (module docstring of
-    ``sam3fast.model.memory_attention``); ignored for a self-attention. Off by default until an H100
-    measures it against the unfolded kernel (bench/bench_memory_attention.py, "fold" rows).
+    ``fold_value`` (False, True or "auto"): for a cross-attention (kv_in_dim != embedding_dim)
+    attend over the kv_in-wide ``v`` itself and fold ``v_proj`` into ``out_proj`` (module docstring of
+    ``sam3fast.model.memory_attention``), always (True) or where the op then runs SDPA ("auto",
+    :meth:`folds_for`); ignored for a self-attention.
     """
 
     def __init__(self, embedding_dim: int, num_heads: int = 1, kv_in_dim: Optional[int] = None,
-                 fold_value: bool = False):
+                 fold_value: Union[bool, str] = False):
         super().__init__()
         kv_in_dim = embedding_dim if kv_in_dim is None else kv_in_dim
         if embedding_dim % num_heads:
@@ -99,9 +110,30 @@ class RoPEAttention(nn.Module):
         self.fold_value = fold_value
 
     @property
+    def fold_value(self) -> Union[bool, str]:
+        """False, True or "auto" (see the class docstring)."""
+        return self._fold_value
+
+    @fold_value.setter
+    def fold_value(self, value: Union[bool, str]) -> None:
+        self._fold_value = _check_fold(value)
+
+    @property
     def folds_value(self) -> bool:
-        """Whether forward folds v_proj into out_proj: ``fold_value`` on a cross-attention."""
-        return self.fold_value and self.kv_in_dim != self.embedding_dim
+        """Whether forward folds v_proj into out_proj whatever the input: ``fold_value`` True on a
+        cross-attention ("auto" decides per call: :meth:`folds_for`)."""
+        return self.fold_value is True and self.kv_in_dim != self.embedding_dim
+
+    def folds_for(self, q: torch.Tensor) -> bool:
+        """Whether forward folds for the projected queries ``q`` (B, L, H, Dh): True always on a
+        cross-attention; "auto" where the kernel op takes these queries with kv_in-wide values to
+        SDPA (static: device, dtype, B * H)."""
+        if self.kv_in_dim == self.embedding_dim or self.fold_value is False:
+            return False
+        if self.fold_value is True:
+            return True
+        return (self.use_kernel and memory_attention_backend(q, self.kv_in_dim)[0] == "triton"
+                and uses_sdpa_path(q, self.kv_in_dim))
 
     def folded_out_proj(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(W (D, H * kv_in), b (D,))`` in ``dtype``: out_proj(concat_h(o_h Wv_h^T + bv_h)) =
@@ -126,8 +158,8 @@ class RoPEAttention(nn.Module):
         B, L, _ = q.shape
         S = k.shape[1]
         H = self.num_heads
-        fold = self.folds_value
         q = self.q_proj(q).view(B, L, H, -1)
+        fold = self.folds_for(q)
         k = self.k_proj(k).view(B, S, H, -1)
         # Folded: every head attends over the same kv_in-wide values (stride 0 over the heads).
         v = v.unsqueeze(2).expand(B, S, H, v.shape[-1]) if fold else self.v_proj(v).view(B, S, H, -1)
@@ -168,7 +200,7 @@ class MemoryAttentionLayer(nn.Module):
     ``memory + memory_pos`` precomputed once for all layers."""
 
     def __init__(self, d_model: int, mem_dim: int, dim_feedforward: int, num_heads: int = 1,
-                 fold_value: bool = False):
+                 fold_value: Union[bool, str] = "auto"):
         super().__init__()
         self.self_attn = RoPEAttention(d_model, num_heads)
         self.cross_attn_image = RoPEAttention(d_model, num_heads, kv_in_dim=mem_dim, fold_value=fold_value)
@@ -216,13 +248,14 @@ class MemoryAttention(KeepComplexBuffers, nn.Module):
     The output is the final LayerNorm'd features; the tracker reshapes it to (B, D, g, g) as
     ``out.transpose(1, 2).view(B, D, g, g)`` (``pix_feat_with_mem``).
 
-    ``fold_value`` (constructor argument and settable property, False by default): every layer's
-    cross-attention folds v_proj into out_proj (see the module docstring); the state dict is the
-    same either way.
+    ``fold_value`` (constructor argument and settable property: "auto" by default, True, False):
+    whether every layer's cross-attention folds v_proj into out_proj (see the module docstring); the
+    state dict is the same either way.
     """
 
     def __init__(self, d_model: int = 256, mem_dim: int = 64, num_layers: int = 4, dim_feedforward: int = 2048,
-                 grid: int = 72, num_heads: int = 1, rope_theta: float = 10000.0, fold_value: bool = False):
+                 grid: int = 72, num_heads: int = 1, rope_theta: float = 10000.0,
+                 fold_value: Union[bool, str] = "auto"):
         super().__init__()
         self.d_model = d_model
         self.head_dim = d_model // num_heads
@@ -237,14 +270,17 @@ class MemoryAttention(KeepComplexBuffers, nn.Module):
         self.register_buffer("freqs_cis", compute_axial_cis(self.head_dim, grid, grid, rope_theta), persistent=False)
 
     @property
-    def fold_value(self) -> bool:
-        """Whether every layer's cross-attention folds v_proj into out_proj; set it to switch all."""
-        return all(layer.cross_attn_image.fold_value for layer in self.layers)
+    def fold_value(self) -> Union[bool, str]:
+        """The layers' cross-attention setting (True, False or "auto") where they all share one,
+        else False; set it to switch all."""
+        values = {layer.cross_attn_image.fold_value for layer in self.layers}
+        return values.pop() if len(values) == 1 else False
 
     @fold_value.setter
-    def fold_value(self, value: bool) -> None:
+    def fold_value(self, value: Union[bool, str]) -> None:
+        value = _check_fold(value)
         for layer in self.layers:
-            layer.cross_attn_image.fold_value = bool(value)
+            layer.cross_attn_image.fold_value = value
 
     @classmethod
     def from_config(cls, cfg) -> "MemoryAttention":
