@@ -328,7 +328,27 @@ def bench_shape(B, self_attn, args, device, dtype, tiles, compile_backend, matmu
         rows.append(row)
         pct = f"  {row['pct_dense_matmul']:5.1f} % of matmul" if matmul_tflops else ""
         print(f"{label:24} {name:34} {ms:10.3f} ms  {tflops:8.2f} TFLOP/s{pct}")
+        if args.profile:
+            profile_row(fn, device, f"{label} {name}")
     return rows
+
+
+def profile_row(fn, device, title: str, calls: int = 5) -> None:
+    """The kernels (or CPU ops, off CUDA) of ``calls`` calls of a row under torch.profiler: the ten
+    largest by device time, per call, so a row's time can be split without Nsight."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(calls):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0.0), reverse=True)[:10]
+    print(f"# profile of {title} ({calls} calls; us per call, launches per call)")
+    for e in events:
+        print(f"#   {getattr(e, key, 0.0) / calls:10.1f} us  {e.count / calls:6.1f}x  {e.key[:90]}")
 
 
 def main(argv=None):
@@ -351,6 +371,8 @@ def main(argv=None):
                    help="also the Triton kernel with K and V through tensor descriptors (use_tma), default tile")
     p.add_argument("--only", default=None,
                    help="comma-separated substrings: time only the rows whose name holds one (e.g. 'TMA,op (')")
+    p.add_argument("--profile", action="store_true",
+                   help="after each row, its ten largest kernels under torch.profiler (with --only: a few rows)")
     args = p.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -84,6 +84,10 @@ else
     # the rest, on the still-warm machine if device time is left: the by-stage profile, the other
     # kernel benchmarks, 64 clicked objects, the remaining GPU tests
     step profile 60 100 python3 bench/profile_gpu.py --parts image,tracker
+    # why the folded module is slower than the unfolded one at 1 object (1.33 against 0.91 ms on the
+    # H200 of 2026-11-27) while the folded op alone is faster: the kernels of each row
+    step profile_fold 40 40 python3 bench/bench_memory_attention.py --objects 1 --no-compile \
+        --only "module,op fold,op (" --profile --out "bench/results/memory_attention_foldprof_$(date +%F)"
     # the concept loop's by-stage profile (did not finish in 54 s on the H200 of 2026-11-27, where
     # its tracker-step capture failed: "use_count > 0 INTERNAL ASSERT" in CUDACachingAllocator)
     step profile_concept 45 90 python3 bench/profile_gpu.py --parts concept
