@@ -233,6 +233,9 @@ def main(argv=None):
                                                                 "(> 0 keeps tracked objects present)")
     ap.add_argument("--det-nms-thresh", type=float, default=None,
                     help="detector NMS IoU threshold on both models (official 0.1; higher keeps more objects)")
+    ap.add_argument("--skip-variants", default="",
+                    help="tracker part: sam3fast variants to leave out, comma-separated (perframe, eager-step, "
+                         "graphed, backbone-eager, fold, no-fold, compiled); the default rows always run")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
     if args.smoke:
@@ -367,8 +370,9 @@ def _main(args, tmp):
 
             def variants(suffix, per_frame_too, kinds=("e2e", "cached"), counts=None):
                 counts = objects if counts is None else counts
-                if not counts:
+                if not counts or suffix.strip() in skip:
                     return
+                per_frame_too = per_frame_too and "perframe" not in skip
                 for use_cache in [k == "cached" for k in kinds]:  # the feature cache: the cached rows only
                     cache = feature_cache(tracker, clip, device, ours_mode, args.smoke) if use_cache else None
                     kind = "cached" if use_cache else "e2e"
@@ -381,6 +385,7 @@ def _main(args, tmp):
                     del cache
                     free()
 
+            skip = {v.strip() for v in args.skip_variants.split(",") if v.strip()}
             variants("", per_frame_too=True)  # the default: cuda_graphs "auto"
             if cuda:
                 # where "auto" graphs the step (up to GRAPH_AUTO_MAX_ROWS objects): the same counts
