@@ -209,7 +209,7 @@ def test_reference_is_the_model_composition():
     ds = memory_mod.MaskDownSampler(4, s)
     seen = []
     ds.encoder = torch.nn.Sequential(torch.nn.Identity())
-    ds.encoder.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    ds.encoder[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))  # the first conv's input
     for dt in (torch.float32, torch.bfloat16):
         for binarize in (False, True):
             zh = F.interpolate(low, size=high, mode="bilinear", align_corners=False).to(dt)
