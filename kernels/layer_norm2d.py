@@ -70,14 +70,27 @@ def _check_inputs(x: Tensor, weight: Tensor, bias: Tensor) -> None:
             raise ValueError(f"x and {name} must be on one device, got {x.device} and {t.device}")
 
 
-def layer_norm2d_ref(x: Tensor, weight: Tensor, bias: Tensor, eps: float, gelu: bool = False) -> Tensor:
-    """The spec (and the op's CPU kernel): float32 (float64 for float64) statistics over dim 1, the
-    affine, one rounding to x's dtype, then ``F.gelu`` if ``gelu``; (B, C, H, W) contiguous."""
-    _check_inputs(x, weight, bias)
+def layer_norm2d_channels_first(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """LayerNorm over dim 1 of (B, C, H, W), channels first, in PyTorch (``LayerNorm2d``'s path off
+    CUDA, re-exported by ``sam3fast.model.common``): float32 (float64 for float64 input) mean and
+    biased variance reduced over dim 1, then ``(x - mean) * rsqrt(var + eps) * weight + bias``
+    rounded once to x's dtype. Output in x's layout (contiguous for the contiguous conv outputs it
+    follows). Full-size temporaries: the float32 copy of a half-precision x (freed after the
+    statistics) and the float32 result, updated in place (inference only: no backward through it),
+    never more than two alive."""
     acc = torch.promote_types(x.dtype, torch.float32)
     var, mean = torch.var_mean(x.to(acc), dim=1, keepdim=True, correction=0)
-    y = (x - mean).mul_(torch.rsqrt(var + eps))
-    y = y.mul_(weight.to(acc).view(-1, 1, 1)).add_(bias.to(acc).view(-1, 1, 1)).to(x.dtype)
+    y = x - mean  # promotes to acc
+    y.mul_(torch.rsqrt(var + eps))
+    y.mul_(weight.view(-1, 1, 1)).add_(bias.view(-1, 1, 1))
+    return y.to(x.dtype)
+
+
+def layer_norm2d_ref(x: Tensor, weight: Tensor, bias: Tensor, eps: float, gelu: bool = False) -> Tensor:
+    """The spec (and the op's CPU kernel): :func:`layer_norm2d_channels_first`, then ``F.gelu`` if
+    ``gelu``; (B, C, H, W) contiguous."""
+    _check_inputs(x, weight, bias)
+    y = layer_norm2d_channels_first(x, weight, bias, eps)
     y = F.gelu(y) if gelu else y
     return y.contiguous()
 

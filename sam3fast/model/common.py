@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels.layer_norm2d import layer_norm2d, layer_norm2d_backend
+from ..kernels.layer_norm2d import layer_norm2d, layer_norm2d_backend, layer_norm2d_channels_first  # noqa: F401
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
@@ -131,22 +131,6 @@ def layer_norm2d_channels_last(x: torch.Tensor, weight: torch.Tensor, bias: torc
     kernel, one CUDA block per (b, h, w) row of C elements. Returns a channels-last-strided tensor."""
     y = F.layer_norm(x.permute(0, 2, 3, 1), weight.shape, weight, bias, eps)
     return y.permute(0, 3, 1, 2)
-
-
-def layer_norm2d_channels_first(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                                eps: float) -> torch.Tensor:
-    """LayerNorm over dim 1 of (B, C, H, W), channels first: float32 (float64 for float64 input)
-    mean and biased variance reduced over dim 1, then ``(x - mean) * rsqrt(var + eps) * weight +
-    bias`` rounded once to x's dtype. Output in x's layout (contiguous for the contiguous conv outputs
-    it follows). Full-size temporaries: the float32 copy of a half-precision x (freed after the
-    statistics) and the float32 result, updated in place (inference only: no backward through it),
-    never more than two alive."""
-    acc = torch.promote_types(x.dtype, torch.float32)
-    var, mean = torch.var_mean(x.to(acc), dim=1, keepdim=True, correction=0)
-    y = x - mean  # promotes to acc
-    y.mul_(torch.rsqrt(var + eps))
-    y.mul_(weight.view(-1, 1, 1)).add_(bias.view(-1, 1, 1))
-    return y.to(x.dtype)
 
 
 class LayerNorm2d(nn.Module):
