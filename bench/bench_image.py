@@ -98,7 +98,10 @@ def main(argv=None):
 
     ref = build_official_image_model(cfg)
     redraw_(ref, seed=0)
-    ckpt = os.path.join(tempfile.mkdtemp(), "sam3.pt")
+    # removed when the run ends (the object's finalizer; a full-size checkpoint is 3.2 GB, and the
+    # mkdtemp used before left one behind per run: 17 MB per CI smoke run, 3.2 GB per full-size run)
+    tmp = tempfile.TemporaryDirectory(prefix="bench_image_")
+    ckpt = os.path.join(tmp.name, "sam3.pt")
     torch.save({"model": official_checkpoint_state(ref)}, ckpt)
     results = {"machine": machine_header(device), "config": args.config, "image": "1280x720 RGB",
                "prompt": prompt, "runs": {}}
