@@ -5,10 +5,15 @@
 // butterfly (no shared memory, no __syncthreads). When the cost matrix fits in shared memory
 // alongside the search state it is staged there, since each Dijkstra step re-reads one row of it
 // with a dependent (latency-bound) load: within 48 KiB always, within the device's opt-in limit
-// when there are no more problems than SMs (no occupancy to lose; one 200x128 float32 problem). Before the searches, row reduction, a greedy
-// matching and reduction transfer (assignment_block.cuh) leave only the conflicting rows to
-// search for: with few problems the time is about the number of searches and Dijkstra steps, each
-// a few barriers, not the arithmetic. The block size, the initialisation and the staging limit
+// when there are no more problems than SMs (no occupancy to lose; one 200x128 float32 problem).
+// The matrix is read from global memory with several 16-byte loads in flight per thread: one
+// block alone on an SM has too few warps to hide the latency of one load at a time (H200: one
+// 200x128 float32 problem took 154 us in a CUDA graph with the one-at-a-time copy, which by the
+// count of its ~200 round trips per thread is most of it; not yet measured since). Before the
+// searches, row reduction, a greedy matching (one atomic minimum per row) and reduction transfer
+// (assignment_block.cuh) leave only the conflicting rows to search for: with few problems the time
+// is then about the number of searches and Dijkstra steps, each a few barriers, not the
+// arithmetic. The block size, the initialisation and the staging limit
 // can be forced (SAM3FAST_LSA_THREADS / _INIT / _STAGE, read at every call: see
 // assignment_tuning.h) for benchmarks (bench/bench_assignment.py) and tests.
 #include <atomic>
@@ -49,6 +54,7 @@ struct CudaBlock {
   __device__ void sync() { __syncthreads(); }
   __device__ bool any(bool p) { return __syncthreads_or(p) != 0; }
   __device__ bool argmin_fences() const { return blockDim.x > 32; }
+  __device__ void atomic_min(int* p, int v) { atomicMin(p, v); }
 
   __device__ LsaCand argmin(LsaCand c) {
     c = warp_argmin(c);
@@ -77,6 +83,7 @@ struct WarpBlock {
     return __any_sync(0xffffffffu, p) != 0;
   }
   __device__ bool argmin_fences() const { return false; }
+  __device__ void atomic_min(int* p, int v) { atomicMin(p, v); }
 
   __device__ LsaCand argmin(LsaCand c) { return warp_argmin(c); }
 };

@@ -6,8 +6,9 @@
 // j % nthreads) and each Dijkstra step is one parallel relax + one block-wide argmin.
 //
 // Initialisation (init >= kLsaInitRows, Jonker-Volgenant style; exact): every row i gets
-// u[i] = min_j c(i, j) (v = 0) and its first cheapest column, one thread then gives each row, in
-// row order, that column when it is still free. The duals are feasible (c - u - v >= 0, exactly so
+// u[i] = min_j c(i, j) (v = 0) and its first cheapest column; each column then goes to the first
+// row (in row order) that chose it, the serial greedy's matching, found with one atomic minimum per
+// row instead of a serial pass. The duals are feasible (c - u - v >= 0, exactly so
 // in floating point: c - min c >= 0) and every matched edge is tight, so the matching is optimal
 // for the rows it covers and the searches run only for the rows left unmatched. kLsaInitTransfer
 // also moves each matched row's slack to its column (reduction transfer, computed with v = 0):
@@ -24,7 +25,8 @@
 //   - v[j], spc[j], path[j], settled[j] are written only by the owner of column j, so a Dijkstra
 //     step shares nothing through memory: its only cross-thread exchange is the argmin (during
 //     initialisation row i's scan by thread i % nthreads, the owner of column i, uses spc[i] for
-//     the row's second-smallest cost, and the one greedy thread writes v[] between barriers);
+//     the row's second-smallest cost; the greedy matching takes atomic minima on path[], then,
+//     after a barrier, the one row that won column j writes row4col[j] and v[j], then a barrier);
 //   - u[], row4col[] and col4row[] are read by every thread during a search and written only
 //     between searches (dual update, path flip, initialisation), each fenced by a barrier;
 //   - the argmin result is the same on every thread, so all control flow is block-uniform.
@@ -36,7 +38,12 @@
 // flag), argmin(LsaCand) (the block-wide minimum, returned to every thread; a one-warp block
 // does it with register shuffles, which order no memory accesses) and argmin_fences() (true when
 // argmin is also a barrier, as a shared-memory argmin across warps is: then the search needs no
-// barrier of its own before the dual update).
+// barrier of its own before the dual update) and atomic_min(int*, int) (on shared memory; ordered
+// with the other threads' accesses by the barriers around it).
+//
+// Reading the cost matrix from global memory (validation and staging, and row minima when it is
+// not staged) keeps several loads in flight per thread (read_matrix, row_minima): the block has
+// few warps to hide memory latency with.
 #pragma once
 
 #include <stdint.h>
@@ -100,6 +107,56 @@ SAM3FAST_HD bool lsa_invalid(T x) {
   return x != x || x == -static_cast<T>(inf());
 }
 
+// Loads in flight per thread when reading a matrix from global memory. A block has a few warps
+// on one SM, so a loop issuing one load at a time per thread would wait a full memory round trip
+// per element: for a 200 x 128 float32 problem (128 threads) that is ~200 round trips in a row,
+// the order of 100 us, more than the searches themselves. Here each thread first issues
+// kVecInFlight 16-byte loads (4 floats or 2 doubles each), then consumes them.
+constexpr int kVecInFlight = 8;
+constexpr int kScalarInFlight = 8;
+
+template <typename T>
+struct alignas(16) LsaVec16 {
+  T x[16 / sizeof(T)];
+};
+
+// Calls acc = visit(e, a[e], acc) for every e in [0, nm) with e % nt == tid's share (every
+// element exactly once over the block's threads; in no particular order) and returns acc.
+// 16-byte loads when a is 16-byte aligned, then scalar loads for the rest, several in flight.
+template <typename T, typename Visit>
+SAM3FAST_HD bool read_matrix(const T* __restrict__ a, int64_t nm, int tid, int nt, bool acc, Visit& visit) {
+  constexpr int V = 16 / static_cast<int>(sizeof(T));
+  const bool aligned = reinterpret_cast<uintptr_t>(a) % 16 == 0;
+  const int64_t nvec = aligned ? nm / V : 0;
+  const LsaVec16<T>* av = reinterpret_cast<const LsaVec16<T>*>(a);
+  int64_t q = tid;
+  for (; q + static_cast<int64_t>(kVecInFlight - 1) * nt < nvec; q += static_cast<int64_t>(kVecInFlight) * nt) {
+    LsaVec16<T> r[kVecInFlight];
+#pragma unroll
+    for (int k = 0; k < kVecInFlight; ++k) r[k] = av[q + static_cast<int64_t>(k) * nt];
+#pragma unroll
+    for (int k = 0; k < kVecInFlight; ++k) {
+#pragma unroll
+      for (int l = 0; l < V; ++l) acc = visit((q + static_cast<int64_t>(k) * nt) * V + l, r[k].x[l], acc);
+    }
+  }
+  for (; q < nvec; q += nt) {
+    const LsaVec16<T> r = av[q];
+#pragma unroll
+    for (int l = 0; l < V; ++l) acc = visit(q * V + l, r.x[l], acc);
+  }
+  int64_t e = nvec * V + tid;
+  for (; e + static_cast<int64_t>(kScalarInFlight - 1) * nt < nm; e += static_cast<int64_t>(kScalarInFlight) * nt) {
+    T r[kScalarInFlight];
+#pragma unroll
+    for (int k = 0; k < kScalarInFlight; ++k) r[k] = a[e + static_cast<int64_t>(k) * nt];
+#pragma unroll
+    for (int k = 0; k < kScalarInFlight; ++k) acc = visit(e + static_cast<int64_t>(k) * nt, r[k], acc);
+  }
+  for (; e < nm; e += nt) acc = visit(e, a[e], acc);
+  return acc;
+}
+
 // Row i's smallest cost c1 (+inf when the whole row is forbidden), its first column (-1 then)
 // and the second-smallest cost c2 (c1 again when the minimum repeats, +inf with one finite entry).
 // Row elements sit at row[j * stride]. kStagger starts at column i and wraps (i < C): in a staged
@@ -110,16 +167,33 @@ SAM3FAST_HD void row_minima(const T* row, int64_t stride, int i, int C, double* 
                             int* arg) {
   double a = inf(), b = inf();
   int aj = -1;
-  int j = kStagger ? i : 0;
-  for (int k = 0; k < C; ++k) {
-    const double x = static_cast<double>(row[j * stride]);
-    if (x < a || (x == a && j < aj)) {
+  // The result does not depend on the visiting order (ties go to the smaller column), so the
+  // loads go in chunks of kScalarInFlight, issued before they are compared (see read_matrix).
+  auto take = [&](double x, int col) {
+    if (x < a || (x == a && col < aj)) {
       b = a;
       a = x;
-      aj = j;
+      aj = col;
     } else if (x < b) {
       b = x;
     }
+  };
+  int j = kStagger ? i : 0;
+  int k = 0;
+  for (; k + kScalarInFlight <= C; k += kScalarInFlight) {
+    T r[kScalarInFlight];
+    int cols[kScalarInFlight];
+#pragma unroll
+    for (int t = 0; t < kScalarInFlight; ++t) {
+      cols[t] = j;
+      r[t] = row[j * stride];
+      if (++j == C) j = 0;
+    }
+#pragma unroll
+    for (int t = 0; t < kScalarInFlight; ++t) take(static_cast<double>(r[t]), cols[t]);
+  }
+  for (; k < C; ++k) {
+    take(static_cast<double>(row[j * stride]), j);
     if (++j == C) j = 0;
   }
   *c1 = a;
@@ -156,21 +230,21 @@ SAM3FAST_HD void solve_block(Block& blk, const T* __restrict__ cost, int n, int 
   unsigned char* settled = smem + L.settled;
 
   // Validate (and stage, transposed into row-major R x C) in one coalesced pass.
-  bool bad = false;
   const int64_t nm = static_cast<int64_t>(n) * m;
-  for (int64_t e = tid; e < nm; e += nt) {
-    const T x = cost[e];
-    bad = bad || lsa_invalid(x);
+  auto visit = [&](int64_t e, T x, bool b) {
     if (kStage) {
       // Staged means R * C fits in shared memory: 32-bit division, several times cheaper.
       const int ei = static_cast<int>(e);
       const int i = ei / m, j = ei - i * m;
       scost[transpose ? j * C + i : ei] = x;
     }
-  }
+    return b || lsa_invalid(x);
+  };
+  bool bad = read_matrix<T>(cost, nm, tid, nt, false, visit);
   for (int j = tid; j < C; j += nt) {
     v[j] = 0.0;
     row4col[j] = -1;
+    path[j] = kKeyNone;  // the greedy matching's per-column minimum (rows offering column j)
   }
   for (int i = tid; i < R; i += nt) {
     u[i] = 0.0;
@@ -196,23 +270,26 @@ SAM3FAST_HD void solve_block(Block& blk, const T* __restrict__ cost, int n, int 
       spc[i] = c2;
       col4row[i] = arg;
     }
-    ok = !blk.any(forbidden);
+    ok = !blk.any(forbidden);  // also orders the path[] fill below before the atomics
     if (ok) {
-      // Greedy, in row order: a dependent chain through row4col[], so one thread (race-free).
-      if (tid == 0) {
-        for (int i = 0; i < R; ++i) {
-          const int j = col4row[i];
-          if (row4col[j] != -1) {
-            col4row[i] = -1;
-            continue;
-          }
-          row4col[j] = i;
-          if (init >= kLsaInitTransfer) {
-            const double d = spc[i] - u[i];  // c2 - c1 >= 0; +inf (one finite entry): keep
-            if (d > 0.0 && d < inf()) {
-              u[i] = spc[i];
-              v[j] = -d;
-            }
+      // Greedy matching in row order (each row takes its cheapest column when no earlier row
+      // took it). Each row offers one column, so the row that gets column j is the smallest row
+      // offering it: an atomic minimum per column (path[], free until the searches) instead of a
+      // serial pass over the rows; the same matching as the serial greedy.
+      for (int i = tid; i < R; i += nt) blk.atomic_min(&path[col4row[i]], i);
+      blk.sync();
+      for (int i = tid; i < R; i += nt) {
+        const int j = col4row[i];
+        if (path[j] != i) {
+          col4row[i] = -1;
+          continue;
+        }
+        row4col[j] = i;  // one writer per column: its winner
+        if (init >= kLsaInitTransfer) {
+          const double d = spc[i] - u[i];  // c2 - c1 >= 0; +inf (one finite entry): keep
+          if (d > 0.0 && d < inf()) {
+            u[i] = spc[i];
+            v[j] = -d;
           }
         }
       }
