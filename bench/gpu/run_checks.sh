@@ -47,7 +47,8 @@ mkdir -p bench/results
 # out after 43 passes (none failed; -q hid which ran: names are printed now), then the rest
 # K and V through tensor descriptors (use_tma, off by default) passed on the H200 of 2026-11-27
 TMA_TEST=tests/test_kernel_memory_attention.py::test_gpu_tma_loads_real_shape_bf16
-FIRST="tests/test_kernel_rpb_attention.py tests/test_kernel_residual_norm.py tests/test_kernel_layer_norm2d.py
+# (session 14: the CUDA assignment's reads and greedy pass, the NMS bit-matrix and scan kernels: test_assignment, test_mask_ops)
+FIRST="tests/test_assignment.py tests/test_mask_ops.py tests/test_kernel_rpb_attention.py tests/test_kernel_residual_norm.py tests/test_kernel_layer_norm2d.py
  tests/test_tracker_predictor.py
  tests/test_kernel_memory_attention.py tests/test_memory_attention_fold.py
  tests/test_video_graphs.py tests/test_frame_masks.py tests/test_video_device_growth.py
@@ -83,6 +84,10 @@ if [[ $PHASE == a ]]; then
 else
     # the rest, on the still-warm machine if device time is left: the by-stage profile, the other
     # kernel benchmarks, 64 clicked objects, the remaining GPU tests
+    # first the kernels changed in session 14 without a GPU (one 200x128 assignment was 154 us graphed
+    # on the H200 of 2026-11-27, NMS of 200 masks 0.38-0.40 ms)
+    step bench_assignment 40 40 python3 bench/bench_assignment.py
+    step bench_mask_iou 30 30 python3 bench/bench_mask_iou.py
     step profile 60 100 python3 bench/profile_gpu.py --parts image,tracker
     # why the folded module is slower than the unfolded one at 1 object (1.33 against 0.91 ms on the
     # H200 of 2026-11-27) while the folded op alone is faster: the kernels of each row
@@ -91,7 +96,6 @@ else
     # the concept loop's by-stage profile (did not finish in 54 s on the H200 of 2026-11-27, where
     # its tracker-step capture failed: "use_count > 0 INTERNAL ASSERT" in CUDACachingAllocator)
     step profile_concept 45 90 python3 bench/profile_gpu.py --parts concept
-    step bench_assignment 40 40 python3 bench/bench_assignment.py
     step bench_mask_postprocess 40 60 python3 bench/bench_mask_postprocess.py --no-compile
     step bench_norms 40 40 python3 bench/bench_norms.py
     step bench_residual_norm 40 40 python3 bench/bench_residual_norm.py --no-compile
@@ -103,7 +107,6 @@ else
         --no-compile --no-fold --out "bench/results/memory_attention_pad4_$(date +%F)"
     step bench_two_way 40 60 python3 bench/bench_two_way_attention.py --no-compile
     step bench_prompt_ca 40 45 python3 bench/bench_prompt_cross_attention.py --no-compile
-    step bench_mask_iou 30 30 python3 bench/bench_mask_iou.py
     step bench_rpb 30 40 python3 bench/bench_rpb_attention.py --no-compile
     step bench_video_tracker64 90 150 python3 bench/bench_video.py --parts tracker --dtype bfloat16 --frames 16 \
         --objects 64 --iters 1 --no-compile --out bench/results/n64

@@ -11,8 +11,9 @@
 //
 // NMS (after the torchvision CUDA nms): intersections of the upper triangle of tiles only (the
 // matrix is symmetric); each mask's position in descending-score order from a rank count; a bit
-// matrix over sorted positions, bit q of row p = (q > p and IoU > threshold); then one warp scans
-// the rows in order, OR-ing the row of every kept mask into a "removed" bit set in shared memory.
+// matrix over sorted positions, bit q of row p = (q > p and IoU > threshold), a word per warp
+// ballot; then one warp scans the rows in order (staged in shared memory when they fit), OR-ing
+// the row of every kept mask into a "removed" bit set in shared memory.
 // All on the stream: no host sync, fixed-size output.
 #include "mask_iou.h"
 
@@ -146,37 +147,46 @@ __global__ void rank_kernel(const float* __restrict__ scores, int64_t N, int* __
 }
 
 // bits[p * NW + w], bit t = (q = 32 w + t) > p and IoU(order[p], order[q]) > threshold. Words left
-// of p's own word are never read by the scan and not written.
+// of p's own word are never read by the scan and not written. One warp per word: lane t tests
+// q = 32 w + t and the warp's ballot is the word, so each thread makes one chain of three
+// dependent loads instead of up to 32 in a row (grid-stride over words, warp-uniform).
 __global__ void suppress_bits_kernel(const unsigned* __restrict__ inter,
                                      const int64_t* __restrict__ areas,
                                      const int* __restrict__ order, int64_t N, int64_t NW,
                                      float threshold, uint32_t* __restrict__ bits) {
-  const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (idx >= N * NW) return;
-  const int64_t p = idx / NW, w = idx - p * NW;
-  if (w < (p >> 5)) return;
-  const int64_t i = order[p];
-  const int64_t ai = areas[i];
-  uint32_t word = 0;
-  const int64_t q_end = min(N, (w + 1) * 32);
-  for (int64_t q = max(p + 1, w * 32); q < q_end; ++q) {
-    const int64_t j = order[q];
-    const unsigned c = i <= j ? inter[i * N + j] : inter[j * N + i];
-    if (iou_from_counts(c, ai, areas[j]) > threshold) word |= 1u << (q - w * 32);
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
+  for (int64_t word = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5; word < N * NW;
+       word += warps) {
+    const int64_t p = word / NW, w = word - p * NW;
+    if (w < (p >> 5)) continue;
+    const int64_t q = w * 32 + lane;
+    bool over = false;
+    if (q > p && q < N) {
+      const int64_t i = order[p], j = order[q];
+      const unsigned c = i <= j ? inter[i * N + j] : inter[j * N + i];
+      over = iou_from_counts(c, areas[i], areas[j]) > threshold;
+    }
+    const uint32_t bitword = __ballot_sync(0xffffffffu, over);
+    if (lane == 0) bits[word] = bitword;
   }
-  bits[idx] = word;
 }
 
 // One warp: positions in order; a kept mask ORs its row into `removed`. The order (with the
 // validity folded into its sign) is staged in shared memory when it fits, so an iteration that
-// keeps nothing costs two shared loads and a __syncwarp.
-template <bool kStage>
+// keeps nothing costs two shared loads and a __syncwarp; with kStageBits the rows of `bits` are
+// staged too (read with kInFlight loads per lane outstanding), so a kept mask's OR reads shared
+// memory instead of making a global round trip per kept mask.
+template <bool kStage, bool kStageBits>
 __global__ void __launch_bounds__(32)
     scan_kernel(const uint32_t* __restrict__ bits, const int* __restrict__ order,
                 const bool* __restrict__ valid, int64_t N, int64_t NW, bool* __restrict__ keep) {
+  static_assert(kStage || !kStageBits, "the bits are staged behind the staged order");
+  constexpr int kInFlight = 8;
   extern __shared__ uint32_t smem[];
   uint32_t* removed = smem;
   int* staged = reinterpret_cast<int*>(smem + NW);
+  uint32_t* sbits = smem + NW + N;
   const int lane = threadIdx.x;
   for (int64_t w = lane; w < NW; w += 32) removed[w] = 0u;
   if (kStage) {
@@ -185,6 +195,19 @@ __global__ void __launch_bounds__(32)
       staged[p] = (valid == nullptr || valid[i]) ? i : -1 - i;
     }
   }
+  if (kStageBits) {
+    const int64_t total = N * NW;
+    int64_t e = lane;
+    for (; e + (kInFlight - 1) * 32 < total; e += kInFlight * 32) {
+      uint32_t r[kInFlight];
+#pragma unroll
+      for (int k = 0; k < kInFlight; ++k) r[k] = bits[e + k * 32];
+#pragma unroll
+      for (int k = 0; k < kInFlight; ++k) sbits[e + k * 32] = r[k];
+    }
+    for (; e < total; e += 32) sbits[e] = bits[e];
+  }
+  const uint32_t* rows = kStageBits ? sbits : bits;
   __syncwarp();
   for (int64_t p = 0; p < N; ++p) {
     int i;
@@ -200,7 +223,7 @@ __global__ void __launch_bounds__(32)
     const bool kept = ok && !((removed[p >> 5] >> (p & 31)) & 1u);
     __syncwarp();
     if (kept) {
-      for (int64_t w = (p >> 5) + lane; w < NW; w += 32) removed[w] |= bits[p * NW + w];
+      for (int64_t w = (p >> 5) + lane; w < NW; w += 32) removed[w] |= rows[p * NW + w];
     }
     if (lane == 0) keep[i] = kept;
     __syncwarp();
@@ -328,13 +351,18 @@ cudaError_t mask_nms_cuda(const uint32_t* masks, const float* scores, const bool
   if (err == cudaSuccess) err = launch_inter(masks, masks, N, N, K, true, ws.inter, stream);
   if (err != cudaSuccess) return err;
   rank_kernel<<<blocks_for(N, 128), 128, 0, stream>>>(scores, N, ws.order);
-  suppress_bits_kernel<<<blocks_for(N * NW, 256), 256, 0, stream>>>(ws.inter, ws.areas, ws.order,
-                                                                   N, NW, iou_threshold, ws.bits);
+  // A warp per word of bits (grid-stride past 65536 blocks of 8 warps).
+  const unsigned sb_blocks = static_cast<unsigned>(std::min<int64_t>(blocks_for(N * NW, 8), 65536));
+  suppress_bits_kernel<<<sb_blocks, 256, 0, stream>>>(ws.inter, ws.areas, ws.order, N, NW, iou_threshold,
+                                                      ws.bits);
   const size_t staged_bytes = removed_bytes + sizeof(int) * N;
-  if (staged_bytes <= 48 * 1024) {
-    scan_kernel<true><<<1, 32, staged_bytes, stream>>>(ws.bits, ws.order, valid, N, NW, keep);
+  const size_t staged_bits_bytes = staged_bytes + sizeof(uint32_t) * N * NW;
+  if (staged_bits_bytes <= 48 * 1024) {  // up to ~380 masks
+    scan_kernel<true, true><<<1, 32, staged_bits_bytes, stream>>>(ws.bits, ws.order, valid, N, NW, keep);
+  } else if (staged_bytes <= 48 * 1024) {
+    scan_kernel<true, false><<<1, 32, staged_bytes, stream>>>(ws.bits, ws.order, valid, N, NW, keep);
   } else {
-    scan_kernel<false><<<1, 32, removed_bytes, stream>>>(ws.bits, ws.order, valid, N, NW, keep);
+    scan_kernel<false, false><<<1, 32, removed_bytes, stream>>>(ws.bits, ws.order, valid, N, NW, keep);
   }
   return cudaGetLastError();
 }
