@@ -12,7 +12,7 @@ from PIL import Image
 
 import sam3fast
 from sam3fast.predictor.graphed_call import GraphedCall, _clone_fresh
-from sam3fast.predictor.graphs import persistent_outputs
+from sam3fast.predictor.graphs import persistent_outputs, pool_for_capture, warm_up_and_capture
 from sam3fast.predictor.image import Sam3Processor
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -163,6 +163,50 @@ def test_persistent_outputs_rule():
         assert got[k].untyped_storage().data_ptr() != out[k].untyped_storage().data_ptr()
     assert got["n"] == 3
     assert all(a is not b for a, b in zip(torch.utils._pytree.tree_leaves(_clone_fresh(out, None))[:-1], leaves[:-1]))
+
+
+def test_pool_for_capture_shares_a_live_graphs_pool(monkeypatch):
+    """A runner's next capture goes into the pool of one of its live graphs; with none alive (no
+    key captured yet, or all dropped) into a new pool, never into a handle kept from before."""
+
+    class FakeGraph:
+        def __init__(self, pool):
+            self._pool = pool
+
+        def pool(self):
+            return self._pool
+
+    fresh = iter([(0, 101), (0, 102)])
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: next(fresh))
+    assert pool_for_capture([None, FakeGraph((0, 7)), FakeGraph((0, 7))]) == (0, 7)
+    assert pool_for_capture(g for g in [None, None]) == (0, 101)
+    assert pool_for_capture([]) == (0, 102)
+
+
+@needs_cuda
+def test_gpu_capture_after_every_graph_of_the_pool_was_dropped():
+    """Graphs captured through pool_for_capture share a pool while one of them lives; after all
+    are destroyed the next capture gets a new pool and works. (Capturing into the old handle then
+    hits PyTorch's "use_count > 0" assert: the pool outlives its graphs with no user.)"""
+    import gc
+
+    x = torch.randn(64, device="cuda")
+
+    def capture(pool):
+        return warm_up_and_capture(lambda: x * 2 + 1, 1, pool, "test")
+
+    g1, out1, _ = capture(pool_for_capture([]))
+    g2, out2, _ = capture(pool_for_capture([None, g1]))
+    old = g1.pool()
+    assert g2.pool() == old
+    del g1, g2, out1, out2
+    gc.collect()
+    g3, out3, _ = capture(pool_for_capture([None]))
+    assert g3.pool() != old
+    x.copy_(torch.arange(64, device="cuda", dtype=x.dtype))
+    g3.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out3, x * 2 + 1, rtol=0, atol=0)
 
 
 @needs_cuda

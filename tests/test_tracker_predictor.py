@@ -1271,6 +1271,46 @@ def test_cuda_graphed_step_equals_eager_and_makes_no_sync(own_gpu):
         torch.testing.assert_close(sc1, sc0, rtol=1e-3, atol=3e-3)
 
 
+def test_cuda_graphed_table_step_recaptures_after_the_table_grew(own_gpu):
+    """When an object table grows (new tensors), the step runner drops the graphs that read the old
+    ones and captures the next step again. That capture must not go into the dropped graphs' pool:
+    PyTorch refuses a capture into a pool whose graphs were all destroyed ("use_count > 0 INTERNAL
+    ASSERT"), which made the concept video's tracker step fall back to eager on the H200 of
+    2026-11-27 once objects were added."""
+    import copy
+
+    from sam3fast.video.memory_bank import TableRows
+
+    pair = own_gpu
+    ours = copy.deepcopy(pair.ours).cuda()
+    ours.backbone = copy.deepcopy(pair.vb).cuda()
+    ours.cuda_graphs = True
+    st = ours.init_state(video_height=VIDEO_H, video_width=VIDEO_W, num_frames=len(pair.frames))
+    st["images"] = pair.frames.cuda()
+    for obj, xy in ((1, [0.1, 0.5]), (2, [0.8, 0.3]), (3, [0.5, 0.8])):
+        ours.add_new_points_or_box(st, 0, obj, points=[xy], labels=[1])
+    ours.propagate_in_video_preflight(st)
+    gen = ours.propagate_in_video(st, 0, None, False, tqdm_disable=True)
+    for _ in range(4):
+        next(gen)
+    runner = ours.step_graphs()
+    old = [k for k, e in runner.entries.items() if e.graph is not None]
+    assert old, {k: runner.why_not_graphs(k) for k in runner.entries}
+    rows = st["memory_bank"]["bank"]
+    assert isinstance(rows, TableRows)
+    with torch.inference_mode():
+        rows.table._grow(rows.table.capacity * 2, rows.table.cond_capacity)
+    outs = [next(gen) for _ in range(3)]
+    torch.cuda.synchronize()
+    new = list(runner.entries)
+    assert new and not set(new) & set(old)
+    for k in new:
+        assert runner.why_not_graphs(k) is None, runner.why_not_graphs(k)
+        assert runner.entries[k].graph is not None and runner.entries[k].replays >= 2
+    for _, _, lo, _, sc in outs:
+        assert bool(torch.isfinite(lo).all()) and bool(torch.isfinite(sc).all())
+
+
 # ----------------------------------------------------------------------------------------------
 # The backbone of forward_image as a CUDA graph (backbone_cuda_graphs)
 

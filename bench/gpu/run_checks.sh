@@ -94,7 +94,8 @@ else
     step profile_fold 40 40 python3 bench/bench_memory_attention.py --objects 1 --no-compile \
         --only "module,op fold,op (" --profile --out "bench/results/memory_attention_foldprof_$(date +%F)"
     # the concept loop's by-stage profile (did not finish in 54 s on the H200 of 2026-11-27, where
-    # its tracker-step capture failed: "use_count > 0 INTERNAL ASSERT" in CUDACachingAllocator)
+    # its tracker-step capture failed: "use_count > 0 INTERNAL ASSERT" in CUDACachingAllocator, a
+    # capture into the pool of graphs dropped when the object table grew; mended in session 14)
     step profile_concept 45 90 python3 bench/profile_gpu.py --parts concept
     step bench_mask_postprocess 40 60 python3 bench/bench_mask_postprocess.py --no-compile
     step bench_norms 40 40 python3 bench/bench_norms.py

@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch.utils import _pytree as pytree
 
-from .graphs import check_warmup_iters, persistent_outputs, resolve_cuda_graphs, warm_up_and_capture
+from .graphs import check_warmup_iters, persistent_outputs, pool_for_capture, resolve_cuda_graphs, warm_up_and_capture
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +98,12 @@ class GraphedCall:
         self.name = name
         self.buffers = bool(buffers)
         self.entries: Dict[tuple, _Graphed] = {}
-        self._pool = None
         self._warned = set()
 
     def clear(self) -> None:
         """Forget every signature (graphs and buffers); the next calls capture again."""
         self.entries.clear()
         self._seen.clear()
-        self._pool = None
 
     def graphs(self) -> int:
         return sum(e.graph is not None for e in self.entries.values())
@@ -144,10 +142,9 @@ class GraphedCall:
 
     def _capture(self, e: _Graphed, spec):
         a, kw = pytree.tree_unflatten(e.inputs, spec)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
+        pool = pool_for_capture(x.graph for x in self.entries.values())
         try:
-            g, out, warm = warm_up_and_capture(lambda: self.fn(*a, **kw), self.warmup_iters, self._pool, self.name)
+            g, out, warm = warm_up_and_capture(lambda: self.fn(*a, **kw), self.warmup_iters, pool, self.name)
         except RuntimeError as err:
             e.failed = f"capture failed: {type(err).__name__}: {err}"[:300]
             log.warning("%s: %s; this signature runs eagerly", self.name, e.failed)

@@ -156,6 +156,22 @@ def check_warmup_iters(warmup_iters: int) -> int:
     return int(warmup_iters)
 
 
+def pool_for_capture(graphs) -> tuple:
+    """The memory pool a graph runner captures its next graph into: the pool of one of its live
+    graphs (``graphs``: the runner's graphs, None for keys without one), so that all its graphs
+    share one pool, or a new pool when none is alive.
+
+    A runner must not keep a pool handle across the loss of all its graphs: when the last graph
+    of a pool is destroyed, PyTorch keeps the pool with no user (use_count 0) until its memory is
+    freed, and a capture into it then fails with "use_count > 0 INTERNAL ASSERT FAILED" in
+    CUDACachingAllocator. The tracker's step runner drops the graphs of an object table that grew
+    (the concept video adds objects), and the H200 run of 2026-11-27 saw that capture fail."""
+    for g in graphs:
+        if g is not None:
+            return g.pool()
+    return torch.cuda.graph_pool_handle()
+
+
 def warm_up_and_capture(step, warmup_iters: int, pool, stage_name: str, **graph_kw):
     """The recipe of the CUDA-graphs notes, shared by the graph runners: ``step()`` run
     ``warmup_iters`` times on a side stream (lazy initialisation, Triton and inductor compilation,
@@ -253,7 +269,6 @@ class GraphedImageStep:
         self.prompt_buckets = buckets
         self.warmup_iters = check_warmup_iters(warmup_iters)
         self.entries: Dict[BucketKey, _Entry] = {}
-        self._pool = None
 
     # ------------------------------------------------------------------ buckets
     def prompt_bucket(self, P: int) -> int:
@@ -270,7 +285,6 @@ class GraphedImageStep:
     def clear(self) -> None:
         """Drop every bucket (graphs, buffers, the memory pool)."""
         self.entries.clear()
-        self._pool = None
 
     def _new_entry(self, key: BucketKey, text_feats: Tensor, box_dtype: Optional[torch.dtype]) -> _Entry:
         dev = self.model.device
@@ -297,10 +311,9 @@ class GraphedImageStep:
                           mask_size=e.key.mask_size)
 
     def _capture(self, e: _Entry) -> None:
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
+        pool = pool_for_capture(x.graph for x in self.entries.values())
         try:
-            g, e.outputs, _ = warm_up_and_capture(lambda: self._step(e), self.warmup_iters, self._pool,
+            g, e.outputs, _ = warm_up_and_capture(lambda: self._step(e), self.warmup_iters, pool,
                                                   "graph_capture")
         except RuntimeError as err:
             del self.entries[e.key]

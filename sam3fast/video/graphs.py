@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ..predictor.graphs import (
-    _Entry, check_warmup_iters, persistent_outputs, resolve_cuda_graphs, warm_up_and_capture,
+    _Entry, check_warmup_iters, persistent_outputs, pool_for_capture, resolve_cuda_graphs, warm_up_and_capture,
 )
 from ..profiling import stage
 
@@ -109,7 +109,6 @@ class GraphedDetector:
         # per captured key: which outputs the graph writes (cloned per call) and which it only
         # hands through (persistent tensors, e.g. the cached position encodings)
         self._written: Dict[DetectorKey, Tuple[bool, ...]] = {}
-        self._pool = None
         self._why_not: Dict[DetectorKey, Optional[str]] = {}
         self._warned: set = set()
 
@@ -117,7 +116,6 @@ class GraphedDetector:
         """Drop every key (graphs, buffers, the memory pool)."""
         self.entries.clear()
         self._written.clear()
-        self._pool = None
 
     # ------------------------------------------------------------------ keys and buffers
     def key(self, text_feats: Tensor, boxes: Optional[Tensor], run_nms: bool, nms_prob_thresh, nms_iou_thresh
@@ -164,11 +162,10 @@ class GraphedDetector:
 
     def _capture(self, e: _Entry) -> None:
         # (warm-up on a side stream also fills the position encoding cache outside the capture)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
+        pool = pool_for_capture(x.graph for x in self.entries.values())
         try:
             # thread_local: a frame loader thread may use CUDA while this thread captures
-            g, out, warm = warm_up_and_capture(lambda: _flatten(self._step(e)), self.warmup_iters, self._pool,
+            g, out, warm = warm_up_and_capture(lambda: _flatten(self._step(e)), self.warmup_iters, pool,
                                                "detector_graph_capture", capture_error_mode="thread_local")
         except RuntimeError as err:
             del self.entries[e.key]

@@ -50,7 +50,7 @@ from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from ..predictor.graphs import _Entry, check_warmup_iters, resolve_cuda_graphs, warm_up_and_capture
+from ..predictor.graphs import _Entry, check_warmup_iters, pool_for_capture, resolve_cuda_graphs, warm_up_and_capture
 from ..profiling import stage
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,6 @@ class GraphedMemoryStep:
         self._present: Dict[StepKey, Tuple[bool, ...]] = {}  # which of the 7 outputs the step returns
         self._failed: Dict[StepKey, str] = {}  # keys whose capture failed: eager from then on
         self._tables: Dict[TableKey, tuple] = {}  # table keys -> (weakref to the table, spec, state)
-        self._pool = None
 
     def clear(self) -> None:
         """Drop every key (graphs, buffers, the memory pool)."""
@@ -107,7 +106,6 @@ class GraphedMemoryStep:
         self._present.clear()
         self._failed.clear()
         self._tables.clear()
-        self._pool = None
 
     @staticmethod
     def key(feats: Sequence[Tensor], top_pos: Tensor, memory: Tensor, num_obj_ptr_tokens: int,
@@ -162,10 +160,10 @@ class GraphedMemoryStep:
 
     def _capture(self, e: _Entry) -> bool:
         """Capture ``e``'s step; False (logged, the key marked eager) if the capture fails."""
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
+        # (not one handle kept for good: _drop_stale_tables may have dropped every graph of it)
+        pool = pool_for_capture(x.graph for x in self.entries.values())
         try:
-            g, out, _ = warm_up_and_capture(lambda: self._step(e), self.warmup_iters, self._pool,
+            g, out, _ = warm_up_and_capture(lambda: self._step(e), self.warmup_iters, pool,
                                             "tracker_graph_capture", capture_error_mode="thread_local")
         except RuntimeError as err:
             why = f"capture failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
