@@ -23,6 +23,10 @@ BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
                                 "# trunk (28 window + 4 global blocks), eager chain")),
     ("bench_connected_components.py", "connected_components benchmark"),
     ("bench_video.py", "video frames/s benchmark"),
+    # the CPU host-work counts: both parts ran and their phases were found (a renamed driver would
+    # put every operation under "(outside)")
+    ("host_ops.py", ("| tracker | 1 |", "| concept |", "- _run_single_frame_inference:",
+                     "- run_tracker_update_planning_phase:")),
     ("bench_norms.py", ("# norms benchmark", "channels-first *", "group_norm_fast", "# pixel decoder GroupNorm",
                         "triton layer_norm2d + GELU", "channels-first + F.gelu *")),
     # every part's stages were hooked (a renamed module path would drop its row)
@@ -35,6 +39,40 @@ def test_bench_smoke(script, expect, monkeypatch, capsys):
     out = capsys.readouterr().out
     for e in (expect,) if isinstance(expect, str) else expect:
         assert e in out
+
+
+def test_host_op_counter_counts_kernels_views_reads_and_phases():
+    """bench/host_ops.py's counter: a view launches nothing, an out-of-place or in-place op does, a
+    value read is a read; operations are put under the driver's callee, a graphed region's apart."""
+    sys.path.insert(0, BENCH)
+    try:
+        import host_ops
+    finally:
+        sys.path.pop(0)
+    x = torch.randn(4, 4)
+
+    def phase_a():
+        y = x.view(16)  # a view
+        z = x + 1  # a kernel
+        z.add_(1)  # in place: a kernel
+        return y, float(z.sum())  # a kernel, then a read
+
+    def driver():
+        phase_a()
+        counter.enter_region("graph")
+        x.mul(2)  # inside a graphed region
+        counter.exit_region()
+        return x.t()  # the driver's own view
+
+    counter = host_ops.HostOpCounter("driver", package="test_bench_smoke")
+    with counter:
+        driver()
+        x.neg()  # outside the driver
+    fr = counter.frames[-1]
+    assert fr["reads"] == 1 and fr["kernels"] == 4, fr
+    assert fr["eager"] == {"phase_a": 5, "(frame driver)": 1, "(outside)": 1}, fr["eager"]
+    assert fr["graphed"] == {"graph": 1} and fr["calls"] == {"graph": 1}
+    assert host_ops.summarize(counter, 0)["eager_ops"] == 7
 
 
 def test_kernel_static_report_runs():
