@@ -1359,6 +1359,33 @@ def test_backbone_cuda_graphs_option(pair):
         ours._backbone_call = ours._backbone_call_key = None
 
 
+def test_memory_encoder_cuda_graphs_option(pair):
+    """``memory_encoder_cuda_graphs``: "auto" (the default) calls the memory encoder directly off
+    CUDA, True off CUDA and any other value are clear errors; the settings it reads travel as plain
+    arguments (a graph bakes them in) and follow the attributes."""
+    ours = pair.ours
+    prev = ours.memory_encoder_cuda_graphs
+    try:
+        assert prev == "auto"
+        assert ours._memory_encoder_runner() == ours._encode_memory and ours._memory_encoder_call is None
+        ours.memory_encoder_cuda_graphs = True
+        with pytest.raises(ValueError, match="cuda_graphs=True needs tracker memory encoder"):
+            ours._memory_encoder_runner()
+        ours.memory_encoder_cuda_graphs = "yes"
+        with pytest.raises(ValueError, match="memory_encoder_cuda_graphs must be True, False or 'auto'"):
+            ours._memory_encoder_runner()
+    finally:
+        ours.memory_encoder_cuda_graphs = prev
+        ours._memory_encoder_call = ours._memory_encoder_call_key = None
+    saved = ours.sigmoid_scale_for_mem_enc, ours.non_overlap_masks_for_mem_enc
+    try:
+        ours.sigmoid_scale_for_mem_enc, ours.non_overlap_masks_for_mem_enc = 7.0, True
+        assert ours._memory_encoder_settings() == {"non_overlap": True, "sigmoid_scale": 7.0,
+                                                   "sigmoid_bias": ours.sigmoid_bias_for_mem_enc}
+    finally:
+        ours.sigmoid_scale_for_mem_enc, ours.non_overlap_masks_for_mem_enc = saved
+
+
 @pytest.mark.parametrize("gemm", [False, True], ids=["conv", "gemm"])
 def test_bf16_backbone_with_float32_islands_takes_float32_frames(pair, gemm):
     """A bf16 backbone as the builders load it (its LayerNorms and the ViT's pos table float32
@@ -1393,6 +1420,46 @@ def test_bf16_backbone_with_float32_islands_takes_float32_frames(pair, gemm):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphed_memory_encoder_equals_eager_and_recaptures(own_gpu):
+    """On a GPU _run_memory_encoder replays the memory encoder from a graph per object count,
+    captured on the second call of a count: the eager outputs, not overwritten by later replays;
+    new weight storage is captured afresh; a changed setting is another graph."""
+    import copy
+
+    pair = own_gpu
+    ours = copy.deepcopy(pair.ours).cuda()
+    ours.backbone = copy.deepcopy(pair.vb).cuda()
+    st = ours.init_state(video_height=VIDEO_H, video_width=VIDEO_W, num_frames=len(pair.frames))
+    st["images"] = pair.frames.cuda()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    side = ours.mem_interpol_size[0]  # (the concept video's high-res masks)
+    cases = []
+    for B in (2, 3, 2, 3, 2):
+        masks = torch.randn(B, 1, side, side, device="cuda", generator=g) * 4
+        scores = torch.randn(B, 1, device="cuda", generator=g)
+        cases.append((B, masks, scores))
+    with torch.inference_mode():
+        ours.memory_encoder_cuda_graphs = False
+        want = [ours._run_memory_encoder(st, 0, B, m, s, False) for B, m, s in cases]
+        assert ours._memory_encoder_call is None
+        ours.memory_encoder_cuda_graphs = "auto"
+        got = [ours._run_memory_encoder(st, 0, B, m, s, False) for B, m, s in cases]
+        call = ours._memory_encoder_call
+        assert call is not None and call.graphs() == 2, call.entries  # B = 2 and B = 3
+        assert sum(e.replays for e in call.entries.values()) >= 3
+        for (fg, pg), (fw, pw) in zip(got, want):  # the first outputs were held across later replays
+            torch.testing.assert_close(fg, fw, rtol=1e-3, atol=1e-3)
+            torch.testing.assert_close(pg[0], pw[0], rtol=0, atol=0)
+        ours.sigmoid_scale_for_mem_enc = 10.0  # another setting: another signature
+        ours._run_memory_encoder(st, 0, 2, cases[0][1], cases[0][2], False)
+        ours._run_memory_encoder(st, 0, 2, cases[0][1], cases[0][2], False)
+        assert call.graphs() == 3
+        with torch.no_grad():
+            ours.maskmem_backbone.to(torch.float64).to(torch.float32)  # new storage: a new graphed call
+        ours._run_memory_encoder(st, 0, 2, cases[0][1], cases[0][2], False)
+        assert ours._memory_encoder_call is not call
+
+
 def test_cuda_graphed_backbone_equals_eager_and_recaptures(own_gpu):
     """On a GPU forward_image replays the backbone from a graph captured on the second frame: the
     eager outputs, which later replays do not overwrite; a new backbone object is captured afresh,

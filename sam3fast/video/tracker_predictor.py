@@ -534,6 +534,14 @@ class Sam3TrackerPredictor(nn.Module):
         self.backbone_cuda_graphs = "auto"
         self._backbone_call = None
         self._backbone_call_key = None
+        # sam3fast: on CUDA, the memory encoder that runs outside the tracking step (the concept
+        # video encodes every frame's masks after its planning step; prompts and consolidation)
+        # replays from a CUDA graph per object count and settings (GraphedCall, captured on the
+        # second call of a shape, at most 16 shapes): eagerly it is ~100 small kernels a call.
+        # "auto" (default): on CUDA; True: always (CUDA only); False: never.
+        self.memory_encoder_cuda_graphs = "auto"
+        self._memory_encoder_call = None
+        self._memory_encoder_call_key = None
         self.iter_use_prev_mask_pred = True
         self.add_all_frames_to_correct_as_cond = True
         self.eval()
@@ -2046,15 +2054,10 @@ class Sam3TrackerPredictor(nn.Module):
                             is_mask_from_pts):
         """Encode (B, 1, h, w) mask logits of a frame into memory (after constraints changed them).
         Returns ``(maskmem_features (B, M, g, g) [bf16 with bf16_casts], maskmem_pos_enc [view])``."""
-        image, _, feats, _, feat_sizes = self._get_image_feature(inference_state, frame_idx, batch_size)
-        maskmem_features, maskmem_pos_enc = self._encode_new_memory(
-            image=image,
-            current_vision_feats=feats,
-            feat_sizes=feat_sizes,
-            pred_masks_high_res=high_res_masks,
-            object_score_logits=object_score_logits,
-            is_mask_from_pts=is_mask_from_pts,
-        )
+        _, _, feats, _, _ = self._get_image_feature(inference_state, frame_idx, batch_size)
+        maskmem_features, pos = self._memory_encoder_runner()(
+            feats[-1], high_res_masks, object_score_logits, bool(is_mask_from_pts), **self._memory_encoder_settings())
+        maskmem_pos_enc = [pos]
         maskmem_features = self._to_memory_bank(maskmem_features).to(inference_state["storage_device"],
                                                                       non_blocking=True)
         maskmem_pos_enc = self._get_maskmem_pos_enc(inference_state, {"maskmem_pos_enc": maskmem_pos_enc})
@@ -2225,15 +2228,53 @@ class Sam3TrackerPredictor(nn.Module):
                            is_mask_from_pts, output_dict=None, is_init_cond_frame=False):
         """Official ``_encode_new_memory`` on the top-level features (B, D, g, g): returns
         ``(maskmem_features (B, M, g, g), [maskmem_pos_enc (B, M, g, g)])`` (not yet rounded)."""
-        pix_feat = current_vision_feats[-1]
-        if self.non_overlap_masks_for_mem_enc:
+        feat, pos = self._encode_memory(current_vision_feats[-1], pred_masks_high_res, object_score_logits,
+                                        is_mask_from_pts, **self._memory_encoder_settings())
+        return feat, [pos]
+
+    def _memory_encoder_settings(self) -> Dict[str, Any]:
+        """The settings :meth:`_encode_memory` reads, passed as plain arguments (a graph of it
+        bakes them in: another value is another graph)."""
+        return {"non_overlap": bool(self.non_overlap_masks_for_mem_enc),
+                "sigmoid_scale": float(self.sigmoid_scale_for_mem_enc),
+                "sigmoid_bias": float(self.sigmoid_bias_for_mem_enc)}
+
+    def _encode_memory(self, pix_feat, pred_masks_high_res, object_score_logits, is_mask_from_pts, *,
+                       non_overlap, sigmoid_scale, sigmoid_bias):
+        """:meth:`_encode_new_memory` on the top-level features ``pix_feat`` (B, D, g, g): returns
+        ``(maskmem_features (B, M, g, g), maskmem_pos_enc (B, M, g, g))``. Tensor ops only."""
+        if non_overlap:
             pred_masks_high_res = self._apply_non_overlapping_constraints(pred_masks_high_res)
-        feat, pos = encode_new_memory(
+        return encode_new_memory(
             self.maskmem_backbone, pix_feat, pred_masks_high_res.to(self.dtype), object_score_logits,
             self.no_obj_embed_spatial, is_mask_from_pts=is_mask_from_pts,
-            sigmoid_scale=self.sigmoid_scale_for_mem_enc, sigmoid_bias=self.sigmoid_bias_for_mem_enc,
+            sigmoid_scale=sigmoid_scale, sigmoid_bias=sigmoid_bias,
         )
-        return feat, [pos]
+
+    def _memory_encoder_runner(self):
+        """:meth:`_run_memory_encoder`'s call of :meth:`_encode_memory`: directly, or through a
+        :class:`GraphedCall` (``memory_encoder_cuda_graphs``). The graphed call is made again when the
+        memory encoder object, or the storage, dtype or device of its first weight or of
+        ``no_obj_embed_spatial``, changed: a graph replays the weights it captured."""
+        mode = self.memory_encoder_cuda_graphs
+        if not (mode == "auto" or isinstance(mode, bool)):
+            raise ValueError(f"tracker.memory_encoder_cuda_graphs must be True, False or 'auto', got {mode!r}")
+        device = self.device
+        if mode is False or (mode == "auto" and device.type != "cuda"):
+            return self._encode_memory
+        enc = self.maskmem_backbone
+        w = next(enc.parameters(), None)
+        e = self.no_obj_embed_spatial
+        key = (id(enc),) + tuple(None if t is None else (t.data_ptr(), t.dtype, t.device) for t in (w, e))
+        if self._memory_encoder_call is None or self._memory_encoder_call_key != key:
+            from ..predictor.graphed_call import GraphedCall
+
+            self._memory_encoder_call = None  # (its graphs and pool are freed before the new capture)
+            self._memory_encoder_call = GraphedCall(self._encode_memory, device,
+                                                    cuda_graphs=True if mode is True else None, capture_after=1,
+                                                    name="tracker memory encoder")
+            self._memory_encoder_call_key = key
+        return self._memory_encoder_call
 
     # ------------------------------------------------------------------------------------------
     # Memory
