@@ -11,7 +11,8 @@ counts inside the stages are lower; the per-frame logic around them is the same)
 What is counted, per frame (the median over the frames after ``--warmup``):
 
 - ``graphed``: operations inside the regions that run as one CUDA-graph replay on a GPU, by region
-  (the video detector's step, the tracker's step through its runner, the tracker's backbone), and
+  (the video detector's step, the tracker's step through its runner, the tracker's backbone, the
+  memory encoder outside the step), and
   the number of such region calls (one replay each on a GPU);
 - ``eager``: the rest, by phase: the method of the per-frame driver that issued it (the concept
   video: what ``_det_track_one_frame`` calls; the tracker: what its ``propagate_in_video`` loop
@@ -184,7 +185,8 @@ def run_tracker(model, clip, n, frames, warmup):
     tracker.cuda_graphs = True  # the step through its runner (eager on the CPU, a graph on a GPU)
     ref = [None]
     undo = [wrap_region(GraphedMemoryStep, "_step", ref, "tracker step"),
-            wrap_region(Sam3TrackerPredictor, "_tracker_levels", ref, "tracker backbone")]
+            wrap_region(Sam3TrackerPredictor, "_tracker_levels", ref, "tracker backbone"),
+            wrap_region(Sam3TrackerPredictor, "_encode_memory", ref, "memory encoder")]
     try:
         with torch.inference_mode():
             st = tracker.init_state(video_path=clip)
@@ -219,8 +221,11 @@ def run_concept(predictor, clip, prompt, warmup):
     model.tracker.cuda_graphs = True
     model.detector._uses_graphed_step = lambda: True  # the seam: the static step on its buffers
     ref = [None]
+    from sam3fast.video.tracker_predictor import Sam3TrackerPredictor
+
     undo = [wrap_region(GraphedDetector, "_step", ref, "detector step"),
-            wrap_region(GraphedMemoryStep, "_step", ref, "tracker step")]
+            wrap_region(GraphedMemoryStep, "_step", ref, "tracker step"),
+            wrap_region(Sam3TrackerPredictor, "_encode_memory", ref, "memory encoder")]
     orig_frame = Sam3VideoInference._run_single_frame_inference
 
     def frame(self, *a, **kw):
