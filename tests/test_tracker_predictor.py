@@ -1367,7 +1367,7 @@ def test_memory_encoder_cuda_graphs_option(pair):
     prev = ours.memory_encoder_cuda_graphs
     try:
         assert prev == "auto"
-        assert ours._memory_encoder_runner() == ours._encode_memory and ours._memory_encoder_call is None
+        assert ours._memory_encoder_runner() is None and ours._memory_encoder_call is None
         ours.memory_encoder_cuda_graphs = True
         with pytest.raises(ValueError, match="cuda_graphs=True needs tracker memory encoder"):
             ours._memory_encoder_runner()
@@ -1384,6 +1384,41 @@ def test_memory_encoder_cuda_graphs_option(pair):
                                                    "sigmoid_bias": ours.sigmoid_bias_for_mem_enc}
     finally:
         ours.sigmoid_scale_for_mem_enc, ours.non_overlap_masks_for_mem_enc = saved
+
+
+@pytest.mark.parametrize("non_overlap", [False, True], ids=["plain", "non_overlap"])
+def test_memory_encoder_outside_step_pads_to_a_power_of_two(pair, monkeypatch, non_overlap):
+    """The graphed path of the memory encoder (a stand-in for the GraphedCall on the CPU) gets the
+    frame's features once and the objects padded to a power of two, and gives each real object
+    what the direct encoder gives it; the non-overlap rule is applied to the real rows only."""
+    ours = pair.ours
+    calls = []
+
+    def runner(pix_feat, masks, scores, from_pts, **settings):
+        calls.append((tuple(pix_feat.shape), tuple(masks.shape), tuple(scores.shape), settings))
+        return ours._encode_memory(pix_feat, masks, scores, from_pts, **settings)
+
+    g = torch.Generator().manual_seed(1)
+    B, side = 3, ours.mem_interpol_size[0]
+    top = torch.randn(1, ours.hidden_dim, ours.sam_image_embedding_size, ours.sam_image_embedding_size,
+                      generator=g)
+    masks = torch.randn(B, 1, side, side, generator=g) * 4
+    scores = torch.tensor([[2.0], [-3.0], [5.0]])
+    prev = ours.non_overlap_masks_for_mem_enc
+    try:
+        ours.non_overlap_masks_for_mem_enc = non_overlap
+        with torch.inference_mode():
+            want = ours._encode_memory(top.expand(B, -1, -1, -1), masks, scores, False,
+                                       **ours._memory_encoder_settings())
+            monkeypatch.setattr(ours, "_memory_encoder_runner", lambda: runner)
+            got = ours._encode_memory_outside_step(top.expand(B, -1, -1, -1), masks, scores, False)
+    finally:
+        ours.non_overlap_masks_for_mem_enc = prev
+    (pshape, mshape, sshape, settings), = calls
+    assert pshape[0] == 1 and mshape[0] == 4 and sshape == (4, 1) and settings["non_overlap"] is False
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.shape[0] == B
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("gemm", [False, True], ids=["conv", "gemm"])
@@ -1434,7 +1469,7 @@ def test_cuda_graphed_memory_encoder_equals_eager_and_recaptures(own_gpu):
     g = torch.Generator(device="cuda").manual_seed(0)
     side = ours.mem_interpol_size[0]  # (the concept video's high-res masks)
     cases = []
-    for B in (2, 3, 2, 3, 2):
+    for B in (2, 3, 4, 3, 2):  # buckets of 2 and 4 rows (3 is padded)
         masks = torch.randn(B, 1, side, side, device="cuda", generator=g) * 4
         scores = torch.randn(B, 1, device="cuda", generator=g)
         cases.append((B, masks, scores))
@@ -1445,7 +1480,7 @@ def test_cuda_graphed_memory_encoder_equals_eager_and_recaptures(own_gpu):
         ours.memory_encoder_cuda_graphs = "auto"
         got = [ours._run_memory_encoder(st, 0, B, m, s, False) for B, m, s in cases]
         call = ours._memory_encoder_call
-        assert call is not None and call.graphs() == 2, call.entries  # B = 2 and B = 3
+        assert call is not None and call.graphs() == 2, call.entries  # the buckets of 2 and 4 rows
         assert sum(e.replays for e in call.entries.values()) >= 3
         for (fg, pg), (fw, pw) in zip(got, want):  # the first outputs were held across later replays
             torch.testing.assert_close(fg, fw, rtol=1e-3, atol=1e-3)

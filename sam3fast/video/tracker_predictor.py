@@ -537,8 +537,8 @@ class Sam3TrackerPredictor(nn.Module):
         # sam3fast: on CUDA, the memory encoder that runs outside the tracking step (the concept
         # video encodes every frame's masks after its planning step; prompts and consolidation)
         # replays from a CUDA graph per object count and settings (GraphedCall, captured on the
-        # second call of a shape, at most 16 shapes): eagerly it is ~100 small kernels a call.
-        # "auto" (default): on CUDA; True: always (CUDA only); False: never.
+        # second call of a shape; object counts padded to powers of two): eagerly it is ~100 small
+        # kernels a call. "auto" (default): on CUDA; True: always (CUDA only); False: never.
         self.memory_encoder_cuda_graphs = "auto"
         self._memory_encoder_call = None
         self._memory_encoder_call_key = None
@@ -2055,8 +2055,8 @@ class Sam3TrackerPredictor(nn.Module):
         """Encode (B, 1, h, w) mask logits of a frame into memory (after constraints changed them).
         Returns ``(maskmem_features (B, M, g, g) [bf16 with bf16_casts], maskmem_pos_enc [view])``."""
         _, _, feats, _, _ = self._get_image_feature(inference_state, frame_idx, batch_size)
-        maskmem_features, pos = self._memory_encoder_runner()(
-            feats[-1], high_res_masks, object_score_logits, bool(is_mask_from_pts), **self._memory_encoder_settings())
+        maskmem_features, pos = self._encode_memory_outside_step(feats[-1], high_res_masks, object_score_logits,
+                                                                 is_mask_from_pts)
         maskmem_pos_enc = [pos]
         maskmem_features = self._to_memory_bank(maskmem_features).to(inference_state["storage_device"],
                                                                       non_blocking=True)
@@ -2241,8 +2241,12 @@ class Sam3TrackerPredictor(nn.Module):
 
     def _encode_memory(self, pix_feat, pred_masks_high_res, object_score_logits, is_mask_from_pts, *,
                        non_overlap, sigmoid_scale, sigmoid_bias):
-        """:meth:`_encode_new_memory` on the top-level features ``pix_feat`` (B, D, g, g): returns
-        ``(maskmem_features (B, M, g, g), maskmem_pos_enc (B, M, g, g))``. Tensor ops only."""
+        """:meth:`_encode_new_memory` on the top-level features ``pix_feat`` (B, D, g, g), or (1, D,
+        g, g) for the same features under every object: returns ``(maskmem_features (B, M, g, g),
+        maskmem_pos_enc (B, M, g, g))``. Tensor ops only."""
+        B = pred_masks_high_res.shape[0]
+        if pix_feat.shape[0] == 1 and B != 1:
+            pix_feat = pix_feat.expand(B, -1, -1, -1)  # (what the callers' batch views are)
         if non_overlap:
             pred_masks_high_res = self._apply_non_overlapping_constraints(pred_masks_high_res)
         return encode_new_memory(
@@ -2251,9 +2255,33 @@ class Sam3TrackerPredictor(nn.Module):
             sigmoid_scale=sigmoid_scale, sigmoid_bias=sigmoid_bias,
         )
 
+    def _encode_memory_outside_step(self, pix_feat, masks, object_score_logits, is_mask_from_pts):
+        """:meth:`_encode_memory` of one frame's objects (``pix_feat``: that frame's features,
+        batch views of one (1, D, g, g) tensor) as :meth:`_run_memory_encoder` runs it: directly, or
+        on CUDA through the graphed call (:meth:`_memory_encoder_runner`) with the objects padded to
+        a power of two (padded rows: empty masks, absent; sliced off), so a session whose object
+        count changes replays a few graphs and holds a few buffers instead of one per count. Each
+        object is encoded alone, so the padding changes no real row; the non-overlap rule, which
+        compares objects, is applied to the real rows before the padding."""
+        settings = self._memory_encoder_settings()
+        call = self._memory_encoder_runner()
+        if call is None:
+            return self._encode_memory(pix_feat, masks, object_score_logits, is_mask_from_pts, **settings)
+        B = masks.shape[0]
+        if settings["non_overlap"]:
+            masks = self._apply_non_overlapping_constraints(masks)
+            settings["non_overlap"] = False
+        Bb = 1 << (max(B, 1) - 1).bit_length()
+        if Bb > B:
+            masks = torch.cat([masks, masks.new_zeros((Bb - B,) + tuple(masks.shape[1:]))])
+            object_score_logits = torch.cat([object_score_logits, object_score_logits.new_full(
+                (Bb - B,) + tuple(object_score_logits.shape[1:]), -10.0)])
+        feat, pos = call(pix_feat[:1], masks, object_score_logits, bool(is_mask_from_pts), **settings)
+        return feat[:B], pos[:B]
+
     def _memory_encoder_runner(self):
-        """:meth:`_run_memory_encoder`'s call of :meth:`_encode_memory`: directly, or through a
-        :class:`GraphedCall` (``memory_encoder_cuda_graphs``). The graphed call is made again when the
+        """The :class:`GraphedCall` of :meth:`_encode_memory` that :meth:`_encode_memory_outside_step`
+        uses (``memory_encoder_cuda_graphs``), or None (a direct call). It is made again when the
         memory encoder object, or the storage, dtype or device of its first weight or of
         ``no_obj_embed_spatial``, changed: a graph replays the weights it captured."""
         mode = self.memory_encoder_cuda_graphs
@@ -2261,7 +2289,7 @@ class Sam3TrackerPredictor(nn.Module):
             raise ValueError(f"tracker.memory_encoder_cuda_graphs must be True, False or 'auto', got {mode!r}")
         device = self.device
         if mode is False or (mode == "auto" and device.type != "cuda"):
-            return self._encode_memory
+            return None
         enc = self.maskmem_backbone
         w = next(enc.parameters(), None)
         e = self.no_obj_embed_spatial
