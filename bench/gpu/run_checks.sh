@@ -78,9 +78,11 @@ if [[ $PHASE == a ]]; then
         --junitxml "$OUT/gpu_tests_first.xml" $FIRST --deselect "$TMA_TEST"
     step bench_video_tracker 150 150 python3 bench/bench_video.py --parts tracker --dtype bfloat16 --frames 24 \
         --objects 1,5,16 --iters 1 --no-compile --skip-variants eager-step,backbone-eager
-    step bench_image 100 110 python3 bench/bench_image.py --iters 10 --dtype bfloat16
-    step bench_video_concept 60 100 python3 bench/bench_video.py --parts concept --dtype bfloat16 --frames 24 \
+    # the concept video before the image: it has no number since the H100 run 2 of 2026-11-26 (the
+    # H200 run skipped it), and its tracker-step graphs and memory-encoder graphs changed since
+    step bench_video_concept 100 100 python3 bench/bench_video.py --parts concept --dtype bfloat16 --frames 24 \
         --iters 1 --no-compile
+    step bench_image 60 110 python3 bench/bench_image.py --iters 10 --dtype bfloat16
 else
     # the rest, on the still-warm machine if device time is left: the by-stage profile, the other
     # kernel benchmarks, 64 clicked objects, the remaining GPU tests
