@@ -8,7 +8,9 @@ Each case is B problems of (N, M) float32 costs. Methods (those that are availab
   tla_cuda        torch_linear_assignment.batch_linear_assignment on a CUDA tensor, if installed
 Times are medians over repeats, in ms per batch; every answer is checked against scipy's
 optimal cost. Usage: python bench/bench_assignment.py [--smoke] [--repeats R] [--cases B,N,M ...]
-[--no-knobs | --knobs-only] (--smoke: small CPU cases, a few seconds; for CI).
+[--no-knobs | --knobs-only] [--profile] (--smoke: small CPU cases, a few seconds; for CI).
+--profile (CUDA) adds block 0's cycles per phase (reading the matrix, row minima, greedy matching,
+searches) and its searches and Dijkstra steps, from the phase-timing kernel (SAM3FAST_LSA_PROFILE).
 
 On CUDA a second table times sam3fast_cuda alone under the launcher's tuning knobs
 (csrc/cuda/assignment_tuning.h), one 200x128 problem and 1000 of 64x64: SAM3FAST_LSA_THREADS
@@ -140,6 +142,41 @@ def knob_rows(repeats: int, g: torch.Generator) -> None:
                 os.environ[k] = v
 
 
+PROFILE_CASES = [(1, 200, 128), (1, 256, 256), (1000, 64, 64)]
+PROFILE_SETTINGS = [("0", "2", "2"), ("0", "0", "2"), ("0", "2", "0")]  # defaults, no init, no opt-in staging
+
+
+def profile_rows(g: torch.Generator) -> None:
+    """SAM3FAST_LSA_PROFILE=1: the phase-timing kernel, whose block 0 prints (device printf, on
+    stdout at the sync) the cycles of each phase and its searches and Dijkstra steps, for
+    PROFILE_CASES under PROFILE_SETTINGS (answers checked; a warm-up call first)."""
+    print("# phase cycles of block 0 (SAM3FAST_LSA_PROFILE=1; threads, init, stage as in the knob table)", flush=True)
+    saved = {k: os.environ.get(k) for k in KNOB_VARS + ("SAM3FAST_LSA_PROFILE",)}
+    try:
+        for B, n, m in PROFILE_CASES:
+            cost = torch.rand(B, n, m, generator=g)
+            ref_cost = total_cost(cost, batched_linear_sum_assignment(cost))
+            cost_gpu = cost.cuda()
+            for setting in PROFILE_SETTINGS:
+                os.environ.update(zip(KNOB_VARS, setting))
+                os.environ["SAM3FAST_LSA_PROFILE"] = "0"
+                batched_linear_sum_assignment(cost_gpu)  # warm (caches, clocks)
+                torch.cuda.synchronize()
+                os.environ["SAM3FAST_LSA_PROFILE"] = "1"
+                print(f"# {B}x({n}x{m}) threads,init,stage={','.join(setting)}:", flush=True)
+                out = batched_linear_sum_assignment(cost_gpu)
+                torch.cuda.synchronize()  # (flushes the device printf)
+                if not torch.allclose(total_cost(cost, out), ref_cost, rtol=1e-9, atol=1e-9):
+                    raise AssertionError(f"profile kernel {setting} on {(B, n, m)}: not optimal")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    sys.stdout.flush()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="small CPU cases only (CI)")
@@ -148,6 +185,8 @@ def main() -> None:
     ap.add_argument("--cpu-only", action="store_true")
     ap.add_argument("--no-knobs", action="store_true", help="skip the CUDA launcher knob table")
     ap.add_argument("--knobs-only", action="store_true", help="only the CUDA launcher knob table")
+    ap.add_argument("--profile", action="store_true",
+                    help="also the phase cycles of block 0 (SAM3FAST_LSA_PROFILE=1) for a few cases")
     args = ap.parse_args()
 
     cases = [tuple(int(x) for x in c.split(",")) for c in args.cases] if args.cases else (
@@ -179,6 +218,8 @@ def main() -> None:
     has_op = use_cuda and torch._C._dispatch_has_kernel_for_dispatch_key("sam3fast::linear_sum_assignment", "CUDA")
     if has_op and not args.no_knobs:
         knob_rows(repeats, g)
+    if has_op and args.profile:
+        profile_rows(g)
 
 if __name__ == "__main__":
     main()

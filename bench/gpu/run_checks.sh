@@ -88,7 +88,7 @@ else
     # kernel benchmarks, 64 clicked objects, the remaining GPU tests
     # first the kernels changed in session 14 without a GPU (one 200x128 assignment was 154 us graphed
     # on the H200 of 2026-11-27, NMS of 200 masks 0.38-0.40 ms)
-    step bench_assignment 40 40 python3 bench/bench_assignment.py
+    step bench_assignment 40 45 python3 bench/bench_assignment.py --profile
     step bench_mask_iou 30 30 python3 bench/bench_mask_iou.py
     step profile 60 100 python3 bench/profile_gpu.py --parts image,tracker
     # why the folded module is slower than the unfolded one at 1 object (1.33 against 0.91 ms on the

@@ -55,6 +55,7 @@ struct CudaBlock {
   __device__ bool any(bool p) { return __syncthreads_or(p) != 0; }
   __device__ bool argmin_fences() const { return blockDim.x > 32; }
   __device__ void atomic_min(int* p, int v) { atomicMin(p, v); }
+  __device__ long long clock() const { return clock64(); }
 
   __device__ LsaCand argmin(LsaCand c) {
     c = warp_argmin(c);
@@ -84,51 +85,70 @@ struct WarpBlock {
   }
   __device__ bool argmin_fences() const { return false; }
   __device__ void atomic_min(int* p, int v) { atomicMin(p, v); }
+  __device__ long long clock() const { return clock64(); }
 
   __device__ LsaCand argmin(LsaCand c) { return warp_argmin(c); }
 };
 
-template <typename T, bool kStage, bool kWarp>
+// kProfile (SAM3FAST_LSA_PROFILE): block 0 prints where its cycles went (lsa_block::LsaProfile).
+template <typename T, bool kStage, bool kWarp, bool kProfile>
 __global__ void __launch_bounds__(kWarp ? 32 : kMaxThreads)
     lsa_kernel(const T* __restrict__ cost, int n, int m, int64_t* __restrict__ assignment,
                bool* __restrict__ feasible, int init) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int64_t b = blockIdx.x;
+  lsa_block::LsaProfile prof{};
   if constexpr (kWarp) {
     WarpBlock blk;
-    lsa_block::solve_block<T, kStage>(blk, cost + b * n * m, n, m, assignment + b * n,
-                                      feasible + b, smem, init);
+    lsa_block::solve_block<T, kStage, WarpBlock, kProfile>(blk, cost + b * n * m, n, m, assignment + b * n,
+                                                           feasible + b, smem, init, &prof);
   } else {
     __shared__ LsaCand scratch[64];
     CudaBlock blk{scratch, 0};
-    lsa_block::solve_block<T, kStage>(blk, cost + b * n * m, n, m, assignment + b * n,
-                                      feasible + b, smem, init);
+    lsa_block::solve_block<T, kStage, CudaBlock, kProfile>(blk, cost + b * n * m, n, m, assignment + b * n,
+                                                           feasible + b, smem, init, &prof);
+  }
+  if constexpr (kProfile) {
+    if (b == 0 && threadIdx.x == 0) {
+      printf("sam3fast lsa profile: %dx%d %s threads=%d staged=%d init=%d; cycles: read %lld, row minima %lld, "
+             "greedy %lld, searches %lld (dijkstra %lld, update+flip %lld), total %lld; searches %d, steps %d\n",
+             n, m, sizeof(T) == 4 ? "f32" : "f64", static_cast<int>(blockDim.x), int(kStage), init,
+             prof.read - prof.start, prof.rows - prof.read, prof.greedy - prof.rows, prof.end - prof.greedy,
+             prof.dijkstra, prof.update, prof.end - prof.start, prof.searches, prof.steps);
+    }
   }
 }
 
 // Launches lsa_kernel<T, kStage, kWarp> with smem bytes of dynamic shared memory, raising the
 // kernel's limit first when that and the static scratch are over the default 48 KiB (the caller
 // checked the opt-in limit).
-template <typename T, bool kStage, bool kWarp>
+template <typename T, bool kStage, bool kWarp, bool kProfile>
 cudaError_t launch(const T* cost, int64_t B, int64_t n, int64_t m, int64_t* assignment,
                    bool* feasible, cudaStream_t stream, int threads, int64_t smem, int init) {
   if (smem + (kWarp ? 0 : kScratchBytes) > kDefaultSmem) {
     const cudaError_t err = cudaFuncSetAttribute(
-        lsa_kernel<T, kStage, kWarp>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        lsa_kernel<T, kStage, kWarp, kProfile>, cudaFuncAttributeMaxDynamicSharedMemorySize,
         static_cast<int>(smem));
     if (err != cudaSuccess) return err;
   }
-  lsa_kernel<T, kStage, kWarp><<<static_cast<unsigned>(B), threads, smem, stream>>>(
+  lsa_kernel<T, kStage, kWarp, kProfile><<<static_cast<unsigned>(B), threads, smem, stream>>>(
       cost, static_cast<int>(n), static_cast<int>(m), assignment, feasible, init);
   return cudaGetLastError();
 }
 
-template <typename T, bool kStage>
+template <typename T, bool kStage, bool kProfile>
 cudaError_t launch(const T* cost, int64_t B, int64_t n, int64_t m, int64_t* assignment,
                    bool* feasible, cudaStream_t stream, int threads, int64_t smem, int init) {
   return threads == 32
-             ? launch<T, kStage, true>(cost, B, n, m, assignment, feasible, stream, threads, smem, init)
-             : launch<T, kStage, false>(cost, B, n, m, assignment, feasible, stream, threads, smem, init);
+             ? launch<T, kStage, true, kProfile>(cost, B, n, m, assignment, feasible, stream, threads, smem, init)
+             : launch<T, kStage, false, kProfile>(cost, B, n, m, assignment, feasible, stream, threads, smem, init);
+}
+
+template <typename T, bool kStage>
+cudaError_t launch(const T* cost, int64_t B, int64_t n, int64_t m, int64_t* assignment,
+                   bool* feasible, cudaStream_t stream, int threads, int64_t smem, int init, bool profile) {
+  return profile ? launch<T, kStage, true>(cost, B, n, m, assignment, feasible, stream, threads, smem, init)
+                 : launch<T, kStage, false>(cost, B, n, m, assignment, feasible, stream, threads, smem, init);
 }
 
 bool valid_threads(long t) { return t == 0 || (t >= 32 && t <= kMaxThreads && t % 32 == 0); }
@@ -151,11 +171,12 @@ int env_knob(const char* name, int fallback, bool (*valid)(long), std::atomic<bo
 }  // namespace
 
 LsaCudaOptions lsa_cuda_options() {
-  static std::atomic<bool> warned[3];
+  static std::atomic<bool> warned[4];
   LsaCudaOptions o;
   o.threads = env_knob("SAM3FAST_LSA_THREADS", o.threads, valid_threads, &warned[0]);
   o.init = env_knob("SAM3FAST_LSA_INIT", o.init, [](long x) { return x >= 0 && x <= 2; }, &warned[1]);
   o.stage = env_knob("SAM3FAST_LSA_STAGE", o.stage, [](long x) { return x >= 0 && x <= 2; }, &warned[2]);
+  o.profile = env_knob("SAM3FAST_LSA_PROFILE", o.profile, [](long x) { return x == 0 || x == 1; }, &warned[3]);
   return o;
 }
 
@@ -164,7 +185,7 @@ cudaError_t linear_sum_assignment_cuda(const T* cost, int64_t B, int64_t n, int6
                                        int64_t* assignment, bool* feasible, cudaStream_t stream,
                                        const LsaCudaOptions& options) {
   if (!valid_threads(options.threads) || options.init < 0 || options.init > 2 || options.stage < 0 ||
-      options.stage > 2) {
+      options.stage > 2 || options.profile < 0 || options.profile > 1) {
     return cudaErrorInvalidValue;
   }
   if (B == 0) return cudaSuccess;
@@ -197,10 +218,12 @@ cudaError_t linear_sum_assignment_cuda(const T* cost, int64_t B, int64_t n, int6
   }
   const bool stage = staged <= kDefaultSmem || (wide_stage && staged <= optin);
   if (stage) {
-    return launch<T, true>(cost, B, n, m, assignment, feasible, stream, threads, staged, options.init);
+    return launch<T, true>(cost, B, n, m, assignment, feasible, stream, threads, staged, options.init,
+                           options.profile != 0);
   }
   if (plain > optin) return cudaErrorInvalidValue;
-  return launch<T, false>(cost, B, n, m, assignment, feasible, stream, threads, plain, options.init);
+  return launch<T, false>(cost, B, n, m, assignment, feasible, stream, threads, plain, options.init,
+                          options.profile != 0);
 }
 
 template <typename T>

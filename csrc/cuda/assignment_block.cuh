@@ -38,8 +38,9 @@
 // flag), argmin(LsaCand) (the block-wide minimum, returned to every thread; a one-warp block
 // does it with register shuffles, which order no memory accesses) and argmin_fences() (true when
 // argmin is also a barrier, as a shared-memory argmin across warps is: then the search needs no
-// barrier of its own before the dual update) and atomic_min(int*, int) (on shared memory; ordered
-// with the other threads' accesses by the barriers around it).
+// barrier of its own before the dual update), atomic_min(int*, int) (on shared memory; ordered
+// with the other threads' accesses by the barriers around it) and clock() (a cycle counter, read
+// by the kProfile instantiation only).
 //
 // Reading the cost matrix from global memory (validation and staging, and row minima when it is
 // not staged) keeps several loads in flight per thread (read_matrix, row_minima): the block has
@@ -201,16 +202,29 @@ SAM3FAST_HD void row_minima(const T* row, int64_t stride, int i, int C, double* 
   *arg = a < inf() ? aj : -1;
 }
 
+// Where one block's time goes (the kProfile instantiation of solve_block; thread 0's clock, in
+// cycles of its SM): the phase ends, and the searches' Dijkstra loops and their dual update + path
+// flip summed. For benchmarks (SAM3FAST_LSA_PROFILE, assignment_tuning.h); the normal kernels
+// compile none of it.
+struct LsaProfile {
+  long long start, read, rows, greedy, end;  // clock at the start and after each phase
+  long long dijkstra, update;                // summed over the searches
+  int searches, steps;
+};
+
 // Solves cost (n, m) row-major; writes out[n] (column per row or -1) and *feasible.
 // smem must hold lsa_smem_layout(min(n,m), max(n,m), kStage ? sizeof(T) : 0).total bytes.
 // kStage: copy the cost matrix into shared memory first (small problems: the search re-reads it).
 // init: kLsaInitOff / kLsaInitRows / kLsaInitTransfer (the same on every thread; any level gives
 // an optimal assignment, on ties possibly a different one).
-template <typename T, bool kStage, typename Block>
+// kProfile: thread 0 fills *prof (Block::clock(): a cycle counter).
+template <typename T, bool kStage, typename Block, bool kProfile = false>
 SAM3FAST_HD void solve_block(Block& blk, const T* __restrict__ cost, int n, int m,
                              int64_t* __restrict__ out, bool* __restrict__ feasible,
-                             unsigned char* smem, int init = kLsaInitTransfer) {
+                             unsigned char* smem, int init = kLsaInitTransfer, LsaProfile* prof = nullptr) {
   const int tid = blk.tid();
+  const bool timing = kProfile && tid == 0 && prof != nullptr;
+  if (timing) *prof = LsaProfile{blk.clock(), 0, 0, 0, 0, 0, 0, 0, 0};
   const int nt = blk.size();
   const bool transpose = m < n;
   const int R = transpose ? m : n;
@@ -251,6 +265,7 @@ SAM3FAST_HD void solve_block(Block& blk, const T* __restrict__ cost, int n, int 
     col4row[i] = -1;
   }
   bool ok = !blk.any(bad);  // also the barrier after initialisation (and staging)
+  if (timing) prof->read = prof->rows = prof->greedy = blk.clock();
 
   if (ok && init != kLsaInitOff) {
     // Row reduction: the owner of column i scans row i (R <= C); spc[i] holds c2 until the greedy
@@ -271,6 +286,7 @@ SAM3FAST_HD void solve_block(Block& blk, const T* __restrict__ cost, int n, int 
       col4row[i] = arg;
     }
     ok = !blk.any(forbidden);  // also orders the path[] fill below before the atomics
+    if (timing) prof->rows = prof->greedy = blk.clock();
     if (ok) {
       // Greedy matching in row order (each row takes its cheapest column when no earlier row
       // took it). Each row offers one column, so the row that gets column j is the smallest row
@@ -294,6 +310,7 @@ SAM3FAST_HD void solve_block(Block& blk, const T* __restrict__ cost, int n, int 
         }
       }
       blk.sync();
+      if (timing) prof->greedy = blk.clock();
     }
   }
   // Search state: reset here and then by the dual update (each owner its own columns).
@@ -307,7 +324,13 @@ SAM3FAST_HD void solve_block(Block& blk, const T* __restrict__ cost, int n, int 
     int i = cur;
     double dist = 0.0;
     int sink = -1;
+    long long t_search = 0;
+    if (timing) {
+      t_search = blk.clock();
+      ++prof->searches;
+    }
     while (sink < 0) {
+      if (timing) ++prof->steps;
       const double ui = u[i];
       LsaCand best{inf(), kKeyNone};
       for (int j = tid; j < C; j += nt) {
@@ -339,6 +362,11 @@ SAM3FAST_HD void solve_block(Block& blk, const T* __restrict__ cost, int n, int 
       }
     }
     if (!ok) break;
+    long long t_update = 0;
+    if (timing) {
+      t_update = blk.clock();
+      prof->dijkstra += t_update - t_search;
+    }
     // Order the search's reads of u[] before the dual update's writes. A shared-memory argmin
     // already did (nothing reads u[] after it); a register one (one warp) orders nothing.
     if (!blk.argmin_fences()) blk.sync();
@@ -371,6 +399,7 @@ SAM3FAST_HD void solve_block(Block& blk, const T* __restrict__ cost, int n, int 
       }
     }
     blk.sync();
+    if (timing) prof->update += blk.clock() - t_update;
   }
 
   if (!ok) {
@@ -382,6 +411,7 @@ SAM3FAST_HD void solve_block(Block& blk, const T* __restrict__ cost, int n, int 
     for (int i = tid; i < R; i += nt) out[i] = col4row[i];
   }
   if (tid == 0) *feasible = ok;
+  if (timing) prof->end = blk.clock();
 }
 
 }  // namespace lsa_block

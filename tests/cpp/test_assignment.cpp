@@ -199,6 +199,7 @@ struct EmuBlock {
   int size() const { return s->nt; }
   void sync() { s->barrier(); }
   bool argmin_fences() const { return !s->warp_mode; }
+  long long clock() const { return 0; }  // (the phase-timing instantiation: counts only)
   void atomic_min(int* p, int v) {
     int cur = __atomic_load_n(p, __ATOMIC_RELAXED);
     while (v < cur && !__atomic_compare_exchange_n(p, &cur, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
@@ -381,6 +382,45 @@ void test_init_levels_agree(int problems) {
   }
 }
 
+// The phase-timing instantiation (SAM3FAST_LSA_PROFILE on the GPU) gives the same answer and counts
+// its searches and Dijkstra steps (on host threads the clock reads 0: the counts are what is checked).
+void test_profile_counts() {
+  std::mt19937 rng(77);
+  sam3fast::LsaWorkspace ws;
+  for (const auto& nm : {std::pair<int, int>{30, 40}, {40, 30}, {25, 25}}) {
+    const int n = nm.first, m = nm.second, R = std::min(n, m), C = std::max(n, m);
+    const auto c = random_problem<double>(rng, n, m, 0);
+    for (int init = 0; init < 3; ++init) {
+      const int nt = 4;
+      const int64_t bytes = sam3fast::lsa_block::lsa_smem_layout(R, C, sizeof(double)).total;
+      std::vector<double> smem(bytes / 8 + 1, std::nan(""));
+      EmuShared shared(nt, false);
+      std::vector<int64_t> a(n, 7), ref(n);
+      bool feasible = false;
+      sam3fast::lsa_block::LsaProfile prof{};
+      std::vector<std::thread> threads;
+      for (int t = 0; t < nt; ++t) {
+        threads.emplace_back([&, t] {
+          EmuBlock blk{&shared, t};
+          sam3fast::lsa_block::solve_block<double, true, EmuBlock, true>(
+              blk, c.data(), n, m, a.data(), &feasible, reinterpret_cast<unsigned char*>(smem.data()), init,
+              &prof);
+        });
+      }
+      for (auto& th : threads) th.join();
+      CHECK(feasible, "profile %dx%d init %d: infeasible", n, m, init);
+      CHECK(sam3fast::linear_sum_assignment_cpu(c.data(), n, m, ref.data(), ws) == LsaStatus::kOk, "cpu");
+      CHECK(std::fabs(assignment_cost(c, n, m, a.data(), "profile") - assignment_cost(c, n, m, ref.data(), "cpu")) <=
+                1e-9, "profile %dx%d init %d: not optimal", n, m, init);
+      // without initialisation every row is searched for; with it fewer; a search takes >= 1 step
+      CHECK(prof.searches >= 1 && prof.searches <= R && prof.steps >= prof.searches,
+            "profile %dx%d init %d: %d searches, %d steps", n, m, init, prof.searches, prof.steps);
+      CHECK(init != 0 || prof.searches == R, "profile %dx%d without init: %d searches of %d rows", n, m,
+            prof.searches, R);
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -405,6 +445,7 @@ int main(int argc, char** argv) {
   }
   test_init_levels_agree<double>(block_problems);
   test_init_levels_agree<float>(block_problems);
+  test_profile_counts();
   if (g_failures) {
     std::fprintf(stderr, "%d check(s) failed\n", g_failures);
     return 1;
