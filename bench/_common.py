@@ -117,6 +117,17 @@ def write_results(name, header, rows, columns, cells, out=None):
     print(f"# wrote {stem}.json and .md")
 
 
+def write_json_and_text(stem, results, text):
+    """Writes ``<stem>.json`` (``results``) and ``<stem>.md`` (``text``, a formatted table) and says
+    so: the end-to-end benchmarks' results files."""
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    with open(stem + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(text + "\n")
+    print("wrote", stem + ".json", stem + ".md")
+
+
 def graphed(fn):
     """``fn`` captured in a CUDA graph (warmed up on a side stream first, the graph runners' recipe
     ``sam3fast.predictor.graphs.warm_up_and_capture``); returns a call that replays the graph and

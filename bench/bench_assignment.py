@@ -25,6 +25,7 @@ graph us/call, the device time per call of 20 calls replayed from one CUDA graph
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -112,13 +113,26 @@ def graphed_us(fn, calls: int = 20, reps: int = 5) -> float:
     return statistics.median(times)
 
 
+@contextlib.contextmanager
+def restored_env(names):
+    """Restores the environment variables ``names`` on exit (the knobs are set between calls)."""
+    saved = {k: os.environ.get(k) for k in names}
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def knob_rows(repeats: int, g: torch.Generator) -> None:
     """sam3fast_cuda under each KNOB_SETTINGS entry (set in os.environ, restored after)."""
     print("# launcher knobs (csrc/cuda/assignment_tuning.h), sam3fast_cuda only; threads 0 = the size rule; "
           "first row of each case = the defaults")
     print(f"{'B':>5} {'N':>4} {'M':>4}  {'threads':>7} {'init':>4} {'stage':>5} {'ms/batch':>10} {'graph us/call':>14}")
-    saved = {k: os.environ.get(k) for k in KNOB_VARS}
-    try:
+    with restored_env(KNOB_VARS):
         for B, n, m in KNOB_CASES:
             cost = torch.rand(B, n, m, generator=g)
             ref_cost = total_cost(cost, batched_linear_sum_assignment(cost))  # the CPU op: scipy's answers
@@ -134,12 +148,6 @@ def knob_rows(repeats: int, g: torch.Generator) -> None:
                 us = graphed_us(fn)
                 threads, init, stage = setting
                 print(f"{B:>5} {n:>4} {m:>4}  {threads:>7} {init:>4} {stage:>5} {ms:>10.3f} {us:>14.1f}")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 PROFILE_CASES = [(1, 200, 128), (1, 256, 256), (1000, 64, 64)]
@@ -151,8 +159,7 @@ def profile_rows(g: torch.Generator) -> None:
     stdout at the sync) the cycles of each phase and its searches and Dijkstra steps, for
     PROFILE_CASES under PROFILE_SETTINGS (answers checked; a warm-up call first)."""
     print("# phase cycles of block 0 (SAM3FAST_LSA_PROFILE=1; threads, init, stage as in the knob table)", flush=True)
-    saved = {k: os.environ.get(k) for k in KNOB_VARS + ("SAM3FAST_LSA_PROFILE",)}
-    try:
+    with restored_env(KNOB_VARS + ("SAM3FAST_LSA_PROFILE",)):
         for B, n, m in PROFILE_CASES:
             cost = torch.rand(B, n, m, generator=g)
             ref_cost = total_cost(cost, batched_linear_sum_assignment(cost))
@@ -168,12 +175,6 @@ def profile_rows(g: torch.Generator) -> None:
                 torch.cuda.synchronize()  # (flushes the device printf)
                 if not torch.allclose(total_cost(cost, out), ref_cost, rtol=1e-9, atol=1e-9):
                     raise AssertionError(f"profile kernel {setting} on {(B, n, m)}: not optimal")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     sys.stdout.flush()
 
 

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import subprocess
@@ -404,14 +403,11 @@ def _main(args, tmp):
     table = format_table(results)
     print(table)
     if cuda and not args.smoke:
-        os.makedirs(args.out, exist_ok=True)
+        from _common import write_json_and_text
+
         gpu = header.get("gpu", "gpu").replace(" ", "_")
-        stem = os.path.join(args.out, f"scaling_{args.config}_{torch.cuda.device_count()}x{gpu}_{results['date']}")
-        with open(stem + ".json", "w") as f:
-            json.dump(results, f, indent=1)
-        with open(stem + ".md", "w") as f:
-            f.write(table + "\n")
-        print("wrote", stem + ".json", stem + ".md")
+        write_json_and_text(os.path.join(args.out, f"scaling_{args.config}_{torch.cuda.device_count()}x{gpu}_"
+                                                   f"{results['date']}"), results, table)
     LAST_RESULTS = results
     return results
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
-import json
 import math
 import os
 import statistics
@@ -339,13 +338,9 @@ def _main(args, tmp):
     text = format_table(results)
     print(text)
     if not args.smoke:
-        os.makedirs(args.out, exist_ok=True)
-        stem = os.path.join(args.out, f"host_ops_{args.config}_{results['date']}")
-        with open(stem + ".json", "w") as f:
-            json.dump(results, f, indent=1)
-        with open(stem + ".md", "w") as f:
-            f.write(text + "\n")
-        print("wrote", stem + ".json", stem + ".md")
+        from _common import write_json_and_text
+
+        write_json_and_text(os.path.join(args.out, f"host_ops_{args.config}_{results['date']}"), results, text)
     return results
 
 

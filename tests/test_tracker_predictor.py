@@ -1230,23 +1230,29 @@ def test_graph_runner_checks_and_equals_memory_step(pair, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def _gpu_three_objects(pair, cuda_graphs):
+    """A copy of ``pair``'s predictor and backbone on the GPU (``cuda_graphs`` set), three clicked
+    objects on frame 0, and its forward ``propagate_in_video`` generator (not started)."""
+    import copy
+
+    ours = copy.deepcopy(pair.ours).cuda()
+    ours.backbone = copy.deepcopy(pair.vb).cuda()
+    ours.cuda_graphs = cuda_graphs
+    st = ours.init_state(video_height=VIDEO_H, video_width=VIDEO_W, num_frames=len(pair.frames))
+    st["images"] = pair.frames.cuda()
+    for obj, xy in ((1, [0.1, 0.5]), (2, [0.8, 0.3]), (3, [0.5, 0.8])):
+        ours.add_new_points_or_box(st, 0, obj, points=[xy], labels=[1])
+    ours.propagate_in_video_preflight(st)
+    return ours, st, ours.propagate_in_video(st, 0, None, False, tqdm_disable=True)
+
+
 def test_cuda_graphed_step_equals_eager_and_makes_no_sync(own_gpu):
     """On a GPU the graphed propagation step (three objects: a bucket of 4) gives the session of the
     eager step, replays (no capture failure), and its steady-state frames make no host sync."""
-    import copy
-
     pair = own_gpu
     runs = {}
     for graphs in (False, True):
-        ours = copy.deepcopy(pair.ours).cuda()
-        ours.backbone = copy.deepcopy(pair.vb).cuda()
-        ours.cuda_graphs = graphs
-        st = ours.init_state(video_height=VIDEO_H, video_width=VIDEO_W, num_frames=len(pair.frames))
-        st["images"] = pair.frames.cuda()
-        for obj, xy in ((1, [0.1, 0.5]), (2, [0.8, 0.3]), (3, [0.5, 0.8])):
-            ours.add_new_points_or_box(st, 0, obj, points=[xy], labels=[1])
-        ours.propagate_in_video_preflight(st)
-        gen = ours.propagate_in_video(st, 0, None, False, tqdm_disable=True)
+        ours, st, gen = _gpu_three_objects(pair, graphs)
         outs = [next(gen) for _ in range(4)]  # the bank is built on the first tracked frame; capture
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -1277,20 +1283,9 @@ def test_cuda_graphed_table_step_recaptures_after_the_table_grew(own_gpu):
     PyTorch refuses a capture into a pool whose graphs were all destroyed ("use_count > 0 INTERNAL
     ASSERT"), which made the concept video's tracker step fall back to eager on the H200 of
     2026-11-27 once objects were added."""
-    import copy
-
     from sam3fast.video.memory_bank import TableRows
 
-    pair = own_gpu
-    ours = copy.deepcopy(pair.ours).cuda()
-    ours.backbone = copy.deepcopy(pair.vb).cuda()
-    ours.cuda_graphs = True
-    st = ours.init_state(video_height=VIDEO_H, video_width=VIDEO_W, num_frames=len(pair.frames))
-    st["images"] = pair.frames.cuda()
-    for obj, xy in ((1, [0.1, 0.5]), (2, [0.8, 0.3]), (3, [0.5, 0.8])):
-        ours.add_new_points_or_box(st, 0, obj, points=[xy], labels=[1])
-    ours.propagate_in_video_preflight(st)
-    gen = ours.propagate_in_video(st, 0, None, False, tqdm_disable=True)
+    ours, st, gen = _gpu_three_objects(own_gpu, True)
     for _ in range(4):
         next(gen)
     runner = ours.step_graphs()
