@@ -8,8 +8,9 @@ Compares, for N low-resolution mask logits (N, h, w) -> (H, W), with and without
   triton ... skip_empty=False
                     the same kernel evaluating every (object, tile) pair, as before the skip of pairs
                     whose tile cannot meet the object's positive logits (the outputs are identical)
-  CUDA graph: ...   the op and the official chain replayed from a CUDA graph: device time without the
-                    host's launch overhead (the op is four launches, the official chain a dozen)
+  CUDA graph: ...   the op, each tile of the sweep and the official chain replayed from a CUDA graph:
+                    device time without the host's launch overhead (the op is four launches, the
+                    official chain a dozen); the eager rows of the sweep are host-bound on an H200
   ref eager         ``mask_postprocess_ref``: the same outputs (packed bits, boxes, areas) in eager PyTorch
   ref compiled      torch.compile of it
   official eager    what the official code does: F.interpolate -> sigmoid -> > 0.5 (sam3_image_processor
@@ -48,8 +49,13 @@ import torch.nn.functional as F  # noqa: E402
 from sam3fast.kernels import mask_postprocess as mp  # noqa: E402
 
 # (block_h, block_words, num_warps) of the list schedule: the default 8 x 64 first, then wider rows (a
-# dead object's zero words go out in longer runs) and the scan schedule's earlier sweep.
-TILES = [(8, 2, 4), (4, 4, 4), (2, 8, 4), (8, 4, 8), (16, 2, 4), (4, 2, 2)]
+# dead object's zero words go out in longer runs), the scan schedule's earlier sweep, and (session 14)
+# tiles with fewer registers per program. A static sm_90 build (no GPU; Triton 3.7,
+# sam3fast.kernels._static_build) gives the default 142 registers without non-overlap (3 programs
+# per SM) and 80 with it (6 per SM), while the graphed op took 0.24 against 0.12 ms on the H200;
+# 8x64 w2 has 80 / 80 registers (12 per SM), 4x64 w2 56 (18 per SM), 4x64 w1 and 2x64 w1 no
+# cross-warp reductions (2 barriers instead of 22-38).
+TILES = [(8, 2, 4), (4, 4, 4), (2, 8, 4), (8, 4, 8), (16, 2, 4), (4, 2, 2), (8, 2, 2), (4, 2, 1), (2, 2, 1)]
 _LAUNCH = inspect.signature(mp._mask_postprocess_triton).parameters
 DEFAULT_TILE = tuple(_LAUNCH[k].default for k in ("block_h", "block_words", "num_warps"))  # what the op runs
 
@@ -133,9 +139,13 @@ def main(argv=None):
         cands = {}
         for bh, bk, nw in tiles:
             tile = dict(block_h=bh, block_words=bk, num_warps=nw)
-            cands[f"triton list {bh}x{bk * 32} w{nw}"] = (
-                lambda tile=tile: mp._mask_postprocess_triton(masks, scores, active, H, W, non_overlap, **tile)
-            )
+            fn = (lambda tile=tile: mp._mask_postprocess_triton(masks, scores, active, H, W, non_overlap, **tile))
+            cands[f"triton list {bh}x{bk * 32} w{nw}"] = fn
+            if device.type == "cuda":
+                # The eager rows include the host's four launches (~0.1-0.2 ms on the H200 of
+                # 2026-11-27, the same for every tile); the graphed ones are the device time.
+                fn()  # (compiled before the capture)
+                cands[f"CUDA graph: list {bh}x{bk * 32} w{nw}"] = graphed(fn)
         if device.type == "cuda":
             op = torch.ops.sam3fast.mask_postprocess
             cands["triton (op, default tile)"] = lambda: op(masks, scores, active, H, W, non_overlap)
@@ -162,7 +172,7 @@ def main(argv=None):
             cands[f"official compiled ({compile_backend})"] = lambda: off_c(masks, scores, active, H, W, non_overlap)
         for name, fn in cands.items():
             out = fn()
-            if name.startswith("triton"):  # (a graph replay returns nothing: its op row is checked)
+            if name.startswith(("triton", "CUDA graph: list")):
                 # Outputs must match the reference before a time means anything (a float32 rounding
                 # can flip pixels whose logit is ~0: allow a handful).
                 flips = int((mp.unpack_masks(out[0], W) != mp.unpack_masks(ref[0], W)).sum())
