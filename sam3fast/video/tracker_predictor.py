@@ -1938,25 +1938,33 @@ class Sam3TrackerPredictor(nn.Module):
         level projections too. The graphed call is made again when the backbone object, or the
         storage, dtype or device of its first weight or of those projections' weights, changed: a
         graph replays the weights it captured."""
-        mode = self.backbone_cuda_graphs
-        if not (mode == "auto" or isinstance(mode, bool)):
-            raise ValueError(f"tracker.backbone_cuda_graphs must be True, False or 'auto', got {mode!r}")
         fn = functools.partial(self._tracker_levels, bb)
         w = _first_weight(bb)
-        device = w.device if w is not None else self.device
-        if mode is False or (mode == "auto" and device.type != "cuda"):
-            return fn
         dec = self.sam_mask_decoder
-        key = tuple((id(bb),) + tuple(None if t is None else (t.data_ptr(), t.dtype, t.device)
-                                      for t in (w, dec.conv_s0.weight, dec.conv_s1.weight)))
-        if self._backbone_call is None or self._backbone_call_key != key:
+        device = w.device if w is not None else self.device
+        call = self._graphed_call("backbone_cuda_graphs", "_backbone_call", fn, device, bb,
+                                  (w, dec.conv_s0.weight, dec.conv_s1.weight), "tracker backbone")
+        return fn if call is None else call
+
+    def _graphed_call(self, option, slot, fn, device, owner, weights, name):
+        """The :class:`GraphedCall` of ``fn`` kept in ``self.<slot>`` (its key in ``<slot>_key``), or
+        None where the option ``self.<option>`` (True, False or "auto": on CUDA) runs ``fn`` directly.
+        The call is made again when the ``owner`` object, or the storage, dtype or device of one of
+        ``weights`` (tensors or None), changed: a graph replays the weights it captured."""
+        mode = getattr(self, option)
+        if not (mode == "auto" or isinstance(mode, bool)):
+            raise ValueError(f"tracker.{option} must be True, False or 'auto', got {mode!r}")
+        if mode is False or (mode == "auto" and device.type != "cuda"):
+            return None
+        key = (id(owner),) + tuple(None if t is None else (t.data_ptr(), t.dtype, t.device) for t in weights)
+        if getattr(self, slot) is None or getattr(self, slot + "_key") != key:
             from ..predictor.graphed_call import GraphedCall
 
-            self._backbone_call = None  # (its graphs and pool are freed before the new capture)
-            self._backbone_call = GraphedCall(fn, device, cuda_graphs=True if mode is True else None,
-                                              capture_after=1, name="tracker backbone")
-            self._backbone_call_key = key
-        return self._backbone_call
+            setattr(self, slot, None)  # (its graphs and pool are freed before the new capture)
+            setattr(self, slot, GraphedCall(fn, device, cuda_graphs=True if mode is True else None, capture_after=1,
+                                            name=name))
+            setattr(self, slot + "_key", key)
+        return getattr(self, slot)
 
     def _get_image_feature(self, inference_state, frame_idx, batch_size):
         """Features of one frame, expanded (views) to ``batch_size`` objects:
@@ -2284,25 +2292,10 @@ class Sam3TrackerPredictor(nn.Module):
         uses (``memory_encoder_cuda_graphs``), or None (a direct call). It is made again when the
         memory encoder object, or the storage, dtype or device of its first weight or of
         ``no_obj_embed_spatial``, changed: a graph replays the weights it captured."""
-        mode = self.memory_encoder_cuda_graphs
-        if not (mode == "auto" or isinstance(mode, bool)):
-            raise ValueError(f"tracker.memory_encoder_cuda_graphs must be True, False or 'auto', got {mode!r}")
-        device = self.device
-        if mode is False or (mode == "auto" and device.type != "cuda"):
-            return None
         enc = self.maskmem_backbone
-        w = next(enc.parameters(), None)
-        e = self.no_obj_embed_spatial
-        key = (id(enc),) + tuple(None if t is None else (t.data_ptr(), t.dtype, t.device) for t in (w, e))
-        if self._memory_encoder_call is None or self._memory_encoder_call_key != key:
-            from ..predictor.graphed_call import GraphedCall
-
-            self._memory_encoder_call = None  # (its graphs and pool are freed before the new capture)
-            self._memory_encoder_call = GraphedCall(self._encode_memory, device,
-                                                    cuda_graphs=True if mode is True else None, capture_after=1,
-                                                    name="tracker memory encoder")
-            self._memory_encoder_call_key = key
-        return self._memory_encoder_call
+        return self._graphed_call("memory_encoder_cuda_graphs", "_memory_encoder_call", self._encode_memory,
+                                  self.device, enc, (next(enc.parameters(), None), self.no_obj_embed_spatial),
+                                  "tracker memory encoder")
 
     # ------------------------------------------------------------------------------------------
     # Memory
