@@ -9,6 +9,9 @@ Shapes (SAM 3, one 1008 px image): fc1 x (5184, 1024) -> (5184, 4736), 50.3 GFLO
   eager linear + <epilogue>  what the module runs without it: cuBLAS (bias epilogue), then nn.GELU /
                            the rope kernel (``sam3fast::rope`` on CUDA)
   eager linear alone       cuBLAS without the epilogue: the GEMM the fused kernel must match
+  cublasLt linear + tanh gelu  fc1 with cuBLASLt's GELU + bias epilogue (``linear_tanh_gelu``, what
+                           ``Mlp.tanh_gelu_epilogue`` runs): the tanh-approximate GELU, so it is
+                           checked against the eager linear + tanh GELU instead
   compiled linear + <epilogue>  torch.compile of the pair
   CUDA graph: ...          the op and the eager pair replayed from CUDA graphs (device time only)
 TFLOP/s counts the GEMM's 2 M N K for every row. Each row is checked against the eager pair before
@@ -47,7 +50,7 @@ use_interpreter_without_cuda()  # before the kernel import
 from sam3fast.config import get_config  # noqa: E402
 from sam3fast.kernels import fused_linear as lg  # noqa: E402
 from sam3fast.kernels.rope import rope as rope_op  # noqa: E402
-from sam3fast.model.vit import compute_axial_cis  # noqa: E402
+from sam3fast.model.vit import compute_axial_cis, linear_tanh_gelu  # noqa: E402
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 TILES = [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4),
@@ -97,12 +100,13 @@ def main(argv=None):
     g = torch.Generator().manual_seed(0)
     rows = []
 
-    def bench(label, want, cands, flops):
+    def bench(label, want, cands, flops, want_tanh=None):
         tol = max(2 * torch.finfo(dtype).eps, 1e-5)  # (float32: the GEMM's accumulation order)
         for impl, fn in cands.items():
             y = fn()
             if "alone" not in impl:
-                err = ((y.float() - want.float()).abs() / want.float().abs().clamp(min=1)).max().item()
+                ref = want_tanh if "tanh" in impl else want
+                err = ((y.float() - ref.float()).abs() / ref.float().abs().clamp(min=1)).max().item()
                 assert err <= tol, f"{label} {impl}: {err:.3g} (relative) off the eager pair"
             ms = time_ms(fn, device, args.reps)
             rows.append({"case": label, "impl": impl, "ms": ms, "TFLOPs": flops / ms / 1e9})
@@ -129,11 +133,14 @@ def main(argv=None):
     tile_rows(lambda **t: lg._linear_gelu_triton(x, w, b, **t), cands, tiles)
     cands["eager linear + gelu"] = lambda: eager_pair(x, w, b)
     cands["eager linear alone"] = lambda: F.linear(x, w, b)
+    cands["cublasLt linear + tanh gelu"] = lambda: linear_tanh_gelu(x, w, b)
     if device.type == "cuda":
         cands["CUDA graph: op"] = graphed(lambda: torch.ops.sam3fast.linear_gelu(x, w, b))
         cands["CUDA graph: eager linear + gelu"] = graphed(lambda: eager_pair(x, w, b))
+        cands["CUDA graph: cublasLt linear + tanh gelu"] = graphed(lambda: linear_tanh_gelu(x, w, b))
     compile_row(cands, "linear + gelu", eager_pair, x, w, b)
-    bench("fc1+gelu", eager_pair(x, w, b), cands, 2 * M * N * K)
+    bench("fc1+gelu", eager_pair(x, w, b), cands, 2 * M * N * K,
+          want_tanh=F.gelu(F.linear(x.double(), w.double(), b.double()), approximate="tanh"))
 
     # qkv + RoPE: the window blocks' call and the global blocks' call
     wq = (torch.randn(3 * C, K, generator=g) / math.sqrt(K)).to(device=device, dtype=dtype)
@@ -162,6 +169,11 @@ def main(argv=None):
         bench(name, pair(), cands, 2 * B * side * side * 3 * C * K)
 
     t = {(r["case"], r["impl"]): r["ms"] for r in rows}
+    for fused, plain in (("cublasLt linear + tanh gelu", "eager linear + gelu"),
+                         ("CUDA graph: cublasLt linear + tanh gelu", "CUDA graph: eager linear + gelu")):
+        fc1 = [t.get(("fc1+gelu", fused)), t.get(("fc1+gelu", plain))]
+        if None not in fc1:
+            print(f"# trunk ({run_blocks} blocks), fc1+gelu, {fused} vs {plain}: {run_blocks * (fc1[0] - fc1[1]):+.3f} ms")
     for fused, plain in (("op (defaults)", "eager"), ("CUDA graph: op", "CUDA graph: eager")):
         fc1 = [t.get(("fc1+gelu", fused)), t.get(("fc1+gelu", f"{plain} linear + gelu"))]
         if None not in fc1:

@@ -196,18 +196,23 @@ def test_tiny_several_prompts_batched(tiny):
             assert (got["masks"] != rs["masks"][:, 0]).float().mean() < 1e-3
 
 
-@pytest.mark.parametrize("kernel_paths", [False, True], ids=["cpu_paths", "cuda_dispatch"])
-def test_tiny_bf16_error_budget(request, kernel_paths):
+@pytest.mark.parametrize("kernel_paths,tanh_gelu", [(False, False), (True, False), (False, True)],
+                         ids=["cpu_paths", "cuda_dispatch", "tanh_gelu_epilogue"])
+def test_tiny_bf16_error_budget(request, kernel_paths, tanh_gelu):
     """sam3fast in bfloat16 against the float32 official, next to the official's own bfloat16 mode
     (its autocast; on CPU ``torch.autocast("cpu", bfloat16)`` stands in for the CUDA autocast its
     code forces): the mean relative error of the query logits, boxes and mask logits over four
     images is at most 2x the official's. The scoring head's float32 island is what brings the logits
     inside (without it: 3.0x here). ``cuda_dispatch``: the modules take their CUDA paths (the fused
     trunk, the kernels' ops, whose CPU kernels are the references; ``KernelPathsOnCpu``), which must
-    call the ops listed and keep the budget (at d_model 128, where the attention kernels serve)."""
+    call the ops listed and keep the budget (at d_model 128, where the attention kernels serve).
+    ``tanh_gelu_epilogue``: the trunk's opt-in tanh-approximate GELU keeps the budget too."""
     tiny = request.getfixturevalue("tiny_wide" if kernel_paths else "tiny")
     ours16 = sam3fast.build_sam3_image_model(checkpoint_path=tiny.path, device="cpu", config=tiny.cfg,
                                              dtype=torch.bfloat16)
+    trunk = ours16.backbone.vision_backbone.trunk
+    trunk.tanh_gelu_epilogue = tanh_gelu
+    assert [b.mlp.tanh_gelu_epilogue for b in trunk.blocks] == [tanh_gelu] * len(trunk.blocks)
     proc16 = sam3fast.Sam3Processor(ours16, resolution=tiny.cfg.resolution, device="cpu")
     errs = {k: [[], []] for k in ("pred_logits", "pred_boxes", "pred_masks")}
     record = KernelPathsOnCpu() if kernel_paths else contextlib.nullcontext()

@@ -34,7 +34,8 @@ px images, against 0.0108 with the bf16 stream). Cost: the stream's bytes double
 ~1.4 GB more traffic an image in the fused chain, ~0.4 ms on an H100; unmeasured).
 GEMM epilogues (off by default until an H100 times them against cuBLAS): ``ViT.fused_rope`` runs
 each attention's qkv projection and the RoPE of q, k as one Triton GEMM (``sam3fast::linear_rope``),
-``ViT.fused_gelu`` each MLP's fc1 and GELU (``sam3fast::linear_gelu``).
+``ViT.fused_gelu`` each MLP's fc1 and GELU (``sam3fast::linear_gelu``). ``ViT.tanh_gelu_epilogue``
+(off: an approximation, see :class:`Mlp`) runs fc1 with cuBLASLt's tanh-GELU epilogue instead.
 RoPE: ``freqs_cis`` (N, hd/2) complex64 buffers (in the checkpoint), N = w*w (window blocks) or g*g
 (global blocks), row n = token n of the attended grid in row-major order. The channel pair
 (x[2j], x[2j+1]) of token n is rotated by angle(freqs_cis[n, j]); for j < hd/4 the angle is
@@ -166,7 +167,20 @@ class Mlp(nn.Module):
     ``fused_gelu`` (False): on CUDA, fc1 and the GELU as one Triton GEMM with the GELU in its
     epilogue (``sam3fast::linear_gelu``: the (tokens, hidden) activation written once instead of
     written, read and written again). Off until an H100 measures it against cuBLAS + the eager GELU
-    (bench/bench_fused_linear.py); ``ViT.fused_gelu`` sets every block's."""
+    (bench/bench_fused_linear.py); ``ViT.fused_gelu`` sets every block's.
+
+    ``tanh_gelu_epilogue`` (False): fc1 and the GELU as one cuBLASLt GEMM with its GELU + bias
+    epilogue (``torch._addmm_activation(..., use_gelu=True)``), cuBLAS's own kernels instead of a
+    Triton GEMM. That epilogue is the *tanh approximation* of GELU, not the exact (erf) GELU of the
+    official model: the two differ by at most 4.7e-4 (at x ~ 2.70, where a bf16 value's ulp is
+    1.6e-2), so in bf16 the change is under the rounding the dtype makes anyway (the trunk's error
+    budget test measures it); in float32 it is a visible deviation from the official numbers, so it
+    is opt-in in every dtype. The epilogue also applies the GELU to the float32 accumulator before
+    the one rounding (eager rounds fc1, then the GELU). Elsewhere (CPU: the tests) the same
+    function is fc1 and then the tanh GELU, as PyTorch's CUDA op does where cuBLASLt is not used
+    (the CPU ``_addmm_activation`` applies the exact GELU instead, so it is not called there). ``ViT.tanh_gelu_epilogue`` sets every block's; off until a GPU times it
+    (bench/bench_trunk_block.py) against cuBLAS + the eager GELU (1.19 ms of 33 launches an image
+    on the H200 of 2026-11-27). ``fused_gelu`` takes precedence where both are on."""
 
     def __init__(self, in_features: int, hidden_features: int):
         super().__init__()
@@ -174,11 +188,25 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_features, in_features)
         self.fused_gelu = False
+        self.tanh_gelu_epilogue = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_gelu and fused_linear_backend(x)[0] == "triton" and _no_autocast(x):
             return self.fc2(linear_gelu(x, self.fc1.weight, self.fc1.bias))
+        if self.tanh_gelu_epilogue and x.dtype == self.fc1.weight.dtype and _no_autocast(x):
+            return self.fc2(linear_tanh_gelu(x, self.fc1.weight, self.fc1.bias))
         return self.fc2(self.act(self.fc1(x)))
+
+
+def linear_tanh_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``gelu_tanh(x W^T + b)`` over the last dim of x (..., K): on CUDA one GEMM with cuBLASLt's
+    GELU + bias epilogue (see :class:`Mlp`), (..., N) contiguous; elsewhere the linear and then the
+    tanh GELU."""
+    if not x.is_cuda:
+        return F.gelu(F.linear(x, weight, bias), approximate="tanh")
+    lead = x.shape[:-1]
+    y = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=True)
+    return y.view(*lead, weight.shape[0])
 
 
 class Attention(KeepComplexBuffers, nn.Module):
@@ -330,6 +358,17 @@ class ViT(nn.Module):
     def fused_gelu(self, on: bool) -> None:
         for blk in self.blocks:
             blk.mlp.fused_gelu = bool(on)
+
+    @property
+    def tanh_gelu_epilogue(self) -> bool:
+        """Whether every block's MLP runs fc1 + the tanh-approximate GELU as one cuBLASLt GEMM
+        (:class:`Mlp`: an approximation of the official exact GELU, opt-in)."""
+        return all(blk.mlp.tanh_gelu_epilogue for blk in self.blocks)
+
+    @tanh_gelu_epilogue.setter
+    def tanh_gelu_epilogue(self, on: bool) -> None:
+        for blk in self.blocks:
+            blk.mlp.tanh_gelu_epilogue = bool(on)
 
     def abs_pos(self, h: int, w: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """(1, h, w, C): the pretrain table without its cls entry, tiled (exact copies, no resampling),
