@@ -467,3 +467,87 @@ def test_cuda_tanh_gelu_epilogue_bf16(rows):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, linear_tanh_gelu(static_x, w, b))
+
+
+# ----------------------------------------------------------------------------------------------
+# The trunk attention's SDPA backend, pinned (ViT.window_sdpa_backend / global_sdpa_backend)
+
+
+def test_sdpa_backend_pin_is_used_validated_and_compiles(monkeypatch):
+    """Pinning the window and the global blocks' SDPA backend: each block's attention runs under
+    ``sdpa_kernel`` with the named backend (recorded by a stand-in), the trunk's output is the
+    default's (CPU math against CPU flash: float32 rounding), a bad name is refused, None restores
+    PyTorch's choice, and the trunk compiles without graph breaks with a pin."""
+    import sam3fast.model.vit as vit_mod
+    from sam3fast.model.vit import ViT
+
+    torch.manual_seed(0)
+    vit = ViT(img_size=112, pretrain_img_size=56, embed_dim=64, depth=4, num_heads=4, window_size=4,
+              global_att_blocks=(1, 3)).eval()
+    x = torch.randn(1, 3, 112, 112)
+    with torch.no_grad():
+        want = vit(x)
+    assert vit.window_sdpa_backend is None and vit.global_sdpa_backend is None
+    seen = []
+    real = vit_mod.sdpa_kernel
+
+    def spy(backends):
+        seen.append(backends)
+        return real(backends)
+
+    monkeypatch.setattr(vit_mod, "sdpa_kernel", spy)
+    vit.window_sdpa_backend = "math"
+    vit.global_sdpa_backend = "flash"
+    assert [b.attn.sdpa_backend for b in vit.blocks] == ["math", "flash", "math", "flash"]
+    assert vit.window_sdpa_backend == "math" and vit.global_sdpa_backend == "flash"
+    with torch.no_grad():
+        got = vit(x)
+    from torch.nn.attention import SDPBackend
+
+    assert seen == [SDPBackend.MATH, SDPBackend.FLASH_ATTENTION] * 2
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="sdpa backend"):
+        vit.window_sdpa_backend = "fastest"
+    assert vit.window_sdpa_backend == "math"  # a refused name changes nothing
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(vit, backend="eager", fullgraph=True)(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled, got, rtol=0, atol=0)
+    vit.window_sdpa_backend = vit.global_sdpa_backend = None
+    seen.clear()
+    with torch.no_grad():
+        assert torch.equal(vit(x), want)
+    assert seen == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_trunk_sdpa_backend_pins_bf16():
+    """On CUDA in bf16 the trunk's attention with each backend pinned that runs its shapes (window
+    blocks of 16 x 16 tokens, global ones over 32 x 32, head width 64) stays within 2x the default
+    backend's error against the float32 trunk; the backends that cannot run are reported by
+    PyTorch, not silently replaced."""
+    from sam3fast.model.vit import SDPA_BACKENDS, ViT
+
+    torch.manual_seed(0)
+    vit = ViT(img_size=448, pretrain_img_size=224, embed_dim=256, depth=4, num_heads=4, window_size=16,
+              global_att_blocks=(1, 3)).cuda().eval()
+    x = torch.randn(1, 3, 448, 448, device="cuda")
+    with torch.no_grad():
+        ref = vit(x).double()
+        v16 = vit.bfloat16()
+        err = lambda a: ((a.double() - ref).norm() / ref.norm()).item()  # noqa: E731
+        base = err(v16(x))
+        ran = []
+        for name in SDPA_BACKENDS:
+            if name == "math":
+                continue
+            v16.window_sdpa_backend = v16.global_sdpa_backend = name
+            try:
+                out = v16(x)
+            except RuntimeError as e:  # a backend that cannot run these shapes says so
+                assert "kernel" in str(e).lower() or "support" in str(e).lower(), e
+                continue
+            ran.append(name)
+            assert err(out) <= 2 * base, (name, err(out), base)
+    assert ran, "no SDPA backend ran the trunk's shapes"

@@ -55,6 +55,7 @@ FIRST="tests/test_assignment.py tests/test_mask_ops.py tests/test_kernel_rpb_att
  tests/test_video_parity.py::test_cuda_concept_frames_make_no_implicit_sync
  tests/test_video_parity.py::test_cuda_pipelined_outputs_ride_in_the_planning_copy tests/test_host_channel.py
  tests/test_vision.py::test_cuda_patch_embed_gemm_form_bf16 tests/test_kernel_fused_linear.py
+ tests/test_vision.py::test_cuda_tanh_gelu_epilogue_bf16 tests/test_vision.py::test_cuda_trunk_sdpa_backend_pins_bf16
  tests/test_kernel_dwconv_norm.py tests/test_norms.py tests/test_kernel_two_way_attention.py
  tests/test_kernel_prompt_cross_attention.py tests/test_kernel_mask_postprocess.py tests/test_memory.py
  tests/test_graphed_call.py"
@@ -90,6 +91,10 @@ else
     # on the H200 of 2026-11-27, NMS of 200 masks 0.38-0.40 ms)
     step bench_assignment 40 45 python3 bench/bench_assignment.py --profile
     step bench_mask_iou 30 30 python3 bench/bench_mask_iou.py
+    # the trunk's SDPA by backend at its two shapes (3.36 ms of cuDNN attention an image on the H200)
+    # and fc1 with cuBLASLt's tanh-GELU epilogue against cuBLAS + the GELU pass (1.19 ms an image)
+    step bench_trunk_attention 40 40 python3 bench/bench_trunk_attention.py
+    step bench_fused_linear 40 60 python3 bench/bench_fused_linear.py --no-compile
     step profile 60 100 python3 bench/profile_gpu.py --parts image,tracker
     # why the folded module is slower than the unfolded one at 1 object (1.33 against 0.91 ms on the
     # H200 of 2026-11-27) while the folded op alone is faster: the kernels of each row
@@ -102,7 +107,6 @@ else
     step bench_mask_postprocess 40 60 python3 bench/bench_mask_postprocess.py --no-compile
     step bench_norms 40 40 python3 bench/bench_norms.py
     step bench_residual_norm 40 40 python3 bench/bench_residual_norm.py --no-compile
-    step bench_fused_linear 40 60 python3 bench/bench_fused_linear.py --no-compile
     step bench_dwconv_norm 40 40 python3 bench/bench_dwconv_norm.py --no-compile
     # a fixed-capacity bank with 4 of 7 memory frames masked (a young or occluded track): SDPA
     # computes the masked keys, the Triton kernel skips their tiles

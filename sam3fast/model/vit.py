@@ -54,6 +54,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..kernels.fused_linear import fused_linear_backend, linear_gelu, linear_rope
 from ..kernels.residual_norm import residual_norm, residual_norm_backend
@@ -209,8 +210,29 @@ def linear_tanh_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
     return y.view(*lead, weight.shape[0])
 
 
+# SDPA backends a trunk attention can be pinned to (Attention.sdpa_backend), by name.
+SDPA_BACKENDS = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
+def _check_sdpa_backend(name: Optional[str]) -> Optional[str]:
+    if name is not None and name not in SDPA_BACKENDS:
+        raise ValueError(f"sdpa backend must be None or one of {sorted(SDPA_BACKENDS)}, got {name!r}")
+    return name
+
+
 class Attention(KeepComplexBuffers, nn.Module):
-    """Self-attention over (B, L, C) with 2D axial RoPE on q, k; L must equal side * side."""
+    """Self-attention over (B, L, C) with 2D axial RoPE on q, k; L must equal side * side.
+
+    ``sdpa_backend`` (None): SDPA's backend as PyTorch picks it, or a name of ``SDPA_BACKENDS`` to
+    pin it (``torch.nn.attention.sdpa_kernel`` around the call; PyTorch raises where that backend
+    cannot run the call). The trunk's attentions are 9 x 16 heads of 576 tokens (window blocks) and
+    16 heads of 5184 (global blocks), head width 64: bench/bench_trunk_attention.py times each
+    backend there; the default stays PyTorch's choice until a GPU shows a faster one."""
 
     def __init__(self, dim: int, num_heads: int, side: int, rope_scale: float):
         super().__init__()
@@ -228,12 +250,21 @@ class Attention(KeepComplexBuffers, nn.Module):
         # with the rotation in its epilogue (sam3fast::linear_rope). Off until an H100 measures it
         # against cuBLAS + the rope kernel (bench/bench_fused_linear.py); ViT.fused_rope sets all.
         self.fused_rope = False
+        # None: PyTorch picks SDPA's backend (cuDNN first on an H100 in torch 2.11); else one of
+        # SDPA_BACKENDS' names, pinned for this attention (ViT.window_sdpa_backend / global_sdpa_backend)
+        self.sdpa_backend: Optional[str] = None
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.sdpa_backend is None:
+            return F.scaled_dot_product_attention(q, k, v)
+        with sdpa_kernel(SDPA_BACKENDS[self.sdpa_backend]):
+            return F.scaled_dot_product_attention(q, k, v)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, C = x.shape
         if self.use_kernel and self.fused_rope and fused_linear_backend(x)[0] == "triton" and _no_autocast(x):
             q, k, v = linear_rope(x, self.qkv.weight, self.qkv.bias, self.freqs_cis, self.num_heads).unbind(2)
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            out = self._sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
             return self.proj(out.transpose(1, 2).reshape(B, L, C))
         qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim)
         qk = qkv[:, :, :2]  # q and k in one pass: (B, L, 2, nH, hd), contiguous after the rotation
@@ -243,7 +274,7 @@ class Attention(KeepComplexBuffers, nn.Module):
             qk = apply_rope(qk, self.freqs_cis)
         q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)
         v = qkv[:, :, 2].transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = self._sdpa(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
 
@@ -358,6 +389,33 @@ class ViT(nn.Module):
     def fused_gelu(self, on: bool) -> None:
         for blk in self.blocks:
             blk.mlp.fused_gelu = bool(on)
+
+    @property
+    def window_sdpa_backend(self) -> Optional[str]:
+        """The SDPA backend pinned in the window blocks' attention (:class:`Attention`): their common
+        setting, None where it is PyTorch's choice or where they differ; set it to pin all of them."""
+        names = {blk.attn.sdpa_backend for blk in self.blocks if blk.window_size > 0}
+        return names.pop() if len(names) == 1 else None
+
+    @window_sdpa_backend.setter
+    def window_sdpa_backend(self, name: Optional[str]) -> None:
+        name = _check_sdpa_backend(name)
+        for blk in self.blocks:
+            if blk.window_size > 0:
+                blk.attn.sdpa_backend = name
+
+    @property
+    def global_sdpa_backend(self) -> Optional[str]:
+        """The SDPA backend pinned in the global blocks' attention (as ``window_sdpa_backend``)."""
+        names = {blk.attn.sdpa_backend for blk in self.blocks if blk.window_size == 0}
+        return names.pop() if len(names) == 1 else None
+
+    @global_sdpa_backend.setter
+    def global_sdpa_backend(self, name: Optional[str]) -> None:
+        name = _check_sdpa_backend(name)
+        for blk in self.blocks:
+            if blk.window_size == 0:
+                blk.attn.sdpa_backend = name
 
     @property
     def tanh_gelu_epilogue(self) -> bool:
