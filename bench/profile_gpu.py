@@ -2,12 +2,14 @@
 
 Each stage of the model is wrapped in a ``record_function`` range (forward pre/post hooks on the
 modules named below, no change to the model), then a few steady-state calls run under
-``torch.profiler.profile`` with CPU and CUDA activities. Two tables per part:
+``torch.profiler.profile`` with CPU and CUDA activities. Three tables per part (``attribute``: each
+kernel counted once, in the innermost stage range around the op that launched it):
 
 * by stage: device (GPU) time of the kernels launched inside each range, per call / per frame,
-  and the host (CPU) time of the range; a stage whose host time exceeds its device time is
-  launch-bound (the case CUDA graphs fix);
-* the kernels with the most device time.
+  the range's span on the GPU timeline and its host (CPU) time; a stage whose host time exceeds
+  its device time is launch-bound (the case CUDA graphs fix);
+* the kernels with the most device time;
+* each stage's largest kernels (where a float32 island's GEMMs, or the trunk's attention, sit).
 
 Parts (sam3fast's own model, full-size ``sam3`` config, random weights drawn with the tests' video
 recipe so that clicked objects stay tracked; speed does not depend on weight values):
@@ -91,21 +93,56 @@ def hook_stages(pairs):
     return lambda: [h.remove() for h in handles]
 
 
-def _device_us(evt):
-    for attr in ("device_time_total", "cuda_time_total"):
-        if hasattr(evt, attr):
-            return float(getattr(evt, attr))
-    return 0.0
+OUTSIDE = "(outside the stages)"
 
 
-def _self_device_us(evt):
-    for attr in ("self_device_time_total", "self_cuda_time_total"):
-        if hasattr(evt, attr):
-            return float(getattr(evt, attr))
-    return 0.0
+def _stage_of(evt):
+    """The innermost ``stage::`` range around a CPU event (the event itself included), else OUTSIDE."""
+    while evt is not None:
+        if evt.name.startswith("stage::"):
+            return evt.name[7:]
+        evt = evt.cpu_parent
+    return OUTSIDE
 
 
-def profile(fn, calls, per, cuda, label):
+def attribute(events):
+    """Device time by stage and by kernel from the profiler's events (``prof.events()``).
+
+    Every kernel is counted once, where the profiler links it: to the CPU event that launched it
+    (its innermost op, or the innermost range when no op was open), whose ``kernels`` list it is in;
+    its stage is the innermost ``stage::`` range around that event. (``key_averages()`` lists both an
+    op, with its kernels' time as its own device time, and each kernel: summing its rows counts the
+    time twice, which the tables of this script did before 2026-11-27's fix.)
+    Returns {"kernels": {name: [launches, us]}, "stages": {stage: {name: [launches, us]}},
+    "host": {stage: [calls, us]} (the CPU ranges), "span": {stage: us} (the GPU-side ranges, from the
+    first kernel's start to the last one's end, idle gaps included)}."""
+    kernels, stages, host, span = {}, {}, {}, {}
+    for e in events:
+        cpu = str(e.device_type).endswith("CPU")
+        if e.name.startswith("stage::"):
+            us = e.time_range.end - e.time_range.start
+            if cpu:
+                h = host.setdefault(e.name[7:], [0, 0.0])
+                h[0] += 1
+                h[1] += us
+            else:
+                span[e.name[7:]] = span.get(e.name[7:], 0.0) + us
+        if not cpu or e.is_async or not e.kernels:
+            continue
+        per_stage = stages.setdefault(_stage_of(e), {})
+        for k in e.kernels:
+            for table in (kernels, per_stage):
+                row = table.setdefault(k.name, [0, 0.0])
+                row[0] += 1
+                row[1] += k.duration
+    return {"kernels": kernels, "stages": stages, "host": host, "span": span}
+
+
+def _short(name, n=90):
+    return name if len(name) <= n else name[: n - 3] + "..."
+
+
+def profile(fn, calls, per, cuda, label, top=30, top_per_stage=6):
     """Run ``fn`` ``calls`` times under the profiler; tables normalised per ``per`` units (calls or
     frames). Returns (markdown lines, summary dict)."""
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
@@ -114,34 +151,46 @@ def profile(fn, calls, per, cuda, label):
             fn()
         if cuda:
             torch.cuda.synchronize()
-    ka = prof.key_averages()
-    stages, kernels = [], []
-    total_kernel_us = 0.0
-    for e in ka:
-        if e.key.startswith("stage::"):
-            stages.append((e.key[7:], e.count, _device_us(e), float(e.cpu_time_total)))
-        elif _self_device_us(e) > 0 and not e.key.startswith(("ProfilerStep", "stage::")):
-            kernels.append((e.key, e.count, _self_device_us(e)))
-    kernels.sort(key=lambda r: -r[2])
-    total_kernel_us = sum(k[2] for k in kernels)
+    a = attribute(prof.events())
+    n = per[1]
+    unit = per[0]
+    stage_us = {st: sum(v[1] for v in ks.values()) for st, ks in a["stages"].items()}
+    total_us = sum(v[1] for v in a["kernels"].values())
+    names = sorted(set(stage_us) | set(a["host"]), key=lambda st: -stage_us.get(st, 0.0))
     lines = [f"## {label}", "",
-             f"{calls} profiled calls; times per {per[0]} ({per[1]} {per[0]}s in all). Device time of all kernels: "
-             f"{total_kernel_us / 1e3 / per[1]:.2f} ms per {per[0]}.", "",
-             f"| stage | calls per {per[0]} | device ms per {per[0]} | host ms per {per[0]} | device share |",
-             "|---|---:|---:|---:|---:|"]
-    for name, count, dev, host in sorted(stages, key=lambda r: -r[2]):
-        share = dev / total_kernel_us if total_kernel_us else 0.0
-        lines.append(f"| {name} | {count / per[1]:.2f} | {dev / 1e3 / per[1]:.3f} | {host / 1e3 / per[1]:.3f} | "
-                     f"{100 * share:.1f} % |")
-    lines += ["", f"| kernel (top 30 by device time) | launches per {per[0]} | device ms per {per[0]} | share |",
+             f"{calls} profiled calls; times per {unit} ({n} {unit}s in all). Device time of all kernels "
+             f"(each counted once): {total_us / 1e3 / n:.2f} ms per {unit}.", "",
+             f"Kernel ms: the kernels launched inside the stage's range; GPU span: the range on the GPU "
+             f"timeline (idle gaps included); host ms: the range on the CPU. A stage whose host time is "
+             f"over its kernel time is launch-bound (the case CUDA graphs fix).", "",
+             f"| stage | calls per {unit} | kernel ms per {unit} | GPU span ms per {unit} | host ms per {unit} | "
+             f"share of kernel time |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for st in names:
+        calls_st, host_us = a["host"].get(st, [0, 0.0])
+        dev = stage_us.get(st, 0.0)
+        span = a["span"].get(st)
+        lines.append(f"| {st} | {calls_st / n:.2f} | {dev / 1e3 / n:.3f} | "
+                     f"{'' if span is None else f'{span / 1e3 / n:.3f}'} | {host_us / 1e3 / n:.3f} | "
+                     f"{100 * dev / max(total_us, 1e-9):.1f} % |")
+    ranked = sorted(a["kernels"].items(), key=lambda kv: -kv[1][1])
+    lines += ["", f"| kernel (top {top} by device time) | launches per {unit} | device ms per {unit} | share |",
               "|---|---:|---:|---:|"]
-    for key, count, dev in kernels[:30]:
-        short = key if len(key) <= 90 else key[:87] + "..."
-        lines.append(f"| `{short}` | {count / per[1]:.1f} | {dev / 1e3 / per[1]:.3f} | "
-                     f"{100 * dev / max(total_kernel_us, 1e-9):.1f} % |")
-    summary = {"label": label, "per": per[0], "kernel_ms": total_kernel_us / 1e3 / per[1],
-               "stages": {n: {"device_ms": d / 1e3 / per[1], "host_ms": h / 1e3 / per[1], "calls": c / per[1]}
-                          for n, c, d, h in stages}}
+    for key, (count, dev) in ranked[:top]:
+        lines.append(f"| `{_short(key)}` | {count / n:.1f} | {dev / 1e3 / n:.3f} | "
+                     f"{100 * dev / max(total_us, 1e-9):.1f} % |")
+    lines += ["", f"| stage | kernel (top {top_per_stage} of the stage) | launches per {unit} | device ms per {unit} | "
+              f"share of the stage |", "|---|---|---:|---:|---:|"]
+    for st in names:
+        ks = sorted(a["stages"].get(st, {}).items(), key=lambda kv: -kv[1][1])[:top_per_stage]
+        for key, (count, dev) in ks:
+            lines.append(f"| {st} | `{_short(key, 80)}` | {count / n:.1f} | {dev / 1e3 / n:.3f} | "
+                         f"{100 * dev / max(stage_us[st], 1e-9):.1f} % |")
+    summary = {"label": label, "per": unit, "kernel_ms": total_us / 1e3 / n,
+               "stages": {st: {"device_ms": stage_us.get(st, 0.0) / 1e3 / n,
+                               "gpu_span_ms": a["span"].get(st, 0.0) / 1e3 / n,
+                               "host_ms": a["host"].get(st, [0, 0.0])[1] / 1e3 / n,
+                               "calls": a["host"].get(st, [0, 0.0])[0] / n} for st in names}}
     return lines + [""], summary
 
 

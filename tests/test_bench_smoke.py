@@ -152,3 +152,37 @@ def test_video_steady_rate_and_its_note():
     results = {"machine": {"device": "cpu", "torch": torch.__version__}, "config": "tiny", "date": "d", "clip": "c",
                "weights": {}, "prompt": "p", "det_nms_thresh": None, "rows": [row]}
     assert "0.67 frames/s from frame 3 on" in bench_video.format_table(results)
+
+
+def test_profile_attribution_counts_each_kernel_once_in_its_innermost_stage():
+    """bench/profile_gpu.py's attribution on a synthetic event tree: a kernel counts once, under the
+    op that launched it (not again under the op's parents, nor as its own device event, the double
+    count key_averages() invites), in the innermost stage range around that op; a range's own
+    launches go to it; kernels outside every range are reported as such; CPU ranges give calls and
+    host time, GPU-side ranges the span."""
+    from types import SimpleNamespace as NS
+
+    from torch.autograd import DeviceType
+
+    mod = runpy.run_path(os.path.join(BENCH, "profile_gpu.py"), run_name="profile_gpu_test")
+
+    def ev(name, start, end, parent=None, kernels=(), device=DeviceType.CPU):
+        return NS(name=name, device_type=device, time_range=NS(start=start, end=end), is_async=False,
+                  kernels=[NS(name=k, duration=d) for k, d in kernels], cpu_parent=parent)
+
+    trunk = ev("stage::vit_trunk", 0, 100)
+    linear = ev("aten::linear", 1, 10, trunk)
+    addmm = ev("aten::addmm", 2, 9, linear, [("gemm_bf16", 30.0)])
+    nested = ev("stage::scoring", 20, 40, trunk, [("triton_direct", 2.5)])  # a range launching itself
+    inner = ev("aten::mm", 21, 30, nested, [("sgemm_f32", 4.0), ("sgemm_f32", 6.0)])
+    outside = ev("aten::copy_", 200, 201, None, [("copy_kernel", 1.0)])
+    gpu_range = ev("stage::vit_trunk", 5, 80, None, device=DeviceType.CUDA)
+    kernel_event = ev("gemm_bf16", 5, 35, None, device=DeviceType.CUDA)  # the device-side twin
+    a = mod["attribute"]([trunk, linear, addmm, nested, inner, outside, gpu_range, kernel_event])
+    assert a["kernels"] == {"gemm_bf16": [1, 30.0], "triton_direct": [1, 2.5], "sgemm_f32": [2, 10.0],
+                            "copy_kernel": [1, 1.0]}
+    assert a["stages"] == {"vit_trunk": {"gemm_bf16": [1, 30.0]},
+                           "scoring": {"triton_direct": [1, 2.5], "sgemm_f32": [2, 10.0]},
+                           mod["OUTSIDE"]: {"copy_kernel": [1, 1.0]}}
+    assert a["host"] == {"vit_trunk": [1, 100.0], "scoring": [1, 20.0]}
+    assert a["span"] == {"vit_trunk": 75.0}
