@@ -14,6 +14,9 @@ Shapes (SAM 3, one 1008 px image): fc1 x (5184, 1024) -> (5184, 4736), 50.3 GFLO
                            checked against the eager linear + tanh GELU instead
   compiled linear + <epilogue>  torch.compile of the pair
   CUDA graph: ...          the op and the eager pair replayed from CUDA graphs (device time only)
+  ffn relu cases           the ReLU FFNs' linear1 (memory attention, fusion encoder: 256 -> 2048):
+                           ``linear_relu`` with cuBLASLt's ReLU + bias epilogue (the default on CUDA)
+                           against the linear and then the ReLU
 TFLOP/s counts the GEMM's 2 M N K for every row. Each row is checked against the eager pair before
 it is timed (within 2 ulps of the dtype, 1e-5 in float32, relative to max(|y|, 1)). The "# trunk"
 lines add up a trunk: (blocks run) x (op - eager pair) for fc1; for qkv, the window blocks' and
@@ -50,6 +53,7 @@ use_interpreter_without_cuda()  # before the kernel import
 from sam3fast.config import get_config  # noqa: E402
 from sam3fast.kernels import fused_linear as lg  # noqa: E402
 from sam3fast.kernels.rope import rope as rope_op  # noqa: E402
+from sam3fast.model.common import linear_relu  # noqa: E402
 from sam3fast.model.vit import compute_axial_cis, linear_tanh_gelu  # noqa: E402
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
@@ -142,6 +146,23 @@ def main(argv=None):
     bench("fc1+gelu", eager_pair(x, w, b), cands, 2 * M * N * K,
           want_tanh=F.gelu(F.linear(x.double(), w.double(), b.double()), approximate="tanh"))
 
+    # the ReLU FFNs' linear1 (sam3fast.model.common.linear_relu: on by default on CUDA, exact): the
+    # memory attention's at 1 and 16 objects (4 layers a frame) and the fusion encoder's (6 an image)
+    relu_cases = [("ffn relu, 1 object", 5184), ("ffn relu, 16 objects", 16 * 5184)]
+    if args.smoke:
+        relu_cases = [("ffn relu, 1 object", 40)]
+    d_model, d_ffn = (256, 2048) if not args.smoke else (32, 48)
+    lin1 = torch.nn.Linear(d_model, d_ffn).to(device=device, dtype=dtype).requires_grad_(False)
+    for name, rows_ in relu_cases:
+        xr = torch.randn(rows_, d_model, generator=g).to(device=device, dtype=dtype)
+        cands = {"eager linear + relu": lambda xr=xr: linear_relu(xr, lin1, epilogue=False),
+                 "cublasLt linear + relu": lambda xr=xr: linear_relu(xr, lin1, epilogue=True)}
+        if device.type == "cuda":
+            cands["CUDA graph: eager linear + relu"] = graphed(lambda xr=xr: linear_relu(xr, lin1, epilogue=False))
+            cands["CUDA graph: cublasLt linear + relu"] = graphed(lambda xr=xr: linear_relu(xr, lin1, epilogue=True))
+        with torch.no_grad():
+            bench(name, F.relu(lin1(xr)), cands, 2 * rows_ * d_model * d_ffn)
+
     # qkv + RoPE: the window blocks' call and the global blocks' call
     wq = (torch.randn(3 * C, K, generator=g) / math.sqrt(K)).to(device=device, dtype=dtype)
     bq = (0.5 * torch.randn(3 * C, generator=g)).to(device=device, dtype=dtype)
@@ -174,6 +195,13 @@ def main(argv=None):
         fc1 = [t.get(("fc1+gelu", fused)), t.get(("fc1+gelu", plain))]
         if None not in fc1:
             print(f"# trunk ({run_blocks} blocks), fc1+gelu, {fused} vs {plain}: {run_blocks * (fc1[0] - fc1[1]):+.3f} ms")
+    for fused, plain in (("cublasLt linear + relu", "eager linear + relu"),
+                         ("CUDA graph: cublasLt linear + relu", "CUDA graph: eager linear + relu")):
+        for name, _ in relu_cases:
+            pair_ms = [t.get((name, fused)), t.get((name, plain))]
+            if None not in pair_ms:
+                print(f"# {name}, 4 memory-attention layers a frame, {fused} vs {plain}: "
+                      f"{4 * (pair_ms[0] - pair_ms[1]):+.3f} ms")
     for fused, plain in (("op (defaults)", "eager"), ("CUDA graph: op", "CUDA graph: eager")):
         fc1 = [t.get(("fc1+gelu", fused)), t.get(("fc1+gelu", f"{plain} linear + gelu"))]
         if None not in fc1:

@@ -56,6 +56,7 @@ FIRST="tests/test_assignment.py tests/test_mask_ops.py tests/test_kernel_rpb_att
  tests/test_video_parity.py::test_cuda_pipelined_outputs_ride_in_the_planning_copy tests/test_host_channel.py
  tests/test_vision.py::test_cuda_patch_embed_gemm_form_bf16 tests/test_kernel_fused_linear.py
  tests/test_vision.py::test_cuda_tanh_gelu_epilogue_bf16 tests/test_vision.py::test_cuda_trunk_sdpa_backend_pins_bf16
+ tests/test_linear_epilogues.py
  tests/test_kernel_dwconv_norm.py tests/test_norms.py tests/test_kernel_two_way_attention.py
  tests/test_kernel_prompt_cross_attention.py tests/test_kernel_mask_postprocess.py tests/test_memory.py
  tests/test_graphed_call.py"

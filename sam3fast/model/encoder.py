@@ -26,10 +26,9 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from sam3fast.kernels.prompt_cross_attention import prompt_cross_attention, prompt_cross_attention_backend
-from sam3fast.model.common import MultiheadAttention
+from sam3fast.model.common import MultiheadAttention, linear_relu
 
 
 class TransformerEncoderLayer(nn.Module):
@@ -98,7 +97,7 @@ class TransformerEncoderLayer(nn.Module):
                 key_padding_mask=memory_key_padding_mask,
             )
         x = self.norm3(tgt)
-        return tgt + self.linear2(F.relu(self.linear1(x)))
+        return tgt + self.linear2(linear_relu(x, self.linear1))
 
 
 class FusionEncoder(nn.Module):

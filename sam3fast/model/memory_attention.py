@@ -57,7 +57,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.memory_attention import memory_attention, memory_attention_backend, uses_sdpa_path
-from .common import KeepComplexBuffers
+from .common import KeepComplexBuffers, linear_relu
 from .vit import apply_rope, compute_axial_cis
 
 
@@ -230,7 +230,7 @@ class MemoryAttentionLayer(nn.Module):
         y = self.norm2(x)
         x = x + self.cross_attn_image(y, memory_k, memory, freqs_cis, num_k_exclude_rope, key_valid)
         y = self.norm3(x)
-        return x + self.linear2(F.relu(self.linear1(y)))
+        return x + self.linear2(linear_relu(y, self.linear1))
 
 
 class MemoryAttention(KeepComplexBuffers, nn.Module):

@@ -59,7 +59,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..kernels.fused_linear import fused_linear_backend, linear_gelu, linear_rope
 from ..kernels.residual_norm import residual_norm, residual_norm_backend
 from ..kernels.rope import rope, rope_backend
-from .common import KeepComplexBuffers
+from .common import KeepComplexBuffers, _records_grad
 
 
 def compute_axial_cis(
@@ -194,7 +194,8 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_gelu and fused_linear_backend(x)[0] == "triton" and _no_autocast(x):
             return self.fc2(linear_gelu(x, self.fc1.weight, self.fc1.bias))
-        if self.tanh_gelu_epilogue and x.dtype == self.fc1.weight.dtype and _no_autocast(x):
+        if (self.tanh_gelu_epilogue and x.dtype == self.fc1.weight.dtype and _no_autocast(x)
+                and not _records_grad(x, self.fc1.weight, self.fc1.bias)):
             return self.fc2(linear_tanh_gelu(x, self.fc1.weight, self.fc1.bias))
         return self.fc2(self.act(self.fc1(x)))
 
