@@ -115,8 +115,10 @@ def attribute(events):
     time twice, which the tables of this script did before 2026-11-27's fix.)
     Returns {"kernels": {name: [launches, us]}, "stages": {stage: {name: [launches, us]}},
     "host": {stage: [calls, us]} (the CPU ranges), "span": {stage: us} (the GPU-side ranges, from the
-    first kernel's start to the last one's end, idle gaps included)}."""
-    kernels, stages, host, span = {}, {}, {}, {}
+    first kernel's start to the last one's end, idle gaps included), "sites": {stage: {kernel:
+    {launching op and its input shapes: [launches, us]}}} (the shapes where the profile recorded
+    them: ``record_shapes``)}."""
+    kernels, stages, host, span, sites = {}, {}, {}, {}, {}
     for e in events:
         cpu = str(e.device_type).endswith("CPU")
         if e.name.startswith("stage::"):
@@ -129,13 +131,27 @@ def attribute(events):
                 span[e.name[7:]] = span.get(e.name[7:], 0.0) + us
         if not cpu or e.is_async or not e.kernels:
             continue
-        per_stage = stages.setdefault(_stage_of(e), {})
+        stage = _stage_of(e)
+        per_stage = stages.setdefault(stage, {})
+        site = e.name + _shapes(e)
         for k in e.kernels:
             for table in (kernels, per_stage):
                 row = table.setdefault(k.name, [0, 0.0])
                 row[0] += 1
                 row[1] += k.duration
-    return {"kernels": kernels, "stages": stages, "host": host, "span": span}
+            row = sites.setdefault(stage, {}).setdefault(k.name, {}).setdefault(site, [0, 0.0])
+            row[0] += 1
+            row[1] += k.duration
+    return {"kernels": kernels, "stages": stages, "host": host, "span": span, "sites": sites}
+
+
+def _shapes(evt, limit=70):
+    """`` [(a, b), (c,)]``: the event's recorded input shapes (empty ones dropped), or ''."""
+    shapes = [tuple(s) for s in (getattr(evt, "input_shapes", None) or []) if s]
+    if not shapes:
+        return ""
+    text = " " + ", ".join("x".join(str(d) for d in s) for s in shapes)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _short(name, n=90):
@@ -146,7 +162,7 @@ def profile(fn, calls, per, cuda, label, top=30, top_per_stage=6):
     """Run ``fn`` ``calls`` times under the profiler; tables normalised per ``per`` units (calls or
     frames). Returns (markdown lines, summary dict)."""
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-    with torch.profiler.profile(activities=acts) as prof:
+    with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
         for _ in range(calls):
             fn()
         if cuda:
@@ -179,12 +195,14 @@ def profile(fn, calls, per, cuda, label, top=30, top_per_stage=6):
     for key, (count, dev) in ranked[:top]:
         lines.append(f"| `{_short(key)}` | {count / n:.1f} | {dev / 1e3 / n:.3f} | "
                      f"{100 * dev / max(total_us, 1e-9):.1f} % |")
-    lines += ["", f"| stage | kernel (top {top_per_stage} of the stage) | launches per {unit} | device ms per {unit} | "
-              f"share of the stage |", "|---|---|---:|---:|---:|"]
+    lines += ["", f"| stage | kernel (top {top_per_stage} of the stage) | its main launch site (op, input shapes) | "
+              f"launches per {unit} | device ms per {unit} | share of the stage |", "|---|---|---|---:|---:|---:|"]
     for st in names:
         ks = sorted(a["stages"].get(st, {}).items(), key=lambda kv: -kv[1][1])[:top_per_stage]
         for key, (count, dev) in ks:
-            lines.append(f"| {st} | `{_short(key, 80)}` | {count / n:.1f} | {dev / 1e3 / n:.3f} | "
+            where = sorted(a["sites"][st][key].items(), key=lambda kv: -kv[1][1])
+            site = where[0][0] + (f" (+{len(where) - 1} more)" if len(where) > 1 else "")
+            lines.append(f"| {st} | `{_short(key, 70)}` | `{site}` | {count / n:.1f} | {dev / 1e3 / n:.3f} | "
                          f"{100 * dev / max(stage_us[st], 1e-9):.1f} % |")
     summary = {"label": label, "per": unit, "kernel_ms": total_us / 1e3 / n,
                "stages": {st: {"device_ms": stage_us.get(st, 0.0) / 1e3 / n,

@@ -167,13 +167,13 @@ def test_profile_attribution_counts_each_kernel_once_in_its_innermost_stage():
 
     mod = runpy.run_path(os.path.join(BENCH, "profile_gpu.py"), run_name="profile_gpu_test")
 
-    def ev(name, start, end, parent=None, kernels=(), device=DeviceType.CPU):
+    def ev(name, start, end, parent=None, kernels=(), device=DeviceType.CPU, shapes=()):
         return NS(name=name, device_type=device, time_range=NS(start=start, end=end), is_async=False,
-                  kernels=[NS(name=k, duration=d) for k, d in kernels], cpu_parent=parent)
+                  kernels=[NS(name=k, duration=d) for k, d in kernels], cpu_parent=parent, input_shapes=shapes)
 
     trunk = ev("stage::vit_trunk", 0, 100)
     linear = ev("aten::linear", 1, 10, trunk)
-    addmm = ev("aten::addmm", 2, 9, linear, [("gemm_bf16", 30.0)])
+    addmm = ev("aten::addmm", 2, 9, linear, [("gemm_bf16", 30.0)], shapes=[[4736], [5184, 1024], [1024, 4736], []])
     nested = ev("stage::scoring", 20, 40, trunk, [("triton_direct", 2.5)])  # a range launching itself
     inner = ev("aten::mm", 21, 30, nested, [("sgemm_f32", 4.0), ("sgemm_f32", 6.0)])
     outside = ev("aten::copy_", 200, 201, None, [("copy_kernel", 1.0)])
@@ -187,3 +187,5 @@ def test_profile_attribution_counts_each_kernel_once_in_its_innermost_stage():
                            mod["OUTSIDE"]: {"copy_kernel": [1, 1.0]}}
     assert a["host"] == {"vit_trunk": [1, 100.0], "scoring": [1, 20.0]}
     assert a["span"] == {"vit_trunk": 75.0}
+    assert a["sites"]["vit_trunk"] == {"gemm_bf16": {"aten::addmm 4736, 5184x1024, 1024x4736": [1, 30.0]}}
+    assert a["sites"]["scoring"]["sgemm_f32"] == {"aten::mm": [2, 10.0]}
