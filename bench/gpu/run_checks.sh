@@ -56,7 +56,7 @@ FIRST="tests/test_assignment.py tests/test_mask_ops.py tests/test_kernel_rpb_att
  tests/test_video_parity.py::test_cuda_pipelined_outputs_ride_in_the_planning_copy tests/test_host_channel.py
  tests/test_vision.py::test_cuda_patch_embed_gemm_form_bf16 tests/test_kernel_fused_linear.py
  tests/test_vision.py::test_cuda_tanh_gelu_epilogue_bf16 tests/test_vision.py::test_cuda_trunk_sdpa_backend_pins_bf16
- tests/test_linear_epilogues.py
+ tests/test_linear_epilogues.py tests/test_kernel_rope_attention.py
  tests/test_kernel_dwconv_norm.py tests/test_norms.py tests/test_kernel_two_way_attention.py
  tests/test_kernel_prompt_cross_attention.py tests/test_kernel_mask_postprocess.py tests/test_memory.py
  tests/test_graphed_call.py"
@@ -92,7 +92,8 @@ else
     # on the H200 of 2026-11-27, NMS of 200 masks 0.38-0.40 ms)
     step bench_assignment 40 45 python3 bench/bench_assignment.py --profile
     step bench_mask_iou 30 30 python3 bench/bench_mask_iou.py
-    # the trunk's SDPA by backend at its two shapes (3.36 ms of cuDNN attention an image on the H200)
+    # the trunk's SDPA by backend at its two shapes (3.36 ms of cuDNN attention an image on the H200),
+    # and rope + SDPA against sam3fast::rope_self_attention (RoPE inside the attention) with its tiles
     # and fc1 with cuBLASLt's tanh-GELU epilogue against cuBLAS + the GELU pass (1.19 ms an image)
     step bench_trunk_attention 40 40 python3 bench/bench_trunk_attention.py
     step bench_fused_linear 40 60 python3 bench/bench_fused_linear.py --no-compile

@@ -59,6 +59,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..kernels.fused_linear import fused_linear_backend, linear_gelu, linear_rope
 from ..kernels.residual_norm import residual_norm, residual_norm_backend
 from ..kernels.rope import rope, rope_backend
+from ..kernels.rope_attention import rope_self_attention_backend
 from .common import KeepComplexBuffers, _records_grad
 
 
@@ -233,7 +234,11 @@ class Attention(KeepComplexBuffers, nn.Module):
     pin it (``torch.nn.attention.sdpa_kernel`` around the call; PyTorch raises where that backend
     cannot run the call). The trunk's attentions are 9 x 16 heads of 576 tokens (window blocks) and
     16 heads of 5184 (global blocks), head width 64: bench/bench_trunk_attention.py times each
-    backend there; the default stays PyTorch's choice until a GPU shows a faster one."""
+    backend there; the default stays PyTorch's choice until a GPU shows a faster one.
+
+    ``rope_attention_kernel`` (False): on CUDA the RoPE of q and k and the attention as one Triton op
+    on the qkv projection's views (``sam3fast::rope_self_attention``; ``sdpa_backend`` then unused),
+    no RoPE pass and no transposed copy of the output; off until a GPU times it."""
 
     def __init__(self, dim: int, num_heads: int, side: int, rope_scale: float):
         super().__init__()
@@ -254,6 +259,14 @@ class Attention(KeepComplexBuffers, nn.Module):
         # None: PyTorch picks SDPA's backend (cuDNN first on an H100 in torch 2.11); else one of
         # SDPA_BACKENDS' names, pinned for this attention (ViT.window_sdpa_backend / global_sdpa_backend)
         self.sdpa_backend: Optional[str] = None
+        # True (with use_kernel): on CUDA the RoPE of q, k inside the attention, one Triton op from the
+        # qkv views (sam3fast::rope_self_attention) instead of the rope kernel + SDPA. Off until a GPU
+        # times it against them (bench/bench_trunk_attention.py); ViT.rope_attention_kernel sets all.
+        self.rope_attention_kernel = False
+
+    def _rope_table(self) -> torch.Tensor:
+        """(L, hd/2, 2) float32 (cos, sin): a view of the complex ``freqs_cis``."""
+        return torch.view_as_real(self.freqs_cis)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.sdpa_backend is None:
@@ -268,6 +281,10 @@ class Attention(KeepComplexBuffers, nn.Module):
             out = self._sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
             return self.proj(out.transpose(1, 2).reshape(B, L, C))
         qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim)
+        if self.rope_attention_kernel and self.use_kernel and _no_autocast(x):
+            q, k, v = qkv.unbind(2)  # (B, L, nH, hd) views
+            if rope_self_attention_backend(q)[0] == "triton":
+                return self.proj(torch.ops.sam3fast.rope_self_attention(q, k, v, self._rope_table()).reshape(B, L, C))
         qk = qkv[:, :, :2]  # q and k in one pass: (B, L, 2, nH, hd), contiguous after the rotation
         if self.use_kernel and rope_backend(qk)[0] == "triton":
             qk = rope(qk, self.freqs_cis)
@@ -390,6 +407,17 @@ class ViT(nn.Module):
     def fused_gelu(self, on: bool) -> None:
         for blk in self.blocks:
             blk.mlp.fused_gelu = bool(on)
+
+    @property
+    def rope_attention_kernel(self) -> bool:
+        """Whether every block's attention runs RoPE + attention as one Triton op on CUDA
+        (``sam3fast::rope_self_attention``, :class:`Attention`)."""
+        return all(blk.attn.rope_attention_kernel for blk in self.blocks)
+
+    @rope_attention_kernel.setter
+    def rope_attention_kernel(self, on: bool) -> None:
+        for blk in self.blocks:
+            blk.attn.rope_attention_kernel = bool(on)
 
     @property
     def window_sdpa_backend(self) -> Optional[str]:
