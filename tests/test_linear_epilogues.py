@@ -85,8 +85,9 @@ def test_compiles_without_graph_breaks_and_autograd_falls_back():
 
 
 def test_ffn_modules_route_through_it(monkeypatch):
-    """The memory attention's and the fusion encoder's FFNs call linear_relu with their linear1 (a
-    spy records the calls); the switch off gives the same output (CPU: the same kernels)."""
+    """The memory attention's, the fusion encoder's and the query decoder's FFNs call linear_relu
+    with their linear1 (a spy records the calls); the fused op gives the same output (CPU: the same
+    kernels)."""
     from sam3fast.model.encoder import TransformerEncoderLayer
     from sam3fast.model.memory_attention import MemoryAttentionLayer
 
@@ -127,6 +128,20 @@ def test_ffn_modules_route_through_it(monkeypatch):
         monkeypatch.setattr(enc_mod, "linear_relu", spy)
         got = layer(tgt, prompt, query_pos=pos)
     assert seen == [layer.linear1] and torch.isfinite(want).all() and torch.equal(got, want)
+
+    import sam3fast.model.decoder as dec_mod
+    from sam3fast.model.decoder import DecoderLayer
+
+    seen.clear()
+    dl = DecoderLayer(32, 4, 64).eval()
+    x, qpos, mem, prompt = torch.randn(2, 7, 32), torch.randn(2, 7, 32), torch.randn(2, 12, 32), torch.randn(2, 3, 32)
+    with torch.no_grad():
+        for p in dl.parameters():
+            p.normal_(0, 0.2)
+        want = dl(x, qpos, mem, mem, prompt, None, None)
+        monkeypatch.setattr(dec_mod, "linear_relu", spy)
+        got = dl(x, qpos, mem, mem, prompt, None, None)
+    assert seen == [dl.linear1] and torch.isfinite(want).all() and torch.equal(got, want)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

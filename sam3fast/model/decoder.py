@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.rpb_attention import rpb_attention, rpb_attention_backend
-from .common import MLP, MultiheadAttention, inverse_sigmoid
+from .common import MLP, MultiheadAttention, inverse_sigmoid, linear_relu
 
 
 def box_cxcywh_to_xyxy(x: torch.Tensor) -> torch.Tensor:
@@ -123,7 +123,7 @@ class DecoderLayer(nn.Module):
         else:
             ca = self._cross_attn_rpb(x + query_pos, memory_key, memory, *rpb)
         x = self.norm1(x + ca.to(x.dtype))
-        return self.norm3(x + self.linear2(F.relu(self.linear1(x))))
+        return self.norm3(x + self.linear2(linear_relu(x, self.linear1)))
 
     def _cross_attn_rpb(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor
