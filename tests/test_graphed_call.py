@@ -76,6 +76,33 @@ def test_capture_after_runs_first_calls_directly(monkeypatch):
     assert len(run.entries) == 1
 
 
+def test_capture_asks_for_thread_local_mode(monkeypatch):
+    """A capture goes through warm_up_and_capture with capture_error_mode="thread_local" (what the
+    video runners use: another thread's CUDA calls must not fail nor break it); the replayed outputs
+    are returned as clones. (A stand-in records the call on CPU.)"""
+    import sam3fast.predictor.graphed_call as gc
+
+    seen = {}
+
+    class FakeGraph:
+        def replay(self):
+            seen["replays"] = seen.get("replays", 0) + 1
+
+    def fake_capture(step, warmup_iters, pool, name, **kw):
+        seen.update(kw, name=name)
+        out = step()
+        return FakeGraph(), out, out
+
+    monkeypatch.setattr(gc, "warm_up_and_capture", fake_capture)
+    monkeypatch.setattr(gc, "pool_for_capture", lambda graphs: None)
+    run = GraphedCall(_fn, "cpu", buffers=True, name="probe")
+    run.cuda_graphs = True  # as on CUDA
+    inputs, scale = _args(0)
+    got = run(inputs, scale)
+    assert seen == {"capture_error_mode": "thread_local", "name": "probe", "replays": 1}
+    _same(got, _fn(inputs, scale))
+
+
 def test_plain_mode_and_bad_arguments():
     run = GraphedCall(_fn, "cpu", buffers=False)
     inputs, scale = _args(0)

@@ -144,7 +144,10 @@ class GraphedCall:
         a, kw = pytree.tree_unflatten(e.inputs, spec)
         pool = pool_for_capture(x.graph for x in self.entries.values())
         try:
-            g, out, warm = warm_up_and_capture(lambda: self.fn(*a, **kw), self.warmup_iters, pool, self.name)
+            # thread_local, as the video runners capture: a frame loader thread may use CUDA meanwhile
+            # (in the default "global" mode its calls would fail, or break this capture)
+            g, out, warm = warm_up_and_capture(lambda: self.fn(*a, **kw), self.warmup_iters, pool, self.name,
+                                               capture_error_mode="thread_local")
         except RuntimeError as err:
             e.failed = f"capture failed: {type(err).__name__}: {err}"[:300]
             log.warning("%s: %s; this signature runs eagerly", self.name, e.failed)
