@@ -111,3 +111,16 @@ class KernelPathsOnCpu:
         self._mode.__exit__(*exc)
         _triton_compat.KERNEL_PATHS_ON_CPU = self._prev
         return False
+
+
+def tiny_trunk(seed: int = 0):
+    """(vit, x): a 4-block ViT trunk (8 x 8 token grid, windows of 4 x 4, global blocks 1 and 3, 4
+    heads of 16) in eval mode, drawn from ``seed``, and a (1, 3, 112, 112) image for it."""
+    import torch
+
+    from sam3fast.model.vit import ViT
+
+    torch.manual_seed(seed)
+    vit = ViT(img_size=112, pretrain_img_size=56, embed_dim=64, depth=4, num_heads=4, window_size=4,
+              global_att_blocks=(1, 3)).eval()
+    return vit, torch.randn(1, 3, 112, 112)

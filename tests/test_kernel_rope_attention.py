@@ -16,12 +16,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernel_checks import assert_close_to64, capture_graph, run_compiled
+from kernel_checks import assert_close_to64, capture_graph, run_compiled, tiny_trunk
 
 from sam3fast.kernels import rope_attention as ra
 from sam3fast.kernels.memory_attention import HAS_TRITON, TRITON_IMPORT_ERROR
 from sam3fast.model import vit as vit_mod
-from sam3fast.model.vit import ViT, compute_axial_cis
+from sam3fast.model.vit import compute_axial_cis
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason=f"triton not importable: {TRITON_IMPORT_ERROR}")
@@ -102,10 +102,7 @@ def test_vit_switch_takes_the_op_and_keeps_the_output(monkeypatch):
     calls the op (a spy; on CPU tensors the op runs its reference kernel) and the RoPE kernel path is
     not taken; the trunk's output equals the default's within float32 rounding; off by default; the
     trunk compiles without graph breaks with it on."""
-    torch.manual_seed(0)
-    vit = ViT(img_size=112, pretrain_img_size=56, embed_dim=64, depth=4, num_heads=4, window_size=4,
-              global_att_blocks=(1, 3)).eval()
-    x = torch.randn(1, 3, 112, 112)
+    vit, x = tiny_trunk()
     with torch.no_grad():
         want = vit(x)
     assert not vit.rope_attention_kernel

@@ -479,12 +479,9 @@ def test_sdpa_backend_pin_is_used_validated_and_compiles(monkeypatch):
     default's (CPU math against CPU flash: float32 rounding), a bad name is refused, None restores
     PyTorch's choice, and the trunk compiles without graph breaks with a pin."""
     import sam3fast.model.vit as vit_mod
-    from sam3fast.model.vit import ViT
+    from kernel_checks import tiny_trunk
 
-    torch.manual_seed(0)
-    vit = ViT(img_size=112, pretrain_img_size=56, embed_dim=64, depth=4, num_heads=4, window_size=4,
-              global_att_blocks=(1, 3)).eval()
-    x = torch.randn(1, 3, 112, 112)
+    vit, x = tiny_trunk()
     with torch.no_grad():
         want = vit(x)
     assert vit.window_sdpa_backend is None and vit.global_sdpa_backend is None

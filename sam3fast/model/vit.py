@@ -419,32 +419,23 @@ class ViT(nn.Module):
         for blk in self.blocks:
             blk.attn.rope_attention_kernel = bool(on)
 
-    @property
-    def window_sdpa_backend(self) -> Optional[str]:
-        """The SDPA backend pinned in the window blocks' attention (:class:`Attention`): their common
-        setting, None where it is PyTorch's choice or where they differ; set it to pin all of them."""
-        names = {blk.attn.sdpa_backend for blk in self.blocks if blk.window_size > 0}
+    def _sdpa_pin(self, window: bool) -> Optional[str]:
+        names = {blk.attn.sdpa_backend for blk in self.blocks if (blk.window_size > 0) == window}
         return names.pop() if len(names) == 1 else None
 
-    @window_sdpa_backend.setter
-    def window_sdpa_backend(self, name: Optional[str]) -> None:
+    def _set_sdpa_pin(self, window: bool, name: Optional[str]) -> None:
         name = _check_sdpa_backend(name)
         for blk in self.blocks:
-            if blk.window_size > 0:
+            if (blk.window_size > 0) == window:
                 blk.attn.sdpa_backend = name
 
-    @property
-    def global_sdpa_backend(self) -> Optional[str]:
-        """The SDPA backend pinned in the global blocks' attention (as ``window_sdpa_backend``)."""
-        names = {blk.attn.sdpa_backend for blk in self.blocks if blk.window_size == 0}
-        return names.pop() if len(names) == 1 else None
-
-    @global_sdpa_backend.setter
-    def global_sdpa_backend(self, name: Optional[str]) -> None:
-        name = _check_sdpa_backend(name)
-        for blk in self.blocks:
-            if blk.window_size == 0:
-                blk.attn.sdpa_backend = name
+    window_sdpa_backend = property(
+        lambda self: self._sdpa_pin(True), lambda self, name: self._set_sdpa_pin(True, name),
+        doc="""The SDPA backend pinned in the window blocks' attention (:class:`Attention`): their common
+        setting, None where it is PyTorch's choice or where they differ; set it to pin all of them.""")
+    global_sdpa_backend = property(
+        lambda self: self._sdpa_pin(False), lambda self, name: self._set_sdpa_pin(False, name),
+        doc="The SDPA backend pinned in the global blocks' attention (as ``window_sdpa_backend``).")
 
     @property
     def tanh_gelu_epilogue(self) -> bool:
