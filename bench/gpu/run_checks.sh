@@ -95,7 +95,7 @@ else
     # the trunk's SDPA by backend at its two shapes (3.36 ms of cuDNN attention an image on the H200),
     # and rope + SDPA against sam3fast::rope_self_attention (RoPE inside the attention) with its tiles
     # and fc1 with cuBLASLt's tanh-GELU epilogue against cuBLAS + the GELU pass (1.19 ms an image)
-    step bench_trunk_attention 40 40 python3 bench/bench_trunk_attention.py
+    step bench_trunk_attention 60 60 python3 bench/bench_trunk_attention.py
     step bench_fused_linear 40 60 python3 bench/bench_fused_linear.py --no-compile
     step profile 60 100 python3 bench/profile_gpu.py --parts image,tracker
     # why the folded module is slower than the unfolded one at 1 object (1.33 against 0.91 ms on the
