@@ -176,9 +176,9 @@ def profile(fn, calls, per, cuda, label, top=30, top_per_stage=6):
     lines = [f"## {label}", "",
              f"{calls} profiled calls; times per {unit} ({n} {unit}s in all). Device time of all kernels "
              f"(each counted once): {total_us / 1e3 / n:.2f} ms per {unit}.", "",
-             f"Kernel ms: the kernels launched inside the stage's range; GPU span: the range on the GPU "
-             f"timeline (idle gaps included); host ms: the range on the CPU. A stage whose host time is "
-             f"over its kernel time is launch-bound (the case CUDA graphs fix).", "",
+             "Kernel ms: the kernels launched inside the stage's range; GPU span: the range on the GPU "
+             "timeline (idle gaps included); host ms: the range on the CPU. A stage whose host time is "
+             "over its kernel time is launch-bound (the case CUDA graphs fix).", "",
              f"| stage | calls per {unit} | kernel ms per {unit} | GPU span ms per {unit} | host ms per {unit} | "
              f"share of kernel time |",
              "|---|---:|---:|---:|---:|---:|"]
