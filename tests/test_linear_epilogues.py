@@ -61,6 +61,10 @@ def test_fallbacks_no_bias_autocast_empty_mixed_dtype(monkeypatch):
         assert linear_relu(x[:0], lin, epilogue=True).shape == (0, 16)
         with pytest.raises(RuntimeError):  # mixed dtypes: the linear itself refuses, as before
             linear_relu(x.bfloat16(), lin, epilogue=True)
+        mixed = nn.Linear(8, 16).bfloat16()
+        mixed.bias.data = mixed.bias.data.float()  # a float32 bias beside bf16 weights: the two steps,
+        with pytest.raises(RuntimeError, match="dtype"):  # whose linear refuses it (not the stand-in)
+            linear_relu(x.bfloat16(), mixed, epilogue=True)
         with pytest.raises(AssertionError, match="fused op ran"):
             linear_relu(x, lin, epilogue=True)  # the stand-in is reached where the epilogue serves
 

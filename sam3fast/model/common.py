@@ -36,11 +36,11 @@ def linear_relu(x: torch.Tensor, linear: nn.Linear, epilogue: Optional[bool] = N
     dtype (rounding is monotone and keeps signs and zero), so applying it to the float32 accumulator
     before the one rounding gives what rounding and then ReLU give; only cuBLASLt's choice of kernel,
     hence the accumulation order, may differ. ``epilogue`` True / False forces the fused op (on any
-    device: its CPU kernel is addmm then ReLU) / the two steps. Under autocast, for mixed dtypes, a
-    linear without bias, an empty input or where autograd records (the fused op has no derivative:
+    device: its CPU kernel is addmm then ReLU) / the two steps. Under autocast, for mixed dtypes
+    (x, weight, bias), a linear without bias, an empty input or where autograd records (the fused op has no derivative:
     grad enabled and an input or parameter that requires it), the two steps run."""
     use = (x.is_cuda and LINEAR_RELU_EPILOGUE) if epilogue is None else epilogue
-    if (not use or linear.bias is None or x.dtype != linear.weight.dtype or x.numel() == 0
+    if (not use or linear.bias is None or not x.dtype == linear.weight.dtype == linear.bias.dtype or x.numel() == 0
             or torch.is_autocast_enabled(x.device.type) or _records_grad(x, linear.weight, linear.bias)):
         return F.relu(linear(x))
     lead = x.shape[:-1]

@@ -180,9 +180,12 @@ class Mlp(nn.Module):
     is opt-in in every dtype. The epilogue also applies the GELU to the float32 accumulator before
     the one rounding (eager rounds fc1, then the GELU). Elsewhere (CPU: the tests) the same
     function is fc1 and then the tanh GELU, as PyTorch's CUDA op does where cuBLASLt is not used
-    (the CPU ``_addmm_activation`` applies the exact GELU instead, so it is not called there). ``ViT.tanh_gelu_epilogue`` sets every block's; off until a GPU times it
-    (bench/bench_trunk_block.py) against cuBLAS + the eager GELU (1.19 ms of 33 launches an image
-    on the H200 of 2026-11-27). ``fused_gelu`` takes precedence where both are on."""
+    (the CPU ``_addmm_activation`` applies the exact GELU instead, so it is not called there).
+    ``ViT.tanh_gelu_epilogue`` sets every block's; off until a GPU times it against cuBLAS + the
+    eager GELU (1.19 ms of 33 launches an image on the H200 of 2026-11-27; bench/bench_fused_linear.py
+    and bench/bench_image.py have its rows). ``fused_gelu`` takes precedence where both are on.
+    Where autograd would record (the op has no derivative), or the bias's dtype is not x's, the
+    exact path runs."""
 
     def __init__(self, in_features: int, hidden_features: int):
         super().__init__()
@@ -195,7 +198,7 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_gelu and fused_linear_backend(x)[0] == "triton" and _no_autocast(x):
             return self.fc2(linear_gelu(x, self.fc1.weight, self.fc1.bias))
-        if (self.tanh_gelu_epilogue and x.dtype == self.fc1.weight.dtype and _no_autocast(x)
+        if (self.tanh_gelu_epilogue and x.dtype == self.fc1.weight.dtype == self.fc1.bias.dtype and _no_autocast(x)
                 and not _records_grad(x, self.fc1.weight, self.fc1.bias)):
             return self.fc2(linear_tanh_gelu(x, self.fc1.weight, self.fc1.bias))
         return self.fc2(self.act(self.fc1(x)))
