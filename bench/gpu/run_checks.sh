@@ -47,8 +47,9 @@ mkdir -p bench/results
 # out after 43 passes (none failed; -q hid which ran: names are printed now), then the rest
 # K and V through tensor descriptors (use_tma, off by default) passed on the H200 of 2026-11-27
 TMA_TEST=tests/test_kernel_memory_attention.py::test_gpu_tma_loads_real_shape_bf16
-# (session 14: the CUDA assignment's reads and greedy pass, the NMS bit-matrix and scan kernels: test_assignment, test_mask_ops)
-FIRST="tests/test_assignment.py tests/test_mask_ops.py tests/test_kernel_rpb_attention.py tests/test_kernel_residual_norm.py tests/test_kernel_layer_norm2d.py
+# (session 15: the ReLU FFNs' cuBLASLt epilogue, a default change on CUDA: test_linear_epilogues, first;
+#  session 14: the CUDA assignment's reads and greedy pass, the NMS bit-matrix and scan kernels: test_assignment, test_mask_ops)
+FIRST="tests/test_linear_epilogues.py tests/test_assignment.py tests/test_mask_ops.py tests/test_kernel_rpb_attention.py tests/test_kernel_residual_norm.py tests/test_kernel_layer_norm2d.py
  tests/test_tracker_predictor.py
  tests/test_kernel_memory_attention.py tests/test_memory_attention_fold.py
  tests/test_video_graphs.py tests/test_frame_masks.py tests/test_video_device_growth.py
@@ -56,7 +57,7 @@ FIRST="tests/test_assignment.py tests/test_mask_ops.py tests/test_kernel_rpb_att
  tests/test_video_parity.py::test_cuda_pipelined_outputs_ride_in_the_planning_copy tests/test_host_channel.py
  tests/test_vision.py::test_cuda_patch_embed_gemm_form_bf16 tests/test_kernel_fused_linear.py
  tests/test_vision.py::test_cuda_tanh_gelu_epilogue_bf16 tests/test_vision.py::test_cuda_trunk_sdpa_backend_pins_bf16
- tests/test_linear_epilogues.py tests/test_kernel_rope_attention.py
+ tests/test_kernel_rope_attention.py
  tests/test_kernel_dwconv_norm.py tests/test_norms.py tests/test_kernel_two_way_attention.py
  tests/test_kernel_prompt_cross_attention.py tests/test_kernel_mask_postprocess.py tests/test_memory.py
  tests/test_graphed_call.py"
