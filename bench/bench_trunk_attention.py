@@ -60,10 +60,10 @@ TILES = [(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 4, 3), (128,
          (128, 128, 8, 2)]
 
 
-def trunk_layout(n, L, H, hd, g, device, dtype):
-    """q, k, v as ``Attention.forward`` hands them to SDPA: q, k permuted views of a contiguous
-    (n, L, 2, H, hd) tensor (the RoPE kernel's output), v a view of qkv (n, L, 3, H, hd)."""
-    qkv = torch.randn(n, L, 3, H, hd, generator=g).to(device=device, dtype=dtype)
+def trunk_layout(qkv):
+    """q, k, v as ``Attention.forward`` hands them to SDPA from its (n, L, 3, H, hd) projection ``qkv``:
+    q, k permuted views of a contiguous (n, L, 2, H, hd) tensor (the RoPE kernel's output), v a view
+    of qkv."""
     qk = qkv[:, :, :2].contiguous()
     q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)
     v = qkv[:, :, 2].transpose(1, 2)
@@ -126,7 +126,8 @@ def main(argv=None):
             print(f"{shape:8} {impl:44} {t:10.4f} ms  {flops / t / 1e9:8.1f} TFLOP/s")
 
     for shape, (n, L) in shapes.items():
-        q, k, v = trunk_layout(n, L, H, hd, g, device, dtype)
+        qkv = torch.randn(n, L, 3, H, hd, generator=g).to(device=device, dtype=dtype)  # the projection
+        q, k, v = trunk_layout(qkv)
         qc, kc, vc = (t.contiguous() for t in (q, k, v))
         flops = 4 * n * H * L * L * hd
         want = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
@@ -153,7 +154,6 @@ def main(argv=None):
         side = win if shape == "window" else grid
         freqs = compute_axial_cis(hd, side, side, scale_pos=1.0 if shape == "window" else win / grid).to(device)
         table = torch.view_as_real(freqs)
-        qkv = torch.randn(n, L, 3, H, hd, generator=g).to(device=device, dtype=dtype)
         vq, vk, vv = qkv.unbind(2)
 
         def trunk_path():

@@ -37,6 +37,7 @@ import tempfile
 
 import numpy as np
 import torch
+from torch.autograd import DeviceType
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # video_clip
@@ -120,7 +121,7 @@ def attribute(events):
     them: ``record_shapes``)}."""
     kernels, stages, host, span, sites = {}, {}, {}, {}, {}
     for e in events:
-        cpu = str(e.device_type).endswith("CPU")
+        cpu = e.device_type == DeviceType.CPU
         if e.name.startswith("stage::"):
             us = e.time_range.end - e.time_range.start
             if cpu:

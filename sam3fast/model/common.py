@@ -18,34 +18,48 @@ from ..kernels.layer_norm2d import layer_norm2d, layer_norm2d_backend, layer_nor
 
 
 def _records_grad(*tensors: torch.Tensor) -> bool:
-    """Whether autograd would record an operation on these tensors (``torch._addmm_activation`` has
-    no derivative: the fused linears fall back where it would)."""
+    """Whether autograd would record an operation on these tensors."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-# False: linear_relu always runs the linear and then the ReLU (benchmarks compare the two paths).
+def addmm_epilogue_serves(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """Whether :func:`addmm_activation` can take ``x (..., K) W^T + b``: a bias, one dtype for x, W
+    and b, a non-empty x, no autocast (whose operations mix dtypes) and autograd not recording
+    (``torch._addmm_activation`` has no derivative). Where it cannot, callers run the two steps."""
+    return (bias is not None and x.dtype == weight.dtype == bias.dtype and x.numel() > 0
+            and not torch.is_autocast_enabled(x.device.type) and not _records_grad(x, weight, bias))
+
+
+def addmm_activation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gelu: bool) -> torch.Tensor:
+    """``act(x W^T + b)`` over x's last dim as one ``torch._addmm_activation``: on CUDA one cuBLASLt
+    GEMM with its ReLU (``gelu`` False) or GELU (True: cuBLASLt's is the tanh form) + bias epilogue;
+    the CPU kernel applies ReLU or the exact GELU after addmm. (..., N) contiguous. Callers check
+    :func:`addmm_epilogue_serves` first."""
+    lead = x.shape[:-1]
+    y = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=gelu)
+    return y.view(*lead, weight.shape[0])
+
+
+# False: linear_relu runs the linear and then the ReLU everywhere (the plain path back, for a run).
 LINEAR_RELU_EPILOGUE = True
 
 
 def linear_relu(x: torch.Tensor, linear: nn.Linear, epilogue: Optional[bool] = None) -> torch.Tensor:
     """``F.relu(linear(x))`` over x's last dim; on CUDA (``epilogue`` None) as one cuBLASLt GEMM with
-    its ReLU + bias epilogue (``torch._addmm_activation``), so the (tokens, hidden) activation is
+    its ReLU + bias epilogue (:func:`addmm_activation`), so the (tokens, hidden) activation is
     written once instead of written, read and written again by a separate ReLU (the tracker's memory
     attention FFN: 5184 x 2048 per object and layer, 42 MB of bf16 traffic each; the fusion
     encoder's FFN the same per image). Same values: ReLU commutes with the rounding to the output
     dtype (rounding is monotone and keeps signs and zero), so applying it to the float32 accumulator
     before the one rounding gives what rounding and then ReLU give; only cuBLASLt's choice of kernel,
     hence the accumulation order, may differ. ``epilogue`` True / False forces the fused op (on any
-    device: its CPU kernel is addmm then ReLU) / the two steps. Under autocast, for mixed dtypes
-    (x, weight, bias), a linear without bias, an empty input or where autograd records (the fused op has no derivative:
-    grad enabled and an input or parameter that requires it), the two steps run."""
+    device: its CPU kernel is addmm then ReLU) / the two steps. Where the fused op cannot serve
+    (:func:`addmm_epilogue_serves`: autocast, mixed dtypes of x, weight and bias, no bias, an empty
+    input, autograd recording) the two steps run."""
     use = (x.is_cuda and LINEAR_RELU_EPILOGUE) if epilogue is None else epilogue
-    if (not use or linear.bias is None or not x.dtype == linear.weight.dtype == linear.bias.dtype or x.numel() == 0
-            or torch.is_autocast_enabled(x.device.type) or _records_grad(x, linear.weight, linear.bias)):
-        return F.relu(linear(x))
-    lead = x.shape[:-1]
-    y = torch._addmm_activation(linear.bias, x.reshape(-1, x.shape[-1]), linear.weight.t(), use_gelu=False)
-    return y.view(*lead, linear.out_features)
+    if use and addmm_epilogue_serves(x, linear.weight, linear.bias):
+        return addmm_activation(x, linear.weight, linear.bias, gelu=False)
+    return F.relu(linear(x))
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:

@@ -60,7 +60,7 @@ from ..kernels.fused_linear import fused_linear_backend, linear_gelu, linear_rop
 from ..kernels.residual_norm import residual_norm, residual_norm_backend
 from ..kernels.rope import rope, rope_backend
 from ..kernels.rope_attention import rope_self_attention_backend
-from .common import KeepComplexBuffers, _records_grad
+from .common import KeepComplexBuffers, addmm_activation, addmm_epilogue_serves
 
 
 def compute_axial_cis(
@@ -184,8 +184,8 @@ class Mlp(nn.Module):
     ``ViT.tanh_gelu_epilogue`` sets every block's; off until a GPU times it against cuBLAS + the
     eager GELU (1.19 ms of 33 launches an image on the H200 of 2026-11-27; bench/bench_fused_linear.py
     and bench/bench_image.py have its rows). ``fused_gelu`` takes precedence where both are on.
-    Where autograd would record (the op has no derivative), or the bias's dtype is not x's, the
-    exact path runs."""
+    Where the fused op cannot serve (``addmm_epilogue_serves``: autograd recording, since the op
+    has no derivative; mixed dtypes; autocast) the exact path runs."""
 
     def __init__(self, in_features: int, hidden_features: int):
         super().__init__()
@@ -198,8 +198,7 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_gelu and fused_linear_backend(x)[0] == "triton" and _no_autocast(x):
             return self.fc2(linear_gelu(x, self.fc1.weight, self.fc1.bias))
-        if (self.tanh_gelu_epilogue and x.dtype == self.fc1.weight.dtype == self.fc1.bias.dtype and _no_autocast(x)
-                and not _records_grad(x, self.fc1.weight, self.fc1.bias)):
+        if self.tanh_gelu_epilogue and addmm_epilogue_serves(x, self.fc1.weight, self.fc1.bias):
             return self.fc2(linear_tanh_gelu(x, self.fc1.weight, self.fc1.bias))
         return self.fc2(self.act(self.fc1(x)))
 
@@ -210,9 +209,7 @@ def linear_tanh_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
     tanh GELU."""
     if not x.is_cuda:
         return F.gelu(F.linear(x, weight, bias), approximate="tanh")
-    lead = x.shape[:-1]
-    y = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=True)
-    return y.view(*lead, weight.shape[0])
+    return addmm_activation(x, weight, bias, gelu=True)
 
 
 # SDPA backends a trunk attention can be pinned to (Attention.sdpa_backend), by name.
