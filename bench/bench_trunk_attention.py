@@ -2,8 +2,9 @@
 
 The trunk runs 28 window blocks (9 windows x 16 heads of 576 tokens per 1008 px image) and 4 global
 blocks (16 heads of 5184 tokens), head width 64, in the dtype of the model: 0.78 TFLOP an image. The
-H200 profile of 2026-11-27 put SDPA (cuDNN's flash kernel, 39 launches with the heads') at 3.36 ms
-of the image's device time, ~230 TFLOP/s: the trunk's attention is the next cost after its GEMMs.
+H200 eager profile of 2026-11-27 (bf16, one image) put SDPA (cuDNN's flash kernel) at 3.36 ms over
+39 launches, 32 of them the trunk's (the trunk's at ~230 TFLOP/s or more): the trunk's attention is
+the next cost after its GEMMs.
 This script says which backend is fastest at each of the two shapes, so ``ViT.window_sdpa_backend``
 / ``global_sdpa_backend`` can pin it (PyTorch's own choice is cuDNN first on Hopper).
 

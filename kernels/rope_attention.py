@@ -23,8 +23,9 @@ every key rotated (``n_rope_keys = L``), no key mask: this op is its Triton kern
 (batch, head) pairs, the trunk's 144, to its RoPE prepass + SDPA path.) The keys are rotated by the
 memory-attention kernel's prepass (one read and write of K); q in the attention's prologue.
 
-Why an op of its own: on the H200 of 2026-11-27 the trunk's SDPA (cuDNN's flash kernel) took
-3.36 ms of an image's device time, ~230 TFLOP/s on 0.78 TFLOP, and the RoPE pass 0.36 ms. Whether
+Why an op of its own: in the H200 eager profile of 2026-11-27 (bf16, one 1008 px image) SDPA
+(cuDNN's flash kernel) took 3.36 ms over 39 launches, 32 of them the trunk's (so the trunk's 0.78
+TFLOP ran at ~230 TFLOP/s or more), and the RoPE pass 0.36 ms. Whether
 the Triton kernel at these shapes beats cuDNN is a measurement (bench/bench_trunk_attention.py
 times it against the RoPE kernel + SDPA and sweeps tiles); until a GPU says so the trunk keeps RoPE +
 SDPA (``ViT.rope_attention_kernel`` off). Default tile ``DEFAULT_TILE``: 64 queries x 64 keys, 4
