@@ -13,7 +13,9 @@ the last frame (backbone included), for N objects. Variants:
   ``state["cached_features"]`` (an ``init_state`` argument of both packages).
 * sam3fast only: the plain rows run the defaults (``tracker.cuda_graphs = "auto"``: the step graphed
   on CUDA up to 2 objects); ``perframe`` = ``tracker.fixed_capacity_step = False`` (the official
-  per-frame memory selection, host syncs) instead of the preallocated memory bank; ``eager-step`` =
+  per-frame memory selection, host syncs) instead of the preallocated memory bank; ``prefetch`` (e2e,
+  with and without ``perframe``) = ``tracker.prefetch_backbone = True`` (the next frame's backbone
+  launched before this frame's step, on a side stream on CUDA); ``eager-step`` =
   ``cuda_graphs = False`` at the counts the default graphs (CUDA only); ``graphed`` (with
   ``--graphed-rows``) = ``tracker.cuda_graphs = True`` at the counts it does not (the step captured
   as a CUDA graph per object bucket, CUDA only); ``backbone-eager`` = ``tracker.backbone_cuda_graphs =
@@ -234,8 +236,8 @@ def main(argv=None):
     ap.add_argument("--det-nms-thresh", type=float, default=None,
                     help="detector NMS IoU threshold on both models (official 0.1; higher keeps more objects)")
     ap.add_argument("--skip-variants", default="",
-                    help="tracker part: sam3fast variants to leave out, comma-separated (perframe, eager-step, "
-                         "graphed, backbone-eager, fold, no-fold, compiled); the default rows always run")
+                    help="tracker part: sam3fast variants to leave out, comma-separated (perframe, prefetch, "
+                         "eager-step, graphed, backbone-eager, fold, no-fold, compiled); the default rows always run")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
     if args.smoke:
@@ -380,13 +382,17 @@ def _main(args, tmp):
                         ours(kind + suffix, n, cache)
                         if per_frame_too:
                             tracker.fixed_capacity_step = False
-                            ours(kind + " perframe", n, cache)
+                            ours(kind + suffix + " perframe", n, cache)
                             tracker.fixed_capacity_step = True
                     del cache
                     free()
 
             skip = {v.strip() for v in args.skip_variants.split(",") if v.strip()}
             variants("", per_frame_too=True)  # the default: cuda_graphs "auto"
+            # the next frame's backbone on a side stream beside this frame's step (the same outputs)
+            tracker.prefetch_backbone = True
+            variants(" prefetch", per_frame_too=True, kinds=("e2e",))
+            tracker.prefetch_backbone = False
             if cuda:
                 # where "auto" graphs the step (up to GRAPH_AUTO_MAX_ROWS objects): the same counts
                 # eagerly; where it does not: graphed at every count (cuda_graphs True), with --graphed-rows

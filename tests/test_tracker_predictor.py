@@ -1529,3 +1529,143 @@ def test_cuda_graphed_backbone_equals_eager_and_recaptures(own_gpu):
     for (f0, ids0, lo0, vid0, sc0), (f1, ids1, lo1, vid1, sc1) in zip(runs[False], runs["auto"]):
         assert f0 == f1 and list(ids0) == list(ids1)
         torch.testing.assert_close(lo1, lo0, rtol=1e-3, atol=3e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backbone prefetch (prefetch_backbone)
+
+
+def _prefetch_session(pred, p, order_log=None):
+    """Two objects clicked on frame 2, a box on frame 5 (a conditioning frame inside the run), then
+    a forward and a reverse propagation: records of both, and the state."""
+    st = p.state(pred)
+    rec = []
+    pred.add_new_points_or_box(st, 2, 1, points=[[0.1, 0.5]], labels=[1])
+    pred.add_new_points_or_box(st, 2, 2, points=[[0.8, 0.3]], labels=[1])
+    pred.add_new_points_or_box(st, 5, 1, box=[0.05, 0.4, 0.3, 0.7])
+    pred.propagate_in_video_preflight(st)
+    _prop(pred, st, rec, "fwd", start_frame_idx=2, max_frame_num_to_track=None, reverse=False)
+    _prop(pred, st, rec, "rev", start_frame_idx=7, max_frame_num_to_track=None, reverse=True)
+    return rec, st
+
+
+def test_prefetch_backbone_same_session_and_order(pair, monkeypatch):
+    """``prefetch_backbone``: the backbone of the next frame to track runs before the current
+    frame's step (conditioning frames, whose outputs are stored, are not run ahead); every frame's
+    backbone still runs once per propagation, nothing is left prefetched at the end, and the
+    session equals the one without it bit for bit (the same computations in another order)."""
+    ours = pair.ours
+    events = []
+    real_fi, real_step = ours.forward_image, ours._run_single_frame_inference
+
+    def forward_image(img):
+        events.append(("bb", next(i for i in range(len(pair.frames))
+                                  if torch.equal(img[0], pair.frames[i].float()))))
+        return real_fi(img)
+
+    def step(*a, **kw):
+        events.append(("step", kw["frame_idx"]))
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(ours, "forward_image", forward_image)
+    monkeypatch.setattr(ours, "_run_single_frame_inference", step)
+    runs, logs = {}, {}
+    for prefetch in (False, True):
+        ours.prefetch_backbone = prefetch
+        events.clear()
+        try:
+            runs[prefetch] = _prefetch_session(ours, pair)
+        finally:
+            ours.prefetch_backbone = False
+        logs[prefetch] = list(events)
+        assert "prefetched_features" not in runs[prefetch][1]
+    (ref, ref_st), (got, got_st) = runs[False], runs[True]
+    assert [r[0] for r in got] == [r[0] for r in ref]
+    for (name, *rv), (_, *gv) in zip(ref, got):
+        for a, b in zip(gv, rv):
+            if isinstance(b, torch.Tensor):
+                assert torch.equal(a, b), name
+            else:
+                assert a == b, name
+    compare_states(got_st, ref_st)
+    # the same backbone runs (the prompts' frames 2 and 5, then one per tracked frame)
+    bb = lambda log: sorted(f for k, f in log if k == "bb")  # noqa: E731
+    assert bb(logs[True]) == bb(logs[False])
+    steps = [(k, f) for k, f in logs[False] if k == "step"]
+    assert [e for e in logs[True] if e[0] == "step"] == steps
+    # without prefetch a step runs its own frame's backbone (inside it); with it, the backbone of
+    # the next frame that runs a step comes right before the step (frames 2 and 5 hold the
+    # prompts' outputs)
+    fwd = [f for _, f in steps[3:11]]
+    rev = [f for _, f in steps[11:]]
+    assert fwd == [3, 4, 6, 7, 8, 9, 10, 11] and rev == [7, 6, 4, 3, 1, 0], steps
+    for run, pick in ((fwd, min), (rev, max)):  # (frames 3-7 run a step in both directions)
+        for k, a in enumerate(run):
+            j = pick(j for j, e in enumerate(logs[False]) if e == ("step", a))
+            assert logs[False][j + 1] == ("bb", a), (a, logs[False])
+            if k + 1 < len(run):
+                j = pick(j for j, e in enumerate(logs[True]) if e == ("step", a))
+                assert logs[True][j - 1] == ("bb", run[k + 1]), (a, logs[True])
+
+
+def test_prefetch_backbone_closed_stream_and_option(pair):
+    """A stream closed early drops the frame it prefetched; a later session of the same state runs
+    as usual; anything but True/False is refused when the stream starts."""
+    ours = pair.ours
+    st = pair.state(ours)
+    ours.add_new_points_or_box(st, 0, 1, points=[[0.1, 0.5]], labels=[1])
+    ours.propagate_in_video_preflight(st)
+    try:
+        ours.prefetch_backbone = True
+        gen = ours.propagate_in_video(st, 0, None, False, tqdm_disable=True)
+        next(gen), next(gen)  # frame 0 (prompted), frame 1 (tracked: frame 2 prefetched)
+        assert list(st["prefetched_features"]) == [2]
+        assert list(st["cached_features"]) == [1]
+        gen.close()
+        assert "prefetched_features" not in st
+        # a miss on another frame while one is held: the held one stays for its own turn
+        ours._prefetch_features(st, 4)
+        assert ours._take_prefetched(st, 3) is None and list(st["prefetched_features"]) == [4]
+        img, out = ours._take_prefetched(st, 4)
+        assert torch.equal(img[0], pair.frames[4].float()) and not st["prefetched_features"]
+        assert not ours._prefetch_features(st, 1)  # cached already
+        ours.prefetch_backbone = "yes"
+        with pytest.raises(ValueError, match="prefetch_backbone must be True or False"):
+            next(ours.propagate_in_video(st, 0, None, False, tqdm_disable=True))
+    finally:
+        ours.prefetch_backbone = False
+
+
+def test_cuda_prefetch_backbone_equals_inline_and_makes_no_sync(own_gpu):
+    """On a GPU the prefetched backbone (a side stream; the graphed backbone, replayed there)
+    gives the session of the inline one, and the steady-state frames still make no host sync."""
+    import copy
+
+    pair = own_gpu
+    ours = copy.deepcopy(pair.ours).cuda()
+    ours.backbone = copy.deepcopy(pair.vb).cuda()
+    frames = pair.frames.cuda()
+    runs = {}
+    for prefetch in (False, True):
+        ours.prefetch_backbone = prefetch
+        st = ours.init_state(video_height=VIDEO_H, video_width=VIDEO_W, num_frames=len(pair.frames))
+        st["images"] = frames
+        ours.add_new_points_or_box(st, 0, 1, points=[[0.1, 0.5]], labels=[1])
+        ours.add_new_points_or_box(st, 0, 2, points=[[0.8, 0.3]], labels=[1])
+        ours.propagate_in_video_preflight(st)
+        gen = ours.propagate_in_video(st, 0, None, False, tqdm_disable=True)
+        head = [next(gen) for _ in range(4)]  # the bank is built (with syncs); the backbone graph is captured
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            rest = list(gen)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        runs[prefetch] = head + rest
+        assert "prefetched_features" not in st
+    assert ours._prefetch_stream is not None and ours._backbone_call.graphs() == 1
+    assert len(runs[True]) == len(runs[False]) == len(pair.frames)
+    for (f0, ids0, lo0, vid0, sc0), (f1, ids1, lo1, vid1, sc1) in zip(runs[False], runs[True]):
+        assert f0 == f1 and list(ids0) == list(ids1)
+        for a, b in ((lo1, lo0), (vid1, vid0), (sc1, sc0)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -79,6 +79,8 @@ if [[ $PHASE == a ]]; then
     python3 -m sam3fast.info >"$OUT/info.txt" 2>&1
     step gpu_tests_first 300 170 python3 -m pytest -m "gpu and not slow" -v -p no:cacheprovider --timeout 120 -rfE \
         --junitxml "$OUT/gpu_tests_first.xml" $FIRST --deselect "$TMA_TEST"
+    # (session 16: the "e2e prefetch" rows, tracker.prefetch_backbone: the next frame's backbone on a
+    #  side stream beside this frame's step; 60 frames/s at 1 object needs that overlap)
     step bench_video_tracker 150 150 python3 bench/bench_video.py --parts tracker --dtype bfloat16 --frames 24 \
         --objects 1,5,16 --iters 1 --no-compile --skip-variants eager-step,backbone-eager
     # the concept video before the image: it has no number since the H100 run 2 of 2026-11-26 (the

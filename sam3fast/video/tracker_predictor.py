@@ -92,6 +92,7 @@ with no per-frame concatenation; ``object_table = False`` keeps one bank per ses
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 from collections import OrderedDict
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -100,6 +101,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from ..config import Sam3Config
@@ -542,6 +544,15 @@ class Sam3TrackerPredictor(nn.Module):
         self.memory_encoder_cuda_graphs = "auto"
         self._memory_encoder_call = None
         self._memory_encoder_call_key = None
+        # sam3fast: propagate_in_video runs the backbone on the next frame it will track before the
+        # current frame's step (see _prefetch_features). On CUDA it runs on a side stream, so the
+        # ViT trunk of frame t+1 (large GEMMs) shares the GPU with the step of frame t (at a few
+        # objects, small latency-bound kernels) instead of following it; elsewhere it only changes
+        # the order. The same computations on the same inputs: the same outputs. Costs one more
+        # frame of features on the device. False (default until an H100 times it): the official
+        # order, the backbone inline on each frame.
+        self.prefetch_backbone = False
+        self._prefetch_stream = None
         self.iter_use_prev_mask_pred = True
         self.add_all_frames_to_correct_as_cond = True
         self.eval()
@@ -1130,7 +1141,6 @@ class Sam3TrackerPredictor(nn.Module):
         if propagate_preflight:
             self.propagate_in_video_preflight(inference_state)
         output_dict = inference_state["output_dict"]
-        consolidated_frame_inds = inference_state["consolidated_frame_inds"]
         if obj_ids is not None:
             raise NotImplementedError("Per-object tracking yet for batched inference if not implemented.")
         obj_ids = inference_state["obj_ids"]
@@ -1140,12 +1150,30 @@ class Sam3TrackerPredictor(nn.Module):
         clear_non_cond_mem = self.clear_non_cond_mem_around_input and (
             self.clear_non_cond_mem_for_multi_obj or batch_size <= 1
         )
-        processing_order = self._get_processing_order(inference_state, start_frame_idx, max_frame_num_to_track,
-                                                      reverse)
+        processing_order = list(self._get_processing_order(inference_state, start_frame_idx,
+                                                           max_frame_num_to_track, reverse))
+        try:
+            yield from self._propagate(inference_state, processing_order, batch_size, reverse, run_mem_encoder,
+                                       clear_non_cond_mem, obj_ids, tqdm_disable)
+        finally:  # (a stream closed early leaves no prefetched frame behind)
+            self._drop_prefetched(inference_state)
+
+    def _propagate(self, inference_state, processing_order, batch_size, reverse, run_mem_encoder,
+                   clear_non_cond_mem, obj_ids, tqdm_disable):
+        output_dict = inference_state["output_dict"]
+        consolidated_frame_inds = inference_state["consolidated_frame_inds"]
+        prefetch = self.prefetch_backbone
+        if not isinstance(prefetch, bool):
+            raise ValueError(f"tracker.prefetch_backbone must be True or False, got {prefetch!r}")
+
+        def needs_step(t):
+            return (t not in consolidated_frame_inds["cond_frame_outputs"]
+                    and t not in consolidated_frame_inds["non_cond_frame_outputs"])
+
         # Tracking runs on a MemoryBank kept in the state across calls: built (with host syncs) at
         # the first tracked frame of a run of consecutive frames, then updated with tensor ops only
         # (see _bank_for_step).
-        for frame_idx in tqdm(processing_order, desc="propagate in video", disable=tqdm_disable):
+        for i, frame_idx in enumerate(tqdm(processing_order, desc="propagate in video", disable=tqdm_disable)):
             if frame_idx in consolidated_frame_inds["cond_frame_outputs"]:
                 storage_key = "cond_frame_outputs"
                 current_out = output_dict[storage_key][frame_idx]
@@ -1163,6 +1191,14 @@ class Sam3TrackerPredictor(nn.Module):
                     self._bank_stored(inference_state, frame_idx)
             else:
                 storage_key = "non_cond_frame_outputs"
+                if prefetch and self.backbone is not None:
+                    # this frame's features first (prefetched one frame ago, or run here), then the
+                    # next tracked frame's backbone, queued beside this frame's step
+                    self._frame_features(inference_state, frame_idx)
+                    # (frames with stored outputs run no backbone: the next one without)
+                    nxt = next((t for t in itertools.islice(processing_order, i + 1, None) if needs_step(t)), None)
+                    if nxt is not None:
+                        self._prefetch_features(inference_state, nxt)
                 bank = self._bank_for_step(inference_state, frame_idx, reverse)
                 current_out, pred_masks = self._run_single_frame_inference(
                     inference_state=inference_state,
@@ -1971,15 +2007,7 @@ class Sam3TrackerPredictor(nn.Module):
         ``(image (B, 3, R, R) or None, backbone_out, feats [s0, s1, top] (B, C, h, w),
         pos (same shapes), feat_sizes [(h, w)] * 3)``. A cache miss runs the backbone on
         ``inference_state["images"][frame_idx]`` and caches that frame alone (official)."""
-        image, backbone_out = inference_state["cached_features"].get(frame_idx, (None, None))
-        if backbone_out is None:
-            if self.backbone is None:
-                raise RuntimeError(
-                    f"Image features for frame {frame_idx} are not cached. Please run inference on this frame first."
-                )
-            image = inference_state["images"][frame_idx].to(self.device).float().unsqueeze(0)
-            backbone_out = self.forward_image(image)
-            inference_state["cached_features"] = {frame_idx: (image, backbone_out)}
+        image, backbone_out = self._frame_features(inference_state, frame_idx)
         if "tracker_backbone_out" in backbone_out:
             backbone_out = backbone_out["tracker_backbone_out"]
         n = self.num_feature_levels
@@ -1989,6 +2017,87 @@ class Sam3TrackerPredictor(nn.Module):
         feat_sizes = [(x.shape[-2], x.shape[-1]) for x in pos]
         expanded_image = None if image is None else image.expand(batch_size, -1, -1, -1)
         return expanded_image, backbone_out, feats, pos, feat_sizes
+
+    def _frame_features(self, inference_state, frame_idx):
+        """``(image (1, 3, R, R) or None, backbone_out)`` of one frame from the feature cache; a
+        miss takes the prefetched features (:meth:`_prefetch_features`) or runs the backbone on
+        ``inference_state["images"][frame_idx]``, and caches that frame alone (official)."""
+        image, backbone_out = inference_state["cached_features"].get(frame_idx, (None, None))
+        if backbone_out is None:
+            if self.backbone is None:
+                raise RuntimeError(
+                    f"Image features for frame {frame_idx} are not cached. Please run inference on this frame first."
+                )
+            hit = self._take_prefetched(inference_state, frame_idx)
+            if hit is None:
+                image = inference_state["images"][frame_idx].to(self.device).float().unsqueeze(0)
+                backbone_out = self.forward_image(image)
+            else:
+                image, backbone_out = hit
+            inference_state["cached_features"] = {frame_idx: (image, backbone_out)}
+        return image, backbone_out
+
+    def _prefetch_features(self, inference_state, frame_idx) -> bool:
+        """Launch the backbone on ``frame_idx`` ahead of its turn (``prefetch_backbone``): its
+        features wait in ``inference_state["prefetched_features"]`` (one frame at most) until
+        :meth:`_get_image_feature` misses the cache on that frame. On CUDA the frame's read and
+        :meth:`forward_image` run on a side stream behind the work already queued on the current
+        one, and an event marks their end. Returns whether it launched: not for a frame already
+        cached or prefetched, nor without a backbone or frames."""
+        if (self.backbone is None or "images" not in inference_state
+                or frame_idx in inference_state["cached_features"]):
+            return False
+        held = inference_state.get("prefetched_features") or {}
+        if frame_idx in held:
+            return False
+        self._drop_prefetched(inference_state)  # (another frame's, never read: at most one is held)
+        device = self.device
+        if device.type != "cuda":
+            image = inference_state["images"][frame_idx].to(device).float().unsqueeze(0)
+            inference_state["prefetched_features"] = {frame_idx: (image, self.forward_image(image), None)}
+            return True
+        if self._prefetch_stream is None or self._prefetch_stream.device != device:
+            self._prefetch_stream = torch.cuda.Stream(device)
+        side = self._prefetch_stream
+        # behind the queued work: the frame store's table, the backbone graph's last replay
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            image = inference_state["images"][frame_idx].to(device).float().unsqueeze(0)
+            out = self.forward_image(image)
+            done = torch.cuda.Event()
+            done.record(side)
+        inference_state["prefetched_features"] = {frame_idx: (image, out, done)}
+        return True
+
+    def _take_prefetched(self, inference_state, frame_idx):
+        """``(image, backbone_out)`` prefetched for ``frame_idx``, ordered before the current
+        stream's next work, or None. Before a miss runs the backbone here, the current stream
+        waits for a prefetch still in flight: both use the backbone graph's input buffers."""
+        held = inference_state.get("prefetched_features")
+        if not held:
+            return None
+        hit = held.pop(frame_idx, None)
+        if hit is None:
+            for _, _, done in held.values():
+                if done is not None:
+                    torch.cuda.current_stream(self.device).wait_event(done)
+            return None
+        image, out, done = hit
+        if done is not None:
+            cur = torch.cuda.current_stream(self.device)
+            cur.wait_event(done)
+            # made on the side stream, read on this one: the allocator must not hand their memory
+            # to the side stream's next frame while this stream's work still reads it
+            for t in pytree.tree_leaves((image, out)):
+                if isinstance(t, torch.Tensor):
+                    t.record_stream(cur)
+        return image, out
+
+    def _drop_prefetched(self, inference_state) -> None:
+        """Forget prefetched features that were not read (a stream closed early, or another frame
+        came first). Their memory was allocated on the side stream and never used on another, so
+        the allocator hands it out again behind the side stream's work only."""
+        inference_state.pop("prefetched_features", None)
 
     # ------------------------------------------------------------------------------------------
     # One frame
