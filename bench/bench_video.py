@@ -38,7 +38,9 @@ it; the counts reached are reported as measured, per side, with the objects the 
 outputs ride to the host in the next frame's planning copy: one copy per frame); variants:
 ``sequential`` (``pipelined_outputs = False``: the outputs read before the next frame starts, as
 the official interleaves), ``host-planning`` (``model.device_planning = False``: the hotstart heuristics on the host,
-as the official), ``det-eager`` (the detector without its CUDA graph), ``tracker-graphed``.
+as the official), ``ahead-stream`` (``model.ahead_detection_stream = True``: the next frame's detection
+launched before this frame's tracker step, on a side stream; CUDA), ``det-eager`` (the detector
+without its CUDA graph), ``tracker-graphed``.
 
 Precision: the official video code has no float32 mode on CUDA. Its tracker enters a global
 ``torch.autocast("cuda", bfloat16)`` when constructed (``sam3_tracking_predictor.py`` 49-50,
@@ -459,12 +461,13 @@ def _main(args, tmp):
             return predictor
 
         def ours_predictor(dtype, compile=False, pipelined=True, det_graphs=True, tracker_graphs=None,
-                           device_planning=True):
+                           device_planning=True, ahead_stream=False):
             pred = sam3fast.build_sam3_video_predictor(checkpoint_path=ckpt, config=cfg, device=device, dtype=dtype,
                                                        compile=compile)
             pred.model.pipelined_outputs = pipelined  # outputs ride in the next frame's planning copy
             pred.model.device_planning = device_planning  # False: the hotstart heuristics on the host
             pred.model.detector.cuda_graphs = det_graphs  # per-frame detector as one CUDA-graph replay (CUDA)
+            pred.model.ahead_detection_stream = ahead_stream  # the next detection on a side stream (CUDA)
             if tracker_graphs is not None:  # None: the default ("auto")
                 pred.model.tracker.cuda_graphs = tracker_graphs  # the propagation step as a CUDA graph (CUDA)
             return pred
@@ -473,6 +476,9 @@ def _main(args, tmp):
             concept("official", official_dtype, "e2e", official_predictor, omode)
         for dtype in dtypes:
             concept("sam3fast", dtype, "e2e", lambda d=dtype: ours_predictor(d), ours_mode)
+            # (off CUDA the official launch order, inline)
+            concept("sam3fast", dtype, "e2e ahead-stream", lambda d=dtype: ours_predictor(d, ahead_stream=True),
+                    ours_mode)
             concept("sam3fast", dtype, "e2e sequential", lambda d=dtype: ours_predictor(d, pipelined=False),
                     ours_mode)
             concept("sam3fast", dtype, "e2e host-planning", lambda d=dtype: ours_predictor(d, device_planning=False),

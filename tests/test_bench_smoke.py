@@ -28,7 +28,8 @@ BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
     ("bench_residual_norm.py", ("# residual_norm benchmark", "triton t4 w4", "add+norm1+window",
                                 "# trunk (28 window + 4 global blocks), eager chain")),
     ("bench_connected_components.py", "connected_components benchmark"),
-    ("bench_video.py", ("video frames/s benchmark", "| e2e prefetch | 1 |", "| e2e prefetch perframe | 2 |")),
+    ("bench_video.py", ("video frames/s benchmark", "| e2e prefetch | 1 |", "| e2e prefetch perframe | 2 |",
+                       "| concept | sam3fast | float32 | e2e ahead-stream |")),
     # the CPU host-work counts: both parts ran and their phases were found (a renamed driver would
     # put every operation under "(outside)")
     ("host_ops.py", ("| tracker | 1 |", "| concept |", "- _run_single_frame_inference:",

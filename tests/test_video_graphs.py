@@ -389,6 +389,22 @@ def test_gpu_propagation_with_graphs_equals_without(gpu_weights, clip_dir):  # n
         np.testing.assert_allclose(oa["out_boxes_xywh"], ob["out_boxes_xywh"], rtol=1e-5, atol=1e-3)
 
 
+@needs_cuda
+def test_gpu_ahead_detection_stream_equals_one_stream(gpu_weights, clip_dir):  # noqa: F811
+    """``ahead_detection_stream``: the next frame's detection on a side stream (its graph replayed
+    there, its outputs waited for by event) gives the session of the one-stream default (STEPS:
+    text and box prompts, clicks, removals, both directions). (Its steady frames' syncs:
+    test_video_parity.test_cuda_concept_frames_make_no_implicit_sync.)"""
+    runs = {}
+    for ahead in (False, True):
+        pred = _cuda_predictor(gpu_weights)
+        pred.model.ahead_detection_stream = ahead
+        runs[ahead] = _responses(run_our_session(pred, clip_dir, STEPS))
+        assert (pred.model.detector._ahead_stream is not None) == ahead
+    assert sum(len(f["outputs"]["out_obj_ids"]) for f in runs[True]) >= NUM_FRAMES
+    _assert_same_frames(runs[False], runs[True])
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU: device memory stays flat as the video grows (sam3fast.video: FrameStore, retired outputs)
 
@@ -436,10 +452,12 @@ def test_next_detection_launched_behind_the_planning_read(checkpoints, clip_dir,
     step as the official order has it; the outputs are the same either way (same computations), and
     a reset session leaves nothing queued."""
     runs, orders = {}, {}
-    for overlap in (False, True):
+    for overlap in (False, True, "ahead"):
         pred = build_sam3_video_predictor(checkpoint_path=checkpoints[RICH_SEED], config=CFG, device="cpu")
         model = pred.model
-        model.overlap_next_detection = overlap
+        model.overlap_next_detection = overlap is True
+        # off CUDA the side-stream launch is the official order: launched at once, inline
+        model.ahead_detection_stream = overlap == "ahead"
         log = []
         det = model.detector
         monkeypatch.setattr(det, "_detect_frame",
@@ -456,6 +474,7 @@ def test_next_detection_launched_behind_the_planning_read(checkpoints, clip_dir,
             model.reset_state(model.init_state(resource_path=clip_dir))
         assert det._deferred is None  # a reset drops it (nothing would launch it for the old buffer)
     _assert_same_frames(runs[False], runs[True])
+    _assert_same_frames(runs[False], runs["ahead"])
 
     def gaps(log):
         """For every "track t, read, detect f" run: f - t (which frame the detection after frame t's
@@ -467,7 +486,7 @@ def test_next_detection_launched_behind_the_planning_read(checkpoints, clip_dir,
     # official order it is frame t +- 2's, launched at the start of frame t +- 1 (nothing between).
     # Where a propagation turns (the reverse pass starts away from the last forward frame) the
     # first detection is a plain one-frame call: at most two such gaps.
-    for overlap, dist in ((True, 1), (False, 2)):
+    for overlap, dist in ((True, 1), (False, 2), ("ahead", 2)):
         g = gaps(orders[overlap])
         assert sum(abs(x) == dist for x in g) >= NUM_FRAMES - 4, (overlap, g)
         assert sum(abs(x) != dist for x in g) <= 2, (overlap, g)

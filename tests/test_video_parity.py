@@ -655,17 +655,20 @@ def test_concept_video_host_reads_per_frame(checkpoints, clip_dir, monkeypatch, 
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_concept_frames_make_no_implicit_sync(checkpoints, clip_dir, monkeypatch):
+@pytest.mark.parametrize("ahead", [False, True], ids=["one_stream", "ahead_stream"])
+def test_cuda_concept_frames_make_no_implicit_sync(checkpoints, clip_dir, monkeypatch, ahead):
     """On CUDA, a concept-video frame that neither adds nor removes objects (nor re-conditions
     them) waits for the device only where it means to (the planning read, an event), and so does
     the output path of every frame (its read is an event): ``torch.cuda.set_sync_debug_mode("warn")``
     reports no synchronising call (a copy from or to pageable memory, ``.item()``, ``nonzero``...).
     A blocking host-to-device copy would also wait for the next frame's detection, queued behind
-    the planning copy."""
+    the planning copy. ``ahead``: with ``ahead_detection_stream`` (the next detection on a side
+    stream, launched before the tracker step) as well."""
     import warnings
 
     pred = build_sam3_video_predictor(checkpoint_path=checkpoints[RICH_SEED], config=CFG, device="cuda")
     model = pred.model
+    model.ahead_detection_stream = ahead
     sid = pred.handle_request({"type": "start_session", "resource_path": clip_dir})["session_id"]
     pred.handle_request({"type": "add_prompt", "session_id": sid, "frame_index": 0, "text": "blob"})
     orig, per_frame = model._run_single_frame_inference, {}

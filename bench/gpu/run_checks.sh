@@ -49,7 +49,9 @@ mkdir -p bench/results
 TMA_TEST=tests/test_kernel_memory_attention.py::test_gpu_tma_loads_real_shape_bf16
 # (session 15: the ReLU FFNs' cuBLASLt epilogue, a default change on CUDA: test_linear_epilogues, first;
 #  session 14: the CUDA assignment's reads and greedy pass, the NMS bit-matrix and scan kernels: test_assignment, test_mask_ops)
-FIRST="tests/test_linear_epilogues.py tests/test_assignment.py tests/test_mask_ops.py tests/test_kernel_rpb_attention.py tests/test_kernel_residual_norm.py tests/test_kernel_layer_norm2d.py
+FIRST="tests/test_video_graphs.py::test_gpu_ahead_detection_stream_equals_one_stream
+ tests/test_tracker_predictor.py::test_cuda_prefetch_backbone_equals_inline_and_makes_no_sync
+ tests/test_linear_epilogues.py tests/test_assignment.py tests/test_mask_ops.py tests/test_kernel_rpb_attention.py tests/test_kernel_residual_norm.py tests/test_kernel_layer_norm2d.py
  tests/test_tracker_predictor.py
  tests/test_kernel_memory_attention.py tests/test_memory_attention_fold.py
  tests/test_video_graphs.py tests/test_frame_masks.py tests/test_video_device_growth.py
@@ -85,6 +87,7 @@ if [[ $PHASE == a ]]; then
         --objects 1,5,16 --iters 1 --no-compile --skip-variants eager-step,backbone-eager
     # the concept video before the image: it has no number since the H100 run 2 of 2026-11-26 (the
     # H200 run skipped it), and its tracker-step graphs and memory-encoder graphs changed since
+    # (session 16: the "e2e ahead-stream" row, model.ahead_detection_stream: the next detection on a side stream)
     step bench_video_concept 100 100 python3 bench/bench_video.py --parts concept --dtype bfloat16 --frames 24 \
         --iters 1 --no-compile
     step bench_image 60 110 python3 bench/bench_image.py --iters 10 --dtype bfloat16

@@ -43,6 +43,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 import torch
+from torch.utils import _pytree as pytree
 
 from ..config import Sam3Config
 from ..model.decoder import joint_logits
@@ -118,6 +119,8 @@ class Sam3VideoDetector(Sam3ImageModel):
         self.cuda_graphs = True
         self._graph_runner = None
         self._deferred = None  # the queued one-ahead detection (forward_video_grounding_multigpu)
+        self._ahead_stream = None  # the side stream of ahead_stream launches, and the last one's event
+        self._ahead_done = None
 
     # ------------------------------------------------------------------ one frame
     def forward_frame(
@@ -180,6 +183,7 @@ class Sam3VideoDetector(Sam3ImageModel):
         nms_prob_thresh: Optional[float] = None,
         nms_iou_thresh: Optional[float] = None,
         defer_next: bool = False,
+        ahead_stream: bool = False,
         **kwargs,
     ) -> Dict[str, torch.Tensor]:
         """Detector outputs for ``frame_idx`` (see :meth:`forward_frame`), through the one-ahead
@@ -189,6 +193,10 @@ class Sam3VideoDetector(Sam3ImageModel):
         geometric_prompt: None or ``{"boxes": (1, Nb, 4) cxcywh, "box_labels": (1, Nb) bool}``.
         ``defer_next`` (world size 1): queue the next frame's detection for :meth:`run_deferred`
         instead of launching it now (a queued one still pending is launched first).
+        ``ahead_stream`` (world size 1, CUDA): launch the next frame's detection now on a side
+        stream (``defer_next`` is then not used), so that it runs beside the work the caller queues
+        on the current stream for this frame (the tracker step, planning, memory encoding); its
+        outputs wait for an event when their frame is read. Elsewhere it runs inline, as without it.
         """
         self.run_deferred()
         args = dict(images=images, text_feats=text_feats, text_mask=text_mask, geometric_prompt=geometric_prompt,
@@ -197,19 +205,61 @@ class Sam3VideoDetector(Sam3ImageModel):
             return self._forward_chunked(frame_idx, num_frames, multigpu_buffer, track_in_reverse,
                                          kwargs.get("fpn_convs"), args)
         if frame_idx not in multigpu_buffer:
+            self._wait_ahead()
             multigpu_buffer[frame_idx] = self._detect_frame(frame_idx, **args)
-        out = dict(multigpu_buffer[frame_idx])
+        out = self._take_ready(multigpu_buffer[frame_idx])
         # world size 1: a chunk is one frame; drop the previous one, compute the next one
         prev = frame_idx + 1 if track_in_reverse else frame_idx - 1
         if 0 <= prev < num_frames:
             multigpu_buffer.pop(prev, None)
         nxt = frame_idx - 1 if track_in_reverse else frame_idx + 1
         if 0 <= nxt < num_frames and nxt not in multigpu_buffer:
-            if defer_next:
+            if ahead_stream and self.device.type == "cuda":
+                multigpu_buffer[nxt] = self._detect_ahead(nxt, args)
+            elif defer_next and not ahead_stream:
                 self._deferred = (nxt, multigpu_buffer, args)
             else:
+                self._wait_ahead()
                 multigpu_buffer[nxt] = self._detect_frame(nxt, **args)
         return out
+
+    def _detect_ahead(self, frame_idx: int, args) -> Dict[str, object]:
+        """:meth:`_detect_frame` on the side stream, behind the work queued on the current stream
+        (the prompt's features, the previous replay of the graph's buffers); the entry carries the
+        event that ends it under ``"_ready"`` (see :meth:`_take_ready`)."""
+        dev = self.device
+        if self._ahead_stream is None or self._ahead_stream.device != dev:
+            self._ahead_stream = torch.cuda.Stream(dev)
+        side = self._ahead_stream
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            out = dict(self._detect_frame(frame_idx, **args))
+            done = torch.cuda.Event()
+            done.record(side)
+        out["_ready"] = self._ahead_done = done
+        return out
+
+    def _take_ready(self, entry: Dict[str, object]) -> Dict[str, object]:
+        """A buffer entry's outputs for the current stream. An entry made on the side stream
+        (:meth:`_detect_ahead`) is read once that work ends (the current stream waits for its
+        event, the first time it is read), and its tensors are marked as used on this stream: the
+        allocator must not hand their memory to the side stream's next detection while this
+        stream's work still reads them."""
+        done = entry.pop("_ready", None)
+        if done is not None:
+            cur = torch.cuda.current_stream(self.device)
+            cur.wait_event(done)
+            for t in pytree.tree_leaves(entry):
+                if isinstance(t, torch.Tensor):
+                    t.record_stream(cur)
+        return dict(entry)
+
+    def _wait_ahead(self) -> None:
+        """Before a detection on the current stream: wait for the last side-stream one (both run
+        through the graph runner's static buffers)."""
+        if self._ahead_done is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._ahead_done)
+            self._ahead_done = None
 
     def run_deferred(self) -> None:
         """Launch the one-ahead detection that ``defer_next`` queued, if any (asynchronous on CUDA:
@@ -219,6 +269,7 @@ class Sam3VideoDetector(Sam3ImageModel):
         nxt, buf, args = self._deferred
         self._deferred = None
         if nxt not in buf:
+            self._wait_ahead()
             buf[nxt] = self._detect_frame(nxt, **args)
 
     def drop_deferred(self) -> None:

@@ -350,6 +350,14 @@ class Sam3VideoBase(nn.Module):
         # the next frame while the host plans this one. The same computations in another order;
         # False: the official order.
         self.overlap_next_detection = True
+        # sam3fast: on CUDA, the detector's one-ahead frame is launched at once on a side stream
+        # (``forward_video_grounding_multigpu`` with ``ahead_stream``), before this frame's tracker
+        # step, so that the next frame's ViT trunk (large GEMMs) runs beside this frame's tracker
+        # step, planning and memory encoding (small kernels) instead of between them; the tracker
+        # step of the next frame waits for it (it reads its features). Takes precedence over
+        # ``overlap_next_detection``. The same computations: the same outputs. False (default
+        # until an H100 times it): one stream.
+        self.ahead_detection_stream = False
         # sam3fast: the planning decisions (boundary rule, object limit, hotstart removal and
         # suppression) as tensor ops on the device (sam3fast.video.device_plan), read with the
         # association in the one planning copy; where device_plan_refusal names a reason (masklet
@@ -493,6 +501,7 @@ class Sam3VideoBase(nn.Module):
             nms_prob_thresh=self.score_threshold_detection,
             nms_iou_thresh=self.det_nms_thresh,
             defer_next=self.overlap_next_detection,
+            ahead_stream=self.ahead_detection_stream,
             **({"fpn_convs": (self.tracker.sam_mask_decoder.conv_s0, self.tracker.sam_mask_decoder.conv_s1)}
                if self.world_size > 1 else {}),
         )
@@ -519,7 +528,11 @@ class Sam3VideoBase(nn.Module):
             "vision_pos_enc": out["tracker_backbone_pos_enc"],
             "backbone_fpn": fpn,
         }
-        feature_cache[frame_idx] = (input_batch.img_batch[frame_idx], {"tracker_backbone_out": tracker_backbone_out})
+        image = input_batch.img_batch[frame_idx]
+        if self.ahead_detection_stream and image.is_cuda:
+            # (a frame store may have made it on the detector's side stream: this stream holds it now)
+            image.record_stream(torch.cuda.current_stream(image.device))
+        feature_cache[frame_idx] = (image, {"tracker_backbone_out": tracker_backbone_out})
         feature_cache.pop(frame_idx - 1 if not reverse else frame_idx + 1, None)
         return det_out
 
