@@ -486,6 +486,12 @@ class Sam3VideoBase(nn.Module):
     ) -> Dict[str, Tensor]:
         text_feats, text_mask = self._text_features(input_batch, feature_cache)
         tid = input_batch.text_ids[frame_idx]
+        # (read before the detector reads the next frame: a frame store then sees the frames asked
+        # for in the direction of travel, and prefetches the right one)
+        image = input_batch.img_batch[frame_idx]
+        if self.ahead_detection_stream and image.is_cuda:
+            # (a frame store may have made it on the detector's side stream: this stream holds it now)
+            image.record_stream(torch.cuda.current_stream(image.device))
         if "multigpu_buffer" not in feature_cache:
             feature_cache["multigpu_buffer"] = {}
         out = self.detector.forward_video_grounding_multigpu(
@@ -528,10 +534,6 @@ class Sam3VideoBase(nn.Module):
             "vision_pos_enc": out["tracker_backbone_pos_enc"],
             "backbone_fpn": fpn,
         }
-        image = input_batch.img_batch[frame_idx]
-        if self.ahead_detection_stream and image.is_cuda:
-            # (a frame store may have made it on the detector's side stream: this stream holds it now)
-            image.record_stream(torch.cuda.current_stream(image.device))
         feature_cache[frame_idx] = (image, {"tracker_backbone_out": tracker_backbone_out})
         feature_cache.pop(frame_idx - 1 if not reverse else frame_idx + 1, None)
         return det_out
