@@ -73,7 +73,7 @@ def main(argv=None):
     ap.add_argument("--official-compile", action="store_true",
                     help="also the official model with its own compile option (build_sam3_image_model(compile=True): "
                          "torch.compile of the ViT and the pixel decoder), in its bf16 autocast (CUDA)")
-    ap.add_argument("--no-sam3fast", action="store_true", help="only the official rows")
+    ap.add_argument("--no-sam3fast", action="store_true", help="none of sam3fast's rows but the --compile ones")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "both"), default="both",
                     help="sam3fast's rows in this dtype (CUDA; the CPU runs float32)")
     ap.add_argument("--compile", action="store_true",

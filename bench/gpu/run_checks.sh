@@ -97,6 +97,11 @@ else
     # first the kernels changed in session 14 without a GPU (one 200x128 assignment was 154 us graphed
     # on the H200 of 2026-11-27, NMS of 200 masks 0.38-0.40 ms)
     step bench_assignment 40 45 python3 bench/bench_assignment.py --profile
+    # sam3fast's image path with compile_stages() (inductor; eager and with CUDA graphs), never run on
+    # a GPU: the heads (decoder 2.8 ms, fusion encoder 1.6 ms, segmentation head 1.0 ms of device
+    # time on the H200 of 2026-11-27) are chains of small kernels that inductor fuses
+    step bench_image_compiled 150 170 python3 bench/bench_image.py --iters 10 --dtype bfloat16 --compile --no-official \
+        --no-sam3fast
     step bench_mask_iou 30 30 python3 bench/bench_mask_iou.py
     # the trunk's SDPA by backend at its two shapes (cuDNN's SDPA: 3.36 ms an image on the H200, 32 of its 39 launches the trunk's),
     # and rope + SDPA against sam3fast::rope_self_attention (RoPE inside the attention) with its tiles
