@@ -44,10 +44,13 @@ def timeit(fn, device, warmup: int, iters: int):
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
+    warm = []
     for _ in range(warmup):
+        t0 = time.perf_counter()
         fn()
-    if cuda:
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
+        warm.append(time.perf_counter() - t0)
     ts = []
     for _ in range(iters):
         t0 = time.perf_counter()
@@ -56,6 +59,8 @@ def timeit(fn, device, warmup: int, iters: int):
             torch.cuda.synchronize()
         ts.append(time.perf_counter() - t0)
     r = {"ms_median": 1e3 * float(np.median(ts)), "ms_min": 1e3 * float(np.min(ts)), "iters": iters}
+    if warm:  # the first call pays the set-up: compilation, graph capture, lazy initialisation
+        r["first_call_s"] = round(warm[0], 3)
     if cuda:  # peak of everything allocated meanwhile (the model's weights included)
         r["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     return r
