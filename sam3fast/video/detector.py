@@ -205,7 +205,6 @@ class Sam3VideoDetector(Sam3ImageModel):
             return self._forward_chunked(frame_idx, num_frames, multigpu_buffer, track_in_reverse,
                                          kwargs.get("fpn_convs"), args)
         if frame_idx not in multigpu_buffer:
-            self._wait_ahead()
             multigpu_buffer[frame_idx] = self._detect_frame(frame_idx, **args)
         out = self._take_ready(multigpu_buffer[frame_idx])
         # world size 1: a chunk is one frame; drop the previous one, compute the next one
@@ -219,7 +218,6 @@ class Sam3VideoDetector(Sam3ImageModel):
             elif defer_next and not ahead_stream:
                 self._deferred = (nxt, multigpu_buffer, args)
             else:
-                self._wait_ahead()
                 multigpu_buffer[nxt] = self._detect_frame(nxt, **args)
         return out
 
@@ -255,11 +253,13 @@ class Sam3VideoDetector(Sam3ImageModel):
         return dict(entry)
 
     def _wait_ahead(self) -> None:
-        """Before a detection on the current stream: wait for the last side-stream one (both run
-        through the graph runner's static buffers)."""
+        """Before a detection on a stream other than the side one: wait for the last side-stream
+        detection, read or not (both run through the graph runner's static buffers)."""
         if self._ahead_done is not None:
-            torch.cuda.current_stream(self.device).wait_event(self._ahead_done)
-            self._ahead_done = None
+            cur = torch.cuda.current_stream(self.device)
+            if cur != self._ahead_stream:
+                cur.wait_event(self._ahead_done)
+                self._ahead_done = None
 
     def run_deferred(self) -> None:
         """Launch the one-ahead detection that ``defer_next`` queued, if any (asynchronous on CUDA:
@@ -269,7 +269,6 @@ class Sam3VideoDetector(Sam3ImageModel):
         nxt, buf, args = self._deferred
         self._deferred = None
         if nxt not in buf:
-            self._wait_ahead()
             buf[nxt] = self._detect_frame(nxt, **args)
 
     def drop_deferred(self) -> None:
@@ -364,6 +363,7 @@ class Sam3VideoDetector(Sam3ImageModel):
         boxes = labels = None
         if geometric_prompt is not None:
             boxes, labels = geometric_prompt["boxes"], geometric_prompt["box_labels"]
+        self._wait_ahead()
         if self._uses_graphed_step():
             return self.graph_runner().run(
                 images[frame_idx], text_feats, text_mask, boxes, labels,

@@ -553,6 +553,7 @@ class Sam3TrackerPredictor(nn.Module):
         # order, the backbone inline on each frame.
         self.prefetch_backbone = False
         self._prefetch_stream = None
+        self._prefetch_done = None  # the event of the last backbone run on that stream
         self.iter_use_prev_mask_pred = True
         self.add_all_frames_to_correct_as_cond = True
         self.eval()
@@ -1959,6 +1960,12 @@ class Sam3TrackerPredictor(nn.Module):
         bb = self.backbone
         if bb is None:
             raise RuntimeError("no backbone set: assign predictor.backbone or pass cached_features")
+        done = self._prefetch_done
+        if done is not None and img_batch.is_cuda and torch.cuda.current_stream(img_batch.device) != self._prefetch_stream:
+            # a run here waits for the last prefetch (prefetch_backbone), read or not: both go
+            # through the backbone graph's static input buffers
+            torch.cuda.current_stream(img_batch.device).wait_event(done)
+            self._prefetch_done = None
         fpn, pos = self._backbone_runner(bb)(img_batch)
         return {"vision_features": fpn[-1], "vision_pos_enc": pos, "backbone_fpn": fpn}
 
@@ -2066,21 +2073,17 @@ class Sam3TrackerPredictor(nn.Module):
             out = self.forward_image(image)
             done = torch.cuda.Event()
             done.record(side)
+        self._prefetch_done = done
         inference_state["prefetched_features"] = {frame_idx: (image, out, done)}
         return True
 
     def _take_prefetched(self, inference_state, frame_idx):
         """``(image, backbone_out)`` prefetched for ``frame_idx``, ordered before the current
-        stream's next work, or None. Before a miss runs the backbone here, the current stream
-        waits for a prefetch still in flight: both use the backbone graph's input buffers."""
+        stream's next work, or None (another frame's stays held; a backbone run on the current
+        stream waits for it in :meth:`forward_image`)."""
         held = inference_state.get("prefetched_features")
-        if not held:
-            return None
-        hit = held.pop(frame_idx, None)
+        hit = held.pop(frame_idx, None) if held else None
         if hit is None:
-            for _, _, done in held.values():
-                if done is not None:
-                    torch.cuda.current_stream(self.device).wait_event(done)
             return None
         image, out, done = hit
         if done is not None:
