@@ -15,7 +15,7 @@ What is counted, per frame (the median over the frames after ``--warmup``):
   memory encoder outside the step), and
   the number of such region calls (one replay each on a GPU);
 - ``eager``: the rest, by phase: the method of the per-frame driver that issued it (the concept
-  video: what ``_det_track_one_frame`` calls; the tracker: what its ``propagate_in_video`` loop
+  video: what ``_det_track_one_frame`` calls; the tracker: what its ``propagate_in_video`` loop (``_propagate``)
   calls), ``(frame driver)`` for its own operations and ``(outside)`` for the rest (the outputs
   of held frames, the request API);
 - ``kernels``: the eager operations that would launch a kernel (they write in place or return
@@ -193,7 +193,7 @@ def run_tracker(model, clip, n, frames, warmup):
                 tracker.add_new_points_or_box(st, frame_idx=0, obj_id=i, points=torch.tensor([[x, y]]),
                                               labels=torch.tensor([1], dtype=torch.int32))
             tracker.propagate_in_video_preflight(st)
-            counter = ref[0] = HostOpCounter("propagate_in_video")
+            counter = ref[0] = HostOpCounter("_propagate")  # (propagate_in_video's frame loop)
             with counter:
                 for _ in tracker.propagate_in_video(st, start_frame_idx=0, max_frame_num_to_track=frames - 1,
                                                     reverse=False, tqdm_disable=True):
