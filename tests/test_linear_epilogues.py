@@ -148,6 +148,57 @@ def test_ffn_modules_route_through_it(monkeypatch):
     assert seen == [dl.linear1] and torch.isfinite(want).all() and torch.equal(got, want)
 
 
+def test_mlp_hidden_layers_route_through_it(monkeypatch):
+    """Every MLP's hidden layers (not its output layer) call linear_relu; with the fused op forced
+    the output is the same (CPU: the same kernels), residual and output norm included."""
+    from sam3fast.model.common import MLP
+
+    seen = []
+    real = common.linear_relu
+
+    def spy(x, linear, epilogue=None):
+        seen.append(linear)
+        return real(x, linear, epilogue=True)
+
+    torch.manual_seed(0)
+    for mlp, x in ((MLP(2, 32, 8, 2), torch.randn(1, 5, 7, 2)),
+                   (MLP(16, 24, 16, 3, residual=True, out_norm=nn.LayerNorm(16)), torch.randn(3, 16))):
+        mlp.eval()
+        with torch.no_grad():
+            want = mlp(x)
+            monkeypatch.setattr(common, "linear_relu", spy)
+            got = mlp(x)
+            monkeypatch.setattr(common, "linear_relu", real)
+        assert seen == list(mlp.layers[:-1]) and torch.equal(got, want) and torch.isfinite(want).all()
+        seen.clear()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_mlp_epilogue_at_decoder_shapes(dtype):
+    """On CUDA (the epilogue by default) the query decoder's MLPs at their shapes: boxRPB (200 x 72
+    rows, 2 -> 256 -> 8) and the box head (200 rows, 256 -> 256 -> 256 -> 4), in float32 (the
+    decoder's island) and bf16, against float64 within 1.25x the two-step path's error."""
+    import copy
+
+    from sam3fast.model.common import MLP
+
+    torch.manual_seed(4)
+    for mlp, x in ((MLP(2, 256, 8, 2), torch.randn(1, 200, 72, 2)), (MLP(256, 256, 4, 3), torch.randn(1, 200, 256))):
+        mlp, x = mlp.cuda().eval(), x.cuda()
+        with torch.no_grad():
+            ref = copy.deepcopy(mlp).double()(x.double())
+            mlp, x = mlp.to(dtype), x.to(dtype)
+            got = mlp(x)
+            common.LINEAR_RELU_EPILOGUE = False
+            try:
+                two = mlp(x)
+            finally:
+                common.LINEAR_RELU_EPILOGUE = True
+        err, err_two = ((got.double() - ref).abs().max().item(), (two.double() - ref).abs().max().item())
+        assert torch.isfinite(got).all() and err <= 1.25 * err_two + 1e-6, (dtype, err, err_two)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("rows", [5184, 16 * 5184, 333])
 def test_cuda_relu_epilogue_bf16(rows):
