@@ -1684,3 +1684,39 @@ def test_cuda_prefetch_backbone_equals_inline_and_makes_no_sync(own_gpu):
         assert f0 == f1 and list(ids0) == list(ids1)
         for a, b in ((lo1, lo0), (vid1, vid0), (sc1, sc0)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_prefetch_backbone_bad_frame_raises_at_its_turn(pair):
+    """A frame that cannot be read (a decode error) raises when its turn comes, as without the
+    prefetch: the frames before it are yielded first, nothing is left prefetched."""
+
+    class Frames:
+        def __init__(self, frames, bad):
+            self.frames, self.bad = frames, bad
+
+        def __len__(self):
+            return len(self.frames)
+
+        def __getitem__(self, i):
+            if i == self.bad:
+                raise ValueError(f"frame {i} could not be decoded")
+            return self.frames[i]
+
+    ours = pair.ours
+    got = {}
+    for prefetch in (False, True):
+        st = pair.state(ours)
+        st["images"] = Frames(pair.frames, 3)
+        ours.add_new_points_or_box(st, 0, 1, points=[[0.1, 0.5]], labels=[1])
+        ours.propagate_in_video_preflight(st)
+        ours.prefetch_backbone = prefetch
+        seen = []
+        try:
+            with pytest.raises(ValueError, match="frame 3 could not be decoded"):
+                for f, *_ in ours.propagate_in_video(st, 0, None, False, tqdm_disable=True):
+                    seen.append(f)
+        finally:
+            ours.prefetch_backbone = False
+        got[prefetch] = seen
+        assert "prefetched_features" not in st
+    assert got[True] == got[False] == [0, 1, 2]

@@ -1199,7 +1199,11 @@ class Sam3TrackerPredictor(nn.Module):
                     # (frames with stored outputs run no backbone: the next one without)
                     nxt = next((t for t in itertools.islice(processing_order, i + 1, None) if needs_step(t)), None)
                     if nxt is not None:
-                        self._prefetch_features(inference_state, nxt)
+                        try:
+                            self._prefetch_features(inference_state, nxt)
+                        except Exception:  # noqa: BLE001 -- e.g. a frame that fails to decode: raised
+                            # at its own turn, as without the prefetch, after this frame's outputs
+                            logger.debug("prefetch of frame %d failed; it runs at its turn", nxt, exc_info=True)
                 bank = self._bank_for_step(inference_state, frame_idx, reverse)
                 current_out, pred_masks = self._run_single_frame_inference(
                     inference_state=inference_state,
