@@ -88,6 +88,17 @@ def test_compiles_without_graph_breaks_and_autograd_falls_back():
     assert lin.weight.grad is not None and torch.equal(y.detach(), want)
 
 
+def _forcing_spy(real):
+    """A stand-in for linear_relu that records each call's linear in ``.seen`` and runs the fused
+    op (``epilogue=True``)."""
+    def spy(x, linear, epilogue=None):
+        spy.seen.append(linear)
+        return real(x, linear, epilogue=True)
+
+    spy.seen = []
+    return spy
+
+
 def test_ffn_modules_route_through_it(monkeypatch):
     """The memory attention's, the fusion encoder's and the query decoder's FFNs call linear_relu
     with their linear1 (a spy records the calls); the fused op gives the same output (CPU: the same
@@ -95,12 +106,8 @@ def test_ffn_modules_route_through_it(monkeypatch):
     from sam3fast.model.encoder import TransformerEncoderLayer
     from sam3fast.model.memory_attention import MemoryAttentionLayer
 
-    seen = []
-    real = common.linear_relu
-
-    def spy(x, linear, epilogue=None):
-        seen.append(linear)
-        return real(x, linear, epilogue=True)
+    spy = _forcing_spy(common.linear_relu)
+    seen = spy.seen
 
     import sam3fast.model.encoder as enc_mod
     import sam3fast.model.memory_attention as ma_mod
@@ -153,13 +160,9 @@ def test_mlp_hidden_layers_route_through_it(monkeypatch):
     the output is the same (CPU: the same kernels), residual and output norm included."""
     from sam3fast.model.common import MLP
 
-    seen = []
     real = common.linear_relu
-
-    def spy(x, linear, epilogue=None):
-        seen.append(linear)
-        return real(x, linear, epilogue=True)
-
+    spy = _forcing_spy(real)
+    seen = spy.seen
     torch.manual_seed(0)
     for mlp, x in ((MLP(2, 32, 8, 2), torch.randn(1, 5, 7, 2)),
                    (MLP(16, 24, 16, 3, residual=True, out_norm=nn.LayerNorm(16)), torch.randn(3, 16))):
@@ -175,7 +178,7 @@ def test_mlp_hidden_layers_route_through_it(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_mlp_epilogue_at_decoder_shapes(dtype):
+def test_cuda_mlp_epilogue_at_decoder_shapes(dtype, monkeypatch):
     """On CUDA (the epilogue by default) the query decoder's MLPs at their shapes: boxRPB (200 x 72
     rows, 2 -> 256 -> 8) and the box head (200 rows, 256 -> 256 -> 256 -> 4), in float32 (the
     decoder's island) and bf16, against float64 within 1.25x the two-step path's error."""
@@ -190,11 +193,9 @@ def test_cuda_mlp_epilogue_at_decoder_shapes(dtype):
             ref = copy.deepcopy(mlp).double()(x.double())
             mlp, x = mlp.to(dtype), x.to(dtype)
             got = mlp(x)
-            common.LINEAR_RELU_EPILOGUE = False
-            try:
+            with monkeypatch.context() as m:  # the two steps
+                m.setattr(common, "LINEAR_RELU_EPILOGUE", False)
                 two = mlp(x)
-            finally:
-                common.LINEAR_RELU_EPILOGUE = True
         err, err_two = ((got.double() - ref).abs().max().item(), (two.double() - ref).abs().max().item())
         assert torch.isfinite(got).all() and err <= 1.25 * err_two + 1e-6, (dtype, err, err_two)
 
