@@ -16,6 +16,10 @@ GroupNorm(8, D) at the segmentation head's pixel-decoder shapes, B images: (B, D
   F.group_norm                 nn.GroupNorm's forward (one block per (batch, group) row)
   group_norm_fast              statistics by torch.var_mean, one elementwise pass
   compiled FastGroupNorm       torch.compile of the module
+  triton group_norm            ``sam3fast::group_norm``'s kernels (split statistics, one apply pass; the
+                               module's path on CUDA)
+  ... + ReLU                   the norm then the ReLU, as the pixel decoder runs them: group_norm_fast +
+                               F.relu, compiled, and the kernels' fused form (FastGroupNorm.forward_relu)
 The row LayerNorm2d / FastGroupNorm itself runs is marked "*" (LayerNorm2d.SMALL_C,
 GROUP_NORM_FAST_MIN_NUMEL). Each row is checked against the previous implementation before it is
 timed. GB/s counts x read once and the output written once. The last lines add up one frame's
@@ -49,6 +53,7 @@ from _common import (  # noqa: E402
 use_interpreter_without_cuda()  # before the kernel import
 
 from sam3fast.config import get_config  # noqa: E402
+from sam3fast.kernels import group_norm as gn  # noqa: E402
 from sam3fast.kernels import layer_norm2d as ln2d  # noqa: E402
 from sam3fast.model.common import (  # noqa: E402
     GROUP_NORM_FAST_MIN_NUMEL, FastGroupNorm, LayerNorm2d, group_norm_fast, layer_norm2d_channels_first,
@@ -135,11 +140,28 @@ def bench_group_norm(shape, args, device, dtype, compile_backend):
     if not args.no_compile:
         comp = torch.compile(m, fullgraph=True, backend=compile_backend)
         cands["compiled FastGroupNorm"] = lambda: comp(x)
+    kernel = gn.HAS_TRITON
+    if kernel:
+        cands["triton group_norm"] = lambda: gn._group_norm_triton(x, w, b, G, eps)
     fast = shape[1] // G * math.prod(shape[2:]) >= GROUP_NORM_FAST_MIN_NUMEL
     chosen = "group_norm_fast" if fast else "F.group_norm"
+    if kernel and device.type == "cuda":
+        chosen = "triton group_norm"
     with torch.no_grad():
         want = F.group_norm(x, G, w, b, eps)
-    return _run_rows(f"GN8 {tuple(shape)}", x, cands, want, chosen, args, device)
+    rows = _run_rows(f"GN8 {tuple(shape)}", x, cands, want, chosen, args, device)
+    # the norm and the ReLU after it (the pixel decoder): FastGroupNorm.forward_relu
+    cands = {"group_norm_fast + F.relu": lambda: F.relu(group_norm_fast(x, G, w, b, eps, min_group_numel=0))}
+    if not args.no_compile:
+        torch._dynamo.reset()
+        comp_r = torch.compile(lambda t: F.relu(m(t)), fullgraph=True, backend=compile_backend)
+        cands["compiled FastGroupNorm + ReLU"] = lambda: comp_r(x)
+    if kernel:
+        cands["triton group_norm + ReLU"] = lambda: gn._group_norm_triton(x, w, b, G, eps, True)
+    chosen = "triton group_norm + ReLU" if kernel and device.type == "cuda" else "group_norm_fast + F.relu"
+    with torch.no_grad():
+        want = F.relu(F.group_norm(x, G, w, b, eps))
+    return rows + _run_rows(f"GN8+ReLU {tuple(shape)}", x, cands, want, chosen, args, device)
 
 
 def main(argv=None):
@@ -187,11 +209,14 @@ def main(argv=None):
 
     ln_old, ln_now = total("LN2d (", "channels-last F.layer_norm"), total("LN2d (", None)
     lg_old, lg_now = total("LN2d+GELU", "channels-first + F.gelu"), total("LN2d+GELU", None)
-    gn_old, gn_now = total("GN8", "F.group_norm"), total("GN8", None)
+    gn_old, gn_now = total("GN8 (", "F.group_norm"), total("GN8 (", None)
+    gr_old, gr_now = total("GN8+ReLU", "group_norm_fast + F.relu"), total("GN8+ReLU", None)
     print(f"# mask downsampler LayerNorm2d, {args.objects} objects: previous {ln_old:.3f} ms, now {ln_now:.3f} ms")
     print(f"# mask downsampler LayerNorm2d + GELU (C < {LayerNorm2d.SMALL_C}), {args.objects} objects: "
           f"channels-first + F.gelu {lg_old:.3f} ms, now {lg_now:.3f} ms")
     print(f"# pixel decoder GroupNorm, {args.images} image(s): previous {gn_old:.3f} ms, now {gn_now:.3f} ms")
+    print(f"# pixel decoder GroupNorm + ReLU, {args.images} image(s): group_norm_fast + F.relu {gr_old:.3f} ms, "
+          f"now {gr_now:.3f} ms")
 
     if device.type == "cuda" or args.out:
         write_results(

@@ -35,7 +35,8 @@ BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
     ("host_ops.py", ("| tracker | 1 |", "| concept |", "- _run_single_frame_inference:",
                      "- run_tracker_update_planning_phase:")),
     ("bench_norms.py", ("# norms benchmark", "channels-first *", "group_norm_fast", "# pixel decoder GroupNorm",
-                        "triton layer_norm2d + GELU", "channels-first + F.gelu *")),
+                        "triton layer_norm2d + GELU", "channels-first + F.gelu *", "triton group_norm + ReLU",
+                        "# pixel decoder GroupNorm + ReLU")),
     # every part's stages were hooked (a renamed module path would drop its row)
     ("profile_gpu.py", ("| vit_trunk |", "| detr_decoder |", "| memory_attention |", "| mask_decoder |",
                         "| detector_fusion_encoder |", "| tracker_memory_encoder |")),

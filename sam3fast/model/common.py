@@ -7,13 +7,13 @@ seq-first and batch-first, which only matters for how callers lay out their inpu
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels.group_norm import GROUP_NORM_FAST_MIN_NUMEL, group_norm, group_norm_backend, group_norm_fast  # noqa: F401
 from ..kernels.layer_norm2d import layer_norm2d, layer_norm2d_backend, layer_norm2d_channels_first  # noqa: F401
 
 
@@ -238,47 +238,26 @@ def norm_then_act(norm: nn.Module, act: nn.Module, x: torch.Tensor) -> torch.Ten
     return act(norm(x))
 
 
-GROUP_NORM_FAST_MIN_NUMEL = 65536  # elements per (batch, group) from which group_norm_fast reduces itself
-
-
-def group_norm_fast(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                    eps: float, min_group_numel: int = GROUP_NORM_FAST_MIN_NUMEL) -> torch.Tensor:
-    """``F.group_norm`` of (B, C, *) with the statistics computed by PyTorch's general reduction.
-
-    PyTorch's CUDA group norm reduces each (batch, group) row in one block (RowwiseMomentsCUDAKernel):
-    the segmentation head's GroupNorm(8, 256) on (1, 256, 288, 288) runs 8 blocks on 132 SMs, each
-    reducing 2.65 M elements; its two calls took 2.4 ms of a ~22 ms image forward on an H100 (bf16).
-    ``torch.var_mean`` over the last dim of x.view(B, G, -1) splits a long row over many blocks.
-    Then, as PyTorch's own kernels do, per-(b, c) ``scale = rsqrt(var + eps) * weight`` and
-    ``shift = bias - mean * scale`` and one elementwise ``x * scale + shift`` in float32 (float64 for
-    float64 input), rounded once to x's dtype. Groups of fewer than ``min_group_numel`` elements
-    (where one block per row is enough) go to ``F.group_norm``.
-    """
-    B, C = x.shape[:2]
-    if C // num_groups * math.prod(x.shape[2:]) < min_group_numel:
-        return F.group_norm(x, num_groups, weight, bias, eps)
-    acc = torch.promote_types(x.dtype, torch.float32)
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        # channels-last (the pixel decoder's maps): reduce the (B, HW, G, C / G) view over pixels and
-        # the group's channels, where reshape(B, G, -1) would copy the map first
-        rows = x.permute(0, 2, 3, 1).reshape(B, -1, num_groups, C // num_groups)
-        var, mean = torch.var_mean(rows.to(acc), dim=(1, 3), correction=0)
-        var, mean = var[..., None], mean[..., None]
-    else:
-        var, mean = torch.var_mean(x.reshape(B, num_groups, -1).to(acc), dim=-1, keepdim=True, correction=0)
-    scale = torch.rsqrt(var + eps).expand(B, num_groups, C // num_groups)  # (B, G, C / G)
-    if weight is not None:
-        scale = scale * weight.to(acc).view(1, num_groups, -1)
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.to(acc).view(1, num_groups, -1)
-    per_channel = (B, C) + (1,) * (x.dim() - 2)
-    return torch.addcmul(shift.reshape(per_channel), x, scale.reshape(per_channel)).to(x.dtype)
-
-
 class FastGroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` (same arguments, parameters and state-dict keys) computed by
-    ``group_norm_fast``."""
+    """``nn.GroupNorm`` (same arguments, parameters and state-dict keys). On CUDA (``use_kernel``,
+    affine, 4-D input, outside autocast) computed by ``sam3fast::group_norm`` (split statistics and
+    one apply pass, Triton), which :meth:`forward_relu` also gives the ReLU that follows the norm in
+    the pixel decoder; elsewhere by ``group_norm_fast`` (then ``F.relu``). Same values up to float32
+    rounding."""
+
+    use_kernel = True
+
+    def _kernel_serves(self, x: torch.Tensor) -> bool:
+        return (self.use_kernel and self.affine and x.dim() == 4 and not torch.is_autocast_enabled(x.device.type)
+                and group_norm_backend(x, self.num_groups)[0] == "triton")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel_serves(x):
+            return group_norm(x, self.weight, self.bias, self.num_groups, self.eps)
         return group_norm_fast(x, self.num_groups, self.weight, self.bias, self.eps)
+
+    def forward_relu(self, x: torch.Tensor) -> torch.Tensor:
+        """``F.relu(self(x))``, in the same pass on the kernel path."""
+        if self._kernel_serves(x):
+            return group_norm(x, self.weight, self.bias, self.num_groups, self.eps, relu=True)
+        return F.relu(self(x))

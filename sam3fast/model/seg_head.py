@@ -34,14 +34,14 @@ class PixelDecoder(nn.Module):
         n = num_upsampling_stages
         self.conv_layers = nn.ModuleList(nn.Conv2d(hidden_dim, hidden_dim, 3, 1, 1) for _ in range(n))
         # nn.GroupNorm's keys and eps; its CUDA kernel reduces a (batch, group) row per block (8 blocks
-        # at 288 x 288): see group_norm_fast.
+        # at 288 x 288): see group_norm_fast and sam3fast::group_norm (kernels/group_norm.py).
         self.norms = nn.ModuleList(FastGroupNorm(8, hidden_dim) for _ in range(n))
 
     def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         p = feats[-1]
         for i, f in enumerate(reversed(feats[:-1])):
             p = f + F.interpolate(p, size=f.shape[-2:], mode="nearest")
-            p = F.relu(self.norms[i](self.conv_layers[i](p)))
+            p = self.norms[i].forward_relu(self.conv_layers[i](p))  # relu(GN(conv)), one pass on CUDA
         return p
 
 
