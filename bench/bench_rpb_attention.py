@@ -17,8 +17,12 @@ the same inputs:
                         the decoder layer's whole image cross-attention, projections included:
                         ``cross_attn(q, k, v, attn_bias=dy (+) dx)`` (bias built inside the timing)
                         vs ``DecoderLayer._cross_attn_rpb`` (in_proj chunks, the op, out_proj)
-TFLOP/s counts 4 * B * H * L * N * Dh (QK^T and PV) for every row, the layer rows too (their
-projections are extra work not counted), so it compares times, not arithmetic.
+  factors: ...          the bias factors themselves, both axes (``Decoder.rpb_factors``): the PyTorch
+                        path (log-deltas, the boxRPB MLPs, permute, pad) against
+                        ``sam3fast::rpb_factors`` (one Triton pass per axis), float32 (the decoder's
+                        island), eager and graphed; TFLOP/s there counts the MLPs' linears
+TFLOP/s counts 4 * B * H * L * N * Dh (QK^T and PV) for every attention row, the layer rows too
+(their projections are extra work not counted), so it compares times, not arithmetic.
 
     python bench/bench_rpb_attention.py                 # GPU: B = 1 and 4, bf16
     python bench/bench_rpb_attention.py --prompts 1,16 --dtype float32
@@ -179,6 +183,46 @@ def bench_shape(B, args, device, dtype, tiles, compile_backend):
     return rows
 
 
+def bench_factors(B, args, device):
+    """The bias factors themselves, both axes (``Decoder.rpb_factors``): the PyTorch path (deltas,
+    MLP, permute, pad) against ``sam3fast::rpb_factors`` (one pass per axis), float32 as the
+    decoder's island runs them, eager and (CUDA) graphed. TFLOP/s counts the two MLP linears."""
+    from sam3fast.kernels import rpb_factors as rf
+
+    L, H = args.queries, args.heads
+    Q, (Hf, Wf), hd = L - 1, args.grid_hw, args.hidden
+    g = torch.Generator().manual_seed(B)
+    boxes = torch.rand(B, Q, 4, generator=g).to(device)
+    mlps = [tuple(t.to(device) for t in (0.5 * torch.randn(hd, 2, generator=g), 0.1 * torch.randn(hd, generator=g),
+                                          torch.randn(H, hd, generator=g) / hd ** 0.5, 0.1 * torch.randn(H, generator=g)))
+            for _ in range(2)]
+    flops = 2 * B * Q * (Hf + Wf) * (2 * hd + hd * H)
+    label = f"factors B={B} Q={Q}"
+
+    def both(fn):
+        return lambda: (fn(boxes, Hf, *mlps[0], 1), fn(boxes, Wf, *mlps[1], 0))
+
+    cands = {"factors: PyTorch (deltas, MLP, pad)": both(rf.rpb_factors_ref)}
+    if device.type == "cuda":
+        cands["factors: triton (op)"] = both(lambda *a: torch.ops.sam3fast.rpb_factors(*a))
+        cands["CUDA graph: factors PyTorch"] = graphed(cands["factors: PyTorch (deltas, MLP, pad)"])
+        cands["CUDA graph: factors triton"] = graphed(cands["factors: triton (op)"])
+    elif rf.HAS_TRITON:
+        cands["factors: triton (launcher)"] = both(lambda *a: rf._rpb_factors_triton(*a, block_r=64))
+    want = cands["factors: PyTorch (deltas, MLP, pad)"]()
+    rows = []
+    for name, fn in cands.items():
+        with torch.no_grad():
+            got = fn()
+            if got is not None:
+                for a, b in zip(got, want):
+                    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+            ms = time_ms(fn, device, args.reps)
+        rows.append({"shape": label, "impl": name, "ms": ms, "TFLOPs": flops / ms / 1e9})
+        print(f"{label:22} {name:38} {ms:10.4f} ms  {flops / ms / 1e9:8.3f} TFLOP/s")
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (CI); numbers are not performance numbers")
@@ -187,6 +231,7 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=32)
     p.add_argument("--grid", type=int, default=72)
+    p.add_argument("--hidden", type=int, default=256, help="the boxRPB MLPs' hidden width (factor rows)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
@@ -196,6 +241,7 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.smoke:
         args.prompts, args.queries, args.heads, args.head_dim, args.grid, args.reps = "2", 9, 2, 16, 3, 3
+        args.hidden = 32
         if device.type == "cpu":
             args.dtype = "float32"  # the interpreter has no bf16 arithmetic
     elif device.type != "cuda":
@@ -216,6 +262,7 @@ def main(argv=None):
     rows = []
     for B in (int(b) for b in args.prompts.split(",")):
         rows += bench_shape(B, args, device, dtype, tiles, compile_backend)
+        rows += bench_factors(B, args, device)
 
     if device.type == "cuda" or args.out:
         write_results(

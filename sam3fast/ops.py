@@ -21,6 +21,7 @@ from .kernels.mask_for_memory import mask_for_memory, mask_for_memory_backend
 from .kernels.memory_attention import memory_attention, memory_attention_backend
 from .kernels.prompt_cross_attention import prompt_cross_attention, prompt_cross_attention_backend
 from .kernels.rpb_attention import rpb_attention, rpb_attention_backend
+from .kernels.rpb_factors import rpb_factors, rpb_factors_backend
 from .kernels.dwconv_norm import dwconv_norm, dwconv_norm_backend
 from .kernels.fused_linear import fused_linear_backend, linear_gelu, linear_rope
 from .kernels.group_norm import group_norm, group_norm_backend
@@ -37,7 +38,7 @@ __all__ = ["FORCE_REFERENCE", "MaskPostprocessOutput", "mask_postprocess", "mask
            "connected_component_sizes", "fill_holes", "batched_linear_sum_assignment",
            "pack_masks", "mask_areas", "mask_iou", "mask_nms", "nms_masks", "mask_ops_backend",
            "memory_attention", "memory_attention_backend", "connected_component_sizes_backend",
-           "rpb_attention", "rpb_attention_backend", "prompt_cross_attention", "prompt_cross_attention_backend",
+           "rpb_attention", "rpb_attention_backend", "rpb_factors", "rpb_factors_backend", "prompt_cross_attention", "prompt_cross_attention_backend",
            "token_to_image_attention", "image_to_token_attention", "two_way_attention_backend",
            "mask_for_memory", "mask_for_memory_backend", "rope", "rope_backend", "residual_norm",
            "residual_norm_backend", "linear_gelu", "linear_rope", "fused_linear_backend",

@@ -437,7 +437,7 @@ def test_bench_smoke(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [BENCH, "--smoke"])
     runpy.run_path(BENCH, run_name="__main__")
     out = capsys.readouterr().out
-    assert "rpb_attention benchmark" in out and "triton" in out and "eager" in out
+    assert "rpb_attention benchmark" in out and "triton" in out and "eager" in out and "factors: triton" in out
 
 
 # ---- GPU only --------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ TMA_TEST=tests/test_kernel_memory_attention.py::test_gpu_tma_loads_real_shape_bf
 FIRST="tests/test_video_graphs.py::test_gpu_ahead_detection_stream_equals_one_stream
  tests/test_tracker_predictor.py::test_cuda_prefetch_backbone_equals_inline_and_makes_no_sync
  tests/test_linear_epilogues.py tests/test_assignment.py tests/test_mask_ops.py tests/test_kernel_rpb_attention.py tests/test_kernel_residual_norm.py tests/test_kernel_layer_norm2d.py
- tests/test_kernel_group_norm.py
+ tests/test_kernel_group_norm.py tests/test_kernel_rpb_factors.py
  tests/test_tracker_predictor.py
  tests/test_kernel_memory_attention.py tests/test_memory_attention_fold.py
  tests/test_video_graphs.py tests/test_frame_masks.py tests/test_video_device_growth.py

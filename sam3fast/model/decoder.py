@@ -43,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.rpb_attention import rpb_attention, rpb_attention_backend
+from ..kernels.rpb_factors import rpb_factors, rpb_factors_ref
 from .common import MLP, MultiheadAttention, inverse_sigmoid, linear_relu
 
 
@@ -202,33 +203,27 @@ class Decoder(nn.Module):
         # False: always the materialized bias + SDPA (the exact official path, and the baseline the
         # kernel is measured against); True: the rpb_attention kernel where its backend is Triton.
         self.use_kernel = True
+        # True: the boxRPB factors through sam3fast::rpb_factors (one Triton pass per axis on CUDA for
+        # the float32 island); False: the same math in PyTorch (deltas, the MLPs, permute, pad).
+        self.use_factors_kernel = True
 
     @classmethod
     def from_config(cls, cfg) -> "Decoder":
         return cls(cfg.d_model, cfg.num_heads, cfg.dim_feedforward, cfg.dec_layers, cfg.num_queries)
 
-    @staticmethod
-    def _log_deltas(coords: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
-        # coords (n,), edges (B, Q, 2) -> (B, Q, n, 2); same op order as the official for exact numbers
-        d = (coords.view(1, 1, -1, 1) - edges.unsqueeze(2)) * 8
-        return torch.sign(d) * torch.log2(torch.abs(d) + 1.0) / 3.0  # / log2(8)
-
     def rpb_factors(self, ref_boxes: torch.Tensor, feat_size: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
         """The separable factors of the boxRPB "log" bias, each with a zero row for the presence token:
-        (B, Q, 4) -> dy (B, H, 1+Q, Hf), dx (B, H, 1+Q, Wf), contiguous, in the MLP weights' dtype."""
+        (B, Q, 4) -> dy (B, H, 1+Q, Hf), dx (B, H, 1+Q, Wf), contiguous, in the MLP weights' dtype.
+        Deltas in float32 (as the official: its coords are float32 even under autocast), the MLP in the
+        weights' dtype (``sam3fast.kernels.rpb_factors``: one Triton pass per axis on CUDA for the
+        float32 island, the same math in PyTorch elsewhere). Zero-padding the factors gives the
+        presence token's zero row in the same single broadcast add (rpb_bias), written straight in the
+        (B, H, L, N) layout attention wants."""
         Hf, Wf = feat_size
-        xyxy = box_cxcywh_to_xyxy(ref_boxes)
-        coords_h = torch.arange(Hf, dtype=torch.float32, device=ref_boxes.device) / Hf
-        coords_w = torch.arange(Wf, dtype=torch.float32, device=ref_boxes.device) / Wf
-        # deltas in float32 (as the official: its coords are float32 even under autocast), the MLP in
-        # the weights' dtype
-        wdt = self.boxRPB_embed_y.layers[0].weight.dtype
-        dy = self.boxRPB_embed_y(self._log_deltas(coords_h, xyxy[..., 1::2]).to(wdt))  # (B, Q, Hf, H)
-        dx = self.boxRPB_embed_x(self._log_deltas(coords_w, xyxy[..., 0::2]).to(wdt))  # (B, Q, Wf, H)
-        # Zero-padding the separable factors gives the presence token's zero row in the same single
-        # broadcast add (rpb_bias), written straight in the (B, H, L, N) layout attention wants.
-        dy = F.pad(dy.permute(0, 3, 1, 2), (0, 0, 1, 0))  # (B, H, 1+Q, Hf)
-        dx = F.pad(dx.permute(0, 3, 1, 2), (0, 0, 1, 0))  # (B, H, 1+Q, Wf)
+        ly, lx = self.boxRPB_embed_y.layers, self.boxRPB_embed_x.layers
+        fn = rpb_factors if self.use_factors_kernel else rpb_factors_ref
+        dy = fn(ref_boxes, Hf, ly[0].weight, ly[0].bias, ly[1].weight, ly[1].bias, 1)
+        dx = fn(ref_boxes, Wf, lx[0].weight, lx[0].bias, lx[1].weight, lx[1].bias, 0)
         return dy, dx
 
     def rpb_bias(self, ref_boxes: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
