@@ -50,7 +50,8 @@ def linear_relu(x: torch.Tensor, linear: nn.Linear, epilogue: Optional[bool] = N
     written once instead of written, read and written again by a separate ReLU (the tracker's memory
     attention FFN: 5184 x 2048 per object and layer, 42 MB of bf16 traffic each; the fusion
     encoder's FFN the same per image; the hidden layers of every :class:`MLP`, e.g. the query
-    decoder's boxRPB MLPs, whose float32 (200, 72, 256) activation is 15 MB per layer and axis).
+    decoder's boxRPB MLPs where ``sam3fast::rpb_factors`` does not serve them, whose float32
+    (200, 72, 256) activation is 15 MB per layer and axis).
     Same values: ReLU commutes with the rounding to the output dtype (rounding is monotone and
     keeps signs and zero), so applying it to the float32 accumulator before the one rounding gives
     what rounding and then ReLU give; only cuBLASLt's choice of kernel, hence the accumulation
