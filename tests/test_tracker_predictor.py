@@ -1663,7 +1663,7 @@ def test_cuda_prefetch_backbone_equals_inline_and_makes_no_sync(own_gpu):
             torch.cuda.set_sync_debug_mode("default")
         runs[prefetch] = head + rest
         assert "prefetched_features" not in st
-    assert ours._prefetch_stream is not None and ours._backbone_call.graphs() == 1
+    assert ours._prefetch.stream is not None and ours._backbone_call.graphs() == 1
     assert len(runs[True]) == len(runs[False]) == len(pair.frames)
     # a prefetch dropped unread, then a run on the current stream: it waits for the side stream's
     # replay (the graph's input buffers are shared) and gives that frame's own features
@@ -1674,10 +1674,10 @@ def test_cuda_prefetch_backbone_equals_inline_and_makes_no_sync(own_gpu):
         ours.backbone_cuda_graphs = "auto"
         st = ours.init_state(video_height=VIDEO_H, video_width=VIDEO_W, num_frames=len(pair.frames))
         st["images"] = frames
-        assert ours._prefetch_features(st, 7) and ours._prefetch_done is not None
+        assert ours._prefetch_features(st, 7) and ours._prefetch.last is not None
         ours._drop_prefetched(st)
         got = ours.forward_image(img3)
-        assert ours._prefetch_done is None
+        assert ours._prefetch.last is None
     for a, b in zip(_leaves(got), _leaves(want)):
         torch.testing.assert_close(a, b)
     for (f0, ids0, lo0, vid0, sc0), (f1, ids1, lo1, vid1, sc1) in zip(runs[False], runs[True]):

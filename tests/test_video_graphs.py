@@ -400,7 +400,7 @@ def test_gpu_ahead_detection_stream_equals_one_stream(gpu_weights, clip_dir):  #
         pred = _cuda_predictor(gpu_weights)
         pred.model.ahead_detection_stream = ahead
         runs[ahead] = _responses(run_our_session(pred, clip_dir, STEPS))
-        assert (pred.model.detector._ahead_stream is not None) == ahead
+        assert (pred.model.detector._ahead.stream is not None) == ahead
     assert sum(len(f["outputs"]["out_obj_ids"]) for f in runs[True]) >= NUM_FRAMES
     _assert_same_frames(runs[False], runs[True])
 

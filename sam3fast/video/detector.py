@@ -43,11 +43,11 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 import torch
-from torch.utils import _pytree as pytree
 
 from ..config import Sam3Config
 from ..model.decoder import joint_logits
 from ..model.sam3_image import Sam3ImageModel
+from .side_stream import SideStream
 
 
 def mask_iou_matrix(masks_a: torch.Tensor, masks_b: torch.Tensor) -> torch.Tensor:
@@ -119,8 +119,7 @@ class Sam3VideoDetector(Sam3ImageModel):
         self.cuda_graphs = True
         self._graph_runner = None
         self._deferred = None  # the queued one-ahead detection (forward_video_grounding_multigpu)
-        self._ahead_stream = None  # the side stream of ahead_stream launches, and the last one's event
-        self._ahead_done = None
+        self._ahead = SideStream()  # ahead_stream launches: the stream, the last one's event
 
     # ------------------------------------------------------------------ one frame
     def forward_frame(
@@ -225,16 +224,8 @@ class Sam3VideoDetector(Sam3ImageModel):
         """:meth:`_detect_frame` on the side stream, behind the work queued on the current stream
         (the prompt's features, the previous replay of the graph's buffers); the entry carries the
         event that ends it under ``"_ready"`` (see :meth:`_take_ready`)."""
-        dev = self.device
-        if self._ahead_stream is None or self._ahead_stream.device != dev:
-            self._ahead_stream = torch.cuda.Stream(dev)
-        side = self._ahead_stream
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            out = dict(self._detect_frame(frame_idx, **args))
-            done = torch.cuda.Event()
-            done.record(side)
-        out["_ready"] = self._ahead_done = done
+        out, done = self._ahead.run(self.device, lambda: dict(self._detect_frame(frame_idx, **args)))
+        out["_ready"] = done
         return out
 
     def _take_ready(self, entry: Dict[str, object]) -> Dict[str, object]:
@@ -243,23 +234,8 @@ class Sam3VideoDetector(Sam3ImageModel):
         event, the first time it is read), and its tensors are marked as used on this stream: the
         allocator must not hand their memory to the side stream's next detection while this
         stream's work still reads them."""
-        done = entry.pop("_ready", None)
-        if done is not None:
-            cur = torch.cuda.current_stream(self.device)
-            cur.wait_event(done)
-            for t in pytree.tree_leaves(entry):
-                if isinstance(t, torch.Tensor):
-                    t.record_stream(cur)
+        SideStream.adopt(entry, entry.pop("_ready", None), self.device)
         return dict(entry)
-
-    def _wait_ahead(self) -> None:
-        """Before a detection on a stream other than the side one: wait for the last side-stream
-        detection, read or not (both run through the graph runner's static buffers)."""
-        if self._ahead_done is not None:
-            cur = torch.cuda.current_stream(self.device)
-            if cur != self._ahead_stream:
-                cur.wait_event(self._ahead_done)
-                self._ahead_done = None
 
     def run_deferred(self) -> None:
         """Launch the one-ahead detection that ``defer_next`` queued, if any (asynchronous on CUDA:
@@ -363,7 +339,10 @@ class Sam3VideoDetector(Sam3ImageModel):
         boxes = labels = None
         if geometric_prompt is not None:
             boxes, labels = geometric_prompt["boxes"], geometric_prompt["box_labels"]
-        self._wait_ahead()
+        if self.device.type == "cuda":
+            # a detection here, unless on the side stream, waits for the last side one, read or not
+            # (both run through the graph runner's static buffers)
+            self._ahead.wait_last(self.device)
         if self._uses_graphed_step():
             return self.graph_runner().run(
                 images[frame_idx], text_feats, text_mask, boxes, labels,

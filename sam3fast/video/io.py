@@ -39,6 +39,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from .side_stream import SideStream
+
 # Same lists as the official io_utils (matched lower-cased).
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tiff", ".webp")
 VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm")
@@ -546,10 +548,7 @@ class FrameStore:
             frame, ready = self._fetch(index, ahead=False)
         else:
             frame, ready = hit
-            if ready is not None:  # made on the side stream: order it before the caller's work
-                cur = torch.cuda.current_stream(self.device)
-                cur.wait_event(ready)
-                frame.record_stream(cur)
+            SideStream.adopt(frame, ready, self.device)  # (made on the side stream: before the caller's work)
         self._cache[index] = (frame, None)
         step = 0 if self._last is None else index - self._last
         self._last = index

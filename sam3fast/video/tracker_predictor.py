@@ -101,7 +101,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from ..config import Sam3Config
@@ -113,6 +112,7 @@ from ..model.sam_heads import NO_OBJ_SCORE, sam_heads_forward
 from ..model.tracker import Tracker
 from .memory_bank import (BankSpec, BankState, MemoryBank, ObjectTable, TableRows, TableState, bank_memory,
                           table_memory)
+from .side_stream import SideStream
 
 __all__ = [
     "NO_OBJ_SCORE",
@@ -552,8 +552,7 @@ class Sam3TrackerPredictor(nn.Module):
         # frame of features on the device. False (default until an H100 times it): the official
         # order, the backbone inline on each frame.
         self.prefetch_backbone = False
-        self._prefetch_stream = None
-        self._prefetch_done = None  # the event of the last backbone run on that stream
+        self._prefetch = SideStream()  # its stream and the event of the last backbone run there
         self.iter_use_prev_mask_pred = True
         self.add_all_frames_to_correct_as_cond = True
         self.eval()
@@ -1964,12 +1963,10 @@ class Sam3TrackerPredictor(nn.Module):
         bb = self.backbone
         if bb is None:
             raise RuntimeError("no backbone set: assign predictor.backbone or pass cached_features")
-        done = self._prefetch_done
-        if done is not None and img_batch.is_cuda and torch.cuda.current_stream(img_batch.device) != self._prefetch_stream:
+        if img_batch.is_cuda:
             # a run here waits for the last prefetch (prefetch_backbone), read or not: both go
             # through the backbone graph's static input buffers
-            torch.cuda.current_stream(img_batch.device).wait_event(done)
-            self._prefetch_done = None
+            self._prefetch.wait_last(img_batch.device)
         fpn, pos = self._backbone_runner(bb)(img_batch)
         return {"vision_features": fpn[-1], "vision_pos_enc": pos, "backbone_fpn": fpn}
 
@@ -2041,7 +2038,7 @@ class Sam3TrackerPredictor(nn.Module):
                 )
             hit = self._take_prefetched(inference_state, frame_idx)
             if hit is None:
-                image = inference_state["images"][frame_idx].to(self.device).float().unsqueeze(0)
+                image = self._frame_image(inference_state, frame_idx)
                 backbone_out = self.forward_image(image)
             else:
                 image, backbone_out = hit
@@ -2062,24 +2059,18 @@ class Sam3TrackerPredictor(nn.Module):
         if frame_idx in held:
             return False
         self._drop_prefetched(inference_state)  # (another frame's, never read: at most one is held)
-        device = self.device
-        if device.type != "cuda":
-            image = inference_state["images"][frame_idx].to(device).float().unsqueeze(0)
-            inference_state["prefetched_features"] = {frame_idx: (image, self.forward_image(image), None)}
-            return True
-        if self._prefetch_stream is None or self._prefetch_stream.device != device:
-            self._prefetch_stream = torch.cuda.Stream(device)
-        side = self._prefetch_stream
-        # behind the queued work: the frame store's table, the backbone graph's last replay
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            image = inference_state["images"][frame_idx].to(device).float().unsqueeze(0)
-            out = self.forward_image(image)
-            done = torch.cuda.Event()
-            done.record(side)
-        self._prefetch_done = done
+        def run():
+            image = self._frame_image(inference_state, frame_idx)
+            return image, self.forward_image(image)
+
+        # on CUDA behind the queued work (the frame store's table, the backbone graph's last replay)
+        (image, out), done = self._prefetch.run(self.device, run) if self.device.type == "cuda" else (run(), None)
         inference_state["prefetched_features"] = {frame_idx: (image, out, done)}
         return True
+
+    def _frame_image(self, inference_state, frame_idx):
+        """Frame ``frame_idx`` of the state as the backbone takes it: (1, 3, R, R) float32 on the device."""
+        return inference_state["images"][frame_idx].to(self.device).float().unsqueeze(0)
 
     def _take_prefetched(self, inference_state, frame_idx):
         """``(image, backbone_out)`` prefetched for ``frame_idx``, ordered before the current
@@ -2090,14 +2081,7 @@ class Sam3TrackerPredictor(nn.Module):
         if hit is None:
             return None
         image, out, done = hit
-        if done is not None:
-            cur = torch.cuda.current_stream(self.device)
-            cur.wait_event(done)
-            # made on the side stream, read on this one: the allocator must not hand their memory
-            # to the side stream's next frame while this stream's work still reads it
-            for t in pytree.tree_leaves((image, out)):
-                if isinstance(t, torch.Tensor):
-                    t.record_stream(cur)
+        SideStream.adopt((image, out), done, self.device)  # (made on the side stream, read on this one)
         return image, out
 
     def _drop_prefetched(self, inference_state) -> None:
