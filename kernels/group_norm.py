@@ -49,12 +49,14 @@ from ._triton_compat import (  # noqa: F401  (TRITON_IMPORT_ERROR: read by the t
     KERNEL_DTYPES, HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, check_power_of_two, device_guard, output_buffer,
     require_triton, tl, triton, triton_backend,
 )
+from .layer_norm2d import _check_inputs as _check_map_affine
+from .layer_norm2d import default_block_p
 
 # Groups of fewer values than this go to F.group_norm in group_norm_fast (one block per row is
 # enough there); the op has no such limit.
 GROUP_NORM_FAST_MIN_NUMEL = 65536
 _MAX_GROUP_CHANNELS = 256  # a tile holds BLOCK_P pixels x all of a group's channels
-DEFAULT_VALUES_PER_TILE = 4096  # BLOCK_P = this / next_pow2(Cg), 16 to 1024 pixels
+# BLOCK_P: layer_norm2d's default_block_p of a group's channel count (~4096 values a tile)
 DEFAULT_PROGRAMS = 512  # statistics programs to aim for (B * G * S): ~4 per SM on an H100
 _MAX_SPLITS = 128
 DEFAULT_NUM_WARPS = 4
@@ -97,16 +99,10 @@ def group_norm_fast(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: 
 
 
 def _check_inputs(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int) -> None:
-    if x.dim() != 4 or not x.is_floating_point():
-        raise ValueError(f"x must be a floating (B, C, H, W) tensor, got {x.dtype} {tuple(x.shape)}")
+    _check_map_affine(x, weight, bias)  # (B, C, H, W) floating, (C,) weight and bias on x's device
     C = x.shape[1]
     if num_groups < 1 or C % num_groups:
         raise ValueError(f"num_groups must divide the {C} channels, got {num_groups}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if tuple(t.shape) != (C,) or not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating ({C},) tensor, got {t.dtype} {tuple(t.shape)}")
-        if t.device != x.device:
-            raise ValueError(f"x and {name} must be on one device, got {x.device} and {t.device}")
 
 
 def group_norm_ref(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int, eps: float,
@@ -217,19 +213,14 @@ if HAS_TRITON:
     _INTERPRETED = not isinstance(_group_apply_kernel, triton.runtime.JITFunction)
 
 
-def default_block_p(Cg: int) -> int:
-    """Pixels of a tile for Cg channels a group: DEFAULT_VALUES_PER_TILE values, 16 to 1024 pixels."""
-    block_cg = 1 << max(0, Cg - 1).bit_length()
-    return max(16, min(1024, DEFAULT_VALUES_PER_TILE // block_cg))
-
-
 def _group_norm_triton(
     x: Tensor, weight: Tensor, bias: Tensor, num_groups: int, eps: float, relu: bool = False,
     out: Optional[Tensor] = None, block_p: Optional[int] = None, splits: Optional[int] = None,
     num_warps: int = DEFAULT_NUM_WARPS,
 ) -> Tensor:
     """Launcher. ``out``: a preallocated contiguous (B, C, H, W) tensor of x's dtype (every element is
-    written). ``block_p``: a power of two, the pixels of a tile (None: ``default_block_p(Cg)``);
+    written). ``block_p``: a power of two, the pixels of a tile (None: layer_norm2d's
+    ``default_block_p(Cg)``);
     ``splits``: statistics programs per group, 1 to 128 (None: about DEFAULT_PROGRAMS in all, fewer
     where a group has fewer tiles)."""
     require_triton("group_norm")

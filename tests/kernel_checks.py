@@ -53,6 +53,29 @@ def assert_close_to64(got, want, tol: float) -> None:
     assert err <= tol, f"max abs error {err:.3g} > {tol:.3g}"
 
 
+def ulp(t):
+    """One ulp of each element's magnitude in t's dtype (float64 values)."""
+    import torch
+
+    e = torch.finfo(t.dtype).eps
+    return e * torch.exp2(torch.floor(torch.log2(t.double().abs().clamp_min(torch.finfo(t.dtype).tiny))))
+
+
+def assert_within_eager_rule(got, want, eager) -> None:
+    """The norm kernels' rule against the float64 ``want``: float32 within 2e-6 of the largest
+    magnitude; a half dtype at most the error of PyTorch's own path in that dtype (``eager``) plus
+    one ulp of the result (the two roundings may fall on either side of a tie), element by element."""
+    import torch
+
+    err = (got.double() - want).abs()
+    if got.dtype == torch.float32:
+        assert err.max().item() <= 2e-6 * max(1.0, want.abs().max().item()), err.max().item()
+        return
+    bound = (eager.double() - want).abs() + ulp(want.to(got.dtype)) + 1e-6
+    worst = (err - bound).max().item()
+    assert worst <= 0, f"{(err > bound).sum().item()} elements past the bound (worst by {worst:.3g})"
+
+
 def capture_graph(fn):
     """``(graph, out)``: ``fn`` warmed up on a side stream (Triton compiles outside the capture),
     then captured in a CUDA graph (``sam3fast.predictor.graphs.warm_up_and_capture``); ``out`` is what
