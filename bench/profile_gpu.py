@@ -264,6 +264,9 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--parts", default="image,tracker,concept")
     ap.add_argument("--objects", default="1,16", help="tracker part: clicked objects, comma-separated")
+    ap.add_argument("--tracker-variants", default="default",
+                    help="tracker part, comma-separated: default (the fixed-capacity bank) and/or perframe "
+                         "(tracker.fixed_capacity_step = False: the official per-frame memory selection)")
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--calls", type=int, default=5, help="image part: profiled calls")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
@@ -329,7 +332,13 @@ def main(argv=None):
                     tracker = model.tracker
                     tracker.backbone = model.detector.backbone
                     lines = []
-                    for n in [int(x) for x in args.objects.split(",")]:
+                    variants = args.tracker_variants.split(",")
+                    unknown = set(variants) - {"default", "perframe"}
+                    if unknown:
+                        raise SystemExit(f"--tracker-variants: unknown {sorted(unknown)} (default, perframe)")
+                    fixed_default = tracker.fixed_capacity_step
+                    for n, variant in [(int(x), v) for x in args.objects.split(",") for v in variants]:
+                        tracker.fixed_capacity_step = fixed_default if variant == "default" else False
                         def session(n=n):
                             st = tracker.init_state(video_path=clip)
                             for i, (x, y) in enumerate(grid_points(n)):
@@ -347,9 +356,11 @@ def main(argv=None):
                         stages.append(("vit_trunk", model.detector.backbone.vision_backbone.trunk))
                         remove = hook_stages(stages)
                         try:
-                            part_lines, out[f"tracker_{n}"] = profile(
+                            key = f"tracker_{n}" + ("" if variant == "default" else f"_{variant}")
+                            part_lines, out[key] = profile(
                                 session, 1, ("frame", args.frames), cuda,
-                                f"tracker: {n} clicked object(s), {args.frames} frames of 540 x 960 (backbone included)")
+                                f"tracker: {n} clicked object(s), {args.frames} frames of 540 x 960 (backbone included)"
+                                + ("" if variant == "default" else ", tracker.fixed_capacity_step = False"))
                         finally:
                             remove()
                         lines += part_lines
