@@ -20,8 +20,15 @@ rpb_factors(boxes, n, w1, b1, w2, b2, axis) -> f
 What it replaces (``Decoder.rpb_factors``, per layer and axis): the deltas (five elementwise ops),
 the first linear writing a float32 (B, Q, n, 256) activation (15 MB at Q = 200, n = 72), its ReLU
 (an epilogue on CUDA), the second linear reading it back, a permute and a pad: ~7 launches and
-~30 MB of traffic, 12 times an image. Here one launch per axis and layer: a program takes BLOCK_R
-(query, coordinate) rows, forms the hidden activation in registers and reduces it against w2.
+~30 MB of traffic, 12 times an image. Here one launch per axis and layer: a thread owns whole
+(query, coordinate) rows and loops over the hidden units, each formed in registers and accumulated
+into the row's H outputs at once.
+
+The first form of this kernel (session 16) held a BLOCK_R x Hd hidden tile and reduced it against w2
+with a float32 ``tl.dot``: 222 registers and 48 KB of shared memory a program in the static sm_90
+build, and **57 us a launch** on the H200 (run 2 of 2026-11-27), no faster than the chain it
+replaced (the decoder's device time went from 2.79 to 2.84 ms). The loop form does ~37 M FMAs an
+axis (201 x 72 rows x 256 hidden x (2 + 1 + 8)) with uniform weight loads; not yet timed on a GPU.
 
 Numerics: float32 throughout, as the decoder's float32 island computes it; the sums run in another
 order than cuBLAS's, and the kernel's log2 and division are the GPU's (the interpreter's are
@@ -44,9 +51,12 @@ from ._triton_compat import (  # noqa: F401  (TRITON_IMPORT_ERROR: read by the t
     triton, triton_backend,
 )
 
-DEFAULT_BLOCK_R = 32  # rows a program: 32 x Hd (256) float32 hidden values, 64 a thread at 4 warps
-DEFAULT_NUM_WARPS = 4
-_MAX_HIDDEN = 512
+# rows a program and warps: a row a thread; at the decoder's shape (201 x 72 rows an axis) 227
+# programs for the 132 SMs; static sm_90 build (Triton 3.7): 52 registers, 840 instructions (191 in
+# the loop, 8 hidden units a trip), no spills
+DEFAULT_BLOCK_R = 64
+DEFAULT_NUM_WARPS = 2
+_MAX_HIDDEN = 4096
 _MAX_HEADS = 64
 
 
@@ -90,10 +100,13 @@ if HAS_TRITON:
     @triton.jit
     def _rpb_factors_kernel(
         boxes_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
-        Q, n, HD, H, r_blocks, sbb, sbq, sbc, axis,
-        BLOCK_R: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_H: tl.constexpr,
+        Q, n, H, r_blocks, sbb, sbq, sbc, axis,
+        HD: tl.constexpr, UNROLL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
     ):
         # Grid (B * r_blocks,): rows r = qq * n + i of image b, qq = 0 .. Q (0: the presence row).
+        # A thread owns whole rows: the hidden unit j of its rows is formed in registers and
+        # accumulated into the rows' H outputs at once (no hidden tile, no matrix-unit layouts);
+        # the weights are uniform loads (the same address for every thread: L1 broadcasts).
         pid = tl.program_id(0)
         b = (pid // r_blocks).to(tl.int64)
         r = (pid % r_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -111,19 +124,27 @@ if HAS_TRITON:
         sg1 = tl.where(d1 > 0, 1.0, tl.where(d1 < 0, -1.0, 0.0))
         g0 = tl.math.div_rn(sg0 * tl.log2(tl.abs(d0) + 1.0), 3.0)
         g1 = tl.math.div_rn(sg1 * tl.log2(tl.abs(d1) + 1.0), 3.0)
-        j = tl.arange(0, BLOCK_HD)
-        j_ok = j < HD
-        w10 = tl.load(w1_ptr + j * 2, mask=j_ok, other=0.0)
-        w11 = tl.load(w1_ptr + j * 2 + 1, mask=j_ok, other=0.0)
-        bb1 = tl.load(b1_ptr + j, mask=j_ok, other=0.0)
-        hid = tl.maximum(g0[:, None] * w10[None, :] + g1[:, None] * w11[None, :] + bb1[None, :], 0.0)
         h = tl.arange(0, BLOCK_H)
         h_ok = h < H
-        w2t = tl.load(w2_ptr + h[None, :] * HD + j[:, None], mask=j_ok[:, None] & h_ok[None, :], other=0.0)
-        f = tl.dot(hid, w2t, input_precision="ieee") + tl.load(b2_ptr + h, mask=h_ok, other=0.0)[None, :]
+        acc = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
+        for j0 in range(0, HD, UNROLL):  # UNROLL hidden units a trip: their loads issue together
+            for u in tl.static_range(UNROLL):
+                j = j0 + u
+                hid = tl.maximum(g0 * tl.load(w1_ptr + 2 * j) + g1 * tl.load(w1_ptr + 2 * j + 1) + tl.load(b1_ptr + j),
+                                 0.0)
+                acc += hid[:, None] * tl.load(w2_ptr + h * HD + j, mask=h_ok, other=0.0)[None, :]
+        f = acc + tl.load(b2_ptr + h, mask=h_ok, other=0.0)[None, :]
         f = tl.where(q_ok[:, None], f, 0.0)
         dst = out_ptr + ((b * H + h.to(tl.int64)[None, :]) * (Q + 1) + qq.to(tl.int64)[:, None]) * n + i[:, None]
         tl.store(dst, f, mask=r_ok[:, None] & h_ok[None, :])
+
+
+def _unroll(hd: int) -> int:
+    """Hidden units a trip of the kernel's loop: the largest power of two <= 8 dividing ``hd``."""
+    u = 8
+    while hd % u:
+        u //= 2
+    return u
 
 
 def _rpb_factors_triton(boxes: Tensor, n: int, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, axis: int,
@@ -149,8 +170,8 @@ def _rpb_factors_triton(boxes: Tensor, n: int, w1: Tensor, b1: Tensor, w2: Tenso
     with device_guard(boxes.device):
         _rpb_factors_kernel[(B * r_blocks,)](
             boxes, w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), out,
-            Q, n, HD, H, r_blocks, boxes.stride(0), boxes.stride(1), boxes.stride(2), axis,
-            BLOCK_R=block_r, BLOCK_HD=max(16, 1 << (HD - 1).bit_length()), BLOCK_H=max(16, 1 << (H - 1).bit_length()),
+            Q, n, H, r_blocks, boxes.stride(0), boxes.stride(1), boxes.stride(2), axis,
+            HD=HD, UNROLL=_unroll(HD), BLOCK_R=block_r, BLOCK_H=1 << max(0, H - 1).bit_length(),
             num_warps=num_warps,
         )
     return out
