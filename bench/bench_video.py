@@ -240,8 +240,22 @@ def main(argv=None):
     ap.add_argument("--skip-variants", default="",
                     help="tracker part: sam3fast variants to leave out, comma-separated (perframe, prefetch, "
                          "eager-step, graphed, backbone-eager, fold, no-fold, compiled); the default rows always run")
+    ap.add_argument("--tracker-kinds", default="e2e,cached",
+                    help="tracker part: the row kinds of the default and per-variant rows (e2e, cached)")
+    ap.add_argument("--concept-variants", default="ahead-stream,sequential,host-planning,det-eager,tracker-graphed",
+                    help="concept part: sam3fast variants to run besides the default row, comma-separated")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
+    kinds = {k.strip() for k in args.tracker_kinds.split(",") if k.strip()}
+    if not kinds or kinds - {"e2e", "cached"}:
+        ap.error(f"--tracker-kinds takes e2e and/or cached, got {args.tracker_kinds!r}")
+    args.tracker_kinds = sorted(kinds)  # (a list: the args go into the JSON)
+    concept_known = {"ahead-stream", "sequential", "host-planning", "det-eager", "tracker-graphed"}
+    concept_variants = {v.strip() for v in args.concept_variants.split(",") if v.strip()}
+    if concept_variants - concept_known:
+        ap.error(f"--concept-variants: unknown {sorted(concept_variants - concept_known)} "
+                 f"(known: {', '.join(sorted(concept_known))})")
+    args.concept_variants = sorted(concept_variants)
     if args.smoke:
         args.config, args.device, args.frames, args.objects = "tiny", "cpu", 5, "1,2"
         args.height, args.width, args.iters, args.warmup, args.no_compile = 72, 96, 1, 0, True
@@ -374,7 +388,8 @@ def _main(args, tmp):
 
             def variants(suffix, per_frame_too, kinds=("e2e", "cached"), counts=None):
                 counts = objects if counts is None else counts
-                if not counts or suffix.strip() in skip:
+                kinds = [k for k in kinds if k in args.tracker_kinds]
+                if not counts or not kinds or suffix.strip() in skip:
                     return
                 per_frame_too = per_frame_too and "perframe" not in skip
                 for use_cache in [k == "cached" for k in kinds]:  # the feature cache: the cached rows only
@@ -476,16 +491,21 @@ def _main(args, tmp):
             concept("official", official_dtype, "e2e", official_predictor, omode)
         for dtype in dtypes:
             concept("sam3fast", dtype, "e2e", lambda d=dtype: ours_predictor(d), ours_mode)
+            chosen = args.concept_variants
             # (off CUDA the official launch order, inline)
-            concept("sam3fast", dtype, "e2e ahead-stream", lambda d=dtype: ours_predictor(d, ahead_stream=True),
-                    ours_mode)
-            concept("sam3fast", dtype, "e2e sequential", lambda d=dtype: ours_predictor(d, pipelined=False),
-                    ours_mode)
-            concept("sam3fast", dtype, "e2e host-planning", lambda d=dtype: ours_predictor(d, device_planning=False),
-                    ours_mode)
-            if cuda:  # on CPU the detector runs eagerly either way
+            if "ahead-stream" in chosen:
+                concept("sam3fast", dtype, "e2e ahead-stream", lambda d=dtype: ours_predictor(d, ahead_stream=True),
+                        ours_mode)
+            if "sequential" in chosen:
+                concept("sam3fast", dtype, "e2e sequential", lambda d=dtype: ours_predictor(d, pipelined=False),
+                        ours_mode)
+            if "host-planning" in chosen:
+                concept("sam3fast", dtype, "e2e host-planning",
+                        lambda d=dtype: ours_predictor(d, device_planning=False), ours_mode)
+            if cuda and "det-eager" in chosen:  # on CPU the detector runs eagerly either way
                 concept("sam3fast", dtype, "e2e det-eager", lambda d=dtype: ours_predictor(d, det_graphs=False),
                         ours_mode)
+            if cuda and "tracker-graphed" in chosen:
                 concept("sam3fast", dtype, "e2e tracker-graphed",
                         lambda d=dtype: ours_predictor(d, tracker_graphs=True), ours_mode)
             if compile_rows:
