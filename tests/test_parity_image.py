@@ -206,7 +206,8 @@ def test_tiny_bf16_error_budget(request, kernel_paths, tanh_gelu):
     inside (without it: 3.0x here). ``cuda_dispatch``: the modules take their CUDA paths (the fused
     trunk, the kernels' ops, whose CPU kernels are the references; ``KernelPathsOnCpu``), which must
     call the ops listed and keep the budget (at d_model 128, where the attention kernels serve).
-    ``tanh_gelu_epilogue``: the trunk's opt-in tanh-approximate GELU keeps the budget too."""
+    ``tanh_gelu_epilogue``: the trunk's tanh-approximate GELU (the default on CUDA in bf16, "auto";
+    forced here) keeps the budget too."""
     tiny = request.getfixturevalue("tiny_wide" if kernel_paths else "tiny")
     ours16 = sam3fast.build_sam3_image_model(checkpoint_path=tiny.path, device="cpu", config=tiny.cfg,
                                              dtype=torch.bfloat16)

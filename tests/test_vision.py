@@ -354,14 +354,15 @@ def test_cuda_patch_embed_gemm_form_bf16():
 
 
 # ----------------------------------------------------------------------------------------------
-# The MLP's fc1 with the tanh-GELU epilogue (ViT.tanh_gelu_epilogue, opt-in)
+# The MLP's fc1 with the tanh-GELU epilogue (ViT.tanh_gelu_epilogue: "auto" = CUDA in bf16 / fp16)
 
 
 def test_tanh_gelu_epilogue_is_the_tanh_gelu_and_opt_in():
     """``linear_tanh_gelu`` computes gelu_tanh(x W^T + b) (float64, a 4-D input, a weight that is
-    not square), which differs from the exact GELU by at most 4.8e-4; the MLP uses it only with the
-    switch on, the ViT property sets and reads every block's, and the module default stays the
-    official exact GELU."""
+    not square), which differs from the exact GELU by at most 4.8e-4; the MLP uses it with the
+    switch True, and under the default "auto" only on CUDA in bf16 / fp16 (so on CPU, in every
+    dtype, the official exact GELU runs); the switch takes True, False, "auto" only; the ViT
+    property sets and reads every block's (None where they differ)."""
     from sam3fast.model.vit import Mlp, ViT, linear_tanh_gelu
 
     g = torch.Generator().manual_seed(3)
@@ -376,8 +377,17 @@ def test_tanh_gelu_epilogue_is_the_tanh_gelu_and_opt_in():
     assert 1e-6 < gap < 4.8e-4  # an approximation: not the exact GELU, and close to it
 
     mlp = Mlp(16, 40).double().requires_grad_(False)  # (autograd recording: the exact path runs)
+    assert mlp.tanh_gelu_epilogue == "auto"
     exact = mlp(x)
     assert torch.equal(exact, mlp.fc2(torch.nn.functional.gelu(mlp.fc1(x))))
+    m16 = Mlp(16, 40).bfloat16().requires_grad_(False)
+    x16 = x.bfloat16()
+    assert not m16.uses_tanh_epilogue(x16)  # "auto" off CUDA
+    assert torch.equal(m16(x16), m16.fc2(torch.nn.functional.gelu(m16.fc1(x16))))
+    for bad in (1, 0, "on", None):
+        with pytest.raises(ValueError, match="tanh_gelu_epilogue"):
+            mlp.tanh_gelu_epilogue = bad
+    assert mlp.tanh_gelu_epilogue == "auto"
     mlp.tanh_gelu_epilogue = True
     approx = mlp(x)
     torch.testing.assert_close(approx, mlp.fc2(linear_tanh_gelu(x, mlp.fc1.weight, mlp.fc1.bias)), rtol=0, atol=0)
@@ -392,9 +402,11 @@ def test_tanh_gelu_epilogue_is_the_tanh_gelu_and_opt_in():
 
     vit = ViT(img_size=56, pretrain_img_size=28, embed_dim=32, depth=2, num_heads=2, window_size=2,
               global_att_blocks=(1,))
-    assert not vit.tanh_gelu_epilogue and not any(b.mlp.tanh_gelu_epilogue for b in vit.blocks)
+    assert vit.tanh_gelu_epilogue == "auto" and all(b.mlp.tanh_gelu_epilogue == "auto" for b in vit.blocks)
     vit.tanh_gelu_epilogue = True
-    assert vit.tanh_gelu_epilogue and all(b.mlp.tanh_gelu_epilogue for b in vit.blocks)
+    assert vit.tanh_gelu_epilogue is True and all(b.mlp.tanh_gelu_epilogue is True for b in vit.blocks)
+    vit.blocks[0].mlp.tanh_gelu_epilogue = False
+    assert vit.tanh_gelu_epilogue is None
 
 
 def test_tanh_gelu_epilogue_trunk_error_and_compile():
@@ -467,6 +479,17 @@ def test_cuda_tanh_gelu_epilogue_bf16(rows):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, linear_tanh_gelu(static_x, w, b))
+    # the MLP's default ("auto") takes the epilogue here, in bf16, and not in float32
+    from sam3fast.model.vit import Mlp
+
+    mlp = Mlp(1024, 4736).cuda().requires_grad_(False)
+    x32 = torch.randn(64, 1024, device="cuda")
+    assert mlp.tanh_gelu_epilogue == "auto" and not mlp.uses_tanh_epilogue(x32)
+    assert torch.equal(mlp(x32), mlp.fc2(torch.nn.functional.gelu(mlp.fc1(x32))))
+    mlp = mlp.bfloat16()
+    x16 = x32.bfloat16()
+    assert mlp.uses_tanh_epilogue(x16)
+    assert torch.equal(mlp(x16), mlp.fc2(linear_tanh_gelu(x16, mlp.fc1.weight, mlp.fc1.bias)))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,10 +32,11 @@ with bf16 branches. On CPU this is the official autocast's trunk computation: bi
 tiny config, the same feature error at full size (0.0054 against the float32 official, three 1008
 px images, against 0.0108 with the bf16 stream). Cost: the stream's bytes double (by arithmetic
 ~1.4 GB more traffic an image in the fused chain, ~0.4 ms on an H100; unmeasured).
-GEMM epilogues (off by default until an H100 times them against cuBLAS): ``ViT.fused_rope`` runs
-each attention's qkv projection and the RoPE of q, k as one Triton GEMM (``sam3fast::linear_rope``),
-``ViT.fused_gelu`` each MLP's fc1 and GELU (``sam3fast::linear_gelu``). ``ViT.tanh_gelu_epilogue``
-(off: an approximation, see :class:`Mlp`) runs fc1 with cuBLASLt's tanh-GELU epilogue instead.
+Triton GEMM epilogues (off: slower than cuBLAS + the separate kernel on the H200, 2026-11-27):
+``ViT.fused_rope`` runs each attention's qkv projection and the RoPE of q, k as one Triton GEMM
+(``sam3fast::linear_rope``), ``ViT.fused_gelu`` each MLP's fc1 and GELU (``sam3fast::linear_gelu``).
+``ViT.tanh_gelu_epilogue`` ("auto": on CUDA in bf16 / fp16; an approximation under bf16 rounding,
+see :class:`Mlp`) runs fc1 with cuBLASLt's tanh-GELU epilogue.
 RoPE: ``freqs_cis`` (N, hd/2) complex64 buffers (in the checkpoint), N = w*w (window blocks) or g*g
 (global blocks), row n = token n of the attended grid in row-major order. The channel pair
 (x[2j], x[2j+1]) of token n is rotated by angle(freqs_cis[n, j]); for j < hd/4 the angle is
@@ -49,7 +50,7 @@ the official trunk runs them and then discards their output.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -171,21 +172,21 @@ class Mlp(nn.Module):
     written, read and written again). Off until an H100 measures it against cuBLAS + the eager GELU
     (bench/bench_fused_linear.py); ``ViT.fused_gelu`` sets every block's.
 
-    ``tanh_gelu_epilogue`` (False): fc1 and the GELU as one cuBLASLt GEMM with its GELU + bias
-    epilogue (``torch._addmm_activation(..., use_gelu=True)``), cuBLAS's own kernels instead of a
-    Triton GEMM. That epilogue is the *tanh approximation* of GELU, not the exact (erf) GELU of the
-    official model: the two differ by at most 4.7e-4 (at x ~ 2.70, where a bf16 value's ulp is
-    1.6e-2), so in bf16 the change is under the rounding the dtype makes anyway (the trunk's error
-    budget test measures it); in float32 it is a visible deviation from the official numbers, so it
-    is opt-in in every dtype. The epilogue also applies the GELU to the float32 accumulator before
-    the one rounding (eager rounds fc1, then the GELU). Elsewhere (CPU: the tests) the same
-    function is fc1 and then the tanh GELU, as PyTorch's CUDA op does where cuBLASLt is not used
-    (the CPU ``_addmm_activation`` applies the exact GELU instead, so it is not called there).
-    ``ViT.tanh_gelu_epilogue`` sets every block's; off until a GPU times it against cuBLAS + the
-    eager GELU (1.19 ms of 33 launches an image on the H200 of 2026-11-27; bench/bench_fused_linear.py
-    and bench/bench_image.py have its rows). ``fused_gelu`` takes precedence where both are on.
-    Where the fused op cannot serve (``addmm_epilogue_serves``: autograd recording, since the op
-    has no derivative; mixed dtypes; autocast) the exact path runs."""
+    ``tanh_gelu_epilogue`` ("auto" by default, True, False): fc1 and the GELU as one cuBLASLt GEMM
+    with its GELU + bias epilogue (``torch._addmm_activation(..., use_gelu=True)``), cuBLAS's own
+    kernels instead of a Triton GEMM. That epilogue is the *tanh approximation* of GELU, not the
+    exact (erf) GELU of the official model: the two differ by at most 4.7e-4 (at x ~ 2.70, where a
+    bf16 value's ulp is 1.6e-2), so in bf16 the change is under the rounding the dtype makes anyway
+    (the trunk's error test and the image error budget measure it); in float32 it is a visible
+    deviation from the official numbers. "auto" takes it on CUDA for bf16 / fp16 inputs only (on the
+    H200, run 2 of 2026-11-27: fc1 + GELU 0.091 ms against 0.117 for cuBLAS + the exact GELU, 0.83 ms
+    a trunk of 32 blocks); float32 and the CPU keep the exact GELU. True: wherever it can serve
+    (on CPU: fc1 and then the tanh GELU, as PyTorch's CUDA op does where cuBLASLt is not used; the CPU
+    ``_addmm_activation`` applies the exact GELU instead, so it is not called there); False: never.
+    The epilogue also applies the GELU to the float32 accumulator before the one rounding (eager
+    rounds fc1, then the GELU). ``ViT.tanh_gelu_epilogue`` sets every block's. ``fused_gelu`` takes
+    precedence where both are on. Where the fused op cannot serve (``addmm_epilogue_serves``:
+    autograd recording, since the op has no derivative; mixed dtypes; autocast) the exact path runs."""
 
     def __init__(self, in_features: int, hidden_features: int):
         super().__init__()
@@ -193,12 +194,30 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_features, in_features)
         self.fused_gelu = False
-        self.tanh_gelu_epilogue = False
+        self.tanh_gelu_epilogue = "auto"
+
+    @property
+    def tanh_gelu_epilogue(self) -> Union[bool, str]:
+        return self._tanh_gelu_epilogue
+
+    @tanh_gelu_epilogue.setter
+    def tanh_gelu_epilogue(self, value: Union[bool, str]) -> None:
+        if value not in (True, False, "auto") or not isinstance(value, (bool, str)):
+            raise ValueError(f"tanh_gelu_epilogue must be True, False or 'auto', got {value!r}")
+        self._tanh_gelu_epilogue = value
+
+    def uses_tanh_epilogue(self, x: torch.Tensor) -> bool:
+        """Whether forward runs fc1 + the tanh GELU as one epilogue GEMM for this input (see the
+        class docstring: "auto" = CUDA and bf16 / fp16)."""
+        on = self._tanh_gelu_epilogue
+        if on == "auto":
+            on = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+        return bool(on) and addmm_epilogue_serves(x, self.fc1.weight, self.fc1.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_gelu and fused_linear_backend(x)[0] == "triton" and _no_autocast(x):
             return self.fc2(linear_gelu(x, self.fc1.weight, self.fc1.bias))
-        if self.tanh_gelu_epilogue and addmm_epilogue_serves(x, self.fc1.weight, self.fc1.bias):
+        if self.uses_tanh_epilogue(x):
             return self.fc2(linear_tanh_gelu(x, self.fc1.weight, self.fc1.bias))
         return self.fc2(self.act(self.fc1(x)))
 
@@ -438,15 +457,17 @@ class ViT(nn.Module):
         doc="The SDPA backend pinned in the global blocks' attention (as ``window_sdpa_backend``).")
 
     @property
-    def tanh_gelu_epilogue(self) -> bool:
-        """Whether every block's MLP runs fc1 + the tanh-approximate GELU as one cuBLASLt GEMM
-        (:class:`Mlp`: an approximation of the official exact GELU, opt-in)."""
-        return all(blk.mlp.tanh_gelu_epilogue for blk in self.blocks)
+    def tanh_gelu_epilogue(self) -> Union[bool, str, None]:
+        """The blocks' MLP setting for fc1 + the tanh-approximate GELU as one cuBLASLt GEMM
+        (:class:`Mlp`: True, False or "auto", the default: CUDA in bf16 / fp16 only); None where the
+        blocks differ."""
+        values = {blk.mlp.tanh_gelu_epilogue for blk in self.blocks}
+        return values.pop() if len(values) == 1 else None
 
     @tanh_gelu_epilogue.setter
-    def tanh_gelu_epilogue(self, on: bool) -> None:
+    def tanh_gelu_epilogue(self, value: Union[bool, str]) -> None:
         for blk in self.blocks:
-            blk.mlp.tanh_gelu_epilogue = bool(on)
+            blk.mlp.tanh_gelu_epilogue = value
 
     def abs_pos(self, h: int, w: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """(1, h, w, C): the pretrain table without its cls entry, tiled (exact copies, no resampling),
