@@ -294,7 +294,8 @@ def build_cases() -> List[Case]:
     for B in OBJECTS:
         for channels_last in (False, True):
             cases.append(Case(f"dwconv_norm B={B} {D}x{g}x{g} k7 {'channels-last' if channels_last else 'NCHW'}",
-                              (dn._dwconv_norm_kernel,), dn_case(B, channels_last)))
+                              (dn._dwconv_norm_kernel if channels_last else dn._dwconv_norm_cf_kernel,),
+                              dn_case(B, channels_last)))
 
     # ---- mask post-processing: 64 objects to a 1080p frame ------------------------------------
     low = 4 * g  # 288

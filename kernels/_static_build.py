@@ -123,7 +123,9 @@ def sass_stats(kernel) -> Dict[str, int]:
     dynamic allocation), ``instructions``, the counts named in ``_COUNTED`` (``wgmma``,
     ``cp_async``, ``spill_stores``, ...), and ``loop_instructions`` / ``loop_spills``: instructions
     and STL + LDL inside loops (the ranges of backward branches; a static count: a loop's code
-    once, conditional blocks in it included)."""
+    once, conditional blocks in it included), and ``loop_barriers`` / ``loop_shared``: BAR and
+    shared-memory loads/stores inside loops (where no operand is staged in shared memory on
+    purpose, those are register layout conversions through it, paid every iteration)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
@@ -135,7 +137,7 @@ def sass_stats(kernel) -> Dict[str, int]:
     stats = {"regs": int(res.get("REG", 0)), "stack": int(res.get("STACK", 0)),
              "smem": int(kernel.metadata.shared), "instructions": 0}
     stats.update({v: 0 for v in _COUNTED.values()})
-    stats.update(loop_instructions=0, loop_spills=0)
+    stats.update(loop_instructions=0, loop_spills=0, loop_barriers=0, loop_shared=0)
     instrs = []  # (address, opcode)
     labels = {}  # label -> address of the instruction after it
     pending = []
@@ -171,4 +173,6 @@ def sass_stats(kernel) -> Dict[str, int]:
         if any(a <= addr <= b for a, b in loops):
             stats["loop_instructions"] += 1
             stats["loop_spills"] += op in ("STL", "LDL")
+            stats["loop_barriers"] += op == "BAR"
+            stats["loop_shared"] += op in ("STS", "LDS", "LDSM")  # shared-memory traffic: layout conversions
     return stats

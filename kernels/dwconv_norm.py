@@ -28,10 +28,18 @@ rounds bf16 itself (``BF16_BY_HAND``, as ``sam3fast.kernels.rope``).
 
 Schedule: grid (B * cdiv(H, BLOCK_H) * cdiv(W, BLOCK_W),); a program owns a BLOCK_H x BLOCK_W tile
 of one image's pixels and all C channels (BLOCK_C the next power of two): k x k masked loads of the
-shifted tile (zero padding), one FMA each into a (pixels, C) float32 accumulator, then the bias,
-the rounding, the per-pixel reductions over C and the store of whole C-contiguous rows. Default
-tile 4 x 8 pixels, 4 warps for a channels-last input and 8 for an NCHW one (see the defaults). Not
-yet timed on a GPU.
+shifted tile (zero padding), one FMA each into a float32 accumulator, then the bias, the rounding,
+the per-pixel reductions over C and the store of whole C-contiguous rows. Two kernels by the input's
+layout: channels-last, a (pixels, channels) tile (loads along C); NCHW, a (channels, pixels) tile
+(``_dwconv_norm_cf_kernel``: the tap loads keep the accumulator's layout, the tap's weights are
+loaded in that layout too, the channel stride is a constant and the offsets int32). Default tile 4 x
+8 pixels, 4 warps channels-last and 8 NCHW.
+
+Measured: on the H200 (tracker profile, run 2 of 2026-11-27), the NCHW input on the (pixels,
+channels) tile, which converted each tap's weights through shared memory (two barriers a tap, 183
+registers), took 0.67 ms a call at 16 objects (16 x 256 x 72 x 72), near PyTorch's 0.73 ms on the
+H100 and far from the ~30 us the map's bytes need. The channels-first kernel has no barrier and no
+shared memory in its loop and 99 registers in the static sm_90 build; not yet timed.
 """
 
 from __future__ import annotations
@@ -53,9 +61,8 @@ from ._triton_compat import (  # noqa: F401  (TRITON_IMPORT_ERROR: read by the t
 _KERNEL_DTYPES = KERNEL_DTYPES
 _MAX_CHANNELS = 1024  # whole pixel rows of C live in registers
 # (BLOCK_H, BLOCK_W, num_warps) by the input's layout, compiled for sm_90 at 16 x 256 x 72 x 72 in bf16
-# (Triton 3.7): channels-last input (loads along C) 4 x 8 w4, 128 registers; NCHW input (loads along
-# the pixels, converted to the accumulator's layout) 4 x 8 w8, 183 registers (w4 spilled 16
-# instructions in the tap loop); neither spills.
+# (Triton 3.7): channels-last input (loads along C) 4 x 8 w4, 128 registers; NCHW input (the
+# channels-first kernel) 4 x 8 w8, 99 registers (w4: 168); neither spills.
 DEFAULT_TILE_CHANNELS_LAST = (4, 8, 4)
 DEFAULT_TILE_NCHW = (4, 8, 8)
 
@@ -132,15 +139,71 @@ if HAS_TRITON:
         rows = (b * H + ph.to(tl.int64)) * W + pw.to(tl.int64)
         tl.store(y_ptr + rows[:, None] * C + c[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
 
+    @triton.jit
+    def _dwconv_norm_cf_kernel(
+        x_ptr, cw_ptr, cb_ptr, nw_ptr, nb_ptr, y_ptr,
+        C, H, W, h_blocks, w_blocks, sxb, sxh, sxw, eps,
+        SXC: tl.constexpr, K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+        BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr, BF16_BY_HAND: tl.constexpr,
+    ):
+        # The same computation for a channels-first (NCHW) input, on a (channels, pixels) tile whose
+        # layout the tap loads keep: no shared memory and no barrier in the tap loop (the (pixels,
+        # channels) tile converted each tap's weights through shared memory, two barriers a tap).
+        # The channel stride is a constant (SXC) and, with EVEN_C (C == BLOCK_C), the channels need
+        # no mask: a thread's loads are one pixel offset plus immediate channel offsets. Offsets
+        # within an image are int32 (the launcher checks the image's extent).
+        pid = tl.program_id(0)
+        b = (pid // (h_blocks * w_blocks)).to(tl.int64)
+        t = pid % (h_blocks * w_blocks)
+        p = tl.arange(0, BLOCK_H * BLOCK_W)
+        ph = (t // w_blocks) * BLOCK_H + p // BLOCK_W
+        pw = (t % w_blocks) * BLOCK_W + p % BLOCK_W
+        c = tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        x_img = x_ptr + b * sxb
+        acc = tl.zeros((BLOCK_C, BLOCK_H * BLOCK_W), dtype=tl.float32)
+        for tap in range(K * K):
+            hh = ph + (tap // K - K // 2)
+            ww = pw + (tap % K - K // 2)
+            ok = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+            offs = c[:, None] * SXC + (hh * sxh + ww * sxw)[None, :]
+            # the tap's weights as a (channels, pixels) load of stride 0 along the pixels: it takes
+            # the tile's layout (a thread loads its own channels' weights; a warp's lanes share an
+            # address), where a (channels,) load is converted through shared memory every tap
+            w_offs = (c * (K * K) + tap)[:, None] + 0 * p[None, :]
+            if EVEN_C:
+                v = tl.load(x_img + offs, mask=ok[None, :], other=0.0)
+                wt = tl.load(cw_ptr + w_offs)
+            else:
+                v = tl.load(x_img + offs, mask=c_ok[:, None] & ok[None, :], other=0.0)
+                wt = tl.load(cw_ptr + w_offs, mask=c_ok[:, None], other=0.0)
+            acc += v.to(tl.float32) * wt.to(tl.float32)
+        v = tl.trans(acc + tl.load(cb_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[:, None])
+        if BF16_BY_HAND:
+            v = _bf16_rtne(v)
+        v = v.to(y_ptr.dtype.element_ty).to(tl.float32)
+        pix_ok = (ph < H) & (pw < W)
+        m = pix_ok[:, None] & c_ok[None, :]
+        y = _layer_norm_rows(tl.where(m, v, 0.0), m, nw_ptr, nb_ptr, c, c_ok, C, eps, BF16_BY_HAND)
+        rows = (b * H + ph.to(tl.int64)) * W + pw.to(tl.int64)
+        tl.store(y_ptr + rows[:, None] * C + c[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
+
     # The interpreter (TRITON_INTERPRET=1 when this file was imported) casts float32 -> bf16 by
     # truncation (Triton 3.7): interpreted, the kernel rounds bf16 itself.
     _INTERPRETED = not isinstance(_dwconv_norm_kernel, triton.runtime.JITFunction)
 
 
+def _int32_extent(x: Tensor) -> bool:
+    """Whether every element offset within one image of x (channels, rows, columns; strides >= 0)
+    fits int32, as the channels-first kernel computes them."""
+    _, C, H, W = x.shape
+    return (C - 1) * x.stride(1) + (H - 1) * x.stride(2) + (W - 1) * x.stride(3) < 2 ** 31
+
+
 def _dwconv_norm_triton(
     x: Tensor, conv_weight: Tensor, conv_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float,
     out: Optional[Tensor] = None, block_h: Optional[int] = None, block_w: Optional[int] = None,
-    num_warps: Optional[int] = None,
+    num_warps: Optional[int] = None, channels_first_tile: bool = True,
 ) -> Tensor:
     """Launcher. ``out``: a preallocated contiguous (B, H, W, C) tensor of x's dtype (every element is
     written). ``block_h`` / ``block_w``: powers of two, the pixel tile; None: the default tile of x's
@@ -163,13 +226,22 @@ def _dwconv_norm_triton(
         return out
     cw = conv_weight.contiguous()
     h_blocks, w_blocks = cdiv(H, block_h), cdiv(W, block_w)
+    block_c = 1 << max(0, C - 1).bit_length()
+    by_hand = _INTERPRETED and x.dtype == torch.bfloat16
+    args = (x, cw, conv_bias.contiguous(), norm_weight.contiguous(), norm_bias.contiguous(), out, C, H, W,
+            h_blocks, w_blocks)
     with device_guard(x.device):
-        _dwconv_norm_kernel[(B * h_blocks * w_blocks,)](
-            x, cw, conv_bias.contiguous(), norm_weight.contiguous(), norm_bias.contiguous(), out,
-            C, H, W, h_blocks, w_blocks, x.stride(0), x.stride(1), x.stride(2), x.stride(3), float(eps),
-            K=k, BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=1 << max(0, C - 1).bit_length(),
-            BF16_BY_HAND=_INTERPRETED and x.dtype == torch.bfloat16, num_warps=num_warps,
-        )
+        if x.stride(1) != 1 and channels_first_tile and _int32_extent(x):
+            _dwconv_norm_cf_kernel[(B * h_blocks * w_blocks,)](
+                *args, x.stride(0), x.stride(2), x.stride(3), float(eps),
+                SXC=x.stride(1), K=k, BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=block_c, EVEN_C=block_c == C,
+                BF16_BY_HAND=by_hand, num_warps=num_warps,
+            )
+        else:
+            _dwconv_norm_kernel[(B * h_blocks * w_blocks,)](
+                *args, x.stride(0), x.stride(1), x.stride(2), x.stride(3), float(eps),
+                K=k, BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=block_c, BF16_BY_HAND=by_hand, num_warps=num_warps,
+            )
     return out
 
 

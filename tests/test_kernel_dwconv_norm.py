@@ -108,6 +108,18 @@ def test_kernel_against_spec(case, dtype):
 def test_kernel_channels_last_and_small_tile(dtype):
     _run("b2_c40_7x9_k7", DTYPES[dtype], channels_last=True)
     _run("b1_c64_5x4_k3", DTYPES[dtype], channels_last=True, block_h=2, block_w=2, num_warps=2)
+    # an NCHW input on the pixels-major kernel (the channels-first one is the default there)
+    _run("b2_c40_7x9_k7", DTYPES[dtype], channels_last=False, channels_first_tile=False)
+
+
+def test_int32_extent_rule():
+    """The channels-first kernel's int32 offsets: taken while one image's last element offset
+    fits (strides of a (B, C, H, W) view, any order), else the pixels-major kernel's int64 ones."""
+    x = torch.empty(2, 256, 72, 72)
+    assert dn._int32_extent(x) and dn._int32_extent(x[:, :, ::2])
+    big = torch.empty_strided((1, 2, 2, 2), (0, 2**31 - 2, 1, 1), device="meta")  # last offset 2**31
+    assert not dn._int32_extent(big)
+    assert dn._int32_extent(torch.empty_strided((1, 2, 2, 2), (0, 2**31 - 3, 1, 1), device="meta"))
 
 
 def test_reference_is_the_block_ops():
@@ -183,19 +195,24 @@ def test_force_reference_env():
 @needs_triton
 def test_kernel_compiles_for_sm90():
     """The launcher's launch at the memory encoder's size (bf16, 16 x 256 x 72 x 72, k 7, NCHW and
-    channels-last input, the default tile) builds for an H100 without a GPU, with no register spill."""
+    channels-last input, the default tile) builds for an H100 without a GPU, with no register spill;
+    an NCHW input takes the channels-first kernel, whose tap loop has no barrier and no shared-memory
+    traffic (the layout conversions the pixels-major tile paid every tap)."""
     code = SM90_BUILD + textwrap.dedent(
         """
         import torch
         from sam3fast.kernels import dwconv_norm as dn
         from sam3fast.kernels._static_build import capture, sass_stats
         e = lambda *s: torch.empty(s, dtype=torch.bfloat16)
-        for x in (e(16, 256, 72, 72), e(16, 256, 72, 72).contiguous(memory_format=torch.channels_last)):
-            with capture(dn._dwconv_norm_kernel) as builds:
+        for x, kern in ((e(16, 256, 72, 72), dn._dwconv_norm_cf_kernel),
+                        (e(16, 256, 72, 72).contiguous(memory_format=torch.channels_last), dn._dwconv_norm_kernel)):
+            with capture(kern) as builds:
                 dn._dwconv_norm_triton(x, e(256, 1, 7, 7), e(256), e(256), e(256), 1e-6)
             (b,) = builds
             st = sass_stats(b.kernel)
             assert st["stack"] == 0 and st["spill_stores"] == 0, st
+            if kern is dn._dwconv_norm_cf_kernel:
+                assert st["loop_barriers"] == 0 and st["loop_shared"] == 0, st
         print("ok")
         """
     )
