@@ -97,8 +97,9 @@ def main(argv=None):
         for bh, bw, nw_ in tiles:
             cands[f"triton {bh}x{bw} w{nw_}"] = lambda t=(bh, bw, nw_): dn._dwconv_norm_triton(
                 x, cw, cb, nw, nb, eps, block_h=t[0], block_w=t[1], num_warps=t[2])
-        # the pixels-major kernel on the NCHW input (the default before session 17: 0.67 ms a call
-        # at 16 objects in the H200 tracker profile of 2026-11-27)
+        # the pixels-major kernel on the NCHW input (the default before session 17, when it also
+        # converted each tap's weights through shared memory: 0.67 ms a call at 16 objects in the
+        # H200 tracker profile of 2026-11-27)
         cands["triton 4x8 w8 pixels-major"] = lambda: dn._dwconv_norm_triton(
             x, cw, cb, nw, nb, eps, block_h=4, block_w=8, num_warps=8, channels_first_tile=False)
         cands["eager NCHW"] = lambda: eager_chain(x, cw, cb, nw, nb, eps, False)

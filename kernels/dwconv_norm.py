@@ -31,9 +31,11 @@ of one image's pixels and all C channels (BLOCK_C the next power of two): k x k 
 shifted tile (zero padding), one FMA each into a float32 accumulator, then the bias, the rounding,
 the per-pixel reductions over C and the store of whole C-contiguous rows. Two kernels by the input's
 layout: channels-last, a (pixels, channels) tile (loads along C); NCHW, a (channels, pixels) tile
-(``_dwconv_norm_cf_kernel``: the tap loads keep the accumulator's layout, the tap's weights are
-loaded in that layout too, the channel stride is a constant and the offsets int32). Default tile 4 x
-8 pixels, 4 warps channels-last and 8 NCHW.
+(``_dwconv_norm_cf_kernel``: the tap loads keep the accumulator's layout, the channel stride is a
+constant and the offsets int32). Both load the tap's weights in the tile's layout (a stride-0
+broadcast along the pixels) rather than as a (C,) vector, which the compiler converted through
+shared memory every tap. Default tile 4 x
+8 pixels, 8 warps, both layouts.
 
 Measured: on the H200 (tracker profile, run 2 of 2026-11-27), the NCHW input on the (pixels,
 channels) tile, which converted each tap's weights through shared memory (two barriers a tap, 183
@@ -61,9 +63,10 @@ from ._triton_compat import (  # noqa: F401  (TRITON_IMPORT_ERROR: read by the t
 _KERNEL_DTYPES = KERNEL_DTYPES
 _MAX_CHANNELS = 1024  # whole pixel rows of C live in registers
 # (BLOCK_H, BLOCK_W, num_warps) by the input's layout, compiled for sm_90 at 16 x 256 x 72 x 72 in bf16
-# (Triton 3.7): channels-last input (loads along C) 4 x 8 w4, 128 registers; NCHW input (the
-# channels-first kernel) 4 x 8 w8, 99 registers (w4: 168); neither spills.
-DEFAULT_TILE_CHANNELS_LAST = (4, 8, 4)
+# (Triton 3.7), the tap's weights loaded in the tile's layout in both kernels (no barrier, no
+# shared memory in the tap loop): channels-last input (loads along C) 4 x 8 w8, 105 registers (w4:
+# 166); NCHW input (the channels-first kernel) 4 x 8 w8, 99 registers (w4: 168); neither spills.
+DEFAULT_TILE_CHANNELS_LAST = (4, 8, 8)
 DEFAULT_TILE_NCHW = (4, 8, 8)
 
 
@@ -126,8 +129,10 @@ if HAS_TRITON:
             ok = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
             v = tl.load(x_base + (hh.to(tl.int64) * sxh + ww.to(tl.int64) * sxw)[:, None],
                         mask=ok[:, None] & c_ok[None, :], other=0.0)
-            wt = tl.load(cw_ptr + c * (K * K) + tap, mask=c_ok, other=0.0)
-            acc += v.to(tl.float32) * wt.to(tl.float32)[None, :]
+            # the tap's weights as a (pixels, channels) load of stride 0 along the pixels, in the
+            # tile's layout (a (channels,) load was converted through shared memory every tap)
+            wt = tl.load(cw_ptr + (c * (K * K) + tap)[None, :] + 0 * p[:, None], mask=c_ok[None, :], other=0.0)
+            acc += v.to(tl.float32) * wt.to(tl.float32)
         v = acc + tl.load(cb_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
         # the convolution's output, rounded as the module's is; the norm from that value
         if BF16_BY_HAND:
