@@ -20,7 +20,8 @@ the last frame (backbone included), for N objects. Variants:
   ``--graphed-rows``) = ``tracker.cuda_graphs = True`` at the counts it does not (the step captured
   as a CUDA graph per object bucket, CUDA only); ``backbone-eager`` = ``tracker.backbone_cuda_graphs =
   False`` (the backbone of each frame run eagerly instead of replayed from its CUDA graph; e2e, the
-  first object count, CUDA only); ``fold`` / ``no-fold`` =
+  first object count, CUDA only); ``nchw-fuser`` = ``tracker.maskmem_backbone.channels_last_fuser =
+  False`` (the memory encoder's fuser on an NCHW map; e2e); ``fold`` / ``no-fold`` =
   ``tracker.transformer.encoder.fold_value = True`` / ``False`` (memory attention's v_proj folded into
   out_proj always / never; the default "auto" folds where the op runs SDPA: bf16 from 4 objects;
   cached rows only); ``compiled`` =
@@ -239,7 +240,8 @@ def main(argv=None):
                     help="detector NMS IoU threshold on both models (official 0.1; higher keeps more objects)")
     ap.add_argument("--skip-variants", default="",
                     help="tracker part: sam3fast variants to leave out, comma-separated (perframe, prefetch, "
-                         "eager-step, graphed, backbone-eager, fold, no-fold, compiled); the default rows always run")
+                         "eager-step, graphed, backbone-eager, nchw-fuser, fold, no-fold, compiled); the default "
+                         "rows always run")
     ap.add_argument("--tracker-kinds", default="e2e,cached",
                     help="tracker part: the row kinds of the default and per-variant rows (e2e, cached)")
     ap.add_argument("--concept-variants", default="ahead-stream,sequential,host-planning,det-eager,tracker-graphed",
@@ -426,6 +428,10 @@ def _main(args, tmp):
                 tracker.backbone_cuda_graphs = False
                 variants(" backbone-eager", per_frame_too=False, kinds=("e2e",), counts=objects[:1])
                 tracker.backbone_cuda_graphs = "auto"
+            # the memory encoder's fuser in NCHW memory (its default "auto" runs it channels-last on CUDA)
+            tracker.maskmem_backbone.channels_last_fuser = False
+            variants(" nchw-fuser", per_frame_too=False, kinds=("e2e",))
+            tracker.maskmem_backbone.channels_last_fuser = "auto"
             # memory attention with v_proj folded into out_proj (P.V 64 wide instead of 256): the
             # tracker step alone, where the difference shows
             tracker.transformer.encoder.fold_value = True

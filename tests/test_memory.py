@@ -111,6 +111,37 @@ def test_memory_encoder(tiny, skip_sigmoid, resize):
     assert _rel(feat2, feat) > 1e-2
 
 
+def test_memory_encoder_channels_last_fuser(tiny):
+    """``channels_last_fuser``: the fuser's map in channels-last memory ("auto": CUDA only, so the
+    CPU default is the NCHW path) gives the NCHW path's features within float32 summation order,
+    NCHW contiguous out, the same position encoding; the switch takes True, False, "auto" only."""
+    gen = torch.Generator().manual_seed(4)
+    B, I = 3, tiny.cfg.tracker.mem_interpol_size
+    pix = torch.randn(B, tiny.D, tiny.g, tiny.g, generator=gen)
+    masks = _smooth_logits(gen, B, I)
+    enc = tiny.encoder
+    assert enc.channels_last_fuser == "auto"
+    try:
+        with torch.no_grad():
+            nchw, pos = enc(pix, masks)
+            enc.channels_last_fuser = True
+            cl, pos_cl = enc(pix, masks)
+            # a frame feature shared by the objects (the tracker's case): broadcast over the batch
+            cl1, _ = enc(pix[:1], masks)
+            enc.channels_last_fuser = False
+            nchw1, _ = enc(pix[:1], masks)
+        assert cl.is_contiguous() and cl.shape == nchw.shape
+        assert torch.equal(pos_cl, pos)
+        _close(cl, nchw, "channels-last fuser", tol=1e-5)
+        _close(cl1, nchw1, "channels-last fuser, shared frame", tol=1e-5)
+        for bad in ("yes", 1, None):
+            enc.channels_last_fuser = bad
+            with pytest.raises(ValueError, match="channels_last_fuser"):
+                enc(pix, masks)
+    finally:
+        enc.channels_last_fuser = "auto"
+
+
 @pytest.mark.parametrize("is_mask_from_pts", [False, True])
 def test_encode_new_memory(tiny, is_mask_from_pts):
     gen = torch.Generator().manual_seed(2)
@@ -370,3 +401,25 @@ def test_cxblock_channels_last_dwconv_on_cuda():
     err_generic = (generic.float() - ref).abs().max().item()
     assert torch.isfinite(got).all() and err <= 2 * err_generic + 1e-6, (err, err_generic)
     assert got.is_contiguous() == generic.is_contiguous()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+def test_memory_encoder_channels_last_fuser_on_cuda():
+    """On CUDA the fuser runs channels-last by default ("auto"): full-size encoder, 16 objects and
+    one shared frame feature, bf16 against the float32 encoder at most 2x the error of the NCHW path
+    (``channels_last_fuser = False``), NCHW contiguous out."""
+    torch.manual_seed(0)
+    enc = MaskMemoryEncoder(256, 64, 1152).cuda().eval()
+    pix = torch.randn(1, 256, 72, 72, device="cuda")
+    masks = torch.randn(16, 1, 1152, 1152, device="cuda").mul_(10).sigmoid_()
+    with torch.no_grad():
+        ref, _ = enc(pix, masks, skip_mask_sigmoid=True)
+        e16 = enc.to(torch.bfloat16)
+        got, _ = e16(pix.bfloat16(), masks.bfloat16(), skip_mask_sigmoid=True)
+        e16.channels_last_fuser = False
+        nchw, _ = e16(pix.bfloat16(), masks.bfloat16(), skip_mask_sigmoid=True)
+    err = (got.float() - ref).abs().max().item()
+    err_nchw = (nchw.float() - ref).abs().max().item()
+    assert got.is_contiguous() and torch.isfinite(got).all()
+    assert err <= 2 * err_nchw + 1e-6, (err, err_nchw)
