@@ -173,6 +173,7 @@ def memory_attention_ref(
 
 
 if HAS_TRITON:
+    from .rope import _bf16_rtne
 
     # Lazy rescaling (LAZY_RESCALE): the reference maximum of a row moves only when a tile's maximum
     # exceeds it by more than this many log2 units, so exp2 terms stay <= 2**8 (module docstring).
@@ -187,28 +188,42 @@ if HAS_TRITON:
     @triton.jit
     def _rope_keys_kernel(
         k_ptr, rope_ptr, out_ptr,
-        S, H, L, n_rope,
+        B, S, H, L, n_rope,
         skb, skn, skh,
-        DH: tl.constexpr, BLOCK_N: tl.constexpr,
+        DH: tl.constexpr, BLOCK_N: tl.constexpr, BF16_BY_HAND: tl.constexpr,
     ):
-        # Grid (cdiv(S, BLOCK_N), B * H): rotated keys for s < n_rope, copies of the others, written
-        # (B, S, H, DH) contiguous in the input dtype.
+        # Grid (cdiv(S, BLOCK_N), H): rotated keys for s < n_rope, copies of the others, written
+        # (B, S, H, DH) contiguous in the input dtype. A program loads its rows' cos/sin once and
+        # loops over the B objects (the table is read once, not B times), and reads and writes
+        # the even and odd members of each pair as two stride-2 accesses (the same sectors), so the
+        # rotation needs no reshape, split or join (their layout conversions went through shared
+        # memory with a barrier each: 63 barriers a program at BLOCK_N 64 before session 17).
         pid_n = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = (pid_bh // H).to(tl.int64)
-        h = pid_bh % H
+        h = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, DH)
         offs_j = tl.arange(0, DH // 2)
-        n_mask = (offs_n < S)[:, None]
-        x = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=n_mask, other=0.0)
+        n_ok = (offs_n < S)[:, None]
         rot = (offs_n < n_rope)[:, None]
         cs = rope_ptr + (offs_n % L)[:, None] * DH + 2 * offs_j[None, :]
-        cos = tl.load(cs, mask=rot, other=1.0)
-        sin = tl.load(cs + 1, mask=rot, other=0.0)
-        y = tl.where(rot, _rope_rows(x.to(tl.float32), cos, sin, BLOCK_N, DH), x.to(tl.float32))
-        dst = out_ptr + ((b * S + offs_n[:, None]) * H + h) * DH + offs_d[None, :]
-        tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+        cos = tl.load(cs, mask=n_ok & rot, other=1.0)
+        sin = tl.load(cs + 1, mask=n_ok & rot, other=0.0)
+        src = k_ptr + h * skh + offs_n.to(tl.int64)[:, None] * skn + 2 * offs_j[None, :]
+        dst = out_ptr + (offs_n.to(tl.int64)[:, None] * H + h) * DH + 2 * offs_j[None, :]
+        out_b = S.to(tl.int64) * H * DH
+        for b in range(B):
+            xe = tl.load(src + b * skb, mask=n_ok, other=0.0)
+            xo = tl.load(src + b * skb + 1, mask=n_ok, other=0.0)
+            xe32 = xe.to(tl.float32)
+            xo32 = xo.to(tl.float32)
+            ye = tl.where(rot, xe32 * cos - xo32 * sin, xe32)
+            yo = tl.where(rot, xe32 * sin + xo32 * cos, xo32)
+            if BF16_BY_HAND:  # (interpreted: its float32 -> bf16 cast truncates)
+                ye = _bf16_rtne(ye)
+                yo = _bf16_rtne(yo)
+            tl.store(dst + b * out_b, ye.to(out_ptr.dtype.element_ty), mask=n_ok)
+            tl.store(dst + b * out_b + 1, yo.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+    _ROPE_INTERPRETED = not isinstance(_rope_keys_kernel, triton.runtime.JITFunction)
 
     @triton.jit
     def _tile_list_kernel(valid_ptr, tiles_ptr, count_ptr, S, n_tiles, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
@@ -458,12 +473,7 @@ def _memory_attention_triton(
 
     with device_guard(dev):
         if rope_k == "prepass" and n_rope_keys > 0:
-            k_rot = torch.empty((B, S, H, Dh), dtype=k.dtype, device=dev)
-            _rope_keys_kernel[(cdiv(S, block_n), B * H)](
-                k, rope, k_rot, S, H, L, n_rope_keys, k.stride(0), k.stride(1), k.stride(2),
-                DH=Dh, BLOCK_N=block_n, num_warps=4,
-            )
-            k = k_rot
+            k = _rope_prepass(k, rope, n_rope_keys)
         if skip:
             # No host sync: the attention loops over a count it reads on the device; splits left
             # without a tile give -inf / zero partials, which the merge ignores.
@@ -532,17 +542,29 @@ def _valid_tiles(valid_u8: Tensor, S: int, block_n: int) -> Tuple[Tensor, Tensor
     return tiles, counts
 
 
-def _rope_prepass(x: Tensor, rope: Tensor, n_rope: int, block_n: int = 64) -> Tensor:
+# Rows a program of the RoPE prepass (_rope_keys_kernel) takes, and its warps: 16 x Dh/2 pairs,
+# the cos/sin of each row loaded once for all B objects. Static sm_90 build (Triton 3.7) at the
+# tracker's keys (16 x 36352 x 1 x 256, bf16): 128 registers, no barrier, no shared memory, 2272
+# programs (32 rows: 254 registers; 64: spills). The kernel before session 17 (a program per 64
+# rows and object, reshape/split/join) had 229 registers and 63 barriers, and took 0.257 ms a call
+# on average in the 16-object tracker profile (H200, 2026-11-27), ~1 TB/s on the largest calls.
+ROPE_PREPASS_BLOCK_N = 16
+ROPE_PREPASS_WARPS = 4
+
+
+def _rope_prepass(x: Tensor, rope: Tensor, n_rope: int, block_n: int = ROPE_PREPASS_BLOCK_N,
+                  num_warps: int = ROPE_PREPASS_WARPS) -> Tensor:
     """(B, S, H, Dh) contiguous copy of ``x`` with rows s < ``n_rope`` rotated by table row s mod L,
-    in x's dtype (the prepass kernel of the Triton path)."""
+    in x's dtype (the prepass kernel of the Triton path and of the SDPA path)."""
     B, S, H, Dh = x.shape
     out = torch.empty((B, S, H, Dh), dtype=x.dtype, device=x.device)
     if B * S * H == 0:
         return out
     with device_guard(x.device):
-        _rope_keys_kernel[(cdiv(S, block_n), B * H)](
-            x, rope, out, S, H, rope.shape[0], n_rope, x.stride(0), x.stride(1), x.stride(2),
-            DH=Dh, BLOCK_N=block_n, num_warps=4,
+        _rope_keys_kernel[(cdiv(S, block_n), H)](
+            x, rope, out, B, S, H, rope.shape[0], n_rope, x.stride(0), x.stride(1), x.stride(2),
+            DH=Dh, BLOCK_N=block_n, BF16_BY_HAND=_ROPE_INTERPRETED and x.dtype == torch.bfloat16,
+            num_warps=num_warps,
         )
     return out
 

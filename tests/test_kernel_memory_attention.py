@@ -139,6 +139,32 @@ def test_sdpa_path_matches_float64(case):
         assert torch.equal(got[0], torch.zeros_like(got[0]))
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rope_prepass_matches_rotation(dtype):
+    """The RoPE prepass alone (``_rope_prepass``: a program per row block and head, looping over
+    the objects): three objects, two heads, strided input (a slice of a wider tensor), two rotated
+    frames of 12 rows + 5 pointer rows; rotated rows as the float32 rotation rounded once, the
+    others exact copies; every element written (the buffer starts as NaN); rows past S untouched."""
+    g = torch.Generator().manual_seed(5)
+    B, H, Dh, L = 3, 2, 16, 12
+    S = 2 * L + 5
+    wide = torch.randn(B, S, H, Dh + 8, generator=g).to(dtype)
+    x = wide[..., 4:4 + Dh]  # strided rows
+    ang = torch.rand(L, Dh // 2, generator=g) * 6.3
+    rope = torch.stack((torch.cos(ang), torch.sin(ang)), dim=-1)  # (L, Dh/2, 2) float32
+    for block_n, warps in ((ma.ROPE_PREPASS_BLOCK_N, ma.ROPE_PREPASS_WARPS), (8, 1)):
+        got = ma._rope_prepass(x, rope, 2 * L, block_n=block_n, num_warps=warps)
+        assert got.shape == (B, S, H, Dh) and got.is_contiguous() and got.dtype == dtype
+        xe, xo = x.float()[..., 0::2], x.float()[..., 1::2]
+        c = rope[..., 0].repeat(2, 1)[None, :, None]
+        sn = rope[..., 1].repeat(2, 1)[None, :, None]
+        want = torch.stack((xe[:, :2 * L] * c - xo[:, :2 * L] * sn, xe[:, :2 * L] * sn + xo[:, :2 * L] * c), -1)
+        want = want.flatten(-2).to(dtype)
+        torch.testing.assert_close(got[:, :2 * L], want, rtol=0, atol=0)
+        assert torch.equal(got[:, 2 * L:], x[:, 2 * L:])
+
+
 def test_sdpa_path_choice(monkeypatch):
     """Which calls the CUDA op hands to SDPA: bf16/fp16 with at least SDPA_MIN_BATCH_HEADS
     (object, head) pairs; float32 always stays on the Triton kernel; None turns the path off."""
