@@ -18,6 +18,10 @@ the module's own chooser gives them for an H100's 132 SMs. One row per launch:
   loop instrs   instructions inside loops (backward-branch ranges; conditional blocks included)
   loop spills   STL + LDL inside loops: those cost on every iteration, the others once
   barriers      BAR instructions
+  loop bars     BAR inside loops, and loop shared: shared-memory loads/stores inside loops; in a
+                kernel that stages no operand in shared memory on purpose (no tl.dot), those are
+                register layout conversions paid every iteration (the slow spot of three kernels
+                the H200 profiled in run 2 of 2026-11-27)
   atomics       ATOM, ATOMG, ATOMS + RED, REDG instructions (as ``sass_stats`` counts them)
 
 Cases (the shapes the engine runs; see each kernel module's docstring):
@@ -92,7 +96,8 @@ COLUMNS = [
     ("stages", "stages", 6), ("regs", "regs", 4), ("stack", "stack", 5), ("smem KiB", "smem_kib", 8),
     ("instrs", "instructions", 6), ("wgmma", "wgmma", 5), ("mma", "mma", 4), ("cp_async", "cp_async", 8),
     ("spill_st", "spill_stores", 8), ("spill_ld", "spill_loads", 8), ("loop instrs", "loop_instructions", 11),
-    ("loop spills", "loop_spills", 11), ("barriers", "barriers", 8), ("atomics", "atomics", 7), ("notes", "notes", 0),
+    ("loop spills", "loop_spills", 11), ("barriers", "barriers", 8), ("loop bars", "loop_barriers", 9),
+    ("loop shared", "loop_shared", 11), ("atomics", "atomics", 7), ("notes", "notes", 0),
 ]
 
 
@@ -367,6 +372,7 @@ def build_rows(case: Case, sass_stats) -> List[dict]:
             "instructions": st["instructions"], "wgmma": st["wgmma"], "mma": st["mma"], "cp_async": st["cp_async"],
             "spill_stores": st["spill_stores"], "spill_loads": st["spill_loads"],
             "loop_instructions": st["loop_instructions"], "loop_spills": st["loop_spills"], "barriers": st["barriers"],
+            "loop_barriers": st["loop_barriers"], "loop_shared": st["loop_shared"],
             "atomics": st["atomics"] + st["reductions_to_memory"], "notes": _notes(st), "error": None,
         })
     return rows
