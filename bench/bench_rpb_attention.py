@@ -207,7 +207,7 @@ def bench_factors(B, args, device):
         cands["factors: triton (op)"] = both(lambda *a: torch.ops.sam3fast.rpb_factors(*a))
         cands["CUDA graph: factors PyTorch"] = graphed(cands["factors: PyTorch (deltas, MLP, pad)"])
         cands["CUDA graph: factors triton"] = graphed(cands["factors: triton (op)"])
-        for br, nw in ((32, 1), (64, 2), (128, 4), (64, 4)):  # rows a program, warps (default 64, 2)
+        for br, nw in ((32, 1), (64, 2), (128, 4), (64, 4)):  # rows a program, warps (default 64, 4)
             cands[f"factors: triton {br} rows w{nw}"] = both(
                 lambda *a, br=br, nw=nw: rf._rpb_factors_triton(*a, block_r=br, num_warps=nw))
     elif rf.HAS_TRITON:

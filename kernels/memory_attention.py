@@ -209,7 +209,7 @@ if HAS_TRITON:
         sin = tl.load(cs + 1, mask=n_ok & rot, other=0.0)
         src = k_ptr + h * skh + offs_n.to(tl.int64)[:, None] * skn + 2 * offs_j[None, :]
         dst = out_ptr + (offs_n.to(tl.int64)[:, None] * H + h) * DH + 2 * offs_j[None, :]
-        out_b = S.to(tl.int64) * H * DH
+        out_b = tl.cast(S, tl.int64) * H * DH  # (tl.cast: S == 1 arrives as a constant)
         for b in range(B):
             xe = tl.load(src + b * skb, mask=n_ok, other=0.0)
             xo = tl.load(src + b * skb + 1, mask=n_ok, other=0.0)

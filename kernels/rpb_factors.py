@@ -20,9 +20,9 @@ rpb_factors(boxes, n, w1, b1, w2, b2, axis) -> f
 What it replaces (``Decoder.rpb_factors``, per layer and axis): the deltas (five elementwise ops),
 the first linear writing a float32 (B, Q, n, 256) activation (15 MB at Q = 200, n = 72), its ReLU
 (an epilogue on CUDA), the second linear reading it back, a permute and a pad: ~7 launches and
-~30 MB of traffic, 12 times an image. Here one launch per axis and layer: a thread owns whole
+~30 MB of traffic, 12 times an image. Here one launch per axis and layer: a program takes BLOCK_R
 (query, coordinate) rows and loops over the hidden units, each formed in registers and accumulated
-into the row's H outputs at once.
+into the rows' H outputs at once, on a (heads, rows) tile whose layout the loop keeps.
 
 The first form of this kernel (session 16) held a BLOCK_R x Hd hidden tile and reduced it against w2
 with a float32 ``tl.dot``: 222 registers and 48 KB of shared memory a program in the static sm_90
@@ -51,11 +51,12 @@ from ._triton_compat import (  # noqa: F401  (TRITON_IMPORT_ERROR: read by the t
     triton, triton_backend,
 )
 
-# rows a program and warps: a row a thread; at the decoder's shape (201 x 72 rows an axis) 227
-# programs for the 132 SMs; static sm_90 build (Triton 3.7): 52 registers, 840 instructions (191 in
-# the loop, 8 hidden units a trip), no spills
+# rows a program and warps: at the decoder's shape (201 x 72 rows an axis) 227 programs for the 132
+# SMs, a thread holding 4 heads of one row; static sm_90 build (Triton 3.7): 31 registers, 600
+# instructions (165 in the loop, 8 hidden units a trip), no spill, no barrier or shared memory in the
+# loop (64 rows at 2 warps: 4 spill stores; 32 rows at 1 warp: 70 registers, 272 in the loop)
 DEFAULT_BLOCK_R = 64
-DEFAULT_NUM_WARPS = 2
+DEFAULT_NUM_WARPS = 4
 _MAX_HIDDEN = 4096
 _MAX_HEADS = 64
 
@@ -104,9 +105,9 @@ if HAS_TRITON:
         HD: tl.constexpr, UNROLL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
     ):
         # Grid (B * r_blocks,): rows r = qq * n + i of image b, qq = 0 .. Q (0: the presence row).
-        # A thread owns whole rows: the hidden unit j of its rows is formed in registers and
-        # accumulated into the rows' H outputs at once (no hidden tile, no matrix-unit layouts);
-        # the weights are uniform loads (the same address for every thread: L1 broadcasts).
+        # The hidden unit j of the program's rows is formed in registers and accumulated into the
+        # rows' H outputs at once (no hidden tile, no matrix-unit layouts); the weights are uniform
+        # loads (the same address for every thread of a row group: L1 broadcasts).
         pid = tl.program_id(0)
         b = (pid // r_blocks).to(tl.int64)
         r = (pid % r_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -117,7 +118,7 @@ if HAS_TRITON:
         box = boxes_ptr + b * sbb + (qq - 1).to(tl.int64) * sbq
         c = tl.load(box + axis * sbc, mask=q_ok, other=0.0).to(tl.float32)
         s = tl.load(box + (axis + 2) * sbc, mask=q_ok, other=0.0).to(tl.float32)
-        t = tl.math.div_rn(i.to(tl.float32), n.to(tl.float32))
+        t = tl.math.div_rn(i.to(tl.float32), tl.cast(n, tl.float32))  # (tl.cast: n == 1 arrives as a constant)
         d0 = (t - (c - 0.5 * s)) * 8.0
         d1 = (t - (c + 0.5 * s)) * 8.0
         sg0 = tl.where(d0 > 0, 1.0, tl.where(d0 < 0, -1.0, 0.0))
@@ -126,17 +127,24 @@ if HAS_TRITON:
         g1 = tl.math.div_rn(sg1 * tl.log2(tl.abs(d1) + 1.0), 3.0)
         h = tl.arange(0, BLOCK_H)
         h_ok = h < H
-        acc = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
+        # (heads, rows) tiles: rows along the fast axis, so a thread holds all heads of its rows and
+        # the (rows,) deltas broadcast into the accumulator without a layout conversion; w2[:, j] is
+        # loaded as a (heads, rows) tile of stride 0 along the rows for the same reason (an (H,)
+        # vector, or a (rows, heads) accumulator, was converted through shared memory every unit)
+        acc = tl.zeros((BLOCK_H, BLOCK_R), dtype=tl.float32)
+        g0 = g0[None, :]
+        g1 = g1[None, :]
         for j0 in range(0, HD, UNROLL):  # UNROLL hidden units a trip: their loads issue together
             for u in tl.static_range(UNROLL):
                 j = j0 + u
                 hid = tl.maximum(g0 * tl.load(w1_ptr + 2 * j) + g1 * tl.load(w1_ptr + 2 * j + 1) + tl.load(b1_ptr + j),
                                  0.0)
-                acc += hid[:, None] * tl.load(w2_ptr + h * HD + j, mask=h_ok, other=0.0)[None, :]
-        f = acc + tl.load(b2_ptr + h, mask=h_ok, other=0.0)[None, :]
-        f = tl.where(q_ok[:, None], f, 0.0)
-        dst = out_ptr + ((b * H + h.to(tl.int64)[None, :]) * (Q + 1) + qq.to(tl.int64)[:, None]) * n + i[:, None]
-        tl.store(dst, f, mask=r_ok[:, None] & h_ok[None, :])
+                w2j = tl.load(w2_ptr + h[:, None] * HD + j + 0 * r[None, :], mask=h_ok[:, None], other=0.0)
+                acc += hid * w2j
+        f = acc + tl.load(b2_ptr + h, mask=h_ok, other=0.0)[:, None]
+        f = tl.where(q_ok[None, :], f, 0.0)
+        dst = out_ptr + ((b * H + h.to(tl.int64)[:, None]) * (Q + 1) + qq.to(tl.int64)[None, :]) * n + i[None, :]
+        tl.store(dst, f, mask=h_ok[:, None] & r_ok[None, :])
 
 
 def _unroll(hd: int) -> int:

@@ -16,7 +16,7 @@ import textwrap
 import pytest
 import torch
 
-from kernel_checks import assert_close_to64, capture_graph, forced_backend_reason, run_compiled
+from kernel_checks import SM90_BUILD, assert_close_to64, capture_graph, forced_backend_reason, run_compiled
 
 from sam3fast.kernels import memory_attention as ma
 from sam3fast.model.memory_attention import RoPEAttention
@@ -163,6 +163,29 @@ def test_rope_prepass_matches_rotation(dtype):
         want = want.flatten(-2).to(dtype)
         torch.testing.assert_close(got[:, :2 * L], want, rtol=0, atol=0)
         assert torch.equal(got[:, 2 * L:], x[:, 2 * L:])
+
+
+def test_rope_prepass_compiles_for_sm90():
+    """The RoPE prepass built for an H100 without a GPU at the tracker's keys (16 objects, 7 frames +
+    64 pointer rows, bf16): no spill, and no barrier or shared memory in its loop over the objects;
+    and at one object and one row (sizes equal to 1 arrive as constants), which must build too."""
+    code = SM90_BUILD + textwrap.dedent(
+        """
+        import torch
+        from sam3fast.kernels import memory_attention as ma
+        from sam3fast.kernels._static_build import capture, sass_stats
+        with capture(ma._rope_keys_kernel) as builds:
+            ma._rope_prepass(torch.empty(16, 36352, 1, 256, dtype=torch.bfloat16),
+                             torch.empty(5184, 128, 2), 36288)
+        st = sass_stats(builds[0].kernel)
+        assert st["spill_stores"] == 0 and st["barriers"] == 0 and st["loop_shared"] == 0, st
+        with capture(ma._rope_keys_kernel) as builds:
+            ma._rope_prepass(torch.empty(1, 1, 1, 256, dtype=torch.bfloat16), torch.empty(1, 128, 2), 1)
+        assert len(builds) == 1
+        print("ok")
+        """
+    )
+    run_compiled(code)
 
 
 def test_sdpa_path_choice(monkeypatch):

@@ -196,7 +196,9 @@ def test_kernel_compiles_for_sm90():
             rf._rpb_factors_triton(e(1, 200, 4), 72, e(256, 2), e(256), e(8, 256), e(8), 1)
         (b,) = builds
         st = sass_stats(b.kernel)
-        assert st["stack"] == 0 and st["spill_stores"] == 0, st
+        assert st["stack"] == 0 and st["spill_stores"] == 0 and st["loop_shared"] == 0, st
+        with capture(rf._rpb_factors_kernel) as builds:  # n == 1 arrives as a constant: it still builds
+            rf._rpb_factors_triton(e(1, 3, 4), 1, e(256, 2), e(256), e(8, 256), e(8), 0)
         print("ok")
         """
     )
