@@ -50,6 +50,9 @@ Cases (the shapes the engine runs; see each kernel module's docstring):
   mask_postprocess  64 objects 288 x 288 -> 1080 x 1920, without and with non-overlap, list and scan
                     schedules (+ the positive-box pre-kernel and the finalize kernel)
   mask_for_memory   16 objects 288 -> 1008 -> 1152, sigmoid and binarized
+  layer_norm2d      the mask downsampler's LayerNorm2d + GELU at 16 objects (4 x 576^2, 16 x 288^2, 64 x 144^2)
+  group_norm        the pixel decoder's GroupNorm(8) + ReLU at 144^2 and 288^2 (statistics, apply)
+  rpb_factors       the decoder's boxRPB factors, 200 queries, one axis of 72 (float32)
   connected_components  16 masks of 288 x 288: init, merge, count, gather
 
     env -u TRITON_INTERPRET OMP_NUM_THREADS=1 python bench/kernel_static_report.py
@@ -331,6 +334,24 @@ def build_cases() -> List[Case]:
     for binarize in (False, True):
         cases.append(Case(f"mask_for_memory B={many} binarize={binarize}", (mfm._mask_for_memory_kernel,),
                           mfm_case(binarize)))
+
+    # ---- the mask downsampler's LayerNorm2d (+ GELU) and the pixel decoder's GroupNorm (+ ReLU) --
+    from sam3fast.kernels import group_norm as gn, layer_norm2d as ln2d, rpb_factors as rf
+
+    for C, side in ((4, 576), (16, 288), (64, 144)):
+        cases.append(Case(f"layer_norm2d B={many} {C}x{side}x{side} + GELU", (ln2d._layer_norm2d_kernel,),
+                          lambda C=C, side=side: ln2d._layer_norm2d_triton(
+                              _empty(many, C, side, side), _empty(C), _empty(C), 1e-6, gelu=True)))
+    for side in (144, 288):
+        cases.append(Case(f"group_norm 1x{D}x{side}x{side} + ReLU", (gn._group_stats_kernel, gn._group_apply_kernel),
+                          lambda side=side: gn._group_norm_triton(_empty(1, D, side, side), _empty(D), _empty(D), 8,
+                                                                  1e-5, relu=True)))
+
+    # ---- the decoder's boxRPB factors (float32 island): 200 queries, one axis of 72 --------------
+    cases.append(Case("rpb_factors Q=200 n=72", (rf._rpb_factors_kernel,),
+                      lambda: rf._rpb_factors_triton(_empty(1, 200, 4, dtype=torch.float32), g,
+                                                     *(_empty(*sh, dtype=torch.float32)
+                                                       for sh in ((D, 2), (D,), (8, D), (8,))), 1)))
 
     # ---- connected components: hole filling at 288 x 288 ---------------------------------------
     cc_kernels = (cc._cc_init_kernel, cc._cc_merge_kernel, cc._cc_count_kernel, cc._cc_gather_kernel)
