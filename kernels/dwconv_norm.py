@@ -103,6 +103,33 @@ if HAS_TRITON:
     from .rope import _bf16_rtne
 
     @triton.jit
+    def _tile(h_blocks, w_blocks, C, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        # Program -> its image b (int64), its pixels (row ph, column pw) and the channels c.
+        pid = tl.program_id(0)
+        b = (pid // (h_blocks * w_blocks)).to(tl.int64)
+        t = pid % (h_blocks * w_blocks)
+        p = tl.arange(0, BLOCK_H * BLOCK_W)
+        ph = (t // w_blocks) * BLOCK_H + p // BLOCK_W
+        pw = (t % w_blocks) * BLOCK_W + p % BLOCK_W
+        c = tl.arange(0, BLOCK_C)
+        return b, p, ph, pw, c, c < C
+
+    @triton.jit
+    def _norm_store(acc, cb_ptr, nw_ptr, nb_ptr, y_ptr, b, ph, pw, c, c_ok, C, H, W, eps,
+                    BF16_BY_HAND: tl.constexpr):
+        # acc (pixels, channels): the taps' float32 sums. The bias, the convolution's output rounded
+        # as the module's is, the norm from that value, the store of whole channel rows.
+        v = acc + tl.load(cb_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        if BF16_BY_HAND:
+            v = _bf16_rtne(v)
+        v = v.to(y_ptr.dtype.element_ty).to(tl.float32)
+        pix_ok = (ph < H) & (pw < W)
+        m = pix_ok[:, None] & c_ok[None, :]
+        y = _layer_norm_rows(tl.where(m, v, 0.0), m, nw_ptr, nb_ptr, c, c_ok, C, eps, BF16_BY_HAND)
+        rows = (b * H + ph.to(tl.int64)) * W + pw.to(tl.int64)
+        tl.store(y_ptr + rows[:, None] * C + c[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
     def _dwconv_norm_kernel(
         x_ptr, cw_ptr, cb_ptr, nw_ptr, nb_ptr, y_ptr,
         C, H, W, h_blocks, w_blocks, sxb, sxc, sxh, sxw, eps,
@@ -111,14 +138,7 @@ if HAS_TRITON:
     ):
         # Grid (B * h_blocks * w_blocks,): pixels [th * BLOCK_H, +BLOCK_H) x [tw * BLOCK_W, +BLOCK_W)
         # of image b, all channels.
-        pid = tl.program_id(0)
-        b = (pid // (h_blocks * w_blocks)).to(tl.int64)
-        t = pid % (h_blocks * w_blocks)
-        p = tl.arange(0, BLOCK_H * BLOCK_W)
-        ph = (t // w_blocks) * BLOCK_H + p // BLOCK_W
-        pw = (t % w_blocks) * BLOCK_W + p % BLOCK_W
-        c = tl.arange(0, BLOCK_C)
-        c_ok = c < C
+        b, p, ph, pw, c, c_ok = _tile(h_blocks, w_blocks, C, BLOCK_H, BLOCK_W, BLOCK_C)
         x_base = x_ptr + b * sxb + c.to(tl.int64)[None, :] * sxc
         acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_C), dtype=tl.float32)
         # a loop over the K x K taps, not unrolled: unrolled (tl.static_range) the compiler hoisted
@@ -133,16 +153,7 @@ if HAS_TRITON:
             # tile's layout (a (channels,) load was converted through shared memory every tap)
             wt = tl.load(cw_ptr + (c * (K * K) + tap)[None, :] + 0 * p[:, None], mask=c_ok[None, :], other=0.0)
             acc += v.to(tl.float32) * wt.to(tl.float32)
-        v = acc + tl.load(cb_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-        # the convolution's output, rounded as the module's is; the norm from that value
-        if BF16_BY_HAND:
-            v = _bf16_rtne(v)
-        v = v.to(y_ptr.dtype.element_ty).to(tl.float32)
-        pix_ok = (ph < H) & (pw < W)
-        m = pix_ok[:, None] & c_ok[None, :]
-        y = _layer_norm_rows(tl.where(m, v, 0.0), m, nw_ptr, nb_ptr, c, c_ok, C, eps, BF16_BY_HAND)
-        rows = (b * H + ph.to(tl.int64)) * W + pw.to(tl.int64)
-        tl.store(y_ptr + rows[:, None] * C + c[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
+        _norm_store(acc, cb_ptr, nw_ptr, nb_ptr, y_ptr, b, ph, pw, c, c_ok, C, H, W, eps, BF16_BY_HAND)
 
     @triton.jit
     def _dwconv_norm_cf_kernel(
@@ -157,14 +168,7 @@ if HAS_TRITON:
         # The channel stride is a constant (SXC) and, with EVEN_C (C == BLOCK_C), the channels need
         # no mask: a thread's loads are one pixel offset plus immediate channel offsets. Offsets
         # within an image are int32 (the launcher checks the image's extent).
-        pid = tl.program_id(0)
-        b = (pid // (h_blocks * w_blocks)).to(tl.int64)
-        t = pid % (h_blocks * w_blocks)
-        p = tl.arange(0, BLOCK_H * BLOCK_W)
-        ph = (t // w_blocks) * BLOCK_H + p // BLOCK_W
-        pw = (t % w_blocks) * BLOCK_W + p % BLOCK_W
-        c = tl.arange(0, BLOCK_C)
-        c_ok = c < C
+        b, p, ph, pw, c, c_ok = _tile(h_blocks, w_blocks, C, BLOCK_H, BLOCK_W, BLOCK_C)
         x_img = x_ptr + b * sxb
         acc = tl.zeros((BLOCK_C, BLOCK_H * BLOCK_W), dtype=tl.float32)
         for tap in range(K * K):
@@ -183,15 +187,7 @@ if HAS_TRITON:
                 v = tl.load(x_img + offs, mask=c_ok[:, None] & ok[None, :], other=0.0)
                 wt = tl.load(cw_ptr + w_offs, mask=c_ok[:, None], other=0.0)
             acc += v.to(tl.float32) * wt.to(tl.float32)
-        v = tl.trans(acc + tl.load(cb_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[:, None])
-        if BF16_BY_HAND:
-            v = _bf16_rtne(v)
-        v = v.to(y_ptr.dtype.element_ty).to(tl.float32)
-        pix_ok = (ph < H) & (pw < W)
-        m = pix_ok[:, None] & c_ok[None, :]
-        y = _layer_norm_rows(tl.where(m, v, 0.0), m, nw_ptr, nb_ptr, c, c_ok, C, eps, BF16_BY_HAND)
-        rows = (b * H + ph.to(tl.int64)) * W + pw.to(tl.int64)
-        tl.store(y_ptr + rows[:, None] * C + c[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
+        _norm_store(tl.trans(acc), cb_ptr, nw_ptr, nb_ptr, y_ptr, b, ph, pw, c, c_ok, C, H, W, eps, BF16_BY_HAND)
 
     # The interpreter (TRITON_INTERPRET=1 when this file was imported) casts float32 -> bf16 by
     # truncation (Triton 3.7): interpreted, the kernel rounds bf16 itself.
