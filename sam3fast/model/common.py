@@ -7,7 +7,7 @@ seq-first and batch-first, which only matters for how callers lay out their inpu
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -15,6 +15,14 @@ import torch.nn.functional as F
 
 from ..kernels.group_norm import GROUP_NORM_FAST_MIN_NUMEL, group_norm, group_norm_backend, group_norm_fast  # noqa: F401
 from ..kernels.layer_norm2d import layer_norm2d, layer_norm2d_backend, layer_norm2d_channels_first  # noqa: F401
+
+
+def check_switch(name: str, value: Union[bool, str]) -> Union[bool, str]:
+    """``value`` if it is True, False or "auto" (the engine's three-way switches: "auto" decides by
+    device and dtype), else a ValueError naming the switch."""
+    if isinstance(value, bool) or (isinstance(value, str) and value == "auto"):
+        return value
+    raise ValueError(f"{name} must be True, False or 'auto', got {value!r}")
 
 
 def _records_grad(*tensors: torch.Tensor) -> bool:

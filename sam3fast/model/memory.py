@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from ..kernels.dwconv_norm import dwconv_norm, dwconv_norm_backend
 from ..kernels.mask_for_memory import mask_for_memory, mask_for_memory_backend
-from .common import LayerNorm2d, norm_then_act
+from .common import LayerNorm2d, check_switch, norm_then_act
 from .neck import PositionEmbeddingSine
 
 
@@ -179,9 +179,7 @@ class MaskMemoryEncoder(nn.Module):
                 skip_mask_sigmoid: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         if not skip_mask_sigmoid:
             masks = torch.sigmoid(masks)
-        cl = self.channels_last_fuser
-        if not (isinstance(cl, bool) or (isinstance(cl, str) and cl == "auto")):
-            raise ValueError(f"channels_last_fuser must be True, False or 'auto', got {cl!r}")
+        cl = check_switch("channels_last_fuser", self.channels_last_fuser)
         if cl == "auto":
             cl = masks.is_cuda
         if cl:

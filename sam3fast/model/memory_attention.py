@@ -57,14 +57,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.memory_attention import memory_attention, memory_attention_backend, uses_sdpa_path
-from .common import KeepComplexBuffers, linear_relu
+from .common import KeepComplexBuffers, check_switch, linear_relu
 from .vit import apply_rope, compute_axial_cis
 
 
 def _check_fold(value: Union[bool, str]) -> Union[bool, str]:
-    if value is True or value is False or value == "auto":
-        return value
-    raise ValueError(f"fold_value must be True, False or 'auto', got {value!r}")
+    return check_switch("fold_value", value)
 
 
 def _rope_table(freqs_cis: torch.Tensor, L: int, head_dim: int, theta: float) -> torch.Tensor:

@@ -61,7 +61,7 @@ from ..kernels.fused_linear import fused_linear_backend, linear_gelu, linear_rop
 from ..kernels.residual_norm import residual_norm, residual_norm_backend
 from ..kernels.rope import rope, rope_backend
 from ..kernels.rope_attention import rope_self_attention_backend
-from .common import KeepComplexBuffers, addmm_activation, addmm_epilogue_serves
+from .common import KeepComplexBuffers, addmm_activation, addmm_epilogue_serves, check_switch
 
 
 def compute_axial_cis(
@@ -202,9 +202,7 @@ class Mlp(nn.Module):
 
     @tanh_gelu_epilogue.setter
     def tanh_gelu_epilogue(self, value: Union[bool, str]) -> None:
-        if value not in (True, False, "auto") or not isinstance(value, (bool, str)):
-            raise ValueError(f"tanh_gelu_epilogue must be True, False or 'auto', got {value!r}")
-        self._tanh_gelu_epilogue = value
+        self._tanh_gelu_epilogue = check_switch("tanh_gelu_epilogue", value)
 
     def uses_tanh_epilogue(self, x: torch.Tensor) -> bool:
         """Whether forward runs fc1 + the tanh GELU as one epilogue GEMM for this input (see the

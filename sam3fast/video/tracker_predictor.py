@@ -105,6 +105,7 @@ from tqdm.auto import tqdm
 
 from ..config import Sam3Config
 from ..kernels.mask_for_memory import mask_for_memory_backend
+from ..model.common import check_switch
 from ..model.memory import encode_new_memory, encode_new_memory_from_low_res
 from ..model.memory_attention import assemble_memory
 from ..model.neck import VisionBackbone
@@ -1548,11 +1549,9 @@ class Sam3TrackerPredictor(nn.Module):
         ``GRAPH_AUTO_MAX_ROWS`` rows."""
         if self._memory_step_compiled is not None:
             return True
-        graphs = self.cuda_graphs
+        graphs = check_switch("tracker.cuda_graphs", self.cuda_graphs)
         if graphs == "auto":
             return self.device.type == "cuda" and rows <= GRAPH_AUTO_MAX_ROWS
-        if not isinstance(graphs, bool):
-            raise ValueError(f"tracker.cuda_graphs must be True, False or 'auto', got {graphs!r}")
         return graphs
 
     def _bucketed_step(self, feats, top_pos, memory, memory_pos, valid, n_ptr, run_mem_encoder):
@@ -1995,9 +1994,7 @@ class Sam3TrackerPredictor(nn.Module):
         None where the option ``self.<option>`` (True, False or "auto": on CUDA) runs ``fn`` directly.
         The call is made again when the ``owner`` object, or the storage, dtype or device of one of
         ``weights`` (tensors or None), changed: a graph replays the weights it captured."""
-        mode = getattr(self, option)
-        if not (mode == "auto" or isinstance(mode, bool)):
-            raise ValueError(f"tracker.{option} must be True, False or 'auto', got {mode!r}")
+        mode = check_switch(f"tracker.{option}", getattr(self, option))
         if mode is False or (mode == "auto" and device.type != "cuda"):
             return None
         key = (id(owner),) + tuple(None if t is None else (t.data_ptr(), t.dtype, t.device) for t in weights)
