@@ -30,6 +30,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # the official-package helper lives with the tests
 
 
+
+# bf16 graphed rows with one ViT trunk switch changed (tag: (ViT attribute, value))
+TRUNK_VARIANTS = {
+    "trunk_unfused": ("fuse_residual_norm", False),
+    "fused_gelu": ("fused_gelu", True),
+    "fused_rope": ("fused_rope", True),
+    "fp32_residual": ("fp32_residual", True),
+    "exact_gelu": ("tanh_gelu_epilogue", False),
+    "window_sdpa_flash": ("window_sdpa_backend", "flash"),
+    "rope_attention_kernel": ("rope_attention_kernel", True),
+}
+
 def machine_header(device: torch.device) -> dict:
     h = {"torch": torch.__version__, "python": platform.python_version(), "host_cpu": platform.processor() or platform.machine(),
          "cpu_threads": torch.get_num_threads(), "device": str(device)}
@@ -73,7 +85,9 @@ def main(argv=None):
     ap.add_argument("--device", default=None)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=8, help="images for the batched throughput run")
+    ap.add_argument("--batch", type=int, default=8, help="images for the batched throughput run (0: none)")
+    ap.add_argument("--trunk-variants", default=",".join(TRUNK_VARIANTS),
+                    help="bf16 graphed rows with one trunk switch changed, comma-separated (empty: none)")
     ap.add_argument("--no-official", action="store_true")
     ap.add_argument("--official-compile", action="store_true",
                     help="also the official model with its own compile option (build_sam3_image_model(compile=True): "
@@ -87,6 +101,11 @@ def main(argv=None):
                     help="native API with CUDA graphs (on), eagerly (off) or both side by side; CPU: off")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
+    unknown = {v.strip() for v in args.trunk_variants.split(",") if v.strip()} - set(TRUNK_VARIANTS)
+    if unknown:
+        ap.error(f"--trunk-variants: unknown {sorted(unknown)} (known: {', '.join(TRUNK_VARIANTS)})")
+    if args.batch < 0:
+        ap.error("--batch must be >= 0")
     if args.smoke:
         args.config, args.device, args.iters, args.warmup, args.batch = "tiny", "cpu", 1, 0, 2
 
@@ -169,7 +188,7 @@ def main(argv=None):
             record(f"sam3fast_{dtype}_native_batch1_1prompt{tag}", timeit(
                 lambda p=pred: p.predict([image], [prompt]), device, args.warmup, args.iters))
             imgs = [image] * args.batch
-            for prompts in ([prompt], [prompt, "branch", "sky"]):
+            for prompts in ([prompt], [prompt, "branch", "sky"]) if args.batch > 0 else ():
                 r = timeit(lambda p=pred, ps=prompts: p.predict(imgs, ps), device, args.warmup, max(1, args.iters // 4))
                 r["images_per_s"] = args.batch / (r["ms_median"] / 1e3)
                 record(f"sam3fast_{dtype}_batch{args.batch}_{len(prompts)}prompt{'s' if len(prompts) > 1 else ''}{tag}", r)
@@ -184,11 +203,9 @@ def main(argv=None):
             # the window blocks' SDPA pinned to PyTorch's flash backend (cuDNN is its own first choice),
             # and RoPE inside the attention (sam3fast::rope_self_attention instead of rope + SDPA)
             trunk = model.backbone.vision_backbone.trunk
-            for tag, attr, value in (("trunk_unfused", "fuse_residual_norm", False), ("fused_gelu", "fused_gelu", True),
-                                     ("fused_rope", "fused_rope", True), ("fp32_residual", "fp32_residual", True),
-                                     ("exact_gelu", "tanh_gelu_epilogue", False),
-                                     ("window_sdpa_flash", "window_sdpa_backend", "flash"),
-                                     ("rope_attention_kernel", "rope_attention_kernel", True)):
+            chosen = [v.strip() for v in args.trunk_variants.split(",") if v.strip()]
+            for tag in chosen:
+                attr, value = TRUNK_VARIANTS[tag]
                 prev = getattr(trunk, attr)
                 setattr(trunk, attr, value)
                 try:

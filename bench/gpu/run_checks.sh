@@ -100,7 +100,10 @@ if [[ $PHASE == a ]]; then
     # (run 2 of 2026-11-27: cached 14.5 against 19.8 ms a frame; the extra keys are 15 %)
     step profile_perframe 150 80 python3 bench/profile_gpu.py --parts tracker --objects 5 \
         --tracker-variants default,perframe --out bench/results/perframe
-    step bench_image 80 110 python3 bench/bench_image.py --iters 10 --dtype bfloat16
+    # image latency side by side with the official (graphed, batch 1; the trunk's new tanh-GELU
+    # default against its exact GELU): 138 s with every row in the first H200 run of 2026-11-27
+    step bench_image 80 110 python3 bench/bench_image.py --iters 10 --dtype bfloat16 --cuda-graphs on --batch 0 \
+        --trunk-variants exact_gelu
     step gpu_tests_first 30 170 python3 -m pytest -m "gpu and not slow" -v -p no:cacheprovider --timeout 100 \
         --timeout-method thread -rfE --durations 15 --junitxml "$OUT/gpu_tests_first.xml" $FIRST \
         --deselect "$TMA_TEST" --deselect "$STUCK_TEST"
