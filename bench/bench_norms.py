@@ -20,6 +20,12 @@ GroupNorm(8, D) at the segmentation head's pixel-decoder shapes, B images: (B, D
                                module's path on CUDA)
   ... + ReLU                   the norm then the ReLU, as the pixel decoder runs them: group_norm_fast +
                                F.relu, compiled, and the kernels' fused form (FastGroupNorm.forward_relu)
+The mask downsampler's first two stages with their convolution (conv 3 x 3 stride 2 from 1 and 4
+channels to 4 and 16, LayerNorm2d, GELU), N objects. Rows:
+  conv + LayerNorm2d + F.gelu        the modules' operations (cuDNN's convolution, then the norm's path)
+  conv + triton layer_norm2d + GELU  the path before session 17 on CUDA
+  triton conv_norm_gelu              ``sam3fast::conv_norm_gelu``: all three in one pass (the
+                                     downsampler's path on CUDA), and other pixel blocks / warps
 The row LayerNorm2d / FastGroupNorm itself runs is marked "*" (LayerNorm2d.SMALL_C,
 GROUP_NORM_FAST_MIN_NUMEL). Each row is checked against the previous implementation before it is
 timed. GB/s counts x read once and the output written once. The last lines add up one frame's
@@ -53,6 +59,7 @@ from _common import (  # noqa: E402
 use_interpreter_without_cuda()  # before the kernel import
 
 from sam3fast.config import get_config  # noqa: E402
+from sam3fast.kernels import conv_norm_gelu as cng  # noqa: E402
 from sam3fast.kernels import group_norm as gn  # noqa: E402
 from sam3fast.kernels import layer_norm2d as ln2d  # noqa: E402
 from sam3fast.model.common import (  # noqa: E402
@@ -78,12 +85,12 @@ def _name(row):
     return row["impl"] + (" *" if row["chosen"] else "")
 
 
-def _run_rows(label, x, cands, want, chosen, args, device):
+def _run_rows(label, x, cands, want, chosen, args, device, atol=2e-2):
     nbytes = 2 * x.numel() * x.element_size()
     rows = []
     for impl, fn in cands.items():
         with torch.no_grad():
-            torch.testing.assert_close(fn().float(), want.float(), rtol=2e-2, atol=2e-2)
+            torch.testing.assert_close(fn().float(), want.float(), rtol=2e-2, atol=atol)
             ms = time_ms(fn, device, args.reps)
         rows.append({"shape": label, "impl": impl, "chosen": impl == chosen, "ms": ms, "GBs": nbytes / ms / 1e6})
         print(f"{label:28} {_name(rows[-1]):30} {ms:10.4f} ms  {nbytes / ms / 1e6:9.1f} GB/s")
@@ -164,6 +171,39 @@ def bench_group_norm(shape, args, device, dtype, compile_backend):
     return rows + _run_rows(f"GN8+ReLU {tuple(shape)}", x, cands, want, chosen, args, device)
 
 
+def bench_conv_norm_gelu(in_shape, co, args, device, dtype):
+    """A mask-downsampler stage (conv 3 x 3 stride 2, LayerNorm2d, GELU) with few channels: the
+    module's path (cuDNN's convolution, then the LayerNorm2d + GELU kernel or PyTorch's chain)
+    against ``sam3fast::conv_norm_gelu`` (one pass)."""
+    B, ci, side, _ = in_shape
+    g = torch.Generator().manual_seed(co)
+    x = _input(in_shape, dtype, device, seed=co)
+    cw = (torch.randn(co, ci, 3, 3, generator=g) / (3 * ci)).to(device=device, dtype=dtype)
+    cb = (0.3 * torch.randn(co, generator=g)).to(device=device, dtype=dtype)
+    m = _affine(LayerNorm2d(co), seed=co).to(device=device, dtype=dtype)
+    w, b, eps = m.weight, m.bias, m.eps
+
+    def module_path():
+        return F.gelu(m(F.conv2d(x, cw, cb, stride=2, padding=1)))
+
+    cands = {"conv + LayerNorm2d + F.gelu": module_path}
+    if ln2d.HAS_TRITON:
+        cands["conv + triton layer_norm2d + GELU"] = lambda: ln2d._layer_norm2d_triton(
+            F.conv2d(x, cw, cb, stride=2, padding=1), w, b, eps, True)
+        cands["triton conv_norm_gelu"] = lambda: cng._conv_norm_gelu_triton(x, cw, cb, w, b, eps, 2)
+        for bp, nw in () if args.smoke else ((32, 4), (128, 4), (64, 8)):  # (the default: 64 pixels, 4 warps)
+            cands[f"triton conv_norm_gelu {bp}p w{nw}"] = lambda bp=bp, nw=nw: cng._conv_norm_gelu_triton(
+                x, cw, cb, w, b, eps, 2, block_p=bp, num_warps=nw)
+    chosen = "triton conv_norm_gelu" if ln2d.HAS_TRITON and device.type == "cuda" else "conv + LayerNorm2d + F.gelu"
+    with torch.no_grad():
+        want = F.gelu(m.float()(F.conv2d(x.float(), cw.float(), cb.float(), stride=2, padding=1)))
+        m.to(dtype)
+        # the norm over few channels magnifies the convolution's rounding where a pixel's channels
+        # nearly agree: a candidate may be off the float32 chain by twice the module path's own error
+        atol = 2 * (module_path().float() - want).abs().max().item() + 2e-2
+    return _run_rows(f"conv{ci}>{co}+LN2d+GELU {tuple(in_shape)}", x, cands, want, chosen, args, device, atol)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="the tiny config's shapes on CPU (CI); not performance numbers")
@@ -202,6 +242,10 @@ def main(argv=None):
     for shape in gn_shapes:
         torch._dynamo.reset()
         rows += bench_group_norm(shape, args, device, dtype, compile_backend)
+    # the downsampler's first two stages, convolution included (the ones conv_norm_gelu serves)
+    for i in range(2):  # (smoke: a 32 x 32 map, the interpreter runs a program per 64 output pixels)
+        side = 32 if args.smoke else size >> i
+        rows += bench_conv_norm_gelu((args.objects, 4 ** i, side, side), 4 ** (i + 1), args, device, dtype)
 
     def total(prefix, old):
         sel = [r for r in rows if r["shape"].startswith(prefix)]

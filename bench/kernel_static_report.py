@@ -53,6 +53,8 @@ Cases (the shapes the engine runs; see each kernel module's docstring):
   layer_norm2d      the mask downsampler's LayerNorm2d + GELU at 16 objects (4 x 576^2, 16 x 288^2, 64 x 144^2)
   group_norm        the pixel decoder's GroupNorm(8) + ReLU at 144^2 and 288^2 (statistics, apply)
   rpb_factors       the decoder's boxRPB factors, 200 queries, one axis of 72 (float32)
+  conv_norm_gelu    the mask downsampler's first two stages at 16 objects (1 -> 4 from 1152^2,
+                    4 -> 16 from 576^2): conv 3 x 3 stride 2 + LayerNorm2d + GELU
   connected_components  16 masks of 288 x 288: init, merge, count, gather
 
     env -u TRITON_INTERPRET OMP_NUM_THREADS=1 python bench/kernel_static_report.py
@@ -346,6 +348,15 @@ def build_cases() -> List[Case]:
         cases.append(Case(f"group_norm 1x{D}x{side}x{side} + ReLU", (gn._group_stats_kernel, gn._group_apply_kernel),
                           lambda side=side: gn._group_norm_triton(_empty(1, D, side, side), _empty(D), _empty(D), 8,
                                                                   1e-5, relu=True)))
+
+    # ---- the mask downsampler's first two stages: conv 3 x 3 stride 2 + LayerNorm2d + GELU ------
+    from sam3fast.kernels import conv_norm_gelu as cng
+
+    for ci, co, side in ((1, 4, trk.mem_interpol_size), (4, 16, trk.mem_interpol_size // 2)):
+        cases.append(Case(f"conv_norm_gelu B={many} {ci}->{co} from {side}x{side}", (cng._conv_norm_gelu_kernel,),
+                          lambda ci=ci, co=co, side=side: cng._conv_norm_gelu_triton(
+                              _empty(many, ci, side, side), _empty(co, ci, 3, 3), _empty(co), _empty(co), _empty(co),
+                              1e-6, 2)))
 
     # ---- the decoder's boxRPB factors (float32 island): 200 queries, one axis of 72 --------------
     cases.append(Case("rpb_factors Q=200 n=72", (rf._rpb_factors_kernel,),

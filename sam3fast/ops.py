@@ -22,6 +22,7 @@ from .kernels.memory_attention import memory_attention, memory_attention_backend
 from .kernels.prompt_cross_attention import prompt_cross_attention, prompt_cross_attention_backend
 from .kernels.rpb_attention import rpb_attention, rpb_attention_backend
 from .kernels.rpb_factors import rpb_factors, rpb_factors_backend
+from .kernels.conv_norm_gelu import conv_norm_gelu, conv_norm_gelu_backend
 from .kernels.dwconv_norm import dwconv_norm, dwconv_norm_backend
 from .kernels.fused_linear import fused_linear_backend, linear_gelu, linear_rope
 from .kernels.group_norm import group_norm, group_norm_backend
@@ -43,7 +44,7 @@ __all__ = ["FORCE_REFERENCE", "MaskPostprocessOutput", "mask_postprocess", "mask
            "mask_for_memory", "mask_for_memory_backend", "rope", "rope_backend", "residual_norm",
            "residual_norm_backend", "linear_gelu", "linear_rope", "fused_linear_backend",
            "dwconv_norm", "dwconv_norm_backend", "layer_norm2d", "layer_norm2d_backend",
-           "group_norm", "group_norm_backend",
+           "group_norm", "group_norm_backend", "conv_norm_gelu", "conv_norm_gelu_backend",
            "rope_self_attention", "rope_self_attention_backend"]
 
 connected_component_sizes_backend = _cc.connected_component_sizes_backend

@@ -55,7 +55,7 @@ STUCK_TEST="tests/test_linear_epilogues.py::test_cuda_relu_epilogue_bf16"
 FIRST="tests/test_video_graphs.py::test_gpu_ahead_detection_stream_equals_one_stream
  tests/test_tracker_predictor.py::test_cuda_prefetch_backbone_equals_inline_and_makes_no_sync
  tests/test_linear_epilogues.py tests/test_assignment.py tests/test_mask_ops.py tests/test_kernel_rpb_attention.py tests/test_kernel_residual_norm.py tests/test_kernel_layer_norm2d.py
- tests/test_kernel_group_norm.py tests/test_kernel_rpb_factors.py
+ tests/test_kernel_group_norm.py tests/test_kernel_rpb_factors.py tests/test_kernel_conv_norm_gelu.py
  tests/test_tracker_predictor.py
  tests/test_kernel_memory_attention.py tests/test_memory_attention_fold.py
  tests/test_video_graphs.py tests/test_frame_masks.py tests/test_video_device_growth.py
@@ -116,6 +116,9 @@ else
     step profile 60 100 python3 bench/profile_gpu.py --parts image,tracker --objects 16
     # dwconv_norm: never timed (its bench failed its own check in the first H200 run of 2026-11-27)
     step bench_dwconv_norm 40 40 python3 bench/bench_dwconv_norm.py --no-compile
+    # the mask downsampler's first two stages in one pass (sam3fast::conv_norm_gelu, session 17)
+    # against cuDNN's convolution + the norm kernel (1.2 ms a frame for the 4 -> 16 conv at 16 objects)
+    step bench_norms 40 40 python3 bench/bench_norms.py --no-compile
     # the memory-attention module (folded, unfolded) where the tracker runs it at 8 and 16 objects:
     # the op's 128x64 w8 tile beat its SDPA path by 17 % at 8 objects in run 2 of 2026-11-27
     step bench_memory_attention_module 60 60 python3 bench/bench_memory_attention.py --objects 8,16 --no-compile \
