@@ -176,3 +176,13 @@ def sass_stats(kernel) -> Dict[str, int]:
             stats["loop_barriers"] += op == "BAR"
             stats["loop_shared"] += op in ("STS", "LDS", "LDSM")  # shared-memory traffic: layout conversions
     return stats
+
+
+def assert_no_spills_or_loop_conversions(kernel) -> Dict[str, int]:
+    """``sass_stats(kernel)`` after asserting no local memory (stack, spill stores) and, inside loops,
+    no barrier and no shared-memory traffic: in a kernel without ``tl.dot`` those are register layout
+    conversions paid every iteration. The tests' check of a kernel's default launch."""
+    st = sass_stats(kernel)
+    assert st["stack"] == 0 and st["spill_stores"] == 0, st
+    assert st["loop_barriers"] == 0 and st["loop_shared"] == 0, st
+    return st

@@ -88,6 +88,7 @@ def conv_norm_gelu_ref(x: Tensor, conv_weight: Tensor, conv_bias: Tensor, norm_w
 
 
 if HAS_TRITON:
+    from .layer_norm2d import _gelu_store_nchw
     from .residual_norm import _layer_norm_rows
     from .rope import _bf16_rtne
 
@@ -127,12 +128,7 @@ if HAS_TRITON:
         v = v.to(y_ptr.dtype.element_ty).to(tl.float32)  # the convolution's output, rounded
         m = p_ok[:, None] & co_ok[None, :]
         n = _layer_norm_rows(tl.where(m, v, 0.0), m, nw_ptr, nb_ptr, co, co_ok, CO, eps, BF16_BY_HAND)
-        n = n.to(y_ptr.dtype.element_ty).to(tl.float32)  # the norm's output, rounded
-        n = 0.5 * n * (1.0 + tl.math.erf(n * 0.7071067811865476))
-        if BF16_BY_HAND:
-            n = _bf16_rtne(n)
-        dst = y_ptr + b * CO * OHW + co.to(tl.int64)[None, :] * OHW + p.to(tl.int64)[:, None]
-        tl.store(dst, n.to(y_ptr.dtype.element_ty), mask=m)
+        _gelu_store_nchw(n, y_ptr, b, CO, OHW, co, p, m, True, BF16_BY_HAND)
 
     # The interpreter (TRITON_INTERPRET=1 when this file was imported) casts float32 -> bf16 by
     # truncation (Triton 3.7): interpreted, the kernel rounds bf16 itself.

@@ -100,6 +100,19 @@ if HAS_TRITON:
     from .rope import _bf16_rtne
 
     @triton.jit
+    def _gelu_store_nchw(n, y_ptr, b, C, HW, c, p, m, GELU: tl.constexpr, BF16_BY_HAND: tl.constexpr):
+        # n (pixels, channels) float32, the norm; with GELU the exact GELU of its rounded value (as
+        # F.gelu reads the norm's output); rounded once and stored at y[b, c, p] of a contiguous
+        # (B, C, HW) map.
+        if GELU:
+            n = n.to(y_ptr.dtype.element_ty).to(tl.float32)
+            n = 0.5 * n * (1.0 + tl.math.erf(n * 0.7071067811865476))
+            if BF16_BY_HAND:
+                n = _bf16_rtne(n)
+        dst = y_ptr + b * C * HW + c.to(tl.int64)[None, :] * HW + p.to(tl.int64)[:, None]
+        tl.store(dst, n.to(y_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
     def _layer_norm2d_kernel(
         x_ptr, w_ptr, b_ptr, y_ptr,
         C, W, HW, p_blocks, sxb, sxc, sxh, sxw, eps,
@@ -119,14 +132,7 @@ if HAS_TRITON:
         src = x_ptr + b * sxb + (ph * sxh + pw * sxw)[:, None] + c.to(tl.int64)[None, :] * sxc
         v = tl.load(src, mask=m, other=0.0).to(tl.float32)
         n = _layer_norm_rows(v, m, w_ptr, b_ptr, c, c_ok, C, eps, BF16_BY_HAND)
-        if GELU:
-            # the GELU of the rounded norm, as F.gelu reads the norm's output
-            n = n.to(y_ptr.dtype.element_ty).to(tl.float32)
-            n = 0.5 * n * (1.0 + tl.math.erf(n * 0.7071067811865476))
-            if BF16_BY_HAND:
-                n = _bf16_rtne(n)
-        dst = y_ptr + b * C * HW + c.to(tl.int64)[None, :] * HW + p.to(tl.int64)[:, None]
-        tl.store(dst, n.to(y_ptr.dtype.element_ty), mask=m)
+        _gelu_store_nchw(n, y_ptr, b, C, HW, c, p, m, GELU, BF16_BY_HAND)
 
     # The interpreter (TRITON_INTERPRET=1 when this file was imported) casts float32 -> bf16 by
     # truncation (Triton 3.7): interpreted, the kernel rounds bf16 itself.
