@@ -131,9 +131,10 @@ def build_cases() -> List[Case]:
     full sizes touches no memory)."""
     from sam3fast.config import get_config
     from sam3fast.kernels import (
-        _split_kv, connected_components as cc, dwconv_norm as dn, mask_for_memory as mfm, mask_postprocess as mp,
-        fused_linear as fl, memory_attention as ma, prompt_cross_attention as pca, residual_norm as rn,
-        rope as rp, rpb_attention as rpb, two_way_attention as tw,
+        _split_kv, connected_components as cc, conv_norm_gelu as cng, dwconv_norm as dn, group_norm as gn,
+        layer_norm2d as ln2d, mask_for_memory as mfm, mask_postprocess as mp, fused_linear as fl,
+        memory_attention as ma, prompt_cross_attention as pca, residual_norm as rn, rope as rp,
+        rpb_attention as rpb, rpb_factors as rf, two_way_attention as tw,
     )
     from sam3fast.kernels._triton_compat import cdiv
     from sam3fast.model.vit import compute_axial_cis
@@ -338,8 +339,6 @@ def build_cases() -> List[Case]:
                           mfm_case(binarize)))
 
     # ---- the mask downsampler's LayerNorm2d (+ GELU) and the pixel decoder's GroupNorm (+ ReLU) --
-    from sam3fast.kernels import group_norm as gn, layer_norm2d as ln2d, rpb_factors as rf
-
     for C, side in ((4, 576), (16, 288), (64, 144)):
         cases.append(Case(f"layer_norm2d B={many} {C}x{side}x{side} + GELU", (ln2d._layer_norm2d_kernel,),
                           lambda C=C, side=side: ln2d._layer_norm2d_triton(
@@ -350,8 +349,6 @@ def build_cases() -> List[Case]:
                                                                   1e-5, relu=True)))
 
     # ---- the mask downsampler's first two stages: conv 3 x 3 stride 2 + LayerNorm2d + GELU ------
-    from sam3fast.kernels import conv_norm_gelu as cng
-
     for ci, co, side in ((1, 4, trk.mem_interpol_size), (4, 16, trk.mem_interpol_size // 2)):
         cases.append(Case(f"conv_norm_gelu B={many} {ci}->{co} from {side}x{side}", (cng._conv_norm_gelu_kernel,),
                           lambda ci=ci, co=co, side=side: cng._conv_norm_gelu_triton(

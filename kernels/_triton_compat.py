@@ -26,7 +26,15 @@ except ImportError as _e:
     TRITON_IMPORT_ERROR = f"{type(_e).__name__}: {_e}"
 
 __all__ = ["HAS_TRITON", "TRITON_IMPORT_ERROR", "triton", "tl", "cdiv", "require_triton", "check_power_of_two",
-           "device_guard", "why_not_triton", "triton_backend", "KERNEL_DTYPES"]
+           "device_guard", "why_not_triton", "triton_backend", "KERNEL_DTYPES", "interpreted"]
+
+
+def interpreted(kernel) -> bool:
+    """Whether ``kernel`` (a ``@triton.jit`` function, as its module decorated it) runs under the
+    Triton interpreter (TRITON_INTERPRET=1 when that module was imported). The interpreter casts
+    float32 -> bf16 by truncation (Triton 3.7), so the kernels that round to bf16 take a
+    ``BF16_BY_HAND`` flag and round to nearest even themselves when interpreted."""
+    return HAS_TRITON and not isinstance(kernel, triton.runtime.JITFunction)
 
 
 def cdiv(a, b):

@@ -44,8 +44,8 @@ from sam3fast import env
 
 # triton is optional (the "gpu" extra): without it the reference and the CPU op still work.
 from ._triton_compat import (  # noqa: F401  (TRITON_IMPORT_ERROR: read by the tests)
-    KERNEL_DTYPES, HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, check_power_of_two, device_guard, output_buffer,
-    require_triton, tl, triton, triton_backend,
+    KERNEL_DTYPES, HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, check_power_of_two, device_guard, interpreted,
+    output_buffer, require_triton, tl, triton, triton_backend,
 )
 from .layer_norm2d import layer_norm2d_ref
 
@@ -130,9 +130,7 @@ if HAS_TRITON:
         n = _layer_norm_rows(tl.where(m, v, 0.0), m, nw_ptr, nb_ptr, co, co_ok, CO, eps, BF16_BY_HAND)
         _gelu_store_nchw(n, y_ptr, b, CO, OHW, co, p, m, True, BF16_BY_HAND)
 
-    # The interpreter (TRITON_INTERPRET=1 when this file was imported) casts float32 -> bf16 by
-    # truncation (Triton 3.7): interpreted, the kernel rounds bf16 itself.
-    _INTERPRETED = not isinstance(_conv_norm_gelu_kernel, triton.runtime.JITFunction)
+    _INTERPRETED = interpreted(_conv_norm_gelu_kernel)  # (then the kernel rounds bf16 itself: see interpreted)
 
 
 def _conv_norm_gelu_triton(

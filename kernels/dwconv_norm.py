@@ -56,8 +56,8 @@ from sam3fast import env
 
 # triton is optional (the "gpu" extra): without it the reference and the CPU op still work.
 from ._triton_compat import (  # noqa: F401  (TRITON_IMPORT_ERROR: read by the tests)
-    KERNEL_DTYPES, HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, check_power_of_two, device_guard, output_buffer,
-    require_triton, tl, triton, triton_backend,
+    KERNEL_DTYPES, HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, check_power_of_two, device_guard, interpreted,
+    output_buffer, require_triton, tl, triton, triton_backend,
 )
 
 _KERNEL_DTYPES = KERNEL_DTYPES
@@ -189,9 +189,7 @@ if HAS_TRITON:
             acc += v.to(tl.float32) * wt.to(tl.float32)
         _norm_store(tl.trans(acc), cb_ptr, nw_ptr, nb_ptr, y_ptr, b, ph, pw, c, c_ok, C, H, W, eps, BF16_BY_HAND)
 
-    # The interpreter (TRITON_INTERPRET=1 when this file was imported) casts float32 -> bf16 by
-    # truncation (Triton 3.7): interpreted, the kernel rounds bf16 itself.
-    _INTERPRETED = not isinstance(_dwconv_norm_kernel, triton.runtime.JITFunction)
+    _INTERPRETED = interpreted(_dwconv_norm_kernel)  # (then the kernel rounds bf16 itself: see interpreted)
 
 
 def _int32_extent(x: Tensor) -> bool:

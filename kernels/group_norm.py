@@ -46,8 +46,8 @@ from sam3fast import env
 
 # triton is optional (the "gpu" extra): without it the reference and the CPU op still work.
 from ._triton_compat import (  # noqa: F401  (TRITON_IMPORT_ERROR: read by the tests)
-    KERNEL_DTYPES, HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, check_power_of_two, device_guard, output_buffer,
-    require_triton, tl, triton, triton_backend,
+    KERNEL_DTYPES, HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, check_power_of_two, device_guard, interpreted,
+    output_buffer, require_triton, tl, triton, triton_backend,
 )
 from .layer_norm2d import _check_inputs as _check_map_affine
 from .layer_norm2d import default_block_p
@@ -208,9 +208,7 @@ if HAS_TRITON:
         dst = y_ptr + b * C * HW + c.to(tl.int64)[None, :] * HW + p.to(tl.int64)[:, None]
         tl.store(dst, y.to(y_ptr.dtype.element_ty), mask=m)
 
-    # The interpreter (TRITON_INTERPRET=1 when this file was imported) casts float32 -> bf16 by
-    # truncation (Triton 3.7): interpreted, the kernel rounds bf16 itself.
-    _INTERPRETED = not isinstance(_group_apply_kernel, triton.runtime.JITFunction)
+    _INTERPRETED = interpreted(_group_apply_kernel)  # (then the kernel rounds bf16 itself: see interpreted)
 
 
 def _group_norm_triton(

@@ -42,8 +42,8 @@ from sam3fast import env
 
 # triton is optional (the "gpu" extra): without it the reference and the CPU op still work.
 from ._triton_compat import (  # noqa: F401  (TRITON_IMPORT_ERROR: read by the tests)
-    KERNEL_DTYPES, HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, check_power_of_two, device_guard, output_buffer,
-    require_triton, tl, triton, triton_backend,
+    KERNEL_DTYPES, HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, check_power_of_two, device_guard, interpreted,
+    output_buffer, require_triton, tl, triton, triton_backend,
 )
 
 _MAX_CHANNELS = 128  # a strip's C x BLOCK_P values live in registers; LayerNorm2d.SMALL_C is 128
@@ -134,9 +134,7 @@ if HAS_TRITON:
         n = _layer_norm_rows(v, m, w_ptr, b_ptr, c, c_ok, C, eps, BF16_BY_HAND)
         _gelu_store_nchw(n, y_ptr, b, C, HW, c, p, m, GELU, BF16_BY_HAND)
 
-    # The interpreter (TRITON_INTERPRET=1 when this file was imported) casts float32 -> bf16 by
-    # truncation (Triton 3.7): interpreted, the kernel rounds bf16 itself.
-    _INTERPRETED = not isinstance(_layer_norm2d_kernel, triton.runtime.JITFunction)
+    _INTERPRETED = interpreted(_layer_norm2d_kernel)  # (then the kernel rounds bf16 itself: see interpreted)
 
 
 def _layer_norm2d_triton(

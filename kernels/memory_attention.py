@@ -78,8 +78,8 @@ from sam3fast import env
 
 # triton is optional (the "gpu" extra): without it the reference and the CPU op still work.
 from ._triton_compat import (  # noqa: F401  (TRITON_IMPORT_ERROR: read by the tests)
-    HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, check_power_of_two, device_guard, require_triton, tl, triton,
-    output_buffer, rows_contiguous,
+    HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, check_power_of_two, device_guard, interpreted, require_triton, tl,
+    triton, output_buffer, rows_contiguous,
 )
 from ._split_kv import attention_backend, check_qkv, merge_splits
 from ._split_kv import sm_count as _sm_count
@@ -223,7 +223,7 @@ if HAS_TRITON:
             tl.store(dst + b * out_b, ye.to(out_ptr.dtype.element_ty), mask=n_ok)
             tl.store(dst + b * out_b + 1, yo.to(out_ptr.dtype.element_ty), mask=n_ok)
 
-    _ROPE_INTERPRETED = not isinstance(_rope_keys_kernel, triton.runtime.JITFunction)
+    _INTERPRETED = interpreted(_rope_keys_kernel)  # (then the prepass rounds bf16 itself: see interpreted)
 
     @triton.jit
     def _tile_list_kernel(valid_ptr, tiles_ptr, count_ptr, S, n_tiles, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
@@ -563,7 +563,7 @@ def _rope_prepass(x: Tensor, rope: Tensor, n_rope: int, block_n: int = ROPE_PREP
     with device_guard(x.device):
         _rope_keys_kernel[(cdiv(S, block_n), H)](
             x, rope, out, B, S, H, rope.shape[0], n_rope, x.stride(0), x.stride(1), x.stride(2),
-            DH=Dh, BLOCK_N=block_n, BF16_BY_HAND=_ROPE_INTERPRETED and x.dtype == torch.bfloat16,
+            DH=Dh, BLOCK_N=block_n, BF16_BY_HAND=_INTERPRETED and x.dtype == torch.bfloat16,
             num_warps=num_warps,
         )
     return out

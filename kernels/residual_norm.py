@@ -55,8 +55,8 @@ from sam3fast import env
 
 # triton is optional (the "gpu" extra): without it the reference and the CPU op still work.
 from ._triton_compat import (  # noqa: F401  (TRITON_IMPORT_ERROR: read by the tests)
-    KERNEL_DTYPES, HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, check_power_of_two, device_guard, output_buffer,
-    require_triton, tl, triton, triton_backend,
+    KERNEL_DTYPES, HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, check_power_of_two, device_guard, interpreted,
+    output_buffer, require_triton, tl, triton, triton_backend,
 )
 
 _KERNEL_DTYPES = KERNEL_DTYPES
@@ -176,9 +176,7 @@ if HAS_TRITON:
         row_n = _window_row(t, H, W, OUT_WIN).to(tl.int64)[:, None] * C + cols[None, :]
         tl.store(n_ptr + row_n, n.to(n_ptr.dtype.element_ty), mask=m)
 
-    # The interpreter (TRITON_INTERPRET=1 when this file was imported) casts float32 -> bf16 by
-    # truncation (Triton 3.7): interpreted, the kernel rounds bf16 itself.
-    _INTERPRETED = not isinstance(_residual_norm_kernel, triton.runtime.JITFunction)
+    _INTERPRETED = interpreted(_residual_norm_kernel)  # (then the kernel rounds bf16 itself: see interpreted)
 
 
 def choose_block_t(C: int, tile_elems: int = TILE_ELEMS) -> int:

@@ -62,8 +62,8 @@ from sam3fast import env
 
 # triton is optional (the "gpu" extra): without it the reference and the CPU op still work.
 from ._triton_compat import (  # noqa: F401  (TRITON_IMPORT_ERROR: read by the tests)
-    KERNEL_DTYPES, HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, check_power_of_two, device_guard, output_buffer,
-    require_triton, tl, triton, triton_backend,
+    KERNEL_DTYPES, HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, check_power_of_two, device_guard, interpreted,
+    output_buffer, require_triton, tl, triton, triton_backend,
 )
 
 _KERNEL_DTYPES = KERNEL_DTYPES
@@ -157,9 +157,7 @@ if HAS_TRITON:
         dst = out_ptr + ((b * L + l3) * R + r3) * (2 * HALF) + d3
         tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=mask)
 
-    # The interpreter (TRITON_INTERPRET=1 when this file was imported) casts float32 -> bf16 by
-    # truncation (Triton 3.7): interpreted, the kernel rounds bf16 itself (``BF16_BY_HAND``).
-    _INTERPRETED = not isinstance(_rope_kernel, triton.runtime.JITFunction)
+    _INTERPRETED = interpreted(_rope_kernel)  # (then the kernel rounds bf16 itself: see interpreted)
 
 
 def choose_tile(L: int, R: int, hd: int, tile_elems: int = TILE_ELEMS) -> Tuple[int, int]:

@@ -357,7 +357,7 @@ def test_cuda_patch_embed_gemm_form_bf16():
 # The MLP's fc1 with the tanh-GELU epilogue (ViT.tanh_gelu_epilogue: "auto" = CUDA in bf16 / fp16)
 
 
-def test_tanh_gelu_epilogue_is_the_tanh_gelu_and_opt_in():
+def test_tanh_gelu_epilogue_is_the_tanh_gelu_and_auto_on_cuda_half():
     """``linear_tanh_gelu`` computes gelu_tanh(x W^T + b) (float64, a 4-D input, a weight that is
     not square), which differs from the exact GELU by at most 4.8e-4; the MLP uses it with the
     switch True, and under the default "auto" only on CUDA in bf16 / fp16 (so on CPU, in every
