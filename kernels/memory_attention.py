@@ -547,7 +547,8 @@ def _valid_tiles(valid_u8: Tensor, S: int, block_n: int) -> Tuple[Tensor, Tensor
 # tracker's keys (16 x 36352 x 1 x 256, bf16): 128 registers, no barrier, no shared memory, 2272
 # programs (32 rows: 254 registers; 64: spills). The kernel before session 17 (a program per 64
 # rows and object, reshape/split/join) had 229 registers and 63 barriers, and took 0.257 ms a call
-# on average in the 16-object tracker profile (H200, 2026-11-27), ~1 TB/s on the largest calls.
+# on average (13 calls a frame, self- and cross-attention) in the 16-object tracker profile (H200,
+# 2026-11-27). This kernel is not yet timed on a GPU.
 ROPE_PREPASS_BLOCK_N = 16
 ROPE_PREPASS_WARPS = 4
 
