@@ -27,7 +27,12 @@ Value fold (cross-attention only; ``RoPEAttention.fold_value``): the values are 
   module unfolded / module fold
                          the whole cross-attention as the model runs it (``RoPEAttention`` with
                          kv_in_dim = Dv, random weights: q/k/v projections, attention, out_proj), without
-                         and with the fold; the fold's derived (D, Dv) weight is included in its time
+                         and with the fold; the fold's derived (D, Dv) weight is included in its time;
+                         q and k projected with RoPE in the epilogue (``sam3fast::rope_projection``,
+                         "auto": CUDA bf16/fp16)
+  module ..., rope prepass
+                         the same with ``fuse_rope_projection = False``: the projections, then the
+                         op's RoPE prepass over q and the keys
 TFLOP/s counts the attention's FLOPs over the valid keys, 2 * B * H * Lq * S_valid * (Dh + Dv): QK^T at
 Dh and PV at Dv, i.e. 4 * ... * Dh for the unfolded rows and Dh + Dv for the fold rows (the module
 rows count their attention's only, not the projections). On a GPU the dense bf16 matmul rate
@@ -44,6 +49,7 @@ CPU numbers (``--smoke``) check that the script runs; they are not performance n
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import sys
@@ -200,11 +206,21 @@ def fold_rows(B, args, device, dtype, q, k, v, rope, freqs, key_valid, n_rope, s
         xd, mkd, md = (t.to(dtype) for t in (x, mem_k, mem))
         base_err = (unfolded(xd, mkd, md, freqs, T, key_valid).float() - want).abs().max().item()
     module_limit = 1e-4 * want.abs().max().item() if dtype == torch.float32 else 2 * base_err
-    for name, m in (("module unfolded (proj + attention)", unfolded), ("module fold (proj + attention)", folded)):
+    # (the q/k projections with RoPE in their epilogue, RoPEAttention.fuse_rope_projection "auto":
+    # on CUDA in bf16/fp16; the "rope prepass" rows set it False: projections, then the op's prepass)
+    unfused_rope = []
+    for m in (unfolded, folded):
+        m2 = copy.deepcopy(m)
+        m2.fuse_rope_projection = False
+        unfused_rope.append(m2)
+    for name, m in (("module unfolded (proj + attention)", unfolded), ("module fold (proj + attention)", folded),
+                    ("module unfolded, rope prepass (proj + attention)", unfused_rope[0]),
+                    ("module fold, rope prepass (proj + attention)", unfused_rope[1])):
         cands[name] = torch.no_grad()(lambda m=m: m(xd, mkd, md, freqs, T, key_valid))
         gates[name] = (want, module_limit)
     flops = {name: 2 * B * 1 * L * s_valid * (Dh + Dv) for name in cands}
-    flops["module unfolded (proj + attention)"] = 4 * B * 1 * L * s_valid * Dh
+    for name in ("module unfolded (proj + attention)", "module unfolded, rope prepass (proj + attention)"):
+        flops[name] = 4 * B * 1 * L * s_valid * Dh
     return cands, gates, flops
 
 

@@ -55,6 +55,9 @@ Cases (the shapes the engine runs; see each kernel module's docstring):
   rpb_factors       the decoder's boxRPB factors, 200 queries, one axis of 72 (float32)
   conv_norm_gelu    the mask downsampler's first two stages at 16 objects (1 -> 4 from 1152^2,
                     4 -> 16 from 576^2): conv 3 x 3 stride 2 + LayerNorm2d + GELU
+  rope_projection   the memory attention's projections with RoPE in the epilogue at 16 objects: the
+                    cross-attention's keys (7 frames + 64 pointer tokens, 64 -> 256) and a query
+                    (5184 x 256 -> 256)
   connected_components  16 masks of 288 x 288: init, merge, count, gather
 
     env -u TRITON_INTERPRET OMP_NUM_THREADS=1 python bench/kernel_static_report.py
@@ -134,7 +137,7 @@ def build_cases() -> List[Case]:
         _split_kv, connected_components as cc, conv_norm_gelu as cng, dwconv_norm as dn, group_norm as gn,
         layer_norm2d as ln2d, mask_for_memory as mfm, mask_postprocess as mp, fused_linear as fl,
         memory_attention as ma, prompt_cross_attention as pca, residual_norm as rn, rope as rp,
-        rpb_attention as rpb, rpb_factors as rf, two_way_attention as tw,
+        rope_projection as rproj, rpb_attention as rpb, rpb_factors as rf, two_way_attention as tw,
     )
     from sam3fast.kernels._triton_compat import cdiv
     from sam3fast.model.vit import compute_axial_cis
@@ -354,6 +357,14 @@ def build_cases() -> List[Case]:
                           lambda ci=ci, co=co, side=side: cng._conv_norm_gelu_triton(
                               _empty(many, ci, side, side), _empty(co, ci, 3, 3), _empty(co), _empty(co), _empty(co),
                               1e-6, 2)))
+
+    # ---- the memory attention's projections with RoPE in the epilogue, 16 objects ---------------
+    mem_table = torch.view_as_real(compute_axial_cis(D, g, g)).float()
+    n_frames_rot = trk.num_maskmem * g * g
+    for name, S, K, n_rope in (("keys", n_frames_rot + 64, trk.mem_dim, n_frames_rot), ("queries", g * g, D, g * g)):
+        cases.append(Case(f"rope_projection B={many} {name} S={S} {K}->{D}", (rproj._rope_projection_kernel,),
+                          lambda S=S, K=K, n_rope=n_rope: rproj._rope_projection_triton(
+                              _empty(many, S, K), _empty(D, K), _empty(D), mem_table, n_rope, 1)))
 
     # ---- the decoder's boxRPB factors (float32 island): 200 queries, one axis of 72 --------------
     cases.append(Case("rpb_factors Q=200 n=72", (rf._rpb_factors_kernel,),

@@ -548,7 +548,10 @@ def _valid_tiles(valid_u8: Tensor, S: int, block_n: int) -> Tuple[Tensor, Tensor
 # programs (32 rows: 254 registers; 64: spills). The kernel before session 17 (a program per 64
 # rows and object, reshape/split/join) had 229 registers and 63 barriers, and took 0.257 ms a call
 # on average (13 calls a frame, self- and cross-attention) in the 16-object tracker profile (H200,
-# 2026-11-27). This kernel is not yet timed on a GPU.
+# 2026-11-27). This kernel is not yet timed on a GPU. Since session 18 the tracker's modules on CUDA in
+# bf16/fp16 project q and the keys with RoPE in the projection's epilogue (sam3fast::rope_projection,
+# RoPEAttention.fuse_rope_projection) and call the op with nothing to rotate: the prepass then runs
+# only where that switch is off (and for direct callers of the op).
 ROPE_PREPASS_BLOCK_N = 16
 ROPE_PREPASS_WARPS = 4
 

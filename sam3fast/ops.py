@@ -30,6 +30,7 @@ from .kernels.layer_norm2d import layer_norm2d, layer_norm2d_backend
 from .kernels.residual_norm import residual_norm, residual_norm_backend
 from .kernels.rope import rope, rope_backend
 from .kernels.rope_attention import rope_self_attention, rope_self_attention_backend
+from .kernels.rope_projection import rope_projection, rope_projection_backend
 from .kernels.two_way_attention import image_to_token_attention, token_to_image_attention, two_way_attention_backend
 from .mask_ops import mask_areas, mask_iou, mask_nms, mask_ops_backend, nms_masks, pack_masks
 
@@ -45,7 +46,7 @@ __all__ = ["FORCE_REFERENCE", "MaskPostprocessOutput", "mask_postprocess", "mask
            "residual_norm_backend", "linear_gelu", "linear_rope", "fused_linear_backend",
            "dwconv_norm", "dwconv_norm_backend", "layer_norm2d", "layer_norm2d_backend",
            "group_norm", "group_norm_backend", "conv_norm_gelu", "conv_norm_gelu_backend",
-           "rope_self_attention", "rope_self_attention_backend"]
+           "rope_self_attention", "rope_self_attention_backend", "rope_projection", "rope_projection_backend"]
 
 connected_component_sizes_backend = _cc.connected_component_sizes_backend
 

@@ -16,6 +16,8 @@ BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
     ("bench_mask_iou.py", "mask_iou / mask_nms benchmark"),
     ("bench_memory_attention.py", "memory_attention benchmark"),
     ("bench_rope.py", ("# rope benchmark", "triton l2 w4", "eager apply_rope")),
+    ("bench_rope_projection.py", ("# rope_projection benchmark", "triton r16 j16 w4 s2", "linear + rope prepass",
+                                  "# frame (4 layers), 2 object(s), linear + rope prepass")),
     ("bench_dwconv_norm.py", ("# dwconv_norm benchmark", "triton 2x4 w4", "eager channels-last")),
     ("bench_fused_linear.py", ("# fused_linear benchmark", "triton 16x32x16 w4 s2", "eager linear + gelu",
                                "qkv+rope window", "qkv+rope global", "eager linear + rope",

@@ -1007,7 +1007,8 @@ def test_bf16_session_error_budget(pair, kernel_paths, objects):
     # the fold is taken exactly with the CUDA dispatch and 4 objects (the propagation's batched step)
     assert any(folds) == (kernel_paths and objects == 4), folds
     if kernel_paths:  # (the tiny config's 8-wide heads keep the two-way kernels off)
-        want = {"rope", "residual_norm", "memory_attention", "dwconv_norm", "layer_norm2d", "mask_for_memory"}
+        want = {"rope", "residual_norm", "memory_attention", "rope_projection", "dwconv_norm", "layer_norm2d",
+                "mask_for_memory"}
         assert want <= record.ops, sorted(record.ops)
     assert ours16.step_counts["fixed_capacity"] > 0
     assert len(got) == len(ref) == NUM_FRAMES + (3 if objects == 2 else 4)

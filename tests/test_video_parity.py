@@ -580,8 +580,8 @@ def test_bf16_video_session_error_budget(checkpoints, clip_dir, kernel_paths):
         got = run_our_session(pred, clip_dir, steps)[-1]["response"]
     assert len(ref) == len(auto) == len(got) == NUM_FRAMES
     if kernel_paths:  # (the tiny config's 8-wide heads keep the two-way, rpb and prompt kernels off)
-        want = {"rope", "residual_norm", "memory_attention", "dwconv_norm", "layer_norm2d", "mask_postprocess",
-                "connected_component_sizes"}
+        want = {"rope", "residual_norm", "memory_attention", "rope_projection", "dwconv_norm", "layer_norm2d",
+                "mask_postprocess", "connected_component_sizes"}
         assert want <= record.ops, sorted(record.ops)
 
     def drift(run):

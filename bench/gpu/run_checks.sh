@@ -57,7 +57,7 @@ FIRST="tests/test_video_graphs.py::test_gpu_ahead_detection_stream_equals_one_st
  tests/test_linear_epilogues.py tests/test_assignment.py tests/test_mask_ops.py tests/test_kernel_rpb_attention.py tests/test_kernel_residual_norm.py tests/test_kernel_layer_norm2d.py
  tests/test_kernel_group_norm.py tests/test_kernel_rpb_factors.py tests/test_kernel_conv_norm_gelu.py
  tests/test_tracker_predictor.py
- tests/test_kernel_memory_attention.py tests/test_memory_attention_fold.py
+ tests/test_kernel_memory_attention.py tests/test_memory_attention_fold.py tests/test_kernel_rope_projection.py
  tests/test_video_graphs.py tests/test_frame_masks.py tests/test_video_device_growth.py
  tests/test_video_parity.py::test_cuda_concept_frames_make_no_implicit_sync
  tests/test_video_parity.py::test_cuda_pipelined_outputs_ride_in_the_planning_copy tests/test_host_channel.py
@@ -81,6 +81,10 @@ if [[ $PHASE == a ]]; then
     # (Triton only, while the build runs) the boxRPB factor kernel rewritten in session 17 after its
     # first form took 57 us a launch (run 2 of 2026-11-27): its rows and tiles against the PyTorch chain
     step bench_rpb 480 45 python3 bench/bench_rpb_attention.py --no-compile
+    # (Triton only) the memory attention's q/k projections with RoPE in the epilogue (session 18,
+    # default on CUDA in bf16) against F.linear + the RoPE prepass (3.36 ms a frame at 16 objects in
+    # run 2 of 2026-11-27): keep it or set RoPEAttention.fuse_rope_projection back to False
+    step bench_rope_projection 440 45 python3 bench/bench_rope_projection.py --no-compile
     wait $BUILD_PID
     echo "== build (background): $(tail -1 "$OUT/build.log")" >>"$LOG"
     python3 -m sam3fast.info >"$OUT/info.txt" 2>&1

@@ -57,6 +57,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.memory_attention import memory_attention, memory_attention_backend, uses_sdpa_path
+from ..kernels.rope_projection import rope_projection, rope_projection_backend
 from .common import KeepComplexBuffers, check_switch, linear_relu
 from .vit import apply_rope, compute_axial_cis
 
@@ -89,7 +90,15 @@ class RoPEAttention(nn.Module):
     attend over the kv_in-wide ``v`` itself and fold ``v_proj`` into ``out_proj`` (module docstring of
     ``sam3fast.model.memory_attention``), always (True) or where the op then runs SDPA ("auto",
     :meth:`folds_for`); ignored for a self-attention.
+
+    ``fuse_rope_projection`` (class attribute, settable per instance: "auto", True, False): on the
+    kernel path, q_proj and k_proj run as ``sam3fast::rope_projection``, which rotates the rows in
+    its epilogue, and the op is told to rotate nothing (no RoPE prepass reading and rewriting q and
+    the keys); "auto" in bfloat16 / float16 (:meth:`fuses_rope_projection`). Not yet timed on a GPU:
+    False restores the projections + the op's own rotation.
     """
+
+    fuse_rope_projection: Union[bool, str] = "auto"
 
     def __init__(self, embedding_dim: int, num_heads: int = 1, kv_in_dim: Optional[int] = None,
                  fold_value: Union[bool, str] = False):
@@ -133,6 +142,23 @@ class RoPEAttention(nn.Module):
         return (self.use_kernel and memory_attention_backend(q, self.kv_in_dim)[0] == "triton"
                 and uses_sdpa_path(q, self.kv_in_dim))
 
+    def fuses_rope_projection(self, q: torch.Tensor, k: torch.Tensor) -> bool:
+        """Whether forward projects q (B, L, D) and k (B, S, kv_in) with ``sam3fast::rope_projection``
+        (RoPE in the projections' epilogue) before the kernel op: on the op's kernel path (its
+        backend for these queries, and the projection's), without autocast (the op takes one dtype
+        for x and the weights), where ``fuse_rope_projection`` is True, or "auto" and the dtype is
+        bfloat16 / float16."""
+        mode = check_switch("fuse_rope_projection", self.fuse_rope_projection)
+        if mode is False or not self.use_kernel or torch.is_autocast_enabled(q.device.type):
+            return False
+        if q.dtype != self.q_proj.weight.dtype or k.dtype != self.k_proj.weight.dtype:
+            return False
+        qh = q.unflatten(-1, (self.num_heads, -1))  # (a view: the backends read device, dtype, head dim)
+        v_dim = self.kv_in_dim if self.folds_for(qh) else None
+        if memory_attention_backend(qh, v_dim)[0] != "triton" or rope_projection_backend(q)[0] != "triton":
+            return False
+        return mode is True or q.dtype in (torch.bfloat16, torch.float16)
+
     def folded_out_proj(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(W (D, H * kv_in), b (D,))`` in ``dtype``: out_proj(concat_h(o_h Wv_h^T + bv_h)) =
         concat_h(o_h) W^T + b for per-head kv_in-wide o_h. Computed from the current parameters in
@@ -156,14 +182,22 @@ class RoPEAttention(nn.Module):
         B, L, _ = q.shape
         S = k.shape[1]
         H = self.num_heads
+        n_rope = S - num_k_exclude_rope
+        if n_rope % L:
+            raise ValueError(f"{n_rope} rotated keys are not a whole number of {L}-token frames")
+        if self.fuses_rope_projection(q, k):
+            # The projections write rotated rows (sam3fast::rope_projection): the op rotates nothing.
+            q = rope_projection(q, self.q_proj.weight, self.q_proj.bias, freqs_cis, L, H)
+            fold = self.folds_for(q)
+            k = rope_projection(k, self.k_proj.weight, self.k_proj.bias, freqs_cis, n_rope, H)
+            v = v.unsqueeze(2).expand(B, S, H, v.shape[-1]) if fold else self.v_proj(v).view(B, S, H, -1)
+            out = memory_attention(q, k, v, freqs_cis, key_valid, rope_q=False, n_rope_keys=0)
+            return self._project_out(out.reshape(B, L, -1), fold, key_valid)
         q = self.q_proj(q).view(B, L, H, -1)
         fold = self.folds_for(q)
         k = self.k_proj(k).view(B, S, H, -1)
         # Folded: every head attends over the same kv_in-wide values (stride 0 over the heads).
         v = v.unsqueeze(2).expand(B, S, H, v.shape[-1]) if fold else self.v_proj(v).view(B, S, H, -1)
-        n_rope = S - num_k_exclude_rope
-        if n_rope % L:
-            raise ValueError(f"{n_rope} rotated keys are not a whole number of {L}-token frames")
         if self.use_kernel and memory_attention_backend(q, v.shape[-1])[0] == "triton":
             out = memory_attention(q, k, v, freqs_cis, key_valid, rope_q=True, n_rope_keys=n_rope)
             return self._project_out(out.reshape(B, L, -1), fold, key_valid)
