@@ -30,6 +30,9 @@ Value fold (cross-attention only; ``RoPEAttention.fold_value``): the values are 
                          and with the fold; the fold's derived (D, Dv) weight is included in its time;
                          q and k projected with RoPE in the epilogue (``sam3fast::rope_projection``,
                          "auto": CUDA bf16/fp16)
+  sdpa cudnn (fold), no mask
+                         (GPU, with a mask) cuDNN over every key without the mask: what the validity
+                         mask of a fixed-capacity bank costs it (counted at S keys, a different result)
   module ..., rope prepass
                          the same with ``fuse_rope_projection = False``: the projections, then the
                          op's RoPE prepass over q and the keys
@@ -193,6 +196,18 @@ def fold_rows(B, args, device, dtype, q, k, v, rope, freqs, key_valid, n_rope, s
             print(f"{label:24} sdpa {name} fold{' ' * (23 - len(name))} unsupported ({str(e).splitlines()[0][:80]})")
             continue
         cands[f"sdpa {name} fold (attention only)"] = run
+    if mask is not None and device.type == "cuda":
+        # what the mask costs cuDNN: the same call over every key, no mask (a different result; the
+        # official per-frame memory passes no mask)
+        def run_no_mask():
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return F.scaled_dot_product_attention(qr, k_rot, vt)
+
+        try:
+            run_no_mask()
+            cands["sdpa cudnn fold, no mask (attention only, every key)"] = run_no_mask
+        except RuntimeError as e:
+            print(f"{label:24} sdpa cudnn fold, no mask    unsupported ({str(e).splitlines()[0][:80]})")
 
     # The whole cross-attention, folded vs not (projections included).
     g = torch.Generator().manual_seed(1)
@@ -218,7 +233,7 @@ def fold_rows(B, args, device, dtype, q, k, v, rope, freqs, key_valid, n_rope, s
                     ("module fold, rope prepass (proj + attention)", unfused_rope[1])):
         cands[name] = torch.no_grad()(lambda m=m: m(xd, mkd, md, freqs, T, key_valid))
         gates[name] = (want, module_limit)
-    flops = {name: 2 * B * 1 * L * s_valid * (Dh + Dv) for name in cands}
+    flops = {name: 2 * B * 1 * L * (S if "no mask" in name else s_valid) * (Dh + Dv) for name in cands}
     for name in ("module unfolded (proj + attention)", "module unfolded, rope prepass (proj + attention)"):
         flops[name] = 4 * B * 1 * L * s_valid * Dh
     return cands, gates, flops
@@ -295,6 +310,18 @@ def bench_shape(B, self_attn, args, device, dtype, tiles, compile_backend, matmu
             print(f"{label:24} sdpa {name:28} unsupported ({str(e).splitlines()[0][:80]})")
             continue
         cands[f"sdpa {name} (attention only)"] = run
+    if mask is not None and device.type == "cuda":
+        # what the mask costs cuDNN: the same call over every key, no mask (a different result; the
+        # official per-frame memory passes no mask)
+        def run_no_mask():
+            with sdpa_kernel(_sdpa_backends()["cudnn"]):
+                return F.scaled_dot_product_attention(qr, k_rot, vt)
+
+        try:
+            run_no_mask()
+            cands["sdpa cudnn, no mask (attention only, every key)"] = run_no_mask
+        except (RuntimeError, KeyError) as e:
+            print(f"{label:24} sdpa cudnn, no mask         unsupported ({str(e).splitlines()[0][:80]})")
     xops = _xformers()
     if xops is not None and device.type == "cuda":
         bias = None if mask is None else torch.zeros(B, 1, L, S, device=device, dtype=dtype).masked_fill(
@@ -313,6 +340,8 @@ def bench_shape(B, self_attn, args, device, dtype, tiles, compile_backend, matmu
     limit = 1e-4 if dtype == torch.float32 else 2 * torch_err
     gates = {name: (ref, limit) for name in cands if name.startswith(("triton", "sdpa path", "op"))}
     row_flops = {name: flops for name in cands}
+    if "sdpa cudnn, no mask (attention only, every key)" in cands:
+        row_flops["sdpa cudnn, no mask (attention only, every key)"] = flops * S // s_valid
     if not self_attn and not args.no_fold:
         fc, fg, ff = fold_rows(B, args, device, dtype, q, k, v, rope, freqs, key_valid, n_rope, s_valid, ref,
                                eager_out, qr, k_rot, mask, fold_tiles, label)
