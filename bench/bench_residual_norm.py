@@ -17,6 +17,8 @@ GB/s counts what the op must move for every row alike: x and y read, s and n wri
 elements of the dtype). Each row is checked before it is timed: s bit for bit against the add, n
 against F.layer_norm within 2 bf16 ulps. The last lines add up a trunk: per window block one
 unwindow+add+norm2 and one add+norm1+window, per global block one add+norm2 and one add+norm1.
+Then the tracker's memory attention (``MemoryAttention.fuse_residual_norm``): add+norm over
+(objects, 5184, 256) at ``--mem-objects``, and a frame's 12 of them.
 
     python bench/bench_residual_norm.py                 # GPU: bf16
     python bench/bench_residual_norm.py --no-compile
@@ -49,6 +51,8 @@ from sam3fast.kernels import residual_norm as rn  # noqa: E402
 
 # (BLOCK_T, num_warps) at C = 1024
 TILES = [(1, 4), (2, 4), (4, 4), (4, 8), (8, 8), (16, 8)]
+# ... at C = 256 (the memory attention's stream)
+MEM_TILES = [(8, 4), (16, 4), (32, 4), (16, 8), (32, 8)]
 
 
 def eager_chain(x, y, w, b, eps, yw, ow):
@@ -56,10 +60,12 @@ def eager_chain(x, y, w, b, eps, yw, ow):
     return rn.residual_norm_ref(x, y, w, b, eps, yw, ow)
 
 
-def bench_call(name, yw, ow, args, device, dtype, tiles, compile_backend):
+def bench_call(name, yw, ow, args, device, dtype, tiles, compile_backend, shape=None):
+    """``shape`` (B, H, W, C): another stream than the trunk's (no windows)."""
     B, g, C, win = args.images, args.grid, args.width, args.window
+    B, H, W, C = (B, g, g, C) if shape is None else shape
     gen = torch.Generator().manual_seed(len(name))
-    x = (2 * torch.randn(B, g, g, C, generator=gen)).to(device=device, dtype=dtype)
+    x = (2 * torch.randn(B, H, W, C, generator=gen)).to(device=device, dtype=dtype)
     y = torch.randn(rn._window_shape(x, yw * win), generator=gen).to(device=device, dtype=dtype)
     w = (1 + 0.3 * torch.randn(C, generator=gen)).to(device=device, dtype=dtype)
     b = (0.2 * torch.randn(C, generator=gen)).to(device=device, dtype=dtype)
@@ -105,16 +111,19 @@ def main(argv=None):
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    p.add_argument("--mem-objects", default="1,16",
+                   help="objects of the memory-attention rows (comma-separated; empty: none)")
     p.add_argument("--out", default=None, help="results path stem (GPU: bench/results/residual_norm_<gpu>_<date>)")
     args = p.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vit = get_config("sam3").vit
     args.grid, args.width, args.window = vit.grid, vit.embed_dim, vit.window_size
+    args.mem_width = get_config("sam3").d_model
     run_blocks = max(vit.global_att_blocks) + 1
     n_global = len(vit.global_att_blocks)
     if args.smoke:
-        args.grid, args.width, args.window, args.reps = 6, 40, 3, 3
+        args.grid, args.width, args.window, args.reps, args.mem_width, args.mem_objects = 6, 40, 3, 3, 24, "2"
     elif device.type != "cuda":
         p.error("full-size runs need a CUDA device; use --smoke on CPU")
     if args.grid % args.window:
@@ -132,6 +141,18 @@ def main(argv=None):
     rows = []
     for name, (yw, ow) in calls.items():
         rows += bench_call(name, yw, ow, args, device, dtype, tiles, compile_backend)
+    # the tracker's memory attention (MemoryAttention.fuse_residual_norm): 12 adds + norms a frame
+    # over (objects, 5184, 256), each against the add and F.layer_norm
+    mem_rows = []
+    for B in [int(v) for v in args.mem_objects.split(",") if v]:
+        mem_rows += bench_call(f"memattn add+norm B={B}", 0, 0, args, device, dtype,
+                               tiles if device.type == "cpu" else MEM_TILES, compile_backend,
+                               shape=(B, 1, args.grid * args.grid, args.mem_width))
+    for impl in ("op (defaults)", "eager chain", "CUDA graph: op", "CUDA graph: eager chain"):
+        for r in mem_rows:
+            if r["impl"] == impl:
+                print(f"# memory attention frame (12 calls), {r['call'].split(' (')[0]}, {impl}: {12 * r['ms']:.3f} ms")
+    rows += mem_rows
 
     # A trunk's worth: per window block unwindow+add+norm2 and add+norm1+window (the next block's
     # norm1; counted for every block), per global block add+norm2 and add+norm1 (add+norm2's time).
@@ -141,7 +162,7 @@ def main(argv=None):
     n_window = run_blocks - n_global
     for impl in ("op (defaults)", "eager chain", "CUDA graph: op", "CUDA graph: eager chain"):
         t = per_call(impl)
-        if len(t) == 3:
+        if all(name in t for name in calls):
             total = (n_window * (t["unwindow+add+norm2"] + t["add+norm1+window"])
                      + n_global * 2 * t["add+norm2"])
             print(f"# trunk ({n_window} window + {n_global} global blocks), {impl}: {total:.3f} ms")

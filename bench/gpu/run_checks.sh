@@ -133,7 +133,8 @@ else
     # the concept loop's by-stage profile (cut at 44 s in run 2 of 2026-11-27)
     step profile_concept 45 90 python3 bench/profile_gpu.py --parts concept
     step bench_mask_postprocess 40 60 python3 bench/bench_mask_postprocess.py --no-compile
-    step bench_residual_norm 40 40 python3 bench/bench_residual_norm.py --no-compile
+    # (+ the memory attention's add + norm at 1 and 16 objects: MemoryAttention.fuse_residual_norm)
+    step bench_residual_norm 40 60 python3 bench/bench_residual_norm.py --no-compile
     # a fixed-capacity bank with 4 of 7 memory frames masked (a young or occluded track): SDPA
     # computes the masked keys, the Triton kernel skips their tiles
     step bench_memory_attention_pad4 40 60 python3 bench/bench_memory_attention.py --objects 5,16 --pad-frames 4 \
