@@ -141,13 +141,17 @@ if HAS_TRITON:
     @triton.jit
     def _window_row(t, H, W, WIN: tl.constexpr):
         # Grid-order token t (b, r, c) -> its row in the (B * H/WIN * W/WIN, WIN, WIN) window order.
+        # (An else, not an early return: Triton passes H or W equal to 1 as a constant, and the
+        # frontend still folded the divisions by WIN = 0 after the return, a compile error.)
         if WIN == 0:
-            return t
-        hw = H * W
-        b = t // hw
-        r = (t % hw) // W
-        c = t % W
-        return ((b * (H // WIN) + r // WIN) * (W // WIN) + c // WIN) * (WIN * WIN) + (r % WIN) * WIN + c % WIN
+            row = t
+        else:
+            hw = H * W
+            b = t // hw
+            r = (t % hw) // W
+            c = t % W
+            row = ((b * (H // WIN) + r // WIN) * (W // WIN) + c // WIN) * (WIN * WIN) + (r % WIN) * WIN + c % WIN
+        return row
 
     @triton.jit
     def _residual_norm_kernel(

@@ -270,6 +270,15 @@ def test_kernel_compiles_for_sm90():
                 assert st["stack"] == 0 and st["spill_stores"] == 0, (stream, yw, ow, st)
                 ptx = b.kernel.asm["ptx"]
                 assert "ld.global.v4" in ptx and "st.global.v4" in ptx, (stream, yw, ow)
+        # the tracker's memory attention passes its (B, L, 256) stream as (B, 1, L, 256): a grid
+        # side of 1 arrives as a constant, which once made the window addressing divide by 0 at
+        # compile time (found by this build, session 18); and a batch of one token
+        for shape in ((16, 1, 5184, 256), (1, 1, 1, 256), (2, 5, 1, 256)):
+            e = torch.empty(shape, dtype=torch.bfloat16)
+            with capture(rn._residual_norm_kernel) as builds:
+                rn._residual_norm_triton(e, e, e[0, 0, 0], e[0, 0, 0], 1e-6)
+            st = sass_stats(builds[0].kernel)
+            assert st["stack"] == 0 and st["spill_stores"] == 0, (shape, st)
         print("ok")
         """
     )

@@ -188,6 +188,13 @@ def test_kernel_compiles_for_sm90():
             st = sass_stats(builds[0].kernel)
             assert st["spill_stores"] == 0 and st["spill_loads"] == 0, st
             assert st["wgmma"] > 0 or st["mma"] > 0, st
+        # sizes of 1 (Triton passes such integers as constants: one object, one row, one table row,
+        # one pair block, K of one) build too
+        one = torch.view_as_real(compute_axial_cis(32, 1, 1)).float()
+        for B, S, K, n_rope in ((1, 1, 16, 1), (1, 3, 1, 0), (2, 1, 16, 0)):
+            with capture(rp._rope_projection_kernel) as builds:
+                rp._rope_projection_triton(e(B, S, K), e(32, K), e(32), one, n_rope, 1)
+            assert sass_stats(builds[0].kernel)["spill_stores"] == 0
         print("ok")
         """
     )

@@ -134,3 +134,57 @@ def test_fused_compiles_fullgraph(backend, monkeypatch):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     finally:
         torch._dynamo.reset()
+
+
+# ---- GPU only --------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("objects", [1, 8])
+def test_gpu_fused_paths_bf16(objects):
+    """SAM 3 sizes (7 frames + 16 pointers, a padded frame slot), bf16, the frame features shared by
+    the objects: the module with its defaults (q/k projected with RoPE in the epilogue, residual
+    adds fused to the norms) against the float32 module with both off: its relative error at most
+    twice that of the bf16 module with both off; and a CUDA graph replay on new memory equal to a
+    fresh call."""
+    from kernel_checks import capture_graph
+    from sam3fast.config import get_config
+    from sam3fast.model.memory_attention import RoPEAttention
+
+    cfg = get_config("sam3")
+    torch.manual_seed(0)
+    m32 = MemoryAttention.from_config(cfg).cuda().eval()
+    mbf = MemoryAttention.from_config(cfg).cuda().eval()
+    mbf.load_state_dict(m32.state_dict())
+    mbf.bfloat16()
+    Lg, D, Mm = cfg.feat_size ** 2, cfg.d_model, cfg.tracker.mem_dim
+    Tp = 16 * D // Mm
+    Sk = 7 * Lg + Tp
+    g = torch.Generator(device="cuda").manual_seed(1)
+    curr, curr_pos = (torch.randn(1, Lg, D, device="cuda", generator=g).expand(objects, -1, -1) for _ in range(2))
+    mem, mem_pos = (torch.randn(objects, Sk, Mm, device="cuda", generator=g) for _ in range(2))
+    valid = torch.ones(objects, Sk, dtype=torch.bool, device="cuda")
+    valid[:, 6 * Lg:7 * Lg] = False
+    bf = [t.bfloat16() for t in (curr, curr_pos, mem, mem_pos)]
+    assert mbf.fuses_residual_norm(bf[0]) and mbf.layers[0].cross_attn_image.fuses_rope_projection(bf[0], bf[2])
+    with torch.no_grad():
+        got = mbf(*bf, Tp, valid).float()
+        for m in (m32, mbf):
+            m.fuse_residual_norm = False
+        try:
+            RoPEAttention.fuse_rope_projection = False
+            ref = m32(curr, curr_pos, mem, mem_pos, Tp, valid)
+            base = mbf(*bf, Tp, valid).float()
+        finally:
+            RoPEAttention.fuse_rope_projection = "auto"
+        mbf.fuse_residual_norm = "auto"
+    assert torch.isfinite(got).all()
+    rel = lambda a: ((a - ref).norm() / ref.norm()).item()  # noqa: E731
+    assert rel(got) <= 2 * rel(base), (rel(got), rel(base))
+    graph, out = capture_graph(torch.no_grad()(lambda: mbf(*bf, Tp, valid)))
+    bf[2].copy_(torch.randn_like(bf[2]))
+    graph.replay()
+    torch.cuda.synchronize()
+    with torch.no_grad():
+        assert torch.equal(out, mbf(*bf, Tp, valid))

@@ -58,6 +58,7 @@ FIRST="tests/test_video_graphs.py::test_gpu_ahead_detection_stream_equals_one_st
  tests/test_kernel_group_norm.py tests/test_kernel_rpb_factors.py tests/test_kernel_conv_norm_gelu.py
  tests/test_tracker_predictor.py
  tests/test_kernel_memory_attention.py tests/test_memory_attention_fold.py tests/test_kernel_rope_projection.py
+ tests/test_memory_attention_fused.py
  tests/test_video_graphs.py tests/test_frame_masks.py tests/test_video_device_growth.py
  tests/test_video_parity.py::test_cuda_concept_frames_make_no_implicit_sync
  tests/test_video_parity.py::test_cuda_pipelined_outputs_ride_in_the_planning_copy tests/test_host_channel.py
