@@ -14,6 +14,9 @@ Shapes (SAM 3, one 1008 px image): fc1 x (5184, 1024) -> (5184, 4736), 50.3 GFLO
                            checked against the eager linear + tanh GELU instead
   compiled linear + <epilogue>  torch.compile of the pair
   CUDA graph: ...          the op and the eager pair replayed from CUDA graphs (device time only)
+  cxblock gelu cases       the memory encoder's CXBlock pwconv1 (256 -> 1024 at 16 objects): the
+                           eager linear + exact GELU against cuBLASLt's tanh-GELU epilogue
+                           (``CXBlock.tanh_gelu_epilogue``), and a frame's two blocks
   ffn relu cases           the ReLU FFNs' linear1 (memory attention, fusion encoder: 256 -> 2048):
                            ``linear_relu`` with cuBLASLt's ReLU + bias epilogue (the default on CUDA)
                            against the linear and then the ReLU
@@ -163,6 +166,22 @@ def main(argv=None):
         with torch.no_grad():
             bench(name, F.relu(lin1(xr)), cands, 2 * rows_ * d_model * d_ffn)
 
+    # the memory encoder's CXBlock pwconv1 + GELU (CXBlock.tanh_gelu_epilogue: "auto" on CUDA in bf16):
+    # (objects x 72 x 72, 256) -> 1024, two blocks a frame
+    cx_cases = [("cxblock gelu, 16 objects", 16 * 5184)] if not args.smoke else [("cxblock gelu, 2 objects", 40)]
+    d_cx = 256 if not args.smoke else 32
+    w1 = (torch.randn(4 * d_cx, d_cx, generator=g) / math.sqrt(d_cx)).to(device=device, dtype=dtype)
+    b1 = (0.5 * torch.randn(4 * d_cx, generator=g)).to(device=device, dtype=dtype)
+    for name, rows_ in cx_cases:
+        xc = torch.randn(rows_, d_cx, generator=g).to(device=device, dtype=dtype)
+        cands = {"eager linear + gelu": lambda xc=xc: eager_pair(xc, w1, b1),
+                 "cublasLt linear + tanh gelu": lambda xc=xc: linear_tanh_gelu(xc, w1, b1)}
+        if device.type == "cuda":
+            cands["CUDA graph: eager linear + gelu"] = graphed(lambda xc=xc: eager_pair(xc, w1, b1))
+            cands["CUDA graph: cublasLt linear + tanh gelu"] = graphed(lambda xc=xc: linear_tanh_gelu(xc, w1, b1))
+        bench(name, eager_pair(xc, w1, b1), cands, 2 * rows_ * d_cx * 4 * d_cx,
+              want_tanh=F.gelu(F.linear(xc.double(), w1.double(), b1.double()), approximate="tanh"))
+
     # qkv + RoPE: the window blocks' call and the global blocks' call
     wq = (torch.randn(3 * C, K, generator=g) / math.sqrt(K)).to(device=device, dtype=dtype)
     bq = (0.5 * torch.randn(3 * C, generator=g)).to(device=device, dtype=dtype)
@@ -202,6 +221,12 @@ def main(argv=None):
             if None not in pair_ms:
                 print(f"# {name}, 4 memory-attention layers a frame, {fused} vs {plain}: "
                       f"{4 * (pair_ms[0] - pair_ms[1]):+.3f} ms")
+    for fused, plain in (("cublasLt linear + tanh gelu", "eager linear + gelu"),
+                         ("CUDA graph: cublasLt linear + tanh gelu", "CUDA graph: eager linear + gelu")):
+        for name, _ in cx_cases:
+            pair_ms = [t.get((name, fused)), t.get((name, plain))]
+            if None not in pair_ms:
+                print(f"# {name}, 2 CXBlocks a frame, {fused} vs {plain}: {2 * (pair_ms[0] - pair_ms[1]):+.3f} ms")
     for fused, plain in (("op (defaults)", "eager"), ("CUDA graph: op", "CUDA graph: eager")):
         fc1 = [t.get(("fc1+gelu", fused)), t.get(("fc1+gelu", f"{plain} linear + gelu"))]
         if None not in fc1:

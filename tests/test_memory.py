@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from official_ref import build_official_tracker, cpu_mode, redraw_
 from sam3fast.config import get_config
@@ -372,6 +373,61 @@ def test_memory_attention_shared_frame_rows(tiny, fold):
         _close(out, ref, "pix_feat_with_mem (shared frame rows)")
     torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
     assert _rel(shared[0], shared[1]) > 1e-3  # the memories differ per object: so do the outputs
+
+
+def test_cxblock_tanh_gelu_epilogue_switch():
+    """``CXBlock.tanh_gelu_epilogue``: "auto" keeps the exact GELU on CPU (bit for bit the block's
+    official operations) and in float32; True computes pwconv1 and the tanh GELU (on CPU: the linear,
+    then ``gelu(approximate="tanh")``, what cuBLASLt's epilogue approximates on CUDA), at most the
+    tanh form's 4.7e-4 per hidden unit away from the exact block; other values are refused."""
+    from sam3fast.model.memory import CXBlock
+
+    torch.manual_seed(0)
+    block = CXBlock(32).eval()
+    with torch.no_grad():
+        block.gamma.uniform_(0.5, 1.5)
+    x = torch.randn(2, 32, 9, 9)
+    with torch.no_grad():
+        y = F.layer_norm(block.dwconv(x).permute(0, 2, 3, 1), (32,), block.norm.weight, block.norm.bias, block.norm.eps)
+        exact = x + (block.pwconv2(F.gelu(block.pwconv1(y))) * block.gamma).permute(0, 3, 1, 2)
+        tanh = x + (block.pwconv2(F.gelu(block.pwconv1(y), approximate="tanh")) * block.gamma).permute(0, 3, 1, 2)
+        assert not block.uses_tanh_epilogue(y) and torch.equal(block(x), exact)
+        block.tanh_gelu_epilogue = True
+        assert block.uses_tanh_epilogue(y)
+        got = block(x)
+    assert torch.equal(got, tanh) and not torch.equal(got, exact)
+    bound = 4.8e-4 * (block.pwconv2.weight.abs().sum(dim=1) * block.gamma.abs()).max().item()
+    assert (got - exact).abs().max().item() <= bound
+    block.tanh_gelu_epilogue = "on"
+    with pytest.raises(ValueError, match="tanh_gelu_epilogue must be True, False or 'auto'"):
+        block(x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+def test_cxblock_tanh_gelu_epilogue_on_cuda():
+    """Full-size block, 16 objects, bf16 on CUDA: "auto" takes cuBLASLt's tanh-GELU epilogue, and its
+    error against the float32 block with the exact GELU is at most 2x that of the bf16 block with the
+    exact GELU (``tanh_gelu_epilogue = False``)."""
+    from sam3fast.model.memory import CXBlock
+
+    torch.manual_seed(0)
+    block = CXBlock(256).cuda().eval()
+    with torch.no_grad():
+        block.gamma.uniform_(0.5, 1.5)
+    x = torch.randn(16, 256, 72, 72, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = block(x)  # float32: the exact GELU
+        b16 = block.to(torch.bfloat16)
+        xb = x.to(torch.bfloat16)
+        y_probe = torch.zeros(1, 1, 1, 256, device="cuda", dtype=torch.bfloat16)
+        assert b16.uses_tanh_epilogue(y_probe)
+        got = b16(xb)
+        b16.tanh_gelu_epilogue = False
+        exact = b16(xb)
+    err = (got.float() - ref).abs().max().item()
+    err_exact = (exact.float() - ref).abs().max().item()
+    assert torch.isfinite(got).all() and err <= 2 * err_exact + 1e-6, (err, err_exact)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -124,6 +124,8 @@ else
     # the mask downsampler's first two stages in one pass (sam3fast::conv_norm_gelu, session 17)
     # against cuDNN's convolution + the norm kernel (1.2 ms a frame for the 4 -> 16 conv at 16 objects)
     step bench_norms 40 40 python3 bench/bench_norms.py --no-compile
+    # (session 18) the CXBlock's pwconv1 with cuBLASLt's tanh-GELU epilogue, 16 objects
+    step bench_fused_linear 40 45 python3 bench/bench_fused_linear.py --no-compile
     # the memory-attention module (folded, unfolded; q/k projected with RoPE in the epilogue or with
     # the prepass) where the tracker runs it at 5, 8 and 16 objects: the op's 128x64 w8 tile beat its
     # SDPA path by 17 % at 8 objects in run 2 of 2026-11-27; and what the validity mask costs cuDNN
