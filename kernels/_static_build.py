@@ -111,6 +111,23 @@ def capture(*kernels) -> Iterator[List[Build]]:
             del fn.run
 
 
+def all_kernels() -> List[Any]:
+    """Every ``@triton.jit`` function defined in the ``sam3fast.kernels`` modules (for a
+    :func:`capture` of whatever a model launches)."""
+    import importlib
+    import pkgutil
+
+    import sam3fast.kernels as pkg
+
+    found: List[Any] = []
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        for v in vars(mod).values():
+            if hasattr(v, "_pack_args") and getattr(v, "__module__", None) == mod.__name__ and v not in found:
+                found.append(v)
+    return found
+
+
 def _tool(name: str) -> str:
     from triton import knobs
 
