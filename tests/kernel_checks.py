@@ -86,6 +86,18 @@ def capture_graph(fn):
     return graph, out
 
 
+def randomize_(module, seed: int):
+    """Every parameter of ``module`` redrawn from its own generator, biases included: N(0, 1/fan_in)
+    plus 0.1 N(0, 1). Returns the module."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5 + 0.1 * torch.randn(p.shape, generator=g))
+    return module
+
+
 def spread_layer_norms(module):
     """Every LayerNorm's affine drawn away from (1, 0) (weight ~ N(1, 0.3), bias ~ N(0, 0.3), from the
     global generator), so that a wrong or missing norm shows in a module test."""

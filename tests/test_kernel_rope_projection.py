@@ -23,7 +23,8 @@ import textwrap
 import pytest
 import torch
 
-from kernel_checks import SM90_BUILD, KernelPathsOnCpu, capture_graph, forced_backend_reason, run_compiled, ulp
+from kernel_checks import (SM90_BUILD, KernelPathsOnCpu, capture_graph, forced_backend_reason, randomize_,
+                           run_compiled, ulp)
 
 from sam3fast.kernels import rope_projection as rp
 from sam3fast.model import memory_attention as mam
@@ -204,14 +205,6 @@ def test_kernel_compiles_for_sm90():
 # ---- RoPEAttention with the fused projections -------------------------------------------------
 
 
-def _randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5 + 0.1 * torch.randn(p.shape, generator=g))
-    return module
-
-
 def _attention_inputs(B, D, M, side, frames, T, seed, dtype):
     g = torch.Generator().manual_seed(seed)
     L = side * side
@@ -234,8 +227,8 @@ def test_fused_projections_equal_the_unfused_cuda_path(objects, monkeypatch):
     and without the value fold (4 objects, "auto"); False calls no rope_projection; float32 "auto"
     does not fuse."""
     D, M, side, T = 32, 16, 3, 4
-    cross = _randomize_(RoPEAttention(D, 1, kv_in_dim=M, fold_value="auto"), seed=7).to(torch.bfloat16)
-    self_attn = _randomize_(RoPEAttention(D, 1), seed=8).to(torch.bfloat16)
+    cross = randomize_(RoPEAttention(D, 1, kv_in_dim=M, fold_value="auto"), seed=7).to(torch.bfloat16)
+    self_attn = randomize_(RoPEAttention(D, 1), seed=8).to(torch.bfloat16)
     x, mem_k, mem, valid = _attention_inputs(objects, D, M, side, 2, T, seed=9, dtype=torch.bfloat16)
     freqs = compute_axial_cis(D, side, side)
     calls = []
@@ -289,7 +282,7 @@ def test_module_kernel_path_interpreted(monkeypatch, H):
     the interpreter (outputs pre-filled with NaN) and the module matches its PyTorch path."""
     from sam3fast.kernels import memory_attention as ma
 
-    m = _randomize_(MemoryAttention(d_model=32, mem_dim=16, num_layers=2, dim_feedforward=48, grid=3,
+    m = randomize_(MemoryAttention(d_model=32, mem_dim=16, num_layers=2, dim_feedforward=48, grid=3,
                                     num_heads=H, fold_value=False), seed=11).eval()
     g = torch.Generator().manual_seed(12)
     B, L, T = 2, 9, 4
@@ -358,7 +351,7 @@ def test_module_with_fused_projections_compiles_fullgraph(backend, monkeypatch):
     second call of the same shapes does not recompile."""
     from sam3fast.kernels import _triton_compat
 
-    m = _randomize_(MemoryAttention(d_model=32, mem_dim=16, num_layers=2, dim_feedforward=48, grid=3),
+    m = randomize_(MemoryAttention(d_model=32, mem_dim=16, num_layers=2, dim_feedforward=48, grid=3),
                     seed=13).to(torch.bfloat16).eval()
     g = torch.Generator().manual_seed(14)
     B, L, T = 2, 9, 4

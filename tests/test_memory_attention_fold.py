@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernel_checks import randomize_
 from sam3fast.kernels import memory_attention as ma
 from sam3fast.model import memory_attention as mam
 from sam3fast.model.memory_attention import MemoryAttention, RoPEAttention
@@ -25,13 +26,6 @@ needs_triton = pytest.mark.skipif(not ma.HAS_TRITON, reason=f"triton not importa
 DTYPES = [(torch.float64, 1e-12), (torch.float32, 2e-5)]
 
 
-def _randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every parameter redrawn (biases included, so the folded bias Wo bv + bo is not trivial)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5 + 0.1 * torch.randn(p.shape, generator=g))
-    return module
 
 
 def _inputs(B, D, M, grid, n_frames, T, seed, dtype):
@@ -52,8 +46,8 @@ def _inputs(B, D, M, grid, n_frames, T, seed, dtype):
 
 
 def _pair(D, H, M, seed, dtype):
-    unfolded = _randomize_(RoPEAttention(D, H, kv_in_dim=M), seed).to(dtype)
-    folded = _randomize_(RoPEAttention(D, H, kv_in_dim=M, fold_value=True), seed).to(dtype)
+    unfolded = randomize_(RoPEAttention(D, H, kv_in_dim=M), seed).to(dtype)
+    folded = randomize_(RoPEAttention(D, H, kv_in_dim=M, fold_value=True), seed).to(dtype)
     assert folded.folds_value and not unfolded.folds_value
     return unfolded, folded
 
@@ -83,7 +77,7 @@ def test_rope_attention_fold_matches_unfolded(dtype, tol, H):
 def test_folded_out_proj_formula():
     """W = concat_h(Wo[:, h block] @ Wv[h block, :]), b = Wo bv + bo, in the requested dtype."""
     D, H, M = 32, 4, 8
-    m = _randomize_(RoPEAttention(D, H, kv_in_dim=M, fold_value=True), seed=3).double()
+    m = randomize_(RoPEAttention(D, H, kv_in_dim=M, fold_value=True), seed=3).double()
     w, b = m.folded_out_proj(torch.float64)
     dh = D // H
     wo, wv = m.out_proj.weight, m.v_proj.weight
@@ -106,7 +100,7 @@ def test_fold_follows_reloaded_weights():
     with torch.no_grad():
         before = folded(x, mem_k, mem, freqs, T, key_valid)
         for m in (unfolded, folded):
-            m.load_state_dict(_randomize_(RoPEAttention(D, H, kv_in_dim=M), seed=7).double().state_dict())
+            m.load_state_dict(randomize_(RoPEAttention(D, H, kv_in_dim=M), seed=7).double().state_dict())
         after = folded(x, mem_k, mem, freqs, T, key_valid)
         want = unfolded(x, mem_k, mem, freqs, T, key_valid)
     assert (after - before).abs().max() > 1e-2
@@ -115,7 +109,7 @@ def test_fold_follows_reloaded_weights():
 
 def test_self_attention_ignores_fold():
     """fold_value only applies where kv_in_dim != embedding_dim (the cross-attention)."""
-    m = _randomize_(RoPEAttention(32, 1, fold_value=True), seed=8).double()
+    m = randomize_(RoPEAttention(32, 1, fold_value=True), seed=8).double()
     assert m.fold_value and not m.folds_value
     x = torch.randn(2, 9, 32, dtype=torch.float64)
     freqs = compute_axial_cis(32, 3, 3)
@@ -158,7 +152,7 @@ def test_fold_kernel_path_interpreted(monkeypatch, H):
 def _tiny_memory_attention(seed, fold_value=False, num_heads=1):
     m = MemoryAttention(d_model=32, mem_dim=16, num_layers=2, dim_feedforward=48, grid=3, num_heads=num_heads,
                         fold_value=fold_value)
-    return _randomize_(m, seed).eval()
+    return randomize_(m, seed).eval()
 
 
 def test_memory_attention_switch():
@@ -190,7 +184,7 @@ def test_auto_fold_follows_the_sdpa_path():
     float32, or for a self-attention; and forward then computes what fold_value=True computes."""
     from kernel_checks import KernelPathsOnCpu
 
-    m = _randomize_(RoPEAttention(32, 1, kv_in_dim=16, fold_value="auto"), seed=9)
+    m = randomize_(RoPEAttention(32, 1, kv_in_dim=16, fold_value="auto"), seed=9)
     self_attn = RoPEAttention(32, 1, fold_value="auto")
     n = ma.SDPA_MIN_BATCH_HEADS_FOLD
 
