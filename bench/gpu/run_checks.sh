@@ -82,16 +82,18 @@ if [[ $PHASE == a ]]; then
     # (Triton only, while the build runs) the boxRPB factor kernel rewritten in session 17 after its
     # first form took 57 us a launch (run 2 of 2026-11-27): its rows and tiles against the PyTorch chain
     step bench_rpb 480 45 python3 bench/bench_rpb_attention.py --no-compile
-    # (Triton only) the memory attention's q/k projections with RoPE in the epilogue (session 18,
-    # default on CUDA in bf16) against F.linear + the RoPE prepass (3.36 ms a frame at 16 objects in
-    # run 2 of 2026-11-27): keep it or set RoPEAttention.fuse_rope_projection back to False
-    step bench_rope_projection 440 45 python3 bench/bench_rope_projection.py --no-compile
     wait $BUILD_PID
     echo "== build (background): $(tail -1 "$OUT/build.log")" >>"$LOG"
     python3 -m sam3fast.info >"$OUT/info.txt" 2>&1
+    # (session 18) the GPU tests of the new defaults the video rows below run on: the memory
+    # attention's q/k projections with RoPE in the epilogue and its fused residual norms, the
+    # CXBlock's tanh-GELU epilogue (if one fails, the rows after it time a wrong path)
+    step new_default_tests 420 60 python3 -m pytest -v -p no:cacheprovider --timeout 50 --timeout-method thread -rfE \
+        --durations 0 --junitxml "$OUT/gpu_tests_new_defaults.xml" -m gpu tests/test_kernel_rope_projection.py \
+        tests/test_memory_attention_fused.py "tests/test_memory.py::test_cxblock_tanh_gelu_epilogue_on_cuda"
     # the test that hung in run 2 of 2026-11-27, alone: pytest-timeout's thread method prints every
     # thread's stack when it fires (the signal method cannot interrupt a C call)
-    step relu_epilogue_test 400 80 python3 -m pytest -v -p no:cacheprovider --timeout 60 --timeout-method thread -rfE \
+    step relu_epilogue_test 380 70 python3 -m pytest -v -p no:cacheprovider --timeout 60 --timeout-method thread -rfE \
         --durations 0 --junitxml "$OUT/gpu_test_relu_epilogue.xml" "$STUCK_TEST"
     # (session 16: tracker.prefetch_backbone, the next frame's backbone on a side stream beside this
     #  frame's step; 60 frames/s at 1 object needs that overlap) e2e rows only, 1 and 16 objects
@@ -101,6 +103,10 @@ if [[ $PHASE == a ]]; then
     # (session 16: model.ahead_detection_stream, the next detection on a side stream)
     step bench_video_concept 220 90 python3 bench/bench_video.py --parts concept --dtype bfloat16 --frames 24 \
         --iters 1 --no-compile --no-official --concept-variants ahead-stream --out bench/results/ahead
+    # (Triton only) the memory attention's q/k projections with RoPE in the epilogue (session 18,
+    # default on CUDA in bf16) against F.linear + the RoPE prepass (3.36 ms a frame at 16 objects in
+    # run 2 of 2026-11-27): keep it or set RoPEAttention.fuse_rope_projection back to False
+    step bench_rope_projection 170 40 python3 bench/bench_rope_projection.py --no-compile
     # why the official per-frame memory selection beats the fixed-capacity bank from 5 objects
     # (run 2 of 2026-11-27: cached 14.5 against 19.8 ms a frame; the extra keys are 15 %)
     step profile_perframe 150 80 python3 bench/profile_gpu.py --parts tracker --objects 5 \
