@@ -175,6 +175,15 @@ def fold_rows(B, args, device, dtype, q, k, v, rope, freqs, key_valid, n_rope, s
     if args.tma and q.shape[2] == 1:
         cands[f"triton fold (Dv {Dv}) default, TMA loads"] = (
             lambda: ma._memory_attention_triton(q, k, v_fold, rope, key_valid, True, n_rope, use_tma=True))
+    # the module's path since session 18: q and the keys rotated by their projections (see bench_shape)
+    q_rot, k_rot_op = ma._rope_prepass(q, rope, q.shape[1]), ma._rope_prepass(k, rope, n_rope)
+    if device.type == "cuda":
+        cands[f"op fold rotated ({path}, the module's path)"] = lambda: op(q_rot, k_rot_op, v_fold, rope, key_valid,
+                                                                           False, 0)
+    for bm, bn, nw, ns in fold_tiles:
+        tile = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
+        cands[f"triton fold (Dv {Dv}) {bm}x{bn} w{nw} s{ns} rotated"] = (
+            lambda tile=tile: ma._memory_attention_triton(q_rot, k_rot_op, v_fold, rope, key_valid, False, 0, **tile))
     for bm, bn, nw, ns in fold_tiles:
         tile = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
         cands[f"triton fold (Dv {Dv}) {bm}x{bn} w{nw} s{ns}"] = (
@@ -270,6 +279,19 @@ def bench_shape(B, self_attn, args, device, dtype, tiles, compile_backend, matmu
         tile = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
         cands[f"triton {bm}x{bn} w{nw} s{ns}"] = (
             lambda tile=tile: ma._memory_attention_triton(q, k, v, rope, key_valid, True, n_rope, **tile))
+    # The module's path since session 18 (RoPEAttention.fuse_rope_projection): q and the keys come
+    # rotated from their projections and the op rotates nothing (ROPE_Q off: in the static sm_90
+    # build the default tile's 42 spill stores drop to 1, and 128x64 w8 loses its 17 in-loop ones).
+    # Rotated once here, outside the timing, as the projections would.
+    q_rot = ma._rope_prepass(q, rope, q.shape[1]) if q.shape[1] == rope.shape[0] else None
+    k_rot_op = ma._rope_prepass(k, rope, n_rope)
+    if q_rot is not None:
+        if device.type == "cuda":
+            cands[f"op rotated ({path}, the module's path)"] = lambda: op(q_rot, k_rot_op, v, rope, key_valid, False, 0)
+        for bm, bn, nw, ns in tiles:
+            tile = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
+            cands[f"triton {bm}x{bn} w{nw} s{ns} rotated"] = (
+                lambda tile=tile: ma._memory_attention_triton(q_rot, k_rot_op, v, rope, key_valid, False, 0, **tile))
     # (the inline key RoPE, rope_k="inline", took 4.8x the prepass default in the second H100 run of
     # 2026-11-26 at B = 1 and 16: no longer timed)
     cands["triton default, eager rescale"] = (

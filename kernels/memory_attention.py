@@ -91,6 +91,12 @@ _LOG2E = 1.4426950408889634
 # bench/results/memory_attention_nvidia-h100-80gb-hbm3_2026-11-26.md; bf16, 7 memory frames + 64
 # pointer tokens): 64 x 32 with 4 warps was the fastest tile of the sweep, 0.95 ms at B = 1 and
 # 13.8 ms at B = 16, against 1.96 ms and 28.9 ms for the previous default (64 x 32, 8 warps).
+# Since session 18 the tracker's modules call the op with q and the keys already rotated (ROPE_Q off,
+# no prepass). Static sm_90 builds (Triton 3.7, 1 object, 7 frames + 64 pointer tokens) then change:
+# this tile's spill stores go from 42 to 1 (Dv 256) and from 15 to 0 with 100 registers (Dv 64, the
+# fold), 128 x 64 w8 loses its 17 in-loop spill stores (8 left outside the loop) and 128 x 32 w8
+# builds with 236 registers and none. Untimed: bench_memory_attention's "rotated" rows decide
+# whether the default moves.
 DEFAULT_TILE = (64, 32, 4, 2)
 # From this many (object, head) pairs on, a bf16/fp16 call on CUDA rotates q and the keys with the
 # RoPE prepass kernel and hands the attention to PyTorch's SDPA, cuDNN's backend first (set to None

@@ -138,7 +138,12 @@ else
     # (the fixed bank passes one, the official per-frame memory none: 19.8 against 14.5 ms a frame
     # cached at 5 objects, with 15 % more keys)
     step bench_memory_attention_module 60 75 python3 bench/bench_memory_attention.py --objects 5,8,16 --no-compile \
-        --only "module,op (,op fold,cudnn" --out "bench/results/memory_attention_module_$(date +%F)"
+        --only "module,op (,op fold,op rotated,cudnn" --out "bench/results/memory_attention_module_$(date +%F)"
+    # the Triton path as the module calls it since session 18 (q and keys pre-rotated: ROPE_Q off, the
+    # static build's spills gone) at 1 and 4 objects, each tile: is 128x64 w8 the better default now,
+    # and does the fold pay on Triton at 1 object (255 -> 100 registers)?
+    step bench_memory_attention_rotated 50 60 python3 bench/bench_memory_attention.py --objects 1,4 --no-compile \
+        --only "rotated" --out "bench/results/memory_attention_rotated_$(date +%F)"
     # the concept loop's by-stage profile (cut at 44 s in run 2 of 2026-11-27)
     step profile_concept 45 90 python3 bench/profile_gpu.py --parts concept
     step bench_mask_postprocess 40 60 python3 bench/bench_mask_postprocess.py --no-compile
