@@ -125,13 +125,6 @@ else
     # The image and 16-object tracker profiles again: the rewritten rpb_factors, the dwconv_norm and
     # mask-downsampler convolutions at 16 objects (0.67 ms and 1.2 ms a frame in that run)
     step profile 60 100 python3 bench/profile_gpu.py --parts image,tracker --objects 16
-    # dwconv_norm: never timed (its bench failed its own check in the first H200 run of 2026-11-27)
-    step bench_dwconv_norm 40 40 python3 bench/bench_dwconv_norm.py --no-compile
-    # the mask downsampler's first two stages in one pass (sam3fast::conv_norm_gelu, session 17)
-    # against cuDNN's convolution + the norm kernel (1.2 ms a frame for the 4 -> 16 conv at 16 objects)
-    step bench_norms 40 40 python3 bench/bench_norms.py --no-compile
-    # (session 18) the CXBlock's pwconv1 with cuBLASLt's tanh-GELU epilogue, 16 objects
-    step bench_fused_linear 40 45 python3 bench/bench_fused_linear.py --no-compile
     # the memory-attention module (folded, unfolded; q/k projected with RoPE in the epilogue or with
     # the prepass) where the tracker runs it at 5, 8 and 16 objects: the op's 128x64 w8 tile beat its
     # SDPA path by 17 % at 8 objects in run 2 of 2026-11-27; and what the validity mask costs cuDNN
@@ -144,6 +137,13 @@ else
     # and does the fold pay on Triton at 1 object (255 -> 100 registers)?
     step bench_memory_attention_rotated 50 60 python3 bench/bench_memory_attention.py --objects 1,4 --no-compile \
         --only "rotated" --out "bench/results/memory_attention_rotated_$(date +%F)"
+    # dwconv_norm: never timed (its bench failed its own check in the first H200 run of 2026-11-27)
+    step bench_dwconv_norm 40 40 python3 bench/bench_dwconv_norm.py --no-compile
+    # the mask downsampler's first two stages in one pass (sam3fast::conv_norm_gelu, session 17)
+    # against cuDNN's convolution + the norm kernel (1.2 ms a frame for the 4 -> 16 conv at 16 objects)
+    step bench_norms 40 40 python3 bench/bench_norms.py --no-compile
+    # (session 18) the CXBlock's pwconv1 with cuBLASLt's tanh-GELU epilogue, 16 objects
+    step bench_fused_linear 40 45 python3 bench/bench_fused_linear.py --no-compile
     # the concept loop's by-stage profile (cut at 44 s in run 2 of 2026-11-27)
     step profile_concept 45 90 python3 bench/profile_gpu.py --parts concept
     step bench_mask_postprocess 40 60 python3 bench/bench_mask_postprocess.py --no-compile
