@@ -166,7 +166,8 @@ def test_gpu_fused_paths_bf16(objects):
     mem, mem_pos = (torch.randn(objects, Sk, Mm, device="cuda", generator=g) for _ in range(2))
     valid = torch.ones(objects, Sk, dtype=torch.bool, device="cuda")
     valid[:, 6 * Lg:7 * Lg] = False
-    bf = [t.bfloat16() for t in (curr, curr_pos, mem, mem_pos)]
+    # (the frame rows cast before the expand: a cast of an expanded tensor would copy it)
+    bf = [t[:1].bfloat16().expand(objects, -1, -1) for t in (curr, curr_pos)] + [t.bfloat16() for t in (mem, mem_pos)]
     assert mbf.fuses_residual_norm(bf[0]) and mbf.layers[0].cross_attn_image.fuses_rope_projection(bf[0], bf[2])
     with torch.no_grad():
         got = mbf(*bf, Tp, valid).float()
