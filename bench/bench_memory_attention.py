@@ -152,9 +152,10 @@ def make_module_pair(Dh, Dv, device, dtype, seed=0):
 
 
 def fold_rows(B, args, device, dtype, q, k, v, rope, freqs, key_valid, n_rope, s_valid, ref, eager_out, qr, k_rot,
-              mask, fold_tiles, label):
+              mask, fold_tiles, label, q_rot, k_rot_op):
     """(candidates, gates, flops) of the value-fold rows: v is the first Dv columns of the unfolded
-    rows' v, so the fp32 reference and PyTorch's error are those of the same columns there."""
+    rows' v, so the fp32 reference and PyTorch's error are those of the same columns there.
+    ``q_rot`` / ``k_rot_op``: q and the keys rotated (the module's path: the op rotates nothing)."""
     Dh, Dv = q.shape[-1], args.value_dim
     v_fold = v[..., :Dv].contiguous()  # (B, S, 1, Dv), as the memory the folded module passes
     ref_fold = ref[..., :Dv]
@@ -176,7 +177,6 @@ def fold_rows(B, args, device, dtype, q, k, v, rope, freqs, key_valid, n_rope, s
         cands[f"triton fold (Dv {Dv}) default, TMA loads"] = (
             lambda: ma._memory_attention_triton(q, k, v_fold, rope, key_valid, True, n_rope, use_tma=True))
     # the module's path since session 18: q and the keys rotated by their projections (see bench_shape)
-    q_rot, k_rot_op = ma._rope_prepass(q, rope, q.shape[1]), ma._rope_prepass(k, rope, n_rope)
     if device.type == "cuda":
         cands[f"op fold rotated ({path}, the module's path)"] = lambda: op(q_rot, k_rot_op, v_fold, rope, key_valid,
                                                                            False, 0)
@@ -283,15 +283,13 @@ def bench_shape(B, self_attn, args, device, dtype, tiles, compile_backend, matmu
     # rotated from their projections and the op rotates nothing (ROPE_Q off: in the static sm_90
     # build the default tile's 42 spill stores drop to 1, and 128x64 w8 loses its 17 in-loop ones).
     # Rotated once here, outside the timing, as the projections would.
-    q_rot = ma._rope_prepass(q, rope, q.shape[1]) if q.shape[1] == rope.shape[0] else None
-    k_rot_op = ma._rope_prepass(k, rope, n_rope)
-    if q_rot is not None:
-        if device.type == "cuda":
-            cands[f"op rotated ({path}, the module's path)"] = lambda: op(q_rot, k_rot_op, v, rope, key_valid, False, 0)
-        for bm, bn, nw, ns in tiles:
-            tile = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
-            cands[f"triton {bm}x{bn} w{nw} s{ns} rotated"] = (
-                lambda tile=tile: ma._memory_attention_triton(q_rot, k_rot_op, v, rope, key_valid, False, 0, **tile))
+    q_rot, k_rot_op = ma._rope_prepass(q, rope, q.shape[1]), ma._rope_prepass(k, rope, n_rope)
+    if device.type == "cuda":
+        cands[f"op rotated ({path}, the module's path)"] = lambda: op(q_rot, k_rot_op, v, rope, key_valid, False, 0)
+    for bm, bn, nw, ns in tiles:
+        tile = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
+        cands[f"triton {bm}x{bn} w{nw} s{ns} rotated"] = (
+            lambda tile=tile: ma._memory_attention_triton(q_rot, k_rot_op, v, rope, key_valid, False, 0, **tile))
     # (the inline key RoPE, rope_k="inline", took 4.8x the prepass default in the second H100 run of
     # 2026-11-26 at B = 1 and 16: no longer timed)
     cands["triton default, eager rescale"] = (
@@ -366,7 +364,7 @@ def bench_shape(B, self_attn, args, device, dtype, tiles, compile_backend, matmu
         row_flops["sdpa cudnn, no mask (attention only, every key)"] = flops * S // s_valid
     if not self_attn and not args.no_fold:
         fc, fg, ff = fold_rows(B, args, device, dtype, q, k, v, rope, freqs, key_valid, n_rope, s_valid, ref,
-                               eager_out, qr, k_rot, mask, fold_tiles, label)
+                               eager_out, qr, k_rot, mask, fold_tiles, label, q_rot, k_rot_op)
         cands.update(fc)
         gates.update(fg)
         row_flops.update(ff)

@@ -91,6 +91,13 @@ def grid_points(n):
     return [((i % k + 0.5) / k, (i // k + 0.5) / k) for i in range(n)]
 
 
+def click_objects(tracker, state, n):
+    """Objects 0 .. n-1 on frame 0 of ``state``, one positive click each at :func:`grid_points`."""
+    for i, (x, y) in enumerate(grid_points(n)):
+        tracker.add_new_points_or_box(state, frame_idx=0, obj_id=i, points=torch.tensor([[x, y]]),
+                                      labels=torch.tensor([1], dtype=torch.int32))
+
+
 def run_sessions(session, device, warmup, iters):
     """Run ``session() -> (frames, seconds, extra)`` warmup + iters times; median seconds."""
     for _ in range(warmup):
@@ -121,9 +128,7 @@ def tracker_session(tracker, clip, n, frames, device, mode, cache=None):
             st = tracker.init_state(video_path=clip)
             if cache is not None:
                 st["cached_features"] = cache
-            for i, (x, y) in enumerate(grid_points(n)):
-                tracker.add_new_points_or_box(st, frame_idx=0, obj_id=i, points=torch.tensor([[x, y]]),
-                                              labels=torch.tensor([1], dtype=torch.int32))
+            click_objects(tracker, st, n)
             _sync(device)
             t0 = time.perf_counter()
             stamps = [time.perf_counter() for _ in tracker.propagate_in_video(

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
-import math
 import os
 import statistics
 import sys
@@ -169,13 +168,9 @@ def summarize(counter: HostOpCounter, warmup: int) -> dict:
     }
 
 
-def grid_points(n):
-    k = math.ceil(math.sqrt(n))
-    return [((i % k + 0.5) / k, (i // k + 0.5) / k) for i in range(n)]
-
-
 def run_tracker(model, clip, n, frames, warmup):
     """Clicked objects: ``n`` clicks on frame 0, then ``propagate_in_video`` (a frame per yield)."""
+    from bench_video import click_objects
     from sam3fast.video.tracker_graphs import GraphedMemoryStep
     from sam3fast.video.tracker_predictor import Sam3TrackerPredictor
 
@@ -189,9 +184,7 @@ def run_tracker(model, clip, n, frames, warmup):
     try:
         with torch.inference_mode():
             st = tracker.init_state(video_path=clip)
-            for i, (x, y) in enumerate(grid_points(n)):
-                tracker.add_new_points_or_box(st, frame_idx=0, obj_id=i, points=torch.tensor([[x, y]]),
-                                              labels=torch.tensor([1], dtype=torch.int32))
+            click_objects(tracker, st, n)
             tracker.propagate_in_video_preflight(st)
             counter = ref[0] = HostOpCounter("_propagate")  # (propagate_in_video's frame loop)
             with counter:

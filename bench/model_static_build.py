@@ -47,12 +47,12 @@ class OpBuilds:
     caller's ``capture`` its launches are built, not run), then its CPU kernel. ``calls``: op name ->
     count; ``failures``: (op, argument shapes, exception) of the CUDA bodies that raised."""
 
-    def __init__(self):
+    def __init__(self, builds):
+        self.builds = builds  # the list the caller's ``capture`` appends each build to
         self.calls = collections.Counter()
         self.failures = []
         self.builds_by_op = collections.defaultdict(list)
         self._mode = None
-        self.builds = None
 
     def __enter__(self):
         from torch._library.custom_ops import OPDEFS
@@ -102,10 +102,9 @@ def run(parts, config, dtype, objects, frames):
         stable_random_init_(model, seed=20, score_gain=6.0, presence_shift=3.0)
         return model
     _triton_compat.KERNEL_PATHS_ON_CPU = True
-    rec = OpBuilds()
     try:
         with capture(*all_kernels()) as builds, torch.inference_mode():
-            rec.builds = builds
+            rec = OpBuilds(builds)
             with rec:
                 if "image" in parts:
                     model = detecting(sam3fast.build_image_model(cfg, device="cpu", dtype=dtype))
@@ -119,7 +118,7 @@ def run(parts, config, dtype, objects, frames):
                         h, w = (72, 96) if small else (540, 960)
                         clip = write_jpg_folder(make_clip(frames, h, w), os.path.join(tmp, "frames"))
                         if "tracker" in parts:
-                            from bench_video import grid_points
+                            from bench_video import click_objects
 
                             model = detecting(sam3fast.build_sam3_video_model(config=cfg, device="cpu", dtype=dtype,
                                                                               load_from_HF=False))
@@ -127,10 +126,7 @@ def run(parts, config, dtype, objects, frames):
                             tracker.backbone = model.detector.backbone
                             for n in objects:
                                 st = tracker.init_state(video_path=clip)
-                                for i, (x, y) in enumerate(grid_points(n)):
-                                    tracker.add_new_points_or_box(st, frame_idx=0, obj_id=i,
-                                                                  points=torch.tensor([[x, y]]),
-                                                                  labels=torch.tensor([1], dtype=torch.int32))
+                                click_objects(tracker, st, n)
                                 for _ in tracker.propagate_in_video(st, start_frame_idx=0,
                                                                     max_frame_num_to_track=frames - 1,
                                                                     reverse=False, tqdm_disable=True,

@@ -324,7 +324,7 @@ def main(argv=None):
                 clip = write_jpg_folder(make_clip(args.frames, 540 if not args.smoke else 72,
                                                   960 if not args.smoke else 96), os.path.join(tmp, "frames"))
                 if "tracker" in parts:
-                    from bench_video import grid_points
+                    from bench_video import click_objects
 
                     model = sam3fast.build_sam3_video_model(config=cfg, device=device, dtype=dtype,
                                                             load_from_HF=False)
@@ -341,10 +341,7 @@ def main(argv=None):
                         tracker.fixed_capacity_step = fixed_default if variant == "default" else False
                         def session(n=n):
                             st = tracker.init_state(video_path=clip)
-                            for i, (x, y) in enumerate(grid_points(n)):
-                                tracker.add_new_points_or_box(st, frame_idx=0, obj_id=i,
-                                                              points=torch.tensor([[x, y]]),
-                                                              labels=torch.tensor([1], dtype=torch.int32))
+                            click_objects(tracker, st, n)
                             for _ in tracker.propagate_in_video(st, start_frame_idx=0,
                                                                 max_frame_num_to_track=args.frames - 1,
                                                                 reverse=False, tqdm_disable=True,

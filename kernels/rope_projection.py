@@ -27,8 +27,8 @@ output either way). float32 inputs use exact float32 dots (``input_precision="ie
 Why: in the 16-object tracker profile of the H200 (run 2 of 2026-11-27) the memory attention's RoPE
 prepass took 3.36 ms a frame (13 calls: the queries and the keys of the self- and cross-attentions),
 beside the projections that wrote the same tensors just before (the cross-attention's key
-projection alone 0.45 ms: 16 x 36324 rows of 64 -> 256). The prepass reads and writes every
-projected row again (2 x 297 MB a cross-attention at 16 objects in bf16). Here the projection's
+projections alone 0.45 ms a frame: 16 x 36324 rows of 64 -> 256). The prepass reads and writes every
+projected row again (by arithmetic 2 x 297 MB a cross-attention at 16 objects in bf16). Here the projection's
 epilogue rotates the rows it has in registers and stores them once: the prepass and its traffic are
 gone, and the projection itself moves the same bytes as before (K = 64 or 256: a bandwidth-bound
 GEMM). Not yet timed on a GPU.

@@ -98,6 +98,22 @@ def randomize_(module, seed: int):
     return module
 
 
+def sam3_memory_attention_pair():
+    """``(cfg, m32, mbf)``: the SAM 3 memory attention on CUDA in eval mode, float32 and a bfloat16
+    copy of the same (default-initialised, seed 0) weights; for the GPU tests at the real sizes."""
+    import torch
+
+    from sam3fast.config import get_config
+    from sam3fast.model.memory_attention import MemoryAttention
+
+    cfg = get_config("sam3")
+    torch.manual_seed(0)
+    m32 = MemoryAttention.from_config(cfg).cuda().eval()
+    mbf = MemoryAttention.from_config(cfg).cuda().eval()
+    mbf.load_state_dict(m32.state_dict())
+    return cfg, m32, mbf.bfloat16()
+
+
 def spread_layer_norms(module):
     """Every LayerNorm's affine drawn away from (1, 0) (weight ~ N(1, 0.3), bias ~ N(0, 0.3), from the
     global generator), so that a wrong or missing norm shows in a module test."""

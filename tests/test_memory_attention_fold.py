@@ -264,14 +264,9 @@ def test_gpu_memory_attention_fold_bf16(B):
     """SAM 3 sizes (7 frames + 16 pointers, two padded frame slots) in bf16: the folded module's
     error vs the unfolded float32 module is at most 2x the unfolded bf16 module's; in float32 the
     folded module matches the unfolded one."""
-    from sam3fast.config import get_config
+    from kernel_checks import sam3_memory_attention_pair
 
-    cfg = get_config("sam3")
-    torch.manual_seed(0)
-    m32 = MemoryAttention.from_config(cfg).cuda().eval()
-    mbf = MemoryAttention.from_config(cfg).cuda().eval()
-    mbf.load_state_dict(m32.state_dict())
-    mbf.bfloat16()
+    cfg, m32, mbf = sam3_memory_attention_pair()
     Lg, D, M = cfg.feat_size ** 2, cfg.d_model, cfg.tracker.mem_dim
     T = 16 * D // M
     S = 9 * Lg + T

@@ -148,16 +148,10 @@ def test_gpu_fused_paths_bf16(objects):
     adds fused to the norms) against the float32 module with both off: its relative error at most
     twice that of the bf16 module with both off; and a CUDA graph replay on new memory equal to a
     fresh call."""
-    from kernel_checks import capture_graph
-    from sam3fast.config import get_config
+    from kernel_checks import capture_graph, sam3_memory_attention_pair
     from sam3fast.model.memory_attention import RoPEAttention
 
-    cfg = get_config("sam3")
-    torch.manual_seed(0)
-    m32 = MemoryAttention.from_config(cfg).cuda().eval()
-    mbf = MemoryAttention.from_config(cfg).cuda().eval()
-    mbf.load_state_dict(m32.state_dict())
-    mbf.bfloat16()
+    cfg, m32, mbf = sam3_memory_attention_pair()
     Lg, D, Mm = cfg.feat_size ** 2, cfg.d_model, cfg.tracker.mem_dim
     Tp = 16 * D // Mm
     Sk = 7 * Lg + Tp

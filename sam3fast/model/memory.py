@@ -44,9 +44,9 @@ import torch.nn.functional as F
 from ..kernels.dwconv_norm import dwconv_norm, dwconv_norm_backend
 from ..kernels.mask_for_memory import mask_for_memory, mask_for_memory_backend
 from ..kernels import conv_norm_gelu as _cng
-from .common import LayerNorm2d, addmm_epilogue_serves, check_switch, norm_then_act
+from .common import LayerNorm2d, check_switch, norm_then_act
 from .neck import PositionEmbeddingSine
-from .vit import linear_tanh_gelu
+from .vit import linear_tanh_gelu, tanh_gelu_epilogue_applies
 
 
 def _conv_norm_gelu_call(x, conv_weight, conv_bias, norm_weight, norm_bias, eps, stride):
@@ -168,10 +168,7 @@ class CXBlock(nn.Module):
     def uses_tanh_epilogue(self, y: torch.Tensor) -> bool:
         """Whether forward runs pwconv1 + the tanh GELU as one epilogue GEMM for the normed map ``y``
         (see the class docstring: "auto" = CUDA and bf16 / fp16)."""
-        on = check_switch("tanh_gelu_epilogue", self.tanh_gelu_epilogue)
-        if on == "auto":
-            on = y.is_cuda and y.dtype in (torch.bfloat16, torch.float16)
-        return bool(on) and addmm_epilogue_serves(y, self.pwconv1.weight, self.pwconv1.bias)
+        return tanh_gelu_epilogue_applies(self.tanh_gelu_epilogue, y, self.pwconv1)
 
 
 class Fuser(nn.Module):

@@ -149,14 +149,18 @@ class RoPEAttention(nn.Module):
         backend for these queries, and the projection's), without autocast (the op takes one dtype
         for x and the weights), where ``fuse_rope_projection`` is True, or "auto" and the dtype is
         bfloat16 / float16."""
+        qh = q.unflatten(-1, (self.num_heads, -1))  # (a view: the projected q's shape, dtype, device)
+        return self._fuses_rope_projection(q, k, self.folds_for(qh))
+
+    def _fuses_rope_projection(self, q: torch.Tensor, k: torch.Tensor, fold: bool) -> bool:
         mode = check_switch("fuse_rope_projection", self.fuse_rope_projection)
         if mode is False or not self.use_kernel or torch.is_autocast_enabled(q.device.type):
             return False
         if q.dtype != self.q_proj.weight.dtype or k.dtype != self.k_proj.weight.dtype:
             return False
-        qh = q.unflatten(-1, (self.num_heads, -1))  # (a view: the backends read device, dtype, head dim)
-        v_dim = self.kv_in_dim if self.folds_for(qh) else None
-        if memory_attention_backend(qh, v_dim)[0] != "triton" or rope_projection_backend(q)[0] != "triton":
+        qh = q.unflatten(-1, (self.num_heads, -1))
+        if (memory_attention_backend(qh, self.kv_in_dim if fold else None)[0] != "triton"
+                or rope_projection_backend(q)[0] != "triton"):
             return False
         return mode is True or q.dtype in (torch.bfloat16, torch.float16)
 
@@ -186,21 +190,20 @@ class RoPEAttention(nn.Module):
         n_rope = S - num_k_exclude_rope
         if n_rope % L:
             raise ValueError(f"{n_rope} rotated keys are not a whole number of {L}-token frames")
-        if self.fuses_rope_projection(q, k):
-            # The projections write rotated rows (sam3fast::rope_projection): the op rotates nothing.
+        # (the projected q has the input's (B, L, H, Dh) shape, dtype and device: decided on a view)
+        fold = self.folds_for(q.unflatten(-1, (H, -1)))
+        fused = self._fuses_rope_projection(q, k, fold)
+        if fused:  # the projections write rotated rows (sam3fast::rope_projection): the op rotates nothing
             q = rope_projection(q, self.q_proj.weight, self.q_proj.bias, freqs_cis, L, H)
-            fold = self.folds_for(q)
             k = rope_projection(k, self.k_proj.weight, self.k_proj.bias, freqs_cis, n_rope, H)
-            v = v.unsqueeze(2).expand(B, S, H, v.shape[-1]) if fold else self.v_proj(v).view(B, S, H, -1)
-            out = memory_attention(q, k, v, freqs_cis, key_valid, rope_q=False, n_rope_keys=0)
-            return self._project_out(out.reshape(B, L, -1), fold, key_valid)
-        q = self.q_proj(q).view(B, L, H, -1)
-        fold = self.folds_for(q)
-        k = self.k_proj(k).view(B, S, H, -1)
+        else:
+            q = self.q_proj(q).view(B, L, H, -1)
+            k = self.k_proj(k).view(B, S, H, -1)
         # Folded: every head attends over the same kv_in-wide values (stride 0 over the heads).
         v = v.unsqueeze(2).expand(B, S, H, v.shape[-1]) if fold else self.v_proj(v).view(B, S, H, -1)
-        if self.use_kernel and memory_attention_backend(q, v.shape[-1])[0] == "triton":
-            out = memory_attention(q, k, v, freqs_cis, key_valid, rope_q=True, n_rope_keys=n_rope)
+        if fused or (self.use_kernel and memory_attention_backend(q, v.shape[-1])[0] == "triton"):
+            out = memory_attention(q, k, v, freqs_cis, key_valid, rope_q=not fused,
+                                   n_rope_keys=0 if fused else n_rope)
             return self._project_out(out.reshape(B, L, -1), fold, key_valid)
         q = apply_rope(q, freqs_cis)
         if n_rope == S and n_rope == L:
@@ -285,7 +288,8 @@ class MemoryAttention(KeepComplexBuffers, nn.Module):
     whether every layer's cross-attention folds v_proj into out_proj (see the module docstring); the
     state dict is the same either way.
 
-    ``fuse_residual_norm`` (attribute: "auto" by default, True, False): on CUDA without autocast each
+    ``fuse_residual_norm`` (class attribute, settable per instance: "auto" by default, True, False):
+    on CUDA without autocast each
     residual add and the LayerNorm after it (the next sublayer's pre-norm, the next layer's norm1,
     the final norm) are one ``sam3fast::residual_norm`` pass (:meth:`fuses_residual_norm`): 12
     LayerNorm launches and 12 adds become 12 launches for the 4 layers. In the 16-object tracker
@@ -293,6 +297,8 @@ class MemoryAttention(KeepComplexBuffers, nn.Module):
     (~100 us a launch for 42 MB in and out). The sums are PyTorch's bit for bit, the norms within
     float32 rounding. Not yet timed on a GPU: False restores the separate adds and norms.
     """
+
+    fuse_residual_norm: Union[bool, str] = "auto"
 
     def __init__(self, d_model: int = 256, mem_dim: int = 64, num_layers: int = 4, dim_feedforward: int = 2048,
                  grid: int = 72, num_heads: int = 1, rope_theta: float = 10000.0,
@@ -306,7 +312,6 @@ class MemoryAttention(KeepComplexBuffers, nn.Module):
             MemoryAttentionLayer(d_model, mem_dim, dim_feedforward, num_heads, fold_value) for _ in range(num_layers)
         )
         self.norm = nn.LayerNorm(d_model)
-        self.fuse_residual_norm: Union[bool, str] = "auto"  # see fuses_residual_norm
         # Not in the checkpoint (the official recomputes it at build); one table shared by every
         # self- and cross-attention, since all of them rotate head_dim-wide heads on the same grid.
         self.register_buffer("freqs_cis", compute_axial_cis(self.head_dim, grid, grid, rope_theta), persistent=False)

@@ -207,10 +207,7 @@ class Mlp(nn.Module):
     def uses_tanh_epilogue(self, x: torch.Tensor) -> bool:
         """Whether forward runs fc1 + the tanh GELU as one epilogue GEMM for this input (see the
         class docstring: "auto" = CUDA and bf16 / fp16)."""
-        on = self._tanh_gelu_epilogue
-        if on == "auto":
-            on = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-        return bool(on) and addmm_epilogue_serves(x, self.fc1.weight, self.fc1.bias)
+        return tanh_gelu_epilogue_applies(self._tanh_gelu_epilogue, x, self.fc1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_gelu and fused_linear_backend(x)[0] == "triton" and _no_autocast(x):
@@ -218,6 +215,16 @@ class Mlp(nn.Module):
         if self.uses_tanh_epilogue(x):
             return self.fc2(linear_tanh_gelu(x, self.fc1.weight, self.fc1.bias))
         return self.fc2(self.act(self.fc1(x)))
+
+
+def tanh_gelu_epilogue_applies(setting: Union[bool, str], x: torch.Tensor, linear: nn.Linear) -> bool:
+    """Whether ``linear`` + GELU on ``x`` runs as :func:`linear_tanh_gelu` under a module's
+    ``tanh_gelu_epilogue`` setting (True, False or "auto": CUDA and bf16 / fp16), where the epilogue
+    GEMM can serve (``addmm_epilogue_serves``)."""
+    on = check_switch("tanh_gelu_epilogue", setting)
+    if on == "auto":
+        on = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+    return bool(on) and addmm_epilogue_serves(x, linear.weight, linear.bias)
 
 
 def linear_tanh_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
