@@ -20,8 +20,8 @@ What is counted, per frame (the median over the frames after ``--warmup``):
   of held frames, the request API);
 - ``kernels``: the eager operations that would launch a kernel (they write in place or return
   a tensor that is not a view of an input);
-- ``reads``: ``aten::_local_scalar_dense`` calls (``.item()``, ``bool(t)``, ``int(t)``): each is a
-  host read of a device value, a sync on a GPU. Device-to-host copies are not visible on a CPU.
+- ``reads``: ``aten::_local_scalar_dense`` (``.item()``, ``int(t)``), ``is_nonzero`` (``bool(t)``),
+  ``equal`` and ``nonzero`` calls: each is a host read of a device value, a sync on a GPU. Device-to-host copies are not visible on a CPU.
 
 On the CPU the graph runners run their steps eagerly on the same buffers: the tracker with
 ``cuda_graphs = True`` (its step through :class:`~sam3fast.video.tracker_graphs.GraphedMemoryStep`
@@ -31,6 +31,16 @@ operations are eager there), the detector through its graphed-step seam.
     python bench/host_ops.py --smoke          # tiny config, a few frames (CI: it cannot rot)
     python bench/host_ops.py                  # tiny config, 16 frames, 1 / 4 / 16 clicked objects + concept
     python bench/host_ops.py --config sam3 --frames 6 --objects 1   # the full model (slow on a CPU)
+    python bench/host_ops.py --parts paths                            # the two tracker paths compared
+
+``--parts paths`` compares the tracker's two memory paths at ``--path-objects`` clicked objects on
+one steady-state frame (the last whole one), both eager as a GPU runs them above 2 objects: the
+fixed-capacity bank (the default) and the official per-frame selection (``fixed_capacity_step =
+False``). A bf16 model runs each module's CUDA dispatch on CPU tensors (``KERNEL_PATHS_ON_CPU``: the
+same ``sam3fast::`` ops and fusions a GPU takes, each computed by its CPU kernel). Per path: every
+operation (eager, none graphed), those that write memory, host reads, the megabytes their tensors
+span (inputs and outputs, a proxy for the traffic) and the memory attention's keys (computed,
+valid); then the operations whose counts differ.
 
 Results (not with --smoke): bench/results/host_ops_<config>_<date>.{json,md}.
 """
@@ -52,7 +62,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # official-package helpers live with the tests
 sys.path.insert(0, HERE)
 
-READ_OP = "_local_scalar_dense"
+# Operations that read a tensor's value on the host: a sync each on a GPU. ``bool(t)`` reaches a
+# dispatch mode as ``is_nonzero``, not as the ``_local_scalar_dense`` of ``.item()``; ``nonzero``
+# sizes its output by the values.
+READ_OPS = ("_local_scalar_dense", "is_nonzero", "equal", "nonzero")
 
 
 def _storages(tree) -> set:
@@ -66,7 +79,7 @@ def launches_kernel(func, args, kwargs, out) -> bool:
     """Whether an operation would launch a device kernel: it writes in place, or returns a tensor
     that is not a view of an input (views, and ``.to`` to the dtype a tensor has, launch nothing;
     a read of a value is a copy, counted as a read)."""
-    if func.overloadpacket.__name__ == READ_OP:
+    if func.overloadpacket.__name__ in READ_OPS:
         return False
     if func._schema.is_mutable:
         return True
@@ -115,7 +128,7 @@ class HostOpCounter(TorchDispatchMode):
         fr = self.frames[-1]
         name = func.overloadpacket.__name__
         out = func(*args, **(kwargs or {}))
-        if name == READ_OP:
+        if name in READ_OPS:
             fr["reads"] += 1
         if self.region:
             fr["graphed"][self.region[0]] += 1
@@ -252,6 +265,96 @@ def run_concept(predictor, clip, prompt, warmup):
     return out
 
 
+def _nbytes(tree) -> int:
+    from torch.utils import _pytree as pytree
+
+    return sum(x.numel() * x.element_size() for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor))
+
+
+class FrameOps(TorchDispatchMode):
+    """Per frame: every aten / sam3fast operation dispatched (name -> count), the megabytes of its
+    tensors, the kernels (see ``launches_kernel``) and host reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.frames = []
+        self.new_frame()
+
+    def new_frame(self):
+        self.frames.append({"ops": collections.Counter(), "mb": 0.0, "kernels": 0, "reads": 0})
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        fr = self.frames[-1]
+        name = str(func.overloadpacket).replace("aten.", "")
+        fr["ops"][name] += 1
+        fr["reads"] += func.overloadpacket.__name__ in READ_OPS
+        if launches_kernel(func, args, kwargs, out):
+            fr["kernels"] += 1
+            fr["mb"] += _nbytes((args, kwargs, out)) / 1e6
+        return out
+
+
+def compare_tracker_paths(model, clip, n, frames) -> dict:
+    """The bank and the per-frame selection at ``n`` clicked objects, both eager, under the CUDA
+    dispatch: one steady-state frame each (the last whole one of ``frames``)."""
+    from bench_video import click_objects
+    from sam3fast.kernels import _triton_compat
+    from sam3fast.model.memory_attention import MemoryAttention
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    tracker = model.tracker
+    tracker.backbone = model.detector.backbone
+    keys = []
+    orig_fwd = MemoryAttention.forward
+
+    def fwd(self, curr, curr_pos, memory, memory_pos, num_obj_ptr_tokens, memory_valid=None, **kw):
+        with _disable_current_modes():  # the count is not the frame's work
+            valid = memory.shape[1] if memory_valid is None else int(memory_valid.sum(1).min())
+        keys.append((memory.shape[1], valid))
+        return orig_fwd(self, curr, curr_pos, memory, memory_pos, num_obj_ptr_tokens, memory_valid, **kw)
+
+    out = {}
+    saved = tracker.fixed_capacity_step, tracker.cuda_graphs
+    _triton_compat.KERNEL_PATHS_ON_CPU = True
+    MemoryAttention.forward = fwd
+    try:
+        for path, fixed in (("bank", True), ("perframe", False)):
+            tracker.fixed_capacity_step, tracker.cuda_graphs = fixed, False
+            keys.clear()
+            rec = FrameOps()
+            with torch.inference_mode():
+                st = tracker.init_state(video_path=clip)
+                click_objects(tracker, st, n)
+                tracker.propagate_in_video_preflight(st)
+                with rec:
+                    for _ in tracker.propagate_in_video(st, start_frame_idx=0, max_frame_num_to_track=frames - 1,
+                                                        reverse=False, tqdm_disable=True):
+                        rec.new_frame()
+            fr = rec.frames[-2]  # the last whole frame (the last entry opens after the last yield)
+            out[path] = {"ops": sum(fr["ops"].values()), "kernels": fr["kernels"], "reads": fr["reads"],
+                         "mb": round(fr["mb"], 1), "keys": keys[-1], "by_op": dict(fr["ops"])}
+    finally:
+        MemoryAttention.forward = orig_fwd
+        _triton_compat.KERNEL_PATHS_ON_CPU = False
+        tracker.fixed_capacity_step, tracker.cuda_graphs = saved
+    return out
+
+
+def format_paths(n, frames, paths) -> str:
+    lines = ["", f"## tracker paths at {n} clicked objects, frame {frames - 1} of {frames}, both eager (CUDA dispatch, bf16)", "",
+             "| path | operations | of which kernels | MB their tensors span | host reads | memory-attention keys (computed, valid) |",
+             "|---|---:|---:|---:|---:|---|"]
+    for path, r in paths.items():
+        lines.append(f"| {path} | {r['ops']} | {r['kernels']} | {r['mb']} | {r['reads']} | {r['keys'][0]}, {r['keys'][1]} |")
+    a, b = paths["bank"]["by_op"], paths["perframe"]["by_op"]
+    diff = sorted(((a.get(k, 0) - b.get(k, 0), k) for k in set(a) | set(b) if a.get(k, 0) != b.get(k, 0)),
+                  key=lambda dk: (-abs(dk[0]), dk[1]))
+    lines += ["", "operations whose counts differ (bank - perframe): " +
+              ", ".join(f"{k} {d:+d}" for d, k in diff[:24])]
+    return "\n".join(lines)
+
+
 def format_table(results) -> str:
     lines = [f"# host operations per video frame: config {results['config']}, torch {results['torch']}, "
              f"{results['date']}", "",
@@ -284,11 +387,17 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=None, help="frames not counted (default: num_maskmem + 1, "
                     "the memory bank filling; 1 with --smoke)")
     ap.add_argument("--objects", default="1,4,16", help="tracker part: clicked objects, comma-separated")
-    ap.add_argument("--parts", default="tracker,concept")
+    ap.add_argument("--parts", default="tracker,concept", help="tracker, concept, paths (the two tracker "
+                    "memory paths compared; with --smoke too)")
+    ap.add_argument("--path-objects", type=int, default=5, help="paths part: clicked objects")
+    ap.add_argument("--path-frames", type=int, default=20, help="paths part: frames (the pointers fill "
+                    "max_obj_ptrs_in_encoder = 16 of them; --smoke: --frames)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
     if args.smoke:
         args.config, args.frames, args.objects, args.warmup = "tiny", 5, "1", 1
+        args.parts += ",paths"
+        args.path_frames = args.frames
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # counts do not depend on it; tiny tensors run faster on one thread
     try:
@@ -328,7 +437,17 @@ def _main(args, tmp):
         results["rows"].append({"part": "concept", "objects": objects, **row})
         if hasattr(pred, "shutdown"):
             pred.shutdown()
+    if "paths" in parts:
+        if args.path_frames != args.frames:
+            clip = write_jpg_folder(make_clip(args.path_frames, h, w), os.path.join(tmp, "path_frames"))
+        model = sam3fast.build_sam3_video_model(checkpoint_path=ckpt, config=cfg, device="cpu", dtype="bfloat16")
+        results["paths"] = {"objects": args.path_objects, "frames": args.path_frames,
+                            **compare_tracker_paths(model, clip, args.path_objects, args.path_frames)}
+        del model
     text = format_table(results)
+    if "paths" in results:
+        p = dict(results["paths"])
+        text += "\n" + format_paths(p.pop("objects"), p.pop("frames"), p)
     print(text)
     if not args.smoke:
         from _common import write_json_and_text

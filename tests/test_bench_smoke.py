@@ -37,7 +37,7 @@ BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
     # the CPU host-work counts: both parts ran and their phases were found (a renamed driver would
     # put every operation under "(outside)")
     ("host_ops.py", ("| tracker | 1 |", "| concept |", "- _run_single_frame_inference:",
-                     "- run_tracker_update_planning_phase:")),
+                     "- run_tracker_update_planning_phase:", "| bank |", "| perframe |")),
     ("bench_norms.py", ("# norms benchmark", "channels-first *", "group_norm_fast", "# pixel decoder GroupNorm",
                         "triton layer_norm2d + GELU", "channels-first + F.gelu *", "triton group_norm + ReLU",
                         "# pixel decoder GroupNorm + ReLU")),
@@ -67,7 +67,7 @@ def test_host_op_counter_counts_kernels_views_reads_and_phases():
         y = x.view(16)  # a view
         z = x + 1  # a kernel
         z.add_(1)  # in place: a kernel
-        return y, float(z.sum())  # a kernel, then a read
+        return y, float(z.sum()), bool(z.any())  # a kernel, then a read (twice: bool() is is_nonzero)
 
     def driver():
         phase_a()
@@ -81,10 +81,10 @@ def test_host_op_counter_counts_kernels_views_reads_and_phases():
         driver()
         x.neg()  # outside the driver
     fr = counter.frames[-1]
-    assert fr["reads"] == 1 and fr["kernels"] == 4, fr
-    assert fr["eager"] == {"phase_a": 5, "(frame driver)": 1, "(outside)": 1}, fr["eager"]
+    assert fr["reads"] == 2 and fr["kernels"] == 5, fr
+    assert fr["eager"] == {"phase_a": 7, "(frame driver)": 1, "(outside)": 1}, fr["eager"]
     assert fr["graphed"] == {"graph": 1} and fr["calls"] == {"graph": 1}
-    assert host_ops.summarize(counter, 0)["eager_ops"] == 7
+    assert host_ops.summarize(counter, 0)["eager_ops"] == 9
 
 
 def test_kernel_static_report_runs():
