@@ -66,6 +66,10 @@ _MAX_CHANNELS = 1024  # whole pixel rows of C live in registers
 # (Triton 3.7), the tap's weights loaded in the tile's layout in both kernels (no barrier, no
 # shared memory in the tap loop): channels-last input (loads along C) 4 x 8 w8, 105 registers (w4:
 # 166); NCHW input (the channels-first kernel) 4 x 8 w8, 99 registers (w4: 168); neither spills.
+# Triton 3.6 (the GPU image's): the channels-last kernel with tap-major weights 4 x 8 w8, 80
+# registers (3.7: 80; 105 before), no barrier or shared memory in the loop; the channels-first kernel keeps a
+# conversion of its tile per tap there (128 registers, 2 barriers in the loop; no variant of its
+# weight load tried avoided it). On CUDA the memory encoder's fuser is channels-last (the default).
 DEFAULT_TILE_CHANNELS_LAST = (4, 8, 8)
 DEFAULT_TILE_NCHW = (4, 8, 8)
 
@@ -131,7 +135,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _dwconv_norm_kernel(
-        x_ptr, cw_ptr, cb_ptr, nw_ptr, nb_ptr, y_ptr,
+        x_ptr, cwt_ptr, cb_ptr, nw_ptr, nb_ptr, y_ptr,
         C, H, W, h_blocks, w_blocks, sxb, sxc, sxh, sxw, eps,
         K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
         BF16_BY_HAND: tl.constexpr,
@@ -149,9 +153,13 @@ if HAS_TRITON:
             ok = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
             v = tl.load(x_base + (hh.to(tl.int64) * sxh + ww.to(tl.int64) * sxw)[:, None],
                         mask=ok[:, None] & c_ok[None, :], other=0.0)
-            # the tap's weights as a (pixels, channels) load of stride 0 along the pixels, in the
-            # tile's layout (a (channels,) load was converted through shared memory every tap)
-            wt = tl.load(cw_ptr + (c * (K * K) + tap)[None, :] + 0 * p[:, None], mask=c_ok[None, :], other=0.0)
+            # the tap's weights as a (pixels, channels) load of stride 0 along the pixels, from the
+            # tap-major (K * K, C) copy: contiguous along the channels like the tile's load, so both
+            # take one layout. From the (C, K * K) weight (stride K * K along the channels) Triton
+            # 3.6 (the GPU image's) gave the weights another layout and converted the whole tile
+            # through shared memory every tap (Triton 3.7 did not); a (channels,) load was converted
+            # every tap on both
+            wt = tl.load(cwt_ptr + (tap * C + c)[None, :] + 0 * p[:, None], mask=c_ok[None, :], other=0.0)
             acc += v.to(tl.float32) * wt.to(tl.float32)
         _norm_store(acc, cb_ptr, nw_ptr, nb_ptr, y_ptr, b, ph, pw, c, c_ok, C, H, W, eps, BF16_BY_HAND)
 
@@ -237,8 +245,10 @@ def _dwconv_norm_triton(
                 BF16_BY_HAND=by_hand, num_warps=num_warps,
             )
         else:
+            # the tap-major weights (K * K, C) (see the kernel: 12.5 K elements at SAM 3's size)
             _dwconv_norm_kernel[(B * h_blocks * w_blocks,)](
-                *args, x.stride(0), x.stride(1), x.stride(2), x.stride(3), float(eps),
+                x, cw.view(C, k * k).t().contiguous(), *args[2:], x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+                float(eps),
                 K=k, BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=block_c, BF16_BY_HAND=by_hand, num_warps=num_warps,
             )
     return out
