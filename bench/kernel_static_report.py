@@ -30,7 +30,9 @@ Cases (the shapes the engine runs; see each kernel module's docstring):
                     (5184 keys, RoPE on q and k), and the value fold (v = the 64-wide memory shared by
                     the head) at the default tile and 128 x 64 w8 s2; at 1 and 16 objects (from
                     ``SDPA_MIN_BATCH_HEADS`` objects the op hands a bf16 call to SDPA on CUDA: the
-                    16-object rows are the Triton path that SDPA replaces)
+                    16-object rows are the Triton path that SDPA replaces); "rotated" rows: the
+                    module's calls since ``rope_projection`` (q and keys arrive rotated: no RoPE in
+                    the kernel, no prepass), cross / self / fold at both tiles
   rpb_attention     the DETR decoder's image cross-attention: 200 + 1 queries, 5184 keys, 8 heads of 32
   prompt_cross_attention  the fusion encoder's image -> prompt step: 5184 queries, 33 and 64 prompt
                     tokens, D 256, 8 heads
@@ -160,7 +162,7 @@ def build_cases() -> List[Case]:
     def ma_rope():  # (L, Dh / 2, 2) float32 (cos, sin), the tracker's table (theta 1e4)
         return torch.view_as_real(compute_axial_cis(D, g, g, 10000.0)).float()
 
-    def ma_case(B, S, n_rope, has_valid, v_width, tile=None):
+    def ma_case(B, S, n_rope, has_valid, v_width, tile=None, rotated=False):
         bm, bn, nw, ns = tile or ma.DEFAULT_TILE
         splits = ma.choose_num_splits(cdiv(L, bm) * B, cdiv(S, bn), H100_SMS)
 
@@ -172,8 +174,9 @@ def build_cases() -> List[Case]:
             else:  # the value fold: the raw memory, expanded over the heads as RoPEAttention does
                 v = _empty(B, S, v_width).unsqueeze(2).expand(B, S, 1, v_width)
             valid = torch.ones(B, S, dtype=torch.bool) if has_valid else None
-            ma._memory_attention_triton(q, k, v, ma_rope(), valid, True, n_rope, block_m=bm, block_n=bn,
-                                        num_warps=nw, num_stages=ns, num_splits=splits)
+            # rotated: the module's call since rope_projection (q and k projected already rotated)
+            ma._memory_attention_triton(q, k, v, ma_rope(), valid, not rotated, 0 if rotated else n_rope,
+                                        block_m=bm, block_n=bn, num_warps=nw, num_stages=ns, num_splits=splits)
 
         return launch
 
@@ -186,6 +189,17 @@ def build_cases() -> List[Case]:
         for B in OBJECTS:
             cases.append(Case(f"memory_attention fold{label} B={B}", ma_kernels,
                               ma_case(B, S_mem, trk.num_maskmem * L, True, trk.mem_dim, tile)))
+    # the module's calls with RoPEAttention.fuse_rope_projection (the default on CUDA in bf16): q and
+    # the keys arrive rotated, so neither the in-kernel q rotation nor the key prepass runs
+    for tile in (None, (128, 64, 8, 2)):
+        label = "" if tile is None else " {}x{} w{} s{}".format(*tile)
+        for B in OBJECTS:
+            cases.append(Case(f"memory_attention rotated cross{label} B={B}", ma_kernels,
+                              ma_case(B, S_mem, trk.num_maskmem * L, True, D, tile, rotated=True)))
+            cases.append(Case(f"memory_attention rotated self{label} B={B}", ma_kernels,
+                              ma_case(B, L, L, False, D, tile, rotated=True)))
+            cases.append(Case(f"memory_attention rotated fold{label} B={B}", ma_kernels,
+                              ma_case(B, S_mem, trk.num_maskmem * L, True, trk.mem_dim, tile, rotated=True)))
 
     # ---- boxRPB attention: the DETR decoder's image cross-attention -----------------------------
     def rpb_launch():
