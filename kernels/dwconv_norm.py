@@ -62,14 +62,14 @@ from ._triton_compat import (  # noqa: F401  (TRITON_IMPORT_ERROR: read by the t
 
 _KERNEL_DTYPES = KERNEL_DTYPES
 _MAX_CHANNELS = 1024  # whole pixel rows of C live in registers
-# (BLOCK_H, BLOCK_W, num_warps) by the input's layout, compiled for sm_90 at 16 x 256 x 72 x 72 in bf16
-# (Triton 3.7), the tap's weights loaded in the tile's layout in both kernels (no barrier, no
-# shared memory in the tap loop): channels-last input (loads along C) 4 x 8 w8, 105 registers (w4:
-# 166); NCHW input (the channels-first kernel) 4 x 8 w8, 99 registers (w4: 168); neither spills.
-# Triton 3.6 (the GPU image's): the channels-last kernel with tap-major weights 4 x 8 w8, 80
-# registers (3.7: 80; 105 before), no barrier or shared memory in the loop; the channels-first kernel keeps a
-# conversion of its tile per tap there (128 registers, 2 barriers in the loop; no variant of its
-# weight load tried avoided it). On CUDA the memory encoder's fuser is channels-last (the default).
+# (BLOCK_H, BLOCK_W, num_warps) by the input's layout, compiled for sm_90 at 16 x 256 x 72 x 72 in bf16,
+# the tap's weights loaded in the tile's layout (no barrier, no shared memory in the tap loop):
+# channels-last input (loads along C, tap-major weights) 4 x 8 w8, 80 registers on Triton 3.7 and
+# 3.6 (the GPU image's; with the (C, K * K) weights: 105 on 3.7, w4 166, and on 3.6 a conversion of
+# the tile per tap); NCHW input (the channels-first kernel) 4 x 8 w8, 99 registers on 3.7 (w4: 168),
+# while on 3.6 it keeps a conversion of its tile per tap (128 registers, 2 barriers in the loop; no
+# variant of its weight load tried avoided it). Neither spills. On CUDA the memory encoder's fuser is
+# channels-last (the default), so the channels-last kernel is the one it runs.
 DEFAULT_TILE_CHANNELS_LAST = (4, 8, 8)
 DEFAULT_TILE_NCHW = (4, 8, 8)
 
