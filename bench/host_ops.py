@@ -21,7 +21,8 @@ What is counted, per frame (the median over the frames after ``--warmup``):
 - ``kernels``: the eager operations that would launch a kernel (they write in place or return
   a tensor that is not a view of an input);
 - ``reads``: ``aten::_local_scalar_dense`` (``.item()``, ``int(t)``), ``is_nonzero`` (``bool(t)``),
-  ``equal`` and ``nonzero`` calls: each is a host read of a device value, a sync on a GPU. Device-to-host copies are not visible on a CPU.
+  ``equal`` and ``nonzero`` calls: each is a host read of a device value, a sync on a GPU.
+  Device-to-host copies are not visible on a CPU.
 
 On the CPU the graph runners run their steps eagerly on the same buffers: the tracker with
 ``cuda_graphs = True`` (its step through :class:`~sam3fast.video.tracker_graphs.GraphedMemoryStep`
@@ -75,6 +76,12 @@ def _storages(tree) -> set:
             if isinstance(x, torch.Tensor) and x.numel() > 0}
 
 
+def _nbytes(tree) -> int:
+    from torch.utils import _pytree as pytree
+
+    return sum(x.numel() * x.element_size() for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor))
+
+
 def launches_kernel(func, args, kwargs, out) -> bool:
     """Whether an operation would launch a device kernel: it writes in place, or returns a tensor
     that is not a view of an input (views, and ``.to`` to the dtype a tensor has, launch nothing;
@@ -102,7 +109,7 @@ class HostOpCounter(TorchDispatchMode):
     def new_frame(self):
         self.frames.append({"graphed": collections.Counter(), "calls": collections.Counter(),
                             "eager": collections.Counter(), "ops": collections.Counter(), "reads": 0,
-                            "kernels": 0})
+                            "kernels": 0, "mb": 0.0})
 
     def enter_region(self, name):
         if not self.region:
@@ -134,8 +141,10 @@ class HostOpCounter(TorchDispatchMode):
             fr["graphed"][self.region[0]] += 1
         else:
             fr["eager"][self._phase()] += 1
-            fr["ops"][name] += 1
-            fr["kernels"] += launches_kernel(func, args, kwargs, out)
+            fr["ops"][name if func.namespace == "aten" else f"{func.namespace}.{name}"] += 1
+            if launches_kernel(func, args, kwargs, out):
+                fr["kernels"] += 1
+                fr["mb"] += _nbytes((args, kwargs, out)) / 1e6  # the kernel's tensors, in and out
         return out
 
 
@@ -265,36 +274,6 @@ def run_concept(predictor, clip, prompt, warmup):
     return out
 
 
-def _nbytes(tree) -> int:
-    from torch.utils import _pytree as pytree
-
-    return sum(x.numel() * x.element_size() for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor))
-
-
-class FrameOps(TorchDispatchMode):
-    """Per frame: every aten / sam3fast operation dispatched (name -> count), the megabytes of its
-    tensors, the kernels (see ``launches_kernel``) and host reads."""
-
-    def __init__(self):
-        super().__init__()
-        self.frames = []
-        self.new_frame()
-
-    def new_frame(self):
-        self.frames.append({"ops": collections.Counter(), "mb": 0.0, "kernels": 0, "reads": 0})
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        fr = self.frames[-1]
-        name = str(func.overloadpacket).replace("aten.", "")
-        fr["ops"][name] += 1
-        fr["reads"] += func.overloadpacket.__name__ in READ_OPS
-        if launches_kernel(func, args, kwargs, out):
-            fr["kernels"] += 1
-            fr["mb"] += _nbytes((args, kwargs, out)) / 1e6
-        return out
-
-
 def compare_tracker_paths(model, clip, n, frames) -> dict:
     """The bank and the per-frame selection at ``n`` clicked objects, both eager, under the CUDA
     dispatch: one steady-state frame each (the last whole one of ``frames``)."""
@@ -322,7 +301,7 @@ def compare_tracker_paths(model, clip, n, frames) -> dict:
         for path, fixed in (("bank", True), ("perframe", False)):
             tracker.fixed_capacity_step, tracker.cuda_graphs = fixed, False
             keys.clear()
-            rec = FrameOps()
+            rec = HostOpCounter("_propagate")  # nothing graphed here: every operation is eager
             with torch.inference_mode():
                 st = tracker.init_state(video_path=clip)
                 click_objects(tracker, st, n)
@@ -332,7 +311,7 @@ def compare_tracker_paths(model, clip, n, frames) -> dict:
                                                         reverse=False, tqdm_disable=True):
                         rec.new_frame()
             fr = rec.frames[-2]  # the last whole frame (the last entry opens after the last yield)
-            out[path] = {"ops": sum(fr["ops"].values()), "kernels": fr["kernels"], "reads": fr["reads"],
+            out[path] = {"ops": sum(fr["eager"].values()), "kernels": fr["kernels"], "reads": fr["reads"],
                          "mb": round(fr["mb"], 1), "keys": keys[-1], "by_op": dict(fr["ops"])}
     finally:
         MemoryAttention.forward = orig_fwd
@@ -381,7 +360,7 @@ def format_table(results) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny config, 5 frames, 1 object + concept (CI)")
+    ap.add_argument("--smoke", action="store_true", help="tiny config, 5 frames, 1 object + concept + paths (CI)")
     ap.add_argument("--config", default="tiny")
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=None, help="frames not counted (default: num_maskmem + 1, "
