@@ -321,11 +321,14 @@ def compare_tracker_paths(model, clip, n, frames) -> dict:
 
 
 def format_paths(n, frames, paths) -> str:
-    lines = ["", f"## tracker paths at {n} clicked objects, frame {frames - 1} of {frames}, both eager (CUDA dispatch, bf16)", "",
-             "| path | operations | of which kernels | MB their tensors span | host reads | memory-attention keys (computed, valid) |",
+    lines = ["", f"## tracker paths at {n} clicked objects, frame {frames - 1} of {frames}, both eager "
+             "(CUDA dispatch, bf16)", "",
+             "| path | operations | of which kernels | MB their tensors span | host reads "
+             "| memory-attention keys (computed, valid) |",
              "|---|---:|---:|---:|---:|---|"]
     for path, r in paths.items():
-        lines.append(f"| {path} | {r['ops']} | {r['kernels']} | {r['mb']} | {r['reads']} | {r['keys'][0]}, {r['keys'][1]} |")
+        lines.append(f"| {path} | {r['ops']} | {r['kernels']} | {r['mb']} | {r['reads']} "
+                     f"| {r['keys'][0]}, {r['keys'][1]} |")
     a, b = paths["bank"]["by_op"], paths["perframe"]["by_op"]
     diff = sorted(((a.get(k, 0) - b.get(k, 0), k) for k in set(a) | set(b) if a.get(k, 0) != b.get(k, 0)),
                   key=lambda dk: (-abs(dk[0]), dk[1]))

@@ -157,9 +157,10 @@ def _conv_norm_gelu_triton(
     if out.numel() == 0:
         return out
     p_blocks = cdiv(OH * OW, block_p)
+    cwt = conv_weight.permute(1, 2, 3, 0).reshape(CI * k * k, CO).contiguous()  # tap-major (see the kernel)
     with device_guard(x.device):
         _conv_norm_gelu_kernel[(B * p_blocks,)](
-            x, conv_weight.permute(1, 2, 3, 0).reshape(CI * k * k, CO).contiguous(), conv_bias.contiguous(), norm_weight.contiguous(), norm_bias.contiguous(), out,
+            x, cwt, conv_bias.contiguous(), norm_weight.contiguous(), norm_bias.contiguous(), out,
             CI, CO, H, W, OW, OH * OW, p_blocks, x.stride(0), x.stride(1), x.stride(2), x.stride(3), float(eps),
             K=k, STRIDE=int(stride), BLOCK_P=block_p, BLOCK_CO=1 << max(0, CO - 1).bit_length(),
             BF16_BY_HAND=_INTERPRETED and x.dtype == torch.bfloat16, num_warps=num_warps,

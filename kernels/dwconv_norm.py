@@ -231,24 +231,23 @@ def _dwconv_norm_triton(
     out = output_buffer(out, (B, H, W, C), x.dtype, x.device)
     if out.numel() == 0:
         return out
-    cw = conv_weight.contiguous()
     h_blocks, w_blocks = cdiv(H, block_h), cdiv(W, block_w)
     block_c = 1 << max(0, C - 1).bit_length()
     by_hand = _INTERPRETED and x.dtype == torch.bfloat16
-    args = (x, cw, conv_bias.contiguous(), norm_weight.contiguous(), norm_bias.contiguous(), out, C, H, W,
-            h_blocks, w_blocks)
+    # (after x and the weights, which each kernel reads in its own layout)
+    rest = (conv_bias.contiguous(), norm_weight.contiguous(), norm_bias.contiguous(), out, C, H, W, h_blocks, w_blocks)
     with device_guard(x.device):
         if x.stride(1) != 1 and channels_first_tile and _int32_extent(x):
             _dwconv_norm_cf_kernel[(B * h_blocks * w_blocks,)](
-                *args, x.stride(0), x.stride(2), x.stride(3), float(eps),
+                x, conv_weight.contiguous(), *rest, x.stride(0), x.stride(2), x.stride(3), float(eps),
                 SXC=x.stride(1), K=k, BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=block_c, EVEN_C=block_c == C,
                 BF16_BY_HAND=by_hand, num_warps=num_warps,
             )
         else:
             # the tap-major weights (K * K, C) (see the kernel: 12.5 K elements at SAM 3's size)
+            cwt = conv_weight.reshape(C, k * k).t().contiguous()
             _dwconv_norm_kernel[(B * h_blocks * w_blocks,)](
-                x, cw.view(C, k * k).t().contiguous(), *args[2:], x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-                float(eps),
+                x, cwt, *rest, x.stride(0), x.stride(1), x.stride(2), x.stride(3), float(eps),
                 K=k, BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=block_c, BF16_BY_HAND=by_hand, num_warps=num_warps,
             )
     return out
