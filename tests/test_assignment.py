@@ -6,6 +6,7 @@ exactly (ties included). The CUDA op (GPU tests) must reach the same optimal cos
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 
@@ -202,11 +203,19 @@ def test_compile_fullgraph():
     ids=lambda p: os.path.relpath(p, ROOT),
 )
 def test_cuda_sources_compile(path, tmp_path):
-    """Every .cu file compiles for sm_90 (the kernels include no torch headers, ~2-8 s each)."""
-    cmd = ["nvcc", "-c", "-std=c++17", "-arch=sm_90", "-O3", "-I", os.path.join(ROOT, "csrc"), path,
+    """Every .cu file compiles for sm_90 (the kernels include no torch headers, ~2-30 s each) and
+    ptxas spills no register in any kernel (``-Xptxas -v``; the assignment's phase-timing kernels
+    have a stack for their printf, not spills). Without ``__launch_bounds__(threads, 1)`` CUDA 13's
+    ptxas held several assignment kernels to 64 registers and they spilled (8 to 72 bytes of stores)."""
+    cmd = ["nvcc", "-c", "-std=c++17", "-arch=sm_90", "-O3", "-Xptxas", "-v", "-I", os.path.join(ROOT, "csrc"), path,
            "-o", str(tmp_path / "out.o")]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+    report = res.stdout + res.stderr
+    spills = re.findall(r"Function properties for (\S+)\s+\d+ bytes stack frame, (\d+) bytes spill stores, "
+                        r"(\d+) bytes spill loads", report)
+    assert spills, "ptxas -v reported no kernel"
+    assert all(st == "0" and ld == "0" for _, st, ld in spills), [s for s in spills if s[1:] != ("0", "0")]
 
 
 # ---- GPU (skipped without CUDA) ----
@@ -251,15 +260,17 @@ def test_cuda_launcher_knobs(monkeypatch, capfd):
              torch.full((3, 5, 9), 2.0)]
     refs = [linear_sum_assignment_with_status(c) for c in cases]
     assert refs[3][1][:2].tolist() == [False, False] and refs[3][1][2:].any()
-    settings = [(t, i, s) for t in ("0", "32", "64", "256") for i in ("0", "1", "2") for s in ("0", "1", "2")]
-    for threads, init, stage in settings + [("48", "7", "x")]:  # invalid values: the defaults
+    settings = [(t, i, s, r) for t in ("0", "32", "64", "256") for i in ("0", "1", "2") for s in ("0", "1", "2")
+                for r in ("0", "1")]
+    for threads, init, stage, regs in settings + [("48", "7", "x", "2")]:  # invalid values: the defaults
         monkeypatch.setenv("SAM3FAST_LSA_THREADS", threads)
         monkeypatch.setenv("SAM3FAST_LSA_INIT", init)
         monkeypatch.setenv("SAM3FAST_LSA_STAGE", stage)
+        monkeypatch.setenv("SAM3FAST_LSA_REGS", regs)
         for cost, (want, want_ok) in zip(cases, refs):
             got, got_ok = linear_sum_assignment_with_status(cost.cuda())
             got, got_ok = got.cpu(), got_ok.cpu()
-            where = f"threads={threads} init={init} stage={stage} shape={tuple(cost.shape)}"
+            where = f"threads={threads} init={init} stage={stage} regs={regs} shape={tuple(cost.shape)}"
             assert torch.equal(got_ok, want_ok), where
             assert (got[~want_ok] == -1).all(), where
             if want_ok.any():
@@ -269,7 +280,8 @@ def test_cuda_launcher_knobs(monkeypatch, capfd):
                                            total_cost(cost[want_ok], want[want_ok]), rtol=1e-12, atol=1e-9,
                                            msg=where)
         assert torch.equal(got, torch.arange(5).expand(3, 5))  # all-equal costs: the identity, as on CPU
-    assert "ignoring SAM3FAST_LSA_THREADS=48" in capfd.readouterr().err
+    err = capfd.readouterr().err
+    assert "ignoring SAM3FAST_LSA_THREADS=48" in err and "ignoring SAM3FAST_LSA_REGS=2" in err
 
 
 @pytest.mark.gpu

@@ -120,10 +120,15 @@ if [[ $PHASE == a ]]; then
         --deselect "$TMA_TEST" --deselect "$STUCK_TEST"
 else
     # the rest, on the still-warm machine if device time is left. Measured in run 2 of 2026-11-27
-    # (H200) and left out now: assignment, the compiled image path (20.5 ms, no gain over the graphs),
+    # (H200) and left out now: the compiled image path (20.5 ms, no gain over the graphs),
     # mask IoU/NMS, trunk attention by backend, fused linear epilogues, the fold profile, the norms.
     # The image and 16-object tracker profiles again: the rewritten rpb_factors, the dwconv_norm and
     # mask-downsampler convolutions at 16 objects (0.67 ms and 1.2 ms a frame in that run)
+    # (session 20) the CUDA assignment's searches with their column state in registers and the
+    # staged matrix on an odd row stride (one 200x128 problem: 125 us graphed in run 2 of 2026-11-27,
+    # 29 K of its 221 K cycles staging through 32-way bank conflicts): the knob table and the phase
+    # cycles, registers (the new default) against shared memory (SAM3FAST_LSA_REGS=0)
+    step bench_assignment 60 35 python3 bench/bench_assignment.py --knobs-only --profile
     step profile 60 100 python3 bench/profile_gpu.py --parts image,tracker --objects 16
     # the memory-attention module (folded, unfolded; q/k projected with RoPE in the epilogue or with
     # the prepass) where the tracker runs it at 5, 8 and 16 objects: the op's 128x64 w8 tile beat its

@@ -13,9 +13,15 @@
 // searches, row reduction, a greedy matching (one atomic minimum per row) and reduction transfer
 // (assignment_block.cuh) leave only the conflicting rows to search for: with few problems the time
 // is then about the number of searches and Dijkstra steps, each a few barriers, not the
-// arithmetic. The block size, the initialisation and the staging limit
-// can be forced (SAM3FAST_LSA_THREADS / _INIT / _STAGE, read at every call: see
-// assignment_tuning.h) for benchmarks (bench/bench_assignment.py) and tests.
+// arithmetic. The searches keep each thread's columns' state in registers where a thread owns at
+// most 8 columns (a Dijkstra step then reads only the costs from shared memory; H200 profile of run
+// 2 of 2026-11-27, state in shared memory: ~2070 cycles a step for one 200x128 problem; the
+// register form is untimed). The block size, the initialisation, the staging limit and the state's
+// place can be forced (SAM3FAST_LSA_THREADS / _INIT / _STAGE / _REGS, read at every call: see
+// assignment_tuning.h) for benchmarks (bench/bench_assignment.py) and tests. The kernels declare
+// a minimum of one resident block per SM (__launch_bounds__(threads, 1)), which leaves ptxas the
+// whole register budget: without it, CUDA 13's ptxas held several instantiations to 64 registers
+// and spilled (static sm_90 build; none spills with it).
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
@@ -31,6 +37,11 @@ using lsa_block::LsaCand;
 
 constexpr int kMaxThreads = 256;
 constexpr int kColsPerThread = 2;
+// Columns per thread of the register-resident search state (SAM3FAST_LSA_REGS=1): the size rule's
+// two, or up to eight (one warp for up to 256 columns, or a forced block size); more columns per
+// thread than that keep the state in shared memory.
+constexpr int kRegColsSmall = 2;
+constexpr int kRegColsLarge = 8;
 constexpr int64_t kDefaultSmem = 48 * 1024;
 constexpr int64_t kScratchBytes = sizeof(LsaCand) * 64;  // CudaBlock's static shared memory
 
@@ -91,8 +102,10 @@ struct WarpBlock {
 };
 
 // kProfile (SAM3FAST_LSA_PROFILE): block 0 prints where its cycles went (lsa_block::LsaProfile).
-template <typename T, bool kStage, bool kWarp, bool kProfile>
-__global__ void __launch_bounds__(kWarp ? 32 : kMaxThreads)
+// kRegCols: the searches' column state in registers, kRegCols columns per thread (0: in shared
+// memory; lsa_block::solve_block).
+template <typename T, bool kStage, bool kWarp, bool kProfile, int kRegCols>
+__global__ void __launch_bounds__(kWarp ? 32 : kMaxThreads, 1)
     lsa_kernel(const T* __restrict__ cost, int n, int m, int64_t* __restrict__ assignment,
                bool* __restrict__ feasible, int init) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -100,55 +113,74 @@ __global__ void __launch_bounds__(kWarp ? 32 : kMaxThreads)
   lsa_block::LsaProfile prof{};
   if constexpr (kWarp) {
     WarpBlock blk;
-    lsa_block::solve_block<T, kStage, WarpBlock, kProfile>(blk, cost + b * n * m, n, m, assignment + b * n,
-                                                           feasible + b, smem, init, &prof);
+    lsa_block::solve_block<T, kStage, WarpBlock, kProfile, kRegCols>(
+        blk, cost + b * n * m, n, m, assignment + b * n, feasible + b, smem, init, &prof);
   } else {
     __shared__ LsaCand scratch[64];
     CudaBlock blk{scratch, 0};
-    lsa_block::solve_block<T, kStage, CudaBlock, kProfile>(blk, cost + b * n * m, n, m, assignment + b * n,
-                                                           feasible + b, smem, init, &prof);
+    lsa_block::solve_block<T, kStage, CudaBlock, kProfile, kRegCols>(
+        blk, cost + b * n * m, n, m, assignment + b * n, feasible + b, smem, init, &prof);
   }
   if constexpr (kProfile) {
     if (b == 0 && threadIdx.x == 0) {
-      printf("sam3fast lsa profile: %dx%d %s threads=%d staged=%d init=%d; cycles: read %lld, row minima %lld, "
-             "greedy %lld, searches %lld (dijkstra %lld, update+flip %lld), total %lld; searches %d, steps %d\n",
-             n, m, sizeof(T) == 4 ? "f32" : "f64", static_cast<int>(blockDim.x), int(kStage), init,
+      printf("sam3fast lsa profile: %dx%d %s threads=%d staged=%d init=%d regs=%d; cycles: read %lld, "
+             "row minima %lld, greedy %lld, searches %lld (dijkstra %lld, update+flip %lld), total %lld; "
+             "searches %d, steps %d\n",
+             n, m, sizeof(T) == 4 ? "f32" : "f64", static_cast<int>(blockDim.x), int(kStage), init, kRegCols,
              prof.read - prof.start, prof.rows - prof.read, prof.greedy - prof.rows, prof.end - prof.greedy,
              prof.dijkstra, prof.update, prof.end - prof.start, prof.searches, prof.steps);
     }
   }
 }
 
-// Launches lsa_kernel<T, kStage, kWarp> with smem bytes of dynamic shared memory, raising the
-// kernel's limit first when that and the static scratch are over the default 48 KiB (the caller
-// checked the opt-in limit).
-template <typename T, bool kStage, bool kWarp, bool kProfile>
-cudaError_t launch(const T* cost, int64_t B, int64_t n, int64_t m, int64_t* assignment,
-                   bool* feasible, cudaStream_t stream, int threads, int64_t smem, int init) {
-  if (smem + (kWarp ? 0 : kScratchBytes) > kDefaultSmem) {
-    const cudaError_t err = cudaFuncSetAttribute(
-        lsa_kernel<T, kStage, kWarp, kProfile>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-        static_cast<int>(smem));
+// The template arguments of one launch, chosen at run time.
+struct LaunchArgs {
+  int threads;
+  int64_t smem;  // dynamic shared memory bytes
+  int init;
+  bool profile;
+  int reg_cols;  // 0, 2 or 8 (kRegColsSmall / kRegColsLarge)
+};
+
+// Launches lsa_kernel<T, kStage, kWarp, kProfile, kRegCols> with a.smem bytes of dynamic shared
+// memory, raising the kernel's limit first when that and the static scratch are over the default
+// 48 KiB (the caller checked the opt-in limit).
+template <typename T, bool kStage, bool kWarp, bool kProfile, int kRegCols>
+cudaError_t launch(const T* cost, int64_t B, int64_t n, int64_t m, int64_t* assignment, bool* feasible,
+                   cudaStream_t stream, const LaunchArgs& a) {
+  auto* kernel = lsa_kernel<T, kStage, kWarp, kProfile, kRegCols>;
+  if (a.smem + (kWarp ? 0 : kScratchBytes) > kDefaultSmem) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(a.smem));
     if (err != cudaSuccess) return err;
   }
-  lsa_kernel<T, kStage, kWarp, kProfile><<<static_cast<unsigned>(B), threads, smem, stream>>>(
-      cost, static_cast<int>(n), static_cast<int>(m), assignment, feasible, init);
+  kernel<<<static_cast<unsigned>(B), a.threads, a.smem, stream>>>(cost, static_cast<int>(n), static_cast<int>(m),
+                                                                   assignment, feasible, a.init);
   return cudaGetLastError();
 }
 
-template <typename T, bool kStage, bool kProfile>
-cudaError_t launch(const T* cost, int64_t B, int64_t n, int64_t m, int64_t* assignment,
-                   bool* feasible, cudaStream_t stream, int threads, int64_t smem, int init) {
-  return threads == 32
-             ? launch<T, kStage, true, kProfile>(cost, B, n, m, assignment, feasible, stream, threads, smem, init)
-             : launch<T, kStage, false, kProfile>(cost, B, n, m, assignment, feasible, stream, threads, smem, init);
+template <typename T, bool kStage, bool kWarp, bool kProfile>
+cudaError_t launch(const T* cost, int64_t B, int64_t n, int64_t m, int64_t* assignment, bool* feasible,
+                   cudaStream_t stream, const LaunchArgs& a) {
+  switch (a.reg_cols) {
+    case kRegColsSmall:
+      return launch<T, kStage, kWarp, kProfile, kRegColsSmall>(cost, B, n, m, assignment, feasible, stream, a);
+    case kRegColsLarge:
+      return launch<T, kStage, kWarp, kProfile, kRegColsLarge>(cost, B, n, m, assignment, feasible, stream, a);
+    default:
+      return launch<T, kStage, kWarp, kProfile, 0>(cost, B, n, m, assignment, feasible, stream, a);
+  }
 }
 
 template <typename T, bool kStage>
-cudaError_t launch(const T* cost, int64_t B, int64_t n, int64_t m, int64_t* assignment,
-                   bool* feasible, cudaStream_t stream, int threads, int64_t smem, int init, bool profile) {
-  return profile ? launch<T, kStage, true>(cost, B, n, m, assignment, feasible, stream, threads, smem, init)
-                 : launch<T, kStage, false>(cost, B, n, m, assignment, feasible, stream, threads, smem, init);
+cudaError_t launch(const T* cost, int64_t B, int64_t n, int64_t m, int64_t* assignment, bool* feasible,
+                   cudaStream_t stream, const LaunchArgs& a) {
+  if (a.threads == 32) {
+    return a.profile ? launch<T, kStage, true, true>(cost, B, n, m, assignment, feasible, stream, a)
+                     : launch<T, kStage, true, false>(cost, B, n, m, assignment, feasible, stream, a);
+  }
+  return a.profile ? launch<T, kStage, false, true>(cost, B, n, m, assignment, feasible, stream, a)
+                   : launch<T, kStage, false, false>(cost, B, n, m, assignment, feasible, stream, a);
 }
 
 bool valid_threads(long t) { return t == 0 || (t >= 32 && t <= kMaxThreads && t % 32 == 0); }
@@ -171,12 +203,13 @@ int env_knob(const char* name, int fallback, bool (*valid)(long), std::atomic<bo
 }  // namespace
 
 LsaCudaOptions lsa_cuda_options() {
-  static std::atomic<bool> warned[4];
+  static std::atomic<bool> warned[5];
   LsaCudaOptions o;
   o.threads = env_knob("SAM3FAST_LSA_THREADS", o.threads, valid_threads, &warned[0]);
   o.init = env_knob("SAM3FAST_LSA_INIT", o.init, [](long x) { return x >= 0 && x <= 2; }, &warned[1]);
   o.stage = env_knob("SAM3FAST_LSA_STAGE", o.stage, [](long x) { return x >= 0 && x <= 2; }, &warned[2]);
   o.profile = env_knob("SAM3FAST_LSA_PROFILE", o.profile, [](long x) { return x == 0 || x == 1; }, &warned[3]);
+  o.regs = env_knob("SAM3FAST_LSA_REGS", o.regs, [](long x) { return x == 0 || x == 1; }, &warned[4]);
   return o;
 }
 
@@ -185,7 +218,7 @@ cudaError_t linear_sum_assignment_cuda(const T* cost, int64_t B, int64_t n, int6
                                        int64_t* assignment, bool* feasible, cudaStream_t stream,
                                        const LsaCudaOptions& options) {
   if (!valid_threads(options.threads) || options.init < 0 || options.init > 2 || options.stage < 0 ||
-      options.stage > 2 || options.profile < 0 || options.profile > 1) {
+      options.stage > 2 || options.profile < 0 || options.profile > 1 || options.regs < 0 || options.regs > 1) {
     return cudaErrorInvalidValue;
   }
   if (B == 0) return cudaSuccess;
@@ -217,13 +250,15 @@ cudaError_t linear_sum_assignment_cuda(const T* cost, int64_t B, int64_t n, int6
     optin = limit - kScratchBytes;
   }
   const bool stage = staged <= kDefaultSmem || (wide_stage && staged <= optin);
-  if (stage) {
-    return launch<T, true>(cost, B, n, m, assignment, feasible, stream, threads, staged, options.init,
-                           options.profile != 0);
-  }
+  const int64_t per_thread = (C + threads - 1) / threads;
+  const int reg_cols = options.regs == 0 ? 0
+                       : per_thread <= kRegColsSmall ? kRegColsSmall
+                       : per_thread <= kRegColsLarge ? kRegColsLarge
+                                                     : 0;
+  const LaunchArgs args{threads, stage ? staged : plain, options.init, options.profile != 0, reg_cols};
+  if (stage) return launch<T, true>(cost, B, n, m, assignment, feasible, stream, args);
   if (plain > optin) return cudaErrorInvalidValue;
-  return launch<T, false>(cost, B, n, m, assignment, feasible, stream, threads, plain, options.init,
-                          options.profile != 0);
+  return launch<T, false>(cost, B, n, m, assignment, feasible, stream, args);
 }
 
 template <typename T>

@@ -3,7 +3,10 @@
 // The algorithm is the CPU one (csrc/cpu/assignment.cpp): rows are added one at a time, a
 // Dijkstra search over reduced costs finds the shortest augmenting path, duals are updated, the
 // path is flipped. The block splits the columns among its threads (column j belongs to thread
-// j % nthreads) and each Dijkstra step is one parallel relax + one block-wide argmin.
+// j % nthreads) and each Dijkstra step is one parallel relax + one block-wide argmin. The searches'
+// per-column state (dual v, shortest-path estimate, settled flag, matched row) lives in shared
+// memory (ColsShared: any size) or in its owner's registers (ColsRegisters<K>: up to K columns a
+// thread), with the same arithmetic: a register step loads only the costs.
 //
 // Initialisation (init >= kLsaInitRows, Jonker-Volgenant style; exact): every row i gets
 // u[i] = min_j c(i, j) (v = 0) and its first cheapest column; each column then goes to the first
@@ -49,6 +52,8 @@
 
 #include <stdint.h>
 
+#include <type_traits>
+
 #if defined(__CUDACC__)
 #define SAM3FAST_HD __device__ __forceinline__
 #define SAM3FAST_HOST_HD __host__ __device__ inline
@@ -83,7 +88,15 @@ SAM3FAST_HD bool cand_less(const LsaCand& a, const LsaCand& b) {
 
 SAM3FAST_HOST_HD int64_t align_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
 
-// Shared memory carve-up for R <= C (optionally with the cost matrix staged as T[R*C]).
+// Row stride of the staged R x C cost matrix: C rounded up to an odd number of elements, so
+// that shared-memory accesses which walk down a column (the transposed staging's stores, one row per
+// lane of a warp; the row minima, one row per thread) hit 32 different banks, and those along a row
+// (a Dijkstra step) stay consecutive. With the stride C (a multiple of 32 for 128 or 256 columns)
+// every lane of the transposed staging's stores hit one bank: a 200x128 float32 problem spent
+// 29 K cycles staging against 5.5 K to read the matrix unstaged (H200 profile, 2026-11-27).
+SAM3FAST_HOST_HD int64_t stage_stride(int64_t C) { return C | 1; }
+
+// Shared memory carve-up for R <= C (optionally with the cost matrix staged as T[R*stage_stride(C)]).
 struct LsaSmemLayout {
   int64_t u, v, spc, path, row4col, col4row, settled, cost, total;
 };
@@ -94,7 +107,7 @@ SAM3FAST_HOST_HD LsaSmemLayout lsa_smem_layout(int64_t R, int64_t C, int64_t sta
   L.u = off;       off += 8 * R;
   L.v = off;       off += 8 * C;
   L.spc = off;     off += 8 * C;
-  L.cost = off;    off = align_up(off + staged_elem_bytes * R * C, 8);
+  L.cost = off;    off = align_up(off + staged_elem_bytes * R * stage_stride(C), 8);
   L.path = off;    off += 4 * C;
   L.row4col = off; off += 4 * C;
   L.col4row = off; off += 4 * R;
@@ -160,17 +173,18 @@ SAM3FAST_HD bool read_matrix(const T* __restrict__ a, int64_t nm, int tid, int n
 
 // Row i's smallest cost c1 (+inf when the whole row is forbidden), its first column (-1 then)
 // and the second-smallest cost c2 (c1 again when the minimum repeats, +inf with one finite entry).
-// Row elements sit at row[j * stride]. kStagger starts at column i and wraps (i < C): in a staged
-// row-major matrix the lanes of a warp then read different banks instead of one when C is a
-// multiple of 32; global reads keep ascending columns (a transposed row is coalesced that way).
-template <typename T, bool kStagger>
-SAM3FAST_HD void row_minima(const T* row, int64_t stride, int i, int C, double* c1, double* c2,
-                            int* arg) {
-  double a = inf(), b = inf();
+// Row elements sit at row[j * stride], visited in ascending columns (a staged row's threads read
+// different banks through its odd stride; a transposed global row is coalesced that way). The
+// comparisons run in T: its conversion to double is exact and monotone, so c1, c2 and the column
+// are those a double comparison would give, without a float64 compare per element.
+template <typename T>
+SAM3FAST_HD void row_minima(const T* row, int64_t stride, int C, double* c1, double* c2, int* arg) {
+  const T tinf = static_cast<T>(inf());
+  T a = tinf, b = tinf;
   int aj = -1;
   // The result does not depend on the visiting order (ties go to the smaller column), so the
   // loads go in chunks of kScalarInFlight, issued before they are compared (see read_matrix).
-  auto take = [&](double x, int col) {
+  auto take = [&](T x, int col) {
     if (x < a || (x == a && col < aj)) {
       b = a;
       a = x;
@@ -179,28 +193,161 @@ SAM3FAST_HD void row_minima(const T* row, int64_t stride, int i, int C, double* 
       b = x;
     }
   };
-  int j = kStagger ? i : 0;
-  int k = 0;
-  for (; k + kScalarInFlight <= C; k += kScalarInFlight) {
+  int j = 0;
+  for (; j + kScalarInFlight <= C; j += kScalarInFlight) {
     T r[kScalarInFlight];
-    int cols[kScalarInFlight];
 #pragma unroll
-    for (int t = 0; t < kScalarInFlight; ++t) {
-      cols[t] = j;
-      r[t] = row[j * stride];
-      if (++j == C) j = 0;
-    }
+    for (int t = 0; t < kScalarInFlight; ++t) r[t] = row[(j + t) * stride];
 #pragma unroll
-    for (int t = 0; t < kScalarInFlight; ++t) take(static_cast<double>(r[t]), cols[t]);
+    for (int t = 0; t < kScalarInFlight; ++t) take(r[t], j + t);
   }
-  for (; k < C; ++k) {
-    take(static_cast<double>(row[j * stride]), j);
-    if (++j == C) j = 0;
-  }
-  *c1 = a;
-  *c2 = b;
-  *arg = a < inf() ? aj : -1;
+  for (; j < C; ++j) take(row[j * stride], j);
+  *c1 = static_cast<double>(a);
+  *c2 = static_cast<double>(b);
+  *arg = a < tinf ? aj : -1;
 }
+
+// The searches' per-column state. A Dijkstra step relaxes the columns a thread owns and returns
+// its best candidate (relax), the owner of the chosen column marks it settled (settle), a finished
+// search moves the duals of the settled columns and resets them (update) and, after the path flip,
+// the owners re-read the matched rows (reload_rows). Both forms give the same answers (the same
+// arithmetic in the same order); only where the state lives differs.
+//
+// ColsShared: arrays in shared memory, column j owned by thread j % nt (any number per thread).
+// Every relax re-reads v[j], spc[j], settled[j] and row4col[j]: four dependent shared loads per
+// column next to the cost's.
+struct ColsShared {
+  int tid, nt, C;
+  double* v;
+  double* spc;
+  int* row4col;
+  unsigned char* settled;
+
+  SAM3FAST_HD ColsShared(int tid_, int nt_, int C_, double* v_, double* spc_, int* row4col_,
+                         unsigned char* settled_)
+      : tid(tid_), nt(nt_), C(C_), v(v_), spc(spc_), row4col(row4col_), settled(settled_) {}
+
+  // After the initialisation (its last barrier orders v[] and row4col[]): the search state.
+  SAM3FAST_HD void load() {
+    for (int j = tid; j < C; j += nt) {
+      spc[j] = inf();
+      settled[j] = 0;
+    }
+  }
+
+  template <typename T>
+  SAM3FAST_HD LsaCand relax(int i, double dist, double ui, const T* base, int64_t stride, int* path) {
+    LsaCand best{inf(), kKeyNone};
+    for (int j = tid; j < C; j += nt) {
+      if (settled[j]) continue;
+      const double r = dist + static_cast<double>(base[j * stride]) - ui - v[j];
+      double s = spc[j];
+      if (r < s) {
+        path[j] = i;
+        spc[j] = r;
+        s = r;
+      }
+      const LsaCand cand{s, row4col[j] == -1 ? j : (j | kBusy)};
+      if (cand_less(cand, best)) best = cand;
+    }
+    return best;
+  }
+
+  SAM3FAST_HD void settle(int j) {
+    if (j % nt == tid) settled[j] = 1;
+  }
+
+  SAM3FAST_HD void update(double dist, double* u) {
+    for (int j = tid; j < C; j += nt) {
+      if (settled[j]) {
+        const double delta = dist - spc[j];
+        v[j] -= delta;
+        if (row4col[j] != -1) u[row4col[j]] += delta;
+        settled[j] = 0;
+      }
+      spc[j] = inf();
+    }
+  }
+
+  SAM3FAST_HD void reload_rows() {}
+};
+
+// ColsRegisters<K>: thread tid owns columns tid + k * nt (k < K, K * nt >= C) and keeps their v,
+// spc, settled flag and matched row in registers (every index a compile-time constant: unrolled
+// loops), so a relax loads only the K costs; v[] and row4col[] in shared memory are read once
+// after the initialisation, path[] is still written there (the flip reads it) and row4col[] stays
+// the shared truth between searches (the flip writes it; the step reads the next row from it).
+template <int K>
+struct ColsRegisters {
+  int tid, nt, C;
+  double* v_init;
+  int* row4col;
+  double vr[K], spr[K];
+  int rowr[K];
+  bool setr[K];
+
+  SAM3FAST_HD ColsRegisters(int tid_, int nt_, int C_, double* v_, double* /*spc*/, int* row4col_,
+                            unsigned char* /*settled*/)
+      : tid(tid_), nt(nt_), C(C_), v_init(v_), row4col(row4col_) {}
+
+  SAM3FAST_HD void load() {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int j = tid + k * nt;
+      vr[k] = j < C ? v_init[j] : 0.0;
+      rowr[k] = j < C ? row4col[j] : -1;
+      spr[k] = inf();
+      setr[k] = false;
+    }
+  }
+
+  template <typename T>
+  SAM3FAST_HD LsaCand relax(int i, double dist, double ui, const T* base, int64_t stride, int* path) {
+    LsaCand best{inf(), kKeyNone};
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int j = tid + k * nt;
+      if (j < C && !setr[k]) {
+        const double r = dist + static_cast<double>(base[j * stride]) - ui - vr[k];
+        if (r < spr[k]) {
+          path[j] = i;
+          spr[k] = r;
+        }
+        const LsaCand cand{spr[k], rowr[k] == -1 ? j : (j | kBusy)};
+        if (cand_less(cand, best)) best = cand;
+      }
+    }
+    return best;
+  }
+
+  SAM3FAST_HD void settle(int j) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if (tid + k * nt == j) setr[k] = true;
+    }
+  }
+
+  SAM3FAST_HD void update(double dist, double* u) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if (setr[k]) {
+        const double delta = dist - spr[k];
+        vr[k] -= delta;
+        if (rowr[k] != -1) u[rowr[k]] += delta;
+        setr[k] = false;
+      }
+      spr[k] = inf();
+    }
+  }
+
+  SAM3FAST_HD void reload_rows() {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int j = tid + k * nt;
+      if (j < C) rowr[k] = row4col[j];
+    }
+  }
+};
 
 // Where one block's time goes (the kProfile instantiation of solve_block; thread 0's clock, in
 // cycles of its SM): the phase ends, and the searches' Dijkstra loops and their dual update + path
@@ -218,7 +365,9 @@ struct LsaProfile {
 // init: kLsaInitOff / kLsaInitRows / kLsaInitTransfer (the same on every thread; any level gives
 // an optimal assignment, on ties possibly a different one).
 // kProfile: thread 0 fills *prof (Block::clock(): a cycle counter).
-template <typename T, bool kStage, typename Block, bool kProfile = false>
+// kRegCols: 0 keeps the searches' column state in shared memory (any C); K > 0 keeps each thread's
+// columns j = tid + k * nt (k < K) in its registers, which needs K * nt >= C (the launcher's choice).
+template <typename T, bool kStage, typename Block, bool kProfile = false, int kRegCols = 0>
 SAM3FAST_HD void solve_block(Block& blk, const T* __restrict__ cost, int n, int m,
                              int64_t* __restrict__ out, bool* __restrict__ feasible,
                              unsigned char* smem, int init = kLsaInitTransfer, LsaProfile* prof = nullptr) {
@@ -229,9 +378,10 @@ SAM3FAST_HD void solve_block(Block& blk, const T* __restrict__ cost, int n, int 
   const bool transpose = m < n;
   const int R = transpose ? m : n;
   const int C = transpose ? n : m;
-  // Element (i, j) of the R x C problem is cost[i * row_stride + j * col_stride] (or scost[i*C+j]).
+  // Element (i, j) of the R x C problem is cost[i * row_stride + j * col_stride] (or scost[i*P+j]).
   const int64_t row_stride = transpose ? 1 : m;
   const int64_t col_stride = transpose ? m : 1;
+  const int P = static_cast<int>(stage_stride(C));
 
   const LsaSmemLayout L = lsa_smem_layout(R, C, kStage ? sizeof(T) : 0);
   double* u = reinterpret_cast<double*>(smem + L.u);
@@ -242,15 +392,16 @@ SAM3FAST_HD void solve_block(Block& blk, const T* __restrict__ cost, int n, int 
   int* row4col = reinterpret_cast<int*>(smem + L.row4col);
   int* col4row = reinterpret_cast<int*>(smem + L.col4row);
   unsigned char* settled = smem + L.settled;
+  using Cols = typename std::conditional<(kRegCols > 0), ColsRegisters<kRegCols>, ColsShared>::type;
 
-  // Validate (and stage, transposed into row-major R x C) in one coalesced pass.
+  // Validate (and stage, transposed into row-major R x C, row stride P) in one coalesced pass.
   const int64_t nm = static_cast<int64_t>(n) * m;
   auto visit = [&](int64_t e, T x, bool b) {
     if (kStage) {
-      // Staged means R * C fits in shared memory: 32-bit division, several times cheaper.
+      // Staged means R * P fits in shared memory: 32-bit division, several times cheaper.
       const int ei = static_cast<int>(e);
       const int i = ei / m, j = ei - i * m;
-      scost[transpose ? j * C + i : ei] = x;
+      scost[transpose ? j * P + i : i * P + j] = x;
     }
     return b || lsa_invalid(x);
   };
@@ -272,13 +423,12 @@ SAM3FAST_HD void solve_block(Block& blk, const T* __restrict__ cost, int n, int 
     // pass. Two barriers and one O(R) serial pass replace up to R searches.
     bool forbidden = false;
     for (int i = tid; i < R; i += nt) {
-      const T* row = kStage ? scost + static_cast<int64_t>(i) * C : cost + i * row_stride;
       double c1, c2;
       int arg;
       if (kStage) {
-        row_minima<T, true>(row, 1, i, C, &c1, &c2, &arg);
+        row_minima<T>(scost + static_cast<int64_t>(i) * P, 1, C, &c1, &c2, &arg);
       } else {
-        row_minima<T, false>(row, col_stride, i, C, &c1, &c2, &arg);
+        row_minima<T>(cost + i * row_stride, col_stride, C, &c1, &c2, &arg);
       }
       forbidden = forbidden || arg < 0;  // a row with no allowed column: infeasible
       u[i] = c1;
@@ -313,11 +463,20 @@ SAM3FAST_HD void solve_block(Block& blk, const T* __restrict__ cost, int n, int 
       if (timing) prof->greedy = blk.clock();
     }
   }
-  // Search state: reset here and then by the dual update (each owner its own columns).
-  for (int j = tid; j < C; j += nt) {
-    spc[j] = inf();
-    settled[j] = 0;
-  }
+  // The searches' column state (v, spc, settled, matched row): in shared memory or the owners'
+  // registers (ColsShared / ColsRegisters), filled from the initialisation's shared arrays.
+  Cols cols(tid, nt, C, v, spc, row4col, settled);
+  if (ok) cols.load();
+  // Row i's costs: the staged row, or the global matrix at its strides.
+  auto cost_row = [&](int i, const T** base, int64_t* stride) {
+    if (kStage) {
+      *base = scost + static_cast<int64_t>(i) * P;
+      *stride = 1;
+    } else {
+      *base = cost + i * row_stride;
+      *stride = col_stride;
+    }
+  };
 
   for (int cur = 0; ok && cur < R; ++cur) {
     if (col4row[cur] != -1) continue;  // matched by the initialisation (block-uniform read)
@@ -331,30 +490,17 @@ SAM3FAST_HD void solve_block(Block& blk, const T* __restrict__ cost, int n, int 
     }
     while (sink < 0) {
       if (timing) ++prof->steps;
-      const double ui = u[i];
-      LsaCand best{inf(), kKeyNone};
-      for (int j = tid; j < C; j += nt) {
-        if (settled[j]) continue;
-        const double c = static_cast<double>(
-            kStage ? scost[static_cast<int64_t>(i) * C + j] : cost[i * row_stride + j * col_stride]);
-        const double r = dist + c - ui - v[j];
-        double s = spc[j];
-        if (r < s) {
-          path[j] = i;
-          spc[j] = r;
-          s = r;
-        }
-        const LsaCand cand{s, row4col[j] == -1 ? j : (j | kBusy)};
-        if (cand_less(cand, best)) best = cand;
-      }
-      best = blk.argmin(best);
+      const T* base;
+      int64_t stride;
+      cost_row(i, &base, &stride);
+      const LsaCand best = blk.argmin(cols.relax(i, dist, u[i], base, stride, path));
       if (!(best.value < inf())) {
         ok = false;  // every remaining column is forbidden: infeasible
         break;
       }
       dist = best.value;
       const int j = best.key & (kBusy - 1);
-      if (j % nt == tid) settled[j] = 1;
+      cols.settle(j);
       if (best.key & kBusy) {
         i = row4col[j];
       } else {
@@ -374,15 +520,7 @@ SAM3FAST_HD void solve_block(Block& blk, const T* __restrict__ cost, int n, int 
     // Dual update, owner-computes: the settled non-sink column j was reached through its matched
     // row, the only update that row gets (rows are distinct, and cur is unmatched). The same pass
     // resets the column for the next search.
-    for (int j = tid; j < C; j += nt) {
-      if (settled[j]) {
-        const double delta = dist - spc[j];
-        v[j] -= delta;
-        if (row4col[j] != -1) u[row4col[j]] += delta;
-        settled[j] = 0;
-      }
-      spc[j] = inf();
-    }
+    cols.update(dist, u);
     if (tid == 0) u[cur] += dist;
     blk.sync();  // path[] and the u[] writes become visible
 
@@ -399,6 +537,7 @@ SAM3FAST_HD void solve_block(Block& blk, const T* __restrict__ cost, int n, int 
       }
     }
     blk.sync();
+    cols.reload_rows();  // the flipped path's columns have new rows (read after the barrier)
     if (timing) prof->update += blk.clock() - t_update;
   }
 

@@ -1,7 +1,7 @@
 // Tuning knobs of the CUDA assignment launcher (csrc/cuda/assignment.cu), for benchmarks and tests.
 //
 // linear_sum_assignment_cuda (cuda/assignment.h) uses lsa_cuda_options(), which reads the
-// environment at every call (four getenv, well under a microsecond next to the launch), so a
+// environment at every call (five getenv, well under a microsecond next to the launch), so a
 // benchmark or test can switch them between calls in one process; a CUDA graph keeps the choice
 // made when it was captured:
 //   SAM3FAST_LSA_THREADS  0 (default): about two columns per thread, 32..256 threads;
@@ -18,6 +18,10 @@
 //                         H100; then fewer blocks share an SM). A staged row is read in ~30 cycles by
 //                         each Dijkstra step instead of from L2 (one 200x128 float32 problem, 102 KB,
 //                         stages only with the opt-in).
+//   SAM3FAST_LSA_REGS     1 (default): the searches keep each thread's column state (v, the
+//                         shortest-path estimate, settled flag, matched row) in registers when
+//                         the thread owns at most 8 columns (a Dijkstra step then loads only the
+//                         costs from shared memory); 0: that state in shared memory (any size).
 //   SAM3FAST_LSA_PROFILE  0 (default); 1: the kernel built with phase timing, whose block 0 prints
 //                         (device printf, on the process's stdout at the next sync) its cycles in
 //                         reading the matrix, the row minima, the greedy matching and the searches
@@ -37,6 +41,7 @@ struct LsaCudaOptions {
   int init = 2;     // lsa_block::kLsaInitOff / kLsaInitRows / kLsaInitTransfer
   int stage = 2;    // 0 = up to 48 KiB of shared memory, 1 = up to the opt-in limit, 2 = 1 if B <= SMs
   int profile = 0;  // 1 = the phase-timing kernel (block 0 prints its cycles)
+  int regs = 1;     // 1 = column state in registers where a thread owns <= 8 columns, 0 = shared memory
 };
 
 // The options the environment sets now.

@@ -11,7 +11,9 @@
 //    counts), on random, tied, degenerate (constant, separable, one column every row wants),
 //    rectangular both ways, empty, forbidden (+inf, infeasible) and invalid (NaN/-inf) inputs:
 //    small ones against brute force, larger ones (long augmenting paths, many columns per thread)
-//    against the CPU solver, the levels' costs and feasibility against each other.
+//    against the CPU solver, the levels' costs and feasibility against each other. The searches'
+//    column state in registers (K = 2 and 8 columns per thread) as in shared memory, and the two
+//    giving the same assignments, search counts and Dijkstra steps.
 //
 // Usage: sam3fast_test_assignment [problems_per_case]   (exit 0 = pass)
 #include <algorithm>
@@ -251,7 +253,8 @@ struct EmuBlock {
 
 // offset > 0: the matrix starts offset elements into a copy (16-byte misaligned for offset 1),
 // so the block reads it with scalar loads only instead of 16-byte ones (read_matrix).
-template <typename T, bool kStage>
+// K > 0: the searches' column state in registers, K columns per thread (needs K * nt >= max(n, m)).
+template <typename T, bool kStage, int K = 0>
 bool run_block(const std::vector<T>& c0, int n, int m, int nt, bool warp, int init, int64_t* out, int offset = 0) {
   std::vector<T> shifted;
   if (offset > 0) {
@@ -268,8 +271,8 @@ bool run_block(const std::vector<T>& c0, int n, int m, int nt, bool warp, int in
   for (int t = 0; t < nt; ++t) {
     threads.emplace_back([&, t] {
       EmuBlock blk{&shared, t};
-      sam3fast::lsa_block::solve_block<T, kStage>(blk, cost, n, m, out, &feasible,
-                                                  reinterpret_cast<unsigned char*>(smem.data()), init);
+      sam3fast::lsa_block::solve_block<T, kStage, EmuBlock, false, K>(
+          blk, cost, n, m, out, &feasible, reinterpret_cast<unsigned char*>(smem.data()), init);
     });
   }
   for (auto& th : threads) th.join();
@@ -282,32 +285,35 @@ struct BlockConfig {
   int init;
 };
 
-template <typename T, bool kStage>
+// K > 0 (register column state) solves problems of at most K * nt columns: larger sizes of the
+// cases below are clamped to that.
+template <typename T, bool kStage, int K = 0>
 void test_block(int problems, BlockConfig cfg) {
   const int nt = cfg.nt, init = cfg.init;
   const bool warp = cfg.warp;
-  std::mt19937 rng(99 + nt + 7 * warp + 13 * kStage + sizeof(T) + 101 * init);
+  const int cap = K > 0 ? K * nt : std::numeric_limits<int>::max();
+  std::mt19937 rng(99 + nt + 7 * warp + 13 * kStage + sizeof(T) + 101 * init + 1009 * K);
   std::uniform_int_distribution<int> dim(0, 6);
-  char what[96];
-  std::snprintf(what, sizeof(what), "block(nt=%d,%s,%s,%s,init=%d)", nt, warp ? "warp" : "barrier",
-                kStage ? "staged" : "global", sizeof(T) == 4 ? "f32" : "f64", init);
+  char what[112];
+  std::snprintf(what, sizeof(what), "block(nt=%d,%s,%s,%s,init=%d,regs=%d)", nt, warp ? "warp" : "barrier",
+                kStage ? "staged" : "global", sizeof(T) == 4 ? "f32" : "f64", init, K);
   // 32 host threads on a few cores make every barrier slow: a quarter of the problems there.
   const int small_problems = nt >= 32 ? std::max(8, problems / 4) : problems;
   for (int k = 0; k < small_problems; ++k) {
-    const int n = dim(rng), m = dim(rng);
+    const int n = std::min(dim(rng), cap), m = std::min(dim(rng), cap);
     const auto c = random_problem<T>(rng, n, m, k % 8);
     std::vector<int64_t> a(n, 7);
-    const bool ok = run_block<T, kStage>(c, n, m, nt, warp, init, a.data(), k % 3 == 1);
+    const bool ok = run_block<T, kStage, K>(c, n, m, nt, warp, init, a.data(), k % 3 == 1);
     check_answer(c, n, m, a.data(), ok, what);
   }
   // One row, one column (the transpose), no rows / no columns, all constant: the answer is the
   // identity at every level, as scipy's (the initialisation's ties go to the smaller column, the
   // searches' to a free one, then the smaller).
   for (const auto& nm : {std::pair<int, int>{1, 6}, {6, 1}, {1, 1}, {4, 4}, {3, 5}, {5, 3}, {0, 3}, {3, 0}}) {
-    const int n = nm.first, m = nm.second;
+    const int n = std::min(nm.first, cap), m = std::min(nm.second, cap);
     const auto c = random_problem<T>(rng, n, m, 4);
     std::vector<int64_t> a(n, 7);
-    const bool ok = run_block<T, kStage>(c, n, m, nt, warp, init, a.data());
+    const bool ok = run_block<T, kStage, K>(c, n, m, nt, warp, init, a.data());
     check_answer(c, n, m, a.data(), ok, what);
     for (int i = 0; i < n; ++i) {
       CHECK(a[i] == (i < m ? i : -1), "%s %dx%d constant: a[%d]=%lld, not the identity", what, n, m, i,
@@ -318,10 +324,10 @@ void test_block(int problems, BlockConfig cfg) {
   // wide and tall, every kind; every other one read from a misaligned address (scalar loads).
   sam3fast::LsaWorkspace ws;
   for (int k = 0; k < 8; k += nt >= 32 ? 3 : 1) {  // 32 threads: 20x75, 47x51, 74x27
-    const int n = 20 + 9 * k, m = 75 - 8 * k;
+    const int n = std::min(20 + 9 * k, cap), m = std::min(75 - 8 * k, cap);
     const auto c = random_problem<T>(rng, n, m, k == 3 ? 2 : k);  // kind 3 is almost never feasible here
     std::vector<int64_t> a(n, 7), ref(n);
-    const bool ok = run_block<T, kStage>(c, n, m, nt, warp, init, a.data(), k % 2);
+    const bool ok = run_block<T, kStage, K>(c, n, m, nt, warp, init, a.data(), k % 2);
     const bool ref_ok =
         sam3fast::linear_sum_assignment_cpu(c.data(), n, m, ref.data(), ws) == LsaStatus::kOk;
     CHECK(ok == ref_ok, "%s %dx%d kind %d: feasible %d, cpu %d", what, n, m, k, int(ok), int(ref_ok));
@@ -336,20 +342,21 @@ void test_block(int problems, BlockConfig cfg) {
   }
   // An infeasible problem whose every row has an allowed column (the initialisation passes it,
   // a search finds it): rows 0-2 may only use column 0.
-  {
+  if (cap >= 5) {
     std::vector<T> c(4 * 5, std::numeric_limits<T>::infinity());
     for (int i = 0; i < 3; ++i) c[i * 5] = T(i);
     for (int j = 0; j < 5; ++j) c[3 * 5 + j] = T(j);
     std::vector<int64_t> a(4, 7);
-    const bool ok = run_block<T, kStage>(c, 4, 5, nt, warp, init, a.data());
+    const bool ok = run_block<T, kStage, K>(c, 4, 5, nt, warp, init, a.data());
     check_answer(c, 4, 5, a.data(), ok, what);
     CHECK(!ok, "%s: infeasible problem accepted", what);
   }
   for (T bad : {std::numeric_limits<T>::quiet_NaN(), -std::numeric_limits<T>::infinity()}) {
     for (const auto& nm : {std::pair<int, int>{2, 3}, {3, 2}}) {
+      if (cap < 3) continue;
       std::vector<T> c = {T(1), T(2), T(3), bad, T(4), T(5)};
       std::vector<int64_t> a(nm.first, 7);
-      const bool ok = run_block<T, kStage>(c, nm.first, nm.second, nt, warp, init, a.data());
+      const bool ok = run_block<T, kStage, K>(c, nm.first, nm.second, nt, warp, init, a.data());
       bool all_unset = true;
       for (int64_t x : a) all_unset = all_unset && x == -1;
       CHECK(!ok && all_unset, "%s %dx%d: NaN/-inf not rejected", what, nm.first, nm.second);
@@ -382,41 +389,75 @@ void test_init_levels_agree(int problems) {
   }
 }
 
+// The register column state gives the very assignment and feasibility of the shared one (the same
+// arithmetic in the same order: ties included), at K = 2 and 8 columns per thread, staged and not,
+// every initialisation level, with the same number of searches and Dijkstra steps.
+template <typename T, bool kStage, int K>
+void test_registers_match_shared(int problems, int nt, bool warp) {
+  std::mt19937 rng(515 + sizeof(T) + 3 * K + 7 * nt + 11 * kStage);
+  std::uniform_int_distribution<int> dim(1, K * nt);
+  for (int k = 0; k < problems; ++k) {
+    const int n = dim(rng), m = dim(rng), kind = k % 8, init = k % 3;
+    const auto c = random_problem<T>(rng, n, m, kind == 3 ? 2 : kind);
+    std::vector<int64_t> a(n, 7), b(n, 7);
+    const bool ok_regs = run_block<T, kStage, K>(c, n, m, nt, warp, init, a.data(), k % 2);
+    const bool ok_shared = run_block<T, kStage, 0>(c, n, m, nt, warp, init, b.data(), k % 2);
+    CHECK(ok_regs == ok_shared, "regs=%d nt=%d %dx%d kind %d init %d: feasible %d, shared %d", K, nt, n, m, kind,
+          init, int(ok_regs), int(ok_shared));
+    for (int i = 0; i < n; ++i) {
+      CHECK(a[i] == b[i], "regs=%d nt=%d %dx%d kind %d init %d: a[%d]=%lld, shared %lld", K, nt, n, m, kind, init,
+            i, (long long)a[i], (long long)b[i]);
+    }
+  }
+}
+
 // The phase-timing instantiation (SAM3FAST_LSA_PROFILE on the GPU) gives the same answer and counts
 // its searches and Dijkstra steps (on host threads the clock reads 0: the counts are what is checked).
+// Runs the phase-timing instantiation with K register columns per thread (0: shared state).
+template <int K>
+sam3fast::lsa_block::LsaProfile profile_run(const std::vector<double>& c, int n, int m, int nt, int init,
+                                            int64_t* a, bool* feasible) {
+  const int64_t bytes = sam3fast::lsa_block::lsa_smem_layout(std::min(n, m), std::max(n, m), sizeof(double)).total;
+  std::vector<double> smem(bytes / 8 + 1, std::nan(""));
+  EmuShared shared(nt, false);
+  sam3fast::lsa_block::LsaProfile prof{};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < nt; ++t) {
+    threads.emplace_back([&, t] {
+      EmuBlock blk{&shared, t};
+      sam3fast::lsa_block::solve_block<double, true, EmuBlock, true, K>(
+          blk, c.data(), n, m, a, feasible, reinterpret_cast<unsigned char*>(smem.data()), init, &prof);
+    });
+  }
+  for (auto& th : threads) th.join();
+  return prof;
+}
+
 void test_profile_counts() {
   std::mt19937 rng(77);
   sam3fast::LsaWorkspace ws;
   for (const auto& nm : {std::pair<int, int>{30, 40}, {40, 30}, {25, 25}}) {
-    const int n = nm.first, m = nm.second, R = std::min(n, m), C = std::max(n, m);
+    const int n = nm.first, m = nm.second, R = std::min(n, m);
     const auto c = random_problem<double>(rng, n, m, 0);
     for (int init = 0; init < 3; ++init) {
-      const int nt = 4;
-      const int64_t bytes = sam3fast::lsa_block::lsa_smem_layout(R, C, sizeof(double)).total;
-      std::vector<double> smem(bytes / 8 + 1, std::nan(""));
-      EmuShared shared(nt, false);
-      std::vector<int64_t> a(n, 7), ref(n);
-      bool feasible = false;
-      sam3fast::lsa_block::LsaProfile prof{};
-      std::vector<std::thread> threads;
-      for (int t = 0; t < nt; ++t) {
-        threads.emplace_back([&, t] {
-          EmuBlock blk{&shared, t};
-          sam3fast::lsa_block::solve_block<double, true, EmuBlock, true>(
-              blk, c.data(), n, m, a.data(), &feasible, reinterpret_cast<unsigned char*>(smem.data()), init,
-              &prof);
-        });
-      }
-      for (auto& th : threads) th.join();
-      CHECK(feasible, "profile %dx%d init %d: infeasible", n, m, init);
+      const int nt = 5;  // 8 register columns per thread cover the 40 columns
+      std::vector<int64_t> a(n, 7), a_regs(n, 7), ref(n);
+      bool feasible = false, feasible_regs = false;
+      const auto prof = profile_run<0>(c, n, m, nt, init, a.data(), &feasible);
+      const auto prof_regs = profile_run<8>(c, n, m, nt, init, a_regs.data(), &feasible_regs);
+      CHECK(feasible && feasible_regs, "profile %dx%d init %d: infeasible", n, m, init);
       CHECK(sam3fast::linear_sum_assignment_cpu(c.data(), n, m, ref.data(), ws) == LsaStatus::kOk, "cpu");
       CHECK(std::fabs(assignment_cost(c, n, m, a.data(), "profile") - assignment_cost(c, n, m, ref.data(), "cpu")) <=
                 1e-9, "profile %dx%d init %d: not optimal", n, m, init);
+      CHECK(a == a_regs, "profile %dx%d init %d: the register state's assignment differs", n, m, init);
       // without initialisation every row is searched for; with it fewer; a search takes >= 1 step
       CHECK(prof.searches >= 1 && prof.searches <= R && prof.steps >= prof.searches,
             "profile %dx%d init %d: %d searches, %d steps", n, m, init, prof.searches, prof.steps);
       CHECK(init != 0 || prof.searches == R, "profile %dx%d without init: %d searches of %d rows", n, m,
             prof.searches, R);
+      CHECK(prof_regs.searches == prof.searches && prof_regs.steps == prof.steps,
+            "profile %dx%d init %d: registers %d searches / %d steps, shared %d / %d", n, m, init,
+            prof_regs.searches, prof_regs.steps, prof.searches, prof.steps);
     }
   }
 }
@@ -442,7 +483,19 @@ int main(int argc, char** argv) {
       test_block<float, true>(block_problems, {nt, false, init});
     }
     test_block<double, false>(block_problems, {32, false, init});
+    // The register column state: the launcher's K = 2 (the size rule) and K = 8 (one warp or a
+    // forced block size), with one and several columns per thread and padding columns (j >= C).
+    test_block<double, true, 8>(block_problems, {1, true, init});
+    test_block<float, false, 8>(block_problems, {3, true, init});
+    test_block<float, true, 2>(block_problems, {4, false, init});
+    test_block<double, false, 2>(block_problems, {5, true, init});
+    test_block<float, true, 8>(block_problems, {32, true, init});
+    test_block<double, false, 2>(block_problems, {38, false, init});
   }
+  test_registers_match_shared<double, true, 8>(block_problems, 5, false);
+  test_registers_match_shared<float, false, 8>(block_problems, 3, true);
+  test_registers_match_shared<float, true, 2>(block_problems, 7, false);
+  test_registers_match_shared<double, false, 2>(block_problems, 4, true);
   test_init_levels_agree<double>(block_problems);
   test_init_levels_agree<float>(block_problems);
   test_profile_counts();

@@ -1,6 +1,7 @@
 // The CUDA assignment kernel (csrc/cuda/assignment.cu) against the CPU solver on a real device:
 // the environment's options (SAM3FAST_LSA_*), then every initialisation level at 32, 64 and 256
-// threads and the size rule, with the default and the opt-in staging limit.
+// threads and the size rule, with the default and the opt-in staging limit, the searches' column
+// state in registers and in shared memory.
 // Exit 0 = pass, 77 = no CUDA device (ctest SKIP_RETURN_CODE), 1 = failure.
 #include <cuda_runtime_api.h>
 
@@ -33,11 +34,14 @@ std::vector<const sam3fast::LsaCudaOptions*> option_sets() {
     for (int init = 0; init < 3; ++init) {
       for (int threads : {0, 32, 64, 256}) {
         for (int stage = 0; stage < 2; ++stage) {
-          sam3fast::LsaCudaOptions o;
-          o.threads = threads;
-          o.init = init;
-          o.stage = stage;
-          sets.push_back(o);
+          for (int regs = 0; regs < 2; ++regs) {
+            sam3fast::LsaCudaOptions o;
+            o.threads = threads;
+            o.init = init;
+            o.stage = stage;
+            o.regs = regs;
+            sets.push_back(o);
+          }
         }
       }
     }
