@@ -18,6 +18,10 @@ own shapes may not meet it (session 18: the memory attention's (B, 1, L, D) stre
 Prints each op's calls, the kernels built (name, registers, spills) and every failure; exits 1 on
 a failure. Static facts, not timings. The tiny config's 8-wide heads keep the two-way, rpb and
 prompt cross-attention kernels off (as in the CPU error-budget tests), so those are not reached there.
+The mask decoder's two-way kernels run on a GPU whenever the step is captured (the tracker graphs
+its step up to ``GRAPH_AUTO_MAX_ROWS`` objects) and eagerly from ``EAGER_KERNEL_MIN_BATCH`` objects:
+here, with nothing captured, the threshold is lowered to 1 so every object count reaches them as a
+graphed step would (full size only, see above).
 """
 
 from __future__ import annotations
@@ -101,7 +105,11 @@ def run(parts, config, dtype, objects, frames):
     def detecting(model):  # the tests' recipe: queries score on both sides of 0, so masks come out
         stable_random_init_(model, seed=20, score_gain=6.0, presence_shift=3.0)
         return model
+    from sam3fast.model import sam_heads
+
     _triton_compat.KERNEL_PATHS_ON_CPU = True
+    eager_min = sam_heads.EAGER_KERNEL_MIN_BATCH
+    sam_heads.EAGER_KERNEL_MIN_BATCH = 1  # the two-way kernels as in a captured step (module docstring)
     try:
         with capture(*all_kernels()) as builds, torch.inference_mode():
             rec = OpBuilds(builds)
@@ -145,6 +153,7 @@ def run(parts, config, dtype, objects, frames):
                             pred.handle_request({"type": "close_session", "session_id": sid})
     finally:
         _triton_compat.KERNEL_PATHS_ON_CPU = False
+        sam_heads.EAGER_KERNEL_MIN_BATCH = eager_min
     return rec, builds
 
 
@@ -171,6 +180,18 @@ def main(argv=None) -> int:
             kinds[key] = (max(regs, st["regs"]), max(spills, st["spill_stores"]))
         desc = ", ".join(f"{k} (regs {r}, spill stores {s})" for k, (r, s) in sorted(kinds.items())) or "no launch"
         print(f"{op:28} {rec.calls[op]:5d} calls  {desc}")
+    # launches made outside a sam3fast:: op: a wrapper that calls its launcher directly on CPU tensors
+    # (the two-way attention's, whose ops have no CPU kernel); built the same way, their outputs are
+    # left unwritten, which only the values after them see
+    attributed = {id(b) for bs in rec.builds_by_op.values() for b in bs}
+    direct = collections.Counter(b.name for b in builds if id(b) not in attributed)
+    for name, n in sorted(direct.items()):
+        regs, spills = 0, 0
+        for b in builds:
+            if b.name == name and id(b) not in attributed:
+                st = sass_stats(b.kernel)
+                regs, spills = max(regs, st["regs"]), max(spills, st["spill_stores"])
+        print(f"{'(direct launch)':28} {n:5d} builds {name} (regs {regs}, spill stores {spills})")
     for op, shapes, e in rec.failures:
         lines = [ln for ln in str(e).splitlines() if ln.strip() and set(ln.strip()) != {"^"}]
         why = str(e.__cause__) if e.__cause__ is not None else (lines[-1] if lines else "")
