@@ -56,6 +56,16 @@ IMAGE_STAGES = {
     "segmentation_head": "segmentation_head",
     "scoring": "dot_prod_scoring",
 }
+
+# --tracker-variants: name -> what the section title adds
+TRACKER_VARIANTS = {
+    "default": "",
+    "perframe": ", tracker.fixed_capacity_step = False",
+    "ungraphed": ", CUDA graphs off, two-way kernels as in a capture (the graphed step's kernels, eagerly)",
+}
+# the tracker's CUDA-graph switches the "ungraphed" variant turns off
+GRAPH_SWITCHES = ("cuda_graphs", "backbone_cuda_graphs", "memory_encoder_cuda_graphs")
+
 TRACKER_STAGES = {
     "memory_attention": "transformer.encoder",
     "mask_decoder": "sam_mask_decoder",
@@ -265,8 +275,11 @@ def main(argv=None):
     ap.add_argument("--parts", default="image,tracker,concept")
     ap.add_argument("--objects", default="1,16", help="tracker part: clicked objects, comma-separated")
     ap.add_argument("--tracker-variants", default="default",
-                    help="tracker part, comma-separated: default (the fixed-capacity bank) and/or perframe "
-                         "(tracker.fixed_capacity_step = False: the official per-frame memory selection)")
+                    help="tracker part, comma-separated: default (the fixed-capacity bank), perframe "
+                         "(tracker.fixed_capacity_step = False: the official per-frame memory selection) and/or "
+                         "ungraphed (the default path with the tracker's CUDA graphs off and the mask decoder's "
+                         "two-way kernels on as inside a capture: the kernels a graphed step replays, each in "
+                         "the kernel table, plus the launch gaps a graph removes)")
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--calls", type=int, default=5, help="image part: profiled calls")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
@@ -274,6 +287,7 @@ def main(argv=None):
     if args.smoke:
         args.config, args.device, args.dtype, args.frames, args.calls, args.objects = "tiny", "cpu", "float32", 3, 1, "1"
     import sam3fast
+    from sam3fast.model import sam_heads
     from video_clip import make_clip, write_jpg_folder
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -333,12 +347,18 @@ def main(argv=None):
                     tracker.backbone = model.detector.backbone
                     lines = []
                     variants = args.tracker_variants.split(",")
-                    unknown = set(variants) - {"default", "perframe"}
+                    unknown = set(variants) - set(TRACKER_VARIANTS)
                     if unknown:
-                        raise SystemExit(f"--tracker-variants: unknown {sorted(unknown)} (default, perframe)")
+                        raise SystemExit(f"--tracker-variants: unknown {sorted(unknown)} ({', '.join(TRACKER_VARIANTS)})")
                     fixed_default = tracker.fixed_capacity_step
+                    graph_switches = {k: getattr(tracker, k) for k in GRAPH_SWITCHES}
+                    eager_min = sam_heads.EAGER_KERNEL_MIN_BATCH
                     for n, variant in [(int(x), v) for x in args.objects.split(",") for v in variants]:
-                        tracker.fixed_capacity_step = fixed_default if variant == "default" else False
+                        tracker.fixed_capacity_step = False if variant == "perframe" else fixed_default
+                        ungraphed = variant == "ungraphed"
+                        for k, v in graph_switches.items():
+                            setattr(tracker, k, False if ungraphed else v)
+                        sam_heads.EAGER_KERNEL_MIN_BATCH = 1 if ungraphed else eager_min
                         def session(n=n):
                             st = tracker.init_state(video_path=clip)
                             click_objects(tracker, st, n)
@@ -357,10 +377,14 @@ def main(argv=None):
                             part_lines, out[key] = profile(
                                 session, 1, ("frame", args.frames), cuda,
                                 f"tracker: {n} clicked object(s), {args.frames} frames of 540 x 960 (backbone included)"
-                                + ("" if variant == "default" else ", tracker.fixed_capacity_step = False"))
+                                + TRACKER_VARIANTS[variant])
                         finally:
                             remove()
                         lines += part_lines
+                    tracker.fixed_capacity_step = fixed_default
+                    for k, v in graph_switches.items():
+                        setattr(tracker, k, v)
+                    sam_heads.EAGER_KERNEL_MIN_BATCH = eager_min
                     write("tracker", lines)
                     del model, tracker
                     if cuda:
