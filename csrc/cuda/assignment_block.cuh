@@ -82,8 +82,10 @@ constexpr int kLsaInitTransfer = 2;  // ... + reduction transfer to the matched 
 
 SAM3FAST_HD double inf() { return __builtin_huge_val(); }
 
+// Bitwise, not short-circuit: the same answer without the branches (and their reconvergence
+// barriers) nvcc emitted for `||` / `&&` in every round of the argmin butterfly.
 SAM3FAST_HD bool cand_less(const LsaCand& a, const LsaCand& b) {
-  return a.value < b.value || (a.value == b.value && a.key < b.key);
+  return (a.value < b.value) | ((a.value == b.value) & (a.key < b.key));
 }
 
 SAM3FAST_HOST_HD int64_t align_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
