@@ -130,10 +130,6 @@ else
     # cycles, registers (the new default) against shared memory (SAM3FAST_LSA_REGS=0)
     step bench_assignment 60 35 python3 bench/bench_assignment.py --knobs-only --profile
     step profile 60 100 python3 bench/profile_gpu.py --parts image,tracker --objects 16
-    # (session 20) where the 1-object step's 7.5 ms (H200, graphed; the memory attention's dense
-    # work is ~3 ms of it) go: its kernels eagerly, graphs off, two-way kernels as in the capture
-    step profile_ungraphed 50 60 python3 bench/profile_gpu.py --parts tracker --objects 1 --tracker-variants ungraphed \
-        --out bench/results/ungraphed
     # the memory-attention module (folded, unfolded; q/k projected with RoPE in the epilogue or with
     # the prepass) where the tracker runs it at 5, 8 and 16 objects: the op's 128x64 w8 tile beat its
     # SDPA path by 17 % at 8 objects in run 2 of 2026-11-27; and what the validity mask costs cuDNN
@@ -146,6 +142,10 @@ else
     # and does the fold pay on Triton at 1 object (255 -> 100 registers)?
     step bench_memory_attention_rotated 50 60 python3 bench/bench_memory_attention.py --objects 1,4 --no-compile \
         --only "rotated" --out "bench/results/memory_attention_rotated_$(date +%F)"
+    # (session 20) where the 1-object step's 7.5 ms (H200, graphed; the memory attention's dense
+    # work is ~3 ms of it) go: its kernels eagerly, graphs off, two-way kernels as in the capture
+    step profile_ungraphed 50 60 python3 bench/profile_gpu.py --parts tracker --objects 1 --tracker-variants ungraphed \
+        --out bench/results/ungraphed
     # dwconv_norm: never timed (its bench failed its own check in the first H200 run of 2026-11-27)
     step bench_dwconv_norm 40 40 python3 bench/bench_dwconv_norm.py --no-compile
     # the mask downsampler's first two stages in one pass (sam3fast::conv_norm_gelu, session 17)
