@@ -5,7 +5,9 @@ Each case is B problems of (N, M) float32 costs. Methods (those that are availab
   scipy_cpu       a Python loop of scipy.optimize.linear_sum_assignment over a CPU tensor
   sam3fast_cuda   the CUDA op on a CUDA tensor (one thread block per problem), synchronised
   scipy_from_cuda the usual GPU-pipeline fallback: copy to host, scipy loop, copy the answer back
-  tla_cuda        torch_linear_assignment.batch_linear_assignment on a CUDA tensor, if installed
+  tla_cuda        torch_linear_assignment.batch_linear_assignment on a CUDA tensor, if installed (0.1.0 is
+                  a Triton kernel, one program per problem; bench/gpu/prepare_carry.sh carries its wheel). A
+                  failure or a non-optimal answer of this third-party baseline is printed, not fatal
 Times are medians over repeats, in ms per batch; every answer is checked against scipy's
 optimal cost. Usage: python bench/bench_assignment.py [--smoke] [--repeats R] [--cases B,N,M ...]
 [--no-knobs | --knobs-only] [--profile] (--smoke: small CPU cases, a few seconds; for CI).
@@ -215,16 +217,28 @@ def main() -> None:
     for B, n, m in cases:
         cost = torch.rand(B, n, m, generator=g)
         ref_cost = total_cost(cost, scipy_loop(cost))
-        rows = []
+        rows, notes = [], []
         for name, cuda, fn in methods(cost, use_cuda):
-            ms, out = timed(fn, repeats, cuda)
-            got = total_cost(cost, out)
+            try:
+                ms, out = timed(fn, repeats, cuda)
+                got = total_cost(cost, out)
+            except Exception as e:  # noqa: BLE001 (only the optional baseline may fail: see below)
+                if name != "tla_cuda":
+                    raise
+                notes.append(f"# {name} on {(B, n, m)} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                continue
             if not torch.allclose(got, ref_cost, rtol=1e-9, atol=1e-9):
-                raise AssertionError(f"{name} on {(B, n, m)}: not optimal (max diff {(got - ref_cost).abs().max()})")
+                msg = f"{name} on {(B, n, m)}: not optimal (max diff {(got - ref_cost).abs().max()})"
+                if name != "tla_cuda":
+                    raise AssertionError(msg)
+                notes.append("# " + msg)  # a third party's wrong answer is reported, not timed
+                continue
             rows.append((name, ms))
         base = dict(rows)["scipy_cpu"]
         for name, ms in rows:
             print(f"{B:>5} {n:>4} {m:>4}  {name:<16} {ms:>10.3f} {ms * 1e3 / B:>11.1f} {base / ms:>8.1f}x")
+        for note in notes:
+            print(note)
     has_op = use_cuda and torch._C._dispatch_has_kernel_for_dispatch_key("sam3fast::linear_sum_assignment", "CUDA")
     if has_op and not args.no_knobs:
         knob_rows(repeats, g)

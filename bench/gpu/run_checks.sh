@@ -128,7 +128,8 @@ else
     # staged matrix on an odd row stride (one 200x128 problem: 125 us graphed in run 2 of 2026-11-27,
     # 29 K of its 221 K cycles staging through 32-way bank conflicts): the knob table and the phase
     # cycles, registers (the new default) against shared memory (SAM3FAST_LSA_REGS=0)
-    step bench_assignment 60 35 python3 bench/bench_assignment.py --knobs-only --profile
+    # (+ the method table: torch-linear-assignment 0.1.0, carried since session 20, as the baseline)
+    step bench_assignment 70 60 python3 bench/bench_assignment.py --profile
     step profile 60 100 python3 bench/profile_gpu.py --parts image,tracker --objects 16
     # the memory-attention module (folded, unfolded; q/k projected with RoPE in the epilogue or with
     # the prepass) where the tracker runs it at 5, 8 and 16 objects: the op's 128x64 w8 tile beat its
