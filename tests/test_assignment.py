@@ -205,8 +205,9 @@ def test_compile_fullgraph():
 def test_cuda_sources_compile(path, tmp_path):
     """Every .cu file compiles for sm_90 (the kernels include no torch headers, ~2-30 s each) and
     ptxas spills no register in any kernel (``-Xptxas -v``; the assignment's phase-timing kernels
-    have a stack for their printf, not spills). Without ``__launch_bounds__(threads, 1)`` CUDA 13's
-    ptxas held several assignment kernels to 64 registers and they spilled (8 to 72 bytes of stores)."""
+    have a stack for their printf, not spills). Without a minimum of resident blocks in their
+    ``__launch_bounds__``, CUDA 13's ptxas held several assignment kernels to 64 registers and they
+    spilled (8 to 72 bytes of stores)."""
     cmd = ["nvcc", "-c", "-std=c++17", "-arch=sm_90", "-O3", "-Xptxas", "-v", "-I", os.path.join(ROOT, "csrc"), path,
            "-o", str(tmp_path / "out.o")]
     res = subprocess.run(cmd, capture_output=True, text=True)

@@ -19,9 +19,11 @@
 // register form is untimed). The block size, the initialisation, the staging limit and the state's
 // place can be forced (SAM3FAST_LSA_THREADS / _INIT / _STAGE / _REGS, read at every call: see
 // assignment_tuning.h) for benchmarks (bench/bench_assignment.py) and tests. The kernels declare
-// a minimum of one resident block per SM (__launch_bounds__(threads, 1)), which leaves ptxas the
-// whole register budget: without it, CUDA 13's ptxas held several instantiations to 64 registers
-// and spilled (static sm_90 build; none spills with it).
+// a minimum number of resident blocks per SM: 1 for the one-warp kernels (registers never limit
+// their occupancy), 2 for the larger blocks (at most 128 registers a thread, so a batch of more
+// problems than SMs keeps at least the occupancy the shared-memory kernel had). Without a
+// minimum, CUDA 13's ptxas held several instantiations to 64 registers and spilled; with these,
+// none spills (static sm_90 build).
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
@@ -105,7 +107,7 @@ struct WarpBlock {
 // kRegCols: the searches' column state in registers, kRegCols columns per thread (0: in shared
 // memory; lsa_block::solve_block).
 template <typename T, bool kStage, bool kWarp, bool kProfile, int kRegCols>
-__global__ void __launch_bounds__(kWarp ? 32 : kMaxThreads, 1)
+__global__ void __launch_bounds__(kWarp ? 32 : kMaxThreads, kWarp ? 1 : 2)
     lsa_kernel(const T* __restrict__ cost, int n, int m, int64_t* __restrict__ assignment,
                bool* __restrict__ feasible, int init) {
   extern __shared__ __align__(16) unsigned char smem[];
