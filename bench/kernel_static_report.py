@@ -37,8 +37,9 @@ Cases (the shapes the engine runs; see each kernel module's docstring):
   prompt_cross_attention  the fusion encoder's image -> prompt step: 5184 queries, 33 and 64 prompt
                     tokens, D 256, 8 heads
   two_way           the SAM mask decoder: token -> image (+ merge) and image -> token, 8 tokens, 8 heads,
-                    internal width 128, 5184 image tokens, at 1 and 16 objects; layer 0 reads the NCHW
-                    image embedding as a transposed view, later layers a contiguous (B, S, D) tensor
+                    internal width 128, 5184 image tokens, at 1 and 16 objects; layer 0 reading the NCHW
+                    image embedding as a transposed view, later layers a contiguous (B, S, D) tensor, and
+                    the tracker's call (image and positions both contiguous, in both layers)
   residual_norm     the ViT trunk's fused residual add + LayerNorm, 72 x 72 x 1024: the add after a
                     window block's attention (window order in), after a global one, and the add +
                     norm1 before a window block (window order out)
@@ -236,27 +237,34 @@ def build_cases() -> List[Case]:
     def image_of(B, layout):
         return _nchw_tokens(B, D, g) if layout == "nchw" else _empty(B, L, D)
 
-    def t2i_case(B, layout):
+    def pe_of(layout):  # the tracker passes its positions contiguous (1, L, D), as its image
+        return _empty(1, L, D) if layout == "tracker" else _nchw_tokens(1, D, g)
+
+    def t2i_case(B, layout, T=T, H2=H2, C=C):  # bound now, not read when the case runs
         def launch():
             splits = tw.choose_t2i_splits(B, cdiv(L, tw.DEFAULT_T2I_TILE[0]), H100_SMS)
             tw._token_to_image_attention_triton(
-                _empty(B, T, C), image_of(B, layout), _nchw_tokens(1, D, g), _empty(C, D), _empty(C), _empty(C, D),
+                _empty(B, T, C), image_of(B, layout), pe_of(layout), _empty(C, D), _empty(C), _empty(C, D),
                 _empty(C), H2, num_splits=splits)
 
         return launch
 
-    def i2t_case(B, layout):
+    def i2t_case(B, layout, T=T, H2=H2, C=C):
         def launch():
             tw._image_to_token_attention_triton(
-                image_of(B, layout), _nchw_tokens(1, D, g), _empty(C, D), _empty(C), _empty(B, T, C), _empty(B, T, C),
+                image_of(B, layout), pe_of(layout), _empty(C, D), _empty(C), _empty(B, T, C), _empty(B, T, C),
                 _empty(D, C), _empty(D), _empty(D), _empty(D), 1e-5, H2)
 
         return launch
 
+    # the tracker's mask decoder (static model build, session 20): image and positions contiguous in
+    # both layers; the NCHW-view rows are the layer-0 layout of a decoder fed the embedding as is
     for B in OBJECTS:
-        for layout, where in (("nchw", "layer 0, NCHW view"), ("contig", "layer 1+, contiguous")):
+        for layout, where in (("nchw", "layer 0, NCHW view"), ("contig", "layer 1+, contiguous"),
+                              ("tracker", "tracker: image and positions contiguous")):
             cases.append(Case(f"two_way t2i B={B} ({where})", t2i_kernels, t2i_case(B, layout)))
-        for layout, where in (("nchw", "layer 0, NCHW view"), ("contig", "layer 1, contiguous")):
+        for layout, where in (("nchw", "layer 0, NCHW view"), ("contig", "layer 1, contiguous"),
+                              ("tracker", "tracker: image and positions contiguous")):
             cases.append(Case(f"two_way i2t B={B} ({where})", (tw._image_to_token_attention_kernel,),
                               i2t_case(B, layout)))
 
@@ -356,10 +364,12 @@ def build_cases() -> List[Case]:
                           mfm_case(binarize)))
 
     # ---- the mask downsampler's LayerNorm2d (+ GELU) and the pixel decoder's GroupNorm (+ ReLU) --
-    for C, side in ((4, 576), (16, 288), (64, 144)):
-        cases.append(Case(f"layer_norm2d B={many} {C}x{side}x{side} + GELU", (ln2d._layer_norm2d_kernel,),
-                          lambda C=C, side=side: ln2d._layer_norm2d_triton(
-                              _empty(many, C, side, side), _empty(C), _empty(C), 1e-6, gelu=True)))
+    # (its own loop names: the two-way cases' launch closures read T, H2 and C when they run, and a
+    # loop rebinding C here once built every two-way row at C = 64 instead of the model's 128)
+    for ch, side in ((4, 576), (16, 288), (64, 144)):
+        cases.append(Case(f"layer_norm2d B={many} {ch}x{side}x{side} + GELU", (ln2d._layer_norm2d_kernel,),
+                          lambda ch=ch, side=side: ln2d._layer_norm2d_triton(
+                              _empty(many, ch, side, side), _empty(ch), _empty(ch), 1e-6, gelu=True)))
     for side in (144, 288):
         cases.append(Case(f"group_norm 1x{D}x{side}x{side} + ReLU", (gn._group_stats_kernel, gn._group_apply_kernel),
                           lambda side=side: gn._group_norm_triton(_empty(1, D, side, side), _empty(D), _empty(D), 8,
