@@ -157,6 +157,18 @@ def run(parts, config, dtype, objects, frames):
     return rec, builds
 
 
+def _worst_by_kernel(builds) -> dict:
+    """Kernel name -> (most registers, most spill stores) over ``builds``."""
+    from sam3fast.kernels._static_build import sass_stats
+
+    worst = {}
+    for b in builds:
+        st = sass_stats(b.kernel)
+        regs, spills = worst.get(b.name, (0, 0))
+        worst[b.name] = (max(regs, st["regs"]), max(spills, st["spill_stores"]))
+    return worst
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="tiny")
@@ -165,33 +177,23 @@ def main(argv=None) -> int:
     ap.add_argument("--objects", default="1,4", help="tracker part: clicked objects, comma-separated")
     ap.add_argument("--frames", type=int, default=3)
     args = ap.parse_args(argv)
-    from sam3fast.kernels._static_build import sass_stats
 
     rec, builds = run(args.parts.split(","), args.config, getattr(torch, args.dtype),
                       [int(v) for v in args.objects.split(",")], args.frames)
     print(f"# static sm_90 builds at the models' call sites: config {args.config}, {args.dtype}, parts {args.parts}")
     print(f"# {sum(rec.calls.values())} op calls, {len(builds)} launches built, {len(rec.failures)} failures")
     for op in sorted(rec.calls):
-        kinds = {}
-        for b in rec.builds_by_op.get(op, []):
-            st = sass_stats(b.kernel)
-            key = b.name
-            regs, spills = kinds.get(key, (0, 0))
-            kinds[key] = (max(regs, st["regs"]), max(spills, st["spill_stores"]))
+        kinds = _worst_by_kernel(rec.builds_by_op.get(op, []))
         desc = ", ".join(f"{k} (regs {r}, spill stores {s})" for k, (r, s) in sorted(kinds.items())) or "no launch"
         print(f"{op:28} {rec.calls[op]:5d} calls  {desc}")
     # launches made outside a sam3fast:: op: a wrapper that calls its launcher directly on CPU tensors
     # (the two-way attention's, whose ops have no CPU kernel); built the same way, their outputs are
     # left unwritten, which only the values after them see
     attributed = {id(b) for bs in rec.builds_by_op.values() for b in bs}
-    direct = collections.Counter(b.name for b in builds if id(b) not in attributed)
-    for name, n in sorted(direct.items()):
-        regs, spills = 0, 0
-        for b in builds:
-            if b.name == name and id(b) not in attributed:
-                st = sass_stats(b.kernel)
-                regs, spills = max(regs, st["regs"]), max(spills, st["spill_stores"])
-        print(f"{'(direct launch)':28} {n:5d} builds {name} (regs {regs}, spill stores {spills})")
+    direct = [b for b in builds if id(b) not in attributed]
+    counts = collections.Counter(b.name for b in direct)
+    for name, (regs, spills) in sorted(_worst_by_kernel(direct).items()):
+        print(f"{'(direct launch)':28} {counts[name]:5d} builds {name} (regs {regs}, spill stores {spills})")
     for op, shapes, e in rec.failures:
         lines = [ln for ln in str(e).splitlines() if ln.strip() and set(ln.strip()) != {"^"}]
         why = str(e.__cause__) if e.__cause__ is not None else (lines[-1] if lines else "")

@@ -254,8 +254,10 @@ struct EmuBlock {
 // offset > 0: the matrix starts offset elements into a copy (16-byte misaligned for offset 1),
 // so the block reads it with scalar loads only instead of 16-byte ones (read_matrix).
 // K > 0: the searches' column state in registers, K columns per thread (needs K * nt >= max(n, m)).
+// prof: run the phase-timing instantiation, which fills it (its clock reads 0 here: counts only).
 template <typename T, bool kStage, int K = 0>
-bool run_block(const std::vector<T>& c0, int n, int m, int nt, bool warp, int init, int64_t* out, int offset = 0) {
+bool run_block(const std::vector<T>& c0, int n, int m, int nt, bool warp, int init, int64_t* out, int offset = 0,
+               sam3fast::lsa_block::LsaProfile* prof = nullptr) {
   std::vector<T> shifted;
   if (offset > 0) {
     shifted.assign(offset, T(0));
@@ -271,8 +273,12 @@ bool run_block(const std::vector<T>& c0, int n, int m, int nt, bool warp, int in
   for (int t = 0; t < nt; ++t) {
     threads.emplace_back([&, t] {
       EmuBlock blk{&shared, t};
-      sam3fast::lsa_block::solve_block<T, kStage, EmuBlock, false, K>(
-          blk, cost, n, m, out, &feasible, reinterpret_cast<unsigned char*>(smem.data()), init);
+      unsigned char* sm = reinterpret_cast<unsigned char*>(smem.data());
+      if (prof != nullptr) {
+        sam3fast::lsa_block::solve_block<T, kStage, EmuBlock, true, K>(blk, cost, n, m, out, &feasible, sm, init, prof);
+      } else {
+        sam3fast::lsa_block::solve_block<T, kStage, EmuBlock, false, K>(blk, cost, n, m, out, &feasible, sm, init);
+      }
     });
   }
   for (auto& th : threads) th.join();
@@ -413,26 +419,6 @@ void test_registers_match_shared(int problems, int nt, bool warp) {
 
 // The phase-timing instantiation (SAM3FAST_LSA_PROFILE on the GPU) gives the same answer and counts
 // its searches and Dijkstra steps (on host threads the clock reads 0: the counts are what is checked).
-// Runs the phase-timing instantiation with K register columns per thread (0: shared state).
-template <int K>
-sam3fast::lsa_block::LsaProfile profile_run(const std::vector<double>& c, int n, int m, int nt, int init,
-                                            int64_t* a, bool* feasible) {
-  const int64_t bytes = sam3fast::lsa_block::lsa_smem_layout(std::min(n, m), std::max(n, m), sizeof(double)).total;
-  std::vector<double> smem(bytes / 8 + 1, std::nan(""));
-  EmuShared shared(nt, false);
-  sam3fast::lsa_block::LsaProfile prof{};
-  std::vector<std::thread> threads;
-  for (int t = 0; t < nt; ++t) {
-    threads.emplace_back([&, t] {
-      EmuBlock blk{&shared, t};
-      sam3fast::lsa_block::solve_block<double, true, EmuBlock, true, K>(
-          blk, c.data(), n, m, a, feasible, reinterpret_cast<unsigned char*>(smem.data()), init, &prof);
-    });
-  }
-  for (auto& th : threads) th.join();
-  return prof;
-}
-
 void test_profile_counts() {
   std::mt19937 rng(77);
   sam3fast::LsaWorkspace ws;
@@ -442,9 +428,9 @@ void test_profile_counts() {
     for (int init = 0; init < 3; ++init) {
       const int nt = 5;  // 8 register columns per thread cover the 40 columns
       std::vector<int64_t> a(n, 7), a_regs(n, 7), ref(n);
-      bool feasible = false, feasible_regs = false;
-      const auto prof = profile_run<0>(c, n, m, nt, init, a.data(), &feasible);
-      const auto prof_regs = profile_run<8>(c, n, m, nt, init, a_regs.data(), &feasible_regs);
+      sam3fast::lsa_block::LsaProfile prof{}, prof_regs{};
+      const bool feasible = run_block<double, true, 0>(c, n, m, nt, false, init, a.data(), 0, &prof);
+      const bool feasible_regs = run_block<double, true, 8>(c, n, m, nt, false, init, a_regs.data(), 0, &prof_regs);
       CHECK(feasible && feasible_regs, "profile %dx%d init %d: infeasible", n, m, init);
       CHECK(sam3fast::linear_sum_assignment_cpu(c.data(), n, m, ref.data(), ws) == LsaStatus::kOk, "cpu");
       CHECK(std::fabs(assignment_cost(c, n, m, a.data(), "profile") - assignment_cost(c, n, m, ref.data(), "cpu")) <=
