@@ -1072,31 +1072,63 @@ def three_objects(pred, p):
     return rec, st
 
 
+@pytest.mark.parametrize("buckets", ["pow2", "exact"])
 @pytest.mark.parametrize("scenario", [three_objects, long_two_objects], ids=["three_objects", "long_two"])
-def test_graphed_step_runs_the_padded_buffers(pair, long_pair, scenario):
+def test_graphed_step_runs_the_padded_buffers(pair, long_pair, scenario, buckets):
     """``cuda_graphs = True`` on the CPU runs the graph runner's buffers eagerly: objects padded to
-    a power-of-two bucket, inputs copied into per-key buffers, outputs sliced back. The session is
-    the one of the plain step (padded rows change nothing), and the runner served the frames."""
+    their bucket (``step_buckets``: a power of two, or the object count itself), inputs copied into
+    per-key buffers, outputs sliced back. The session is the one of the plain step (padded rows
+    change nothing), and the runner served the frames at the bucket's row count."""
     from sam3fast.video.tracker_graphs import TableKey
 
     p = pair if scenario is three_objects else long_pair
     ours = p.ours
     ref, st_ref = scenario(ours, p)
     prev, ours.cuda_graphs = ours.cuda_graphs, True
+    ours.step_buckets = buckets
     try:
         runner = ours.step_graphs()
         runner.clear()
         got, st_got = scenario(ours, p)
     finally:
         ours.cuda_graphs = prev
+        ours.step_buckets = "pow2"
     same_records(ref, got)
     compare_states(st_got, st_ref)
     assert runner.entries, "the graph runner was not used"
     # the object table's step: the memory assembly and the scores are in the graph too
     assert all(isinstance(k, TableKey) for k in runner.entries), list(runner.entries)
-    buckets = {k.rows for k in runner.entries}
-    assert buckets == ({4} if scenario is three_objects else {2}), buckets
+    rows = {k.rows for k in runner.entries}
+    if scenario is three_objects:
+        assert rows == ({4} if buckets == "pow2" else {3}), rows
+    else:
+        assert rows == {2}, rows
     assert all(runner.why_not_graphs(k) == "the tracker is on cpu" for k in runner.entries)
+
+
+@pytest.mark.parametrize("buckets", ["pow2", "exact"])
+def test_graphed_step_without_table_pads_to_its_bucket(pair, buckets):
+    """With one bank per session (``object_table = False``) the graphed step pads the stacked
+    memories to the bucket (:func:`bucket_rows`) and slices the outputs back: the same session as
+    the plain step."""
+    from sam3fast.video.tracker_graphs import StepKey
+
+    ours = pair.ours
+    ref, st_ref = three_objects(ours, pair)
+    prev = ours.cuda_graphs, ours.object_table
+    ours.cuda_graphs, ours.object_table, ours.step_buckets = True, False, buckets
+    try:
+        runner = ours.step_graphs()
+        runner.clear()
+        got, st_got = three_objects(ours, pair)
+    finally:
+        ours.cuda_graphs, ours.object_table = prev
+        ours.step_buckets = "pow2"
+    same_records(ref, got)
+    compare_states(st_got, st_ref)
+    assert runner.entries and all(isinstance(k, StepKey) for k in runner.entries), list(runner.entries)
+    rows = {k.memory_shape[0] for k in runner.entries}
+    assert rows == ({4} if buckets == "pow2" else {3}), rows
 
 
 def test_run_table_checks_equals_eager_and_drops_grown_tables(pair, monkeypatch):
@@ -1193,6 +1225,17 @@ def test_cuda_graphs_auto_rule(pair, monkeypatch):
             ours._step_is_bucketed(1)
     finally:
         ours.cuda_graphs = prev
+
+
+def test_bucket_rows_rule():
+    """``step_buckets``: "pow2" rounds an object count up to a power of two, "exact" keeps it;
+    anything else is a clear error."""
+    from sam3fast.video.tracker_predictor import bucket_rows
+
+    assert [bucket_rows(n, "pow2") for n in (0, 1, 2, 3, 5, 8, 9, 16, 17)] == [1, 1, 2, 4, 8, 8, 16, 16, 32]
+    assert [bucket_rows(n, "exact") for n in (0, 1, 2, 3, 5, 8, 9, 16, 17)] == [1, 1, 2, 3, 5, 8, 9, 16, 17]
+    with pytest.raises(ValueError, match="step_buckets must be one of"):
+        bucket_rows(3, "pow3")
 
 
 def test_graph_runner_checks_and_equals_memory_step(pair, monkeypatch):

@@ -100,6 +100,13 @@ if [[ $PHASE == a ]]; then
     step bench_video_tracker 330 120 python3 bench/bench_video.py --parts tracker --dtype bfloat16 --frames 24 \
         --objects 1,16 --iters 1 --no-compile --no-official --tracker-kinds e2e \
         --skip-variants perframe,eager-step,backbone-eager,fold,no-fold --out bench/results/prefetch
+    # (session 21) the step graphed at 5 and 16 objects with one capture per object count
+    # (step_buckets "exact"; "auto" runs it eagerly above 2 objects, and the power-of-two buckets
+    # padded 5 objects to 8: 38.8 against 25.2 ms on the H100 of 2026-11-26) against the eager bank
+    # and the per-frame selection, step alone (cached features): does the graph close the bank's gap?
+    step bench_video_graphed 260 100 python3 bench/bench_video.py --parts tracker --dtype bfloat16 --frames 24 \
+        --objects 5,16 --iters 1 --no-compile --no-official --tracker-kinds cached --graphed-rows \
+        --skip-variants prefetch,eager-step,backbone-eager,nchw-fuser,fold,no-fold --out bench/results/graphed
     # (session 16: model.ahead_detection_stream, the next detection on a side stream)
     step bench_video_concept 220 90 python3 bench/bench_video.py --parts concept --dtype bfloat16 --frames 24 \
         --iters 1 --no-compile --no-official --concept-variants ahead-stream --out bench/results/ahead

@@ -365,11 +365,24 @@ def _pad_rows(x, n, fill):
     return torch.cat((x, x.new_full((n - x.shape[0],) + x.shape[1:], fill)))
 
 
-def _pad_to_bucket(memory, memory_pos, valid, feats, top_pos):
-    """Rows padded to the next power of two (compiled and graphed steps): zeros attending to one
-    (zero) key, so no row divides 0 by 0; batch-1 feature levels and positions broadcast as they are."""
+STEP_BUCKETS = ("pow2", "exact")
+
+
+def bucket_rows(rows: int, buckets: str) -> int:
+    """The rows a compiled or graphed step runs for ``rows`` objects: the next power of two
+    ("pow2": a video whose objects come and go captures a few buckets) or ``rows`` itself ("exact":
+    one capture per object count, no padded row computed)."""
+    if buckets not in STEP_BUCKETS:
+        raise ValueError(f"step_buckets must be one of {STEP_BUCKETS}, got {buckets!r}")
+    rows = max(int(rows), 1)
+    return rows if buckets == "exact" else 1 << (rows - 1).bit_length()
+
+
+def _pad_to_bucket(memory, memory_pos, valid, feats, top_pos, Bb):
+    """Rows padded to ``Bb`` (compiled and graphed steps, :func:`bucket_rows`): zeros attending to
+    one (zero) key, so no row divides 0 by 0; batch-1 feature levels and positions broadcast as they
+    are."""
     B = memory.shape[0]
-    Bb = 1 << (B - 1).bit_length()
     if Bb > B:
         memory, memory_pos = _pad_rows(memory, Bb, 0), _pad_rows(memory_pos, Bb, 0)
         valid = _pad_rows(valid, Bb, False)
@@ -525,6 +538,11 @@ class Sam3TrackerPredictor(nn.Module):
         # step has at most GRAPH_AUTO_MAX_ROWS objects, where it is host-bound; True: always;
         # False: never. compile_step(mode="reduce-overhead") is the compiled alternative.
         self.cuda_graphs = "auto"
+        # sam3fast: the object counts a graphed or compiled step runs: "pow2" (default) pads the
+        # objects to the next power of two (padded rows cost a full row of memory attention: 5
+        # objects as 8 on an H100 took 38.8 ms a frame graphed against 25.2 eager); "exact" captures
+        # (compiles) one step per object count and computes no padded row.
+        self.step_buckets = "pow2"
         self._graph_runner = None
         # sam3fast: on CUDA, forward_image (the backbone on each frame the feature cache misses:
         # every frame of a propagation, then the mask decoder's conv_s0 / conv_s1 on two levels)
@@ -1530,10 +1548,11 @@ class Sam3TrackerPredictor(nn.Module):
             low, high, obj_ptr, score, iou, maskmem, maskmem_pos = self.memory_step(
                 tuple(feats), pos[-1], memory, memory_pos, valid, n_ptr, run_mem_encoder=run_mem_encoder)
         else:
-            # compiled or graphed: the object count padded to a power of two, so a video whose
-            # objects come and go compiles (and captures) a few buckets, not one graph per count
+            # compiled or graphed: the object count padded to its bucket (step_buckets "pow2": a
+            # video whose objects come and go compiles (and captures) a few buckets, not one per count)
             B = memory.shape[0]
-            memory, memory_pos, valid, feats, top_pos = _pad_to_bucket(memory, memory_pos, valid, feats, pos[-1])
+            memory, memory_pos, valid, feats, top_pos = _pad_to_bucket(
+                memory, memory_pos, valid, feats, pos[-1], bucket_rows(B, self.step_buckets))
             out = self._bucketed_step(feats, top_pos, memory, memory_pos, valid, n_ptr, run_mem_encoder)
             low, high, obj_ptr, score, iou, maskmem, maskmem_pos = (None if x is None else x[:B] for x in out)
         effs, a = [], 0
@@ -1544,8 +1563,8 @@ class Sam3TrackerPredictor(nn.Module):
         return low, high, obj_ptr, score, iou, tuple(effs), maskmem, maskmem_pos
 
     def _step_is_bucketed(self, rows: int) -> bool:
-        """Whether a step of ``rows`` objects runs compiled or graphed (on rows padded to a power of
-        two): compiled always; ``cuda_graphs`` True always, False never, "auto" on CUDA up to
+        """Whether a step of ``rows`` objects runs compiled or graphed (on rows padded to their
+        bucket, ``step_buckets``): compiled always; ``cuda_graphs`` True always, False never, "auto" on CUDA up to
         ``GRAPH_AUTO_MAX_ROWS`` rows."""
         if self._memory_step_compiled is not None:
             return True
@@ -1592,7 +1611,7 @@ class Sam3TrackerPredictor(nn.Module):
         """:meth:`bank_track_step` on an :class:`ObjectTable` (its ``spec`` and ``state``): one
         propagated frame of the objects in the first ``rows`` rows (free rows among them run as
         zero rows). ``feats``/``pos``: the frame's three levels (1, D, *, *). Compiled or graphed,
-        the step runs the first ``rows`` rounded up to a power of two (<= the table's capacity):
+        the step runs the first ``rows`` rounded up to their bucket (``step_buckets``; <= the table's capacity):
         the table is the bucket, nothing is padded or concatenated. Returns ``(low_res_masks,
         high_res_masks, obj_ptr, object_score_logits, iou_score, eff_iou_scores (Cap + 1,) (entry
         "first row of a session" is that session's score), maskmem_features or None, maskmem_pos
@@ -1604,7 +1623,7 @@ class Sam3TrackerPredictor(nn.Module):
             raise ValueError("state must be the table's state")
         bucketed = self._step_is_bucketed(rows)
         if bucketed:
-            rows = 1 << (max(rows, 1) - 1).bit_length()
+            rows = min(bucket_rows(rows, self.step_buckets), state.segment.shape[0])
             if table is not None and self._memory_step_compiled is None:
                 return self.step_graphs().run_table(table, frame_t, feats, pos[-1], rows, no_prev=no_prev,
                                                     run_mem_encoder=run_mem_encoder)
@@ -1682,9 +1701,9 @@ class Sam3TrackerPredictor(nn.Module):
 
     def compile_step(self, backend: str = "inductor", mode: Optional[str] = None):
         """torch.compile :meth:`memory_step` (``fullgraph=True``: a graph break is an error,
-        static shapes). Object counts are padded to the next power of two, so the frames of a run
-        reuse one graph and a video whose objects come and go compiles one per bucket (and per
-        number of conditioning frames). ``mode="reduce-overhead"`` adds CUDA graphs on GPU."""
+        static shapes). Object counts are padded to their bucket (``step_buckets``: by default the
+        next power of two), so the frames of a run reuse one graph and a video whose objects come
+        and go compiles one per bucket (and per number of conditioning frames). ``mode="reduce-overhead"`` adds CUDA graphs on GPU."""
         self._memory_step_compiled = torch.compile(self.memory_step, backend=backend, mode=mode, fullgraph=True,
                                                    dynamic=False)
         return self
