@@ -18,8 +18,10 @@ On CUDA a second table times sam3fast_cuda alone under the launcher's tuning kno
 (csrc/cuda/assignment_tuning.h), one 200x128 problem and 1000 of 64x64: SAM3FAST_LSA_THREADS
 (0 = the size rule, 32 = one warp, 64), SAM3FAST_LSA_INIT (0 none, 1 row reduction + greedy, 2 + reduction
 transfer), SAM3FAST_LSA_STAGE (1 = stage the costs in shared memory up to the opt-in limit, 0 = up to
-48 KiB, 2 = the default: 1 when there are no more problems than SMs, else 0) and SAM3FAST_LSA_REGS (1 = the
-default: the searches' column state in registers, 0 = in shared memory). The launcher
+48 KiB, 2 = the default: 1 when there are no more problems than SMs, else 0), SAM3FAST_LSA_REGS (1 = the
+default: the searches' column state in registers, 0 = in shared memory) and SAM3FAST_LSA_SPLIT (2 = the
+default: with no more problems than SMs a block of several warps initialises together, then warp 0 alone
+runs the searches; 1 = that always, 0 = every warp searches). The launcher
 reads them at every call, so the script sets them in os.environ between calls (and restores them). Columns:
 ms/batch as above (host clock around a synchronised call: includes the op's dispatch and launch) and
 graph us/call, the device time per call of 20 calls replayed from one CUDA graph (no host overhead).
@@ -55,14 +57,18 @@ FULL_CASES = [(1, 16, 16), (1, 100, 100), (1, 256, 256), (1, 200, 300), (1, 200,
               (1000, 64, 64), (4096, 8, 12), (256, 64, 100), (64, 256, 256)]
 SMOKE_CASES = [(1, 32, 32), (64, 8, 12), (200, 6, 9), (8, 40, 25)]
 KNOB_CASES = [(1, 200, 128), (1000, 64, 64)]
-# (SAM3FAST_LSA_THREADS, SAM3FAST_LSA_INIT, SAM3FAST_LSA_STAGE, SAM3FAST_LSA_REGS); the first is the
-# launcher's default; the REGS = 0 rows are the column state in shared memory (the kernel before 2026-11-27's
-# register state), for the same settings
-KNOB_SETTINGS = [("0", "2", "2", "1"), ("0", "2", "2", "0"), ("0", "2", "0", "1"), ("0", "1", "2", "1"),
-                 ("0", "0", "2", "1"), ("32", "2", "2", "1"), ("32", "2", "2", "0"), ("32", "0", "2", "1"),
-                 ("64", "2", "2", "1"), ("64", "2", "2", "0"), ("64", "0", "2", "1"), ("32", "2", "0", "1"),
-                 ("0", "2", "1", "1")]
-KNOB_VARS = ("SAM3FAST_LSA_THREADS", "SAM3FAST_LSA_INIT", "SAM3FAST_LSA_STAGE", "SAM3FAST_LSA_REGS")
+# (SAM3FAST_LSA_THREADS, SAM3FAST_LSA_INIT, SAM3FAST_LSA_STAGE, SAM3FAST_LSA_REGS, SAM3FAST_LSA_SPLIT); the
+# first is the launcher's default; REGS = 0 keeps the column state in shared memory (the kernel before
+# 2026-11-27's register state), SPLIT = 0 lets every warp search (the kernel before session 21's split, in
+# which warp 0 alone searches after the block's initialisation), for the same settings
+KNOB_SETTINGS = [("0", "2", "2", "1", "2"), ("0", "2", "2", "1", "0"), ("0", "2", "2", "0", "2"),
+                 ("0", "2", "2", "0", "0"), ("0", "2", "0", "1", "2"), ("0", "1", "2", "1", "2"),
+                 ("0", "0", "2", "1", "2"), ("32", "2", "2", "1", "2"), ("32", "2", "2", "0", "2"),
+                 ("32", "0", "2", "1", "2"), ("64", "2", "2", "1", "2"), ("64", "2", "2", "1", "0"),
+                 ("64", "0", "2", "1", "2"), ("256", "2", "2", "1", "2"), ("32", "2", "0", "1", "2"),
+                 ("0", "2", "1", "1", "2")]
+KNOB_VARS = ("SAM3FAST_LSA_THREADS", "SAM3FAST_LSA_INIT", "SAM3FAST_LSA_STAGE", "SAM3FAST_LSA_REGS",
+             "SAM3FAST_LSA_SPLIT")
 
 
 def scipy_loop(cost_cpu: torch.Tensor) -> torch.Tensor:
@@ -138,8 +144,8 @@ def knob_rows(repeats: int, g: torch.Generator) -> None:
     """sam3fast_cuda under each KNOB_SETTINGS entry (set in os.environ, restored after)."""
     print("# launcher knobs (csrc/cuda/assignment_tuning.h), sam3fast_cuda only; threads 0 = the size rule; "
           "first row of each case = the defaults")
-    print(f"{'B':>5} {'N':>4} {'M':>4}  {'threads':>7} {'init':>4} {'stage':>5} {'regs':>4} {'ms/batch':>10} "
-          f"{'graph us/call':>14}")
+    print(f"{'B':>5} {'N':>4} {'M':>4}  {'threads':>7} {'init':>4} {'stage':>5} {'regs':>4} {'split':>5} "
+          f"{'ms/batch':>10} {'graph us/call':>14}")
     with restored_env(KNOB_VARS):
         for B, n, m in KNOB_CASES:
             cost = torch.rand(B, n, m, generator=g)
@@ -154,21 +160,23 @@ def knob_rows(repeats: int, g: torch.Generator) -> None:
                     raise AssertionError(f"knobs {setting} on {(B, n, m)}: not optimal "
                                          f"(max diff {(got - ref_cost).abs().max()})")
                 us = graphed_us(fn)
-                threads, init, stage, regs = setting
-                print(f"{B:>5} {n:>4} {m:>4}  {threads:>7} {init:>4} {stage:>5} {regs:>4} {ms:>10.3f} {us:>14.1f}")
+                threads, init, stage, regs, split = setting
+                print(f"{B:>5} {n:>4} {m:>4}  {threads:>7} {init:>4} {stage:>5} {regs:>4} {split:>5} {ms:>10.3f} "
+                      f"{us:>14.1f}")
 
 
 PROFILE_CASES = [(1, 200, 128), (1, 256, 256), (1000, 64, 64)]
-# defaults, shared column state, no init, no opt-in staging, one warp
-PROFILE_SETTINGS = [("0", "2", "2", "1"), ("0", "2", "2", "0"), ("0", "0", "2", "1"), ("0", "2", "0", "1"),
-                    ("32", "2", "2", "1")]
+# defaults, every warp searching, shared column state, no init, no opt-in staging, one warp
+PROFILE_SETTINGS = [("0", "2", "2", "1", "2"), ("0", "2", "2", "1", "0"), ("0", "2", "2", "0", "2"),
+                    ("0", "0", "2", "1", "2"), ("0", "2", "0", "1", "2"), ("32", "2", "2", "1", "2")]
 
 
 def profile_rows(g: torch.Generator) -> None:
     """SAM3FAST_LSA_PROFILE=1: the phase-timing kernel, whose block 0 prints (device printf, on
     stdout at the sync) the cycles of each phase and its searches and Dijkstra steps, for
     PROFILE_CASES under PROFILE_SETTINGS (answers checked; a warm-up call first)."""
-    print("# phase cycles of block 0 (SAM3FAST_LSA_PROFILE=1; threads, init, stage, regs as in the knob table)",
+    print("# phase cycles of block 0 (SAM3FAST_LSA_PROFILE=1; threads, init, stage, regs, split as in the knob "
+          "table)",
           flush=True)
     with restored_env(KNOB_VARS + ("SAM3FAST_LSA_PROFILE",)):
         for B, n, m in PROFILE_CASES:
@@ -181,7 +189,7 @@ def profile_rows(g: torch.Generator) -> None:
                 batched_linear_sum_assignment(cost_gpu)  # warm (caches, clocks)
                 torch.cuda.synchronize()
                 os.environ["SAM3FAST_LSA_PROFILE"] = "1"
-                print(f"# {B}x({n}x{m}) threads,init,stage,regs={','.join(setting)}:", flush=True)
+                print(f"# {B}x({n}x{m}) threads,init,stage,regs,split={','.join(setting)}:", flush=True)
                 out = batched_linear_sum_assignment(cost_gpu)
                 torch.cuda.synchronize()  # (flushes the device printf)
                 if not torch.allclose(total_cost(cost, out), ref_cost, rtol=1e-9, atol=1e-9):

@@ -9,6 +9,7 @@ SAM3FAST_LSA_THREADS=0|32|64|128|256  threads per problem (0: the built-in rule)
 SAM3FAST_LSA_INIT=2|1|0               initialisation (2: row reduction + greedy + reduction transfer)
 SAM3FAST_LSA_STAGE=0|1                stage the costs in shared memory up to 48 KiB (0) or the opt-in limit (1)
 SAM3FAST_LSA_REGS=1|0                 the searches' column state in registers (1, up to 8 columns a thread) or shared memory (0)
+SAM3FAST_LSA_SPLIT=2|1|0              warp 0 alone searches after the block's initialisation (2: when problems <= SMs, 1: always, 0: never)
 """
 
 import os

@@ -261,17 +261,19 @@ def test_cuda_launcher_knobs(monkeypatch, capfd):
              torch.full((3, 5, 9), 2.0)]
     refs = [linear_sum_assignment_with_status(c) for c in cases]
     assert refs[3][1][:2].tolist() == [False, False] and refs[3][1][2:].any()
-    settings = [(t, i, s, r) for t in ("0", "32", "64", "256") for i in ("0", "1", "2") for s in ("0", "1", "2")
-                for r in ("0", "1")]
-    for threads, init, stage, regs in settings + [("48", "7", "x", "2")]:  # invalid values: the defaults
+    settings = [(t, i, s, r, p) for t in ("0", "32", "64", "256") for i in ("0", "1", "2") for s in ("0", "1", "2")
+                for r in ("0", "1") for p in ("0", "1", "2")]
+    for threads, init, stage, regs, split in settings + [("48", "7", "x", "2", "3")]:  # invalid: the defaults
         monkeypatch.setenv("SAM3FAST_LSA_THREADS", threads)
         monkeypatch.setenv("SAM3FAST_LSA_INIT", init)
         monkeypatch.setenv("SAM3FAST_LSA_STAGE", stage)
         monkeypatch.setenv("SAM3FAST_LSA_REGS", regs)
+        monkeypatch.setenv("SAM3FAST_LSA_SPLIT", split)
         for cost, (want, want_ok) in zip(cases, refs):
             got, got_ok = linear_sum_assignment_with_status(cost.cuda())
             got, got_ok = got.cpu(), got_ok.cpu()
-            where = f"threads={threads} init={init} stage={stage} regs={regs} shape={tuple(cost.shape)}"
+            where = (f"threads={threads} init={init} stage={stage} regs={regs} split={split} "
+                     f"shape={tuple(cost.shape)}")
             assert torch.equal(got_ok, want_ok), where
             assert (got[~want_ok] == -1).all(), where
             if want_ok.any():
@@ -283,6 +285,7 @@ def test_cuda_launcher_knobs(monkeypatch, capfd):
         assert torch.equal(got, torch.arange(5).expand(3, 5))  # all-equal costs: the identity, as on CPU
     err = capfd.readouterr().err
     assert "ignoring SAM3FAST_LSA_THREADS=48" in err and "ignoring SAM3FAST_LSA_REGS=2" in err
+    assert "ignoring SAM3FAST_LSA_SPLIT=3" in err
 
 
 @pytest.mark.gpu

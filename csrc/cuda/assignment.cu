@@ -16,8 +16,11 @@
 // arithmetic. The searches keep each thread's columns' state in registers where a thread owns at
 // most 8 columns (a Dijkstra step then reads only the costs from shared memory; H200 profile of run
 // 2 of 2026-11-27, state in shared memory: ~2070 cycles a step for one 200x128 problem; the
-// register form is untimed). The block size, the initialisation, the staging limit and the state's
-// place can be forced (SAM3FAST_LSA_THREADS / _INIT / _STAGE / _REGS, read at every call: see
+// register form is untimed). With no more problems than SMs, a block of several warps initialises
+// together and then leaves the searches to warp 0 alone (the split search: a Dijkstra step of one
+// warp takes its argmin from register shuffles, with no barrier; untimed). The block size, the
+// initialisation, the staging limit, the state's place and the split can be forced
+// (SAM3FAST_LSA_THREADS / _INIT / _STAGE / _REGS / _SPLIT, read at every call: see
 // assignment_tuning.h) for benchmarks (bench/bench_assignment.py) and tests. The kernels declare
 // a minimum number of resident blocks per SM: 1 for the one-warp kernels (registers never limit
 // their occupancy), 2 for the larger blocks (at most 128 registers a thread, so a batch of more
@@ -104,12 +107,15 @@ struct WarpBlock {
 };
 
 // kProfile (SAM3FAST_LSA_PROFILE): block 0 prints where its cycles went (lsa_block::LsaProfile).
-// kRegCols: the searches' column state in registers, kRegCols columns per thread (0: in shared
-// memory; lsa_block::solve_block).
-template <typename T, bool kStage, bool kWarp, bool kProfile, int kRegCols>
+// kRegCols: the searches' column state in registers, kRegCols columns per searching thread (0: in
+// shared memory; lsa_block::solve_block).
+// kSplit (a block of several warps, SAM3FAST_LSA_SPLIT): the whole block initialises, then warp 0
+// searches alone (WarpBlock: register-shuffle argmins, __syncwarp) and the other warps return.
+template <typename T, bool kStage, bool kWarp, bool kProfile, int kRegCols, bool kSplit = false>
 __global__ void __launch_bounds__(kWarp ? 32 : kMaxThreads, kWarp ? 1 : 2)
     lsa_kernel(const T* __restrict__ cost, int n, int m, int64_t* __restrict__ assignment,
                bool* __restrict__ feasible, int init) {
+  static_assert(!(kWarp && kSplit), "a one-warp block has no warp to split off");
   extern __shared__ __align__(16) unsigned char smem[];
   const int64_t b = blockIdx.x;
   lsa_block::LsaProfile prof{};
@@ -117,6 +123,12 @@ __global__ void __launch_bounds__(kWarp ? 32 : kMaxThreads, kWarp ? 1 : 2)
     WarpBlock blk;
     lsa_block::solve_block<T, kStage, WarpBlock, kProfile, kRegCols>(
         blk, cost + b * n * m, n, m, assignment + b * n, feasible + b, smem, init, &prof);
+  } else if constexpr (kSplit) {
+    __shared__ LsaCand scratch[64];
+    CudaBlock blk{scratch, 0};
+    WarpBlock search;
+    lsa_block::solve_block<T, kStage, CudaBlock, kProfile, kRegCols, WarpBlock>(
+        blk, cost + b * n * m, n, m, assignment + b * n, feasible + b, smem, init, &prof, &search);
   } else {
     __shared__ LsaCand scratch[64];
     CudaBlock blk{scratch, 0};
@@ -125,10 +137,11 @@ __global__ void __launch_bounds__(kWarp ? 32 : kMaxThreads, kWarp ? 1 : 2)
   }
   if constexpr (kProfile) {
     if (b == 0 && threadIdx.x == 0) {
-      printf("sam3fast lsa profile: %dx%d %s threads=%d staged=%d init=%d regs=%d; cycles: read %lld, "
+      printf("sam3fast lsa profile: %dx%d %s threads=%d staged=%d init=%d regs=%d split=%d; cycles: read %lld, "
              "row minima %lld, greedy %lld, searches %lld (dijkstra %lld, update+flip %lld), total %lld; "
              "searches %d, steps %d\n",
              n, m, sizeof(T) == 4 ? "f32" : "f64", static_cast<int>(blockDim.x), int(kStage), init, kRegCols,
+             int(kSplit),
              prof.read - prof.start, prof.rows - prof.read, prof.greedy - prof.rows, prof.end - prof.greedy,
              prof.dijkstra, prof.update, prof.end - prof.start, prof.searches, prof.steps);
     }
@@ -141,16 +154,17 @@ struct LaunchArgs {
   int64_t smem;  // dynamic shared memory bytes
   int init;
   bool profile;
-  int reg_cols;  // 0, 2 or 8 (kRegColsSmall / kRegColsLarge)
+  int reg_cols;  // 0, 2 or 8 (kRegColsSmall / kRegColsLarge), per searching thread
+  bool split;    // warp 0 searches alone after the block's initialisation (threads > 32)
 };
 
-// Launches lsa_kernel<T, kStage, kWarp, kProfile, kRegCols> with a.smem bytes of dynamic shared
-// memory, raising the kernel's limit first when that and the static scratch are over the default
-// 48 KiB (the caller checked the opt-in limit).
-template <typename T, bool kStage, bool kWarp, bool kProfile, int kRegCols>
+// Launches lsa_kernel<T, kStage, kWarp, kProfile, kRegCols, kSplit> with a.smem bytes of dynamic
+// shared memory, raising the kernel's limit first when that and the static scratch are over the
+// default 48 KiB (the caller checked the opt-in limit).
+template <typename T, bool kStage, bool kWarp, bool kProfile, int kRegCols, bool kSplit>
 cudaError_t launch(const T* cost, int64_t B, int64_t n, int64_t m, int64_t* assignment, bool* feasible,
                    cudaStream_t stream, const LaunchArgs& a) {
-  auto* kernel = lsa_kernel<T, kStage, kWarp, kProfile, kRegCols>;
+  auto* kernel = lsa_kernel<T, kStage, kWarp, kProfile, kRegCols, kSplit>;
   if (a.smem + (kWarp ? 0 : kScratchBytes) > kDefaultSmem) {
     const cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(a.smem));
@@ -164,13 +178,23 @@ cudaError_t launch(const T* cost, int64_t B, int64_t n, int64_t m, int64_t* assi
 template <typename T, bool kStage, bool kWarp, bool kProfile>
 cudaError_t launch(const T* cost, int64_t B, int64_t n, int64_t m, int64_t* assignment, bool* feasible,
                    cudaStream_t stream, const LaunchArgs& a) {
+  if constexpr (!kWarp) {
+    if (a.split) {  // one searching warp: up to kRegColsLarge columns a lane in registers, or shared
+      return a.reg_cols == kRegColsLarge
+                 ? launch<T, kStage, false, kProfile, kRegColsLarge, true>(cost, B, n, m, assignment, feasible,
+                                                                           stream, a)
+                 : launch<T, kStage, false, kProfile, 0, true>(cost, B, n, m, assignment, feasible, stream, a);
+    }
+  }
   switch (a.reg_cols) {
     case kRegColsSmall:
-      return launch<T, kStage, kWarp, kProfile, kRegColsSmall>(cost, B, n, m, assignment, feasible, stream, a);
+      return launch<T, kStage, kWarp, kProfile, kRegColsSmall, false>(cost, B, n, m, assignment, feasible, stream,
+                                                                      a);
     case kRegColsLarge:
-      return launch<T, kStage, kWarp, kProfile, kRegColsLarge>(cost, B, n, m, assignment, feasible, stream, a);
+      return launch<T, kStage, kWarp, kProfile, kRegColsLarge, false>(cost, B, n, m, assignment, feasible, stream,
+                                                                      a);
     default:
-      return launch<T, kStage, kWarp, kProfile, 0>(cost, B, n, m, assignment, feasible, stream, a);
+      return launch<T, kStage, kWarp, kProfile, 0, false>(cost, B, n, m, assignment, feasible, stream, a);
   }
 }
 
@@ -205,13 +229,14 @@ int env_knob(const char* name, int fallback, bool (*valid)(long), std::atomic<bo
 }  // namespace
 
 LsaCudaOptions lsa_cuda_options() {
-  static std::atomic<bool> warned[5];
+  static std::atomic<bool> warned[6];
   LsaCudaOptions o;
   o.threads = env_knob("SAM3FAST_LSA_THREADS", o.threads, valid_threads, &warned[0]);
   o.init = env_knob("SAM3FAST_LSA_INIT", o.init, [](long x) { return x >= 0 && x <= 2; }, &warned[1]);
   o.stage = env_knob("SAM3FAST_LSA_STAGE", o.stage, [](long x) { return x >= 0 && x <= 2; }, &warned[2]);
   o.profile = env_knob("SAM3FAST_LSA_PROFILE", o.profile, [](long x) { return x == 0 || x == 1; }, &warned[3]);
   o.regs = env_knob("SAM3FAST_LSA_REGS", o.regs, [](long x) { return x == 0 || x == 1; }, &warned[4]);
+  o.split = env_knob("SAM3FAST_LSA_SPLIT", o.split, [](long x) { return x >= 0 && x <= 2; }, &warned[5]);
   return o;
 }
 
@@ -220,7 +245,8 @@ cudaError_t linear_sum_assignment_cuda(const T* cost, int64_t B, int64_t n, int6
                                        int64_t* assignment, bool* feasible, cudaStream_t stream,
                                        const LsaCudaOptions& options) {
   if (!valid_threads(options.threads) || options.init < 0 || options.init > 2 || options.stage < 0 ||
-      options.stage > 2 || options.profile < 0 || options.profile > 1 || options.regs < 0 || options.regs > 1) {
+      options.stage > 2 || options.profile < 0 || options.profile > 1 || options.regs < 0 || options.regs > 1 ||
+      options.split < 0 || options.split > 2) {
     return cudaErrorInvalidValue;
   }
   if (B == 0) return cudaSuccess;
@@ -238,26 +264,36 @@ cudaError_t linear_sum_assignment_cuda(const T* cost, int64_t B, int64_t n, int6
   const int64_t plain = lsa_block::lsa_smem_layout(R, C, 0).total;
   int64_t optin = kDefaultSmem;
   bool wide_stage = options.stage == 1;
-  if (plain > kDefaultSmem || (options.stage != 0 && staged > kDefaultSmem)) {
-    int device = 0, limit = 0, sms = 0;
-    cudaError_t err = cudaGetDevice(&device);
+  // The split search (SAM3FAST_LSA_SPLIT): possible with more than one warp and at most
+  // kRegColsLarge columns a lane; 1 = wherever possible, 2 = there when no more problems than SMs
+  // (a block per SM: the idle warps cost no other block its place), 0 = never.
+  const bool can_split = options.split != 0 && threads > 32 && C <= 32 * kRegColsLarge;
+  int sms = 0;
+  cudaError_t err = cudaSuccess;
+  const bool need_sms = (options.stage == 2 && (plain > kDefaultSmem || staged > kDefaultSmem)) ||
+                        (can_split && options.split == 2);
+  if (plain > kDefaultSmem || (options.stage != 0 && staged > kDefaultSmem) || need_sms) {
+    int device = 0, limit = 0;
+    err = cudaGetDevice(&device);
     if (err == cudaSuccess) {
       err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
     }
-    if (err == cudaSuccess && options.stage == 2) {
-      err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-      wide_stage = B <= sms;  // a block per SM at most: the opt-in shared memory costs no occupancy
-    }
+    if (err == cudaSuccess && need_sms) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
     if (err != cudaSuccess) return err;
+    // (stage 2: a block per SM at most, so the opt-in shared memory costs no occupancy)
+    if (options.stage == 2) wide_stage = B <= sms;
     optin = limit - kScratchBytes;
   }
   const bool stage = staged <= kDefaultSmem || (wide_stage && staged <= optin);
-  const int64_t per_thread = (C + threads - 1) / threads;
+  const bool split = can_split && (options.split == 1 || B <= sms);
+  const int searchers = split ? 32 : threads;
+  const int64_t per_thread = (C + searchers - 1) / searchers;
+  // (a split search has one instantiation in registers: kRegColsLarge a lane)
   const int reg_cols = options.regs == 0 ? 0
-                       : per_thread <= kRegColsSmall ? kRegColsSmall
+                       : per_thread <= kRegColsSmall && !split ? kRegColsSmall
                        : per_thread <= kRegColsLarge ? kRegColsLarge
                                                      : 0;
-  const LaunchArgs args{threads, stage ? staged : plain, options.init, options.profile != 0, reg_cols};
+  const LaunchArgs args{threads, stage ? staged : plain, options.init, options.profile != 0, reg_cols, split};
   if (stage) return launch<T, true>(cost, B, n, m, assignment, feasible, stream, args);
   if (plain > optin) return cudaErrorInvalidValue;
   return launch<T, false>(cost, B, n, m, assignment, feasible, stream, args);

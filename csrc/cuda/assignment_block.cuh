@@ -361,6 +361,125 @@ struct LsaProfile {
   int searches, steps;
 };
 
+// What the initialisation leaves for the searches: the R x C problem's addressing and the shared
+// arrays (see solve_block).
+template <typename T>
+struct LsaProblem {
+  const T* cost;    // the global matrix: element (i, j) at cost[i * row_stride + j * col_stride]
+  const T* scost;   // the staged matrix (row stride P), when staged
+  int64_t row_stride, col_stride;
+  int P, R, C, n;
+  bool transpose;
+  double *u, *v, *spc;
+  int *path, *row4col, *col4row;
+  unsigned char* settled;
+};
+
+// The searches (one per row the initialisation left unmatched), then the outputs, by the threads
+// of blk: the whole block, or (solve_block's search group) its first warp alone.
+template <typename T, bool kStage, typename Block, bool kProfile, int kRegCols>
+SAM3FAST_HD void search_rows(Block& blk, const LsaProblem<T>& pb, bool ok, int64_t* __restrict__ out,
+                             bool* __restrict__ feasible, LsaProfile* prof) {
+  const int tid = blk.tid();
+  const int nt = blk.size();
+  const bool timing = kProfile && tid == 0 && prof != nullptr;
+  const int R = pb.R, C = pb.C, n = pb.n;
+  double* u = pb.u;
+  int* path = pb.path;
+  int* row4col = pb.row4col;
+  int* col4row = pb.col4row;
+  using Cols = typename std::conditional<(kRegCols > 0), ColsRegisters<kRegCols>, ColsShared>::type;
+
+  // The searches' column state (v, spc, settled, matched row): in shared memory or the owners'
+  // registers (ColsShared / ColsRegisters), filled from the initialisation's shared arrays.
+  Cols cols(tid, nt, C, pb.v, pb.spc, row4col, pb.settled);
+  if (ok) cols.load();
+  // Row i's costs: the staged row, or the global matrix at its strides.
+  auto cost_row = [&](int i, const T** base, int64_t* stride) {
+    if (kStage) {
+      *base = pb.scost + static_cast<int64_t>(i) * pb.P;
+      *stride = 1;
+    } else {
+      *base = pb.cost + i * pb.row_stride;
+      *stride = pb.col_stride;
+    }
+  };
+
+  for (int cur = 0; ok && cur < R; ++cur) {
+    if (col4row[cur] != -1) continue;  // matched by the initialisation (block-uniform read)
+    int i = cur;
+    double dist = 0.0;
+    int sink = -1;
+    long long t_search = 0;
+    if (timing) {
+      t_search = blk.clock();
+      ++prof->searches;
+    }
+    while (sink < 0) {
+      if (timing) ++prof->steps;
+      const T* base;
+      int64_t stride;
+      cost_row(i, &base, &stride);
+      const LsaCand best = blk.argmin(cols.relax(i, dist, u[i], base, stride, path));
+      if (!(best.value < inf())) {
+        ok = false;  // every remaining column is forbidden: infeasible
+        break;
+      }
+      dist = best.value;
+      const int j = best.key & (kBusy - 1);
+      cols.settle(j);
+      if (best.key & kBusy) {
+        i = row4col[j];
+      } else {
+        sink = j;
+      }
+    }
+    if (!ok) break;
+    long long t_update = 0;
+    if (timing) {
+      t_update = blk.clock();
+      prof->dijkstra += t_update - t_search;
+    }
+    // Order the search's reads of u[] before the dual update's writes. A shared-memory argmin
+    // already did (nothing reads u[] after it); a register one (one warp) orders nothing.
+    if (!blk.argmin_fences()) blk.sync();
+
+    // Dual update, owner-computes: the settled non-sink column j was reached through its matched
+    // row, the only update that row gets (rows are distinct, and cur is unmatched). The same pass
+    // resets the column for the next search.
+    cols.update(dist, u);
+    if (tid == 0) u[cur] += dist;
+    blk.sync();  // path[] and the u[] writes become visible
+
+    // The path is at most R long: one thread flips it.
+    if (tid == 0) {
+      int j = sink;
+      while (true) {
+        const int r = path[j];
+        row4col[j] = r;
+        const int prev = col4row[r];
+        col4row[r] = j;
+        j = prev;
+        if (r == cur) break;
+      }
+    }
+    blk.sync();
+    cols.reload_rows();  // the flipped path's columns have new rows (read after the barrier)
+    if (timing) prof->update += blk.clock() - t_update;
+  }
+
+  if (!ok) {
+    for (int i = tid; i < n; i += nt) out[i] = -1;
+  } else if (pb.transpose) {
+    // Column j of the transpose is original row j; its matched algorithm row is an original column.
+    for (int j = tid; j < C; j += nt) out[j] = row4col[j];
+  } else {
+    for (int i = tid; i < R; i += nt) out[i] = col4row[i];
+  }
+  if (tid == 0) *feasible = ok;
+  if (timing) prof->end = blk.clock();
+}
+
 // Solves cost (n, m) row-major; writes out[n] (column per row or -1) and *feasible.
 // smem must hold lsa_smem_layout(min(n,m), max(n,m), kStage ? sizeof(T) : 0).total bytes.
 // kStage: copy the cost matrix into shared memory first (small problems: the search re-reads it).
@@ -368,11 +487,20 @@ struct LsaProfile {
 // an optimal assignment, on ties possibly a different one).
 // kProfile: thread 0 fills *prof (Block::clock(): a cycle counter).
 // kRegCols: 0 keeps the searches' column state in shared memory (any C); K > 0 keeps each thread's
-// columns j = tid + k * nt (k < K) in its registers, which needs K * nt >= C (the launcher's choice).
-template <typename T, bool kStage, typename Block, bool kProfile = false, int kRegCols = 0>
+// columns j = tid + k * nt (k < K) in its registers, which needs K * nt >= C (the launcher's choice),
+// nt being the searching threads' count.
+// search (split): nullptr, the whole block searches; else a policy for the block's first
+// search->size() threads (one warp on the GPU: WarpBlock), which search alone after the
+// initialisation while the other threads return. The initialisation (staging, row minima,
+// greedy matching: parallel work) keeps the whole block; a Dijkstra step of one warp then takes
+// its argmin from register shuffles and needs no barrier. The initialisation's last barrier orders
+// everything the searches read; the threads that leave write nothing after it.
+template <typename T, bool kStage, typename Block, bool kProfile = false, int kRegCols = 0,
+          typename SearchBlock = Block>
 SAM3FAST_HD void solve_block(Block& blk, const T* __restrict__ cost, int n, int m,
                              int64_t* __restrict__ out, bool* __restrict__ feasible,
-                             unsigned char* smem, int init = kLsaInitTransfer, LsaProfile* prof = nullptr) {
+                             unsigned char* smem, int init = kLsaInitTransfer, LsaProfile* prof = nullptr,
+                             SearchBlock* search = nullptr) {
   const int tid = blk.tid();
   const bool timing = kProfile && tid == 0 && prof != nullptr;
   if (timing) *prof = LsaProfile{blk.clock(), 0, 0, 0, 0, 0, 0, 0, 0};
@@ -394,7 +522,6 @@ SAM3FAST_HD void solve_block(Block& blk, const T* __restrict__ cost, int n, int 
   int* row4col = reinterpret_cast<int*>(smem + L.row4col);
   int* col4row = reinterpret_cast<int*>(smem + L.col4row);
   unsigned char* settled = smem + L.settled;
-  using Cols = typename std::conditional<(kRegCols > 0), ColsRegisters<kRegCols>, ColsShared>::type;
 
   // Validate (and stage, transposed into row-major R x C, row stride P) in one coalesced pass.
   const int64_t nm = static_cast<int64_t>(n) * m;
@@ -465,94 +592,13 @@ SAM3FAST_HD void solve_block(Block& blk, const T* __restrict__ cost, int n, int 
       if (timing) prof->greedy = blk.clock();
     }
   }
-  // The searches' column state (v, spc, settled, matched row): in shared memory or the owners'
-  // registers (ColsShared / ColsRegisters), filled from the initialisation's shared arrays.
-  Cols cols(tid, nt, C, v, spc, row4col, settled);
-  if (ok) cols.load();
-  // Row i's costs: the staged row, or the global matrix at its strides.
-  auto cost_row = [&](int i, const T** base, int64_t* stride) {
-    if (kStage) {
-      *base = scost + static_cast<int64_t>(i) * P;
-      *stride = 1;
-    } else {
-      *base = cost + i * row_stride;
-      *stride = col_stride;
-    }
-  };
-
-  for (int cur = 0; ok && cur < R; ++cur) {
-    if (col4row[cur] != -1) continue;  // matched by the initialisation (block-uniform read)
-    int i = cur;
-    double dist = 0.0;
-    int sink = -1;
-    long long t_search = 0;
-    if (timing) {
-      t_search = blk.clock();
-      ++prof->searches;
-    }
-    while (sink < 0) {
-      if (timing) ++prof->steps;
-      const T* base;
-      int64_t stride;
-      cost_row(i, &base, &stride);
-      const LsaCand best = blk.argmin(cols.relax(i, dist, u[i], base, stride, path));
-      if (!(best.value < inf())) {
-        ok = false;  // every remaining column is forbidden: infeasible
-        break;
-      }
-      dist = best.value;
-      const int j = best.key & (kBusy - 1);
-      cols.settle(j);
-      if (best.key & kBusy) {
-        i = row4col[j];
-      } else {
-        sink = j;
-      }
-    }
-    if (!ok) break;
-    long long t_update = 0;
-    if (timing) {
-      t_update = blk.clock();
-      prof->dijkstra += t_update - t_search;
-    }
-    // Order the search's reads of u[] before the dual update's writes. A shared-memory argmin
-    // already did (nothing reads u[] after it); a register one (one warp) orders nothing.
-    if (!blk.argmin_fences()) blk.sync();
-
-    // Dual update, owner-computes: the settled non-sink column j was reached through its matched
-    // row, the only update that row gets (rows are distinct, and cur is unmatched). The same pass
-    // resets the column for the next search.
-    cols.update(dist, u);
-    if (tid == 0) u[cur] += dist;
-    blk.sync();  // path[] and the u[] writes become visible
-
-    // The path is at most R long: one thread flips it.
-    if (tid == 0) {
-      int j = sink;
-      while (true) {
-        const int r = path[j];
-        row4col[j] = r;
-        const int prev = col4row[r];
-        col4row[r] = j;
-        j = prev;
-        if (r == cur) break;
-      }
-    }
-    blk.sync();
-    cols.reload_rows();  // the flipped path's columns have new rows (read after the barrier)
-    if (timing) prof->update += blk.clock() - t_update;
+  const LsaProblem<T> pb{cost, scost, row_stride, col_stride, P, R, C, n, transpose,
+                         u, v, spc, path, row4col, col4row, settled};
+  if (search == nullptr) {
+    search_rows<T, kStage, Block, kProfile, kRegCols>(blk, pb, ok, out, feasible, prof);
+  } else if (tid < search->size()) {
+    search_rows<T, kStage, SearchBlock, kProfile, kRegCols>(*search, pb, ok, out, feasible, prof);
   }
-
-  if (!ok) {
-    for (int i = tid; i < n; i += nt) out[i] = -1;
-  } else if (transpose) {
-    // Column j of the transpose is original row j; its matched algorithm row is an original column.
-    for (int j = tid; j < C; j += nt) out[j] = row4col[j];
-  } else {
-    for (int i = tid; i < R; i += nt) out[i] = col4row[i];
-  }
-  if (tid == 0) *feasible = ok;
-  if (timing) prof->end = blk.clock();
 }
 
 }  // namespace lsa_block

@@ -22,6 +22,14 @@
 //                         shortest-path estimate, settled flag, matched row) in registers when
 //                         the thread owns at most 8 columns (a Dijkstra step then loads only the
 //                         costs from shared memory); 0: that state in shared memory (any size).
+//   SAM3FAST_LSA_SPLIT    2 (default): in a block of more than one warp whose problem has at most
+//                         256 columns, the whole block initialises (reads and stages the matrix,
+//                         row minima, greedy matching) and then warp 0 runs the searches alone
+//                         (each lane up to 8 columns, register-shuffle argmins, no __syncthreads)
+//                         while the other warps exit, when there are no more problems than SMs;
+//                         1: wherever possible; 0: never (every warp searches; each Dijkstra step
+//                         then ends with a shared-memory argmin across warps and a barrier). Untimed
+//                         on a GPU when it was written (session 21).
 //   SAM3FAST_LSA_PROFILE  0 (default); 1: the kernel built with phase timing, whose block 0 prints
 //                         (device printf, on the process's stdout at the next sync) its cycles in
 //                         reading the matrix, the row minima, the greedy matching and the searches
@@ -42,6 +50,7 @@ struct LsaCudaOptions {
   int stage = 2;    // 0 = up to 48 KiB of shared memory, 1 = up to the opt-in limit, 2 = 1 if B <= SMs
   int profile = 0;  // 1 = the phase-timing kernel (block 0 prints its cycles)
   int regs = 1;     // 1 = column state in registers where a thread owns <= 8 columns, 0 = shared memory
+  int split = 2;    // 0 = the whole block searches, 1 = warp 0 alone where possible, 2 = that when B <= SMs
 };
 
 // The options the environment sets now.

@@ -255,9 +255,11 @@ struct EmuBlock {
 // so the block reads it with scalar loads only instead of 16-byte ones (read_matrix).
 // K > 0: the searches' column state in registers, K columns per thread (needs K * nt >= max(n, m)).
 // prof: run the phase-timing instantiation, which fills it (its clock reads 0 here: counts only).
+// split > 0: the block's first split threads search alone after the initialisation (a group of
+// their own with a one-warp argmin, as the GPU's search warp), the others return.
 template <typename T, bool kStage, int K = 0>
 bool run_block(const std::vector<T>& c0, int n, int m, int nt, bool warp, int init, int64_t* out, int offset = 0,
-               sam3fast::lsa_block::LsaProfile* prof = nullptr) {
+               sam3fast::lsa_block::LsaProfile* prof = nullptr, int split = 0) {
   std::vector<T> shifted;
   if (offset > 0) {
     shifted.assign(offset, T(0));
@@ -268,16 +270,21 @@ bool run_block(const std::vector<T>& c0, int n, int m, int nt, bool warp, int in
   const int64_t bytes = sam3fast::lsa_block::lsa_smem_layout(R, C, kStage ? sizeof(T) : 0).total;
   std::vector<double> smem(bytes / 8 + 1, std::nan(""));
   EmuShared shared(nt, warp);
+  EmuShared search_shared(split > 0 ? split : 1, true);
   bool feasible = false;
   std::vector<std::thread> threads;
   for (int t = 0; t < nt; ++t) {
     threads.emplace_back([&, t] {
       EmuBlock blk{&shared, t};
+      EmuBlock sblk{&search_shared, t};
+      EmuBlock* search = split > 0 ? &sblk : nullptr;
       unsigned char* sm = reinterpret_cast<unsigned char*>(smem.data());
       if (prof != nullptr) {
-        sam3fast::lsa_block::solve_block<T, kStage, EmuBlock, true, K>(blk, cost, n, m, out, &feasible, sm, init, prof);
+        sam3fast::lsa_block::solve_block<T, kStage, EmuBlock, true, K>(blk, cost, n, m, out, &feasible, sm, init, prof,
+                                                                       search);
       } else {
-        sam3fast::lsa_block::solve_block<T, kStage, EmuBlock, false, K>(blk, cost, n, m, out, &feasible, sm, init);
+        sam3fast::lsa_block::solve_block<T, kStage, EmuBlock, false, K>(blk, cost, n, m, out, &feasible, sm, init,
+                                                                        nullptr, search);
       }
     });
   }
@@ -289,27 +296,31 @@ struct BlockConfig {
   int nt;
   bool warp;
   int init;
+  int split = 0;  // > 0: that many threads search alone after the initialisation (run_block)
 };
 
-// K > 0 (register column state) solves problems of at most K * nt columns: larger sizes of the
-// cases below are clamped to that.
+// K > 0 (register column state) solves problems of at most K * (searching threads) columns: larger
+// sizes of the cases below are clamped to that.
 template <typename T, bool kStage, int K = 0>
 void test_block(int problems, BlockConfig cfg) {
-  const int nt = cfg.nt, init = cfg.init;
+  const int nt = cfg.nt, init = cfg.init, split = cfg.split;
   const bool warp = cfg.warp;
-  const int cap = K > 0 ? K * nt : std::numeric_limits<int>::max();
-  std::mt19937 rng(99 + nt + 7 * warp + 13 * kStage + sizeof(T) + 101 * init + 1009 * K);
+  const int cap = K > 0 ? K * (split > 0 ? split : nt) : std::numeric_limits<int>::max();
+  std::mt19937 rng(99 + nt + 7 * warp + 13 * kStage + sizeof(T) + 101 * init + 1009 * K + 10007 * split);
   std::uniform_int_distribution<int> dim(0, 6);
-  char what[112];
-  std::snprintf(what, sizeof(what), "block(nt=%d,%s,%s,%s,init=%d,regs=%d)", nt, warp ? "warp" : "barrier",
-                kStage ? "staged" : "global", sizeof(T) == 4 ? "f32" : "f64", init, K);
+  char what[128];
+  std::snprintf(what, sizeof(what), "block(nt=%d,%s,%s,%s,init=%d,regs=%d,split=%d)", nt, warp ? "warp" : "barrier",
+                kStage ? "staged" : "global", sizeof(T) == 4 ? "f32" : "f64", init, K, split);
+  auto run = [&](const std::vector<T>& c, int n, int m, int64_t* a, int offset = 0) {
+    return run_block<T, kStage, K>(c, n, m, nt, warp, init, a, offset, nullptr, split);
+  };
   // 32 host threads on a few cores make every barrier slow: a quarter of the problems there.
   const int small_problems = nt >= 32 ? std::max(8, problems / 4) : problems;
   for (int k = 0; k < small_problems; ++k) {
     const int n = std::min(dim(rng), cap), m = std::min(dim(rng), cap);
     const auto c = random_problem<T>(rng, n, m, k % 8);
     std::vector<int64_t> a(n, 7);
-    const bool ok = run_block<T, kStage, K>(c, n, m, nt, warp, init, a.data(), k % 3 == 1);
+    const bool ok = run(c, n, m, a.data(), k % 3 == 1);
     check_answer(c, n, m, a.data(), ok, what);
   }
   // One row, one column (the transpose), no rows / no columns, all constant: the answer is the
@@ -319,7 +330,7 @@ void test_block(int problems, BlockConfig cfg) {
     const int n = std::min(nm.first, cap), m = std::min(nm.second, cap);
     const auto c = random_problem<T>(rng, n, m, 4);
     std::vector<int64_t> a(n, 7);
-    const bool ok = run_block<T, kStage, K>(c, n, m, nt, warp, init, a.data());
+    const bool ok = run(c, n, m, a.data());
     check_answer(c, n, m, a.data(), ok, what);
     for (int i = 0; i < n; ++i) {
       CHECK(a[i] == (i < m ? i : -1), "%s %dx%d constant: a[%d]=%lld, not the identity", what, n, m, i,
@@ -333,7 +344,7 @@ void test_block(int problems, BlockConfig cfg) {
     const int n = std::min(20 + 9 * k, cap), m = std::min(75 - 8 * k, cap);
     const auto c = random_problem<T>(rng, n, m, k == 3 ? 2 : k);  // kind 3 is almost never feasible here
     std::vector<int64_t> a(n, 7), ref(n);
-    const bool ok = run_block<T, kStage, K>(c, n, m, nt, warp, init, a.data(), k % 2);
+    const bool ok = run(c, n, m, a.data(), k % 2);
     const bool ref_ok =
         sam3fast::linear_sum_assignment_cpu(c.data(), n, m, ref.data(), ws) == LsaStatus::kOk;
     CHECK(ok == ref_ok, "%s %dx%d kind %d: feasible %d, cpu %d", what, n, m, k, int(ok), int(ref_ok));
@@ -353,7 +364,7 @@ void test_block(int problems, BlockConfig cfg) {
     for (int i = 0; i < 3; ++i) c[i * 5] = T(i);
     for (int j = 0; j < 5; ++j) c[3 * 5 + j] = T(j);
     std::vector<int64_t> a(4, 7);
-    const bool ok = run_block<T, kStage, K>(c, 4, 5, nt, warp, init, a.data());
+    const bool ok = run(c, 4, 5, a.data());
     check_answer(c, 4, 5, a.data(), ok, what);
     CHECK(!ok, "%s: infeasible problem accepted", what);
   }
@@ -362,7 +373,7 @@ void test_block(int problems, BlockConfig cfg) {
       if (cap < 3) continue;
       std::vector<T> c = {T(1), T(2), T(3), bad, T(4), T(5)};
       std::vector<int64_t> a(nm.first, 7);
-      const bool ok = run_block<T, kStage, K>(c, nm.first, nm.second, nt, warp, init, a.data());
+      const bool ok = run(c, nm.first, nm.second, a.data());
       bool all_unset = true;
       for (int64_t x : a) all_unset = all_unset && x == -1;
       CHECK(!ok && all_unset, "%s %dx%d: NaN/-inf not rejected", what, nm.first, nm.second);
@@ -414,6 +425,34 @@ void test_registers_match_shared(int problems, int nt, bool warp) {
       CHECK(a[i] == b[i], "regs=%d nt=%d %dx%d kind %d init %d: a[%d]=%lld, shared %lld", K, nt, n, m, kind, init,
             i, (long long)a[i], (long long)b[i]);
     }
+  }
+}
+
+// The split block (its first `split` threads search alone after the whole block's
+// initialisation) gives the very assignment, feasibility and search counts of the whole block
+// searching (the same arithmetic in the same order, ties included): register (K) and shared (0)
+// column state, staged and not, every initialisation level.
+template <typename T, bool kStage, int K>
+void test_split_matches_block(int problems, int nt, int split, bool warp) {
+  std::mt19937 rng(8181 + sizeof(T) + 3 * K + 7 * nt + 11 * kStage + 13 * split);
+  std::uniform_int_distribution<int> dim(1, K > 0 ? K * split : 40);
+  for (int k = 0; k < problems; ++k) {
+    const int n = dim(rng), m = dim(rng), kind = k % 8, init = k % 3;
+    const auto c = random_problem<T>(rng, n, m, kind == 3 ? 2 : kind);
+    std::vector<int64_t> a(n, 7), b(n, 7);
+    sam3fast::lsa_block::LsaProfile pa{}, pb{};
+    // the whole block searching, with K columns per thread when they cover the problem
+    const bool ok_split = run_block<T, kStage, K>(c, n, m, nt, warp, init, a.data(), k % 2, &pa, split);
+    const bool ok_block = run_block<T, kStage, 0>(c, n, m, nt, warp, init, b.data(), k % 2, &pb);
+    CHECK(ok_split == ok_block, "split=%d/%d regs=%d %dx%d kind %d init %d: feasible %d, block %d", split, nt, K, n,
+          m, kind, init, int(ok_split), int(ok_block));
+    for (int i = 0; i < n; ++i) {
+      CHECK(a[i] == b[i], "split=%d/%d regs=%d %dx%d kind %d init %d: a[%d]=%lld, block %lld", split, nt, K, n, m,
+            kind, init, i, (long long)a[i], (long long)b[i]);
+    }
+    CHECK(pa.searches == pb.searches && pa.steps == pb.steps,
+          "split=%d/%d regs=%d %dx%d init %d: %d searches / %d steps, block %d / %d", split, nt, K, n, m, init,
+          pa.searches, pa.steps, pb.searches, pb.steps);
   }
 }
 
@@ -477,11 +516,20 @@ int main(int argc, char** argv) {
     test_block<double, false, 2>(block_problems, {5, true, init});
     test_block<float, true, 8>(block_problems, {32, true, init});
     test_block<double, false, 2>(block_problems, {38, false, init});
+    // The split block (the GPU's search warp after a larger block's initialisation): a group of
+    // 1, 2 or 3 threads searching after 4 or 5, register and shared column state.
+    test_block<double, true, 8>(block_problems, {5, false, init, 2});
+    test_block<float, false, 8>(block_problems, {4, false, init, 3});
+    test_block<float, true, 0>(block_problems, {5, false, init, 2});
+    test_block<double, false, 0>(block_problems, {4, false, init, 1});
   }
   test_registers_match_shared<double, true, 8>(block_problems, 5, false);
   test_registers_match_shared<float, false, 8>(block_problems, 3, true);
   test_registers_match_shared<float, true, 2>(block_problems, 7, false);
   test_registers_match_shared<double, false, 2>(block_problems, 4, true);
+  test_split_matches_block<double, true, 8>(block_problems, 5, 2, false);
+  test_split_matches_block<float, false, 8>(block_problems, 4, 3, false);
+  test_split_matches_block<float, true, 0>(block_problems, 5, 2, false);
   test_init_levels_agree<double>(block_problems);
   test_init_levels_agree<float>(block_problems);
   test_profile_counts();

@@ -35,12 +35,15 @@ std::vector<const sam3fast::LsaCudaOptions*> option_sets() {
       for (int threads : {0, 32, 64, 256}) {
         for (int stage = 0; stage < 2; ++stage) {
           for (int regs = 0; regs < 2; ++regs) {
-            sam3fast::LsaCudaOptions o;
-            o.threads = threads;
-            o.init = init;
-            o.stage = stage;
-            o.regs = regs;
-            sets.push_back(o);
+            for (int split = 0; split < 3; ++split) {
+              sam3fast::LsaCudaOptions o;
+              o.threads = threads;
+              o.init = init;
+              o.stage = stage;
+              o.regs = regs;
+              o.split = split;
+              sets.push_back(o);
+            }
           }
         }
       }
@@ -83,10 +86,10 @@ void run_case(int B, int n, int m, int kind, unsigned seed) {
   std::vector<int64_t> a(size_t(B) * n);
   std::vector<char> f(B);
   for (const sam3fast::LsaCudaOptions* opt : option_sets()) {
-    char what[96];
+    char what[128];
     if (opt) {
-      std::snprintf(what, sizeof(what), "%dx%d kind %d threads %d init %d stage %d", n, m, kind, opt->threads,
-                    opt->init, opt->stage);
+      std::snprintf(what, sizeof(what), "%dx%d kind %d threads %d init %d stage %d regs %d split %d", n, m, kind,
+                    opt->threads, opt->init, opt->stage, opt->regs, opt->split);
     } else {
       std::snprintf(what, sizeof(what), "%dx%d kind %d (environment's options)", n, m, kind);
     }
@@ -146,6 +149,13 @@ int main() {
     CHECK(sam3fast::linear_sum_assignment_cuda<float>(nullptr, 1, 2, 2, nullptr, nullptr, nullptr, bad) ==
               cudaErrorInvalidValue,
           "threads=%d accepted", t);
+  }
+  for (int split : {-1, 3}) {
+    sam3fast::LsaCudaOptions bad;
+    bad.split = split;
+    CHECK(sam3fast::linear_sum_assignment_cuda<float>(nullptr, 1, 2, 2, nullptr, nullptr, nullptr, bad) ==
+              cudaErrorInvalidValue,
+          "split=%d accepted", split);
   }
   for (int init : {-1, 3}) {
     sam3fast::LsaCudaOptions bad;
