@@ -281,3 +281,44 @@ def test_sam_heads_fullgraph(tiny_heads):
                 x["point_labels"], None, x["high_res_features"], True)
     for n, a, b in zip(NAMES, out, s.run_ours(x, True)):
         _close(a, b, n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_promptless_fast_path_equals_general_path(tiny_heads, dtype):
+    """A propagated frame has no prompt: the sparse tokens are the pad point's and the encoder's pad
+    (``pad_point_embeddings``, a view of ``not_a_point_embed``) bit for bit what the general point
+    embedding gives for them, and the dense position encoding from the cached coordinate grid is
+    the one computed from scratch, in the model's dtype."""
+    import copy
+
+    pe = copy.deepcopy(tiny_heads.pe).to(dtype)
+    Bn = 3
+    with torch.no_grad():
+        general = pe._embed_points(torch.zeros(Bn, 1, 2), -torch.ones(Bn, 1, dtype=torch.int32), pad=True)
+        fast = pe.pad_point_embeddings(Bn)
+        assert fast.shape == general.shape == (Bn, 2, pe.embed_dim) and fast.dtype == general.dtype == dtype
+        assert torch.equal(fast, general)
+        layer = pe.pe_layer
+        layer._grids.clear()
+        h, w = pe.image_embedding_size
+        ones = torch.ones((h, w))
+        xy = torch.stack([(ones.cumsum(dim=1) - 0.5) / w, (ones.cumsum(dim=0) - 0.5) / h], dim=-1)
+        want = layer._pe_encoding(xy).permute(2, 0, 1)  # the uncached formula
+        first, again = pe.get_dense_pe(), pe.get_dense_pe()
+        assert len(layer._grids) == 1
+        assert torch.equal(first[0], want) and torch.equal(again, first)
+
+
+def test_sam_heads_fullgraph_promptless_fresh_grid(tiny_heads):
+    """The promptless head compiles without graph breaks also when its first call fills the
+    position encoding's grid cache inside the compiled region."""
+    x = make_inputs(tiny_heads.cfg, "none")
+    s = tiny_heads
+    want = s.run_ours(x, True)
+    s.pe.pe_layer._grids.clear()
+    f = torch.compile(sam_heads_forward, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        out = f(s.pe, s.md, s.obj_ptr_proj, s.no_obj_ptr, x["backbone_features"], None, None, None,
+                x["high_res_features"], True)
+    for n, a, b in zip(NAMES, out, want):
+        _close(a, b, n)

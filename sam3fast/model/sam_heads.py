@@ -33,7 +33,7 @@ multimask -> masks 1..3; single mask -> token 0 unless its stability
 from __future__ import annotations
 
 import math
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -52,25 +52,36 @@ class PositionEmbeddingRandom(nn.Module):
     def __init__(self, num_pos_feats: int = 64):
         super().__init__()
         self.register_buffer("positional_encoding_gaussian_matrix", torch.randn(2, num_pos_feats))
+        # (h, w, device) -> the grid's scaled coordinates 2 * xy - 1 (h, w, 2) float32: they depend on
+        # the size alone (no weight), so every call after the first skips their 9 operations
+        self._grids: Dict[Tuple[int, int, torch.device], torch.Tensor] = {}
 
-    def _pe_encoding(self, coords: torch.Tensor) -> torch.Tensor:
-        # coords in [0, 1]; the official op order (scale, matmul, then 2 pi) is kept for parity
-        # computed in float32 whatever the model dtype (the sin/cos of 2 pi x needs it), returned in
-        # the buffer's (= the model's) dtype
+    def _pe_encoding(self, coords: torch.Tensor, scaled: bool = False) -> torch.Tensor:
+        # coords in [0, 1] (``scaled``: already 2 * coords - 1 in float32); the official op order
+        # (scale, matmul, then 2 pi) is kept for parity, computed in float32 whatever the model dtype
+        # (the sin/cos of 2 pi x needs it), returned in the buffer's (= the model's) dtype
         m = self.positional_encoding_gaussian_matrix
-        coords = 2 * coords.float() - 1
+        if not scaled:
+            coords = 2 * coords.float() - 1
         coords = coords @ m.float()
         coords = 2 * math.pi * coords
         return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1).to(m.dtype)
 
+    def _grid(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+        key = (h, w, device)
+        grid = self._grids.get(key)
+        if grid is None:
+            ones = torch.ones((h, w), device=device, dtype=torch.float32)
+            y_embed = (ones.cumsum(dim=0) - 0.5) / h
+            x_embed = (ones.cumsum(dim=1) - 0.5) / w
+            grid = self._grids[key] = 2 * torch.stack([x_embed, y_embed], dim=-1) - 1
+        return grid
+
     def forward(self, size: Tuple[int, int]) -> torch.Tensor:
         """Encoding of the pixel-centre grid of ``size`` (h, w): (2F, h, w)."""
         h, w = size
-        device = self.positional_encoding_gaussian_matrix.device
-        grid = torch.ones((h, w), device=device, dtype=torch.float32)
-        y_embed = (grid.cumsum(dim=0) - 0.5) / h
-        x_embed = (grid.cumsum(dim=1) - 0.5) / w
-        return self._pe_encoding(torch.stack([x_embed, y_embed], dim=-1)).permute(2, 0, 1)
+        grid = self._grid(h, w, self.positional_encoding_gaussian_matrix.device)
+        return self._pe_encoding(grid, scaled=True).permute(2, 0, 1)
 
     def forward_with_coords(self, coords: torch.Tensor, image_size: Tuple[int, int]) -> torch.Tensor:
         """(B, N, 2) xy in pixels of an (h, w) image -> (B, N, 2F)."""
@@ -132,6 +143,13 @@ class PromptEncoder(nn.Module):
     def get_dense_pe(self) -> torch.Tensor:
         """(1, D, g, g) position encoding of the image-embedding grid."""
         return self.pe_layer(self.image_embedding_size).unsqueeze(0)
+
+    def pad_point_embeddings(self, B: int) -> torch.Tensor:
+        """(B, 2, D): what :meth:`_embed_points` gives for the tracker's promptless frames (one
+        point at (0, 0) with label -1, then the pad point): both points are pad points, whose
+        encoding is zeroed and replaced by ``not_a_point_embed`` (an expanded view of the weight; the
+        general path's 0 + w is w). No operation runs."""
+        return self.not_a_point_embed.weight.view(1, 1, -1).expand(B, 2, -1)
 
     def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
         points = points + 0.5  # pixel centres
@@ -589,16 +607,20 @@ def sam_heads_forward(
     stability fallback are all tensor ops.
     """
     B = backbone_features.shape[0]
-    device = backbone_features.device
-    if point_coords is None:
-        point_coords = torch.zeros(B, 1, 2, device=device)
-        point_labels = -torch.ones(B, 1, dtype=torch.int32, device=device)
     if mask_inputs is not None:
         if tuple(mask_inputs.shape[-2:]) != tuple(sam_prompt_encoder.mask_input_size):
             mask_inputs = F.interpolate(mask_inputs.float(), size=sam_prompt_encoder.mask_input_size,
                                         mode="bilinear", align_corners=False, antialias=True)
         mask_inputs = mask_inputs.to(backbone_features.dtype)  # (float32 logits into a bf16 model)
-    sparse, dense = sam_prompt_encoder((point_coords, point_labels), None, mask_inputs)
+    if point_coords is None:
+        # the official's pad point (0, 0) with label -1 (then the encoder's own pad point): both
+        # embed as not_a_point_embed, so the sparse tokens are that weight (every propagated frame)
+        _, dense = sam_prompt_encoder(None, None, mask_inputs)
+        if mask_inputs is None:
+            dense = dense.expand(B, -1, -1, -1)
+        sparse = sam_prompt_encoder.pad_point_embeddings(B)
+    else:
+        sparse, dense = sam_prompt_encoder((point_coords, point_labels), None, mask_inputs)
     if image_pe is None:
         image_pe = sam_prompt_encoder.get_dense_pe()
     low_res_multimasks, ious, sam_output_tokens, object_score_logits = sam_mask_decoder(
