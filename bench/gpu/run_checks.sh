@@ -95,18 +95,19 @@ if [[ $PHASE == a ]]; then
     # thread's stack when it fires (the signal method cannot interrupt a C call)
     step relu_epilogue_test 380 70 python3 -m pytest -v -p no:cacheprovider --timeout 60 --timeout-method thread -rfE \
         --durations 0 --junitxml "$OUT/gpu_test_relu_epilogue.xml" "$STUCK_TEST"
-    # (session 16: tracker.prefetch_backbone, the next frame's backbone on a side stream beside this
-    #  frame's step; 60 frames/s at 1 object needs that overlap) e2e rows only, 1 and 16 objects
-    step bench_video_tracker 330 120 python3 bench/bench_video.py --parts tracker --dtype bfloat16 --frames 24 \
-        --objects 1,16 --iters 1 --no-compile --no-official --tracker-kinds e2e \
-        --skip-variants perframe,eager-step,backbone-eager,fold,no-fold --out bench/results/prefetch
-    # (session 21) the step graphed at 5 and 16 objects with one capture per object count
-    # (step_buckets "exact"; "auto" runs it eagerly above 2 objects, and the power-of-two buckets
-    # padded 5 objects to 8: 38.8 against 25.2 ms on the H100 of 2026-11-26) against the eager bank
-    # and the per-frame selection, step alone (cached features): does the graph close the bank's gap?
-    step bench_video_graphed 260 100 python3 bench/bench_video.py --parts tracker --dtype bfloat16 --frames 24 \
-        --objects 5,16 --iters 1 --no-compile --no-official --tracker-kinds cached --graphed-rows \
-        --skip-variants prefetch,eager-step,backbone-eager,nchw-fuser,fold,no-fold --out bench/results/graphed
+    # One model build for every tracker row phase a needs (run 2 of 2026-11-27 spent its cap on two
+    # builds): 1, 5 and 16 objects, e2e and cached (features precomputed), each with the per-frame
+    # selection beside the bank;
+    # - (session 16) tracker.prefetch_backbone, the next frame's backbone on a side stream beside this
+    #   frame's step (60 frames/s at 1 object needs that overlap), e2e;
+    # - (session 21) the step graphed at 5 and 16 objects with one capture per object count
+    #   (step_buckets "exact"; "auto" runs it eagerly above 2 objects, and the power-of-two buckets
+    #   padded 5 objects to 8: 38.8 against 25.2 ms on the H100 of 2026-11-26): does the graph close
+    #   the bank's gap to the per-frame selection (cached 19.8 against 14.5 ms at 5 objects, H200)?
+    # - (session 17) the memory encoder's fuser in NCHW against its channels-last default, e2e
+    step bench_video_tracker 330 170 python3 bench/bench_video.py --parts tracker --dtype bfloat16 --frames 24 \
+        --objects 1,5,16 --iters 1 --no-compile --no-official --tracker-kinds e2e,cached --graphed-rows \
+        --skip-variants eager-step,backbone-eager,fold,no-fold --out bench/results/tracker
     # (session 16: model.ahead_detection_stream, the next detection on a side stream)
     step bench_video_concept 220 90 python3 bench/bench_video.py --parts concept --dtype bfloat16 --frames 24 \
         --iters 1 --no-compile --no-official --concept-variants ahead-stream --out bench/results/ahead
