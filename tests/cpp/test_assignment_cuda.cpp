@@ -143,26 +143,26 @@ int main() {
   // 200x256 f32 and 256x100; 700x500 and 256x256 are too large to stage at all.
   const int shapes[][2] = {{1, 1}, {5, 5}, {7, 3}, {3, 7}, {32, 32}, {33, 40}, {64, 64}, {100, 60},
                            {256, 256}, {200, 256}, {200, 128}, {256, 100}, {700, 500}};
-  for (int t : {-32, 16, 48, 512}) {
-    sam3fast::LsaCudaOptions bad;
-    bad.threads = t;
-    CHECK(sam3fast::linear_sum_assignment_cuda<float>(nullptr, 1, 2, 2, nullptr, nullptr, nullptr, bad) ==
-              cudaErrorInvalidValue,
-          "threads=%d accepted", t);
-  }
-  for (int split : {-1, 3}) {
-    sam3fast::LsaCudaOptions bad;
-    bad.split = split;
-    CHECK(sam3fast::linear_sum_assignment_cuda<float>(nullptr, 1, 2, 2, nullptr, nullptr, nullptr, bad) ==
-              cudaErrorInvalidValue,
-          "split=%d accepted", split);
-  }
-  for (int init : {-1, 3}) {
-    sam3fast::LsaCudaOptions bad;
-    bad.init = init;
-    CHECK(sam3fast::linear_sum_assignment_cuda<float>(nullptr, 1, 2, 2, nullptr, nullptr, nullptr, bad) ==
-              cudaErrorInvalidValue,
-          "init=%d accepted", init);
+  // Every knob out of its range is refused (cudaErrorInvalidValue), not clamped.
+  struct BadKnob {
+    const char* name;
+    int sam3fast::LsaCudaOptions::*field;
+    std::vector<int> values;
+  };
+  const BadKnob bad_knobs[] = {{"threads", &sam3fast::LsaCudaOptions::threads, {-32, 16, 48, 512}},
+                               {"init", &sam3fast::LsaCudaOptions::init, {-1, 3}},
+                               {"stage", &sam3fast::LsaCudaOptions::stage, {-1, 3}},
+                               {"profile", &sam3fast::LsaCudaOptions::profile, {-1, 2}},
+                               {"regs", &sam3fast::LsaCudaOptions::regs, {-1, 2}},
+                               {"split", &sam3fast::LsaCudaOptions::split, {-1, 3}}};
+  for (const BadKnob& k : bad_knobs) {
+    for (int v : k.values) {
+      sam3fast::LsaCudaOptions bad;
+      bad.*k.field = v;
+      CHECK(sam3fast::linear_sum_assignment_cuda<float>(nullptr, 1, 2, 2, nullptr, nullptr, nullptr, bad) ==
+                cudaErrorInvalidValue,
+            "%s=%d accepted", k.name, v);
+    }
   }
   unsigned seed = 1;
   for (const auto& s : shapes) {
