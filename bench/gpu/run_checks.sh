@@ -8,10 +8,12 @@
 # benchmark, hardware named).
 # Phase a (fits one call): wheels, build of sam3fast._C (CUDA, sm_90) in the background while the
 #   boxRPB factor kernel is timed, the test that hung in the last run (alone, stacks on timeout),
-#   the two-stream switches (tracker prefetch, concept ahead-stream) against the defaults, the
-#   fixed-capacity bank against the per-frame selection (profiles at 5 objects), image latency (side
-#   by side with the official package), the GPU tests that never passed on a GPU (names printed).
-# Phase b: the image and 16-object tracker profiles, dwconv_norm, the memory-attention module at 8
+#   every tracker row in one process (1, 5, 16 objects: the bank, the per-frame selection, the
+#   prefetch switch, the step graphed per object count at 5 and 16), the concept ahead-stream
+#   switch, the fixed-capacity bank against the per-frame selection (profiles at 5 objects), image
+#   latency (side by side with the official package), the GPU tests that never passed on a GPU.
+# Phase b: the assignment's knob and phase tables (split search), the image and 16-object tracker
+#   profiles, dwconv_norm, the memory-attention module at 8
 #   and 16 objects, the concept-loop profile, the other kernel benchmarks, 64 clicked objects, the
 #   official compile baseline, the remaining GPU tests.
 # Afterwards (no GPU needed): `python bench/gpu/summarize.py bench/results/*<suffix>.json` puts each
