@@ -253,8 +253,10 @@ def test_full_size_bf16_decoder_island():
     the inputs' dtype) at full size, on bfloat16 inputs, against the float32 official on the same
     values; next to the official's bfloat16 autocast on them and to the decoder cast to bfloat16
     (the mode before the island). The island's error (measured 0.16-0.45x the autocast's) must be at
-    most 0.6x the autocast's in hs, the presence logit and the query logits, and below the
-    all-bfloat16 decoder's there and in the boxes."""
+    most 0.6x the autocast's in hs, the presence logit and the query logits (or no more than the
+    reference's own bfloat16 rounding: the presence logit is one number per image, and an output
+    that is the correctly rounded reference can do no better, whatever the autocast's error), and
+    below the all-bfloat16 decoder's there and in the boxes."""
     from sam3fast.build import _cast_floating_
 
     cfg = _full_size_heads_cfg()
@@ -280,4 +282,5 @@ def test_full_size_bf16_decoder_island():
         e_ours, e_auto, e_plain = (rel(o.double(), ref) for o in (ours[k], auto[k_off], plain[k]))
         assert 0 < e_auto and e_ours < e_plain, (k, e_ours, e_auto, e_plain)
         if k != "pred_boxes":  # the box chain is float32 in every mode
-            assert e_ours <= 0.6 * e_auto, (k, e_ours, e_auto, e_plain)
+            rounding = rel(ref.to(ours[k].dtype).double(), ref)  # the best a bfloat16 output can do
+            assert e_ours <= max(0.6 * e_auto, rounding), (k, e_ours, e_auto, e_plain, rounding)
