@@ -564,7 +564,9 @@ def test_bf16_video_session_error_budget(checkpoints, clip_dir, kernel_paths):
     the official's own bfloat16 mode (its CUDA autocast; ``torch.autocast("cpu", bfloat16)`` stands
     in): on at least as many frames as the autocast it reports the official's object ids, and on
     those its mean mask disagreement (1 - IoU) and mean largest probability difference are at most
-    2x the autocast's (measured 0.14x and 0.12x: the autocast's session drifts further).
+    2x the autocast's (measured 0.14x and 0.12x: the autocast's session drifts further). Where the
+    stand-in keeps the official's ids on fewer than 80 % of the frames (a machine whose CPU bf16
+    autocast loses them; see the assertion), the ids on every frame and fixed drift bounds instead.
     ``cuda_dispatch``: the modules take their CUDA paths (``KernelPathsOnCpu``: the kernels' ops, whose
     CPU kernels are the references), which must call the tracker's ops listed and keep the budget."""
     steps = [{"type": "add_prompt", "frame_index": 0, "text": "blob"},
@@ -600,9 +602,18 @@ def test_bf16_video_session_error_budget(checkpoints, clip_dir, kernel_paths):
         return same, float(np.mean(miss)), float(np.mean(dprob))
 
     (same16, miss16, prob16), (same_a, miss_a, prob_a) = drift(got), drift(auto)
-    assert same_a >= 0.8 * NUM_FRAMES and same16 >= same_a, (same16, same_a)
-    assert 0 < miss_a and miss16 <= 2 * miss_a, (miss16, miss_a)
-    assert 0 < prob_a and prob16 <= 2 * prob_a, (prob16, prob_a)
+    assert same16 >= same_a, (same16, same_a)
+    if same_a >= 0.8 * NUM_FRAMES:
+        assert 0 < miss_a and miss16 <= 2 * miss_a, (miss16, miss_a)
+        assert 0 < prob_a and prob16 <= 2 * prob_a, (prob16, prob_a)
+    else:
+        # The stand-in lost the official's objects: on an AMD EPYC without AVX-512 (2026-11-27) the
+        # official under the CPU bf16 autocast reported no object on any frame where its float32 run
+        # reports one at probability 0.96, so there is no shared frame to compare drift on. Then
+        # the bf16 model must keep the official's ids on every frame within fixed bounds (measured
+        # there: mask disagreement 0.009-0.010, probability difference 0.0005).
+        assert same16 == NUM_FRAMES, (same16, same_a)
+        assert miss16 <= 0.05 and prob16 <= 0.005, (miss16, prob16)
 
 
 @pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "sequential"])
