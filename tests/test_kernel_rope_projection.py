@@ -224,8 +224,8 @@ def test_fused_projections_equal_the_unfused_cuda_path(objects, monkeypatch):
     "auto" fuses the projections of the self- and cross-attention (the op is called with rope_q
     False and no rotated keys) and gives bit for bit what the unfused path gives (the op's rotation
     and the projection's are the same float32 operations on the same rounded linear output), with
-    and without the value fold (4 objects, "auto"); False calls no rope_projection; float32 "auto"
-    does not fuse."""
+    and without the value fold (set on both sides alike: "auto" folds wherever the projections are
+    fused); False calls no rope_projection; float32 "auto" does not fuse."""
     D, M, side, T = 32, 16, 3, 4
     cross = randomize_(RoPEAttention(D, 1, kv_in_dim=M, fold_value="auto"), seed=7).to(torch.bfloat16)
     self_attn = randomize_(RoPEAttention(D, 1), seed=8).to(torch.bfloat16)
@@ -240,19 +240,25 @@ def test_fused_projections_equal_the_unfused_cuda_path(objects, monkeypatch):
 
     monkeypatch.setattr(mam, "memory_attention", spy)
     with torch.no_grad(), KernelPathsOnCpu() as rec:
-        fused = (cross(x, mem_k, mem, freqs, T, valid), self_attn(x, x, x, freqs))
-        assert "rope_projection" in rec.ops and calls == [(False, 0), (False, 0)], (rec.ops, calls)
-        assert cross.fuses_rope_projection(x, mem_k)
-        calls.clear()
-        monkeypatch.setattr(RoPEAttention, "fuse_rope_projection", False)
-        rec.ops.clear()
-        unfused = (cross(x, mem_k, mem, freqs, T, valid), self_attn(x, x, x, freqs))
-        assert "rope_projection" not in rec.ops and calls == [(True, 2 * side * side), (True, side * side)]
-        monkeypatch.setattr(RoPEAttention, "fuse_rope_projection", "auto")
+        assert cross.folds_for(x.unflatten(-1, (1, -1)))  # "auto" folds on the fused path
+        for fold in (True, False):
+            cross.fold_value = fold
+            calls.clear()
+            rec.ops.clear()
+            fused = (cross(x, mem_k, mem, freqs, T, valid), self_attn(x, x, x, freqs))
+            assert "rope_projection" in rec.ops and calls == [(False, 0), (False, 0)], (rec.ops, calls)
+            assert cross.fuses_rope_projection(x, mem_k)
+            calls.clear()
+            monkeypatch.setattr(RoPEAttention, "fuse_rope_projection", False)
+            rec.ops.clear()
+            unfused = (cross(x, mem_k, mem, freqs, T, valid), self_attn(x, x, x, freqs))
+            assert "rope_projection" not in rec.ops and calls == [(True, 2 * side * side), (True, side * side)]
+            monkeypatch.setattr(RoPEAttention, "fuse_rope_projection", "auto")
+            assert all(torch.equal(a, b) for a, b in zip(fused, unfused)), fold
+        cross.fold_value = "auto"
         x32, m32 = x.float(), mem_k.float()
         assert not cross.float().fuses_rope_projection(x32, m32)
         assert cross.float().to(torch.bfloat16).fuses_rope_projection(x, mem_k)
-    assert all(torch.equal(a, b) for a, b in zip(fused, unfused))
     with pytest.raises(ValueError, match="fuse_rope_projection must be True, False or 'auto'"):
         cross.fuse_rope_projection = "yes"
         cross.fuses_rope_projection(x, mem_k)

@@ -178,10 +178,12 @@ def test_memory_attention_switch():
 
 
 def test_auto_fold_follows_the_sdpa_path():
-    """"auto" folds exactly where the kernel op would hand the folded call to SDPA: a Triton-capable
-    device (here the CUDA dispatch taken on CPU, ``KernelPathsOnCpu``), bf16/fp16, at least
-    SDPA_MIN_BATCH_HEADS_FOLD (object, head) pairs, ``use_kernel``; never on the CPU path, in
-    float32, or for a self-attention; and forward then computes what fold_value=True computes."""
+    """"auto" folds exactly where the kernel op would hand the folded call to SDPA (a Triton-capable
+    device, here the CUDA dispatch taken on CPU, ``KernelPathsOnCpu``; bf16/fp16; at least
+    SDPA_MIN_BATCH_HEADS_FOLD (object, head) pairs; ``use_kernel``) or to its Triton kernel with q
+    and the keys projected rotated (weights in the queries' dtype, ``fuse_rope_projection`` on);
+    never on the CPU path, in float32, or for a self-attention; and forward then computes what
+    fold_value=True computes."""
     from kernel_checks import KernelPathsOnCpu
 
     m = randomize_(RoPEAttention(32, 1, kv_in_dim=16, fold_value="auto"), seed=9)
@@ -199,6 +201,14 @@ def test_auto_fold_follows_the_sdpa_path():
         assert not m.folds_for(q(n))
         m.use_kernel = True
         m16 = m.to(torch.bfloat16)
+        # bf16 weights: below the SDPA threshold the Triton kernel gets rotated projections, and folds
+        assert m16.folds_for(q(n - 1)) and m16.folds_for(q(1)) and m16.folds_for(q(n))
+        m16.fuse_rope_projection = False  # (the instance's switch) the kernel rotating q and keys itself
+        assert not m16.folds_for(q(n - 1)) and m16.folds_for(q(n))
+        m16.fuse_rope_projection = "auto"
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not m16.folds_for(q(1))  # (no rotated projections under autocast)
+        assert not m16.folds_for(q(1).float())
         g = torch.Generator().manual_seed(10)
         x = torch.randn(n, 9, 32, generator=g).bfloat16()
         mem_k, mem = (torch.randn(n, 2 * 9 + 4, 16, generator=g).bfloat16() for _ in range(2))

@@ -1004,8 +1004,9 @@ def test_bf16_session_error_budget(pair, kernel_paths, objects):
     with record:
         got = session(ours16)
     assert ours16.transformer.encoder.fold_value == "auto"
-    # the fold is taken exactly with the CUDA dispatch and 4 objects (the propagation's batched step)
-    assert any(folds) == (kernel_paths and objects == 4), folds
+    # the fold is taken exactly with the CUDA dispatch: at 4 objects (the propagation's batched step)
+    # on the SDPA path, at 2 on the Triton kernel with q and the keys projected rotated
+    assert any(folds) == kernel_paths, folds
     if kernel_paths:  # (the tiny config's 8-wide heads keep the two-way kernels off)
         want = {"rope", "residual_norm", "memory_attention", "rope_projection", "dwconv_norm", "layer_norm2d",
                 "mask_for_memory"}

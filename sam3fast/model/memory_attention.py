@@ -40,11 +40,18 @@ for every head) and applies ``out_proj . v_proj`` as one linear, W = concat_h(Wo
 (D, H * M), b = Wo bv + bo, both derived from the parameters at each call. The attention's P.V
 then runs M = 64 wide instead of D = 256 (FLOPs 5/8 in SAM 3). Exact in real arithmetic; rounding
 differs (the attention output is rounded at width M, W once in the compute dtype). "auto" folds
-where the op hands the folded call to SDPA (CUDA, bf16/fp16, at least
-``SDPA_MIN_BATCH_HEADS_FOLD`` (object, head) pairs: ``uses_sdpa_path``): on an H200 (2026-11-27)
-the folded module took 1.94 ms at 4 objects against the unfolded one's 3.85 (cuDNN's attention
-alone 1.58 against 3.48 ms); at 1 object, on the Triton kernel, the folded module was slower (1.33
-against 0.91 ms), so there it does not fold. Elsewhere (CPU, float32) "auto" does not fold.
+on the op's kernel path (CUDA, bf16/fp16) where it hands the folded call to SDPA (at least
+``SDPA_MIN_BATCH_HEADS_FOLD`` (object, head) pairs: ``uses_sdpa_path``), and where its Triton
+kernel gets q and the keys projected already rotated (``fuse_rope_projection``; the tracker's 1-3
+objects). On an H200 (2026-11-27) the folded module took 1.94 ms at 4 objects against the unfolded
+one's 3.85 (cuDNN's attention alone 1.58 against 3.48 ms). At 1 object the folded module was slower
+then (1.33 against 0.91 ms eagerly; the op alone 0.60 against 0.67 ms): its Triton kernel still
+rotated q and the keys itself (255 registers and 152 bytes of stack in the static sm_90 build),
+and the folded weight's casts and launch gaps were eager. With q and the keys rotated in their
+projections (since session 18) the folded kernel builds with 102 registers and no stack against
+242 unfolded, computes 5/8 of the FLOPs and skips v_proj over every memory key; inside the
+tracker's graphed step the casts cost no launch gap. Untimed in that form (session 21):
+``fold_value = False`` restores the unfolded kernel. Elsewhere (CPU, float32) "auto" does not fold.
 """
 
 from __future__ import annotations
@@ -134,14 +141,17 @@ class RoPEAttention(nn.Module):
 
     def folds_for(self, q: torch.Tensor) -> bool:
         """Whether forward folds for the projected queries ``q`` (B, L, H, Dh): True always on a
-        cross-attention; "auto" where the kernel op takes these queries with kv_in-wide values to
-        SDPA (static: device, dtype, B * H)."""
+        cross-attention; "auto" on the kernel op's path where it takes these queries with kv_in-wide
+        values to SDPA, or to its Triton kernel with q and the keys projected already rotated
+        (``fuse_rope_projection``; static: device, dtype, B * H)."""
         if self.kv_in_dim == self.embedding_dim or self.fold_value is False:
             return False
         if self.fold_value is True:
             return True
-        return (self.use_kernel and memory_attention_backend(q, self.kv_in_dim)[0] == "triton"
-                and uses_sdpa_path(q, self.kv_in_dim))
+        if not (self.use_kernel and memory_attention_backend(q, self.kv_in_dim)[0] == "triton"):
+            return False
+        # (the keys' dtype is not known here: the tracker's memory has the weights' dtype)
+        return uses_sdpa_path(q, self.kv_in_dim) or self._fuses_rope_projection(q.flatten(-2), None, True)
 
     def fuses_rope_projection(self, q: torch.Tensor, k: torch.Tensor) -> bool:
         """Whether forward projects q (B, L, D) and k (B, S, kv_in) with ``sam3fast::rope_projection``
@@ -152,11 +162,11 @@ class RoPEAttention(nn.Module):
         qh = q.unflatten(-1, (self.num_heads, -1))  # (a view: the projected q's shape, dtype, device)
         return self._fuses_rope_projection(q, k, self.folds_for(qh))
 
-    def _fuses_rope_projection(self, q: torch.Tensor, k: torch.Tensor, fold: bool) -> bool:
+    def _fuses_rope_projection(self, q: torch.Tensor, k: Optional[torch.Tensor], fold: bool) -> bool:
         mode = check_switch("fuse_rope_projection", self.fuse_rope_projection)
         if mode is False or not self.use_kernel or torch.is_autocast_enabled(q.device.type):
             return False
-        if q.dtype != self.q_proj.weight.dtype or k.dtype != self.k_proj.weight.dtype:
+        if q.dtype != self.q_proj.weight.dtype or (k is not None and k.dtype != self.k_proj.weight.dtype):
             return False
         qh = q.unflatten(-1, (self.num_heads, -1))
         if (memory_attention_backend(qh, self.kv_in_dim if fold else None)[0] != "triton"
