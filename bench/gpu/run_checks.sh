@@ -107,9 +107,10 @@ if [[ $PHASE == a ]]; then
     #   padded 5 objects to 8: 38.8 against 25.2 ms on the H100 of 2026-11-26): does the graph close
     #   the bank's gap to the per-frame selection (cached 19.8 against 14.5 ms at 5 objects, H200)?
     # - (session 17) the memory encoder's fuser in NCHW against its channels-last default, e2e
+    # - (session 21) no-fold (cached): "auto" now folds on the Triton kernel at 1-3 objects too
     step bench_video_tracker 330 170 python3 bench/bench_video.py --parts tracker --dtype bfloat16 --frames 24 \
         --objects 1,5,16 --iters 1 --no-compile --no-official --tracker-kinds e2e,cached --graphed-rows \
-        --skip-variants eager-step,backbone-eager,fold,no-fold --out bench/results/tracker
+        --skip-variants eager-step,backbone-eager,fold --out bench/results/tracker
     # (session 16: model.ahead_detection_stream, the next detection on a side stream)
     step bench_video_concept 220 90 python3 bench/bench_video.py --parts concept --dtype bfloat16 --frames 24 \
         --iters 1 --no-compile --no-official --concept-variants ahead-stream --out bench/results/ahead
