@@ -223,7 +223,8 @@ def points_two_objects(pred, p):
 
 def points_four_objects(pred, p):
     """Four clicked objects, then a propagation: with bf16 on the CUDA dispatch, the memory
-    cross-attention's value fold ("auto") is taken from 4 objects on."""
+    cross-attention's value fold ("auto") is taken on the SDPA path from 4 objects on (below, on
+    the Triton kernel with q and the keys projected rotated)."""
     st = p.state(pred)
     rec = []
     for obj, (x, y) in enumerate([(0.1, 0.5), (0.8, 0.3), (0.45, 0.8), (0.3, 0.25)], start=1):
@@ -963,9 +964,11 @@ def test_bf16_session_error_budget(pair, kernel_paths, objects):
     (measured 0.8x), and so is the mean mask disagreement, 1 - IoU (measured 1.06x). The backbone is
     cast as the builders load it (its float32 islands kept). ``cuda_dispatch``: the modules take their
     CUDA paths (``KernelPathsOnCpu``: the kernels' ops, whose CPU kernels are the references; the patch
-    embedding's GEMM form), which must call the ops listed and keep the budget; with 4 objects the
-    memory cross-attention then folds its values ("auto"), within the same budget (measured: logits
-    0.82x / 0.83x, 1 - IoU 1.16x / 1.00x the autocast's with 2 / 4 objects on the CUDA dispatch)."""
+    embedding's GEMM form), which must call the ops listed and keep the budget; the memory
+    cross-attention then folds its values ("auto": on the SDPA path with 4 objects, on the Triton
+    kernel with 2), within the same budget (measured before the fold reached the Triton kernel:
+    logits 0.82x / 0.83x, 1 - IoU 1.16x / 1.00x the autocast's with 2 / 4 objects on the CUDA
+    dispatch)."""
     import contextlib
     import copy
 
