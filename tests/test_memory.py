@@ -226,6 +226,26 @@ def test_memory_valid_padding(tiny, fold):
 # Memory assembly vs _prepare_memory_conditioned_features
 
 
+@pytest.mark.parametrize("dim,temperature", [(256, 10000), (64, 10000), (6, 100.0)])
+def test_get_1d_sine_pe_cached_divisors(tiny, dim, temperature):
+    """``get_1d_sine_pe`` keeps its frequency divisors per (size, temperature, device) after the
+    first call: bit for bit the official function on fresh positions, call after call, and one
+    cache entry per size."""
+    from sam3.model.sam3_tracker_utils import get_1d_sine_pe as official_pe
+    from sam3fast.model import memory_attention as ma
+
+    key = (dim // 2, float(temperature), torch.device("cpu"))
+    ma._SINE_DIVISORS.pop(key, None)
+    g = torch.Generator().manual_seed(dim)
+    for _ in range(3):
+        pos = torch.rand(2, 5, generator=g) * 17
+        with cpu_mode():
+            want = official_pe(pos, dim, temperature)
+        got = ma.get_1d_sine_pe(pos, dim, temperature)
+        assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want)
+    assert key in ma._SINE_DIVISORS and ma._sine_divisors(dim // 2, temperature, pos.device) is ma._SINE_DIVISORS[key]
+
+
 def test_assemble_memory(tiny):
     tr, g, D, M = tiny.official, tiny.g, tiny.D, tiny.M
     B, frame_idx, num_frames = 2, 10, 20

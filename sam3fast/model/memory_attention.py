@@ -57,7 +57,7 @@ tracker's graphed step the casts cost no launch gap. Untimed in that form (sessi
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -415,12 +415,23 @@ class MemoryAttention(KeepComplexBuffers, nn.Module):
 # Memory assembly (the tensor half of _prepare_memory_conditioned_features)
 
 
+# (dim // 2, temperature, device) -> get_1d_sine_pe's frequency divisors (float32): they depend on
+# the size alone, so every call after the first (each tracker step) skips their 5 operations
+_SINE_DIVISORS: Dict[Tuple[int, float, torch.device], torch.Tensor] = {}
+
+
+def _sine_divisors(pe_dim: int, temperature: float, device: torch.device) -> torch.Tensor:
+    key = (pe_dim, float(temperature), device)
+    dim_t = _SINE_DIVISORS.get(key)
+    if dim_t is None:
+        dim_t = torch.arange(pe_dim, dtype=torch.float32, device=device)
+        dim_t = _SINE_DIVISORS[key] = temperature ** (2 * (dim_t // 2) / pe_dim)
+    return dim_t
+
+
 def get_1d_sine_pe(pos: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
     """Official ``get_1d_sine_pe``: (...,) positions -> (..., dim) as [sin | cos] halves."""
-    pe_dim = dim // 2
-    dim_t = torch.arange(pe_dim, dtype=torch.float32, device=pos.device)
-    dim_t = temperature ** (2 * (dim_t // 2) / pe_dim)
-    pe = pos.unsqueeze(-1) / dim_t
+    pe = pos.unsqueeze(-1) / _sine_divisors(dim // 2, temperature, pos.device)
     return torch.cat([pe.sin(), pe.cos()], dim=-1)
 
 
