@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from host_reads import record_host_reads
-from sam3fast.video.memory_bank import BankSpec, MemoryBank, ObjectTable, bank_memory, table_advance
+from sam3fast.video.memory_bank import BankSpec, MemoryBank, ObjectTable, TableState, bank_memory, table_advance
 from sam3fast.video.tracker_predictor import Sam3TrackerPredictor, _batch_memories
 
 NM, G = 7, 6  # num_maskmem (F = 5 ring slots), the list cap
@@ -182,6 +182,45 @@ def test_rows_freed_reused_and_grown(mods):
     assert_table_matches_banks(table, [handles[3]], [new], 9, False, mods)
     with pytest.raises(ValueError, match="does not fit"):
         table.add(make_bank(gen, 1, [0], 0, reverse=True))
+
+
+def test_reclaim_frees_dropped_sessions_and_empties_the_table(mods):
+    """A session dropped while it holds rows (its TableRows garbage) is freed by ``reclaim``, the
+    live sessions stay packed and correct; once no handle is held (freed handles included) the
+    table is back to a new table's zeros and ``reusable_for`` a bank that a new ``for_bank``
+    table would fit exactly (same conditioning slots, enough rows)."""
+    import gc
+
+    gen = torch.Generator().manual_seed(6)
+    banks = [make_bank(gen, B, cf, n) for B, cf, n in SESSIONS[:3]]
+    table = ObjectTable.for_bank(banks[0], capacity=8)
+    handles = [table.add(b) for b in banks]
+    for _ in range(3):
+        advance_random(gen, banks, handles)
+    fresh = ObjectTable.for_bank(banks[0], capacity=8)
+    fresh._grow(table.capacity, table.cond_capacity)
+    assert not table.reclaim()  # every session held: nothing freed
+    assert table.used == 6
+    del handles[1]
+    gc.collect()
+    assert not table.reclaim() and table.used == 5  # the dropped session's rows are free
+    assert [h.rows for h in handles] == [slice(0, 2), slice(2, 5)]
+    assert_table_matches_banks(table, handles, [banks[0], banks[2]], 7, False, mods, rows=8)
+    handles[0].free()  # freed, but its handle is still held: the session may come back to it
+    assert not table.reclaim() and table.used == 3
+    del handles[:]
+    gc.collect()
+    assert table.reclaim() and table.used == 0 and not table.sessions
+    for name, a, b in zip(TableState._fields, table.state, fresh.state):
+        assert torch.equal(a, b), name
+    c = table.cond_capacity  # 2: the second session's two conditioning frames
+    assert table.reusable_for(make_bank(gen, 3, list(range(c)), 1))
+    assert not table.reusable_for(make_bank(gen, 1, [0], 1))  # one slot: a new table would have one
+    assert not table.reusable_for(make_bank(gen, 9, list(range(c)), 1))  # more rows than it has
+    assert not table.reusable_for(make_bank(gen, 1, list(range(c)), 1, reverse=True))  # another spec
+    h = table.add(make_bank(gen, 1, list(range(c)), 1))
+    assert not table.reusable_for(make_bank(gen, 1, list(range(c)), 1))  # in use
+    del h
 
 
 def test_advance_equals_bank_advance_per_row():

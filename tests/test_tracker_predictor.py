@@ -1110,6 +1110,79 @@ def test_graphed_step_runs_the_padded_buffers(pair, long_pair, scenario, buckets
     assert all(runner.why_not_graphs(k) == "the tracker is on cpu" for k in runner.entries)
 
 
+def test_new_session_reuses_the_unheld_table(pair):
+    """A session dropped with its rows (a closed video) leaves its object table to the next
+    session of the same shapes: the same tensors, so the graphed step replays the keys captured
+    for the first session (no new key), and the session is the one a new table gives. While a
+    session holds the table, another session gets its own; ``spare_tables = 0`` allocates anew."""
+    import gc
+
+    def same_records(ref, got):  # the same step on the same shapes: bit for bit
+        assert [r[0] for r in got] == [r[0] for r in ref]
+        for (name, *rv), (_, *gv) in zip(ref, got):
+            for i, (a, b) in enumerate(zip(gv, rv)):
+                assert torch.equal(a, b) if isinstance(b, torch.Tensor) else a == b, f"{name}[{i}]"
+
+    ours = pair.ours
+    prev = ours.cuda_graphs
+    ours.cuda_graphs = True
+    try:
+        ours._tables = []
+        runner = ours.step_graphs()
+        runner.clear()
+        ref, st = three_objects(ours, pair)
+        table = st["memory_bank"]["bank"].table
+        keys = set(runner.entries)
+        assert keys and ours._tables == [table]
+        del st
+        gc.collect()
+        got, st = three_objects(ours, pair)  # a second video session: the table of the first
+        assert st["memory_bank"]["bank"].table is table and set(runner.entries) == keys
+        same_records(ref, got)
+        got2, st2 = three_objects(ours, pair)  # st still holds the table: a new one
+        table2 = st2["memory_bank"]["bank"].table
+        assert table2 is not table and ours._tables == [table, table2]
+        same_records(ref, got2)
+        del st, st2
+        gc.collect()
+        _, st = three_objects(ours, pair)  # two unheld tables: the newest serves, one spare is kept
+        assert st["memory_bank"]["bank"].table is table2 and ours._tables == [table, table2]
+        del st
+        gc.collect()
+        ours.spare_tables = 0  # a new table each session, none kept
+        got, st = three_objects(ours, pair)
+        assert st["memory_bank"]["bank"].table not in (table, table2) and ours._tables == []
+        same_records(ref, got)
+        del st
+        gc.collect()
+        ours.spare_tables = 1
+        _, st = three_objects(ours, pair)
+        table3 = st["memory_bank"]["bank"].table
+        assert ours._tables == [table3]
+        del st
+        gc.collect()
+
+        def one_object(pred, p):
+            st = p.state(pred)
+            rec = []
+            pred.add_new_points_or_box(st, 0, 1, points=[[0.3, 0.6]], labels=[1])
+            pred.propagate_in_video_preflight(st)
+            _prop(pred, st, rec, "fwd", start_frame_idx=0, max_frame_num_to_track=None, reverse=False)
+            return rec, st
+
+        # one object on the spare table of capacity 4 (a new table would have 1 row): the same session
+        got, st = one_object(ours, pair)
+        assert st["memory_bank"]["bank"].table is table3 and table3.capacity == 4
+        del st
+        gc.collect()
+        ours.spare_tables = 0
+        want, st = one_object(ours, pair)
+        assert st["memory_bank"]["bank"].table.capacity == 1
+        same_records(want, got)
+    finally:
+        ours.cuda_graphs, ours.spare_tables = prev, 1
+
+
 @pytest.mark.parametrize("buckets", ["pow2", "exact"])
 def test_graphed_step_without_table_pads_to_its_bucket(pair, buckets):
     """With one bank per session (``object_table = False``) the graphed step pads the stacked

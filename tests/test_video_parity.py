@@ -789,6 +789,37 @@ def test_session_frames_stream_from_the_host(checkpoints, clip_dir):
         assert np.array_equal(a["out_probs"], b["out_probs"])
 
 
+def test_closed_session_leaves_its_object_table_to_the_next(checkpoints, clip_dir):
+    """A closed session's object table (the tracker's memory rows) serves the next session of the
+    same shapes: no new table, so on a GPU no new capture of the tracker step; and the next
+    session's outputs are bit for bit those of a new predictor."""
+    pred = build_sam3_video_predictor(checkpoint_path=checkpoints[SIMPLE_SEED], config=CFG, device="cpu")
+    tracker = pred.model.tracker
+
+    def session():
+        sid = _session_frames(pred, clip_dir)
+        out = [to_numpy_outputs(r["outputs"]) for r in
+               pred.handle_stream_request({"type": "propagate_in_video", "session_id": sid})]
+        tables = list(tracker._tables)
+        pred.handle_request({"type": "close_session", "session_id": sid})
+        return out, tables
+
+    first, tables = session()
+    assert len(tables) == 1 and tables[0].used > 0 and max(len(o["out_obj_ids"]) for o in first) > 0
+    second, again = session()
+    assert again == tables and tracker._tables == tables  # the same table, kept as the spare
+    fresh = build_sam3_video_predictor(checkpoint_path=checkpoints[SIMPLE_SEED], config=CFG, device="cpu")
+    sid = _session_frames(fresh, clip_dir)
+    want = [to_numpy_outputs(r["outputs"]) for r in
+            fresh.handle_stream_request({"type": "propagate_in_video", "session_id": sid})]
+    assert len(second) == len(want) == NUM_FRAMES
+    for a, b in zip(second, want):
+        assert a["out_obj_ids"].tolist() == b["out_obj_ids"].tolist()
+        assert np.array_equal(a["out_binary_masks"], b["out_binary_masks"])
+        assert np.array_equal(a["out_probs"], b["out_probs"])
+        assert np.array_equal(a["out_boxes_xywh"], b["out_boxes_xywh"])
+
+
 def test_retired_outputs_session_matches(checkpoints, clip_dir, monkeypatch):
     """On CUDA finished outputs leave the device (the tracker's stored frames, the cached masks).
     Forced on the CPU with clones standing in for the host copies, through clicks, removal, partial

@@ -59,6 +59,7 @@ objects) run as one segment sum.
 
 from __future__ import annotations
 
+import weakref
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -366,7 +367,7 @@ class TableRows:
     ``batch_size``, ``alive`` (False once the table freed it), ``advance`` as
     :meth:`MemoryBank.advance` (staged; the table applies it before the next memory)."""
 
-    __slots__ = ("table", "sid")
+    __slots__ = ("table", "sid", "__weakref__")
 
     def __init__(self, table: "ObjectTable", sid: int):
         self.table, self.sid = table, sid
@@ -403,6 +404,11 @@ class ObjectTable:
     conditioning slots only grow (doubling / to the largest session), so the step's shapes change
     only when a session does not fit. Host bookkeeping (which rows a session holds) changes only
     in ``add`` / ``free``; nothing here reads a tensor value.
+
+    The table knows which :class:`TableRows` handles are still held (weakly): :meth:`reclaim`
+    frees the rows of sessions whose handle is gone (a session dropped without freeing them) and
+    says whether no handle is left, so the table can serve a new session with its tensors, and
+    with them the step graphs captured on their addresses (:meth:`reusable_for`).
     """
 
     def __init__(self, spec: BankSpec, feat_shape: Tuple[int, int, int], ptr_dim: int, dtype: torch.dtype,
@@ -418,6 +424,8 @@ class ObjectTable:
         self._sessions: Dict[int, List[int]] = {}  # sid -> [first row, rows], in row order
         self._staged: set = set()
         self._next_sid = 0
+        self._owners: Dict[int, weakref.ref] = {}  # sid -> its handle, while the sid holds rows
+        self._handles = weakref.WeakSet()  # every TableRows of this table still held (freed or not)
         self.capacity = 1 << (capacity - 1).bit_length()
         self.cond_capacity = cond_capacity
         self.state = self._alloc(self.capacity, self.cond_capacity)
@@ -514,13 +522,17 @@ class ObjectTable:
         self._next_sid += 1
         self._sessions[sid] = [a, b]
         self.used += b
-        return TableRows(self, sid)
+        rows = TableRows(self, sid)
+        self._owners[sid] = weakref.ref(rows)
+        self._handles.add(rows)
+        return rows
 
     def free(self, sid: int) -> None:
         """Release a session's rows; the rows after them move down (the objects stay packed) and
         the vacated rows are zeroed (a free row attends to one zero key)."""
         a, n = self._sessions.pop(sid)
         self._staged.discard(sid)
+        self._owners.pop(sid, None)
         u, st = self.used, self.state
         if a + n < u:
             for t in st:
@@ -541,6 +553,21 @@ class ObjectTable:
         keep = set(sids)
         for sid in [s for s in self._sessions if s not in keep]:
             self.free(sid)
+
+    def reclaim(self) -> bool:
+        """Free the rows of every session whose :class:`TableRows` is gone (its session was dropped
+        while it held rows); True when no handle of this table is held any more, i.e. no session
+        can come back to it (then ``used`` is 0 and every tensor is back to its allocated zeros)."""
+        for sid in [s for s, ref in self._owners.items() if ref() is None]:
+            self.free(sid)
+        return len(self._handles) == 0
+
+    def reusable_for(self, bank: MemoryBank) -> bool:
+        """Whether an empty table (see :meth:`reclaim`) gives ``bank`` what a new
+        :meth:`for_bank` table would: it fits, has room for its rows, and the same conditioning
+        slots (so the step's memory, and each output bit, is the same)."""
+        return (self.used == 0 and self.fits(bank) and self.capacity >= bank.batch_size
+                and self.cond_capacity == bank.state.cond_feats.shape[1])
 
     # -- per frame ----------------------------------------------------------------------------
 

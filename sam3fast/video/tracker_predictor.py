@@ -95,7 +95,7 @@ import functools
 import itertools
 import logging
 from collections import OrderedDict
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -524,6 +524,13 @@ class Sam3TrackerPredictor(nn.Module):
         # bucket padding: the table's rows are the bucket). False = one MemoryBank per session,
         # concatenated per frame.
         self.object_table = True
+        # sam3fast: a new session (a new video, or objects added in a new batch) takes an object
+        # table that no session holds any more, of the same shapes, before it allocates one: its
+        # tensors, and the step graphs captured on their addresses, serve the new session with no
+        # recapture. Up to ``spare_tables`` such tables stay allocated between sessions (the
+        # newest); 0 = every new session allocates its own table (and captures its step again).
+        self.spare_tables = 1
+        self._tables: List[ObjectTable] = []  # the tables this predictor made, newest last
         # sam3fast: on CUDA, a tracked frame's stored output moves to pinned host memory once the
         # bank has taken it (see _retire_output); False = every output stays on the device (official).
         self.retire_finished_outputs = retire_finished_outputs
@@ -1345,10 +1352,25 @@ class Sam3TrackerPredictor(nn.Module):
         if bank is not None:
             if self.object_table:
                 if table is None or not table.fits(bank):
-                    table = ObjectTable.for_bank(bank)
+                    table = self._table_for(bank)
                 bank = table.add(bank)
             inference_state["memory_bank"] = {"bank": bank, "reverse": reverse, "pending": None, "key": None}
         return bank
+
+    def _table_for(self, bank: MemoryBank) -> ObjectTable:
+        """A table for a seeded ``bank`` that joins no batch: an unheld table of this predictor
+        that :meth:`ObjectTable.reusable_for` it (the smallest, the newest of equals), else a new
+        one. Tables no session holds are dropped beyond ``spare_tables`` (the oldest first)."""
+        if self.spare_tables <= 0:
+            self._tables = []
+            return ObjectTable.for_bank(bank)
+        free = [t for t in self._tables if t.reclaim()]
+        fit = [t for t in reversed(free) if t.reusable_for(bank)]
+        table = min(fit, key=lambda t: t.capacity) if fit else ObjectTable.for_bank(bank)
+        spares = [t for t in free if t is not table]
+        drop = {id(t) for t in spares[:max(len(spares) - int(self.spare_tables), 0)]}
+        self._tables = [t for t in self._tables if t is not table and id(t) not in drop] + [table]
+        return table
 
     def _bank_usable(self, bank, table) -> bool:
         """Whether a session's kept bank serves this step (the kind ``object_table`` asks for; a
