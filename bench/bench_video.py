@@ -25,7 +25,9 @@ the last frame (backbone included), for N objects. Variants:
   False`` (the memory encoder's fuser on an NCHW map; e2e); ``fold`` / ``no-fold`` =
   ``tracker.transformer.encoder.fold_value = True`` / ``False`` (memory attention's v_proj folded into
   out_proj always / never; the default "auto" folds where the op runs SDPA: bf16 from 4 objects;
-  cached rows only); ``compiled`` =
+  cached rows only); ``new-table`` = ``tracker.spare_tables = 0`` (each session allocates its
+  object table, and on CUDA captures its step graph again, instead of taking the table the last
+  session left; cached, the first object count); ``compiled`` =
   ``tracker.compile_step()`` (``mode="reduce-overhead"``, CUDA graphs, on CUDA). Eager rows note the
   memory keys per object and frame that memory attention computes and that it attends (valid):
   a fixed-capacity bank computes its masked slots too, the official selection only what it keeps.
@@ -450,6 +452,11 @@ def _main(args, tmp):
             tracker.transformer.encoder.fold_value = False
             variants(" no-fold", per_frame_too=False, kinds=("cached",))
             tracker.transformer.encoder.fold_value = "auto"
+            # every session on a new object table (the default serves it the closed session's
+            # table, and with its tensors the captured step graphs): the first count, cached
+            tracker.spare_tables = 0
+            variants(" new-table", per_frame_too=False, kinds=("cached",), counts=objects[:1])
+            tracker.spare_tables = 1
             if compile_rows:
                 tracker.compile_step(mode="reduce-overhead" if cuda else None)
                 variants(" compiled", per_frame_too=False)

@@ -33,7 +33,7 @@ BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
                                 "# memory attention frame (12 calls), memattn add+norm B=2, eager chain")),
     ("bench_connected_components.py", "connected_components benchmark"),
     ("bench_video.py", ("video frames/s benchmark", "| e2e prefetch | 1 |", "| e2e prefetch perframe | 2 |",
-                       "| concept | sam3fast | float32 | e2e ahead-stream |")),
+                       "| cached new-table | 1 |", "| concept | sam3fast | float32 | e2e ahead-stream |")),
     # the CPU host-work counts: both parts ran and their phases were found (a renamed driver would
     # put every operation under "(outside)")
     ("host_ops.py", ("| tracker | 1 |", "| concept |", "- _run_single_frame_inference:",
