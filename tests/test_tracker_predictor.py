@@ -1179,6 +1179,10 @@ def test_new_session_reuses_the_unheld_table(pair):
         want, st = one_object(ours, pair)
         assert st["memory_bank"]["bank"].table.capacity == 1
         same_records(want, got)
+        for bad in (-1, 1.5, True, "auto"):
+            with pytest.raises(ValueError, match="spare_tables must be an int >= 0"):
+                ours.spare_tables = bad
+        assert ours.spare_tables == 0
     finally:
         ours.cuda_graphs, ours.spare_tables = prev, 1
 

@@ -1357,18 +1357,31 @@ class Sam3TrackerPredictor(nn.Module):
             inference_state["memory_bank"] = {"bank": bank, "reverse": reverse, "pending": None, "key": None}
         return bank
 
+    @property
+    def spare_tables(self) -> int:
+        """The object tables no session holds that stay allocated for the next sessions (see
+        ``__init__``); 0 = a new table per session."""
+        return self._spare_tables
+
+    @spare_tables.setter
+    def spare_tables(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"tracker.spare_tables must be an int >= 0 (unheld object tables kept), got {value!r}")
+        self._spare_tables = value
+
     def _table_for(self, bank: MemoryBank) -> ObjectTable:
         """A table for a seeded ``bank`` that joins no batch: an unheld table of this predictor
         that :meth:`ObjectTable.reusable_for` it (the smallest, the newest of equals), else a new
         one. Tables no session holds are dropped beyond ``spare_tables`` (the oldest first)."""
-        if self.spare_tables <= 0:
+        spare = self.spare_tables
+        if spare == 0:
             self._tables = []
             return ObjectTable.for_bank(bank)
         free = [t for t in self._tables if t.reclaim()]
         fit = [t for t in reversed(free) if t.reusable_for(bank)]
         table = min(fit, key=lambda t: t.capacity) if fit else ObjectTable.for_bank(bank)
         spares = [t for t in free if t is not table]
-        drop = {id(t) for t in spares[:max(len(spares) - int(self.spare_tables), 0)]}
+        drop = {id(t) for t in spares[:max(len(spares) - spare, 0)]}
         self._tables = [t for t in self._tables if t is not table and id(t) not in drop] + [table]
         return table
 
