@@ -820,6 +820,51 @@ def test_closed_session_leaves_its_object_table_to_the_next(checkpoints, clip_di
         assert np.array_equal(a["out_boxes_xywh"], b["out_boxes_xywh"])
 
 
+def test_interleaved_sessions_keep_their_own_tables(checkpoints, clip_dir, short_clip):
+    """Two live sessions streamed frame by frame in turn, then a third after the first closes:
+    no live session's table goes to another (the third takes the closed one's), and every
+    session's outputs are bit for bit its outputs alone on a new predictor."""
+    def solo(resource):
+        p = build_sam3_video_predictor(checkpoint_path=checkpoints[SIMPLE_SEED], config=CFG, device="cpu")
+        sid = _session_frames(p, resource)
+        return [to_numpy_outputs(r["outputs"]) for r in
+                p.handle_stream_request({"type": "propagate_in_video", "session_id": sid})]
+
+    pred = build_sam3_video_predictor(checkpoint_path=checkpoints[SIMPLE_SEED], config=CFG, device="cpu")
+    tracker = pred.model.tracker
+    sids = [_session_frames(pred, clip_dir), _session_frames(pred, short_clip)]
+    streams = [pred.handle_stream_request({"type": "propagate_in_video", "session_id": s}) for s in sids]
+    got, done = [[], []], [False, False]
+    while not all(done):
+        for i, stream in enumerate(streams):
+            if not done[i]:
+                r = next(stream, None)
+                done[i] = r is None
+                if r is not None:
+                    got[i].append(to_numpy_outputs(r["outputs"]))
+
+    def table_of(sid):
+        held = {id(t) for t in tracker._tables}
+        states = pred._ALL_INFERENCE_STATES[sid]["state"]["tracker_inference_states"]
+        tables = {id(st["memory_bank"]["bank"].table) for st in states if st.get("memory_bank")}
+        assert len(tables) == 1 and tables <= held, (tables, held)
+        return tables.pop()
+
+    first, second = table_of(sids[0]), table_of(sids[1])
+    assert first != second
+    pred.handle_request({"type": "close_session", "session_id": sids[0]})
+    third = _session_frames(pred, clip_dir)
+    got.append([to_numpy_outputs(r["outputs"]) for r in
+                pred.handle_stream_request({"type": "propagate_in_video", "session_id": third})])
+    assert table_of(third) == first and table_of(sids[1]) == second
+    for out, want in zip(got, [solo(clip_dir), solo(short_clip), solo(clip_dir)]):
+        assert len(out) == len(want) > 0
+        for a, b in zip(out, want):
+            assert a["out_obj_ids"].tolist() == b["out_obj_ids"].tolist()
+            assert np.array_equal(a["out_binary_masks"], b["out_binary_masks"])
+            assert np.array_equal(a["out_probs"], b["out_probs"])
+
+
 def test_retired_outputs_session_matches(checkpoints, clip_dir, monkeypatch):
     """On CUDA finished outputs leave the device (the tracker's stored frames, the cached masks).
     Forced on the CPU with clones standing in for the host copies, through clicks, removal, partial
