@@ -761,6 +761,21 @@ def _session_frames(pred, resource, text="blob"):
     return sid
 
 
+def _stream(pred, sid):
+    """A session's propagation (forward), each frame's outputs as numpy."""
+    return [to_numpy_outputs(r["outputs"]) for r in
+            pred.handle_stream_request({"type": "propagate_in_video", "session_id": sid})]
+
+
+def _same_outputs(got, want):
+    """Two sessions' frames: the same ids, and bit for bit the same masks, probabilities and boxes."""
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a["out_obj_ids"].tolist() == b["out_obj_ids"].tolist()
+        for key in ("out_binary_masks", "out_probs", "out_boxes_xywh"):
+            assert np.array_equal(a[key], b[key]), key
+
+
 def test_session_frames_stream_from_the_host(checkpoints, clip_dir):
     """The session's frames are a FrameStore (host uint8); after a propagation the device holds at
     most its cache of frames, and the outputs equal those of a session on the batch-loaded
@@ -772,21 +787,16 @@ def test_session_frames_stream_from_the_host(checkpoints, clip_dir):
     state = pred._ALL_INFERENCE_STATES[sid]["state"]
     store = state["input_batch"].img_batch
     assert isinstance(store, FrameStore) and len(store) == NUM_FRAMES
-    streamed = [to_numpy_outputs(r["outputs"]) for r in
-                pred.handle_stream_request({"type": "propagate_in_video", "session_id": sid})]
+    streamed = _stream(pred, sid)
     assert store.device_bytes <= store.cache_size * store[0].numel() * 2
     # the same session on a (T, 3, R, R) tensor of every frame
     frames, _, _ = load_video(clip_dir, CFG.resolution)
     state["input_batch"].img_batch = frames
     pred.handle_request({"type": "reset_session", "session_id": sid})
     pred.handle_request({"type": "add_prompt", "session_id": sid, "frame_index": 0, "text": "blob"})
-    batch = [to_numpy_outputs(r["outputs"]) for r in
-             pred.handle_stream_request({"type": "propagate_in_video", "session_id": sid})]
-    assert len(streamed) == len(batch) == NUM_FRAMES
-    for a, b in zip(streamed, batch):
-        assert a["out_obj_ids"].tolist() == b["out_obj_ids"].tolist()
-        assert np.array_equal(a["out_binary_masks"], b["out_binary_masks"])
-        assert np.array_equal(a["out_probs"], b["out_probs"])
+    batch = _stream(pred, sid)
+    assert len(streamed) == NUM_FRAMES
+    _same_outputs(streamed, batch)
 
 
 def test_closed_session_leaves_its_object_table_to_the_next(checkpoints, clip_dir):
@@ -798,8 +808,7 @@ def test_closed_session_leaves_its_object_table_to_the_next(checkpoints, clip_di
 
     def session():
         sid = _session_frames(pred, clip_dir)
-        out = [to_numpy_outputs(r["outputs"]) for r in
-               pred.handle_stream_request({"type": "propagate_in_video", "session_id": sid})]
+        out = _stream(pred, sid)
         tables = list(tracker._tables)
         pred.handle_request({"type": "close_session", "session_id": sid})
         return out, tables
@@ -809,15 +818,8 @@ def test_closed_session_leaves_its_object_table_to_the_next(checkpoints, clip_di
     second, again = session()
     assert again == tables and tracker._tables == tables  # the same table, kept as the spare
     fresh = build_sam3_video_predictor(checkpoint_path=checkpoints[SIMPLE_SEED], config=CFG, device="cpu")
-    sid = _session_frames(fresh, clip_dir)
-    want = [to_numpy_outputs(r["outputs"]) for r in
-            fresh.handle_stream_request({"type": "propagate_in_video", "session_id": sid})]
-    assert len(second) == len(want) == NUM_FRAMES
-    for a, b in zip(second, want):
-        assert a["out_obj_ids"].tolist() == b["out_obj_ids"].tolist()
-        assert np.array_equal(a["out_binary_masks"], b["out_binary_masks"])
-        assert np.array_equal(a["out_probs"], b["out_probs"])
-        assert np.array_equal(a["out_boxes_xywh"], b["out_boxes_xywh"])
+    assert len(second) == NUM_FRAMES
+    _same_outputs(second, _stream(fresh, _session_frames(fresh, clip_dir)))
 
 
 def test_interleaved_sessions_keep_their_own_tables(checkpoints, clip_dir, short_clip):
@@ -826,9 +828,7 @@ def test_interleaved_sessions_keep_their_own_tables(checkpoints, clip_dir, short
     session's outputs are bit for bit its outputs alone on a new predictor."""
     def solo(resource):
         p = build_sam3_video_predictor(checkpoint_path=checkpoints[SIMPLE_SEED], config=CFG, device="cpu")
-        sid = _session_frames(p, resource)
-        return [to_numpy_outputs(r["outputs"]) for r in
-                p.handle_stream_request({"type": "propagate_in_video", "session_id": sid})]
+        return _stream(p, _session_frames(p, resource))
 
     pred = build_sam3_video_predictor(checkpoint_path=checkpoints[SIMPLE_SEED], config=CFG, device="cpu")
     tracker = pred.model.tracker
@@ -854,15 +854,11 @@ def test_interleaved_sessions_keep_their_own_tables(checkpoints, clip_dir, short
     assert first != second
     pred.handle_request({"type": "close_session", "session_id": sids[0]})
     third = _session_frames(pred, clip_dir)
-    got.append([to_numpy_outputs(r["outputs"]) for r in
-                pred.handle_stream_request({"type": "propagate_in_video", "session_id": third})])
+    got.append(_stream(pred, third))
     assert table_of(third) == first and table_of(sids[1]) == second
     for out, want in zip(got, [solo(clip_dir), solo(short_clip), solo(clip_dir)]):
-        assert len(out) == len(want) > 0
-        for a, b in zip(out, want):
-            assert a["out_obj_ids"].tolist() == b["out_obj_ids"].tolist()
-            assert np.array_equal(a["out_binary_masks"], b["out_binary_masks"])
-            assert np.array_equal(a["out_probs"], b["out_probs"])
+        assert len(out) > 0
+        _same_outputs(out, want)
 
 
 def test_retired_outputs_session_matches(checkpoints, clip_dir, monkeypatch):
