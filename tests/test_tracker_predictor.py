@@ -1149,9 +1149,11 @@ def test_new_session_reuses_the_unheld_table(pair):
         assert st["memory_bank"]["bank"].table is table2 and ours._tables == [table, table2]
         del st
         gc.collect()
-        ours.spare_tables = 0  # a new table each session, none kept
+        ours.spare_tables = 0  # the unheld tables go at once; then a new table each session, none kept
+        assert ours._tables == []
         got, st = three_objects(ours, pair)
-        assert st["memory_bank"]["bank"].table not in (table, table2) and ours._tables == []
+        assert st["memory_bank"]["bank"].table not in (table, table2)
+        assert ours._tables == [st["memory_bank"]["bank"].table]
         same_records(ref, got)
         del st
         gc.collect()
@@ -1177,7 +1179,7 @@ def test_new_session_reuses_the_unheld_table(pair):
         gc.collect()
         ours.spare_tables = 0
         want, st = one_object(ours, pair)
-        assert st["memory_bank"]["bank"].table.capacity == 1
+        assert st["memory_bank"]["bank"].table.capacity == 1 and table3 not in ours._tables
         same_records(want, got)
         for bad in (-1, 1.5, True, "auto"):
             with pytest.raises(ValueError, match="spare_tables must be an int >= 0"):

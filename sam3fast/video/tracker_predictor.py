@@ -528,7 +528,8 @@ class Sam3TrackerPredictor(nn.Module):
         # table that no session holds any more, of the same shapes, before it allocates one: its
         # tensors, and the step graphs captured on their addresses, serve the new session with no
         # recapture. Up to ``spare_tables`` such tables stay allocated between sessions (the
-        # newest); 0 = every new session allocates its own table (and captures its step again).
+        # newest); 0 = every new session allocates its own table (and captures its step again);
+        # setting it frees the unheld tables beyond the new value at once.
         self.spare_tables = 1
         self._tables: List[ObjectTable] = []  # the tables this predictor made, newest last
         # sam3fast: on CUDA, a tracked frame's stored output moves to pinned host memory once the
@@ -1368,22 +1369,28 @@ class Sam3TrackerPredictor(nn.Module):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"tracker.spare_tables must be an int >= 0 (unheld object tables kept), got {value!r}")
         self._spare_tables = value
+        if hasattr(self, "_tables"):  # (not in __init__) the unheld tables beyond it go now
+            self._trim_tables()
 
     def _table_for(self, bank: MemoryBank) -> ObjectTable:
         """A table for a seeded ``bank`` that joins no batch: an unheld table of this predictor
-        that :meth:`ObjectTable.reusable_for` it (the smallest, the newest of equals), else a new
-        one. Tables no session holds are dropped beyond ``spare_tables`` (the oldest first)."""
-        spare = self.spare_tables
-        if spare == 0:
-            self._tables = []
-            return ObjectTable.for_bank(bank)
+        that :meth:`ObjectTable.reusable_for` it (the smallest, the newest of equals; none with
+        ``spare_tables`` 0), else a new one."""
         free = [t for t in self._tables if t.reclaim()]
-        fit = [t for t in reversed(free) if t.reusable_for(bank)]
+        fit = [t for t in reversed(free) if t.reusable_for(bank)] if self.spare_tables else []
         table = min(fit, key=lambda t: t.capacity) if fit else ObjectTable.for_bank(bank)
-        spares = [t for t in free if t is not table]
-        drop = {id(t) for t in spares[:max(len(spares) - spare, 0)]}
-        self._tables = [t for t in self._tables if t is not table and id(t) not in drop] + [table]
+        self._tables = [t for t in self._tables if t is not table] + [table]
+        self._trim_tables(taken=table)
         return table
+
+    @torch.inference_mode()  # (reclaim frees rows in place: the tables are inference tensors)
+    def _trim_tables(self, taken: Optional[ObjectTable] = None) -> None:
+        """Forget the tables no session holds beyond ``spare_tables``, the oldest first (``taken``,
+        about to be held, is not counted): their memory is freed once nothing else refers to it."""
+        free = [t for t in self._tables if t is not taken and t.reclaim()]
+        drop = {id(t) for t in free[:max(len(free) - self.spare_tables, 0)]}
+        if drop:
+            self._tables = [t for t in self._tables if id(t) not in drop]
 
     def _bank_usable(self, bank, table) -> bool:
         """Whether a session's kept bank serves this step (the kind ``object_table`` asks for; a
