@@ -161,6 +161,26 @@ def test_rpb_bias_matches_official(tiny):
     _close(got[:, :, 1:], want, "boxRPB bias", tol=1e-6)
 
 
+@pytest.mark.parametrize("d_model", [256, 64])
+def test_box_sine_embedding_bit_exact(d_model):
+    """``gen_sineembed_for_position`` (the four coordinates through each step together, the divisors
+    cached after the first call) is bit for bit the official function, call after call, on boxes
+    inside and outside [0, 1]."""
+    from sam3fast.model import decoder as dec
+
+    official()
+    from sam3.model.model_misc import gen_sineembed_for_position as official_embed
+
+    dec._BOX_SINE_DIVISORS.pop((d_model // 2, torch.device("cpu")), None)
+    g = torch.Generator().manual_seed(d_model)
+    for shape in [(2, 200, 4), (1, 7, 4), (3, 1, 4)]:
+        pos = torch.rand(shape, generator=g) * 3 - 1
+        got = dec.gen_sineembed_for_position(pos, d_model)
+        want = official_embed(pos, d_model)
+        assert got.shape == want.shape == (*shape[:2], 2 * d_model) and torch.equal(got, want), shape
+    assert len([k for k in dec._BOX_SINE_DIVISORS if k[0] == d_model // 2]) == 1
+
+
 def test_scoring_parity(tiny_outputs):
     off, ours = tiny_outputs
     _close(ours["pred_logits"], off["pred_logits"], "pred_logits")
