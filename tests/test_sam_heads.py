@@ -310,15 +310,22 @@ def test_promptless_fast_path_equals_general_path(tiny_heads, dtype):
 
 
 def test_sam_heads_fullgraph_promptless_fresh_grid(tiny_heads):
-    """The promptless head compiles without graph breaks also when its first call fills the
-    position encoding's grid cache inside the compiled region."""
+    """The promptless head compiles without graph breaks with the position encoding's grid cache
+    empty: the compiled region computes the grid itself and neither reads nor fills the cache (a
+    guard on its keys would recompile on the next call), and the next call does not recompile."""
     x = make_inputs(tiny_heads.cfg, "none")
     s = tiny_heads
     want = s.run_ours(x, True)
     s.pe.pe_layer._grids.clear()
+    torch._dynamo.reset()
     f = torch.compile(sam_heads_forward, backend="eager", fullgraph=True)
+    args = (s.pe, s.md, s.obj_ptr_proj, s.no_obj_ptr, x["backbone_features"], None, None, None,
+            x["high_res_features"], True)
     with torch.no_grad():
-        out = f(s.pe, s.md, s.obj_ptr_proj, s.no_obj_ptr, x["backbone_features"], None, None, None,
-                x["high_res_features"], True)
-    for n, a, b in zip(NAMES, out, want):
+        out = f(*args)
+        assert not s.pe.pe_layer._grids
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            again = f(*args)
+    for n, a, b, c in zip(NAMES, out, want, again):
         _close(a, b, n)
+        assert torch.equal(a, c), n

@@ -421,11 +421,15 @@ _SINE_DIVISORS: Dict[Tuple[int, float, torch.device], torch.Tensor] = {}
 
 
 def _sine_divisors(pe_dim: int, temperature: float, device: torch.device) -> torch.Tensor:
+    # (traced by torch.compile: computed in the graph, a constant there, and the cache is not read:
+    # a guard on its keys would recompile once it fills)
     key = (pe_dim, float(temperature), device)
-    dim_t = _SINE_DIVISORS.get(key)
+    dim_t = None if torch.compiler.is_compiling() else _SINE_DIVISORS.get(key)
     if dim_t is None:
         dim_t = torch.arange(pe_dim, dtype=torch.float32, device=device)
-        dim_t = _SINE_DIVISORS[key] = temperature ** (2 * (dim_t // 2) / pe_dim)
+        dim_t = temperature ** (2 * (dim_t // 2) / pe_dim)
+        if not torch.compiler.is_compiling():
+            _SINE_DIVISORS[key] = dim_t
     return dim_t
 
 

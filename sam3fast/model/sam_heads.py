@@ -68,13 +68,17 @@ class PositionEmbeddingRandom(nn.Module):
         return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1).to(m.dtype)
 
     def _grid(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+        # (traced by torch.compile: computed in the graph, a constant there, and the cache is not
+        # read: a guard on its keys would recompile once it fills)
         key = (h, w, device)
-        grid = self._grids.get(key)
+        grid = None if torch.compiler.is_compiling() else self._grids.get(key)
         if grid is None:
             ones = torch.ones((h, w), device=device, dtype=torch.float32)
             y_embed = (ones.cumsum(dim=0) - 0.5) / h
             x_embed = (ones.cumsum(dim=1) - 0.5) / w
-            grid = self._grids[key] = 2 * torch.stack([x_embed, y_embed], dim=-1) - 1
+            grid = 2 * torch.stack([x_embed, y_embed], dim=-1) - 1
+            if not torch.compiler.is_compiling():
+                self._grids[key] = grid
         return grid
 
     def forward(self, size: Tuple[int, int]) -> torch.Tensor:
