@@ -189,6 +189,7 @@ def test_reclaim_frees_dropped_sessions_and_empties_the_table(mods):
     live sessions stay packed and correct; once no handle is held (freed handles included) the
     table is back to a new table's zeros and ``reusable_for`` a bank that a new ``for_bank``
     table would fit exactly (same conditioning slots, enough rows)."""
+    import copy
     import gc
 
     gen = torch.Generator().manual_seed(6)
@@ -220,7 +221,18 @@ def test_reclaim_frees_dropped_sessions_and_empties_the_table(mods):
     assert not table.reusable_for(make_bank(gen, 1, list(range(c)), 1, reverse=True))  # another spec
     h = table.add(make_bank(gen, 1, list(range(c)), 1))
     assert not table.reusable_for(make_bank(gen, 1, list(range(c)), 1))  # in use
+    # deep copies: a copied session holds its rows in the copied table, whatever happens to the
+    # original handle; a table copied alone holds orphans
+    state = copy.deepcopy({"bank": h})
+    h2 = state["bank"]
+    assert h2.table is not table and h2.alive and h2.rows == h.rows
+    assert torch.equal(h2.table.state.cond_feats, table.state.cond_feats)
     del h
+    gc.collect()
+    assert table.reclaim() and table.used == 0
+    assert not h2.table.reclaim() and h2.alive and h2.table.used == 1
+    lone = copy.deepcopy(h2.table)
+    assert lone.reclaim() and lone.used == 0 and h2.alive
 
 
 def test_advance_equals_bank_advance_per_row():

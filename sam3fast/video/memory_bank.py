@@ -59,6 +59,7 @@ objects) run as one segment sum.
 
 from __future__ import annotations
 
+import copy
 import weakref
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -391,6 +392,13 @@ class TableRows:
     def free(self) -> None:
         self.table.free(self.sid)
 
+    def __deepcopy__(self, memo) -> "TableRows":
+        # the copy holds its rows in the copied table (as this handle holds them in this one)
+        table = copy.deepcopy(self.table, memo)
+        rows = memo[id(self)] = TableRows(table, self.sid)
+        table._register(rows)
+        return rows
+
 
 class ObjectTable:
     """The memory banks of several sessions as one preallocated object table (see the module
@@ -523,9 +531,24 @@ class ObjectTable:
         self._sessions[sid] = [a, b]
         self.used += b
         rows = TableRows(self, sid)
-        self._owners[sid] = weakref.ref(rows)
-        self._handles.add(rows)
+        self._register(rows)
         return rows
+
+    def _register(self, rows: TableRows) -> None:
+        if rows.sid in self._sessions:
+            self._owners[rows.sid] = weakref.ref(rows)
+        self._handles.add(rows)
+
+    def __deepcopy__(self, memo) -> "ObjectTable":
+        """A copy with its own tensors; its sessions are held only by the copied :class:`TableRows`
+        (a table copied without them, e.g. with a predictor's spare tables, holds orphans that
+        :meth:`reclaim` frees)."""
+        new = memo[id(self)] = type(self).__new__(type(self))
+        for name, value in self.__dict__.items():
+            if name not in ("_owners", "_handles"):
+                setattr(new, name, copy.deepcopy(value, memo))
+        new._owners, new._handles = {}, weakref.WeakSet()
+        return new
 
     def free(self, sid: int) -> None:
         """Release a session's rows; the rows after them move down (the objects stay packed) and
@@ -558,7 +581,7 @@ class ObjectTable:
         """Free the rows of every session whose :class:`TableRows` is gone (its session was dropped
         while it held rows); True when no handle of this table is held any more, i.e. no session
         can come back to it (then ``used`` is 0 and every tensor is back to its allocated zeros)."""
-        for sid in [s for s, ref in self._owners.items() if ref() is None]:
+        for sid in [s for s in self._sessions if s not in self._owners or self._owners[s]() is None]:
             self.free(sid)
         return len(self._handles) == 0
 
