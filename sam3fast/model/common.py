@@ -7,7 +7,7 @@ seq-first and batch-first, which only matters for how callers lay out their inpu
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Dict, Hashable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -23,6 +23,19 @@ def check_switch(name: str, value: Union[bool, str]) -> Union[bool, str]:
     if isinstance(value, bool) or (isinstance(value, str) and value == "auto"):
         return value
     raise ValueError(f"{name} must be True, False or 'auto', got {value!r}")
+
+
+def size_constant(cache: Dict[Hashable, torch.Tensor], key: Hashable, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``make()`` (a tensor that depends on sizes and the device alone, no weight) kept in
+    ``cache[key]`` after the first eager call. While torch.compile traces, the cache is neither read
+    nor filled: the graph computes the value (a constant to inductor), and no guard on the cache's
+    keys makes the region recompile once an earlier call filled it."""
+    if torch.compiler.is_compiling():
+        return make()
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = make()
+    return value
 
 
 def _records_grad(*tensors: torch.Tensor) -> bool:

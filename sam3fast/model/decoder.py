@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from ..kernels.rpb_attention import rpb_attention, rpb_attention_backend
 from ..kernels.rpb_factors import rpb_factors, rpb_factors_ref
-from .common import MLP, MultiheadAttention, inverse_sigmoid, linear_relu
+from .common import MLP, MultiheadAttention, inverse_sigmoid, linear_relu, size_constant
 
 
 def box_cxcywh_to_xyxy(x: torch.Tensor) -> torch.Tensor:
@@ -59,16 +59,11 @@ _BOX_SINE_ORDER = (1, 0, 2, 3)  # the official's block order: cy, cx, w, h
 
 
 def _box_sine_divisors(half: int, device: torch.device) -> torch.Tensor:
-    # (traced by torch.compile: computed in the graph, a constant there, and the cache is not read:
-    # a guard on its keys would recompile once it fills)
-    key = (half, device)
-    dim_t = None if torch.compiler.is_compiling() else _BOX_SINE_DIVISORS.get(key)
-    if dim_t is None:
+    def make():
         dim_t = torch.arange(half, dtype=torch.float32, device=device)
-        dim_t = 10000 ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / half)
-        if not torch.compiler.is_compiling():
-            _BOX_SINE_DIVISORS[key] = dim_t
-    return dim_t
+        return 10000 ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / half)
+
+    return size_constant(_BOX_SINE_DIVISORS, (half, device), make)
 
 
 def gen_sineembed_for_position(pos: torch.Tensor, d_model: int) -> torch.Tensor:

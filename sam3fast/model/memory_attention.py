@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from ..kernels.memory_attention import memory_attention, memory_attention_backend, uses_sdpa_path
 from ..kernels.residual_norm import residual_norm, residual_norm_backend
 from ..kernels.rope_projection import rope_projection, rope_projection_backend
-from .common import KeepComplexBuffers, check_switch, linear_relu
+from .common import KeepComplexBuffers, check_switch, linear_relu, size_constant
 from .vit import apply_rope, compute_axial_cis
 
 
@@ -421,16 +421,10 @@ _SINE_DIVISORS: Dict[Tuple[int, float, torch.device], torch.Tensor] = {}
 
 
 def _sine_divisors(pe_dim: int, temperature: float, device: torch.device) -> torch.Tensor:
-    # (traced by torch.compile: computed in the graph, a constant there, and the cache is not read:
-    # a guard on its keys would recompile once it fills)
-    key = (pe_dim, float(temperature), device)
-    dim_t = None if torch.compiler.is_compiling() else _SINE_DIVISORS.get(key)
-    if dim_t is None:
-        dim_t = torch.arange(pe_dim, dtype=torch.float32, device=device)
-        dim_t = temperature ** (2 * (dim_t // 2) / pe_dim)
-        if not torch.compiler.is_compiling():
-            _SINE_DIVISORS[key] = dim_t
-    return dim_t
+    def make():
+        return temperature ** (2 * (torch.arange(pe_dim, dtype=torch.float32, device=device) // 2) / pe_dim)
+
+    return size_constant(_SINE_DIVISORS, (pe_dim, float(temperature), device), make)
 
 
 def get_1d_sine_pe(pos: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:

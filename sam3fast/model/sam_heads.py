@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.two_way_attention import image_to_token_attention, token_to_image_attention, two_way_attention_backend
-from .common import MLP, LayerNorm2d, norm_then_act
+from .common import MLP, LayerNorm2d, norm_then_act, size_constant
 
 NO_OBJ_SCORE = -1024.0  # official sam3_tracker_base.NO_OBJ_SCORE: mask logit of absent objects
 
@@ -68,18 +68,13 @@ class PositionEmbeddingRandom(nn.Module):
         return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1).to(m.dtype)
 
     def _grid(self, h: int, w: int, device: torch.device) -> torch.Tensor:
-        # (traced by torch.compile: computed in the graph, a constant there, and the cache is not
-        # read: a guard on its keys would recompile once it fills)
-        key = (h, w, device)
-        grid = None if torch.compiler.is_compiling() else self._grids.get(key)
-        if grid is None:
+        def make():
             ones = torch.ones((h, w), device=device, dtype=torch.float32)
             y_embed = (ones.cumsum(dim=0) - 0.5) / h
             x_embed = (ones.cumsum(dim=1) - 0.5) / w
-            grid = 2 * torch.stack([x_embed, y_embed], dim=-1) - 1
-            if not torch.compiler.is_compiling():
-                self._grids[key] = grid
-        return grid
+            return 2 * torch.stack([x_embed, y_embed], dim=-1) - 1
+
+        return size_constant(self._grids, (h, w, device), make)
 
     def forward(self, size: Tuple[int, int]) -> torch.Tensor:
         """Encoding of the pixel-centre grid of ``size`` (h, w): (2F, h, w)."""
