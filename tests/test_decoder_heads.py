@@ -17,7 +17,7 @@ import torch
 from official_ref import build_official_image_model, cpu_mode, official, redraw_
 from sam3fast.config import get_config
 from sam3fast.model.decoder import Decoder, DotProductScoring, box_cxcywh_to_xyxy, joint_logits
-from sam3fast.model.seg_head import SegmentationHead
+from sam3fast.model.seg_head import SegmentationHead, add_nearest_upsampled
 
 from compare import close as _close, rel
 
@@ -224,6 +224,35 @@ def test_seg_head_shared_image_fpn(tiny, tiny_inputs, tiny_outputs):
         want = tiny.seg([f.expand(2, -1, -1, -1) for f in fpn1], x["memory"], ours["hs"], x["prompt"],
                         x["prompt_mask"])["pred_masks"]
     _close(got, want, "broadcast fpn", tol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_nearest_upsampled_is_the_two_step_sum(dtype):
+    """The pixel decoder's one-pass ``f + nearest2x(p)`` equals the official two-step sum bit for bit,
+    in the layout the two-step sum gives: both layouts (and mixed), a batch of 1 on either side, and
+    sizes that are not an exact 2x (the two-step fallback: 3x, odd, mismatched channels)."""
+    gen = torch.Generator().manual_seed(3)
+    cl = torch.channels_last
+    cases = [((2, 8, 12, 10), (2, 8, 6, 5), None, None), ((1, 8, 12, 10), (3, 8, 6, 5), None, None),
+             ((3, 8, 12, 10), (1, 8, 6, 5), cl, cl), ((2, 8, 12, 10), (2, 8, 6, 5), cl, None),
+             ((2, 8, 12, 10), (2, 8, 6, 5), None, cl), ((1, 8, 12, 10), (2, 8, 6, 5), cl, cl),
+             ((2, 4, 18, 15), (2, 4, 6, 5), None, None), ((2, 4, 13, 10), (2, 4, 6, 5), None, None),
+             ((2, 4, 12, 10), (2, 1, 6, 5), None, None)]
+    for fs, ps, ffmt, pfmt in cases:
+        f = torch.randn(fs, generator=gen).to(dtype)
+        p = (torch.randn(ps, generator=gen) * 3).to(dtype)
+        f = f.to(memory_format=ffmt) if ffmt else f
+        p = p.to(memory_format=pfmt) if pfmt else p
+        want = f + torch.nn.functional.interpolate(p, size=f.shape[-2:], mode="nearest")
+        got = add_nearest_upsampled(f, p)
+        assert torch.equal(got, want), (fs, ps, ffmt, pfmt)
+        assert got.dtype == want.dtype and got.stride() == want.stride(), (fs, ps, ffmt, pfmt)
+        if fs[-2:] == (2 * ps[-2], 2 * ps[-1]) and fs[1] == ps[1]:  # one pass: the sum, viewed back to 4-D
+            assert got._base is not None and got._base.dim() == 6, (fs, ps, ffmt, pfmt)
+    f, p = torch.randn(1, 4, 12, 10, dtype=dtype), torch.randn(1, 4, 6, 5, dtype=torch.float32)
+    assert torch.equal(add_nearest_upsampled(f, p), f + torch.nn.functional.interpolate(p, size=(12, 10)))
+    f = torch.randn(1, 4, 10, 12, dtype=dtype).transpose(-1, -2)  # neither layout: the two-step form
+    assert torch.equal(add_nearest_upsampled(f, p), f + torch.nn.functional.interpolate(p, size=(12, 10)))
 
 
 def test_joint_logits_formula():

@@ -25,6 +25,25 @@ import torch.nn.functional as F
 from .common import MLP, FastGroupNorm, MultiheadAttention
 
 
+def add_nearest_upsampled(f: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``f + F.interpolate(p, size=f.shape[-2:], mode="nearest")`` for (B, C, H, W) ``f`` and
+    (B|1, C, h, w) ``p``. Where (H, W) is exactly (2h, 2w) (SAM 3's pixel decoder: 144 -> 288 and
+    72 -> 144 at 1008 px), PyTorch's nearest picks source index ``dst >> 1``, so the sum is one
+    broadcast add of ``p`` over 2 x 2 blocks of ``f``: the same additions of the same values, one
+    kernel instead of two, and the upsampled map is never written. The output takes ``f``'s layout
+    (contiguous or channels-last). Other sizes: the two-step form."""
+    (H, W), (h, w) = f.shape[-2:], p.shape[-2:]
+    channels_last = not f.is_contiguous() and f.is_contiguous(memory_format=torch.channels_last)
+    if (f.dim() != 4 or p.dim() != 4 or (H, W) != (2 * h, 2 * w) or p.shape[1] != f.shape[1]
+            or not (f.is_contiguous() or channels_last)):
+        return f + F.interpolate(p, size=(H, W), mode="nearest")
+    C = f.shape[1]
+    out = f.view(f.shape[0], C, h, 2, w, 2) + p[:, :, :, None, :, None]
+    # the sum takes f's dense layout over the six dims (PyTorch's elementwise rule), so merging the
+    # 2 x 2 blocks back is a view; reshape would copy only in a layout this rule does not give
+    return out.reshape(out.shape[0], C, H, W)
+
+
 class PixelDecoder(nn.Module):
     """Official ``PixelDecoder`` (nearest upsampling, no shared conv): top-down from the coarsest
     level, ``p = relu(GN_i(conv_i(fpn + up(p))))``. Input list finest first; output (B, D, h0, w0)."""
@@ -40,7 +59,7 @@ class PixelDecoder(nn.Module):
     def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         p = feats[-1]
         for i, f in enumerate(reversed(feats[:-1])):
-            p = f + F.interpolate(p, size=f.shape[-2:], mode="nearest")
+            p = add_nearest_upsampled(f, p)  # f + nearest 2x upsampling of p, one pass
             p = self.norms[i].forward_relu(self.conv_layers[i](p))  # relu(GN(conv)), one pass on CUDA
         return p
 
