@@ -149,6 +149,39 @@ def test_decoder_intermediates(tiny, tiny_inputs, tiny_outputs):
     assert (ours["ref_boxes_all"][1:] - ours["ref_boxes_all"][:-1]).abs().max() > 1e-3, "boxes are not refined"
 
 
+def test_prompt_padding_bias_once_equals_the_per_layer_mask(tiny, tiny_inputs, monkeypatch):
+    """The decoder builds the text attention's padding bias once a forward and hands it to every
+    layer; the outputs are bit for bit those of each layer building it from ``prompt_mask``."""
+    import sam3fast.model.decoder as decoder_mod
+
+    x = tiny_inputs
+    calls = []
+    real = decoder_mod.key_padding_bias
+
+    def counted(mask, dtype):
+        calls.append(dtype)
+        return real(mask, dtype)
+
+    def run():
+        with torch.no_grad():
+            return tiny.decoder(x["memory"], x["pos"], x["feat_size"], x["prompt"], x["prompt_mask"], True)
+
+    import sam3fast.model.common as common_mod
+
+    in_layers = []
+    layer_real = common_mod.key_padding_bias
+    monkeypatch.setattr(common_mod, "key_padding_bias", lambda m, d: in_layers.append(d) or layer_real(m, d))
+    monkeypatch.setattr(decoder_mod, "key_padding_bias", counted)
+    once = run()
+    assert len(calls) == 1 and in_layers == []  # built once; no layer builds its own
+    monkeypatch.setattr(decoder_mod, "key_padding_bias", lambda mask, dtype: None)  # each layer: its mask
+    per_layer = run()
+    assert len(in_layers) == len(tiny.decoder.layers)
+    assert once.keys() == per_layer.keys()
+    for k in once:
+        assert torch.equal(once[k], per_layer[k]), k
+
+
 def test_rpb_bias_matches_official(tiny):
     dec = tiny.official.transformer.decoder
     g = torch.Generator().manual_seed(3)

@@ -139,6 +139,15 @@ class MLP(nn.Module):
         return self.out_norm(y)
 
 
+def key_padding_bias(key_padding_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, S) bool, True = ignore that key -> the additive (B, 1, 1, S) attention bias in ``dtype``
+    (0 or -inf) that :class:`MultiheadAttention` builds from ``key_padding_mask``; a caller that
+    attends to the same keys in several layers builds it once and passes it as ``attn_bias``."""
+    B, S = key_padding_mask.shape
+    return torch.zeros(B, 1, 1, S, dtype=dtype, device=key_padding_mask.device).masked_fill(
+        key_padding_mask.view(B, 1, 1, S), float("-inf"))
+
+
 class MultiheadAttention(nn.Module):
     """Multi-head attention with ``nn.MultiheadAttention``'s parameter names
     (``in_proj_weight`` (3D, D) packed q|k|v, ``in_proj_bias``, ``out_proj``) so official keys load
@@ -177,9 +186,7 @@ class MultiheadAttention(nn.Module):
         v = F.linear(value.to(w_q.dtype), w_v, b_v).view(B, S, H, D // H).transpose(1, 2)
         mask = None if attn_bias is None else attn_bias.to(q.dtype)
         if key_padding_mask is not None:
-            pad = torch.zeros(B, 1, 1, S, dtype=q.dtype, device=q.device).masked_fill(
-                key_padding_mask.view(B, 1, 1, S), float("-inf")
-            )
+            pad = key_padding_bias(key_padding_mask, q.dtype)
             mask = pad if mask is None else mask + pad
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return F.linear(out.transpose(1, 2).reshape(B, L, D), w_o, b_o)

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from ..kernels.rpb_attention import rpb_attention, rpb_attention_backend
 from ..kernels.rpb_factors import rpb_factors, rpb_factors_ref
-from .common import MLP, MultiheadAttention, inverse_sigmoid, linear_relu, size_constant
+from .common import MLP, MultiheadAttention, inverse_sigmoid, key_padding_bias, linear_relu, size_constant
 
 
 def box_cxcywh_to_xyxy(x: torch.Tensor) -> torch.Tensor:
@@ -118,15 +118,21 @@ class DecoderLayer(nn.Module):
         prompt_mask: Optional[torch.Tensor],  # (B, P) True = pad
         attn_bias: Optional[torch.Tensor],  # (B, H, L, N)
         rpb: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,  # (dy (B, H, L, Hf), dx (B, H, L, Wf))
+        prompt_bias: Optional[torch.Tensor] = None,  # (B, 1, 1, P): key_padding_bias(prompt_mask, x.dtype)
     ) -> torch.Tensor:
         """The image cross-attention takes its bias materialized (``attn_bias``) or, with ``rpb``
         given, as its separable factors through the ``sam3fast::rpb_attention`` op (then
         ``attn_bias`` is unused). It runs in ``memory``'s dtype (its projections, the attention and
         the output projection), the rest in ``x``'s (the weights'); its output joins the residual
-        stream in ``x``'s dtype."""
+        stream in ``x``'s dtype. ``prompt_bias``, when given, stands for ``prompt_mask`` (the
+        decoder builds it once for its six layers)."""
         q = x + query_pos
         x = self.norm2(x + self.self_attn(q, q, x))
-        x = self.catext_norm(x + self.ca_text(x + query_pos, prompt, prompt, key_padding_mask=prompt_mask))
+        if prompt_bias is None:
+            text = self.ca_text(x + query_pos, prompt, prompt, key_padding_mask=prompt_mask)
+        else:
+            text = self.ca_text(x + query_pos, prompt, prompt, attn_bias=prompt_bias)
+        x = self.catext_norm(x + text)
         if rpb is None:
             ca = self.cross_attn(x + query_pos, memory_key, memory, attn_bias=attn_bias, dtype=memory.dtype)
         else:
@@ -271,14 +277,17 @@ class Decoder(nn.Module):
         memory_key = memory + pos
         zero_pos = x.new_zeros(B, 1, D)
         use_kernel = self.use_rpb_kernel(memory)
+        # the text attention's padding bias, once for the six layers (2 launches each before)
+        prompt_bias = None if prompt_mask is None else key_padding_bias(prompt_mask, wdt)
         hs_all, ref_all, presence_all = [], [], []
         for layer in self.layers:
             query_pos = torch.cat((zero_pos, self.ref_point_head(gen_sineembed_for_position(ref, D).to(wdt))), dim=1)
             if use_kernel:
                 rpb = self.rpb_factors(ref, feat_size)
-                x = layer(x, query_pos, memory, memory_key, prompt, prompt_mask, None, rpb)
+                x = layer(x, query_pos, memory, memory_key, prompt, prompt_mask, None, rpb, prompt_bias)
             else:
-                x = layer(x, query_pos, memory, memory_key, prompt, prompt_mask, self.rpb_bias(ref, feat_size))
+                x = layer(x, query_pos, memory, memory_key, prompt, prompt_mask, self.rpb_bias(ref, feat_size),
+                          prompt_bias=prompt_bias)
             hs = self.norm(x[:, 1:])
             ref_in = ref
             ref = (inverse_sigmoid(ref_in) + self.bbox_embed(hs).float()).sigmoid()  # = predict_boxes(...)[0]
