@@ -14,7 +14,8 @@ from typing import Optional, Union
 import torch
 
 from .checkpoint import (
-    CheckpointError, float32_islands, load_into, read_state_dict, resolve_checkpoint_path, _image_keys_from_official,
+    CheckpointError, float32_islands, keeps_float32, load_into, model_dtype_parts, read_state_dict,
+    resolve_checkpoint_path, _image_keys_from_official,
 )
 from .config import Sam3Config, get_config
 from .model.sam3_image import Sam3ImageModel
@@ -44,10 +45,11 @@ def _resolve_device(device) -> torch.device:
 
 def _cast_floating_(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Cast floating parameters and buffers only (``Module.to(dtype)`` would also touch the complex
-    RoPE tables); those of float32 islands stay float32."""
-    islands = float32_islands(model)
+    RoPE tables); those of float32 islands (less their parts that follow the model's dtype) stay
+    float32."""
+    islands, parts = float32_islands(model), model_dtype_parts(model)
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        want = torch.float32 if name.startswith(islands) else dtype
+        want = torch.float32 if keeps_float32(name, islands, parts) else dtype
         if t.is_floating_point() and t.dtype != want:
             t.data = t.data.to(want)
 

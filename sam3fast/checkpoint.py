@@ -140,21 +140,35 @@ def float32_islands(model: nn.Module) -> Tuple[str, ...]:
     return tuple(out)
 
 
+def model_dtype_parts(model: nn.Module) -> Tuple[str, ...]:
+    """The state-dict prefixes ("name.") of the submodules marked ``follows_model_dtype = True``
+    inside a float32 island: their floating tensors take the model's dtype all the same (the query
+    decoder's image cross-attention, which computes in the memory's dtype)."""
+    return tuple(name + "." for name, m in model.named_modules() if name and getattr(m, "follows_model_dtype", False))
+
+
+def keeps_float32(name: str, islands: Tuple[str, ...], parts: Tuple[str, ...]) -> bool:
+    """Whether the tensor ``name`` stays float32 in a model of another dtype: inside one of the
+    ``islands`` (:func:`float32_islands`) and not inside one of its ``parts`` that follow the model's
+    dtype (:func:`model_dtype_parts`)."""
+    return name.startswith(islands) and not name.startswith(parts)
+
+
 def load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype] = None,
               device: Optional[torch.device] = None) -> List[str]:
     """Assign ``sd`` to ``model`` (which may live on the meta device) strictly.
 
     Floating tensors are cast to ``dtype`` (default: float32), those of float32 islands
-    (:func:`float32_islands`) to float32; complex buffers keep their dtype.
-    Returns the keys set aside (components not built).
+    (:func:`float32_islands`, less their :func:`model_dtype_parts`) to float32; complex buffers keep
+    their dtype. Returns the keys set aside (components not built).
     """
     dtype = dtype or torch.float32
-    islands = float32_islands(model)
+    islands, parts = float32_islands(model), model_dtype_parts(model)
     entries, set_aside = check_state_dict(model, sd)
     out = {}
     for k, v in entries.items():
         if v.is_floating_point():
-            v = v.to(dtype=torch.float32 if k.startswith(islands) else dtype)
+            v = v.to(dtype=torch.float32 if keeps_float32(k, islands, parts) else dtype)
         if device is not None:
             v = v.to(device)
         out[k] = v

@@ -7,7 +7,7 @@ import torch
 
 import sam3fast
 from sam3fast import CheckpointError
-from sam3fast.checkpoint import float32_islands
+from sam3fast.checkpoint import float32_islands, model_dtype_parts
 from sam3fast.config import get_config
 from official_ref import build_official_image_model, official_checkpoint_state, redraw_
 
@@ -70,20 +70,30 @@ def test_plain_and_bf16_state_dicts(tmp_path, official_sd):
 
 def _assert_island_float32(model):
     """A bfloat16 model: every floating tensor in bfloat16 but the float32 islands' (the query decoder,
-    the scoring head, the ViT trunk's LayerNorms and pos table)."""
+    the scoring head, the ViT trunk's LayerNorms and pos table), less the decoder's image
+    cross-attention (``follows_model_dtype``: computed in the memory's dtype, kept in bfloat16)."""
     islands = float32_islands(model)
+    parts = model_dtype_parts(model)
+    n_layers = len(model.transformer.decoder.layers)
+    assert set(parts) == {f"transformer.decoder.layers.{i}.cross_attn." for i in range(n_layers)}, parts
     trunk = "backbone.vision_backbone.trunk."
     n_ln = len([m for m in model.backbone.vision_backbone.trunk.modules() if isinstance(m, torch.nn.LayerNorm)])
     assert {"transformer.decoder.", "dot_prod_scoring.", trunk + "pos_embed", trunk + "ln_pre.",
             trunk + "blocks.0.norm1.", trunk + "blocks.0.norm2."} <= set(islands)
     assert len(islands) == 3 + n_ln, islands
     n_island = {p: 0 for p in islands}
+    n_parts = 0
     for k, v in list(model.named_parameters()) + list(model.named_buffers()):
         if v.is_floating_point():
             island = next((p for p in islands if k.startswith(p)), None)
+            if island and k.startswith(parts):
+                assert k.startswith("transformer.decoder.layers.") and v.dtype == torch.bfloat16, k
+                n_parts += 1
+                continue
             if island:
                 n_island[island] += 1
             assert v.dtype == (torch.float32 if island else torch.bfloat16), k
+    assert n_parts == 4 * n_layers  # in_proj weight and bias, out_proj weight and bias a layer
     assert n_island["dot_prod_scoring."] >= 6 and n_island["transformer.decoder."] >= 50, n_island
     assert n_island[trunk + "pos_embed"] == 1 and n_island[trunk + "ln_pre."] == 2, n_island
 

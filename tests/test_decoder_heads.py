@@ -182,6 +182,47 @@ def test_prompt_padding_bias_once_equals_the_per_layer_mask(tiny, tiny_inputs, m
         assert torch.equal(once[k], per_layer[k]), k
 
 
+@pytest.mark.parametrize("rpb_kernel", [False, True])
+def test_bf16_cross_attention_weights_give_the_per_call_cast(rpb_kernel):
+    """A bfloat16 build keeps the decoder's image cross-attention weights in bfloat16 (cast once):
+    the outputs are bit for bit those of the same decoder with those weights in float32, cast to
+    the memory's bfloat16 at each call (the layout before), through both image cross-attention paths
+    (the rpb op's wiring, its CUDA dispatch forced on CPU tensors with head dim 16, and the
+    materialized bias)."""
+    import copy
+
+    from sam3fast.build import _cast_floating_
+    from sam3fast.kernels import _triton_compat as tc
+
+    torch.manual_seed(0)
+    dec = Decoder(d_model=64, num_heads=4, dim_feedforward=96, num_layers=2, num_queries=12).eval()
+    with torch.no_grad():
+        for p in dec.parameters():
+            p.copy_(torch.randn_like(p) * (0.3 if p.dim() > 1 else 0.1))
+    _cast_floating_(torch.nn.ModuleDict({"decoder": dec}), torch.bfloat16)  # the builders' cast
+    assert dec.query_embed.weight.dtype == torch.float32
+    assert all(p.dtype == torch.bfloat16 for layer in dec.layers for p in layer.cross_attn.parameters())
+    before = copy.deepcopy(dec)
+    for layer in before.layers:
+        layer.cross_attn.float()  # exact: bfloat16 values in float32
+    g = torch.Generator().manual_seed(1)
+    H, W, P = 5, 6, 7
+    memory, pos = (torch.randn(2, H * W, 64, generator=g).to(torch.bfloat16) for _ in range(2))
+    prompt = torch.randn(2, P, 64, generator=g).to(torch.bfloat16)
+    mask = torch.arange(P)[None] >= torch.tensor([[4], [7]])
+    old = tc.KERNEL_PATHS_ON_CPU
+    tc.KERNEL_PATHS_ON_CPU = rpb_kernel
+    try:
+        assert dec.use_rpb_kernel(memory) == rpb_kernel
+        with torch.no_grad():
+            got, want = (d(memory, pos, (H, W), prompt, mask, True) for d in (dec, before))
+    finally:
+        tc.KERNEL_PATHS_ON_CPU = old
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    assert got["hs"].float().std(dim=1).mean() > 1e-3 and got["pred_boxes"].std(dim=1).mean() > 1e-2  # queries differ
+
+
 def test_rpb_bias_matches_official(tiny):
     dec = tiny.official.transformer.decoder
     g = torch.Generator().manual_seed(3)

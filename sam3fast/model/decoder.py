@@ -99,6 +99,10 @@ class DecoderLayer(nn.Module):
     def __init__(self, d_model: int, num_heads: int, dim_feedforward: int):
         super().__init__()
         self.cross_attn = MultiheadAttention(d_model, num_heads)
+        # the image cross-attention computes in the memory's dtype: its weights are kept in the
+        # model's dtype inside the decoder's float32 island (the same values the per-call cast of
+        # float32 weights gave, without 4 casts a layer)
+        self.cross_attn.follows_model_dtype = True
         self.norm1 = nn.LayerNorm(d_model)
         self.ca_text = MultiheadAttention(d_model, num_heads)
         self.catext_norm = nn.LayerNorm(d_model)
@@ -179,7 +183,8 @@ class Decoder(nn.Module):
     weights in float32 whatever the model's dtype; the 1+Q query stream, the prompt attention, the
     FFNs, the norms and the box MLPs compute in float32, while the image cross-attention (the
     memory's K/V projections, the attention, where the FLOPs are: ~2.4 GFLOP a layer) runs in
-    ``memory``'s dtype with its weights cast per call. ``hs``, the presence logit and
+    ``memory``'s dtype, its weights held in the model's dtype (``follows_model_dtype``: the values a
+    per-call cast of float32 weights gives, cast once at load). ``hs``, the presence logit and
     ``presence_feats`` are returned in ``memory``'s dtype (the boxes are float32 always).
     Measured on CPU at full size (840 M, 1008 px, three images, the scoring head already an island;
     mean relative error of the query logits against the float32 official, as a multiple of the
