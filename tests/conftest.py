@@ -11,6 +11,15 @@ except Exception:  # pragma: no cover
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (README: ``-n 2``) each worker takes its share of the cores' intra-op threads,
+# so two workers do not oversubscribe the machine (2 cores: one thread each).
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+if _workers > 1:
+    try:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+    except Exception:  # pragma: no cover - torch missing: the tests that need it fail on their own
+        pass
+
 
 def pytest_collection_modifyitems(config, items):
     """Every test skipped for want of a CUDA device carries the ``gpu`` marker, however its skip is
