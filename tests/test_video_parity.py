@@ -583,7 +583,8 @@ def test_bf16_video_session_error_budget(checkpoints, clip_dir, kernel_paths):
     assert len(ref) == len(auto) == len(got) == NUM_FRAMES
     if kernel_paths:  # (the tiny config's 8-wide heads keep the two-way, rpb and prompt kernels off)
         want = {"rope", "residual_norm", "memory_attention", "rope_projection", "dwconv_norm", "layer_norm2d",
-                "mask_postprocess", "connected_component_sizes"}
+                "mask_postprocess", "connected_component_sizes", "table_apply_staged_", "table_ptr_slots",
+                "table_memory_tokens"}
         assert want <= record.ops, sorted(record.ops)
 
     def drift(run):

@@ -67,6 +67,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..kernels import table_memory as tk
 from ..model.memory_attention import assemble_memory, get_1d_sine_pe
 
 __all__ = ["BankSpec", "BankState", "MemoryBank", "ObjectTable", "TableRows", "TableState", "bank_memory",
@@ -254,26 +255,6 @@ class TableState(NamedTuple):
 _COND_FIELDS = ("cond_feats", "cond_ptrs", "cond_frames", "cond_valid")
 
 
-def _assemble_rows(feats: Tensor, maskmem_pos: Tensor, mem_tpos: Tensor, ptrs: Tensor, ptr_tpos: Tensor,
-                   maskmem_tpos_enc: Tensor, obj_ptr_tpos_proj: nn.Module, ptr_norm: int) -> Tuple[Tensor, Tensor, int]:
-    """:func:`~sam3fast.model.memory_attention.assemble_memory` with temporal positions per row:
-    ``feats`` (n, N, M, h, w), ``maskmem_pos`` (n, M, h, w), ``mem_tpos`` (n, N), ``ptrs`` (n, P, D),
-    ``ptr_tpos`` (n, P). The same elementwise values, only the positions are not shared by rows."""
-    n, N, M = feats.shape[:3]
-    L = feats.shape[-2] * feats.shape[-1]
-    nm = maskmem_tpos_enc.shape[0]
-    mem = feats.flatten(3).transpose(2, 3).reshape(n, N * L, M)
-    tpos = maskmem_tpos_enc.reshape(nm, M)[nm - 1 - mem_tpos]  # (n, N, M)
-    pos = (maskmem_pos.flatten(2).transpose(1, 2)[:, None] + tpos[:, :, None, :]).reshape(n, N * L, M)
-    P, D = ptrs.shape[1:]
-    split = D // M if M < D else 1
-    rel = ptr_tpos / (ptr_norm - 1)  # (true division in the default float dtype, as the official)
-    ptr_pos = obj_ptr_tpos_proj(get_1d_sine_pe(rel, dim=D).to(obj_ptr_tpos_proj.weight.dtype))  # (n, P, M)
-    ptr_pos = ptr_pos.repeat_interleave(split, dim=1)
-    ptr_tok = ptrs.reshape(n, P * split, D // split)
-    return torch.cat((mem, ptr_tok), dim=1), torch.cat((pos, ptr_pos), dim=1), P * split
-
-
 def table_memory(
     spec: BankSpec,
     st: TableState,
@@ -287,44 +268,33 @@ def table_memory(
     bank state and conditioning frames: ``(memory (rows, S, M), memory_pos, num_obj_ptr_tokens,
     memory_valid (rows, S) bool)`` with S = (Cmax + F + 1) * L + (Cmax + G + 1) * D / M (frame
     tokens first, conditioning slots, ring slots, last frame; then the pointers in that order). A
-    free row (``active`` False) has exactly one valid key, the first (zero) one. Tensor ops only."""
+    free row (``active`` False) has exactly one valid key, the first (zero) one. Tensor ops only.
+
+    Three steps (``sam3fast.kernels.table_memory``): the pointer slots' temporal positions and
+    validity, their positions through ``obj_ptr_tpos_proj`` (a GEMM), then every token, its
+    position and validity. On CUDA (the table, the encodings and the projection in one dtype,
+    ``frame_idx`` a tensor) the first and last are the ``sam3fast::table_ptr_slots`` and
+    ``sam3fast::table_memory_tokens`` Triton kernels (the same values); elsewhere their PyTorch
+    references."""
     n = rows
     C, M = st.cond_feats.shape[1:3]
-    L = st.cond_feats.shape[-1] * st.cond_feats.shape[-2]
     D = st.cond_ptrs.shape[-1]
     split = D // M if M < D else 1
-    dev = st.count.device
-    count, g = st.count[:n], st.last_good[:n].long()
-    ring_rank_f = (count[:, None] - 1 - torch.arange(spec.F, device=dev)) % spec.F  # (n, F)
-    ring_rank_g = (count[:, None] - 1 - torch.arange(spec.G, device=dev)) % spec.G  # (n, G)
-    n_good_listed = torch.minimum(count, spec.G - g)[:, None]
-    n_list = (torch.clamp(count + g, max=spec.G) + (1 - g))[:, None]
-    feat_ok = ring_rank_f < n_good_listed
-    ptr_ok = (ring_rank_g < n_good_listed) & (ring_rank_g + 2 <= n_list - 1)
-    content = st.last_content[:n, None]
-    last_feat_ok, last_ptr_ok = content, content & (n_list >= 2)
-    if no_prev:
-        feat_ok, ptr_ok = torch.zeros_like(feat_ok), torch.zeros_like(ptr_ok)
-        last_feat_ok, last_ptr_ok = torch.zeros_like(last_feat_ok), torch.zeros_like(last_ptr_ok)
-    cond_valid = st.cond_valid[:n]
-    cond_dist = (frame_idx - st.cond_frames[:n]) * spec.sign  # (n, C)
-
-    feats = torch.cat((st.cond_feats[:n], st.ring_feat[:n], st.last_feat[:n, None]), dim=1)
-    t_pos = torch.cat((torch.zeros(n, C, dtype=torch.long, device=dev),
-                       spec.num_maskmem - (ring_rank_f + 2).clamp(max=spec.num_maskmem - 1),
-                       torch.full((n, 1), spec.num_maskmem - 1, dtype=torch.long, device=dev)), dim=1)
-    ptrs = torch.cat((st.cond_ptrs[:n], st.ring_ptr[:n], st.last_ptr[:n, None]), dim=1)
-    ptr_tpos = torch.cat((cond_dist.clamp(min=0), ring_rank_g + 2, torch.ones(n, 1, dtype=torch.long, device=dev)),
-                         dim=1)
-    memory, memory_pos, n_ptr_tok = _assemble_rows(feats, st.maskmem_pos[:n], t_pos, ptrs, ptr_tpos,
-                                                   maskmem_tpos_enc, obj_ptr_tpos_proj, spec.ptr_norm)
-    frame_ok = torch.cat((cond_valid, feat_ok, last_feat_ok), dim=1)
-    ptr_valid = torch.cat((cond_valid & (cond_dist >= 0), ptr_ok, last_ptr_ok), dim=1)
-    valid = torch.cat((frame_ok.repeat_interleave(L, dim=1), ptr_valid.repeat_interleave(split, dim=1)), dim=1)
-    active = st.active[:n]
-    valid &= active[:, None]
-    valid[:, 0] |= ~active
-    return memory, memory_pos, n_ptr_tok, valid
+    nm = maskmem_tpos_enc.shape[0]
+    dt = st.cond_feats.dtype
+    use = (isinstance(frame_idx, Tensor) and tk.table_kernels_backend(st.cond_feats)[0] == "triton"
+           and maskmem_tpos_enc.dtype == dt and obj_ptr_tpos_proj.weight.dtype == dt and D == split * M)
+    slots = torch.ops.sam3fast.table_ptr_slots if use else tk.table_ptr_slots_ref
+    ptr_tpos, ptr_ok = slots(st.count, st.last_good, st.last_content, st.cond_valid, st.cond_frames, st.active,
+                             frame_idx, n, spec.F, spec.G, spec.sign, no_prev)
+    rel = ptr_tpos / (spec.ptr_norm - 1)  # (true division in the default float dtype, as the official)
+    ptr_pos = obj_ptr_tpos_proj(get_1d_sine_pe(rel, dim=D).to(obj_ptr_tpos_proj.weight.dtype))  # (n, P, M)
+    tokens = torch.ops.sam3fast.table_memory_tokens if use else tk.table_memory_tokens_ref
+    memory, memory_pos, valid = tokens(st.cond_feats, st.ring_feat, st.last_feat, st.maskmem_pos, st.cond_ptrs,
+                                       st.ring_ptr, st.last_ptr, st.count, st.last_good, st.last_content,
+                                       st.cond_valid, st.active, maskmem_tpos_enc.reshape(nm, M), ptr_pos, ptr_ok,
+                                       n, spec.num_maskmem, no_prev)
+    return memory, memory_pos, ptr_tpos.shape[1] * split, valid
 
 
 def table_advance(spec: BankSpec, st: TableState, feat: Tensor, ptr: Tensor, good: Tensor, content: Tensor,
@@ -333,33 +303,23 @@ def table_advance(spec: BankSpec, st: TableState, feat: Tensor, ptr: Tensor, goo
     last frame enters the ring iff it was good, then ``feat`` (Cap, M, h, w) / ``ptr`` (Cap, D)
     become the last frame where ``content`` (the frame holds an output; elsewhere nothing, the
     old last features stay as they were), with ``good`` (Cap,) bool, each row its own. In-place
-    tensor ops, no host sync."""
-    Cap = st.count.shape[0]
-    F, G = spec.F, spec.G
-    push = st.last_good & mask
-    rows = torch.arange(Cap, device=st.count.device)
-    ring_feat = st.ring_feat.view(Cap * F, *st.ring_feat.shape[2:])
-    ring_ptr = st.ring_ptr.view(Cap * G, st.ring_ptr.shape[-1])
-    slot_f = rows * F + st.count % F
-    slot_g = rows * G + st.count % G
-    ring_feat.index_copy_(0, slot_f, torch.where(push.view(Cap, 1, 1, 1), st.last_feat,
-                                                 ring_feat.index_select(0, slot_f)))
-    ring_ptr.index_copy_(0, slot_g, torch.where(push.view(Cap, 1), st.last_ptr, ring_ptr.index_select(0, slot_g)))
-    st.count.add_(push.long())
-    take = mask & content
-    st.last_feat.copy_(torch.where(take.view(Cap, 1, 1, 1), feat, st.last_feat))
-    st.last_ptr.copy_(torch.where(take.view(Cap, 1), ptr, st.last_ptr))
-    st.last_content.copy_(torch.where(mask, content, st.last_content))
-    st.last_good.copy_(torch.where(mask, good & content, st.last_good))
+    tensor ops, no host sync (``sam3fast.kernels.table_memory.table_advance_ref``)."""
+    tk.table_advance_ref(st.ring_feat, st.ring_ptr, st.count, st.last_feat, st.last_ptr, st.last_content,
+                         st.last_good, feat, ptr, good, content, mask)
 
 
 def table_apply_staged(spec: BankSpec, st: TableState) -> None:
     """Apply every staged frame of an object table (:func:`table_advance` of the ``next_*`` rows
     where ``staged``), then clear ``staged``. Tensor ops only: a no-op when nothing is staged, so a
     step that runs it more than once (a CUDA graph capture's warm-up runs its step twice) applies
-    each frame once. The graphed table step (``GraphedMemoryStep.run_table``) starts with it."""
-    table_advance(spec, st, st.next_feat, st.next_ptr, st.next_good, st.next_content, st.staged)
-    st.staged.fill_(False)
+    each frame once. The graphed table step (``GraphedMemoryStep.run_table``) starts with it. On
+    CUDA it is the ``sam3fast::table_apply_staged_`` Triton kernels (2 launches for ~27)."""
+    args = (st.ring_feat, st.ring_ptr, st.count, st.last_feat, st.last_ptr, st.last_content, st.last_good,
+            st.next_feat, st.next_ptr, st.next_good, st.next_content, st.staged)
+    if tk.table_kernels_backend(st.last_feat)[0] == "triton":
+        torch.ops.sam3fast.table_apply_staged_(*args)
+    else:
+        tk.table_apply_staged_ref(*args)
 
 
 class TableRows:
