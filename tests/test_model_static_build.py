@@ -29,5 +29,5 @@ def test_models_build_every_launch_for_sm90():
     reached = {line.split()[0] for line in out.splitlines() if " calls " in line and "no launch" not in line}
     want = {"residual_norm", "rope", "rope_projection", "memory_attention", "dwconv_norm", "layer_norm2d",
             "conv_norm_gelu", "group_norm", "mask_for_memory", "mask_postprocess", "connected_component_sizes",
-            "rpb_factors", "table_apply_staged_", "table_ptr_slots", "table_memory_tokens"}
+            "rpb_factors", "table_apply_staged_", "table_ptr_slots", "table_memory_tokens", "fold_out_proj"}
     assert want <= reached, sorted(want - reached)

@@ -1015,7 +1015,7 @@ def test_bf16_session_error_budget(pair, kernel_paths, objects):
     assert any(folds) == kernel_paths, folds
     if kernel_paths:  # (the tiny config's 8-wide heads keep the two-way kernels off)
         want = {"rope", "residual_norm", "memory_attention", "rope_projection", "dwconv_norm", "layer_norm2d",
-                "mask_for_memory", "table_apply_staged_", "table_ptr_slots", "table_memory_tokens"}
+                "mask_for_memory", "table_apply_staged_", "table_ptr_slots", "table_memory_tokens", "fold_out_proj"}
         assert want <= record.ops, sorted(record.ops)
     assert ours16.step_counts["fixed_capacity"] > 0
     assert len(got) == len(ref) == NUM_FRAMES + (3 if objects == 2 else 4)

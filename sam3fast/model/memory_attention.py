@@ -63,6 +63,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels.fold_projection import fold_out_proj
 from ..kernels.memory_attention import memory_attention, memory_attention_backend, uses_sdpa_path
 from ..kernels.residual_norm import residual_norm, residual_norm_backend
 from ..kernels.rope_projection import rope_projection, rope_projection_backend
@@ -177,13 +178,10 @@ class RoPEAttention(nn.Module):
     def folded_out_proj(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(W (D, H * kv_in), b (D,))`` in ``dtype``: out_proj(concat_h(o_h Wv_h^T + bv_h)) =
         concat_h(o_h) W^T + b for per-head kv_in-wide o_h. Computed from the current parameters in
-        float32 (float64 for float64) each call: a D x D x kv_in product, nothing cached to go stale."""
-        H, D = self.num_heads, self.embedding_dim
-        acc = torch.promote_types(dtype, torch.float32)
-        wo, bo = self.out_proj.weight.to(acc), self.out_proj.bias.to(acc)
-        wv, bv = self.v_proj.weight.to(acc), self.v_proj.bias.to(acc)
-        w = torch.einsum("ohd,hdm->ohm", wo.view(-1, H, D // H), wv.view(H, D // H, -1)).flatten(1)
-        return w.to(dtype), (bo + wo @ bv).to(dtype)
+        float32 (float64 for float64) each call: a D x D x kv_in product, nothing cached to go stale.
+        On CUDA one launch (``sam3fast::fold_out_proj``, for ~10 casts and products a layer)."""
+        return fold_out_proj(self.out_proj.weight, self.out_proj.bias, self.v_proj.weight, self.v_proj.bias,
+                             self.num_heads, dtype)
 
     def forward(
         self,
