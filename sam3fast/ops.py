@@ -25,12 +25,14 @@ from .kernels.rpb_factors import rpb_factors, rpb_factors_backend
 from .kernels.conv_norm_gelu import conv_norm_gelu, conv_norm_gelu_backend
 from .kernels.dwconv_norm import dwconv_norm, dwconv_norm_backend
 from .kernels.fused_linear import fused_linear_backend, linear_gelu, linear_rope
+from .kernels.fold_projection import fold_out_proj, fold_out_proj_backend
 from .kernels.group_norm import group_norm, group_norm_backend
 from .kernels.layer_norm2d import layer_norm2d, layer_norm2d_backend
 from .kernels.residual_norm import residual_norm, residual_norm_backend
 from .kernels.rope import rope, rope_backend
 from .kernels.rope_attention import rope_self_attention, rope_self_attention_backend
 from .kernels.rope_projection import rope_projection, rope_projection_backend
+from .kernels.table_memory import table_kernels_backend  # (registers the object table's ops)
 from .kernels.two_way_attention import image_to_token_attention, token_to_image_attention, two_way_attention_backend
 from .mask_ops import mask_areas, mask_iou, mask_nms, mask_ops_backend, nms_masks, pack_masks
 
@@ -46,7 +48,8 @@ __all__ = ["FORCE_REFERENCE", "MaskPostprocessOutput", "mask_postprocess", "mask
            "residual_norm_backend", "linear_gelu", "linear_rope", "fused_linear_backend",
            "dwconv_norm", "dwconv_norm_backend", "layer_norm2d", "layer_norm2d_backend",
            "group_norm", "group_norm_backend", "conv_norm_gelu", "conv_norm_gelu_backend",
-           "rope_self_attention", "rope_self_attention_backend", "rope_projection", "rope_projection_backend"]
+           "rope_self_attention", "rope_self_attention_backend", "rope_projection", "rope_projection_backend",
+           "fold_out_proj", "fold_out_proj_backend", "table_kernels_backend"]
 
 connected_component_sizes_backend = _cc.connected_component_sizes_backend
 
