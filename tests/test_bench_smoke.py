@@ -32,6 +32,7 @@ BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
                                 "# trunk (28 window + 4 global blocks), eager chain", "memattn add+norm B=2",
                                 "# memory attention frame (12 calls), memattn add+norm B=2, eager chain")),
     ("bench_connected_components.py", "connected_components benchmark"),
+    ("bench_table_memory.py", ("# table_memory benchmark", "rows=2    pytorch", "rows=2    kernels")),
     ("bench_video.py", ("video frames/s benchmark", "| e2e prefetch | 1 |", "| e2e prefetch perframe | 2 |",
                        "| cached new-table | 1 |", "| concept | sam3fast | float32 | e2e ahead-stream |")),
     # the CPU host-work counts: both parts ran and their phases were found (a renamed driver would

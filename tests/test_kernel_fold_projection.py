@@ -75,3 +75,28 @@ def test_module_takes_the_op_on_the_kernel_path(monkeypatch):
         got = m.folded_out_proj(torch.bfloat16)
     assert rec.ops == {"fold_out_proj"}
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+def test_gpu_real_shape_bf16_and_in_a_graph():
+    """SAM 3's fold (256 x 256 x 64, one head, bf16 weights and output) on the GPU: within one bf16
+    step of the float64 value, nearly always PyTorch's own float32 result rounded (the sums' order
+    differs), and the same from a CUDA graph replay."""
+    from sam3fast.predictor.graphs import warm_up_and_capture
+
+    wo, bo, wv, bv = (t.cuda() for t in weights(256, 64, seed=11, dtype=torch.bfloat16))
+    w, b = torch.ops.sam3fast.fold_out_proj(wo, bo, wv, bv, 1, torch.bfloat16)
+    rw, rb = fp.fold_out_proj_ref(*(t.double() for t in (wo, bo, wv, bv)), 1, torch.float64)
+    assert ((w.double() - rw).abs() <= 2 ** -8 * rw.abs() + 1e-6).all()
+    assert ((b.double() - rb).abs() <= 2 ** -8 * rb.abs() + 1e-6).all()
+    want_w, _ = fp.fold_out_proj_ref(wo, bo, wv, bv, 1, torch.bfloat16)
+    assert (w != want_w).float().mean() < 0.01
+    graph, out, _ = warm_up_and_capture(lambda: torch.ops.sam3fast.fold_out_proj(wo, bo, wv, bv, 1, torch.bfloat16),
+                                        1, None, "test_fold")
+    out[0].fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out[0], w) and torch.equal(out[1], b)

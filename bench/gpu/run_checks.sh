@@ -69,7 +69,7 @@ FIRST="tests/test_video_graphs.py::test_gpu_ahead_detection_stream_equals_one_st
  tests/test_kernel_rope_attention.py
  tests/test_kernel_dwconv_norm.py tests/test_norms.py tests/test_kernel_two_way_attention.py
  tests/test_kernel_prompt_cross_attention.py tests/test_kernel_mask_postprocess.py tests/test_memory.py
- tests/test_graphed_call.py"
+ tests/test_graphed_call.py tests/test_kernel_table_memory.py tests/test_kernel_fold_projection.py"
 if [[ $PHASE == a ]]; then
     # what the open issues' speed items are measured by, most important first, sized for a session's
     # 15 minutes of device time (start included): run 2 of 2026-11-27 (H200) spent 497 s on phase a
@@ -158,6 +158,10 @@ else
     # work is ~3 ms of it) go: its kernels eagerly, graphs off, two-way kernels as in the capture
     step profile_ungraphed 50 60 python3 bench/profile_gpu.py --parts tracker --objects 1 --tracker-variants ungraphed \
         --out bench/results/ungraphed
+    # (session 23) the object table's bookkeeping as 3 Triton kernels against its ~90 PyTorch
+    # operations, eager and graphed, at 1, 8, 16 rows; the folded out-projection is one launch now
+    # (both visible in the ungraphed profile above)
+    step bench_table_memory 30 30 python3 bench/bench_table_memory.py
     # dwconv_norm: never timed (its bench failed its own check in the first H200 run of 2026-11-27)
     step bench_dwconv_norm 40 40 python3 bench/bench_dwconv_norm.py --no-compile
     # the mask downsampler's first two stages in one pass (sam3fast::conv_norm_gelu, session 17)
