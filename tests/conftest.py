@@ -32,6 +32,13 @@ def pytest_collection_modifyitems(config, items):
             if "CUDA" in reason or "cuda" in reason or "GPU" in reason:
                 item.add_marker(pytest.mark.gpu)
                 break
+    if _workers > 1:
+        # Under pytest-xdist (``--dist loadscope``: a module is a unit of work, handed out in this
+        # order) the modules holding full-size (slow, minutes each) tests go first, so the two
+        # workers run them side by side from the start and the small modules fill in after; last,
+        # they left one worker running a full-size test alone at the end.
+        slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+        items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)  # (stable: order kept within)
 
 
 import pytest  # noqa: E402
