@@ -274,16 +274,18 @@ def table_memory(
     validity, their positions through ``obj_ptr_tpos_proj`` (a GEMM), then every token, its
     position and validity. On CUDA (the table, the encodings and the projection in one dtype,
     ``frame_idx`` a tensor) the first and last are the ``sam3fast::table_ptr_slots`` and
-    ``sam3fast::table_memory_tokens`` Triton kernels (the same values); elsewhere their PyTorch
-    references."""
+    ``sam3fast::table_memory_tokens`` Triton kernels (the same values; ``frame_idx`` a tensor on the
+    table's device); elsewhere their PyTorch references."""
     n = rows
     C, M = st.cond_feats.shape[1:3]
     D = st.cond_ptrs.shape[-1]
     split = D // M if M < D else 1
     nm = maskmem_tpos_enc.shape[0]
     dt = st.cond_feats.dtype
-    use = (isinstance(frame_idx, Tensor) and tk.table_kernels_backend(st.cond_feats)[0] == "triton"
-           and maskmem_tpos_enc.dtype == dt and obj_ptr_tpos_proj.weight.dtype == dt and D == split * M)
+    use = (isinstance(frame_idx, Tensor) and frame_idx.device == st.count.device
+           and tk.table_kernels_backend(st.cond_feats)[0] == "triton"
+           and maskmem_tpos_enc.dtype == dt and obj_ptr_tpos_proj.weight.dtype == dt and D == split * M
+           and M & (M - 1) == 0 and spec.F >= 1 and spec.G >= 1)  # (the kernels' limits; SAM 3: M = 64)
     slots = torch.ops.sam3fast.table_ptr_slots if use else tk.table_ptr_slots_ref
     ptr_tpos, ptr_ok = slots(st.count, st.last_good, st.last_content, st.cond_valid, st.cond_frames, st.active,
                              frame_idx, n, spec.F, spec.G, spec.sign, no_prev)
