@@ -273,11 +273,11 @@ def table_memory(
     Three steps (``sam3fast.kernels.table_memory``): the pointer slots' temporal positions and
     validity, their positions through ``obj_ptr_tpos_proj`` (a GEMM), then every token, its
     position and validity. On CUDA (the table, the encodings and the projection in one dtype,
-    ``frame_idx`` a tensor) the first and last are the ``sam3fast::table_ptr_slots`` and
-    ``sam3fast::table_memory_tokens`` Triton kernels (the same values; ``frame_idx`` a tensor on the
-    table's device); elsewhere their PyTorch references."""
+    ``frame_idx`` a tensor on the table's device) the first and last are the
+    ``sam3fast::table_ptr_slots`` and ``sam3fast::table_memory_tokens`` Triton kernels (the same
+    values); elsewhere their PyTorch references."""
     n = rows
-    C, M = st.cond_feats.shape[1:3]
+    M = st.cond_feats.shape[2]
     D = st.cond_ptrs.shape[-1]
     split = D // M if M < D else 1
     nm = maskmem_tpos_enc.shape[0]
