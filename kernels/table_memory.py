@@ -163,6 +163,16 @@ if HAS_TRITON:
     from .rope import _bf16_rtne
 
     @triton.jit
+    def _push_then_take(last_ptr, ring_ptr, next_ptr, r, slot, N, i, push, take):
+        # elements i of row r's N values: the last frame's into ring slot ``slot`` (where push), then
+        # the next frame's into the last (where take); one thread reads before it writes each element
+        m = i < N
+        cur = tl.load(last_ptr + r * N + i, mask=m)
+        tl.store(ring_ptr + slot * N + i, cur, mask=m & push)
+        nxt = tl.load(next_ptr + r * N + i, mask=m & take)
+        tl.store(last_ptr + r * N + i, nxt, mask=m & take)
+
+    @triton.jit
     def _apply_staged_copy_kernel(
         ring_feat_ptr, ring_ptr_ptr, count_ptr, last_feat_ptr, last_ptr_ptr, last_good_ptr,
         next_feat_ptr, next_ptr_ptr, next_content_ptr, staged_ptr,
@@ -181,21 +191,11 @@ if HAS_TRITON:
         count = tl.load(count_ptr + r)
         offs = tl.arange(0, BLOCK)
         if t < e_blocks:
-            i = t * BLOCK + offs
-            m = i < E
-            cur = tl.load(last_feat_ptr + r * E + i, mask=m)
-            slot = (r * F + count % F) * E
-            tl.store(ring_feat_ptr + slot + i, cur, mask=m & push)
-            nxt = tl.load(next_feat_ptr + r * E + i, mask=m & take)
-            tl.store(last_feat_ptr + r * E + i, nxt, mask=m & take)
+            _push_then_take(last_feat_ptr, ring_feat_ptr, next_feat_ptr, r, r * F + count % F, E, t * BLOCK + offs,
+                            push, take)
         else:
-            i = (t - e_blocks) * BLOCK + offs
-            m = i < D
-            cur = tl.load(last_ptr_ptr + r * D + i, mask=m)
-            slot = (r * G + count % G) * D
-            tl.store(ring_ptr_ptr + slot + i, cur, mask=m & push)
-            nxt = tl.load(next_ptr_ptr + r * D + i, mask=m & take)
-            tl.store(last_ptr_ptr + r * D + i, nxt, mask=m & take)
+            _push_then_take(last_ptr_ptr, ring_ptr_ptr, next_ptr_ptr, r, r * G + count % G, D,
+                            (t - e_blocks) * BLOCK + offs, push, take)
 
     @triton.jit
     def _apply_staged_flags_kernel(
