@@ -35,6 +35,7 @@ from _common import graphed, machine_header, print_header, time_ms, use_interpre
 use_interpreter_without_cuda()  # before the kernel import
 
 from sam3fast.kernels import _triton_compat as tc  # noqa: E402
+from sam3fast.video import memory_bank as mb  # noqa: E402
 from sam3fast.video.memory_bank import BankSpec, TableState, table_apply_staged, table_memory  # noqa: E402
 
 
@@ -70,21 +71,15 @@ def bench_rows(rows_run, args, device, dtype):
 
     def step(state, kernels):
         def run():
-            old = tc.KERNEL_PATHS_ON_CPU
+            old = tc.KERNEL_PATHS_ON_CPU, mb.TABLE_KERNELS
             tc.KERNEL_PATHS_ON_CPU = kernels and device.type == "cpu"
-            force = None
-            if not kernels and device.type == "cuda":  # the references on CUDA tensors
-                import sam3fast.kernels.table_memory as tk
-                force, tk_backend = tk, tk.table_kernels_backend
-                tk.table_kernels_backend = lambda x: ("reference", "forced by the benchmark")
+            mb.TABLE_KERNELS = kernels
             try:
                 with torch.inference_mode():
                     table_apply_staged(spec, state)
                     return table_memory(spec, state, frame, False, enc, proj, rows_run)
             finally:
-                tc.KERNEL_PATHS_ON_CPU = old
-                if force is not None:
-                    force.table_kernels_backend = tk_backend
+                tc.KERNEL_PATHS_ON_CPU, mb.TABLE_KERNELS = old
         return run
 
     L = side * side

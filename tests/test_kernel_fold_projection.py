@@ -75,6 +75,10 @@ def test_module_takes_the_op_on_the_kernel_path(monkeypatch):
         got = m.folded_out_proj(torch.bfloat16)
     assert rec.ops == {"fold_out_proj"}
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+    monkeypatch.setattr(RoPEAttention, "fold_kernel", False)  # the switch back: the PyTorch form
+    with KernelPathsOnCpu() as rec:
+        again = m.folded_out_proj(torch.bfloat16)
+    assert rec.ops == set() and all(torch.equal(a, b) for a, b in zip(again, want))
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

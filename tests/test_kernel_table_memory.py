@@ -11,6 +11,7 @@ import torch
 
 from sam3fast.kernels import table_memory as tk
 from sam3fast.kernels._triton_compat import HAS_TRITON
+from sam3fast.video import memory_bank as mb
 from sam3fast.video.memory_bank import BankSpec, TableState, table_apply_staged, table_memory
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton (the interpreter on CPU)")
@@ -138,7 +139,12 @@ def test_table_memory_through_the_ops_equals_the_reference_path(monkeypatch):
             assert same(a, b)
         table_memory(spec, st, 20, False, enc, proj, 4)  # an int frame index: the reference
         table_memory(spec, st, torch.tensor(20), False, enc.float(), proj, 4)  # mixed dtypes: the reference
-    assert calls == ["table_ptr_slots_ref", "table_memory_tokens_ref"] * 2
+        assert calls == ["table_ptr_slots_ref", "table_memory_tokens_ref"] * 2
+        calls.clear()
+        monkeypatch.setattr(mb, "TABLE_KERNELS", False)  # the switch back: the references
+        table_memory(spec, st, torch.tensor(20), False, enc, proj, 4)
+        table_apply_staged(spec, st)
+    assert calls == ["table_ptr_slots_ref", "table_memory_tokens_ref", "table_apply_staged_ref"]
 
 
 def test_opcheck():

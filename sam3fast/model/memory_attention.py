@@ -63,7 +63,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels.fold_projection import fold_out_proj
+from ..kernels.fold_projection import fold_out_proj, fold_out_proj_ref
 from ..kernels.memory_attention import memory_attention, memory_attention_backend, uses_sdpa_path
 from ..kernels.residual_norm import residual_norm, residual_norm_backend
 from ..kernels.rope_projection import rope_projection, rope_projection_backend
@@ -108,6 +108,9 @@ class RoPEAttention(nn.Module):
     """
 
     fuse_rope_projection: Union[bool, str] = "auto"
+    # the folded out-projection's weights by sam3fast::fold_out_proj on CUDA (one launch); False:
+    # the PyTorch casts and products (the path before session 23)
+    fold_kernel: bool = True
 
     def __init__(self, embedding_dim: int, num_heads: int = 1, kv_in_dim: Optional[int] = None,
                  fold_value: Union[bool, str] = False):
@@ -179,9 +182,10 @@ class RoPEAttention(nn.Module):
         """``(W (D, H * kv_in), b (D,))`` in ``dtype``: out_proj(concat_h(o_h Wv_h^T + bv_h)) =
         concat_h(o_h) W^T + b for per-head kv_in-wide o_h. Computed from the current parameters in
         float32 (float64 for float64) each call: a D x D x kv_in product, nothing cached to go stale.
-        On CUDA one launch (``sam3fast::fold_out_proj``, for ~10 casts and products a layer)."""
-        return fold_out_proj(self.out_proj.weight, self.out_proj.bias, self.v_proj.weight, self.v_proj.bias,
-                             self.num_heads, dtype)
+        On CUDA one launch (``sam3fast::fold_out_proj``, for ~10 casts and products a layer; the
+        class attribute ``fold_kernel = False`` keeps the PyTorch form)."""
+        args = (self.out_proj.weight, self.out_proj.bias, self.v_proj.weight, self.v_proj.bias, self.num_heads, dtype)
+        return fold_out_proj(*args) if self.fold_kernel else fold_out_proj_ref(*args)
 
     def forward(
         self,

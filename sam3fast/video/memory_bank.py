@@ -255,6 +255,11 @@ class TableState(NamedTuple):
 _COND_FIELDS = ("cond_feats", "cond_ptrs", "cond_frames", "cond_valid")
 
 
+# The object table's Triton kernels on CUDA (table_memory, table_apply_staged); False: the PyTorch
+# references everywhere (the path before session 23, for A/B runs: bench/bench_table_memory.py)
+TABLE_KERNELS = True
+
+
 def table_memory(
     spec: BankSpec,
     st: TableState,
@@ -282,7 +287,7 @@ def table_memory(
     split = D // M if M < D else 1
     nm = maskmem_tpos_enc.shape[0]
     dt = st.cond_feats.dtype
-    use = (isinstance(frame_idx, Tensor) and frame_idx.device == st.count.device
+    use = (TABLE_KERNELS and isinstance(frame_idx, Tensor) and frame_idx.device == st.count.device
            and tk.table_kernels_backend(st.cond_feats)[0] == "triton"
            and maskmem_tpos_enc.dtype == dt and obj_ptr_tpos_proj.weight.dtype == dt and D == split * M
            and M & (M - 1) == 0 and spec.F >= 1 and spec.G >= 1)  # (the kernels' limits; SAM 3: M = 64)
@@ -318,7 +323,7 @@ def table_apply_staged(spec: BankSpec, st: TableState) -> None:
     CUDA it is the ``sam3fast::table_apply_staged_`` Triton kernels (2 launches for ~27)."""
     args = (st.ring_feat, st.ring_ptr, st.count, st.last_feat, st.last_ptr, st.last_content, st.last_good,
             st.next_feat, st.next_ptr, st.next_good, st.next_content, st.staged)
-    if tk.table_kernels_backend(st.last_feat)[0] == "triton":
+    if TABLE_KERNELS and tk.table_kernels_backend(st.last_feat)[0] == "triton":
         torch.ops.sam3fast.table_apply_staged_(*args)
     else:
         tk.table_apply_staged_ref(*args)
