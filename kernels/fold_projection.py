@@ -35,7 +35,7 @@ from ._triton_compat import (  # noqa: F401  (TRITON_IMPORT_ERROR: read by the t
 )
 
 DEFAULT_BLOCK_O = 32  # output rows a program
-_MAX_INNER = 256  # Dh and K the kernel holds in one tile (SAM 3: Dh = 256, K = 64)
+_MAX_K = 256  # the value width K a program holds in one tile (SAM 3: K = 64; Dh is looped over)
 
 
 def _check(wo: Tensor, bo: Tensor, wv: Tensor, bv: Tensor, num_heads: int) -> Tuple[int, int, int]:
@@ -111,8 +111,8 @@ def _fold_out_proj_triton(wo: Tensor, bo: Tensor, wv: Tensor, bv: Tensor, num_he
     DH = D // H
     if out_dtype not in KERNEL_DTYPES:
         raise ValueError(f"the Triton kernel writes float32/bfloat16/float16, got {out_dtype}")
-    if max(DH, K) > _MAX_INNER:
-        raise ValueError(f"the Triton kernel takes head and value widths up to {_MAX_INNER}, got {DH} and {K}")
+    if K > _MAX_K:
+        raise ValueError(f"the Triton kernel takes value widths up to {_MAX_K}, got {K}")
     wo, bo, wv, bv = (t.contiguous() for t in (wo, bo, wv, bv))
     w = output_buffer(out_w, (D, H * K), out_dtype, wo.device)
     # several heads sum their partial biases atomically (in float32, rounded after)
@@ -144,9 +144,14 @@ def _fold_out_proj_fake(wo, bo, wv, bv, num_heads, out_dtype):
     return wo.new_empty(D, H * K, dtype=out_dtype), wo.new_empty(D, dtype=out_dtype)
 
 
-def fold_out_proj_backend(wo: Tensor, out_dtype: torch.dtype) -> Tuple[str, str]:
-    """("triton" | "reference", reason) for these weights (their device) and output dtype."""
-    limit = None if out_dtype in KERNEL_DTYPES else f"{out_dtype} outputs (the kernel writes float32/bf16/fp16)"
+def fold_out_proj_backend(wo: Tensor, out_dtype: torch.dtype, K: int = 0) -> Tuple[str, str]:
+    """("triton" | "reference", reason) for these weights (their device), output dtype and value
+    width ``K``."""
+    limit = None
+    if out_dtype not in KERNEL_DTYPES:
+        limit = f"{out_dtype} outputs (the kernel writes float32/bf16/fp16)"
+    elif K > _MAX_K:
+        limit = f"value width {K} (the kernel takes up to {_MAX_K})"
     return triton_backend(wo, env.FORCE_REFERENCE, limit)
 
 
@@ -154,6 +159,6 @@ def fold_out_proj(wo: Tensor, bo: Tensor, wv: Tensor, bv: Tensor, num_heads: int
                   out_dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
     """(w, b) of out_proj . v_proj (see the module docstring): the Triton kernel on CUDA,
     ``fold_out_proj_ref`` elsewhere."""
-    if fold_out_proj_backend(wo, out_dtype)[0] == "triton":
+    if fold_out_proj_backend(wo, out_dtype, wv.shape[-1])[0] == "triton":
         return torch.ops.sam3fast.fold_out_proj(wo, bo, wv, bv, int(num_heads), out_dtype)
     return fold_out_proj_ref(wo, bo, wv, bv, num_heads, out_dtype)

@@ -46,10 +46,10 @@ from sam3fast import env
 
 # triton is optional (the "gpu" extra): without it the reference and the CPU op still work.
 from ._triton_compat import (  # noqa: F401  (TRITON_IMPORT_ERROR: read by the tests)
-    HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, device_guard, interpreted, require_triton, tl, triton, triton_backend,
+    HAS_TRITON, TRITON_IMPORT_ERROR, cdiv, device_guard, interpreted, output_buffer, require_triton, tl, triton,
+    triton_backend,
 )
 
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DEFAULT_BLOCK = 1024  # elements a program copies in table_apply_staged_
 DEFAULT_BLOCK_L = 64  # tokens a frame program writes in table_memory_tokens
 
@@ -363,16 +363,6 @@ def _table_apply_staged_triton(ring_feat, ring_ptr, count, last_feat, last_ptr, 
         )
 
 
-def _outputs(out, like):
-    # the caller's preallocated outputs (tests pass them poisoned), checked against fresh ones' specs
-    if out is None:
-        return like
-    for o, t in zip(out, like):
-        if (o.shape, o.dtype, o.device) != (t.shape, t.dtype, t.device) or not o.is_contiguous():
-            raise ValueError(f"out must hold contiguous {tuple(t.shape)} {t.dtype} tensors on {t.device}")
-    return tuple(out)
-
-
 def _table_ptr_slots_triton(count, last_good, last_content, cond_valid, cond_frames, active, frame_idx, rows, F, G,
                             sign, no_prev, out=None) -> Tuple[Tensor, Tensor]:
     """Launcher. ``out``: preallocated (ptr_tpos, ptr_ok) (every element is written)."""
@@ -381,8 +371,9 @@ def _table_ptr_slots_triton(count, last_good, last_content, cond_valid, cond_fra
     P = C + G + 1
     if G < 1 or F < 1:
         raise ValueError(f"the ring needs F >= 1 and G >= 1 slots, got F={F}, G={G}")
-    tpos, ok = _outputs(out, (torch.empty(rows, P, dtype=torch.long, device=count.device),
-                              torch.empty(rows, P, dtype=torch.bool, device=count.device)))
+    out_tpos, out_ok = out if out is not None else (None, None)
+    tpos = output_buffer(out_tpos, (rows, P), torch.long, count.device)
+    ok = output_buffer(out_ok, (rows, P), torch.bool, count.device)
     if rows == 0:
         return tpos, ok
     with device_guard(count.device):
@@ -417,9 +408,10 @@ def _table_memory_tokens_triton(cond_feats, ring_feat, last_feat, maskmem_pos, c
     if F < 1 or G < 1:
         raise ValueError(f"the ring needs F >= 1 and G >= 1 slots, got F={F}, G={G}")
     dev = count.device
-    memory, memory_pos, valid = _outputs(out, (torch.empty(rows, S, M, dtype=dtype, device=dev),
-                                               torch.empty(rows, S, M, dtype=dtype, device=dev),
-                                               torch.empty(rows, S, dtype=torch.bool, device=dev)))
+    out_mem, out_pos, out_valid = out if out is not None else (None, None, None)
+    memory = output_buffer(out_mem, (rows, S, M), dtype, dev)
+    memory_pos = output_buffer(out_pos, (rows, S, M), dtype, dev)
+    valid = output_buffer(out_valid, (rows, S), torch.bool, dev)
     if rows == 0:
         return memory, memory_pos, valid
     l_blocks = cdiv(L, block_l)
@@ -510,4 +502,4 @@ def _table_memory_tokens_fake(cond_feats, ring_feat, last_feat, maskmem_pos, con
 
 def table_kernels_backend(x: Tensor) -> Tuple[str, str]:
     """("triton" | "reference", reason) for a table whose features are ``x``."""
-    return triton_backend(x, env.FORCE_REFERENCE, dtypes=KERNEL_DTYPES)
+    return triton_backend(x, env.FORCE_REFERENCE)

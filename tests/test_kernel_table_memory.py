@@ -19,7 +19,7 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton (the inte
 C, F, G, M, H, W, D, NM = 2, 5, 15, 8, 3, 5, 32, 7
 
 
-def random_state(Cap, dtype, seed):
+def random_state(Cap, dtype, seed, C=C, M=M, H=H, W=W, D=D):
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape):
@@ -176,50 +176,45 @@ def test_gpu_real_shapes_bit_exact_and_in_a_graph():
     from a CUDA graph (the tracker step's situation), staged frames applied once."""
     from sam3fast.predictor.graphs import warm_up_and_capture
 
-    global C, M, H, W, D
-    saved = C, M, H, W, D
-    C, M, H, W, D = 4, 64, 72, 72, 256
-    try:
-        dev = torch.device("cuda")
-        st = TableState(*(t.cuda() for t in random_state(16, torch.bfloat16, 7)))
-        spec = BankSpec(num_maskmem=NM, F=F, G=G, ptr_norm=G + 1, sign=1)
-        proj = torch.nn.Linear(D, M).to(dev, torch.bfloat16)
-        enc = torch.randn(NM, 1, 1, M, device=dev).to(torch.bfloat16)
-        frame = torch.tensor(30, device=dev)
-        ref_st = TableState(*(t.clone() for t in st))
-        with torch.inference_mode():
-            tk.table_apply_staged_ref(*(ref_st[i] for i in (0, 1, 2, 3, 4, 5, 6, 14, 15, 16, 17, 18)))
-            tpos, ok = tk.table_ptr_slots_ref(ref_st.count, ref_st.last_good, ref_st.last_content, ref_st.cond_valid,
-                                              ref_st.cond_frames, ref_st.active, frame, 13, F, G, 1, False)
-            ptr_pos = proj(torch.zeros(13, C + G + 1, D, device=dev, dtype=torch.bfloat16))  # any rows do
-            want = tk.table_memory_tokens_ref(ref_st.cond_feats, ref_st.ring_feat, ref_st.last_feat, ref_st.maskmem_pos,
-                                              ref_st.cond_ptrs, ref_st.ring_ptr, ref_st.last_ptr, ref_st.count,
-                                              ref_st.last_good, ref_st.last_content, ref_st.cond_valid, ref_st.active,
-                                              enc.reshape(NM, M), ptr_pos, ok, 13, NM, False)
+    C, M, D = 4, 64, 256
+    dev = torch.device("cuda")
+    st = TableState(*(t.cuda() for t in random_state(16, torch.bfloat16, 7, C=C, M=M, H=72, W=72, D=D)))
+    spec = BankSpec(num_maskmem=NM, F=F, G=G, ptr_norm=G + 1, sign=1)
+    proj = torch.nn.Linear(D, M).to(dev, torch.bfloat16)
+    enc = torch.randn(NM, 1, 1, M, device=dev).to(torch.bfloat16)
+    frame = torch.tensor(30, device=dev)
+    ref_st = TableState(*(t.clone() for t in st))
+    with torch.inference_mode():
+        tk.table_apply_staged_ref(*(ref_st[i] for i in (0, 1, 2, 3, 4, 5, 6, 14, 15, 16, 17, 18)))
+        tpos, ok = tk.table_ptr_slots_ref(ref_st.count, ref_st.last_good, ref_st.last_content, ref_st.cond_valid,
+                                          ref_st.cond_frames, ref_st.active, frame, 13, F, G, 1, False)
+        ptr_pos = proj(torch.zeros(13, C + G + 1, D, device=dev, dtype=torch.bfloat16))  # any rows do
+        want = tk.table_memory_tokens_ref(ref_st.cond_feats, ref_st.ring_feat, ref_st.last_feat, ref_st.maskmem_pos,
+                                          ref_st.cond_ptrs, ref_st.ring_ptr, ref_st.last_ptr, ref_st.count,
+                                          ref_st.last_good, ref_st.last_content, ref_st.cond_valid, ref_st.active,
+                                          enc.reshape(NM, M), ptr_pos, ok, 13, NM, False)
 
-            def step():
-                table_apply_staged(spec, st)
-                return table_memory(spec, st, frame, False, enc, proj, 13)
+        def step():
+            table_apply_staged(spec, st)
+            return table_memory(spec, st, frame, False, enc, proj, 13)
 
-            graph, out, _ = warm_up_and_capture(step, 1, None, "test_table")
-            for field in TableState._fields:
-                assert same(getattr(st, field), getattr(ref_st, field)), field
-            got_tpos, got_ok = torch.ops.sam3fast.table_ptr_slots(st.count, st.last_good, st.last_content,
-                                                                  st.cond_valid, st.cond_frames, st.active, frame, 13,
-                                                                  F, G, 1, False)
-            assert same(got_tpos, tpos) and same(got_ok, ok)
-            got = torch.ops.sam3fast.table_memory_tokens(st.cond_feats, st.ring_feat, st.last_feat, st.maskmem_pos,
-                                                         st.cond_ptrs, st.ring_ptr, st.last_ptr, st.count,
-                                                         st.last_good, st.last_content, st.cond_valid, st.active,
-                                                         enc.reshape(NM, M), ptr_pos, ok, 13, NM, False)
-            for a, b in zip(got, want):
-                assert same(a, b)
-            for t in out:
-                if isinstance(t, torch.Tensor) and t.is_floating_point():
-                    t.fill_(float("nan"))
-            graph.replay()
-            torch.cuda.synchronize()
-            assert not out[0].isnan().any() and not out[1].isnan().any()
-            assert same(out[0], want[0]) and same(out[3], want[2])
-    finally:
-        C, M, H, W, D = saved
+        graph, out, _ = warm_up_and_capture(step, 1, None, "test_table")
+        for field in TableState._fields:
+            assert same(getattr(st, field), getattr(ref_st, field)), field
+        got_tpos, got_ok = torch.ops.sam3fast.table_ptr_slots(st.count, st.last_good, st.last_content,
+                                                              st.cond_valid, st.cond_frames, st.active, frame, 13,
+                                                              F, G, 1, False)
+        assert same(got_tpos, tpos) and same(got_ok, ok)
+        got = torch.ops.sam3fast.table_memory_tokens(st.cond_feats, st.ring_feat, st.last_feat, st.maskmem_pos,
+                                                     st.cond_ptrs, st.ring_ptr, st.last_ptr, st.count,
+                                                     st.last_good, st.last_content, st.cond_valid, st.active,
+                                                     enc.reshape(NM, M), ptr_pos, ok, 13, NM, False)
+        for a, b in zip(got, want):
+            assert same(a, b)
+        for t in out:
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                t.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert not out[0].isnan().any() and not out[1].isnan().any()
+        assert same(out[0], want[0]) and same(out[3], want[2])

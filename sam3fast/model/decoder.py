@@ -132,10 +132,8 @@ class DecoderLayer(nn.Module):
         decoder builds it once for its six layers)."""
         q = x + query_pos
         x = self.norm2(x + self.self_attn(q, q, x))
-        if prompt_bias is None:
-            text = self.ca_text(x + query_pos, prompt, prompt, key_padding_mask=prompt_mask)
-        else:
-            text = self.ca_text(x + query_pos, prompt, prompt, attn_bias=prompt_bias)
+        mask = prompt_mask if prompt_bias is None else None  # (the bias stands for the mask)
+        text = self.ca_text(x + query_pos, prompt, prompt, key_padding_mask=mask, attn_bias=prompt_bias)
         x = self.catext_norm(x + text)
         if rpb is None:
             ca = self.cross_attn(x + query_pos, memory_key, memory, attn_bias=attn_bias, dtype=memory.dtype)
